@@ -1,0 +1,163 @@
+//! Positional I/O on host files: every read and write names its offset (no shared seek
+//! position), errors carry the file's path, and QEMU-compatible image locks live here too.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// An open host file that knows its own path for error messages.
+#[derive(Debug)]
+pub struct HostFile {
+    file: File,
+    path: PathBuf,
+    writable: bool,
+}
+
+impl HostFile {
+    pub fn open(path: &Path, writable: bool) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::io("open", e).with_path(path))?;
+        Ok(HostFile {
+            file,
+            path: path.to_path_buf(),
+            writable,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Fills `buf` from `offset`; bytes past the end of the file read as zeros, because images
+    /// may legitimately end before their last allocated block's tail (sparse host files).
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            match self.file.read_at(&mut buf[done..], at) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("read", e).at_offset(at).with_path(&self.path)),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            Error::io("write", e)
+                .at_offset(offset)
+                .with_path(&self.path)
+        })
+    }
+
+    // A host file's length has no useful "is empty" counterpart for images.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| Error::io("stat", e).with_path(&self.path))
+    }
+
+    pub fn metadata(&self) -> Result<std::fs::Metadata> {
+        self.file
+            .metadata()
+            .map_err(|e| Error::io("stat", e).with_path(&self.path))
+    }
+
+    pub fn sync_data(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", e).with_path(&self.path))
+    }
+
+    /// Takes shared (read) OFD locks on single bytes, the way QEMU announces the permissions it
+    /// holds and the ones it refuses to share. Released when the file is closed.
+    pub fn lock_bytes(&self, bytes: &[u64]) -> Result<()> {
+        for &byte in bytes {
+            let mut lock = ofd_lock(libc::F_RDLCK, byte);
+            // SAFETY: fcntl on a file descriptor we own, with a valid flock struct.
+            let rc = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &mut lock) };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(Error::busy(format!(
+                    "cannot take lock byte {byte}; another process holds the image: {e}"
+                ))
+                .with_path(&self.path));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether another open file description holds a lock on `byte` that conflicts with an
+    /// exclusive lock, i.e. whether some process has announced that permission on it.
+    pub fn byte_locked_by_other(&self, byte: u64) -> Result<bool> {
+        let mut lock = ofd_lock(libc::F_WRLCK, byte);
+        // SAFETY: fcntl on a file descriptor we own, with a valid flock struct.
+        let rc = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::io("probe lock", e).with_path(&self.path));
+        }
+        Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
+    }
+}
+
+fn ofd_lock(kind: libc::c_int, byte: u64) -> libc::flock {
+    // SAFETY: flock is a plain C struct for which all-zero bytes are a valid value.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = byte as libc::off_t;
+    lock.l_len = 1;
+    lock
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_past_end_is_zero_filled() {
+        let dir = crate::testutil::TempDir::new();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"abc").unwrap();
+        let f = HostFile::open(&path, false).unwrap();
+        let mut buf = [0xffu8; 6];
+        f.read_exact_at(&mut buf, 1).unwrap();
+        assert_eq!(&buf, b"bc\0\0\0\0");
+    }
+
+    #[test]
+    fn lock_bytes_are_seen_by_another_description() {
+        let dir = crate::testutil::TempDir::new();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 512]).unwrap();
+        let holder = HostFile::open(&path, true).unwrap();
+        let prober = HostFile::open(&path, false).unwrap();
+        assert!(!prober.byte_locked_by_other(101).unwrap());
+        holder.lock_bytes(&[100, 101]).unwrap();
+        assert!(prober.byte_locked_by_other(101).unwrap());
+        assert!(
+            !holder.byte_locked_by_other(101).unwrap(),
+            "own locks never conflict"
+        );
+        drop(holder);
+        assert!(!prober.byte_locked_by_other(101).unwrap());
+    }
+}

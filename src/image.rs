@@ -1,0 +1,143 @@
+//! The contract between format drivers and everything above them: one object-safe trait that
+//! every format implements, and the plain data it reports (block status, image info).
+
+use crate::error::{Error, Result};
+
+/// How a range of the virtual disk is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentState {
+    /// Allocated data stored in the image (or in the chain layer `Extent::layer`).
+    Data,
+    /// Reads as zeros because the image says so (e.g. a discarded VDI block).
+    Zero,
+    /// Nothing allocated anywhere in the chain: reads as zeros.
+    Unallocated,
+}
+
+impl ExtentState {
+    /// Whether `lseek(SEEK_DATA)` should stop here.
+    pub fn is_data(self) -> bool {
+        self == ExtentState::Data
+    }
+}
+
+/// A run of the virtual disk with one state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub state: ExtentState,
+    /// Which image of a backing chain holds the data: 0 is the image itself.
+    pub layer: u32,
+}
+
+/// What `imgfs info` shows about an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub format: &'static str,
+    pub subformat: String,
+    pub virtual_size: u64,
+    pub cluster_size: Option<u64>,
+    /// Bytes of guest data allocated in the image file.
+    pub allocated_bytes: u64,
+    /// Why the image is served read-only, if it is.
+    pub read_only_reason: Option<String>,
+    /// Format-specific fields, in display order.
+    pub details: Vec<(&'static str, String)>,
+}
+
+/// A virtual disk. Methods take `&self` because FUSE requests arrive on several threads;
+/// implementations keep their state behind their own locks.
+pub trait Image: Send + Sync {
+    /// Virtual disk size in bytes.
+    fn size(&self) -> u64;
+
+    /// Fills all of `buf` from virtual offset `offset`; the range must lie inside `size()`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes all of `buf` at virtual offset `offset`, allocating as needed; the range must lie
+    /// inside `size()`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Writes back dirty metadata in the format's safe order and syncs the host file.
+    fn flush(&self) -> Result<()>;
+
+    /// Whether there is metadata that `flush` would write.
+    fn is_dirty(&self) -> bool;
+
+    /// The state of `[offset, offset + len)` as consecutive extents covering the range (clipped
+    /// to the disk size).
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+
+    /// Deallocates a range where the format can express it.
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(Error::unsupported(
+            "discard is not implemented for this format",
+        ))
+    }
+
+    /// Bytes of guest data allocated in the image file (feeds `st_blocks`).
+    fn allocated_bytes(&self) -> u64;
+
+    /// Why writes are refused, or `None` when the image is writable.
+    fn read_only_reason(&self) -> Option<String>;
+
+    fn info(&self) -> ImageInfo;
+}
+
+/// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.
+pub fn check_range(size: u64, offset: u64, len: usize) -> Result<()> {
+    let end = offset
+        .checked_add(len as u64)
+        .ok_or_else(|| Error::out_of_range(format!("offset {offset} + length {len} overflows")))?;
+    if end > size {
+        return Err(Error::out_of_range(format!(
+            "request {offset}..{end} is beyond the end of the disk ({size} bytes)"
+        )));
+    }
+    Ok(())
+}
+
+/// Appends `extent` to `extents`, merging it with the previous one when they continue each other.
+pub fn push_extent(extents: &mut Vec<Extent>, extent: Extent) {
+    if let Some(last) = extents.last_mut() {
+        if last.state == extent.state
+            && last.layer == extent.layer
+            && last.offset + last.len == extent.offset
+        {
+            last.len += extent.len;
+            return;
+        }
+    }
+    extents.push(extent);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_range_rejects_overflow_and_past_end() {
+        assert!(check_range(100, 0, 100).is_ok());
+        assert!(check_range(100, 1, 100).is_err());
+        assert!(check_range(100, u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn push_extent_merges_neighbours_only() {
+        let mut v = Vec::new();
+        let e = |offset, len, state| Extent {
+            offset,
+            len,
+            state,
+            layer: 0,
+        };
+        push_extent(&mut v, e(0, 10, ExtentState::Data));
+        push_extent(&mut v, e(10, 5, ExtentState::Data));
+        push_extent(&mut v, e(15, 5, ExtentState::Zero));
+        assert_eq!(
+            v,
+            vec![e(0, 15, ExtentState::Data), e(15, 5, ExtentState::Zero)]
+        );
+    }
+}
