@@ -2,6 +2,7 @@
 //! `cli`, `fs`, `catalog`, `format`, `meta`, `host`.
 
 pub mod error;
+pub mod format;
 pub mod host;
 pub mod image;
 pub mod meta;

@@ -1,0 +1,409 @@
+//! VirtualBox VDI images (v1.1, dynamic and static), served as a raw disk.
+//!
+//! # On-disk layout (all little-endian)
+//!
+//! ```text
+//! 0               header, 512 bytes (header.rs): signature 0xbeda107f at 64, version 1.1,
+//!                 image_type (1 dynamic, 2 static), offset_bmap, offset_data, disk_size,
+//!                 block_size, blocks_in_image, blocks_allocated, UUIDs
+//! offset_bmap     bmap: blocks_in_image u32 entries, one per virtual block:
+//!                 0xffffffff unallocated, 0xfffffffe discarded (both read as zeros),
+//!                 n = the data is physical block n
+//! offset_data     physical blocks of block_size bytes: block n at offset_data + n * block_size
+//! ```
+//!
+//! qemu-img writes the bmap at 512 and the data at the next sector after it, with 1 MiB blocks;
+//! VirtualBox uses other offsets and block sizes, all of which we accept (any power of two from
+//! 512 B to 256 MiB). Physical blocks are handed out in increasing order; a new block goes to
+//! `max(blocks_allocated, highest entry + 1)`.
+//!
+//! # Metadata write order
+//!
+//! Allocating write: the whole new block (payload padded with zeros) is written at the next
+//! free physical index first; only when that succeeded is the entry published in the in-memory
+//! bmap (its sector marked dirty, `blocks_allocated` bumped). `flush` then does
+//! `fdatasync` (new data durable) -> dirty bmap sectors -> the 512-byte header -> `fdatasync`.
+//! No sync is needed between the bmap and the header: the header only carries
+//! `blocks_allocated`, and a stale value in either direction is harmless because the next free
+//! block is derived from the entries too. A crash can therefore leak a written-but-unreferenced
+//! block (reused by the next allocation), but never leaves an entry pointing at unwritten data.
+//!
+//! # Locks (taken in this order, never the reverse)
+//!
+//! 1. `alloc` (Mutex): serialises allocations and flushes; holds the next free physical block.
+//!    Held across the data write of a new block, so two writers can never allocate the same
+//!    virtual block twice, and across a flush, so no allocation dirties the map between the
+//!    snapshot of dirty sectors and marking them clean.
+//! 2. `map` (RwLock): the bmap. Read-locked for lookups, write-locked only to publish an
+//!    allocation or mark the map clean; never held during I/O.
+//!
+//! Reads and in-place writes take only a brief read lock for the lookup and then do their I/O
+//! with no lock held, so they run in parallel with each other and with allocations.
+
+mod block_map;
+mod header;
+
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::error::{Error, Result};
+use crate::host::HostFile;
+use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
+
+use block_map::{BlockMap, Geometry, Run, RunKind};
+use header::{Header, HEADER_LEN, SIGNATURE};
+
+/// Whether `head` (the first bytes of a file) carries the VDI signature.
+pub fn probe(head: &[u8]) -> bool {
+    head.get(64..68) == Some(&SIGNATURE.to_le_bytes()[..])
+}
+
+/// State only the allocation path touches, guarded by the allocation mutex.
+struct AllocState {
+    /// The physical block index the next allocation takes.
+    next_free: u32,
+}
+
+/// An open VDI image.
+pub struct VdiImage {
+    file: HostFile,
+    /// The header as opened; the live `blocks_allocated` is kept by the block map.
+    header: Header,
+    geometry: Geometry,
+    size: u64,
+    alloc: Mutex<AllocState>,
+    map: RwLock<BlockMap>,
+    read_only_reason: Option<String>,
+}
+
+impl VdiImage {
+    /// Opens the VDI image in `file`. `read_only_reason` is set when the caller opened the file
+    /// read-only; the image may add its own reason (duplicate bmap entries).
+    pub fn open(file: HostFile, read_only_reason: Option<String>) -> Result<VdiImage> {
+        let path = file.path().to_path_buf();
+        let file_len = file.len()?;
+        if file_len < HEADER_LEN as u64 {
+            return Err(Error::corrupt(format!(
+                "file is {file_len} bytes, shorter than the {HEADER_LEN}-byte VDI header"
+            ))
+            .with_path(&path));
+        }
+        let mut head = [0u8; HEADER_LEN];
+        file.read_exact_at(&mut head, 0)?;
+        let header = Header::parse(&head).map_err(|e| e.with_path(&path))?;
+        header
+            .check_layout(file_len)
+            .map_err(|e| e.with_path(&path))?;
+        let (map, scan) =
+            BlockMap::load(&file, &header, file_len).map_err(|e| e.with_path(&path))?;
+
+        if let Some(mismatch) = &scan.count_mismatch {
+            log::warn!(
+                "{}: {mismatch}; new blocks will start at physical block {}",
+                path.display(),
+                scan.next_free
+            );
+        }
+        let mut reasons = Vec::new();
+        if let Some(duplicate) = scan.duplicate {
+            log::warn!("{}: {duplicate}; serving it read-only", path.display());
+            reasons.push(duplicate);
+        }
+        match read_only_reason {
+            Some(reason) => reasons.push(reason),
+            None if !file.is_writable() => {
+                reasons.push("the image file is opened read-only".into())
+            }
+            None => {}
+        }
+
+        Ok(VdiImage {
+            geometry: map.geometry(),
+            size: header.virtual_size(),
+            alloc: Mutex::new(AllocState {
+                next_free: scan.next_free,
+            }),
+            map: RwLock::new(map),
+            read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+            header,
+            file,
+        })
+    }
+
+    // Poisoning is ignored on purpose: the critical sections on the map are a few assignments
+    // that cannot stop halfway, and `next_free` only moves after a successful publish, so a
+    // panic elsewhere never leaves the guarded state inconsistent.
+    fn lock_alloc(&self) -> MutexGuard<'_, AllocState> {
+        self.alloc.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read_map(&self) -> RwLockReadGuard<'_, BlockMap> {
+        self.map.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_map(&self) -> RwLockWriteGuard<'_, BlockMap> {
+        self.map.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Looks `[offset, offset + len)` up under the read lock and releases it.
+    fn lookup(&self, offset: u64, len: u64) -> Result<Vec<Run>> {
+        self.read_map().runs(offset, len)
+    }
+
+    fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.size, offset, buf.len())?;
+        for run in self.lookup(offset, buf.len() as u64)? {
+            let part = buf
+                .get_mut(run_range(&run, offset))
+                .ok_or_else(|| internal_range(&run))?;
+            match run.kind {
+                RunKind::Data { host_offset } => self.file.read_exact_at(part, host_offset)?,
+                RunKind::Unallocated | RunKind::Discarded => part.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if let Some(reason) = &self.read_only_reason {
+            return Err(Error::read_only(reason.clone()));
+        }
+        check_range(self.size, offset, buf.len())?;
+        for run in self.lookup(offset, buf.len() as u64)? {
+            let part = buf
+                .get(run_range(&run, offset))
+                .ok_or_else(|| internal_range(&run))?;
+            match run.kind {
+                RunKind::Data { host_offset } => self.file.write_all_at(part, host_offset)?,
+                RunKind::Unallocated | RunKind::Discarded => {
+                    self.write_unallocated(part, run.offset)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `payload` at virtual `offset`, a range that was unallocated at lookup time.
+    fn write_unallocated(&self, payload: &[u8], offset: u64) -> Result<()> {
+        let mut alloc = self.lock_alloc();
+        // Another writer may have allocated some of these blocks between our lookup and taking
+        // the mutex; look again now that nobody else can.
+        for run in self.lookup(offset, payload.len() as u64)? {
+            let part = payload
+                .get(run_range(&run, offset))
+                .ok_or_else(|| internal_range(&run))?;
+            match run.kind {
+                // Its allocating write finished before it was published, so this write lands
+                // after it. Rare, so done under the mutex rather than re-queued.
+                RunKind::Data { host_offset } => self.file.write_all_at(part, host_offset)?,
+                RunKind::Unallocated | RunKind::Discarded => {
+                    self.allocate(&mut alloc, part, run.offset)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the unallocated virtual blocks under `[offset, offset + payload.len())` consecutive
+    /// physical blocks, writes them whole, then publishes them. Caller holds the alloc mutex.
+    fn allocate(&self, alloc: &mut AllocState, payload: &[u8], offset: u64) -> Result<()> {
+        let geo = self.geometry;
+        let (first_block, head) = geo.split(offset);
+        let count = (head + payload.len() as u64).div_ceil(geo.block_size());
+        let first_phys = alloc.next_free;
+        // VirtualBox requires blocks_allocated <= blocks_in_image and qemu-img check flags
+        // physical indices beyond it, so a map with leaked blocks can run out of indices.
+        let end_phys = u32::try_from(count)
+            .ok()
+            .and_then(|n| first_phys.checked_add(n))
+            .filter(|&end| end <= self.header.blocks_in_image)
+            .ok_or_else(|| {
+                Error::io(
+                    format!(
+                        "no free VDI block: next physical block {first_phys} + {count} exceeds \
+                         blocks_in_image {}",
+                        self.header.blocks_in_image
+                    ),
+                    io::Error::from_raw_os_error(libc::ENOSPC),
+                )
+            })?;
+        let host = geo.host_offset(first_phys)?;
+        self.write_new_blocks(payload, head as usize, host)?;
+        self.write_map()
+            .publish(first_block, first_phys, end_phys - first_phys)?;
+        alloc.next_free = end_phys;
+        Ok(())
+    }
+
+    /// Writes fresh blocks starting at `host`: `payload` placed `head` bytes into the first one,
+    /// zeros around it. Full blocks go straight from `payload`; only partial ones are built in
+    /// a block-sized buffer.
+    fn write_new_blocks(&self, payload: &[u8], head: usize, mut host: u64) -> Result<()> {
+        let block = self.geometry.block_size() as usize;
+        let mut rest = payload;
+        if head > 0 || rest.len() < block {
+            let (now, later) = split_slice(rest, (block - head).min(rest.len()))?;
+            self.write_padded(now, head, host)?;
+            rest = later;
+            host += block as u64;
+        }
+        let (full, tail) = split_slice(rest, rest.len() / block * block)?;
+        if !full.is_empty() {
+            self.file.write_all_at(full, host)?;
+            host += full.len() as u64;
+        }
+        if !tail.is_empty() {
+            self.write_padded(tail, 0, host)?;
+        }
+        Ok(())
+    }
+
+    fn write_padded(&self, part: &[u8], head: usize, host: u64) -> Result<()> {
+        let mut block = vec![0u8; self.geometry.block_size() as usize];
+        block
+            .get_mut(head..head + part.len())
+            .ok_or_else(|| Error::out_of_range("internal: padded write outside its block"))?
+            .copy_from_slice(part);
+        self.file.write_all_at(&block, host)
+    }
+
+    fn flush_inner(&self) -> Result<()> {
+        let alloc = self.lock_alloc();
+        let pending = {
+            let map = self.read_map();
+            map.is_dirty()
+                .then(|| (map.dirty_sectors(), map.blocks_allocated()))
+        };
+        let Some((sectors, blocks_allocated)) = pending else {
+            drop(alloc);
+            return self.file.sync_data();
+        };
+        self.file.sync_data()?;
+        for (at, bytes) in &sectors {
+            self.file.write_all_at(bytes, *at)?;
+        }
+        let mut header = self.header.clone();
+        header.blocks_allocated = blocks_allocated;
+        self.file.write_all_at(&header.to_bytes()?, 0)?;
+        self.file.sync_data()?;
+        self.write_map().mark_clean();
+        Ok(())
+    }
+
+    fn block_status_inner(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let len = len.min(self.size.saturating_sub(offset));
+        let mut extents = Vec::new();
+        if len == 0 {
+            return Ok(extents);
+        }
+        for run in self.lookup(offset, len)? {
+            let state = match run.kind {
+                RunKind::Data { .. } => ExtentState::Data,
+                RunKind::Discarded => ExtentState::Zero,
+                RunKind::Unallocated => ExtentState::Unallocated,
+            };
+            push_extent(
+                &mut extents,
+                Extent {
+                    offset: run.offset,
+                    len: run.len,
+                    state,
+                    layer: 0,
+                },
+            );
+        }
+        Ok(extents)
+    }
+}
+
+/// The part of a request buffer starting at virtual `base` that `run` covers.
+fn run_range(run: &Run, base: u64) -> std::ops::Range<usize> {
+    let start = run.offset.saturating_sub(base) as usize;
+    start..start.saturating_add(run.len as usize)
+}
+
+fn internal_range(run: &Run) -> Error {
+    Error::out_of_range(format!("internal: run {run:?} outside the request"))
+}
+
+fn split_slice(buf: &[u8], at: usize) -> Result<(&[u8], &[u8])> {
+    buf.split_at_checked(at)
+        .ok_or_else(|| Error::out_of_range("internal: split outside the buffer"))
+}
+
+impl Image for VdiImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_inner(buf, offset)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_inner(buf, offset)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flush_inner()
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.read_map().is_dirty()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.block_status_inner(offset, len)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        u64::from(self.read_map().allocated()) * self.geometry.block_size()
+    }
+
+    fn read_only_reason(&self) -> Option<String> {
+        self.read_only_reason.clone()
+    }
+
+    fn info(&self) -> ImageInfo {
+        let (blocks_allocated, allocated) = {
+            let map = self.read_map();
+            (map.blocks_allocated(), map.allocated())
+        };
+        let h = &self.header;
+        let mut details = vec![
+            ("uuid", h.uuid_image.to_string()),
+            ("uuid_last_snap", h.uuid_last_snap.to_string()),
+            ("blocks_in_image", h.blocks_in_image.to_string()),
+            ("blocks_allocated", blocks_allocated.to_string()),
+            ("offset_bmap", format!("{:#x}", h.offset_bmap)),
+            ("offset_data", format!("{:#x}", h.offset_data)),
+        ];
+        if h.image_flags != 0 {
+            details.push(("image_flags", format!("{:#x}", h.image_flags)));
+        }
+        let text = h.text();
+        if !text.is_empty() {
+            details.push(("creator", text));
+        }
+        let description = h.description();
+        if !description.is_empty() {
+            details.push(("description", description));
+        }
+        ImageInfo {
+            format: "vdi",
+            subformat: h.image_type.name().to_string(),
+            virtual_size: self.size,
+            cluster_size: Some(self.geometry.block_size()),
+            allocated_bytes: u64::from(allocated) * self.geometry.block_size(),
+            read_only_reason: self.read_only_reason.clone(),
+            details,
+        }
+    }
+}
