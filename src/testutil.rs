@@ -26,3 +26,138 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// An in-memory image whose allocation is tracked per 4 KiB block, for testing the layers above
+/// the format drivers.
+pub struct MemImage {
+    pub data: std::sync::RwLock<Vec<u8>>,
+    pub allocated: std::sync::RwLock<Vec<bool>>,
+    pub flushes: AtomicU64,
+    pub read_only: Option<String>,
+}
+
+pub const MEM_BLOCK: u64 = 4096;
+
+impl MemImage {
+    pub fn new(size: usize, read_only: Option<String>) -> Self {
+        MemImage {
+            data: std::sync::RwLock::new(vec![0; size]),
+            allocated: std::sync::RwLock::new(vec![false; size.div_ceil(MEM_BLOCK as usize)]),
+            flushes: AtomicU64::new(0),
+            read_only,
+        }
+    }
+}
+
+impl crate::image::Image for MemImage {
+    fn size(&self) -> u64 {
+        self.data.read().unwrap().len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::error::Result<()> {
+        crate::image::check_range(self.size(), offset, buf.len())?;
+        let o = offset as usize;
+        buf.copy_from_slice(&self.data.read().unwrap()[o..o + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> crate::error::Result<()> {
+        if let Some(r) = &self.read_only {
+            return Err(crate::error::Error::read_only(r.clone()));
+        }
+        crate::image::check_range(self.size(), offset, buf.len())?;
+        let o = offset as usize;
+        self.data.write().unwrap()[o..o + buf.len()].copy_from_slice(buf);
+        let mut alloc = self.allocated.write().unwrap();
+        let first = offset / MEM_BLOCK;
+        let last = (offset + buf.len() as u64).div_ceil(MEM_BLOCK);
+        for b in first..last {
+            alloc[b as usize] = true;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> crate::error::Result<()> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn is_dirty(&self) -> bool {
+        false
+    }
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> crate::error::Result<Vec<crate::image::Extent>> {
+        use crate::image::{push_extent, Extent, ExtentState};
+        let end = (offset + len).min(self.size());
+        let alloc = self.allocated.read().unwrap();
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let next = ((at / MEM_BLOCK + 1) * MEM_BLOCK).min(end);
+            let state = if alloc[(at / MEM_BLOCK) as usize] {
+                ExtentState::Data
+            } else {
+                ExtentState::Unallocated
+            };
+            push_extent(
+                &mut out,
+                Extent {
+                    offset: at,
+                    len: next - at,
+                    state,
+                    layer: 0,
+                },
+            );
+            at = next;
+        }
+        Ok(out)
+    }
+    fn allocated_bytes(&self) -> u64 {
+        self.allocated
+            .read()
+            .unwrap()
+            .iter()
+            .filter(|&&a| a)
+            .count() as u64
+            * MEM_BLOCK
+    }
+    fn read_only_reason(&self) -> Option<String> {
+        self.read_only.clone()
+    }
+    fn info(&self) -> crate::image::ImageInfo {
+        crate::image::ImageInfo {
+            format: "mem",
+            subformat: String::new(),
+            virtual_size: self.size(),
+            cluster_size: Some(MEM_BLOCK),
+            allocated_bytes: self.allocated_bytes(),
+            read_only_reason: self.read_only.clone(),
+            details: Vec::new(),
+        }
+    }
+}
+
+/// Opens files whose content starts with `FAKEIMG <size>` as `MemImage`s of that size, files
+/// starting with `BADIMG` as failing images, and hides everything else; counts its opens.
+#[derive(Default)]
+pub struct FakeOpener {
+    pub opens: std::sync::Arc<AtomicU64>,
+}
+
+impl crate::catalog::Opener for FakeOpener {
+    fn open(
+        &self,
+        path: &Path,
+    ) -> crate::error::Result<Option<std::sync::Arc<dyn crate::image::Image>>> {
+        let text = std::fs::read(path).unwrap_or_default();
+        if text.starts_with(b"BADIMG") {
+            return Err(crate::error::Error::corrupt("bad magic in test image"));
+        }
+        let Some(rest) = text.strip_prefix(b"FAKEIMG ") else {
+            return Ok(None);
+        };
+        self.opens.fetch_add(1, Ordering::Relaxed);
+        let size: usize = String::from_utf8_lossy(rest).trim().parse().unwrap();
+        let read_only = text.ends_with(b" ").then(|| "test read-only".to_string());
+        Ok(Some(std::sync::Arc::new(MemImage::new(size, read_only))))
+    }
+}

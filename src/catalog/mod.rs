@@ -1,0 +1,329 @@
+//! The catalog: maps the source tree onto the raw-file namespace. Directories are mirrored,
+//! every image (recognised by its magic through an `Opener`) appears as `<name>.raw`, other
+//! files do not appear. Images are opened once and cached by file identity, so a file replaced
+//! under the same name is reopened, and a bad image is logged once, not on every listing.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{self, OpenOptions};
+use crate::image::Image;
+
+/// The suffix that turns an image's file name into its raw file's name.
+pub const RAW_SUFFIX: &str = ".raw";
+
+/// Opens files of the source tree as images.
+pub trait Opener: Send + Sync {
+    /// `Ok(None)` for a file that is not an image (silently hidden); `Err` for an image that
+    /// cannot be served (hidden and logged once).
+    fn open(&self, path: &Path) -> Result<Option<Arc<dyn Image>>>;
+}
+
+/// The real opener: recognises formats by magic and opens them with `format::open`.
+pub struct FormatOpener {
+    pub options: OpenOptions,
+}
+
+impl Opener for FormatOpener {
+    fn open(&self, path: &Path) -> Result<Option<Arc<dyn Image>>> {
+        match format::probe_file(path)? {
+            None => Ok(None),
+            Some(_) => format::open(path, &self.options).map(Some),
+        }
+    }
+}
+
+/// What a name in the raw namespace stands for.
+#[derive(Clone)]
+pub enum EntryKind {
+    Dir,
+    Image(Arc<dyn Image>),
+}
+
+/// One visible entry of a directory of the raw namespace.
+#[derive(Clone)]
+pub struct Entry {
+    /// The name under the mount point (`disk.vdi.raw`, or a directory's own name).
+    pub name: OsString,
+    /// The file or directory in the source tree it comes from.
+    pub source: PathBuf,
+    pub kind: EntryKind,
+}
+
+/// Identifies one version of a source file: a changed identity means "look again".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+    size: u64,
+}
+
+impl FileIdentity {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+            size: meta.len(),
+        }
+    }
+
+    /// Our own writes change mtime and size of an image; only a new inode is a new image.
+    fn same_file(&self, other: &FileIdentity) -> bool {
+        self.dev == other.dev && self.ino == other.ino
+    }
+}
+
+struct OpenImage {
+    identity: FileIdentity,
+    image: Arc<dyn Image>,
+}
+
+/// A file that is not served: not an image, or an image that failed to open.
+struct Hidden {
+    identity: FileIdentity,
+    /// The error, for images that failed; `None` for files that are not images.
+    error: Option<(ErrorKind, String)>,
+}
+
+#[derive(Default)]
+struct State {
+    open: HashMap<PathBuf, OpenImage>,
+    hidden: HashMap<PathBuf, Hidden>,
+}
+
+/// The source tree and the images opened from it.
+pub struct Catalog {
+    root: PathBuf,
+    opener: Box<dyn Opener>,
+    state: Mutex<State>,
+}
+
+impl Catalog {
+    /// A catalog of the images below `root`, opened with `opener`.
+    pub fn new(root: &Path, opener: Box<dyn Opener>) -> Result<Self> {
+        let meta = std::fs::metadata(root).map_err(|e| Error::io("stat", e).with_path(root))?;
+        if !meta.is_dir() {
+            return Err(Error::out_of_range("the source is not a directory").with_path(root));
+        }
+        Ok(Catalog {
+            root: root.to_path_buf(),
+            opener,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere while holding the lock leaves only caches behind: keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The source path of a relative path of the source tree, refusing anything that could
+    /// leave the tree (`..`, absolute paths).
+    pub fn source_path(&self, rel: &Path) -> Result<PathBuf> {
+        if rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            Ok(self.root.join(rel))
+        } else {
+            Err(Error::out_of_range(format!(
+                "path {} leaves the source tree",
+                rel.display()
+            )))
+        }
+    }
+
+    /// The visible entries of directory `rel_dir` (relative to the root), sorted by name.
+    pub fn list(&self, rel_dir: &Path) -> Result<Vec<Entry>> {
+        let dir = self.source_path(rel_dir)?;
+        let reader =
+            std::fs::read_dir(&dir).map_err(|e| Error::io("read directory", e).with_path(&dir))?;
+        let mut entries = Vec::new();
+        let mut seen = Vec::new();
+        for item in reader {
+            let item = item.map_err(|e| Error::io("read directory", e).with_path(&dir))?;
+            let name = item.file_name();
+            seen.push(dir.join(&name));
+            if let Some(entry) = self.entry_for(&dir, &name)? {
+                entries.push(entry);
+            }
+        }
+        self.forget_missing(&dir, &seen);
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    }
+
+    /// The entry called `name` (a raw-namespace name) in directory `rel_dir`, if there is one.
+    pub fn lookup(&self, rel_dir: &Path, name: &OsStr) -> Result<Option<Entry>> {
+        let dir = self.source_path(rel_dir)?;
+        if name.as_bytes().contains(&b'/') || name == "." || name == ".." {
+            return Ok(None);
+        }
+        if let Some(entry) = self.entry_for(&dir, name)? {
+            if matches!(entry.kind, EntryKind::Dir) {
+                return Ok(Some(entry));
+            }
+        }
+        let Some(stem) = name.as_bytes().strip_suffix(RAW_SUFFIX.as_bytes()) else {
+            return Ok(None);
+        };
+        match self.entry_for(&dir, OsStr::from_bytes(stem))? {
+            Some(
+                entry @ Entry {
+                    kind: EntryKind::Image(_),
+                    ..
+                },
+            ) => Ok(Some(entry)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Every image opened so far (for flushing them all).
+    pub fn open_images(&self) -> Vec<(PathBuf, Arc<dyn Image>)> {
+        let state = self.state();
+        state
+            .open
+            .iter()
+            .map(|(p, o)| (p.clone(), o.image.clone()))
+            .collect()
+    }
+
+    /// Opens every image below the root, so that bad images are reported at start-up.
+    pub fn scan(&self) -> usize {
+        let mut count = 0;
+        let mut dirs = vec![PathBuf::new()];
+        while let Some(rel) = dirs.pop() {
+            match self.list(&rel) {
+                Ok(entries) => {
+                    for entry in entries {
+                        match entry.kind {
+                            EntryKind::Dir => dirs.push(rel.join(&entry.name)),
+                            EntryKind::Image(_) => count += 1,
+                        }
+                    }
+                }
+                Err(e) => log::warn!("{e}"),
+            }
+        }
+        count
+    }
+
+    fn entry_for(&self, dir: &Path, name: &OsStr) -> Result<Option<Entry>> {
+        let source = dir.join(name);
+        // Symbolic links are not followed: they could lead out of the source tree.
+        let meta = match std::fs::symlink_metadata(&source) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("stat", e).with_path(&source)),
+        };
+        if meta.is_dir() {
+            return Ok(Some(Entry {
+                name: name.to_os_string(),
+                source,
+                kind: EntryKind::Dir,
+            }));
+        }
+        if !meta.is_file() {
+            return Ok(None);
+        }
+        let identity = FileIdentity::of(&meta);
+        Ok(self.image_for(&source, identity).map(|image| {
+            let mut raw_name = name.to_os_string();
+            raw_name.push(RAW_SUFFIX);
+            Entry {
+                name: raw_name,
+                source,
+                kind: EntryKind::Image(image),
+            }
+        }))
+    }
+
+    fn image_for(&self, source: &Path, identity: FileIdentity) -> Option<Arc<dyn Image>> {
+        let mut state = self.state();
+        if let Some(open) = state.open.get(source) {
+            if open.identity.same_file(&identity) {
+                return Some(open.image.clone());
+            }
+            state.open.remove(source);
+        }
+        let previous = state.hidden.get(source);
+        if let Some(hidden) = previous {
+            // A busy image is retried on every look: the other process may have let go.
+            let retry = matches!(hidden.error, Some((ErrorKind::Busy, _)));
+            if hidden.identity == identity && !retry {
+                return None;
+            }
+        }
+        let previous_error = previous.and_then(|h| h.error.as_ref().map(|(_, m)| m.clone()));
+        // Opening reads headers and whole block maps; holding the lock keeps two lookups from
+        // opening (and locking) the same image twice.
+        match self.opener.open(source) {
+            Ok(Some(image)) => {
+                state.hidden.remove(source);
+                state.open.insert(
+                    source.to_path_buf(),
+                    OpenImage {
+                        identity,
+                        image: image.clone(),
+                    },
+                );
+                log::info!("serving {}", source.display());
+                Some(image)
+            }
+            Ok(None) => {
+                state.hidden.insert(
+                    source.to_path_buf(),
+                    Hidden {
+                        identity,
+                        error: None,
+                    },
+                );
+                None
+            }
+            Err(e) => {
+                let e = e.with_path(source);
+                let message = e.to_string();
+                if previous_error.as_deref() != Some(message.as_str()) {
+                    log::error!("not serving {message}");
+                }
+                state.hidden.insert(
+                    source.to_path_buf(),
+                    Hidden {
+                        identity,
+                        error: Some((e.kind(), message)),
+                    },
+                );
+                None
+            }
+        }
+    }
+
+    /// Drops cached images of `dir` whose files are gone; open handles keep theirs alive.
+    fn forget_missing(&self, dir: &Path, seen: &[PathBuf]) {
+        let mut state = self.state();
+        let gone = |p: &PathBuf| p.parent() == Some(dir) && !seen.contains(p);
+        let stale: Vec<PathBuf> = state.open.keys().filter(|p| gone(p)).cloned().collect();
+        for path in stale {
+            if let Some(open) = state.open.remove(&path) {
+                if let Err(e) = open.image.flush() {
+                    log::error!("{}: flush of removed image failed: {e}", path.display());
+                }
+                log::info!("{} was removed from the source tree", path.display());
+            }
+        }
+        state.hidden.retain(|p, _| !gone(p));
+    }
+}
+
+#[cfg(test)]
+mod tests;

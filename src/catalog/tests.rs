@@ -1,0 +1,117 @@
+//! Catalog tests on a temporary source tree with fake images.
+
+use super::*;
+use crate::testutil::{FakeOpener, TempDir};
+use std::sync::atomic::Ordering;
+
+fn names(entries: &[Entry]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|e| e.name.to_string_lossy().into_owned())
+        .collect()
+}
+
+fn tree() -> (TempDir, Catalog, Arc<std::sync::atomic::AtomicU64>) {
+    let dir = TempDir::new();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("disk.img"), "FAKEIMG 8192").unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not an image").unwrap();
+    std::fs::write(dir.path().join("sub/other.vdi"), "FAKEIMG 4096").unwrap();
+    std::fs::write(dir.path().join("broken.vdi"), "BADIMG").unwrap();
+    let opener = FakeOpener::default();
+    let opens = opener.opens.clone();
+    let catalog = Catalog::new(dir.path(), Box::new(opener)).unwrap();
+    (dir, catalog, opens)
+}
+
+#[test]
+fn mirrors_directories_and_shows_only_images_with_raw_suffix() {
+    let (_dir, catalog, _) = tree();
+    assert_eq!(
+        names(&catalog.list(Path::new("")).unwrap()),
+        ["disk.img.raw", "sub"]
+    );
+    assert_eq!(
+        names(&catalog.list(Path::new("sub")).unwrap()),
+        ["other.vdi.raw"]
+    );
+    assert_eq!(catalog.scan(), 2);
+}
+
+#[test]
+fn lookup_maps_raw_names_back_to_images() {
+    let (_dir, catalog, _) = tree();
+    let entry = catalog
+        .lookup(Path::new(""), OsStr::new("disk.img.raw"))
+        .unwrap()
+        .unwrap();
+    assert!(entry.source.ends_with("disk.img"));
+    match entry.kind {
+        EntryKind::Image(image) => assert_eq!(image.size(), 8192),
+        EntryKind::Dir => panic!("expected an image"),
+    }
+    assert!(catalog
+        .lookup(Path::new(""), OsStr::new("disk.img"))
+        .unwrap()
+        .is_none());
+    assert!(catalog
+        .lookup(Path::new(""), OsStr::new("notes.txt.raw"))
+        .unwrap()
+        .is_none());
+    assert!(catalog
+        .lookup(Path::new(""), OsStr::new("broken.vdi.raw"))
+        .unwrap()
+        .is_none());
+    assert!(matches!(
+        catalog
+            .lookup(Path::new(""), OsStr::new("sub"))
+            .unwrap()
+            .unwrap()
+            .kind,
+        EntryKind::Dir
+    ));
+}
+
+#[test]
+fn images_are_opened_once_and_follow_changes_of_the_tree() {
+    let (dir, catalog, opens) = tree();
+    catalog.list(Path::new("")).unwrap();
+    catalog.list(Path::new("")).unwrap();
+    catalog
+        .lookup(Path::new(""), OsStr::new("disk.img.raw"))
+        .unwrap();
+    assert_eq!(opens.load(Ordering::Relaxed), 1);
+
+    std::fs::write(dir.path().join("new.qcow2"), "FAKEIMG 512").unwrap();
+    std::fs::remove_file(dir.path().join("disk.img")).unwrap();
+    assert_eq!(
+        names(&catalog.list(Path::new("")).unwrap()),
+        ["new.qcow2.raw", "sub"]
+    );
+    assert_eq!(
+        catalog.open_images().len(),
+        1,
+        "the removed image is forgotten"
+    );
+}
+
+#[test]
+fn paths_leaving_the_tree_are_refused() {
+    let (_dir, catalog, _) = tree();
+    assert!(catalog.list(Path::new("..")).is_err());
+    assert!(catalog.list(Path::new("/etc")).is_err());
+    assert!(catalog
+        .lookup(Path::new(""), OsStr::new(".."))
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn symlinks_are_not_followed() {
+    let (dir, catalog, _) = tree();
+    std::os::unix::fs::symlink(dir.path().join("disk.img"), dir.path().join("link.img")).unwrap();
+    assert_eq!(
+        names(&catalog.list(Path::new("")).unwrap()),
+        ["disk.img.raw", "sub"]
+    );
+}

@@ -1,0 +1,178 @@
+//! FsCore tests: the whole filesystem logic on fake in-memory images, no FUSE involved.
+
+use super::*;
+use crate::catalog::Catalog;
+use crate::testutil::{FakeOpener, TempDir};
+
+fn mounted(read_only: bool) -> (TempDir, FsCore) {
+    let dir = TempDir::new();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("disk.img"), "FAKEIMG 65536").unwrap();
+    std::fs::write(dir.path().join("ro.img"), "FAKEIMG 4096 ").unwrap();
+    std::fs::write(dir.path().join("sub/x.vdi"), "FAKEIMG 10000").unwrap();
+    let catalog = Catalog::new(dir.path(), Box::new(FakeOpener::default())).unwrap();
+    (dir, FsCore::new(catalog, read_only))
+}
+
+fn names(core: &FsCore, ino: u64) -> Vec<String> {
+    core.readdir(ino)
+        .unwrap()
+        .into_iter()
+        .map(|(_, _, n)| n.to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn lookup_readdir_and_getattr_show_virtual_sizes() {
+    let (_dir, core) = mounted(false);
+    assert_eq!(
+        names(&core, ROOT_INO),
+        [".", "..", "disk.img.raw", "ro.img.raw", "sub"]
+    );
+    let attr = core.lookup(ROOT_INO, OsStr::new("disk.img.raw")).unwrap();
+    assert_eq!(
+        (attr.kind, attr.size, attr.blocks),
+        (NodeKind::File, 65536, 0)
+    );
+    assert_eq!(core.getattr(attr.ino).unwrap().ino, attr.ino);
+    let sub = core.lookup(ROOT_INO, OsStr::new("sub")).unwrap();
+    assert_eq!(sub.kind, NodeKind::Dir);
+    assert_eq!(
+        core.lookup(sub.ino, OsStr::new("x.vdi.raw")).unwrap().size,
+        10000
+    );
+    assert_eq!(
+        core.lookup(ROOT_INO, OsStr::new("nope.raw")),
+        Err(Errno(libc::ENOENT))
+    );
+    let again = core.lookup(ROOT_INO, OsStr::new("disk.img.raw")).unwrap();
+    assert_eq!(again.ino, attr.ino, "inode numbers are stable");
+}
+
+#[test]
+fn read_write_roundtrip_clips_at_the_end_of_the_disk() {
+    let (_dir, core) = mounted(false);
+    let ino = core
+        .lookup(ROOT_INO, OsStr::new("disk.img.raw"))
+        .unwrap()
+        .ino;
+    let fh = core.open(ino, true).unwrap();
+    assert_eq!(core.write(fh, 4000, b"hello").unwrap(), 5);
+    assert_eq!(core.read(fh, 3998, 9).unwrap(), b"\0\0hello\0\0");
+    assert_eq!(
+        core.write(fh, 65534, b"abcd").unwrap(),
+        2,
+        "short write at the end"
+    );
+    assert_eq!(core.write(fh, 65536, b"x"), Err(Errno(libc::ENOSPC)));
+    assert_eq!(core.read(fh, 65530, 100).unwrap().len(), 6);
+    assert!(core.read(fh, 70000, 10).unwrap().is_empty());
+    assert_eq!(
+        core.getattr(ino).unwrap().blocks,
+        16,
+        "two 4 KiB blocks, in 512 B units"
+    );
+    core.flush(fh).unwrap();
+    core.release(fh).unwrap();
+    assert_eq!(core.read(fh, 0, 1), Err(Errno(libc::EBADF)));
+}
+
+#[test]
+fn write_access_is_refused_on_read_only_images_and_mounts() {
+    let (_dir, core) = mounted(false);
+    let ro = core.lookup(ROOT_INO, OsStr::new("ro.img.raw")).unwrap();
+    assert_eq!(ro.perm & 0o222, 0, "read-only images show no write bits");
+    assert_eq!(core.open(ro.ino, true), Err(Errno(libc::EROFS)));
+    let fh = core.open(ro.ino, false).unwrap();
+    assert_eq!(core.write(fh, 0, b"x"), Err(Errno(libc::EBADF)));
+
+    let (_dir2, ro_mount) = mounted(true);
+    let ino = ro_mount
+        .lookup(ROOT_INO, OsStr::new("disk.img.raw"))
+        .unwrap()
+        .ino;
+    assert_eq!(ro_mount.open(ino, true), Err(Errno(libc::EROFS)));
+    assert!(ro_mount.open(ino, false).is_ok());
+}
+
+#[test]
+fn lseek_finds_data_and_holes() {
+    let (_dir, core) = mounted(false);
+    let ino = core
+        .lookup(ROOT_INO, OsStr::new("disk.img.raw"))
+        .unwrap()
+        .ino;
+    let fh = core.open(ino, true).unwrap();
+    core.write(fh, 8192 + 10, b"data").unwrap();
+    assert_eq!(core.lseek(fh, 0, libc::SEEK_DATA), Ok(8192));
+    assert_eq!(core.lseek(fh, 8200, libc::SEEK_DATA), Ok(8200));
+    assert_eq!(core.lseek(fh, 0, libc::SEEK_HOLE), Ok(0));
+    assert_eq!(core.lseek(fh, 8192, libc::SEEK_HOLE), Ok(12288));
+    assert_eq!(
+        core.lseek(fh, 12288, libc::SEEK_DATA),
+        Err(Errno(libc::ENXIO))
+    );
+    assert_eq!(
+        core.lseek(fh, 65536, libc::SEEK_HOLE),
+        Err(Errno(libc::ENXIO))
+    );
+    assert_eq!(core.lseek(fh, 0, libc::SEEK_SET), Err(Errno(libc::EINVAL)));
+}
+
+#[test]
+fn setattr_refuses_resize_but_accepts_same_size_and_times() {
+    let (dir, core) = mounted(false);
+    let ino = core
+        .lookup(ROOT_INO, OsStr::new("disk.img.raw"))
+        .unwrap()
+        .ino;
+    assert_eq!(
+        core.setattr(ino, Some(0), None, None),
+        Err(Errno(libc::EOPNOTSUPP))
+    );
+    assert_eq!(
+        core.setattr(ino, Some(65536), None, None).unwrap().size,
+        65536
+    );
+    let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+    assert_eq!(core.setattr(ino, None, Some(t), Some(t)).unwrap().mtime, t);
+    let meta = std::fs::metadata(dir.path().join("disk.img")).unwrap();
+    assert_eq!(meta.modified().unwrap(), t, "times go to the image file");
+}
+
+#[test]
+fn control_xattrs_report_pid_and_flush_everything() {
+    let (_dir, core) = mounted(false);
+    core.readdir(ROOT_INO).unwrap();
+    let pid = core.getxattr(ROOT_INO, OsStr::new(XATTR_PID)).unwrap();
+    assert_eq!(pid, std::process::id().to_string().into_bytes());
+    assert_eq!(
+        core.getxattr(ROOT_INO, OsStr::new("user.other")),
+        Err(Errno(libc::ENODATA))
+    );
+    core.setxattr(ROOT_INO, OsStr::new(XATTR_FLUSH)).unwrap();
+    assert_eq!(
+        core.setxattr(2, OsStr::new(XATTR_FLUSH)),
+        Err(Errno(libc::ENOTSUP))
+    );
+}
+
+#[test]
+fn removed_images_disappear_but_open_handles_keep_working() {
+    let (dir, core) = mounted(false);
+    let ino = core
+        .lookup(ROOT_INO, OsStr::new("disk.img.raw"))
+        .unwrap()
+        .ino;
+    let fh = core.open(ino, true).unwrap();
+    std::fs::remove_file(dir.path().join("disk.img")).unwrap();
+    assert_eq!(names(&core, ROOT_INO), [".", "..", "ro.img.raw", "sub"]);
+    assert_eq!(
+        core.lookup(ROOT_INO, OsStr::new("disk.img.raw")),
+        Err(Errno(libc::ENOENT))
+    );
+    assert_eq!(core.write(fh, 0, b"still").unwrap(), 5);
+    assert_eq!(core.read(fh, 0, 5).unwrap(), b"still");
+    std::fs::write(dir.path().join("added.img"), "FAKEIMG 512").unwrap();
+    assert!(names(&core, ROOT_INO).contains(&"added.img.raw".to_string()));
+}

@@ -1,0 +1,7 @@
+//! The filesystem served under the mount point: `core` implements every operation on plain
+//! types and is tested without FUSE; `fuse` is the thin adapter that speaks fuser's API.
+
+pub mod core;
+pub mod fuse;
+
+pub use self::core::{Attr, Errno, FsCore, NodeKind};
