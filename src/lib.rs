@@ -1,7 +1,8 @@
-//! imgfs: serves virtual-disk images as flat raw files through FUSE. Layers, top to bottom:
-//! `cli`, `fs`, `catalog`, `format`, `meta`, `host`.
+//! imgfs: serves virtual-disk images (VDI today; QCOW/QCOW2, VHDX and VMDK next) as flat raw
+//! files through FUSE. Layers, top to bottom: `cli`, `fs`, `catalog`, `format`, `meta`, `host`.
 
 pub mod catalog;
+pub mod cli;
 pub mod error;
 pub mod format;
 pub mod fs;

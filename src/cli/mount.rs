@@ -1,0 +1,229 @@
+//! `imgfs mount`: checks its arguments, optionally forks into the background (returning only
+//! once the mount answers), serves the FUSE session with request threads, writes metadata back
+//! on a timer and on SIGTERM/SIGINT, and unmounts cleanly.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, MountOption, SessionACL};
+
+use super::daemon::{self, Forked, ReadyPipe};
+use super::notify::notify;
+use crate::catalog::{Catalog, FormatOpener};
+use crate::format::OpenOptions;
+use crate::fs::fuse::FuseAdapter;
+use crate::fs::FsCore;
+
+/// How often dirty metadata is written back without being asked.
+const WRITEBACK_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(clap::Args, Debug)]
+pub struct MountArgs {
+    /// Stay in the foreground and log to stderr (for systemd and debugging).
+    #[arg(long, short = 'f')]
+    foreground: bool,
+    /// Serve every image read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Let users other than the mounting one access the mount (needs user_allow_other in
+    /// /etc/fuse.conf when not root).
+    #[arg(long)]
+    allow_other: bool,
+    /// FUSE request threads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: u16,
+    /// Where the background daemon logs [default: $XDG_RUNTIME_DIR/imgfs.log, else
+    /// /tmp/imgfs-UID.log].
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+    /// The directory holding the images.
+    src: PathBuf,
+    /// The (empty) directory to mount on.
+    mnt: PathBuf,
+}
+
+fn default_log_file() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) => Path::new(&dir).join("imgfs.log"),
+        // SAFETY: getuid has no preconditions.
+        None => PathBuf::from(format!("/tmp/imgfs-{}.log", unsafe { libc::getuid() })),
+    }
+}
+
+fn check_dirs(args: &MountArgs) -> Result<(PathBuf, PathBuf), String> {
+    let src = args
+        .src
+        .canonicalize()
+        .map_err(|e| format!("source {}: {e}", args.src.display()))?;
+    if !src.is_dir() {
+        return Err(format!("source {} is not a directory", args.src.display()));
+    }
+    let mnt = args
+        .mnt
+        .canonicalize()
+        .map_err(|e| format!("mount point {}: {e}", args.mnt.display()))?;
+    let mut entries =
+        std::fs::read_dir(&mnt).map_err(|e| format!("mount point {}: {e}", mnt.display()))?;
+    if entries.next().is_some() {
+        return Err(format!("mount point {} is not empty", mnt.display()));
+    }
+    if mnt.starts_with(&src) {
+        return Err(format!(
+            "mount point {} lies inside the source tree",
+            mnt.display()
+        ));
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(
+            "/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3".into(),
+        );
+    }
+    Ok((src, mnt))
+}
+
+pub fn run(args: MountArgs) -> Result<(), String> {
+    let (src, mnt) = check_dirs(&args)?;
+    let pipe = if args.foreground {
+        None
+    } else {
+        let path = args.log_file.clone().unwrap_or_else(default_log_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("log file {}: {e}", path.display()))?;
+        match daemon::fork_daemon(log)? {
+            Forked::Parent(Ok(())) => {
+                return if daemon::is_fuse_mount(&mnt) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} does not answer as a FUSE mount; see {}",
+                        mnt.display(),
+                        path.display()
+                    ))
+                };
+            }
+            Forked::Parent(Err(message)) => return Err(message),
+            Forked::Child(pipe) => Some(pipe),
+        }
+    };
+    match serve(&args, &src, &mnt, pipe) {
+        Ok(()) => Ok(()),
+        Err(message) => {
+            log::error!("{message}");
+            Err(message)
+        }
+    }
+}
+
+fn serve(args: &MountArgs, src: &Path, mnt: &Path, pipe: Option<ReadyPipe>) -> Result<(), String> {
+    daemon::block_stop_signals();
+    let options = OpenOptions {
+        read_only: args.read_only,
+        inspect: false,
+    };
+    let catalog = match Catalog::new(src, Box::new(FormatOpener { options })) {
+        Ok(catalog) => catalog,
+        Err(e) => return fail(pipe, e.to_string()),
+    };
+    let core = Arc::new(FsCore::new(catalog, args.read_only));
+    let served = core.catalog().scan();
+    log::info!("{served} image(s) below {}", src.display());
+
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("imgfs:{}", src.display())),
+        MountOption::Subtype("imgfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoAtime,
+        if args.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    config.acl = if args.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(usize::from(args.threads));
+    config.clone_fd = true;
+
+    let mut session = match fuser::Session::new(FuseAdapter::new(core.clone()), mnt, &config) {
+        Ok(session) => session,
+        Err(e) => return fail(pipe, format!("cannot mount on {}: {e}", mnt.display())),
+    };
+    let unmounter = session.unmount_callable();
+    spawn_signal_handler(core.clone(), mnt.to_path_buf(), unmounter);
+    let (stop_writeback, writeback) = spawn_writeback(core.clone());
+
+    log::info!("serving {} on {}", src.display(), mnt.display());
+    match pipe {
+        Some(pipe) => pipe.ready(),
+        None => notify("READY=1"),
+    }
+    let result = session.run();
+    notify("STOPPING=1");
+    drop(stop_writeback);
+    let _ = writeback.join();
+    let failed = core.flush_all();
+    log::info!("unmounted {}", mnt.display());
+    match (result, failed) {
+        (Err(e), _) => Err(format!("FUSE session ended with an error: {e}")),
+        (Ok(()), 0) => Ok(()),
+        (Ok(()), n) => Err(format!("{n} image(s) failed to flush; see the log")),
+    }
+}
+
+fn fail(pipe: Option<ReadyPipe>, message: String) -> Result<(), String> {
+    if let Some(pipe) = pipe {
+        pipe.failed(&message);
+    }
+    Err(message)
+}
+
+/// On SIGTERM or SIGINT: flush everything, then unmount (lazily if files are still open, so
+/// the daemon exits once they close). SIGHUP only flushes.
+fn spawn_signal_handler(core: Arc<FsCore>, mnt: PathBuf, mut unmounter: fuser::SessionUnmounter) {
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let sig = daemon::wait_for_signal();
+            core.flush_all();
+            if sig == libc::SIGHUP {
+                log::info!("SIGHUP: flushed all images");
+                continue;
+            }
+            log::info!("signal {sig}: unmounting {}", mnt.display());
+            if let Err(e) = unmounter.unmount() {
+                log::warn!(
+                    "unmount of {} failed ({e}); detaching it lazily",
+                    mnt.display()
+                );
+                if let Err(e) = daemon::unmount(&mnt, true) {
+                    log::error!("lazy unmount of {} failed: {e}", mnt.display());
+                }
+            }
+            return;
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the signal thread: {e}");
+    }
+}
+
+/// Writes back dirty metadata every few seconds until the returned sender is dropped.
+fn spawn_writeback(core: Arc<FsCore>) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let handle = std::thread::spawn(move || {
+        while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(WRITEBACK_INTERVAL) {
+            core.flush_dirty();
+        }
+    });
+    (stop, handle)
+}

@@ -1,0 +1,64 @@
+//! `imgfs umount MNT`: asks the daemon to flush every image (an extended attribute on the mount
+//! root), unmounts, and waits until the daemon has exited, so that when it returns the images are
+//! complete, closed and unlocked for qemu-img.
+
+use std::path::Path;
+
+use super::daemon::{self, ProcessWatch};
+use crate::fs::core::{XATTR_FLUSH, XATTR_PID};
+
+/// How long to wait for the daemon to finish after the unmount.
+const EXIT_TIMEOUT_MS: i32 = 120_000;
+
+pub fn run(mnt: &Path) -> Result<(), String> {
+    let shown = mnt.display();
+    let answer = daemon::getxattr(mnt, XATTR_PID);
+    if let Err(e) = &answer {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            // The daemon is gone and left a stale mount ("Transport endpoint is not
+            // connected"): there is nothing left to flush, so just remove the mount.
+            daemon::unmount(mnt, true).map_err(|e| format!("unmount {shown}: {e}"))?;
+            log::warn!("{shown}: its daemon had died; removed the stale mount");
+            return Ok(());
+        }
+    }
+    let pid = answer
+        .ok()
+        .and_then(|v| String::from_utf8(v).ok())
+        .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
+        .ok_or_else(|| format!("{shown} is not an imgfs mount (or its daemon does not answer)"))?;
+    let watch = ProcessWatch::new(pid).map_err(|e| format!("cannot watch daemon {pid}: {e}"))?;
+    match daemon::setxattr(mnt, XATTR_FLUSH, b"1") {
+        Ok(()) => {}
+        // The kernel refuses xattr changes on a read-only mount: there is nothing to flush.
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+        Err(e) => return Err(format!(
+            "flushing the images of {shown} failed ({e}); they stay mounted, see the daemon's log"
+        )),
+    }
+    match daemon::unmount(mnt, false) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            return Err(format!(
+                "{shown} is busy: close files and detach loop devices (losetup -d) first; images are flushed"
+            ))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            let status = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg(mnt)
+                .status()
+                .map_err(|e| format!("fusermount3 -u {shown}: {e}"))?;
+            if !status.success() {
+                return Err(format!("fusermount3 -u {shown} failed"));
+            }
+        }
+        Err(e) => return Err(format!("unmount {shown}: {e}")),
+    }
+    if !watch.wait(EXIT_TIMEOUT_MS) {
+        return Err(format!(
+            "{shown} is unmounted but daemon {pid} has not exited yet"
+        ));
+    }
+    Ok(())
+}
