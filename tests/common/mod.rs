@@ -1,0 +1,259 @@
+//! Shared harness of the mount tests: temp dirs, qemu-img/qemu-io wrappers, a deterministic
+//! random source, and a `Mount` that always unmounts, even when a test fails.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub const IMGFS: &str = env!("CARGO_BIN_EXE_imgfs");
+
+/// Whether mount tests can run here. They may skip without /dev/fuse or root, never in CI.
+pub fn can_mount() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let fuse = Path::new("/dev/fuse").exists();
+    if root && fuse {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("mount tests need root and /dev/fuse, and CI must run them");
+    }
+    eprintln!("skipping: mount tests need root and /dev/fuse");
+    false
+}
+
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("imgfs-it-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs a command and panics with its output unless it succeeds.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn qemu_img(args: &[&str]) -> Output {
+    run(Command::new("qemu-img").args(args))
+}
+
+/// Runs qemu-io commands (`write -P 0xab 0 4k`, ...) on an image.
+pub fn qemu_io(format: &str, image: &Path, commands: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.arg("-f").arg(format);
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    run(cmd.arg(image));
+}
+
+/// The image's content as qemu-img sees it.
+pub fn qemu_raw(format: &str, image: &Path, dir: &TempDir) -> Vec<u8> {
+    let out = dir.join("oracle.raw");
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-f",
+        format,
+        "-O",
+        "raw",
+        path_str(image),
+        path_str(&out),
+    ]);
+    let data = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    data
+}
+
+/// `qemu-img check` must report a clean image: no errors, no leaks.
+pub fn assert_check_clean(format: &str, image: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", format])
+        .arg(image)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {text}",
+        image.display()
+    );
+    assert!(
+        !text.contains("ERROR") && !text.contains("leaked"),
+        "qemu-img check: {text}"
+    );
+}
+
+/// `qemu-img compare` of the image with the expected raw bytes must say identical.
+pub fn assert_compare_equal(format: &str, image: &Path, expected: &[u8], dir: &TempDir) {
+    let raw = dir.join("expected.raw");
+    std::fs::write(&raw, expected).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", format])
+        .arg(&raw)
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&raw).unwrap();
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// A live imgfs mount of `src` on `mnt`; unmounted with `imgfs umount` on drop.
+pub struct Mount {
+    pub mnt: PathBuf,
+    pub log: PathBuf,
+    mounted: bool,
+}
+
+impl Mount {
+    pub fn new(src: &Path, mnt: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(mnt).unwrap();
+        let log = mnt.with_extension("log");
+        let out = Command::new(IMGFS)
+            .arg("mount")
+            .args(extra)
+            .arg("--log-file")
+            .arg(&log)
+            .arg(src)
+            .arg(mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "imgfs mount failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Mount {
+            mnt: mnt.to_path_buf(),
+            log,
+            mounted: true,
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// For a test that unmounted by other means: nothing left to do on drop.
+    pub fn forget_unmounted(mut self) {
+        self.mounted = false;
+    }
+
+    /// `imgfs umount`, which returns once every image is written back and closed.
+    pub fn unmount(mut self) {
+        self.mounted = false;
+        let out = Command::new(IMGFS)
+            .arg("umount")
+            .arg(&self.mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "imgfs umount failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        let log = self.log_text();
+        let unexpected = log
+            .lines()
+            .filter(|l| l.contains("ERROR") && !l.contains("not serving"));
+        assert_eq!(unexpected.count(), 0, "daemon logged errors:\n{log}");
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.mounted {
+            let ok = Command::new(IMGFS)
+                .arg("umount")
+                .arg(&self.mnt)
+                .status()
+                .map(|s| s.success());
+            if ok.ok() != Some(true) {
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            }
+        }
+    }
+}
+
+/// Reads `len` bytes at `offset` of a file.
+pub fn read_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset).unwrap();
+    buf
+}

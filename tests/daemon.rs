@@ -1,0 +1,350 @@
+//! The daemon and its commands through a real mount: the tree follows the source directory,
+//! bad images are reported and skipped, QEMU's locks are honoured both ways, read-only mounts
+//! refuse writes, SIGTERM writes back and unmounts, and `imgfs info` agrees with qemu-img.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn ls(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn vdi(path: &Path, size: &str) {
+    qemu_img(&["create", "-q", "-f", "vdi", path_str(path), size]);
+}
+
+#[test]
+fn the_tree_follows_the_source_and_bad_images_are_skipped() {
+    if !can_mount() {
+        return;
+    }
+    let dir = TempDir::new("tree");
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    vdi(&src.join("a.vdi"), "1M");
+    // Recognised by magic, not by name.
+    vdi(&src.join("no-extension"), "1M");
+    // A corrupt header: the signature is right, the version is not.
+    let broken = src.join("broken.vdi");
+    vdi(&broken, "1M");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&broken)
+        .unwrap()
+        .write_all_at(&[9, 9, 9, 9], 68)
+        .unwrap();
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    assert_eq!(ls(&mount.mnt), ["a.vdi.raw", "no-extension.raw"]);
+    let log = mount.log_text();
+    assert!(
+        log.contains("broken.vdi") && log.contains("version"),
+        "bad image is logged:\n{log}"
+    );
+
+    vdi(&src.join("new.vdi"), "2M");
+    std::fs::remove_file(src.join("a.vdi")).unwrap();
+    assert_eq!(ls(&mount.mnt), ["new.vdi.raw", "no-extension.raw"]);
+    assert_eq!(
+        std::fs::metadata(mount.path("new.vdi.raw")).unwrap().len(),
+        2 << 20
+    );
+    assert!(!mount.path("a.vdi.raw").exists());
+    mount.unmount();
+    assert_eq!(log.matches("broken.vdi").count(), 1, "logged once");
+}
+
+#[test]
+fn qemu_cannot_write_what_imgfs_serves_and_imgfs_skips_what_qemu_writes() {
+    if !can_mount() {
+        return;
+    }
+    let dir = TempDir::new("locks");
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let served = src.join("served.vdi");
+    let held = src.join("held.vdi");
+    vdi(&served, "1M");
+    vdi(&held, "1M");
+
+    // A QEMU process holding `held.vdi` for writing: once it has written, it holds the lock.
+    let mut qemu = Command::new("qemu-io")
+        .args(["-f", "vdi"])
+        .arg(&held)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = qemu.stdin.take().unwrap();
+    writeln!(stdin, "write 0 512").unwrap();
+    let mut stdout = BufReader::new(qemu.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("wrote") {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "qemu-io ended early"
+        );
+    }
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    assert_eq!(
+        ls(&mount.mnt),
+        ["served.vdi.raw"],
+        "an image QEMU writes is not served"
+    );
+    assert!(
+        mount.log_text().contains("for writing"),
+        "{}",
+        mount.log_text()
+    );
+    drop(stdin);
+    assert!(qemu.wait().unwrap().success());
+    assert_eq!(
+        ls(&mount.mnt),
+        ["held.vdi.raw", "served.vdi.raw"],
+        "served once QEMU lets go"
+    );
+
+    let out = Command::new("qemu-io")
+        .args(["-f", "vdi", "-c", "write 0 512"])
+        .arg(&served)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("lock"),
+        "qemu-io must be refused: {text}"
+    );
+    run(Command::new("qemu-img").args(["info", "-U"]).arg(&served));
+    mount.unmount();
+    qemu_io("vdi", &served, &["write 0 512"]);
+}
+
+#[test]
+fn read_only_mounts_refuse_writes() {
+    if !can_mount() {
+        return;
+    }
+    let dir = TempDir::new("ro");
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let image = src.join("disk.vdi");
+    vdi(&image, "1M");
+    qemu_io("vdi", &image, &["write -P 0x42 0 4k"]);
+    let before = std::fs::read(&image).unwrap();
+    let mount = Mount::new(&src, &dir.join("mnt"), &["--read-only"]);
+    let raw = mount.path("disk.vdi.raw");
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    assert_eq!(read_range(&raw, 0, 4), [0x42; 4]);
+    // While served read-only, QEMU may read but not write.
+    run(Command::new("qemu-img").args(["info"]).arg(&image));
+    mount.unmount();
+    assert!(std::fs::read(&image).unwrap() == before, "image untouched");
+}
+
+#[test]
+fn mount_errors_are_clear() {
+    let dir = TempDir::new("errors");
+    let src = dir.join("src");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mount = |src: &Path, mnt: &Path| {
+        let out = Command::new(IMGFS)
+            .arg("mount")
+            .arg(src)
+            .arg(mnt)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let missing = mount(&dir.join("nope"), &mnt);
+    assert!(
+        missing.contains("source") && missing.contains("nope"),
+        "{missing}"
+    );
+    std::fs::write(mnt.join("file"), "x").unwrap();
+    assert!(mount(&src, &mnt).contains("not empty"));
+    let bad_threads = Command::new(IMGFS)
+        .args(["mount", "--threads", "0"])
+        .arg(&src)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(!bad_threads.status.success());
+    let not_mounted = Command::new(IMGFS)
+        .arg("umount")
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&not_mounted.stderr).contains("not an imgfs mount"));
+}
+
+/// `--foreground` under a service manager: READY=1 once mounted, and SIGTERM writes back and
+/// unmounts.
+#[test]
+fn foreground_daemon_notifies_readiness_and_flushes_on_sigterm() {
+    if !can_mount() {
+        return;
+    }
+    let dir = TempDir::new("sigterm");
+    let src = dir.join("src");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let image = src.join("disk.vdi");
+    vdi(&image, "4M");
+    let socket_path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    let mut child = Command::new(IMGFS)
+        .args(["mount", "--foreground"])
+        .arg(&src)
+        .arg(&mnt)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+
+    let payload = b"written before SIGTERM";
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("disk.vdi.raw"))
+        .unwrap();
+    file.write_all(payload).unwrap();
+    drop(file);
+    // SAFETY: kill on the pid of our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let n = socket.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "daemon exit: {status}");
+
+    let mut expected = vec![0u8; 4 << 20];
+    expected[..payload.len()].copy_from_slice(payload);
+    assert_check_clean("vdi", &image);
+    assert_compare_equal("vdi", &image, &expected, &dir);
+}
+
+#[test]
+fn info_agrees_with_qemu_img() {
+    let dir = TempDir::new("info");
+    let image = dir.join("disk.vdi");
+    vdi(&image, "10M");
+    qemu_io("vdi", &image, &["write 0 1M", "write 5M 4k"]);
+    let ours = run(Command::new(IMGFS).args(["info", "--json"]).arg(&image));
+    let ours = String::from_utf8(ours.stdout).unwrap();
+    let theirs =
+        String::from_utf8(qemu_img(&["info", "--output=json", path_str(&image)]).stdout).unwrap();
+    for key in [
+        "\"virtual-size\": 10485760",
+        "\"cluster-size\": 1048576",
+        "\"format\": \"vdi\"",
+    ] {
+        assert!(
+            ours.contains(key) && theirs.contains(key),
+            "{key}:\n{ours}\n{theirs}"
+        );
+    }
+    assert!(ours.contains("\"allocated-size\": 2097152"), "{ours}");
+    let text = run(Command::new(IMGFS).arg("info").arg(&image));
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        text.contains("file format: vdi") && text.contains("read-only: no"),
+        "{text}"
+    );
+    let bad = Command::new(IMGFS)
+        .arg("info")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
+
+/// kill -9 of the daemon: `imgfs umount` removes the stale mount, the image passes
+/// `qemu-img check` (a crash may leak a block, never corrupt the map) and fsync'ed data is there.
+#[test]
+fn a_killed_daemon_leaves_a_consistent_image_and_a_removable_mount() {
+    if !can_mount() {
+        return;
+    }
+    let dir = TempDir::new("kill");
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let image = src.join("disk.vdi");
+    vdi(&image, "8M");
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    let raw = mount.path("disk.vdi.raw");
+    let file = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    file.write_all_at(&[0x5a; 4096], 1 << 20).unwrap();
+    file.sync_all().unwrap();
+    file.write_all_at(&[0x6b; 4096], 5 << 20).unwrap();
+
+    let pid_text = xattr(&mount.mnt, "user.imgfs.pid");
+    let pid: i32 = pid_text.trim().parse().unwrap();
+    // SAFETY: pidfd_open and kill on the daemon's pid; poll on the new descriptor.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        assert!(pidfd >= 0);
+        assert_eq!(libc::kill(pid, libc::SIGKILL), 0);
+        let mut pfd = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        assert_eq!(libc::poll(&mut pfd, 1, 30_000), 1, "daemon did not die");
+        libc::close(pidfd);
+    }
+    drop(file);
+    run(Command::new(IMGFS).arg("umount").arg(&mount.mnt));
+    assert!(!Command::new("mountpoint")
+        .arg("-q")
+        .arg(&mount.mnt)
+        .status()
+        .unwrap()
+        .success());
+    mount.forget_unmounted();
+
+    assert_check_clean("vdi", &image);
+    qemu_io("vdi", &image, &["read -P 0x5a 1M 4k"]);
+}
+
+fn xattr(path: &Path, name: &str) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let c_name = std::ffi::CString::new(name).unwrap();
+    let mut buf = [0u8; 64];
+    // SAFETY: valid NUL-terminated strings and a buffer of the size passed.
+    let n = unsafe {
+        libc::getxattr(
+            c_path.as_ptr(),
+            c_name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(
+        n > 0,
+        "getxattr {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    String::from_utf8_lossy(&buf[..n as usize]).into_owned()
+}
