@@ -136,11 +136,7 @@ fn read_only_mounts_refuse_writes() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("ro");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    let image = src.join("disk.vdi");
-    vdi(&image, "1M");
+    let (dir, src, image) = source_with_image("ro", "vdi", "disk.vdi", "1M", &[]);
     qemu_io("vdi", &image, &["write -P 0x42 0 4k"]);
     let before = std::fs::read(&image).unwrap();
     let mount = Mount::new(&src, &dir.join("mnt"), &["--read-only"]);
@@ -286,11 +282,7 @@ fn a_killed_daemon_leaves_a_consistent_image_and_a_removable_mount() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("kill");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    let image = src.join("disk.vdi");
-    vdi(&image, "8M");
+    let (dir, src, image) = source_with_image("kill", "vdi", "disk.vdi", "8M", &[]);
     let mount = Mount::new(&src, &dir.join("mnt"), &[]);
     let raw = mount.path("disk.vdi.raw");
     let file = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();

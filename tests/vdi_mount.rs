@@ -107,11 +107,7 @@ fn threaded_random_writes_pass_qemu_img_check_and_compare() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("write");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    let image = src.join("disk.vdi");
-    qemu_img(&["create", "-q", "-f", "vdi", path_str(&image), "32M"]);
+    let (dir, src, image) = source_with_image("write", "vdi", "disk.vdi", "32M", &[]);
     qemu_io(
         "vdi",
         &image,
@@ -176,11 +172,7 @@ fn dd_through_the_mount_like_the_readme() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("dd");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    let image = src.join("disk.vdi");
-    qemu_img(&["create", "-q", "-f", "vdi", path_str(&image), "16M"]);
+    let (dir, src, image) = source_with_image("dd", "vdi", "disk.vdi", "16M", &[]);
     let payload = dir.join("payload");
     std::fs::write(&payload, Rng::new(7).bytes(5 * MIB as usize)).unwrap();
     let mount = Mount::new(&src, &dir.join("mnt"), &[]);
@@ -208,20 +200,8 @@ fn static_vdi_is_written_in_place() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("static");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    let image = src.join("fixed.vdi");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vdi",
-        "-o",
-        "static=on",
-        path_str(&image),
-        "4M",
-    ]);
+    let (dir, src, image) =
+        source_with_image("static", "vdi", "fixed.vdi", "4M", &["-o", "static=on"]);
     let file_len = std::fs::metadata(&image).unwrap().len();
     let mount = Mount::new(&src, &dir.join("mnt"), &[]);
     let raw = mount.path("fixed.vdi.raw");
@@ -247,11 +227,7 @@ fn holes_and_allocation_are_visible() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("seek");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    let image = src.join("sparse.vdi");
-    qemu_img(&["create", "-q", "-f", "vdi", path_str(&image), "8M"]);
+    let (dir, src, image) = source_with_image("seek", "vdi", "sparse.vdi", "8M", &[]);
     qemu_io("vdi", &image, &["write -P 1 2M 1M", "write -P 2 5M 4k"]);
     let mount = Mount::new(&src, &dir.join("mnt"), &[]);
     let raw = mount.path("sparse.vdi.raw");
@@ -291,11 +267,7 @@ fn ext4_on_a_loop_device_survives_a_remount() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("loop");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    let image = src.join("guest.vdi");
-    qemu_img(&["create", "-q", "-f", "vdi", path_str(&image), "64M"]);
+    let (dir, src, image) = source_with_image("loop", "vdi", "guest.vdi", "64M", &[]);
     let guest = dir.join("guest");
     std::fs::create_dir_all(&guest).unwrap();
     let files: Vec<(String, Vec<u8>)> = (0..5)

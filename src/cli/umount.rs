@@ -32,9 +32,11 @@ pub fn run(mnt: &Path) -> Result<(), String> {
         Ok(()) => {}
         // The kernel refuses xattr changes on a read-only mount: there is nothing to flush.
         Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
-        Err(e) => return Err(format!(
+        Err(e) => {
+            return Err(format!(
             "flushing the images of {shown} failed ({e}); they stay mounted, see the daemon's log"
-        )),
+        ))
+        }
     }
     match daemon::unmount(mnt, false) {
         Ok(()) => {}

@@ -51,6 +51,26 @@ impl Drop for TempDir {
     }
 }
 
+/// A temp dir with a `src` directory holding one fresh image `name` made by `qemu-img create`
+/// with `options` (e.g. `["-o", "static=on"]`); returns the dir, `src` and the image's path.
+pub fn source_with_image(
+    tag: &str,
+    format: &str,
+    name: &str,
+    size: &str,
+    options: &[&str],
+) -> (TempDir, PathBuf, PathBuf) {
+    let dir = TempDir::new(tag);
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let image = src.join(name);
+    let mut args = vec!["create", "-q", "-f", format];
+    args.extend(options);
+    args.extend([path_str(&image), size]);
+    qemu_img(&args);
+    (dir, src, image)
+}
+
 /// Runs a command and panics with its output unless it succeeds.
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));

@@ -14,6 +14,12 @@ fn mounted(read_only: bool) -> (TempDir, FsCore) {
     (dir, FsCore::new(catalog, read_only))
 }
 
+fn disk_ino(core: &FsCore) -> u64 {
+    core.lookup(ROOT_INO, OsStr::new("disk.img.raw"))
+        .unwrap()
+        .ino
+}
+
 fn names(core: &FsCore, ino: u64) -> Vec<String> {
     core.readdir(ino)
         .unwrap()
@@ -52,10 +58,7 @@ fn lookup_readdir_and_getattr_show_virtual_sizes() {
 #[test]
 fn read_write_roundtrip_clips_at_the_end_of_the_disk() {
     let (_dir, core) = mounted(false);
-    let ino = core
-        .lookup(ROOT_INO, OsStr::new("disk.img.raw"))
-        .unwrap()
-        .ino;
+    let ino = disk_ino(&core);
     let fh = core.open(ino, true).unwrap();
     assert_eq!(core.write(fh, 4000, b"hello").unwrap(), 5);
     assert_eq!(core.read(fh, 3998, 9).unwrap(), b"\0\0hello\0\0");
@@ -98,10 +101,7 @@ fn write_access_is_refused_on_read_only_images_and_mounts() {
 #[test]
 fn lseek_finds_data_and_holes() {
     let (_dir, core) = mounted(false);
-    let ino = core
-        .lookup(ROOT_INO, OsStr::new("disk.img.raw"))
-        .unwrap()
-        .ino;
+    let ino = disk_ino(&core);
     let fh = core.open(ino, true).unwrap();
     core.write(fh, 8192 + 10, b"data").unwrap();
     assert_eq!(core.lseek(fh, 0, libc::SEEK_DATA), Ok(8192));
@@ -122,10 +122,7 @@ fn lseek_finds_data_and_holes() {
 #[test]
 fn setattr_refuses_resize_but_accepts_same_size_and_times() {
     let (dir, core) = mounted(false);
-    let ino = core
-        .lookup(ROOT_INO, OsStr::new("disk.img.raw"))
-        .unwrap()
-        .ino;
+    let ino = disk_ino(&core);
     assert_eq!(
         core.setattr(ino, Some(0), None, None),
         Err(Errno(libc::EOPNOTSUPP))
@@ -160,10 +157,7 @@ fn control_xattrs_report_pid_and_flush_everything() {
 #[test]
 fn removed_images_disappear_but_open_handles_keep_working() {
     let (dir, core) = mounted(false);
-    let ino = core
-        .lookup(ROOT_INO, OsStr::new("disk.img.raw"))
-        .unwrap()
-        .ino;
+    let ino = disk_ino(&core);
     let fh = core.open(ino, true).unwrap();
     std::fs::remove_file(dir.path().join("disk.img")).unwrap();
     assert_eq!(names(&core, ROOT_INO), [".", "..", "ro.img.raw", "sub"]);
