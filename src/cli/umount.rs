@@ -34,8 +34,9 @@ pub fn run(mnt: &Path) -> Result<(), String> {
         Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
         Err(e) => {
             return Err(format!(
-            "flushing the images of {shown} failed ({e}); they stay mounted, see the daemon's log"
-        ))
+                "flushing the images of {shown} failed ({e}); they stay mounted, \
+                 see the daemon's log"
+            ))
         }
     }
     match daemon::unmount(mnt, false) {
