@@ -234,12 +234,13 @@ impl Mount {
 
     /// `imgfs umount`, which returns once every image is written back and closed.
     pub fn unmount(mut self) {
-        self.mounted = false;
         let out = Command::new(IMGFS)
             .arg("umount")
             .arg(&self.mnt)
             .output()
             .unwrap();
+        // Only a successful unmount relieves `drop` of its fallback.
+        self.mounted = !out.status.success();
         assert!(
             out.status.success(),
             "imgfs umount failed: {}\nlog:\n{}",
