@@ -6,4 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --quiet 2>&1
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# --lib --tests: unit and mount tests; there are no doc tests to run.
+cargo test --lib --tests 2>&1 | tee "$log"
+awk '/^test result:/ { p += $4; f += $6 } END { printf "imgfs: %d passed, %d failed\n", p, f }' "$log"

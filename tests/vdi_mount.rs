@@ -196,7 +196,7 @@ fn dd_through_the_mount_like_the_readme() {
 }
 
 #[test]
-fn static_vdi_is_written_in_place() {
+fn static_vdi_is_written_in_place_and_refuses_resizing() {
     if !can_mount() {
         return;
     }
@@ -209,6 +209,22 @@ fn static_vdi_is_written_in_place() {
     file.write_all_at(b"across the block boundary", MIB - 10)
         .unwrap();
     drop(file);
+
+    // Resizing is refused clearly; times and statfs work.
+    let truncate = Command::new("truncate")
+        .args(["-s", "1M"])
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(!truncate.status.success());
+    assert!(String::from_utf8_lossy(&truncate.stderr).contains("not supported"));
+    run(Command::new("touch").args(["-d", "@981173106"]).arg(&raw));
+    let mtime = std::fs::metadata(&image).unwrap().modified().unwrap();
+    assert_eq!(
+        mtime,
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(981173106)
+    );
+    run(Command::new("df").arg(&mount.mnt));
     mount.unmount();
     assert_eq!(
         std::fs::metadata(&image).unwrap().len(),
