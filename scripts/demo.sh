@@ -17,8 +17,8 @@ if [ ! -e "$images/disk.vdi" ]; then
     # A guest disk with a partition table and an ext4 file system, built without a VM.
     raw=$(mktemp)
     truncate -s 64M "$raw"
-    printf 'label: dos\nstart=2048, type=83\n' | sfdisk -q "$raw" 2>/dev/null || true
-    mkfs.ext4 -q -F -E offset=1048576 "$raw" 63M 2>/dev/null || mkfs.ext4 -q -F "$raw"
+    printf 'label: dos\nstart=2048, type=83\n' | sfdisk -q "$raw"
+    mkfs.ext4 -q -F -E offset=1048576 "$raw" 63M
     qemu-img convert -f raw -O vdi "$raw" "$images/guest.vdi"
     rm -f "$raw"
 fi
@@ -34,6 +34,7 @@ cat <<MSG
 imgfs serves $images on $mnt. Try:
   $imgfs info $images/disk.vdi
   qemu-img convert -U -O raw $images/disk.vdi /tmp/disk.raw && cmp /tmp/disk.raw $mnt/disk.vdi.raw && echo same
-  losetup -P --show -f $mnt/guest.vdi.raw      # then mount /dev/loopNp1 somewhere
+  losetup -P --show -f $mnt/guest.vdi.raw      # then mount /dev/loopNp1 somewhere, or:
+  mkdir -p /tmp/guest && mount -o loop,offset=1048576 $mnt/guest.vdi.raw /tmp/guest
   $imgfs umount $mnt
 MSG

@@ -10,6 +10,7 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v losetup >/dev/null || need+=(util-linux)
+command -v sfdisk >/dev/null || need+=(fdisk)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: missing ${need[*]}; install them as root (apt-get install -y ${need[*]})" >&2
