@@ -72,7 +72,8 @@ struct Node {
 
 struct Handle {
     image: Arc<dyn Image>,
-    source: PathBuf,
+    /// Shared so the per-request clone for error messages does not allocate.
+    source: Arc<Path>,
     writable: bool,
 }
 
@@ -325,7 +326,7 @@ impl FsCore {
             fh,
             Handle {
                 image,
-                source,
+                source: source.into(),
                 writable: write,
             },
         );
