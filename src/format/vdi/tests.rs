@@ -591,3 +591,86 @@ fn virtualbox_layout_with_other_offsets_round_trips() {
     assert_qemu_reads(&path, 0xab, 0, 4096);
     assert_qemu_reads(&path, 0xcd, 3 * MIB, 512);
 }
+
+/// Hostile images: thousands of deterministic mutations of a valid image (random bytes and
+/// boundary values in the header and the bmap). Opening must give an image or a clean error,
+/// and an image that opens must serve reads, block status, writes and flushes without a panic.
+#[test]
+fn mutated_images_never_panic() {
+    const INTERESTING: [u32; 10] = [
+        0,
+        1,
+        511,
+        512,
+        4096,
+        0x7fff_ffff,
+        0x8000_0000,
+        0xffff_fffe,
+        0xffff_ffff,
+        0x1fff_ff80,
+    ];
+    let dir = TempDir::new();
+    let base = {
+        let entries = [0, U, 1, D, 2, U, 3, U];
+        let mut h = header(ImageType::Dynamic, 8 * 4096, 4096);
+        h.blocks_allocated = 4;
+        image_bytes(&h, &entries, 4)
+    };
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let path = dir.path().join("m.vdi");
+    let (mut opened, mut refused) = (0, 0);
+    for round in 0..3000 {
+        let mut bytes = base.clone();
+        for _ in 0..1 + next() % 4 {
+            // Mostly the header fields and the bmap, sometimes anywhere.
+            let span = if next() % 4 == 0 { bytes.len() } else { 1024 };
+            let at = (next() as usize % span) & !3;
+            if next() % 2 == 0 {
+                let value = INTERESTING[next() as usize % INTERESTING.len()];
+                bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            } else {
+                bytes[at] = next() as u8;
+            }
+        }
+        if next() % 8 == 0 {
+            bytes.truncate(next() as usize % bytes.len());
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let outcome = std::panic::catch_unwind(|| {
+            let Ok(img) = try_open(&path) else {
+                return false;
+            };
+            let size = img.size();
+            let mut buf = vec![0u8; 65536];
+            for offset in [0, size / 2, size.saturating_sub(65536)] {
+                let len = buf.len().min((size - offset.min(size)) as usize);
+                let _ = img.read_at(&mut buf[..len], offset);
+            }
+            let _ = img.block_status(0, size);
+            if img.info().cluster_size.unwrap_or(u64::MAX) <= MIB && size > 0 {
+                let _ = img.write_at(&[0x5a; 700], (size - 1) / 2);
+                let _ = img.write_at(&[0xa5; 1], size - 1);
+                let _ = img.flush();
+            }
+            true
+        });
+        match outcome {
+            Ok(true) => opened += 1,
+            Ok(false) => refused += 1,
+            Err(_) => panic!(
+                "round {round} panicked; mutated image left at {}",
+                path.display()
+            ),
+        }
+    }
+    assert!(
+        opened > 100 && refused > 100,
+        "opened {opened}, refused {refused}"
+    );
+}
