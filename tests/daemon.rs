@@ -319,6 +319,51 @@ fn a_killed_daemon_leaves_a_consistent_image_and_a_removable_mount() {
     qemu_io("vdi", &image, &["read -P 0x5a 1M 4k"]);
 }
 
+/// SIGTERM while a raw file is still open: the daemon flushes, detaches the mount, keeps
+/// serving the open file, and exits once it is closed, leaving a clean image with the data.
+#[test]
+fn sigterm_with_an_open_file_detaches_and_exits_after_the_close() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src, image) = source_with_image("busy", "vdi", "disk.vdi", "4M", &[]);
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    let pid: i32 = xattr(&mount.mnt, "user.imgfs.pid").trim().parse().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mount.path("disk.vdi.raw"))
+        .unwrap();
+    // SAFETY: pidfd_open and kill on the daemon's pid.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    assert!(pidfd >= 0);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    file.write_all_at(b"after SIGTERM", 12345).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    let mut pfd = libc::pollfd {
+        fd: pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; the descriptor is ours to close.
+    unsafe {
+        assert_eq!(libc::poll(&mut pfd, 1, 60_000), 1, "daemon did not exit");
+        libc::close(pidfd);
+    }
+    assert!(!Command::new("mountpoint")
+        .arg("-q")
+        .arg(&mount.mnt)
+        .status()
+        .unwrap()
+        .success());
+    mount.forget_unmounted();
+    assert_check_clean("vdi", &image);
+    let mut expected = vec![0u8; 4 << 20];
+    expected[12345..12345 + 13].copy_from_slice(b"after SIGTERM");
+    assert_compare_equal("vdi", &image, &expected, &dir);
+}
+
 fn xattr(path: &Path, name: &str) -> String {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
