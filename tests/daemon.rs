@@ -364,6 +364,42 @@ fn sigterm_with_an_open_file_detaches_and_exits_after_the_close() {
     assert_compare_equal("vdi", &image, &expected, &dir);
 }
 
+/// Other users reach the mount only with `--allow-other`, and then only as the image file's
+/// mode allows.
+#[test]
+fn allow_other_lets_other_users_in_with_the_image_files_permissions() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src, image) = source_with_image("other", "vdi", "disk.vdi", "1M", &[]);
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&image, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let as_nobody = |script: String| {
+        Command::new("su")
+            .args(["nobody", "-s", "/bin/sh", "-c", &script])
+            .status()
+            .unwrap()
+            .success()
+    };
+    for allow_other in [false, true] {
+        let options: &[&str] = if allow_other { &["--allow-other"] } else { &[] };
+        let mount = Mount::new(&src, &dir.join("mnt"), options);
+        let raw = mount.path("disk.vdi.raw");
+        let read = as_nobody(format!("head -c 1 {} >/dev/null", raw.display()));
+        let write = as_nobody(format!("printf x 1<> {}", raw.display()));
+        assert_eq!(
+            read, allow_other,
+            "read by another user, allow_other={allow_other}"
+        );
+        assert!(!write, "the image file is 0644: no writes by others");
+        mount.unmount();
+    }
+}
+
 fn xattr(path: &Path, name: &str) -> String {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
