@@ -161,7 +161,10 @@ fn serve(args: &MountArgs, src: &Path, mnt: &Path, pipe: Option<ReadyPipe>) -> R
     };
     let unmounter = session.unmount_callable();
     spawn_signal_handler(core.clone(), mnt.to_path_buf(), unmounter);
-    let (stop_writeback, writeback) = spawn_writeback(core.clone());
+    let (stop_writeback, writeback) = match spawn_writeback(core.clone()) {
+        Ok(started) => started,
+        Err(e) => return fail(pipe, format!("cannot start the write-back thread: {e}")),
+    };
 
     log::info!("serving {} on {}", src.display(), mnt.display());
     match pipe {
@@ -218,12 +221,18 @@ fn spawn_signal_handler(core: Arc<FsCore>, mnt: PathBuf, mut unmounter: fuser::S
 }
 
 /// Writes back dirty metadata every few seconds until the returned sender is dropped.
-fn spawn_writeback(core: Arc<FsCore>) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+fn spawn_writeback(
+    core: Arc<FsCore>,
+) -> std::io::Result<(mpsc::Sender<()>, std::thread::JoinHandle<()>)> {
     let (stop, stopped) = mpsc::channel::<()>();
-    let handle = std::thread::spawn(move || {
-        while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(WRITEBACK_INTERVAL) {
-            core.flush_dirty();
-        }
-    });
-    (stop, handle)
+    let handle = std::thread::Builder::new()
+        .name("write-back".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(WRITEBACK_INTERVAL)
+            {
+                core.flush_dirty();
+            }
+        })?;
+    Ok((stop, handle))
 }
