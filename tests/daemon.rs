@@ -290,29 +290,14 @@ fn a_killed_daemon_leaves_a_consistent_image_and_a_removable_mount() {
     file.sync_all().unwrap();
     file.write_all_at(&[0x6b; 4096], 5 << 20).unwrap();
 
-    let pid_text = xattr(&mount.mnt, "user.imgfs.pid");
-    let pid: i32 = pid_text.trim().parse().unwrap();
-    // SAFETY: pidfd_open and kill on the daemon's pid; poll on the new descriptor.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-        assert!(pidfd >= 0);
-        assert_eq!(libc::kill(pid, libc::SIGKILL), 0);
-        let mut pfd = libc::pollfd {
-            fd: pidfd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        assert_eq!(libc::poll(&mut pfd, 1, 30_000), 1, "daemon did not die");
-        libc::close(pidfd);
-    }
+    let pid = daemon_pid(&mount.mnt);
+    let exit = ExitWatch::new(pid);
+    // SAFETY: kill on the daemon's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    exit.wait();
     drop(file);
     run(Command::new(IMGFS).arg("umount").arg(&mount.mnt));
-    assert!(!Command::new("mountpoint")
-        .arg("-q")
-        .arg(&mount.mnt)
-        .status()
-        .unwrap()
-        .success());
+    assert!(!is_mount_point(&mount.mnt));
     mount.forget_unmounted();
 
     assert_check_clean("vdi", &image);
@@ -328,35 +313,19 @@ fn sigterm_with_an_open_file_detaches_and_exits_after_the_close() {
     }
     let (dir, src, image) = source_with_image("busy", "vdi", "disk.vdi", "4M", &[]);
     let mount = Mount::new(&src, &dir.join("mnt"), &[]);
-    let pid: i32 = xattr(&mount.mnt, "user.imgfs.pid").trim().parse().unwrap();
+    let pid = daemon_pid(&mount.mnt);
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(mount.path("disk.vdi.raw"))
         .unwrap();
-    // SAFETY: pidfd_open and kill on the daemon's pid.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    assert!(pidfd >= 0);
-    // SAFETY: as above.
+    let exit = ExitWatch::new(pid);
+    // SAFETY: kill on the daemon's pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     file.write_all_at(b"after SIGTERM", 12345).unwrap();
     file.sync_all().unwrap();
     drop(file);
-    let mut pfd = libc::pollfd {
-        fd: pidfd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; the descriptor is ours to close.
-    unsafe {
-        assert_eq!(libc::poll(&mut pfd, 1, 60_000), 1, "daemon did not exit");
-        libc::close(pidfd);
-    }
-    assert!(!Command::new("mountpoint")
-        .arg("-q")
-        .arg(&mount.mnt)
-        .status()
-        .unwrap()
-        .success());
+    exit.wait();
+    assert!(!is_mount_point(&mount.mnt));
     mount.forget_unmounted();
     assert_check_clean("vdi", &image);
     let mut expected = vec![0u8; 4 << 20];
@@ -398,26 +367,4 @@ fn allow_other_lets_other_users_in_with_the_image_files_permissions() {
         assert!(!write, "the image file is 0644: no writes by others");
         mount.unmount();
     }
-}
-
-fn xattr(path: &Path, name: &str) -> String {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let c_name = std::ffi::CString::new(name).unwrap();
-    let mut buf = [0u8; 64];
-    // SAFETY: valid NUL-terminated strings and a buffer of the size passed.
-    let n = unsafe {
-        libc::getxattr(
-            c_path.as_ptr(),
-            c_name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    assert!(
-        n > 0,
-        "getxattr {name}: {}",
-        std::io::Error::last_os_error()
-    );
-    String::from_utf8_lossy(&buf[..n as usize]).into_owned()
 }

@@ -278,3 +278,65 @@ pub fn read_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     file.read_exact_at(&mut buf, offset).unwrap();
     buf
 }
+
+/// The pid of the daemon serving `mnt`, from the extended attribute imgfs answers on its root.
+pub fn daemon_pid(mnt: &Path) -> i32 {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(mnt.as_os_str().as_bytes()).unwrap();
+    let mut buf = [0u8; 64];
+    // SAFETY: valid NUL-terminated strings and a buffer of the size passed.
+    let n = unsafe {
+        libc::getxattr(
+            c_path.as_ptr(),
+            c"user.imgfs.pid".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(n > 0, "getxattr: {}", std::io::Error::last_os_error());
+    String::from_utf8_lossy(&buf[..n as usize])
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Watches a process (not necessarily our child) through a pidfd, to wait for its exit
+/// without polling or sleeping.
+pub struct ExitWatch(std::os::fd::OwnedFd);
+
+impl ExitWatch {
+    pub fn new(pid: i32) -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        // SAFETY: the descriptor is new and owned by nobody else.
+        ExitWatch(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Waits up to 60 s for the process to exit; panics if it does not.
+    pub fn wait(self) {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        assert_eq!(
+            unsafe { libc::poll(&mut pfd, 1, 60_000) },
+            1,
+            "process did not exit"
+        );
+    }
+}
+
+/// Whether `path` is a mount point.
+pub fn is_mount_point(path: &Path) -> bool {
+    Command::new("mountpoint")
+        .arg("-q")
+        .arg(path)
+        .status()
+        .unwrap()
+        .success()
+}
