@@ -1,6 +1,7 @@
 //! The format drivers and the one entry point that recognises an image by its magic (never by
 //! its file name) and opens it with the right driver, access mode and QEMU-compatible locks.
 
+pub mod backing;
 pub mod vdi;
 
 use std::path::Path;
