@@ -16,7 +16,8 @@
 #     last row into a fresh, empty image (every block gets allocated on the way).
 #     MB/s = 10^6 bytes/s over the whole dd run, fsync included; median of 3 runs.
 #   - random 4k read/write: fio, ioengine=psync (so iodepth 1 per job), direct=1, numjobs 1
-#     and 4, time_based, group_reporting, JSON output parsed with jq
+#     and 4, time_based, group_reporting, JSON output parsed with jq; plus 4 jobs reading the
+#     unallocated blocks of an empty image (no host I/O: the FUSE round trip alone)
 # Both daemons serve their own copy of the image (the images are locked QEMU-style, so one file
 # must never be served by both at once); both read and write their image through the host page
 # cache. imgfs opens the raw file with direct I/O (FOPEN_DIRECT_IO, 1 MiB requests), so the
@@ -353,16 +354,17 @@ measure() {
             dd_rate "$t0" "$t1"
             ;;
         randread1) fio_iops randread 1 "$2" ;;
-        randread4) fio_iops randread 4 "$2" ;;
+        randread4 | holeread4) fio_iops randread 4 "$2" ;;
         randwrite1) fio_iops randwrite 1 "$2" ;;
         randwrite4) fio_iops randwrite 4 "$2" ;;
         *) return 1 ;;
     esac
 }
 
-# Reads first, while the image still holds the 0x5a pattern; then overwrites; the allocation row
-# uses the separate empty images.
-TESTS=(seqread randread1 randread4 seqwrite seqwritedirect randwrite1 randwrite4 allocwrite)
+# Reads first, while the image still holds the 0x5a pattern; then overwrites; the last two rows
+# use the separate empty images. holeread4 reads unallocated blocks, so neither daemon touches
+# the host file: it measures what the FUSE round trip itself costs, the ceiling for randread4.
+TESTS=(seqread randread1 randread4 seqwrite seqwritedirect randwrite1 randwrite4 holeread4 allocwrite)
 label() {
     case $1 in
         seqread) echo "sequential read, dd bs=1M (MB/s)" ;;
@@ -372,6 +374,7 @@ label() {
         seqwritedirect) echo "sequential overwrite, dd bs=1M oflag=direct (MB/s)" ;;
         randwrite1) echo "random overwrite 4k, fio numjobs=1 (IOPS)" ;;
         randwrite4) echo "random overwrite 4k, fio numjobs=4 (IOPS)" ;;
+        holeread4) echo "random read 4k of unallocated blocks (no host I/O), fio numjobs=4 (IOPS)" ;;
         allocwrite) echo "sequential first write into empty image, dd bs=1M conv=fsync (MB/s)" ;;
     esac
 }
@@ -400,6 +403,7 @@ for test in "${TESTS[@]}"; do
         for side in imgfs qsd; do
             image=bench
             [[ $test == allocwrite ]] && image=alloc$rep
+            [[ $test == holeread4 ]] && image=alloc1
             if [[ $side == imgfs ]]; then
                 if [[ $IMGFS_STATUS != ok ]]; then
                     RESULT[$test.$side]="not served"
