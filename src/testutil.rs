@@ -136,28 +136,69 @@ impl crate::image::Image for MemImage {
     }
 }
 
-/// Opens files whose content starts with `FAKEIMG <size>` as `MemImage`s of that size, files
-/// starting with `BADIMG` as failing images, and hides everything else; counts its opens.
+/// Opens files whose first line is `FAKEIMG <size>` as `MemImage`s of that size (read-only when
+/// the line ends in a space; a second line `backing <name>` names a backing file, opened through
+/// the links), files starting with `BADIMG` as failing images, and hides everything else;
+/// counts its opens.
 #[derive(Default)]
 pub struct FakeOpener {
     pub opens: std::sync::Arc<AtomicU64>,
 }
 
+/// The size, read-only flag and backing name of a fake image file.
+fn parse_fake(path: &Path) -> Option<(usize, bool, Option<String>)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines = text.split('\n');
+    let first = lines.next()?.strip_prefix("FAKEIMG ")?;
+    let size = first.trim().parse().ok()?;
+    let backing = lines
+        .next()
+        .and_then(|l| l.strip_prefix("backing "))
+        .map(str::to_string);
+    Some((size, first.ends_with(' '), backing))
+}
+
 impl crate::catalog::Opener for FakeOpener {
+    fn probe(&self, path: &Path) -> crate::error::Result<Option<crate::format::Format>> {
+        Ok(parse_fake(path).map(|_| crate::format::Format::Vdi))
+    }
+
     fn open(
         &self,
         path: &Path,
+        links: &mut dyn crate::format::links::Links,
     ) -> crate::error::Result<Option<std::sync::Arc<dyn crate::image::Image>>> {
-        let text = std::fs::read(path).unwrap_or_default();
-        if text.starts_with(b"BADIMG") {
+        if std::fs::read(path)
+            .unwrap_or_default()
+            .starts_with(b"BADIMG")
+        {
             return Err(crate::error::Error::corrupt("bad magic in test image"));
         }
-        let Some(rest) = text.strip_prefix(b"FAKEIMG ") else {
+        let Some((size, read_only, backing)) = parse_fake(path) else {
             return Ok(None);
         };
         self.opens.fetch_add(1, Ordering::Relaxed);
-        let size: usize = String::from_utf8_lossy(rest).trim().parse().unwrap();
-        let read_only = text.ends_with(b" ").then(|| "test read-only".to_string());
+        if let Some(name) = backing {
+            let chain = crate::format::links::Chain::top(path);
+            let backing_path =
+                crate::format::links::resolve(links.root(), path, name.as_ref(), "backing file")?;
+            links.open_backing(&backing_path, None, &chain)?;
+        }
+        let read_only = read_only.then(|| "test read-only".to_string());
         Ok(Some(std::sync::Arc::new(MemImage::new(size, read_only))))
+    }
+
+    fn open_backing(
+        &self,
+        path: &Path,
+        _format: Option<crate::format::Format>,
+        _chain: &crate::format::links::Chain,
+        _links: &mut dyn crate::format::links::Links,
+    ) -> crate::error::Result<std::sync::Arc<dyn crate::image::Image>> {
+        let (size, _, _) =
+            parse_fake(path).ok_or_else(|| crate::error::Error::corrupt("not a fake image"))?;
+        self.opens.fetch_add(1, Ordering::Relaxed);
+        let reason = Some("test backing file".to_string());
+        Ok(std::sync::Arc::new(MemImage::new(size, reason)))
     }
 }

@@ -11,7 +11,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{self, OpenOptions};
+use crate::format::links::{Chain, Links};
+use crate::format::{self, Format, OpenOptions};
 use crate::image::Image;
 
 /// The suffix that turns an image's file name into its raw file's name.
@@ -19,9 +20,25 @@ pub const RAW_SUFFIX: &str = ".raw";
 
 /// Opens files of the source tree as images.
 pub trait Opener: Send + Sync {
+    /// The format of the file at `path`, `None` for a file that is not an image.
+    fn probe(&self, path: &Path) -> Result<Option<Format>> {
+        format::probe_file(path)
+    }
+
     /// `Ok(None)` for a file that is not an image (silently hidden); `Err` for an image that
     /// cannot be served (hidden and logged once).
-    fn open(&self, path: &Path) -> Result<Option<Arc<dyn Image>>>;
+    fn open(&self, path: &Path, links: &mut dyn Links) -> Result<Option<Arc<dyn Image>>>;
+
+    /// Opens `path` read-only as a backing file of the images in `chain`.
+    fn open_backing(
+        &self,
+        path: &Path,
+        format: Option<Format>,
+        chain: &Chain,
+        links: &mut dyn Links,
+    ) -> Result<Arc<dyn Image>> {
+        format::open_backing_file(path, format, chain, links, false)
+    }
 }
 
 /// The real opener: recognises formats by magic and opens them with `format::open`.
@@ -30,11 +47,21 @@ pub struct FormatOpener {
 }
 
 impl Opener for FormatOpener {
-    fn open(&self, path: &Path) -> Result<Option<Arc<dyn Image>>> {
+    fn open(&self, path: &Path, links: &mut dyn Links) -> Result<Option<Arc<dyn Image>>> {
         match format::probe_file(path)? {
             None => Ok(None),
-            Some(_) => format::open(path, &self.options).map(Some),
+            Some(_) => format::open(path, &self.options, links).map(Some),
         }
+    }
+
+    fn open_backing(
+        &self,
+        path: &Path,
+        format: Option<Format>,
+        chain: &Chain,
+        links: &mut dyn Links,
+    ) -> Result<Arc<dyn Image>> {
+        format::open_backing_file(path, format, chain, links, self.options.inspect)
     }
 }
 
@@ -114,8 +141,13 @@ impl Catalog {
         if !meta.is_dir() {
             return Err(Error::out_of_range("the source is not a directory").with_path(root));
         }
+        // Canonical, so that the paths of images found by walking the tree (which follows no
+        // symbolic links) compare equal to the resolved names of backing files.
+        let root = root
+            .canonicalize()
+            .map_err(|e| Error::io("resolve", e).with_path(root))?;
         Ok(Catalog {
-            root: root.to_path_buf(),
+            root,
             opener,
             state: Mutex::new(State::default()),
         })
@@ -267,7 +299,12 @@ impl Catalog {
         let previous_error = previous.and_then(|h| h.error.as_ref().map(|(_, m)| m.clone()));
         // Opening reads headers and whole block maps; holding the lock keeps two lookups from
         // opening (and locking) the same image twice.
-        match self.opener.open(source) {
+        let mut links = CatalogLinks {
+            root: &self.root,
+            opener: self.opener.as_ref(),
+            state: &mut state,
+        };
+        match self.opener.open(source, &mut links) {
             Ok(Some(image)) => {
                 state.hidden.remove(source);
                 state.open.insert(
@@ -322,6 +359,67 @@ impl Catalog {
             }
         }
         state.hidden.retain(|p, _| !gone(p));
+    }
+}
+
+/// Backing files opened for images of the tree: one read-only instance per file, shared by
+/// every image above it and served as its own (read-only) raw file.
+struct CatalogLinks<'a> {
+    root: &'a Path,
+    opener: &'a dyn Opener,
+    state: &'a mut State,
+}
+
+impl Links for CatalogLinks<'_> {
+    fn root(&self) -> &Path {
+        self.root
+    }
+
+    fn open_backing(
+        &mut self,
+        path: &Path,
+        format: Option<Format>,
+        chain: &Chain,
+    ) -> Result<Arc<dyn Image>> {
+        let probed = self.opener.probe(path)?;
+        // A file read as another format than it has is a private instance, never served.
+        let shared = probed.is_some() && (format.is_none() || format == probed);
+        if shared {
+            if let Some(open) = self.state.open.get(path) {
+                if open.image.read_only_reason().is_some() {
+                    return Ok(open.image.clone());
+                }
+                // Served writable so far: it becomes read-only, but only while nobody has it
+                // open through the mount (the catalog holds the only reference then).
+                if Arc::strong_count(&open.image) > 1 {
+                    return Err(Error::busy(format!(
+                        "its backing file {} is open for writing through the mount",
+                        path.display()
+                    )));
+                }
+                open.image.flush()?;
+                self.state.open.remove(path);
+                log::info!(
+                    "{} is a backing file: served read-only from now on",
+                    path.display()
+                );
+            }
+        }
+        let opener = self.opener;
+        let image = opener.open_backing(path, format, chain, self)?;
+        if shared {
+            let meta = std::fs::symlink_metadata(path)
+                .map_err(|e| Error::io("stat", e).with_path(path))?;
+            self.state.hidden.remove(path);
+            self.state.open.insert(
+                path.to_path_buf(),
+                OpenImage {
+                    identity: FileIdentity::of(&meta),
+                    image: image.clone(),
+                },
+            );
+        }
+        Ok(image)
     }
 }
 

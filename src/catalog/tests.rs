@@ -115,3 +115,69 @@ fn symlinks_are_not_followed() {
         ["disk.img.raw", "sub"]
     );
 }
+
+/// A tree with `top.img` over `base.img` (which is an image of its own).
+fn chain_tree() -> (TempDir, Catalog) {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("base.img"), "FAKEIMG 4096").unwrap();
+    std::fs::write(dir.path().join("top.img"), "FAKEIMG 4096\nbacking base.img").unwrap();
+    let catalog = Catalog::new(dir.path(), Box::new(FakeOpener::default())).unwrap();
+    (dir, catalog)
+}
+
+fn image_named(catalog: &Catalog, name: &str) -> Option<Arc<dyn Image>> {
+    match catalog
+        .lookup(Path::new(""), OsStr::new(name))
+        .unwrap()?
+        .kind
+    {
+        EntryKind::Image(image) => Some(image),
+        EntryKind::Dir => None,
+    }
+}
+
+#[test]
+fn a_backing_file_is_served_read_only_and_shared_with_the_image_above() {
+    let (_dir, catalog) = chain_tree();
+    assert!(image_named(&catalog, "top.img.raw").is_some());
+    let base = image_named(&catalog, "base.img.raw").unwrap();
+    assert_eq!(
+        base.read_only_reason().as_deref(),
+        Some("test backing file")
+    );
+    assert_eq!(
+        names(&catalog.list(Path::new("")).unwrap()),
+        ["base.img.raw", "top.img.raw"]
+    );
+}
+
+#[test]
+fn an_image_served_writable_becomes_read_only_once_it_is_a_backing_file() {
+    let (_dir, catalog) = chain_tree();
+    let base = image_named(&catalog, "base.img.raw").unwrap();
+    assert_eq!(base.read_only_reason(), None);
+    // While someone has the writable instance, the image above must wait (busy, retried).
+    assert!(image_named(&catalog, "top.img.raw").is_none());
+    drop(base);
+    assert!(image_named(&catalog, "top.img.raw").is_some());
+    let base = image_named(&catalog, "base.img.raw").unwrap();
+    assert!(base.read_only_reason().is_some());
+}
+
+#[test]
+fn a_backing_file_outside_the_tree_keeps_only_that_image_out() {
+    let dir = TempDir::new();
+    let outside = TempDir::new();
+    std::fs::write(outside.path().join("base.img"), "FAKEIMG 4096").unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("ok.img"), "FAKEIMG 4096").unwrap();
+    let escape = format!(
+        "FAKEIMG 4096\nbacking {}",
+        outside.path().join("base.img").display()
+    );
+    std::fs::write(sub.join("escape.img"), escape).unwrap();
+    std::fs::write(sub.join("dotdot.img"), "FAKEIMG 4096\nbacking ../../x.img").unwrap();
+    let catalog = Catalog::new(&sub, Box::new(FakeOpener::default())).unwrap();
+    assert_eq!(names(&catalog.list(Path::new("")).unwrap()), ["ok.img.raw"]);
+}

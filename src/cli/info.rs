@@ -4,16 +4,25 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use crate::format::links::PlainLinks;
 use crate::format::{self, OpenOptions, INSPECT_REASON};
 use crate::image::ImageInfo;
 
-pub fn run(path: &Path, json: bool) -> Result<(), String> {
+pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
+    // Backing files must lie in `root`: by default next to the image or below, never above.
+    let root = match (root, path.parent()) {
+        (Some(root), _) => root,
+        (None, Some(dir)) if !dir.as_os_str().is_empty() => dir,
+        (None, _) => Path::new("."),
+    };
+    let mut links = PlainLinks::new(root, true).map_err(|e| e.to_string())?;
     let image = format::open(
         path,
         &OpenOptions {
             read_only: true,
             inspect: true,
         },
+        &mut links,
     )
     .map_err(|e| e.to_string())?;
     let mut info = image.info();
