@@ -34,6 +34,8 @@ pub struct MemImage {
     pub allocated: std::sync::RwLock<Vec<bool>>,
     pub flushes: AtomicU64,
     pub read_only: Option<String>,
+    /// Names of fake internal snapshots; snapshot i reads as bytes i + 1.
+    pub snapshots: Vec<String>,
 }
 
 pub const MEM_BLOCK: u64 = 4096;
@@ -45,6 +47,7 @@ impl MemImage {
             allocated: std::sync::RwLock::new(vec![false; size.div_ceil(MEM_BLOCK as usize)]),
             flushes: AtomicU64::new(0),
             read_only,
+            snapshots: Vec::new(),
         }
     }
 }
@@ -123,6 +126,25 @@ impl crate::image::Image for MemImage {
     fn read_only_reason(&self) -> Option<String> {
         self.read_only.clone()
     }
+    fn snapshot_names(&self) -> Vec<String> {
+        self.snapshots.clone()
+    }
+    fn snapshot(
+        &self,
+        name: &str,
+    ) -> crate::error::Result<std::sync::Arc<dyn crate::image::Image>> {
+        let index = self
+            .snapshots
+            .iter()
+            .position(|s| s == name)
+            .ok_or_else(|| crate::error::Error::unsupported("no such snapshot"))?;
+        let image = MemImage::new(self.data.read().unwrap().len(), None);
+        image.data.write().unwrap().fill(index as u8 + 1);
+        Ok(std::sync::Arc::new(MemImage {
+            read_only: Some("a snapshot".into()),
+            ..image
+        }))
+    }
     fn info(&self) -> crate::image::ImageInfo {
         crate::image::ImageInfo {
             format: "mem",
@@ -145,17 +167,32 @@ pub struct FakeOpener {
     pub opens: std::sync::Arc<AtomicU64>,
 }
 
-/// The size, read-only flag and backing name of a fake image file.
-fn parse_fake(path: &Path) -> Option<(usize, bool, Option<String>)> {
+/// A fake image file: its size, read-only flag, backing name and snapshot names.
+struct FakeFile {
+    size: usize,
+    read_only: bool,
+    backing: Option<String>,
+    snapshots: Vec<String>,
+}
+
+fn parse_fake(path: &Path) -> Option<FakeFile> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut lines = text.split('\n');
     let first = lines.next()?.strip_prefix("FAKEIMG ")?;
-    let size = first.trim().parse().ok()?;
-    let backing = lines
-        .next()
-        .and_then(|l| l.strip_prefix("backing "))
-        .map(str::to_string);
-    Some((size, first.ends_with(' '), backing))
+    let mut fake = FakeFile {
+        size: first.trim().parse().ok()?,
+        read_only: first.ends_with(' '),
+        backing: None,
+        snapshots: Vec::new(),
+    };
+    for line in lines {
+        if let Some(name) = line.strip_prefix("backing ") {
+            fake.backing = Some(name.to_string());
+        } else if let Some(name) = line.strip_prefix("snapshot ") {
+            fake.snapshots.push(name.to_string());
+        }
+    }
+    Some(fake)
 }
 
 impl crate::catalog::Opener for FakeOpener {
@@ -174,18 +211,21 @@ impl crate::catalog::Opener for FakeOpener {
         {
             return Err(crate::error::Error::corrupt("bad magic in test image"));
         }
-        let Some((size, read_only, backing)) = parse_fake(path) else {
+        let Some(fake) = parse_fake(path) else {
             return Ok(None);
         };
         self.opens.fetch_add(1, Ordering::Relaxed);
-        if let Some(name) = backing {
+        if let Some(name) = &fake.backing {
             let chain = crate::format::links::Chain::top(path);
             let backing_path =
                 crate::format::links::resolve(links.root(), path, name.as_ref(), "backing file")?;
             links.open_backing(&backing_path, None, &chain)?;
         }
-        let read_only = read_only.then(|| "test read-only".to_string());
-        Ok(Some(std::sync::Arc::new(MemImage::new(size, read_only))))
+        let read_only = fake.read_only.then(|| "test read-only".to_string());
+        Ok(Some(std::sync::Arc::new(MemImage {
+            snapshots: fake.snapshots,
+            ..MemImage::new(fake.size, read_only)
+        })))
     }
 
     fn open_backing(
@@ -195,10 +235,10 @@ impl crate::catalog::Opener for FakeOpener {
         _chain: &crate::format::links::Chain,
         _links: &mut dyn crate::format::links::Links,
     ) -> crate::error::Result<std::sync::Arc<dyn crate::image::Image>> {
-        let (size, _, _) =
+        let fake =
             parse_fake(path).ok_or_else(|| crate::error::Error::corrupt("not a fake image"))?;
         self.opens.fetch_add(1, Ordering::Relaxed);
         let reason = Some("test backing file".to_string());
-        Ok(std::sync::Arc::new(MemImage::new(size, reason)))
+        Ok(std::sync::Arc::new(MemImage::new(fake.size, reason)))
     }
 }

@@ -18,6 +18,10 @@ use crate::image::Image;
 /// The suffix that turns an image's file name into its raw file's name.
 pub const RAW_SUFFIX: &str = ".raw";
 
+/// The suffix that turns an image's file name into the name of the directory that shows its
+/// internal snapshots (`disk.qcow2.snapshots/<snapshot>.raw`, read-only).
+pub const SNAPSHOTS_SUFFIX: &str = ".snapshots";
+
 /// Opens files of the source tree as images.
 pub trait Opener: Send + Sync {
     /// The format of the file at `path`, `None` for a file that is not an image.
@@ -121,10 +125,18 @@ struct Hidden {
     error: Option<(ErrorKind, String)>,
 }
 
+/// An opened internal snapshot and the instance of the image it was taken from.
+struct OpenSnapshot {
+    of: Arc<dyn Image>,
+    image: Arc<dyn Image>,
+}
+
 #[derive(Default)]
 struct State {
     open: HashMap<PathBuf, OpenImage>,
     hidden: HashMap<PathBuf, Hidden>,
+    /// By the snapshot's path below the (virtual) snapshots directory.
+    snapshots: HashMap<PathBuf, OpenSnapshot>,
 }
 
 /// The source tree and the images opened from it.
@@ -178,16 +190,27 @@ impl Catalog {
     /// The visible entries of directory `rel_dir` (relative to the root), sorted by name.
     pub fn list(&self, rel_dir: &Path) -> Result<Vec<Entry>> {
         let dir = self.source_path(rel_dir)?;
+        if let Some(image) = self.snapshots_dir_image(&dir)? {
+            return self.snapshot_entries(&dir, &image);
+        }
         let reader =
             std::fs::read_dir(&dir).map_err(|e| Error::io("read directory", e).with_path(&dir))?;
         let mut entries = Vec::new();
+        let mut snapshot_dirs = Vec::new();
         let mut seen = Vec::new();
         for item in reader {
             let item = item.map_err(|e| Error::io("read directory", e).with_path(&dir))?;
             let name = item.file_name();
             seen.push(dir.join(&name));
             if let Some(entry) = self.entry_for(&dir, &name)? {
+                snapshot_dirs.extend(snapshots_dir_entry(&dir, &name, &entry));
                 entries.push(entry);
+            }
+        }
+        // A real directory of the same name wins over a snapshots directory.
+        for snapshots in snapshot_dirs {
+            if !entries.iter().any(|e| e.name == snapshots.name) {
+                entries.push(snapshots);
             }
         }
         self.forget_missing(&dir, &seen);
@@ -201,9 +224,20 @@ impl Catalog {
         if name.as_bytes().contains(&b'/') || name == "." || name == ".." {
             return Ok(None);
         }
-        if let Some(entry) = self.entry_for(&dir, name)? {
-            if matches!(entry.kind, EntryKind::Dir) {
-                return Ok(Some(entry));
+        if let Some(image) = self.snapshots_dir_image(&dir)? {
+            let entries = self.snapshot_entries(&dir, &image)?;
+            return Ok(entries.into_iter().find(|e| e.name == name));
+        }
+        match self.entry_for(&dir, name)? {
+            Some(entry) if matches!(entry.kind, EntryKind::Dir) => return Ok(Some(entry)),
+            Some(_) => {}
+            None => {
+                if let Some(stem) = name.as_bytes().strip_suffix(SNAPSHOTS_SUFFIX.as_bytes()) {
+                    let stem = OsStr::from_bytes(stem);
+                    if let Some(image) = self.entry_for(&dir, stem)? {
+                        return Ok(snapshots_dir_entry(&dir, stem, &image));
+                    }
+                }
             }
         }
         let Some(stem) = name.as_bytes().strip_suffix(RAW_SUFFIX.as_bytes()) else {
@@ -218,6 +252,91 @@ impl Catalog {
             ) => Ok(Some(entry)),
             _ => Ok(None),
         }
+    }
+
+    /// The metadata that a path of the raw namespace shows: its own, or for a snapshots
+    /// directory and the snapshots in it, the image file's.
+    pub fn metadata(&self, rel: &Path) -> Result<std::fs::Metadata> {
+        let source = self.source_path(rel)?;
+        let mut candidate = source.as_path();
+        loop {
+            match std::fs::symlink_metadata(candidate) {
+                Ok(meta) => return Ok(meta),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io("stat", e).with_path(candidate))
+                }
+                Err(e) => {
+                    let stem = candidate
+                        .file_name()
+                        .and_then(|n| n.as_bytes().strip_suffix(SNAPSHOTS_SUFFIX.as_bytes()));
+                    if let (Some(stem), Some(dir)) = (stem, candidate.parent()) {
+                        let image = dir.join(OsStr::from_bytes(stem));
+                        return std::fs::symlink_metadata(&image)
+                            .map_err(|e| Error::io("stat", e).with_path(&image));
+                    }
+                    // Maybe a snapshot inside a snapshots directory: try its parent once.
+                    match candidate.parent() {
+                        Some(parent) if candidate == source.as_path() => candidate = parent,
+                        _ => return Err(Error::io("stat", e).with_path(&source)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The image whose snapshots directory `dir` is, if `dir` is one (and not a real directory).
+    fn snapshots_dir_image(&self, dir: &Path) -> Result<Option<Arc<dyn Image>>> {
+        if std::fs::symlink_metadata(dir).is_ok() {
+            return Ok(None);
+        }
+        let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+            return Ok(None);
+        };
+        let Some(stem) = name.as_bytes().strip_suffix(SNAPSHOTS_SUFFIX.as_bytes()) else {
+            return Ok(None);
+        };
+        match self.entry_for(parent, OsStr::from_bytes(stem))? {
+            Some(Entry {
+                kind: EntryKind::Image(image),
+                ..
+            }) if !image.snapshot_names().is_empty() => Ok(Some(image)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The snapshots of `image` as entries of its snapshots directory `dir`, each opened once
+    /// per instance of the image.
+    fn snapshot_entries(&self, dir: &Path, image: &Arc<dyn Image>) -> Result<Vec<Entry>> {
+        let mut entries = Vec::new();
+        for name in image.snapshot_names() {
+            let source = dir.join(&name);
+            let mut state = self.state();
+            let cached = state
+                .snapshots
+                .get(&source)
+                .filter(|s| Arc::ptr_eq(&s.of, image))
+                .map(|s| s.image.clone());
+            let snapshot = match cached {
+                Some(snapshot) => snapshot,
+                None => {
+                    let snapshot = image.snapshot(&name).map_err(|e| e.with_path(&source))?;
+                    state.snapshots.insert(
+                        source.clone(),
+                        OpenSnapshot {
+                            of: image.clone(),
+                            image: snapshot.clone(),
+                        },
+                    );
+                    snapshot
+                }
+            };
+            entries.push(Entry {
+                name: format!("{name}{RAW_SUFFIX}").into(),
+                source,
+                kind: EntryKind::Image(snapshot),
+            });
+        }
+        Ok(entries)
     }
 
     /// Every image opened so far (for flushing them all).
@@ -360,6 +479,24 @@ impl Catalog {
         }
         state.hidden.retain(|p, _| !gone(p));
     }
+}
+
+/// The snapshots directory entry that goes with `entry` (file `name` of `dir`), for an image
+/// that has internal snapshots.
+fn snapshots_dir_entry(dir: &Path, name: &OsStr, entry: &Entry) -> Option<Entry> {
+    let EntryKind::Image(image) = &entry.kind else {
+        return None;
+    };
+    if image.snapshot_names().is_empty() {
+        return None;
+    }
+    let mut dir_name = name.to_os_string();
+    dir_name.push(SNAPSHOTS_SUFFIX);
+    Some(Entry {
+        source: dir.join(&dir_name),
+        name: dir_name,
+        kind: EntryKind::Dir,
+    })
 }
 
 /// Backing files opened for images of the tree: one read-only instance per file, shared by

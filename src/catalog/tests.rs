@@ -181,3 +181,74 @@ fn a_backing_file_outside_the_tree_keeps_only_that_image_out() {
     let catalog = Catalog::new(&sub, Box::new(FakeOpener::default())).unwrap();
     assert_eq!(names(&catalog.list(Path::new("")).unwrap()), ["ok.img.raw"]);
 }
+
+#[test]
+fn internal_snapshots_appear_read_only_in_a_snapshots_directory() {
+    let dir = TempDir::new();
+    std::fs::write(
+        dir.path().join("d.img"),
+        "FAKEIMG 4096\nsnapshot one\nsnapshot two",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("plain.img"), "FAKEIMG 4096").unwrap();
+    let catalog = Catalog::new(dir.path(), Box::new(FakeOpener::default())).unwrap();
+    assert_eq!(
+        names(&catalog.list(Path::new("")).unwrap()),
+        ["d.img.raw", "d.img.snapshots", "plain.img.raw"]
+    );
+    let snaps = Path::new("d.img.snapshots");
+    assert_eq!(names(&catalog.list(snaps).unwrap()), ["one.raw", "two.raw"]);
+    let entry = catalog
+        .lookup(snaps, OsStr::new("two.raw"))
+        .unwrap()
+        .unwrap();
+    let EntryKind::Image(two) = entry.kind else {
+        panic!("a snapshot is an image");
+    };
+    let mut byte = [0u8; 1];
+    two.read_at(&mut byte, 100).unwrap();
+    assert_eq!(byte, [2]);
+    assert!(two.read_only_reason().is_some());
+    // The same instance on every lookup while the image stays the same.
+    let again = catalog
+        .lookup(snaps, OsStr::new("two.raw"))
+        .unwrap()
+        .unwrap();
+    let EntryKind::Image(again) = again.kind else {
+        panic!("a snapshot is an image");
+    };
+    assert!(Arc::ptr_eq(&two, &again));
+    assert!(catalog
+        .lookup(snaps, OsStr::new("three.raw"))
+        .unwrap()
+        .is_none());
+    assert!(catalog
+        .lookup(Path::new(""), OsStr::new("plain.img.snapshots"))
+        .unwrap()
+        .is_none());
+    let dir_entry = catalog
+        .lookup(Path::new(""), OsStr::new("d.img.snapshots"))
+        .unwrap();
+    assert!(matches!(dir_entry.map(|e| e.kind), Some(EntryKind::Dir)));
+    // Files in it show the image file's metadata.
+    let image_meta = std::fs::metadata(dir.path().join("d.img")).unwrap();
+    let meta = catalog.metadata(&snaps.join("one")).unwrap();
+    assert_eq!(meta.ino(), image_meta.ino());
+    assert_eq!(catalog.metadata(snaps).unwrap().ino(), image_meta.ino());
+}
+
+#[test]
+fn a_real_directory_wins_over_a_snapshots_directory_of_the_same_name() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("d.img"), "FAKEIMG 4096\nsnapshot one").unwrap();
+    std::fs::create_dir(dir.path().join("d.img.snapshots")).unwrap();
+    let catalog = Catalog::new(dir.path(), Box::new(FakeOpener::default())).unwrap();
+    assert_eq!(
+        names(&catalog.list(Path::new("")).unwrap()),
+        ["d.img.raw", "d.img.snapshots"]
+    );
+    assert!(catalog
+        .list(Path::new("d.img.snapshots"))
+        .unwrap()
+        .is_empty());
+}
