@@ -22,6 +22,12 @@
 //! ever appended, and a cluster that stops being referenced (a compressed cluster rewritten as
 //! a normal one) leaks. The disk is `size` rounded down to whole sectors, as QEMU serves it.
 //!
+//! Every table and cluster an entry names must lie inside the file as it was opened and clear
+//! of the header, backing name and L1 table, so appended space never overlaps anything
+//! referenced. Two L1 entries naming overlapping L2 tables would make writes through one undo
+//! the other: such an image is served read-only. Clusters shared between L2 entries cannot be
+//! found without reading every table and are not looked for (QEMU does not either).
+//!
 //! # Metadata write order
 //!
 //! Allocation appends: new clusters (the payload merged with what the layer below holds at that
@@ -135,11 +141,19 @@ impl QcowImage {
         let data_bytes = file_len
             .saturating_sub(first_cluster)
             .saturating_sub(l2_bytes);
-        let read_only_reason = match read_only_reason {
-            Some(reason) => Some(reason),
-            None if !file.is_writable() => Some("the image file is opened read-only".into()),
-            None => None,
-        };
+        let mut reasons = Vec::new();
+        if let Some(overlap) = tables.overlapping_tables() {
+            log::warn!("{}: {overlap}; serving it read-only", file.path().display());
+            reasons.push(overlap);
+        }
+        match read_only_reason {
+            Some(reason) => reasons.push(reason),
+            None if !file.is_writable() => {
+                reasons.push("the image file is opened read-only".into())
+            }
+            None => {}
+        }
+        let read_only_reason = (!reasons.is_empty()).then(|| reasons.join("; "));
         Ok(QcowImage {
             size: header.virtual_size(),
             geometry,

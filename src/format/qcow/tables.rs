@@ -349,6 +349,28 @@ impl Tables {
         Ok(())
     }
 
+    /// Names two L1 entries whose L2 tables overlap in the file. Each would be loaded and
+    /// written back as a table of its own, so writes through one could undo or alias writes
+    /// through the other: such an image must be served read-only.
+    pub fn overlapping_tables(&self) -> Option<String> {
+        let len = self.geometry.l2_table_len();
+        let mut tables: Vec<(u64, usize)> = (0..)
+            .zip(&self.l1)
+            .filter(|&(_, &offset)| offset != 0)
+            .map(|(index, &offset)| (offset, index))
+            .collect();
+        tables.sort_unstable();
+        tables.windows(2).find_map(|pair| {
+            let [(a_offset, a), (b_offset, b)] = [pair[0], pair[1]];
+            (a_offset.saturating_add(len) > b_offset).then(|| {
+                format!(
+                    "L1 entries {a} and {b} point to overlapping L2 tables at {a_offset:#x} and \
+                     {b_offset:#x}"
+                )
+            })
+        })
+    }
+
     pub fn is_dirty(&self) -> bool {
         !self.l1_dirty.is_empty() || self.l2.values().any(|t| !t.dirty.is_empty())
     }
@@ -443,6 +465,26 @@ mod tests {
         assert!(e.to_string().contains("(at offset 0x38)"), "{e}");
         let e = tables(vec![0x1001, 0, 0, 0, 0], 0x4000).err().unwrap();
         assert!(e.to_string().contains("not sector aligned"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_l2_tables_are_reported() {
+        assert_eq!(
+            tables(vec![0x3000, 0x1000, 0, 0x2000, 0], 0x10000)
+                .unwrap()
+                .overlapping_tables(),
+            None
+        );
+        let shared = tables(vec![0x3000, 0x1000, 0, 0x3000, 0], 0x10000).unwrap();
+        assert_eq!(
+            shared.overlapping_tables().as_deref(),
+            Some("L1 entries 0 and 3 point to overlapping L2 tables at 0x3000 and 0x3000")
+        );
+        let partly = tables(vec![0x1000, 0x1200, 0, 0, 0], 0x10000).unwrap();
+        assert!(partly
+            .overlapping_tables()
+            .unwrap()
+            .contains("entries 0 and 1"));
     }
 
     #[test]

@@ -145,6 +145,31 @@ fn corrupt_l2_entries_fail_reads_of_their_table_only() {
 }
 
 #[test]
+fn shared_l2_tables_serve_read_only() {
+    let dir = TempDir::new();
+    let Some(path) = one_cluster_image(&dir) else {
+        return;
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    patch_u64(&mut bytes, 48 + 8, 4096);
+    std::fs::write(&path, &bytes).unwrap();
+    let img = open_rw(&path, None);
+    let reason = img.read_only_reason().unwrap();
+    assert!(
+        reason.contains("L1 entries 0 and 1 point to overlapping"),
+        "{reason}"
+    );
+    assert_eq!(
+        img.write_at(&[1; 10], 0).unwrap_err().kind(),
+        ErrorKind::ReadOnly
+    );
+    // Reads still follow the map: the second 2 MiB show the same cluster.
+    let mut buf = vec![0u8; 4096];
+    img.read_at(&mut buf, 2 * MIB).unwrap();
+    assert_eq!(buf, [0x5a; 4096]);
+}
+
+#[test]
 fn undecodable_compressed_cluster_is_a_clean_error() {
     let dir = TempDir::new();
     let Some(path) = one_cluster_image(&dir) else {
