@@ -3,6 +3,7 @@
 
 pub mod backing;
 pub mod links;
+pub mod qcow;
 pub mod raw;
 pub mod vdi;
 
@@ -171,8 +172,8 @@ fn open_as(
     format: Format,
     options: &OpenOptions,
     reason: Option<String>,
-    _chain: &Chain,
-    _links: &mut dyn Links,
+    chain: &Chain,
+    links: &mut dyn Links,
 ) -> Result<Arc<dyn Image>> {
     let want_write = !options.read_only && !options.inspect;
     let (file, host_reason) = if want_write {
@@ -197,6 +198,12 @@ fn open_as(
     }
     let image: Arc<dyn Image> = match format {
         Format::Vdi => Arc::new(vdi::VdiImage::open(file, host_reason)?),
+        Format::Qcow => {
+            let header = qcow::QcowHeader::read(&file)?;
+            // QCOW v1 records no backing format: the backing file is probed.
+            let backing = open_backing_named(header.backing_file(), None, chain, links)?;
+            Arc::new(qcow::QcowImage::open(file, header, backing, host_reason)?)
+        }
         Format::Raw => Arc::new(raw::RawImage::open(
             file,
             host_reason.unwrap_or_else(|| "raw files are only read".to_string()),
