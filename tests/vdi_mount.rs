@@ -65,13 +65,8 @@ fn reads_equal_qemu_img_convert_for_every_kind_of_vdi() {
     std::fs::write(src.join("readme.txt"), "not an image").unwrap();
     let mount = Mount::new(&src, &dir.join("mnt"), &[]);
 
-    let mut names: Vec<String> = std::fs::read_dir(&mount.mnt)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
     assert_eq!(
-        names,
+        ls(&mount.mnt),
         [
             "dynamic.vdi.raw",
             "empty.vdi.raw",

@@ -161,6 +161,28 @@ pub fn assert_compare_equal(format: &str, image: &Path, expected: &[u8], dir: &T
     std::fs::remove_file(&raw).unwrap();
 }
 
+/// The sorted names in directory `dir`.
+pub fn ls(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("list {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `name.raw` read through `mount` must equal `qemu-img convert -O raw` of `src/name`.
+pub fn assert_served_like_qemu(mount: &Mount, src: &Path, dir: &TempDir, format: &str, name: &str) {
+    let ours = std::fs::read(mount.path(&format!("{name}.raw")))
+        .unwrap_or_else(|e| panic!("{name}: read through the mount: {e}"));
+    let oracle = qemu_raw(format, &src.join(name), dir);
+    assert_eq!(ours.len(), oracle.len(), "{name}: size");
+    assert!(
+        ours == oracle,
+        "{name}: content differs from qemu-img convert"
+    );
+}
+
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
