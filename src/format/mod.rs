@@ -2,6 +2,7 @@
 //! its file name) and opens it with the right driver, access mode and QEMU-compatible locks.
 
 pub mod backing;
+pub mod qcow2;
 pub mod vdi;
 
 use std::path::Path;
