@@ -43,6 +43,7 @@
 mod cluster;
 mod compress;
 mod header;
+mod refcount;
 mod snapshot;
 
 #[cfg(test)]
@@ -59,6 +60,7 @@ use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageIn
 use crate::meta::table_cache::TableCache;
 
 use cluster::{push_run, Geometry, Mapping, Run, OFFSET_MASK};
+use refcount::Refcounts;
 
 pub use header::{CompressionType, FeatureKind, Qcow2Header};
 pub use snapshot::SnapshotInfo;
@@ -69,6 +71,8 @@ const L2_SLICE_BYTES: u64 = 4096;
 /// Default budget of the L2 cache; 4 MiB of slices maps 32 GiB of guest disk at 64 KiB
 /// clusters.
 const L2_CACHE_BYTES: u64 = 4 << 20;
+/// Refcount blocks cover clusters of the host file, far more per block than an L2 slice maps.
+const REFCOUNT_CACHE_BYTES: u64 = 1 << 20;
 const WRITE_NOT_IMPLEMENTED: &str = "writing qcow2 images is not implemented yet";
 const CORRUPT_REASON: &str = "the image is marked corrupt";
 const SNAPSHOT_REASON: &str = "internal snapshots are served read-only";
@@ -88,6 +92,7 @@ struct Shared {
     l2_cache: TableCache<L2Slice>,
     backing: Option<Backing>,
     snapshots: Vec<SnapshotInfo>,
+    refcounts: Refcounts,
     /// The image file's length as last seen; refreshed before calling an offset past it
     /// corrupt, since the file only grows.
     file_len: AtomicU64,
@@ -174,7 +179,15 @@ impl Qcow2Image {
         }
         reasons.extend(read_only_reason);
         reasons.push(WRITE_NOT_IMPLEMENTED.to_string());
+        let refcounts = Refcounts::new(
+            header.cluster_bits,
+            header.refcount_order,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            (REFCOUNT_CACHE_BYTES >> header.cluster_bits).max(4) as usize,
+        );
         let shared = Shared {
+            refcounts,
             data_file,
             geometry,
             slice_bytes,
@@ -257,6 +270,16 @@ impl Qcow2Image {
             snapshot: Some(index),
             read_only_reason: Some(reasons.join("; ")),
         })
+    }
+
+    /// The refcount of the host cluster holding image file offset `host_offset` (0 for clusters
+    /// no refcount block covers). Reads the refcount table on first use.
+    pub fn refcount(&self, host_offset: u64) -> Result<u64> {
+        let shared = &self.shared;
+        shared
+            .refcounts
+            .get(&shared.file, host_offset)
+            .map_err(|e| e.with_path(shared.file.path()))
     }
 
     /// Whether `offset` lies inside the image file, re-checking its length before saying no.

@@ -467,6 +467,62 @@ fn dirty_lazy_refcounts_image_reads() {
     assert!(details.contains(&("lazy refcounts", "yes".to_string())));
 }
 
+/// The host offset of the data cluster holding guest offset `guest`.
+fn host_of(img: &Qcow2Image, guest: u64) -> u64 {
+    match img.lookup(guest, 1).unwrap()[0].mapping {
+        Mapping::Data { host_offset } => host_offset,
+        other => panic!("guest {guest:#x} is {other:?}"),
+    }
+}
+
+#[test]
+fn refcounts_of_every_width() {
+    for bits in [1, 2, 4, 8, 16, 32, 64] {
+        let dir = TempDir::new();
+        let path = dir.path().join("r.qcow2");
+        let create = format!(
+            "create -q -f qcow2 -o refcount_bits={bits},cluster_size=4k {} 4M",
+            p(&path)
+        );
+        if run("qemu-img", &create).is_none() {
+            return;
+        }
+        qemu_io(&path, &["write -P 1 0 8k", "write -P 2 1M 4k"]).unwrap();
+        // A snapshot shares the clusters (refcount 2), except with 1-bit refcounts.
+        let shared = bits > 1;
+        if shared {
+            run("qemu-img", &format!("snapshot -c s {}", p(&path))).unwrap();
+            qemu_io(&path, &["write -P 3 1M 4k"]).unwrap();
+        }
+        let img = open(&path);
+        assert_eq!(img.header().refcount_bits(), bits);
+        let what = format!("refcount_bits={bits}");
+        assert_eq!(img.refcount(0).unwrap(), 1, "{what}: header");
+        assert_eq!(
+            img.refcount(img.header().l1_table_offset).unwrap(),
+            1,
+            "{what}: L1"
+        );
+        let kept = host_of(&img, 0);
+        assert_eq!(
+            img.refcount(kept).unwrap(),
+            if shared { 2 } else { 1 },
+            "{what}"
+        );
+        assert_eq!(
+            img.refcount(host_of(&img, 1 << 20)).unwrap(),
+            1,
+            "{what}: COW copy"
+        );
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(
+            img.refcount(len + (1 << 30)).unwrap(),
+            0,
+            "{what}: past the end"
+        );
+    }
+}
+
 /// A small valid image: 1 GiB (two L1 entries) of 64 KiB clusters, data in guest cluster 0.
 fn small_image(dir: &TempDir) -> Option<PathBuf> {
     let path = dir.path().join("small.qcow2");
@@ -748,4 +804,7 @@ fn exercise(img: &Qcow2Image) {
         let _ = img.read_at(&mut buf[..len], offset);
     }
     let _ = img.block_status(0, size.min(1 << 40));
+    for host in [0, 5 << 12, 1 << 40, u64::MAX] {
+        let _ = img.refcount(host);
+    }
 }
