@@ -4,6 +4,7 @@
 pub mod backing;
 pub mod links;
 pub mod qcow;
+pub mod qcow2;
 pub mod raw;
 pub mod vdi;
 
@@ -203,6 +204,22 @@ fn open_as(
             // QCOW v1 records no backing format: the backing file is probed.
             let backing = open_backing_named(header.backing_file(), None, chain, links)?;
             Arc::new(qcow::QcowImage::open(file, header, backing, host_reason)?)
+        }
+        Format::Qcow2 => {
+            let header = qcow2::Qcow2Header::read(&file)?;
+            let data_file = header
+                .data_file()
+                .map(|name| open_data_file(name, chain, links, file.is_writable(), options.inspect))
+                .transpose()?;
+            let backing =
+                open_backing_named(header.backing_file(), header.backing_format(), chain, links)?;
+            Arc::new(qcow2::Qcow2Image::open(
+                file,
+                header,
+                data_file,
+                backing,
+                host_reason,
+            )?)
         }
         Format::Raw => Arc::new(raw::RawImage::open(
             file,

@@ -19,6 +19,10 @@ pub fn u64_le(buf: &[u8], offset: usize, name: &str) -> Result<u64> {
     field::<8>(buf, offset, name).map(u64::from_le_bytes)
 }
 
+pub fn u16_be(buf: &[u8], offset: usize, name: &str) -> Result<u16> {
+    field::<2>(buf, offset, name).map(u16::from_be_bytes)
+}
+
 pub fn u32_be(buf: &[u8], offset: usize, name: &str) -> Result<u32> {
     field::<4>(buf, offset, name).map(u32::from_be_bytes)
 }
@@ -50,6 +54,7 @@ mod tests {
         let buf = [1u8, 2, 3, 4, 5, 6, 7, 8];
         assert_eq!(u32_le(&buf, 0, "a").unwrap(), 0x0403_0201);
         assert_eq!(u32_be(&buf, 4, "b").unwrap(), 0x0506_0708);
+        assert_eq!(u16_be(&buf, 6, "b").unwrap(), 0x0708);
         assert_eq!(u64_le(&buf, 0, "c").unwrap(), 0x0807_0605_0403_0201);
         assert_eq!(u64_be(&buf, 0, "c").unwrap(), 0x0102_0304_0506_0708);
     }

@@ -1,0 +1,671 @@
+//! QEMU qcow2 images (version 2, "compat 0.10", and version 3, "compat 1.1"), served as a raw
+//! disk, with their internal snapshots as read-only views.
+//!
+//! # On-disk layout (all big-endian)
+//!
+//! ```text
+//! cluster 0        header (header.rs), extensions, backing file name
+//! l1_table_offset  L1 table: l1_size u64 entries, each the offset of an L2 table (or 0)
+//! L2 tables        one cluster each: cluster_size / 8 entries (cluster_size / 16 with
+//!                  extended L2), each describing one guest cluster (cluster.rs)
+//! refcount table   refcount_table_clusters clusters of u64 refcount block offsets
+//! refcount blocks  one cluster each: refcounts of 2^refcount_order bits per host cluster
+//! snapshots_offset snapshot table (snapshot.rs), each entry with its own L1 table
+//! data clusters    anywhere after the header, in the image or in an external data file
+//! ```
+//!
+//! Opening reads the header, the active L1 table and the snapshot table, nothing else: L2
+//! tables are read on demand, 4 KiB slices at a time, into a bounded LRU cache keyed by host
+//! offset, so a 1 TiB image opens in milliseconds. Refcounts are not read at all until writes
+//! need them.
+//!
+//! # Reading
+//!
+//! A request is first turned into runs (`cluster::Run`) of one mapping each: data at a host
+//! offset (neighbours that are contiguous in the host file merged into one read), zeros,
+//! unallocated (read from the backing image, or zeros), or part of a compressed cluster.
+//! Then the runs are read with no lock held, so requests proceed in parallel.
+//!
+//! # Locks (taken in this order, never the reverse)
+//!
+//! 1. `l1` (RwLock, per view): the L1 table. Read-locked for one entry at a time.
+//! 2. The L2 cache's internal mutex: held only to look up or insert a slice; slices are read
+//!    from the file outside it.
+//! 3. `last_compressed` (Mutex): the most recently decompressed cluster; held for a swap only.
+//!
+//! # Writes
+//!
+//! Not implemented yet: every image is served read-only with that reason. The lookup already
+//! yields a `ClusterDescriptor` per guest cluster so that allocation can be added on top; the
+//! write order will be data -> sync -> refcount blocks -> L2 slices -> sync -> L1, refcount
+//! table and header -> sync, so a crash can leak clusters but never expose foreign data.
+
+mod cluster;
+mod compress;
+mod header;
+mod refcount;
+mod snapshot;
+
+#[cfg(test)]
+mod tests;
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use crate::error::{Error, Result};
+use crate::format::backing::{read_below, status_below, Backing};
+use crate::host::HostFile;
+use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
+use crate::meta::table_cache::TableCache;
+
+use cluster::{push_run, Geometry, Mapping, Run, OFFSET_MASK};
+use refcount::Refcounts;
+
+pub use header::{CompressionType, FeatureKind, Qcow2Header};
+pub use snapshot::SnapshotInfo;
+
+/// The unit in which L2 tables are read and cached; a 2 MiB cluster's L2 table is not read
+/// whole for one lookup.
+const L2_SLICE_BYTES: u64 = 4096;
+/// Default budget of the L2 cache; 4 MiB of slices maps 32 GiB of guest disk at 64 KiB
+/// clusters.
+const L2_CACHE_BYTES: u64 = 4 << 20;
+/// Refcount blocks cover clusters of the host file, far more per block than an L2 slice maps.
+const REFCOUNT_CACHE_BYTES: u64 = 1 << 20;
+const WRITE_NOT_IMPLEMENTED: &str = "writing qcow2 images is not implemented yet";
+const CORRUPT_REASON: &str = "the image is marked corrupt";
+const SNAPSHOT_REASON: &str = "internal snapshots are served read-only";
+
+/// One cached slice of an L2 table, decoded to native u64 words.
+struct L2Slice {
+    words: Vec<u64>,
+}
+
+/// What the active image and its snapshot views share.
+struct Shared {
+    file: HostFile,
+    data_file: Option<HostFile>,
+    header: Qcow2Header,
+    geometry: Geometry,
+    slice_bytes: u64,
+    l2_cache: TableCache<L2Slice>,
+    backing: Option<Backing>,
+    snapshots: Vec<SnapshotInfo>,
+    refcounts: Refcounts,
+    /// The image file's length as last seen; refreshed before calling an offset past it
+    /// corrupt, since the file only grows.
+    file_len: AtomicU64,
+    /// The most recently decompressed cluster (host offset, bytes): small sequential reads
+    /// through a compressed cluster decompress it once.
+    last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+}
+
+/// An open qcow2 image: the active disk, or a read-only view of one internal snapshot.
+pub struct Qcow2Image {
+    shared: Arc<Shared>,
+    l1: RwLock<Vec<u64>>,
+    l1_table_offset: u64,
+    size: u64,
+    /// The snapshot this view shows, `None` for the active disk.
+    snapshot: Option<usize>,
+    read_only_reason: Option<String>,
+}
+
+impl Qcow2Image {
+    /// Opens the image in `file` described by `header` (from `Qcow2Header::read` on the same
+    /// file). `data_file` is the opened external data file when the header names one;
+    /// `backing` the opened backing image; `read_only_reason` is set when the caller serves
+    /// the image read-only.
+    pub fn open(
+        file: HostFile,
+        header: Qcow2Header,
+        data_file: Option<HostFile>,
+        backing: Option<Backing>,
+        read_only_reason: Option<String>,
+    ) -> Result<Qcow2Image> {
+        let path = file.path().to_path_buf();
+        Self::open_inner(file, header, data_file, backing, read_only_reason)
+            .map_err(|e| e.with_path(&path))
+    }
+
+    fn open_inner(
+        file: HostFile,
+        header: Qcow2Header,
+        data_file: Option<HostFile>,
+        backing: Option<Backing>,
+        read_only_reason: Option<String>,
+    ) -> Result<Qcow2Image> {
+        match (header.has_data_file(), &data_file) {
+            (true, None) => {
+                return Err(Error::unsupported(
+                    "the image keeps its data in an external data file, which was not opened",
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(Error::out_of_range(
+                    "an external data file was given for an image without one",
+                ))
+            }
+            _ => {}
+        }
+        let file_len = file.len()?;
+        let l1 = read_l1(&file, header.l1_table_offset, header.l1_size)?;
+        let snapshots = snapshot::read_table(
+            &file,
+            header.snapshots_offset,
+            header.nb_snapshots,
+            file_len,
+            header.size,
+        )?;
+        let geometry = Geometry {
+            cluster_bits: header.cluster_bits,
+            l2_bits: header.l2_bits(),
+            extended_l2: header.extended_l2(),
+            zero_flag_allowed: header.version >= 3,
+            external_data: header.has_data_file(),
+        };
+        let slice_bytes = L2_SLICE_BYTES.min(header.cluster_size());
+        if header.is_dirty() {
+            log::info!(
+                "{}: refcounts are dirty (lazy refcounts); they will be rebuilt before a write",
+                file.path().display()
+            );
+        }
+        let mut reasons = Vec::new();
+        if header.is_corrupt() {
+            log::warn!("{}: {CORRUPT_REASON}", file.path().display());
+            reasons.push(CORRUPT_REASON.to_string());
+        }
+        reasons.extend(read_only_reason);
+        reasons.push(WRITE_NOT_IMPLEMENTED.to_string());
+        let refcounts = Refcounts::new(
+            header.cluster_bits,
+            header.refcount_order,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            (REFCOUNT_CACHE_BYTES >> header.cluster_bits).max(4) as usize,
+        );
+        let shared = Shared {
+            refcounts,
+            data_file,
+            geometry,
+            slice_bytes,
+            l2_cache: TableCache::new((L2_CACHE_BYTES / slice_bytes) as usize),
+            backing,
+            snapshots,
+            file_len: AtomicU64::new(file_len),
+            last_compressed: Mutex::new(None),
+            file,
+            header,
+        };
+        Ok(Qcow2Image {
+            l1: RwLock::new(l1),
+            l1_table_offset: shared.header.l1_table_offset,
+            size: shared.header.size,
+            snapshot: None,
+            read_only_reason: Some(reasons.join("; ")),
+            shared: Arc::new(shared),
+        })
+    }
+
+    pub fn header(&self) -> &Qcow2Header {
+        &self.shared.header
+    }
+
+    /// The image's internal snapshots, in table order.
+    pub fn snapshots(&self) -> &[SnapshotInfo] {
+        &self.shared.snapshots
+    }
+
+    /// A read-only view of internal snapshot `index`: its own L1 table over the same file,
+    /// L2 cache and backing image.
+    pub fn snapshot_image(&self, index: usize) -> Result<Qcow2Image> {
+        self.snapshot_image_inner(index)
+            .map_err(|e| e.with_path(self.shared.file.path()))
+    }
+
+    fn snapshot_image_inner(&self, index: usize) -> Result<Qcow2Image> {
+        let shared = &self.shared;
+        let snapshot = shared.snapshots.get(index).ok_or_else(|| {
+            Error::out_of_range(format!(
+                "snapshot {index} does not exist (the image has {})",
+                shared.snapshots.len()
+            ))
+        })?;
+        let what = format!("snapshot {:?} ({index})", snapshot.name);
+        let l1_bytes = u64::from(snapshot.l1_size) * 8;
+        if l1_bytes > header::MAX_L1_BYTES {
+            return Err(Error::corrupt(format!(
+                "{what}: l1_size {} is larger than the 32 MiB table QEMU allows",
+                snapshot.l1_size
+            )));
+        }
+        if snapshot.l1_size > 0 {
+            header::check_table(
+                &format!("{what} l1_table_offset"),
+                0,
+                snapshot.l1_table_offset,
+                l1_bytes,
+                shared.header.cluster_size(),
+                shared.file.len()?,
+            )?;
+        }
+        if snapshot.disk_size > i64::MAX as u64 {
+            return Err(Error::corrupt(format!(
+                "{what}: disk size {} is too large",
+                snapshot.disk_size
+            )));
+        }
+        let l1 = read_l1(&shared.file, snapshot.l1_table_offset, snapshot.l1_size)?;
+        let mut reasons = vec![SNAPSHOT_REASON.to_string()];
+        if shared.header.is_corrupt() {
+            reasons.push(CORRUPT_REASON.to_string());
+        }
+        Ok(Qcow2Image {
+            shared: Arc::clone(shared),
+            l1: RwLock::new(l1),
+            l1_table_offset: snapshot.l1_table_offset,
+            size: snapshot.disk_size,
+            snapshot: Some(index),
+            read_only_reason: Some(reasons.join("; ")),
+        })
+    }
+
+    /// The refcount of the host cluster holding image file offset `host_offset` (0 for clusters
+    /// no refcount block covers). Reads the refcount table on first use.
+    pub fn refcount(&self, host_offset: u64) -> Result<u64> {
+        let shared = &self.shared;
+        shared
+            .refcounts
+            .get(&shared.file, host_offset)
+            .map_err(|e| e.with_path(shared.file.path()))
+    }
+
+    /// Whether `offset` lies inside the image file, re-checking its length before saying no.
+    fn inside_file(&self, offset: u64) -> Result<bool> {
+        let file_len = &self.shared.file_len;
+        if offset < file_len.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let now = self.shared.file.len()?;
+        file_len.fetch_max(now, Ordering::Relaxed);
+        Ok(offset < now)
+    }
+
+    /// The L2 table offset of L1 entry `l1_index`, `None` where no L2 table is allocated
+    /// (including indices past the end of a snapshot's shorter L1 table).
+    fn l2_table_offset(&self, l1_index: u64) -> Result<Option<u64>> {
+        let entry = {
+            let l1 = self.l1.read().unwrap_or_else(PoisonError::into_inner);
+            usize::try_from(l1_index)
+                .ok()
+                .and_then(|i| l1.get(i).copied())
+                .unwrap_or(0)
+        };
+        let offset = entry & OFFSET_MASK;
+        if offset == 0 {
+            return Ok(None);
+        }
+        let entry_at = self
+            .l1_table_offset
+            .saturating_add(l1_index.saturating_mul(8));
+        if offset % self.shared.geometry.cluster_size() != 0 {
+            return Err(Error::corrupt(format!(
+                "L1 entry {l1_index} points to an L2 table at {offset:#x}, not cluster aligned"
+            ))
+            .at_offset(entry_at));
+        }
+        if !self.inside_file(offset)? {
+            return Err(Error::corrupt(format!(
+                "L1 entry {l1_index} points to an L2 table at {offset:#x}, past the end of the \
+                 file"
+            ))
+            .at_offset(entry_at));
+        }
+        Ok(Some(offset))
+    }
+
+    /// The cached L2 slice starting at host offset `key`.
+    fn l2_slice(&self, key: u64) -> Result<Arc<L2Slice>> {
+        let shared = &self.shared;
+        shared.l2_cache.get_or_load(key, || {
+            let mut bytes = vec![0u8; shared.slice_bytes as usize];
+            shared.file.read_exact_at(&mut bytes, key)?;
+            let words = bytes
+                .chunks_exact(8)
+                .map(|w| u64::from_be_bytes(w.try_into().unwrap_or_default()))
+                .collect();
+            Ok(L2Slice { words })
+        })
+    }
+
+    /// Describes `[offset, offset + len)` as runs of one mapping each.
+    fn lookup(&self, offset: u64, len: u64) -> Result<Vec<Run>> {
+        let geo = self.shared.geometry;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| Error::out_of_range(format!("{offset} + {len} overflows")))?;
+        let mut runs = Vec::new();
+        let mut current: Option<(u64, Arc<L2Slice>)> = None;
+        let mut pos = offset;
+        while pos < end {
+            let at = geo.split(pos);
+            let run = match self.l2_table_offset(at.l1_index)? {
+                None => {
+                    let table_end = (at.l1_index + 1)
+                        .checked_shl(geo.l2_coverage_bits())
+                        .filter(|&e| e > pos)
+                        .unwrap_or(end);
+                    Run {
+                        offset: pos,
+                        len: table_end.min(end) - pos,
+                        mapping: Mapping::Unallocated,
+                    }
+                }
+                Some(l2_offset) => {
+                    let entry_bytes = at.l2_index * geo.entry_words() as u64 * 8;
+                    let slice_bytes = self.shared.slice_bytes;
+                    let key = l2_offset + entry_bytes / slice_bytes * slice_bytes;
+                    let slice = match current.take() {
+                        Some((k, slice)) if k == key => slice,
+                        _ => self.l2_slice(key)?,
+                    };
+                    let word = (entry_bytes % slice_bytes / 8) as usize;
+                    let entry_at = key + word as u64 * 8;
+                    let entry = slice.words.get(word).copied().unwrap_or(0);
+                    let bitmap = if geo.extended_l2 {
+                        slice.words.get(word + 1).copied().unwrap_or(0)
+                    } else {
+                        0
+                    };
+                    current = Some((key, slice));
+                    let desc = geo
+                        .decode(entry, bitmap)
+                        .map_err(|e| e.at_offset(entry_at))?;
+                    let (mapping, len) = geo.span(desc, at.in_cluster, end - pos);
+                    self.check_mapping(&mapping, entry_at)?;
+                    Run {
+                        offset: pos,
+                        len,
+                        mapping,
+                    }
+                }
+            };
+            pos += run.len;
+            push_run(&mut runs, run);
+        }
+        Ok(runs)
+    }
+
+    /// Refuses mappings into the image file that point past its end.
+    fn check_mapping(&self, mapping: &Mapping, entry_at: u64) -> Result<()> {
+        let host = match *mapping {
+            Mapping::Data { host_offset } if self.shared.data_file.is_none() => host_offset,
+            Mapping::Compressed { host_offset, .. } => host_offset,
+            _ => return Ok(()),
+        };
+        if self.inside_file(host)? {
+            return Ok(());
+        }
+        Err(Error::corrupt(format!(
+            "L2 entry points to host offset {host:#x}, past the end of the file"
+        ))
+        .at_offset(entry_at))
+    }
+
+    fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.size, offset, buf.len())?;
+        for run in self.lookup(offset, buf.len() as u64)? {
+            let start = (run.offset - offset) as usize;
+            let part = start
+                .checked_add(run.len as usize)
+                .and_then(|end| buf.get_mut(start..end))
+                .ok_or_else(|| {
+                    Error::out_of_range(format!("internal: run {run:?} outside the request"))
+                })?;
+            match run.mapping {
+                Mapping::Unallocated => read_below(self.shared.backing.as_ref(), part, run.offset)?,
+                Mapping::Zero => part.fill(0),
+                Mapping::Data { host_offset } => {
+                    self.data_file().read_exact_at(part, host_offset)?
+                }
+                Mapping::Compressed {
+                    host_offset,
+                    len,
+                    in_cluster,
+                } => self.read_compressed(host_offset, len, in_cluster, part)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The file guest data clusters live in.
+    fn data_file(&self) -> &HostFile {
+        self.shared.data_file.as_ref().unwrap_or(&self.shared.file)
+    }
+
+    /// Fills `part` from `in_cluster` on of the compressed cluster at `host_offset`.
+    fn read_compressed(
+        &self,
+        host_offset: u64,
+        len: u64,
+        in_cluster: u64,
+        part: &mut [u8],
+    ) -> Result<()> {
+        let cluster = self.decompressed(host_offset, len)?;
+        let start = in_cluster as usize;
+        let bytes = start
+            .checked_add(part.len())
+            .and_then(|end| cluster.get(start..end))
+            .ok_or_else(|| Error::out_of_range("internal: read outside a compressed cluster"))?;
+        part.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn decompressed(&self, host_offset: u64, len: u64) -> Result<Arc<Vec<u8>>> {
+        let shared = &self.shared;
+        let lock = || {
+            shared
+                .last_compressed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        if let Some((at, cluster)) = lock().as_ref() {
+            if *at == host_offset {
+                return Ok(Arc::clone(cluster));
+            }
+        }
+        // len is at most 8192 sectors (4 MiB), bounded by the descriptor's field width.
+        let mut input = vec![0u8; len as usize];
+        shared.file.read_exact_at(&mut input, host_offset)?;
+        let mut cluster = vec![0u8; shared.geometry.cluster_size() as usize];
+        compress::decompress(shared.header.compression_type, &input, &mut cluster)
+            .map_err(|e| e.at_offset(host_offset))?;
+        let cluster = Arc::new(cluster);
+        *lock() = Some((host_offset, Arc::clone(&cluster)));
+        Ok(cluster)
+    }
+
+    fn block_status_inner(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let len = len.min(self.size.saturating_sub(offset));
+        let mut extents = Vec::new();
+        if len == 0 {
+            return Ok(extents);
+        }
+        for run in self.lookup(offset, len)? {
+            let state = match run.mapping {
+                Mapping::Unallocated => {
+                    let below = status_below(self.shared.backing.as_ref(), run.offset, run.len)?;
+                    for extent in below {
+                        push_extent(&mut extents, extent);
+                    }
+                    continue;
+                }
+                Mapping::Zero => ExtentState::Zero,
+                Mapping::Data { .. } | Mapping::Compressed { .. } => ExtentState::Data,
+            };
+            push_extent(
+                &mut extents,
+                Extent {
+                    offset: run.offset,
+                    len: run.len,
+                    state,
+                    layer: 0,
+                },
+            );
+        }
+        Ok(extents)
+    }
+
+    fn details(&self) -> Vec<(&'static str, String)> {
+        let h = &self.shared.header;
+        let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
+        let mut details = vec![
+            ("refcount bits", h.refcount_bits().to_string()),
+            ("compression type", h.compression_type.name().to_string()),
+            ("extended l2", yes_no(h.extended_l2())),
+            ("lazy refcounts", yes_no(h.lazy_refcounts())),
+            ("dirty", yes_no(h.is_dirty())),
+            ("corrupt", yes_no(h.is_corrupt())),
+            ("l1 size", h.l1_size.to_string()),
+        ];
+        if let Some(index) = self.snapshot {
+            if let Some(s) = self.shared.snapshots.get(index) {
+                details.push(("snapshot", format!("{} (id {})", s.name, s.id)));
+            }
+        }
+        if let Some(name) = h.data_file() {
+            details.push(("data file", name.to_string_lossy().into_owned()));
+        }
+        if h.has_data_file() {
+            details.push(("data file raw", yes_no(h.data_file_raw())));
+        }
+        if let Some(name) = h.backing_file() {
+            details.push(("backing file", name.to_string_lossy().into_owned()));
+        }
+        if let Some(format) = h.backing_format() {
+            details.push(("backing format", format.to_string()));
+        }
+        if let Some(bitmaps) = &h.bitmaps {
+            let state = if h.bitmaps_consistent() {
+                ""
+            } else {
+                " (inconsistent)"
+            };
+            details.push(("bitmaps", format!("{}{state}", bitmaps.nb_bitmaps)));
+        }
+        if h.autoclear_features != 0 {
+            details.push(("autoclear features", format!("{:#x}", h.autoclear_features)));
+        }
+        let names: Vec<&str> = self
+            .shared
+            .snapshots
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        details.push((
+            "snapshots",
+            if names.is_empty() {
+                "0".to_string()
+            } else {
+                format!("{}: {}", names.len(), names.join(", "))
+            },
+        ));
+        details
+    }
+}
+
+/// Reads an L1 table of `entries` u64s at `offset`; the caller has bounded `entries`.
+fn read_l1(file: &HostFile, offset: u64, entries: u32) -> Result<Vec<u64>> {
+    let mut bytes = vec![0u8; entries as usize * 8];
+    if !bytes.is_empty() {
+        file.read_exact_at(&mut bytes, offset)?;
+    }
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|w| u64::from_be_bytes(w.try_into().unwrap_or_default()))
+        .collect())
+}
+
+fn allocated_blocks(file: &HostFile) -> u64 {
+    file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+impl Image for Qcow2Image {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_inner(buf, offset)
+            .map_err(|e| e.with_path(self.shared.file.path()))
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        let reason = self
+            .read_only_reason
+            .clone()
+            .unwrap_or_else(|| WRITE_NOT_IMPLEMENTED.to_string());
+        Err(Error::read_only(reason).with_path(self.shared.file.path()))
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn is_dirty(&self) -> bool {
+        false
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.block_status_inner(offset, len)
+            .map_err(|e| e.with_path(self.shared.file.path()))
+    }
+
+    /// The host blocks of the image file (and its data file), metadata included: counting
+    /// guest clusters exactly would mean reading every L2 table.
+    fn allocated_bytes(&self) -> u64 {
+        let data = self.shared.data_file.as_ref().map_or(0, allocated_blocks);
+        allocated_blocks(&self.shared.file) + data
+    }
+
+    fn read_only_reason(&self) -> Option<String> {
+        self.read_only_reason.clone()
+    }
+
+    /// Snapshots are listed from the active disk only; a snapshot view has none of its own.
+    fn snapshot_names(&self) -> Vec<String> {
+        match self.snapshot {
+            None => snapshot::file_names(&self.shared.snapshots),
+            Some(_) => Vec::new(),
+        }
+    }
+
+    fn snapshot(&self, name: &str) -> Result<Arc<dyn Image>> {
+        let index = self
+            .snapshot_names()
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| Error::out_of_range(format!("no internal snapshot called {name:?}")))?;
+        Ok(Arc::new(self.snapshot_image(index)?))
+    }
+
+    fn info(&self) -> ImageInfo {
+        let h = &self.shared.header;
+        let compat = if h.version >= 3 {
+            "compat 1.1"
+        } else {
+            "compat 0.10"
+        };
+        ImageInfo {
+            format: "qcow2",
+            subformat: compat.to_string(),
+            virtual_size: self.size,
+            cluster_size: Some(h.cluster_size()),
+            allocated_bytes: self.allocated_bytes(),
+            read_only_reason: self.read_only_reason.clone(),
+            details: self.details(),
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! A bounded cache of on-disk metadata tables (qcow2 L2 tables and refcount blocks, VMDK grain
+//! tables, ...), keyed by the table's host file offset, evicting the least recently used clean
+//! table when full.
+//!
+//! Tables are handed out as `Arc<T>`, so a reader keeps using the table it looked up while the
+//! cache evicts or replaces it, and no lock is held while the caller works with it. Loading
+//! happens outside the cache's lock too (`get_or_load`): two threads missing the same table may
+//! both read it, the first insert wins and the other copy is dropped, which is cheaper than
+//! making every reader wait behind one disk read.
+//!
+//! Dirty tables (modified in memory, not yet written back) are never evicted: writing one back
+//! needs the format's write order (data synced first), which only the format knows. The cache
+//! grows past its capacity instead and `over_capacity` tells the format to write back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::error::Result;
+
+struct Slot<T> {
+    table: Arc<T>,
+    dirty: bool,
+    /// The tick of the last use; the key of this slot in `Inner::by_use`.
+    used: u64,
+}
+
+struct Inner<T> {
+    slots: HashMap<u64, Slot<T>>,
+    /// Last-use tick -> key, oldest first; ticks are unique, so this is an exact LRU order.
+    by_use: BTreeMap<u64, u64>,
+    tick: u64,
+    hits: u64,
+    misses: u64,
+}
+
+impl<T> Inner<T> {
+    fn touch(&mut self, key: u64) -> Option<Arc<T>> {
+        self.tick += 1;
+        let tick = self.tick;
+        let slot = self.slots.get_mut(&key)?;
+        self.by_use.remove(&slot.used);
+        slot.used = tick;
+        self.by_use.insert(tick, key);
+        Some(Arc::clone(&slot.table))
+    }
+
+    fn evict_to(&mut self, capacity: usize) {
+        if self.slots.len() <= capacity {
+            return;
+        }
+        let excess = self.slots.len() - capacity;
+        let victims: Vec<(u64, u64)> = self
+            .by_use
+            .iter()
+            .filter(|(_, key)| self.slots.get(key).is_some_and(|s| !s.dirty))
+            .take(excess)
+            .map(|(&tick, &key)| (tick, key))
+            .collect();
+        for (tick, key) in victims {
+            self.by_use.remove(&tick);
+            self.slots.remove(&key);
+        }
+    }
+}
+
+/// Counters for tests and `imgfs info`-style diagnostics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub entries: usize,
+    pub dirty: usize,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// An LRU cache of at most `capacity` clean tables (plus any dirty ones).
+pub struct TableCache<T> {
+    capacity: usize,
+    inner: Mutex<Inner<T>>,
+}
+
+impl<T> TableCache<T> {
+    /// A cache holding up to `capacity` tables (at least one).
+    pub fn new(capacity: usize) -> Self {
+        TableCache {
+            capacity: capacity.max(1),
+            inner: Mutex::new(Inner {
+                slots: HashMap::new(),
+                by_use: BTreeMap::new(),
+                tick: 0,
+                hits: 0,
+                misses: 0,
+            }),
+        }
+    }
+
+    // Every critical section below is a few map operations that cannot stop halfway in a way
+    // that breaks the invariants a later user relies on, so a poisoned lock is simply reused.
+    fn lock(&self) -> MutexGuard<'_, Inner<T>> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The cached table at `key`, marking it most recently used.
+    pub fn get(&self, key: u64) -> Option<Arc<T>> {
+        let mut inner = self.lock();
+        let found = inner.touch(key);
+        match found {
+            Some(_) => inner.hits += 1,
+            None => inner.misses += 1,
+        }
+        found
+    }
+
+    /// The table at `key`, loaded by `load` (outside the cache's lock) on a miss.
+    pub fn get_or_load(&self, key: u64, load: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
+        if let Some(table) = self.get(key) {
+            return Ok(table);
+        }
+        let loaded = Arc::new(load()?);
+        Ok(self.insert_clean(key, loaded))
+    }
+
+    /// Caches a table read from disk, unless another thread cached `key` first: then that one
+    /// is kept and returned, so every user sees the same table.
+    pub fn insert_clean(&self, key: u64, table: Arc<T>) -> Arc<T> {
+        let mut inner = self.lock();
+        if let Some(existing) = inner.touch(key) {
+            return existing;
+        }
+        inner.tick += 1;
+        let used = inner.tick;
+        inner.by_use.insert(used, key);
+        inner.slots.insert(
+            key,
+            Slot {
+                table: Arc::clone(&table),
+                dirty: false,
+                used,
+            },
+        );
+        inner.evict_to(self.capacity);
+        table
+    }
+
+    /// Stores a modified (or new) table at `key`, replacing what was cached, and marks it dirty.
+    pub fn insert_dirty(&self, key: u64, table: Arc<T>) {
+        let mut inner = self.lock();
+        inner.tick += 1;
+        let used = inner.tick;
+        if let Some(old) = inner.slots.get(&key).map(|s| s.used) {
+            inner.by_use.remove(&old);
+        }
+        inner.by_use.insert(used, key);
+        inner.slots.insert(
+            key,
+            Slot {
+                table,
+                dirty: true,
+                used,
+            },
+        );
+        inner.evict_to(self.capacity);
+    }
+
+    /// The dirty tables, in ascending key (host offset) order, for write-back.
+    pub fn dirty_tables(&self) -> Vec<(u64, Arc<T>)> {
+        let inner = self.lock();
+        let mut dirty: Vec<(u64, Arc<T>)> = inner
+            .slots
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(&k, s)| (k, Arc::clone(&s.table)))
+            .collect();
+        dirty.sort_by_key(|&(k, _)| k);
+        dirty
+    }
+
+    /// Marks the table at `key` clean after `written` was written back, unless the table was
+    /// replaced meanwhile (then the newer version is still dirty).
+    pub fn mark_clean(&self, key: u64, written: &Arc<T>) {
+        let mut inner = self.lock();
+        if let Some(slot) = inner.slots.get_mut(&key) {
+            if Arc::ptr_eq(&slot.table, written) {
+                slot.dirty = false;
+            }
+        }
+        inner.evict_to(self.capacity);
+    }
+
+    /// Drops the table at `key` whether dirty or not (its cluster was freed).
+    pub fn remove(&self, key: u64) {
+        let mut inner = self.lock();
+        if let Some(slot) = inner.slots.remove(&key) {
+            inner.by_use.remove(&slot.used);
+        }
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.lock().slots.values().any(|s| s.dirty)
+    }
+
+    /// Whether dirty tables keep the cache above its capacity, so the owner should write back.
+    pub fn over_capacity(&self) -> bool {
+        self.lock().slots.len() > self.capacity
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let inner = self.lock();
+        CacheStats {
+            entries: inner.slots.len(),
+            dirty: inner.slots.values().filter(|s| s.dirty).count(),
+            hits: inner.hits,
+            misses: inner.misses,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    #[test]
+    fn evicts_the_least_recently_used_clean_table() {
+        let cache = TableCache::new(2);
+        cache.insert_clean(0, Arc::new("a"));
+        cache.insert_clean(512, Arc::new("b"));
+        assert_eq!(cache.get(0).as_deref(), Some(&"a"), "0 is now newest");
+        cache.insert_clean(1024, Arc::new("c"));
+        assert!(cache.get(512).is_none(), "512 was least recently used");
+        assert!(cache.get(0).is_some() && cache.get(1024).is_some());
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.dirty), (2, 0));
+        assert_eq!((stats.hits, stats.misses), (3, 1));
+    }
+
+    #[test]
+    fn dirty_tables_stay_until_written_back() {
+        let cache = TableCache::new(1);
+        let a = Arc::new(1u32);
+        cache.insert_dirty(0, Arc::clone(&a));
+        cache.insert_clean(8, Arc::new(2));
+        assert!(cache.get(0).is_some(), "the dirty table survives eviction");
+        assert!(cache.get(8).is_none(), "the clean one went instead");
+        cache.insert_dirty(16, Arc::new(3));
+        assert!(cache.over_capacity());
+        let dirty = cache.dirty_tables();
+        assert_eq!(
+            dirty.iter().map(|(k, t)| (*k, **t)).collect::<Vec<_>>(),
+            [(0, 1), (16, 3)]
+        );
+        // A table replaced after the write-back snapshot stays dirty.
+        cache.insert_dirty(16, Arc::new(4));
+        for (key, table) in &dirty {
+            cache.mark_clean(*key, table);
+        }
+        assert_eq!(cache.stats().dirty, 1);
+        assert_eq!(cache.get(16).as_deref(), Some(&4));
+        assert!(cache.is_dirty());
+        cache.remove(16);
+        assert!(!cache.is_dirty());
+        assert!(!cache.over_capacity());
+    }
+
+    #[test]
+    fn first_loader_wins_and_errors_cache_nothing() {
+        let cache: TableCache<Vec<u8>> = TableCache::new(4);
+        let first = cache.insert_clean(0, Arc::new(vec![1]));
+        let second = cache.insert_clean(0, Arc::new(vec![2]));
+        assert!(Arc::ptr_eq(&first, &second));
+        let e = cache
+            .get_or_load(8, || Err(Error::corrupt("bad table")))
+            .unwrap_err();
+        assert!(e.to_string().contains("bad table"));
+        assert!(cache.get(8).is_none());
+        let t = cache.get_or_load(8, || Ok(vec![9])).unwrap();
+        assert_eq!(*t, vec![9]);
+        let again = cache.get_or_load(8, || panic!("cached")).unwrap();
+        assert!(Arc::ptr_eq(&t, &again));
+    }
+}
