@@ -26,9 +26,14 @@ pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     let mut info = image.info();
-    if info.read_only_reason.as_deref() == Some(INSPECT_REASON) {
-        info.read_only_reason = None;
-    }
+    // `info` opens read-only by design: only the image's own reasons are worth showing.
+    info.read_only_reason = info.read_only_reason.and_then(|reason| {
+        let own = reason
+            .strip_prefix(INSPECT_REASON)
+            .map(|rest| rest.trim_start_matches("; ").to_string())
+            .unwrap_or(reason);
+        (!own.is_empty()).then_some(own)
+    });
     let disk_size = std::fs::metadata(path)
         .map(|m| m.blocks() * 512)
         .unwrap_or(0);
