@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up imgfs, generates a demo directory of VDI images (dynamic, static, nested, one with an
-# ext4 file system) and mounts it. Usage: scripts/demo.sh [IMAGES_DIR [MOUNT_DIR]]
+# Sets up imgfs, generates a demo directory of images (VDI dynamic, static, nested, one with an
+# ext4 file system; a qcow2 chain with an internal snapshot; a compressed qcow) and mounts it. Usage: scripts/demo.sh [IMAGES_DIR [MOUNT_DIR]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,6 +22,18 @@ if [ ! -e "$images/disk.vdi" ]; then
     qemu-img convert -f raw -O vdi "$raw" "$images/guest.vdi"
     rm -f "$raw"
 fi
+if [ ! -e "$images/chain/overlay.qcow2" ]; then
+    mkdir -p "$images/chain"
+    # base.qcow2 with an internal snapshot, and an overlay on top of it: the base is served
+    # read-only (it is a backing file), its snapshot as base.qcow2.snapshots/before.raw.
+    qemu-img create -q -f qcow2 "$images/chain/base.qcow2" 32M
+    qemu-io -f qcow2 -c "write -P 0x11 0 4M" "$images/chain/base.qcow2" >/dev/null
+    qemu-img snapshot -c before "$images/chain/base.qcow2"
+    qemu-io -f qcow2 -c "write -P 0x22 0 1M" "$images/chain/base.qcow2" >/dev/null
+    qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$images/chain/overlay.qcow2"
+    qemu-io -f qcow2 -c "write -P 0x33 2M 1M" "$images/chain/overlay.qcow2" >/dev/null
+    qemu-img convert -c -f qcow2 -O qcow "$images/chain/overlay.qcow2" "$images/chain/flat.qcow" || true
+fi
 mkdir -p "$mnt"
 if mountpoint -q "$mnt"; then
     echo "$mnt is already mounted"
@@ -33,6 +45,8 @@ cat <<MSG
 
 imgfs serves $images on $mnt. Try:
   $imgfs info $images/disk.vdi
+  $imgfs info $images/chain/overlay.qcow2
+  qemu-img convert -U -O raw $images/chain/overlay.qcow2 /tmp/overlay.raw && cmp /tmp/overlay.raw $mnt/chain/overlay.qcow2.raw && echo same
   qemu-img convert -U -O raw $images/disk.vdi /tmp/disk.raw && cmp /tmp/disk.raw $mnt/disk.vdi.raw && echo same
   losetup -P --show -f $mnt/guest.vdi.raw      # then mount /dev/loopNp1 somewhere, or:
   mkdir -p /tmp/guest && mount -o loop,offset=1048576 $mnt/guest.vdi.raw /tmp/guest

@@ -202,6 +202,11 @@ impl FsCore {
             .metadata(&node.rel_source)
             .map_err(|e| Errno(e.errno()))?;
         let mut perm = (meta.mode() & 0o7777) as u16;
+        if node.kind == NodeKind::Dir && !meta.is_dir() {
+            // A snapshots directory shows its image file's metadata: searchable where
+            // readable, never writable.
+            perm = (perm | (perm & 0o444) >> 2) & !0o222;
+        }
         let (size, blocks) = match image {
             Some(image) => {
                 if self.read_only || image.read_only_reason().is_some() {
