@@ -467,6 +467,71 @@ fn dirty_lazy_refcounts_image_reads() {
     assert!(details.contains(&("lazy refcounts", "yes".to_string())));
 }
 
+#[test]
+fn parallel_readers_through_a_tiny_cache() {
+    let dir = TempDir::new();
+    let src = dir.path().join("src.qcow2");
+    let path = dir.path().join("par.qcow2");
+    let create = format!("create -q -f qcow2 -o cluster_size=4k {} 32M", p(&src));
+    if run("qemu-img", &create).is_none() {
+        return;
+    }
+    let writes: Vec<String> = (0..64u64)
+        .map(|i| {
+            format!(
+                "write -P {} {} {}",
+                i + 1,
+                i * 509 * KIB,
+                4 * KIB + i * 1000
+            )
+        })
+        .collect();
+    let commands: Vec<&str> = writes.iter().map(String::as_str).collect();
+    qemu_io(&src, &commands).unwrap();
+    // Half the clusters compressed: convert -c, then overwrite some of them plainly.
+    let convert = format!(
+        "convert -c -O qcow2 -o cluster_size=4k {} {}",
+        p(&src),
+        p(&path)
+    );
+    run("qemu-img", &convert).unwrap();
+    qemu_io(&path, &["write -P 0xee 8M 3M", "write -z 20M 1M"]).unwrap();
+    let expected = Arc::new(qemu_raw(&path, "").unwrap());
+
+    let file = HostFile::open(&path, false).unwrap();
+    let header = Qcow2Header::read(&file).unwrap();
+    let parts = OpenParts {
+        file,
+        header,
+        data_file: None,
+        backing: None,
+        read_only_reason: None,
+    };
+    // Two 4 KiB slices for 32 MiB of 4 KiB clusters: constant eviction.
+    let img = Arc::new(Qcow2Image::open_parts(parts, 8 * KIB).unwrap());
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (img, expected) = (Arc::clone(&img), Arc::clone(&expected));
+            std::thread::spawn(move || {
+                let mut state = 0x2545_f491_4f6c_dd1d_u64 ^ t;
+                for _ in 0..300 {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let len = (state % (300 * KIB)) as usize + 1;
+                    let at = (state >> 20) % (32 * MIB - len as u64);
+                    let mut buf = vec![0u8; len];
+                    img.read_at(&mut buf, at).unwrap();
+                    let want = &expected[at as usize..at as usize + len];
+                    assert!(buf == want, "thread {t}: read {len} at {at:#x} differs");
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|h| h.join().unwrap());
+    assert!(img.shared.l2_cache.stats().entries <= 2);
+}
+
 /// The host offset of the data cluster holding guest offset `guest`.
 fn host_of(img: &Qcow2Image, guest: u64) -> u64 {
     match img.lookup(guest, 1).unwrap()[0].mapping {
