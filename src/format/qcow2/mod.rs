@@ -261,12 +261,13 @@ impl Qcow2Image {
             return Err(Error::corrupt(format!(
                 "{what}: l1_size {} is larger than the 32 MiB table QEMU allows",
                 snapshot.l1_size
-            )));
+            ))
+            .at_offset(snapshot.entry_offset + 8));
         }
         if snapshot.l1_size > 0 {
             header::check_table(
                 &format!("{what} l1_table_offset"),
-                0,
+                snapshot.entry_offset,
                 snapshot.l1_table_offset,
                 l1_bytes,
                 shared.header.cluster_size(),

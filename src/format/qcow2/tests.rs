@@ -440,6 +440,24 @@ fn internal_snapshots_read_like_qemu() {
     );
     let details = img.info().details;
     assert!(details.contains(&("snapshots", "2: s1, second".to_string())));
+
+    // A broken snapshot L1 offset fails that snapshot only.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let table = be64(&bytes, 64) as usize;
+    let l1 = be64(&bytes, table);
+    put_u64(&mut bytes, table, l1 + 512);
+    let bad = dir.path().join("bad.qcow2");
+    std::fs::write(&bad, &bytes).unwrap();
+    let img = open(&bad);
+    let e = img.snapshot_image(0).err().unwrap();
+    let text = e.to_string();
+    assert!(
+        text.contains("snapshot \"s1\" (0) l1_table_offset") && text.contains("not aligned"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("(at offset {table:#x})")), "{text}");
+    assert!(img.snapshot_image(1).is_ok());
+    assert_reads_like_qemu(&img, &path, "", "active of bad");
 }
 
 #[test]
