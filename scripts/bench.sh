@@ -2,7 +2,7 @@
 # Benchmark imgfs against qemu-storage-daemon's FUSE export, side by side, on the same kind of
 # image, and print a markdown table.
 #
-#   scripts/bench.sh [--format vdi|qcow2|vhdx|vmdk] [--size 1G] [--quick] [--imgfs-threads N]
+#   scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vmdk] [--size 1G] [--quick] [--imgfs-threads N]
 #
 # Needs root (it drops the page cache and mounts FUSE file systems). Installs fio, fuse3, jq and
 # qemu-utils with apt-get when they are missing, builds imgfs in release mode, works in a fresh
@@ -16,7 +16,8 @@
 #     last row into a fresh, empty image (every block gets allocated on the way).
 #     MB/s = 10^6 bytes/s over the whole dd run, fsync included; median of 3 runs.
 #   - random 4k read/write: fio, ioengine=psync (so iodepth 1 per job), direct=1, numjobs 1
-#     and 4, time_based, group_reporting, JSON output parsed with jq
+#     and 4, time_based, group_reporting, JSON output parsed with jq; plus 4 jobs reading the
+#     unallocated blocks of an empty image (no host I/O: the FUSE round trip alone)
 # Both daemons serve their own copy of the image (the images are locked QEMU-style, so one file
 # must never be served by both at once); both read and write their image through the host page
 # cache. imgfs opens the raw file with direct I/O (FOPEN_DIRECT_IO, 1 MiB requests), so the
@@ -28,7 +29,7 @@ REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd -P)
 
 usage() {
     cat <<'EOF'
-Usage: scripts/bench.sh [--format vdi|qcow2|vhdx|vmdk] [--size 1G] [--quick] [--imgfs-threads N]
+Usage: scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vmdk] [--size 1G] [--quick] [--imgfs-threads N]
 
 Compares imgfs with qemu-storage-daemon's FUSE export on a freshly made image and prints a
 markdown table (MB/s for sequential rows, IOPS for random rows). Must run as root.
@@ -81,9 +82,10 @@ SEQ_REPS=3 # runs of each dd row; the table shows the median
 case $FORMAT in
     vdi) CREATE_OPTS=(-f vdi -o static=off); QEMU_DRIVER=vdi; EXT=vdi ;;
     qcow2) CREATE_OPTS=(-f qcow2); QEMU_DRIVER=qcow2; EXT=qcow2 ;;
+    qcow) CREATE_OPTS=(-f qcow); QEMU_DRIVER=qcow; EXT=qcow ;;
     vhdx) CREATE_OPTS=(-f vhdx -o subformat=dynamic); QEMU_DRIVER=vhdx; EXT=vhdx ;;
     vmdk) CREATE_OPTS=(-f vmdk -o subformat=monolithicSparse); QEMU_DRIVER=vmdk; EXT=vmdk ;;
-    *) die "unknown format '$FORMAT' (known: vdi qcow2 vhdx vmdk)" ;;
+    *) die "unknown format '$FORMAT' (known: vdi qcow2 qcow vhdx vmdk)" ;;
 esac
 
 SIZE_BYTES=$(numfmt --from=iec "${SIZE%iB}" 2>/dev/null) || die "cannot parse --size '$SIZE' (use e.g. 256M or 1G)"
@@ -104,6 +106,7 @@ missing=()
 command -v fio >/dev/null 2>&1 || missing+=(fio)
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+[[ -x /usr/bin/time ]] || missing+=(time)
 for tool in qemu-img qemu-io qemu-storage-daemon; do
     if ! command -v "$tool" >/dev/null 2>&1; then
         missing+=(qemu-utils)
@@ -353,16 +356,17 @@ measure() {
             dd_rate "$t0" "$t1"
             ;;
         randread1) fio_iops randread 1 "$2" ;;
-        randread4) fio_iops randread 4 "$2" ;;
+        randread4 | holeread4) fio_iops randread 4 "$2" ;;
         randwrite1) fio_iops randwrite 1 "$2" ;;
         randwrite4) fio_iops randwrite 4 "$2" ;;
         *) return 1 ;;
     esac
 }
 
-# Reads first, while the image still holds the 0x5a pattern; then overwrites; the allocation row
-# uses the separate empty images.
-TESTS=(seqread randread1 randread4 seqwrite seqwritedirect randwrite1 randwrite4 allocwrite)
+# Reads first, while the image still holds the 0x5a pattern; then overwrites; the last two rows
+# use the separate empty images. holeread4 reads unallocated blocks, so neither daemon touches
+# the host file: it measures what the FUSE round trip itself costs, the ceiling for randread4.
+TESTS=(seqread randread1 randread4 seqwrite seqwritedirect randwrite1 randwrite4 holeread4 allocwrite)
 label() {
     case $1 in
         seqread) echo "sequential read, dd bs=1M (MB/s)" ;;
@@ -372,6 +376,7 @@ label() {
         seqwritedirect) echo "sequential overwrite, dd bs=1M oflag=direct (MB/s)" ;;
         randwrite1) echo "random overwrite 4k, fio numjobs=1 (IOPS)" ;;
         randwrite4) echo "random overwrite 4k, fio numjobs=4 (IOPS)" ;;
+        holeread4) echo "random read 4k of unallocated blocks (no host I/O), fio numjobs=4 (IOPS)" ;;
         allocwrite) echo "sequential first write into empty image, dd bs=1M conv=fsync (MB/s)" ;;
     esac
 }
@@ -400,6 +405,7 @@ for test in "${TESTS[@]}"; do
         for side in imgfs qsd; do
             image=bench
             [[ $test == allocwrite ]] && image=alloc$rep
+            [[ $test == holeread4 ]] && image=alloc1
             if [[ $side == imgfs ]]; then
                 if [[ $IMGFS_STATUS != ok ]]; then
                     RESULT[$test.$side]="not served"
@@ -459,6 +465,39 @@ if [[ $IMGFS_STATUS != ok ]]; then
     echo
     echo "imgfs: $IMGFS_STATUS"
 fi
+
+# ---------------------------------------------------------------- opening a 1 TiB image
+# The formats with two-level tables must open by reading the header and the L1 table only, with
+# no scan of L2 tables or refcounts: time and peak memory of `imgfs info` against `qemu-img
+# info` on a 1 TiB image with 64 MiB of data spread over it (64 L2 tables in use).
+if [[ $FORMAT == qcow2 || $FORMAT == qcow ]]; then
+    big=$WORK/big.$EXT
+    log "opening a 1 TiB $FORMAT image"
+    qemu-img create -q "${CREATE_OPTS[@]}" "$big" 1T
+    spread=()
+    for ((i = 0; i < 64; i++)); do spread+=(-c "write -q -P 0x5a $((i * 16 * 1024 * MIB)) 1M"); done
+    qemu-io -f "$QEMU_DRIVER" "${spread[@]}" "$big" >/dev/null
+    # open_cost TOOL... -> "median_ms max_rss_kib" over 5 runs
+    open_cost() {
+        local times=() rss=0 t0 t1 kib
+        for ((rep = 0; rep < 5; rep++)); do
+            t0=$(now_ns)
+            kib=$(/usr/bin/time -f %M "$@" 2>&1 >/dev/null | tail -n 1)
+            t1=$(now_ns)
+            times+=($(((t1 - t0) / 1000000)))
+            ((kib > rss)) && rss=$kib
+        done
+        echo "$(printf '%s\n' "${times[@]}" | median) $rss"
+    }
+    read -r imgfs_ms imgfs_kib < <(open_cost "$IMGFS" info "$big")
+    read -r qemu_ms qemu_kib < <(open_cost qemu-img info -U "$big")
+    echo
+    echo "| open a 1 TiB $FORMAT image (info, median of 5) | imgfs | qemu-img | imgfs/qemu ratio |"
+    echo "| --- | ---: | ---: | ---: |"
+    echo "| time (ms) | $imgfs_ms | $qemu_ms | $(awk -v a="$imgfs_ms" -v b="$qemu_ms" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }') |"
+    echo "| peak memory (MiB) | $((imgfs_kib / 1024)) | $((qemu_kib / 1024)) | $(awk -v a="$imgfs_kib" -v b="$qemu_kib" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }') |"
+fi
+
 if ((${#ERRORS[@]})); then
     echo
     echo "errors:"

@@ -76,6 +76,19 @@ pub trait Image: Send + Sync {
         ))
     }
 
+    /// The file names (without `.raw`) of the internal snapshots this image holds (qcow2),
+    /// distinct and usable as file names.
+    fn snapshot_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// A read-only image of the internal snapshot called `name` (one of `snapshot_names`).
+    fn snapshot(&self, name: &str) -> Result<std::sync::Arc<dyn Image>> {
+        Err(Error::unsupported(format!(
+            "the image has no internal snapshot called {name:?}"
+        )))
+    }
+
     /// Bytes of guest data allocated in the image file (feeds `st_blocks`).
     fn allocated_bytes(&self) -> u64;
 

@@ -34,6 +34,8 @@ pub struct MemImage {
     pub allocated: std::sync::RwLock<Vec<bool>>,
     pub flushes: AtomicU64,
     pub read_only: Option<String>,
+    /// Names of fake internal snapshots; snapshot i reads as bytes i + 1.
+    pub snapshots: Vec<String>,
 }
 
 pub const MEM_BLOCK: u64 = 4096;
@@ -45,6 +47,7 @@ impl MemImage {
             allocated: std::sync::RwLock::new(vec![false; size.div_ceil(MEM_BLOCK as usize)]),
             flushes: AtomicU64::new(0),
             read_only,
+            snapshots: Vec::new(),
         }
     }
 }
@@ -123,6 +126,25 @@ impl crate::image::Image for MemImage {
     fn read_only_reason(&self) -> Option<String> {
         self.read_only.clone()
     }
+    fn snapshot_names(&self) -> Vec<String> {
+        self.snapshots.clone()
+    }
+    fn snapshot(
+        &self,
+        name: &str,
+    ) -> crate::error::Result<std::sync::Arc<dyn crate::image::Image>> {
+        let index = self
+            .snapshots
+            .iter()
+            .position(|s| s == name)
+            .ok_or_else(|| crate::error::Error::unsupported("no such snapshot"))?;
+        let image = MemImage::new(self.data.read().unwrap().len(), None);
+        image.data.write().unwrap().fill(index as u8 + 1);
+        Ok(std::sync::Arc::new(MemImage {
+            read_only: Some("a snapshot".into()),
+            ..image
+        }))
+    }
     fn info(&self) -> crate::image::ImageInfo {
         crate::image::ImageInfo {
             format: "mem",
@@ -136,28 +158,87 @@ impl crate::image::Image for MemImage {
     }
 }
 
-/// Opens files whose content starts with `FAKEIMG <size>` as `MemImage`s of that size, files
-/// starting with `BADIMG` as failing images, and hides everything else; counts its opens.
+/// Opens files whose first line is `FAKEIMG <size>` as `MemImage`s of that size (read-only when
+/// the line ends in a space; a second line `backing <name>` names a backing file, opened through
+/// the links), files starting with `BADIMG` as failing images, and hides everything else;
+/// counts its opens.
 #[derive(Default)]
 pub struct FakeOpener {
     pub opens: std::sync::Arc<AtomicU64>,
 }
 
+/// A fake image file: its size, read-only flag, backing name and snapshot names.
+struct FakeFile {
+    size: usize,
+    read_only: bool,
+    backing: Option<String>,
+    snapshots: Vec<String>,
+}
+
+fn parse_fake(path: &Path) -> Option<FakeFile> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines = text.split('\n');
+    let first = lines.next()?.strip_prefix("FAKEIMG ")?;
+    let mut fake = FakeFile {
+        size: first.trim().parse().ok()?,
+        read_only: first.ends_with(' '),
+        backing: None,
+        snapshots: Vec::new(),
+    };
+    for line in lines {
+        if let Some(name) = line.strip_prefix("backing ") {
+            fake.backing = Some(name.to_string());
+        } else if let Some(name) = line.strip_prefix("snapshot ") {
+            fake.snapshots.push(name.to_string());
+        }
+    }
+    Some(fake)
+}
+
 impl crate::catalog::Opener for FakeOpener {
+    fn probe(&self, path: &Path) -> crate::error::Result<Option<crate::format::Format>> {
+        Ok(parse_fake(path).map(|_| crate::format::Format::Vdi))
+    }
+
     fn open(
         &self,
         path: &Path,
+        links: &mut dyn crate::format::links::Links,
     ) -> crate::error::Result<Option<std::sync::Arc<dyn crate::image::Image>>> {
-        let text = std::fs::read(path).unwrap_or_default();
-        if text.starts_with(b"BADIMG") {
+        if std::fs::read(path)
+            .unwrap_or_default()
+            .starts_with(b"BADIMG")
+        {
             return Err(crate::error::Error::corrupt("bad magic in test image"));
         }
-        let Some(rest) = text.strip_prefix(b"FAKEIMG ") else {
+        let Some(fake) = parse_fake(path) else {
             return Ok(None);
         };
         self.opens.fetch_add(1, Ordering::Relaxed);
-        let size: usize = String::from_utf8_lossy(rest).trim().parse().unwrap();
-        let read_only = text.ends_with(b" ").then(|| "test read-only".to_string());
-        Ok(Some(std::sync::Arc::new(MemImage::new(size, read_only))))
+        if let Some(name) = &fake.backing {
+            let chain = crate::format::links::Chain::top(path);
+            let backing_path =
+                crate::format::links::resolve(links.root(), path, name.as_ref(), "backing file")?;
+            links.open_backing(&backing_path, None, &chain)?;
+        }
+        let read_only = fake.read_only.then(|| "test read-only".to_string());
+        Ok(Some(std::sync::Arc::new(MemImage {
+            snapshots: fake.snapshots,
+            ..MemImage::new(fake.size, read_only)
+        })))
+    }
+
+    fn open_backing(
+        &self,
+        path: &Path,
+        _format: Option<crate::format::Format>,
+        _chain: &crate::format::links::Chain,
+        _links: &mut dyn crate::format::links::Links,
+    ) -> crate::error::Result<std::sync::Arc<dyn crate::image::Image>> {
+        let fake =
+            parse_fake(path).ok_or_else(|| crate::error::Error::corrupt("not a fake image"))?;
+        self.opens.fetch_add(1, Ordering::Relaxed);
+        let reason = Some("test backing file".to_string());
+        Ok(std::sync::Arc::new(MemImage::new(fake.size, reason)))
     }
 }

@@ -12,15 +12,6 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-fn ls(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
 fn vdi(path: &Path, size: &str) {
     qemu_img(&["create", "-q", "-f", "vdi", path_str(path), size]);
 }

@@ -65,13 +65,8 @@ fn reads_equal_qemu_img_convert_for_every_kind_of_vdi() {
     std::fs::write(src.join("readme.txt"), "not an image").unwrap();
     let mount = Mount::new(&src, &dir.join("mnt"), &[]);
 
-    let mut names: Vec<String> = std::fs::read_dir(&mount.mnt)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
     assert_eq!(
-        names,
+        ls(&mount.mnt),
         [
             "dynamic.vdi.raw",
             "empty.vdi.raw",
@@ -117,38 +112,10 @@ fn threaded_random_writes_pass_qemu_img_check_and_compare() {
     let mount = Mount::new(&src, &dir.join("mnt"), &[]);
     let raw = mount.path("disk.vdi.raw");
 
-    let threads = 4u64;
-    let region = 28 * MIB / threads;
-    let mut plans = Vec::new();
-    for t in 0..threads {
-        let mut rng = Rng::new(0x5eed + t);
-        let mut writes = Vec::new();
-        for _ in 0..40 {
-            let len = 1 + rng.below(300_000);
-            let offset = t * region + rng.below(region - len);
-            writes.push((offset, rng.bytes(len as usize)));
-        }
-        // Disjoint bytes of one block nobody allocated yet: it must be allocated exactly once.
-        writes.push((30 * MIB + t * 1000 + 7, vec![0xe0 + t as u8; 999]));
-        plans.push(writes);
-    }
-    for writes in &plans {
-        for (offset, data) in writes {
-            expected[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
-        }
-    }
-    std::thread::scope(|scope| {
-        for writes in &plans {
-            let raw = &raw;
-            scope.spawn(move || {
-                let file = std::fs::OpenOptions::new().write(true).open(raw).unwrap();
-                for (offset, data) in writes {
-                    file.write_all_at(data, *offset).unwrap();
-                }
-                file.sync_all().unwrap();
-            });
-        }
-    });
+    // Four threads on disjoint regions of the first 28 MiB, plus all four into block 30, which
+    // nobody allocated yet: it must be allocated exactly once.
+    let plans = plan_threaded_writes(&mut expected, 4, 40, 300_000, 28 * MIB, 30 * MIB);
+    run_threaded_writes(&raw, &plans);
     // What the mount serves right away, before any write-back.
     assert!(
         std::fs::read(&raw).unwrap() == expected,

@@ -11,17 +11,38 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{self, OpenOptions};
+use crate::format::links::{Chain, Links};
+use crate::format::{self, Format, OpenOptions};
 use crate::image::Image;
 
 /// The suffix that turns an image's file name into its raw file's name.
 pub const RAW_SUFFIX: &str = ".raw";
 
+/// The suffix that turns an image's file name into the name of the directory that shows its
+/// internal snapshots (`disk.qcow2.snapshots/<snapshot>.raw`, read-only).
+pub const SNAPSHOTS_SUFFIX: &str = ".snapshots";
+
 /// Opens files of the source tree as images.
 pub trait Opener: Send + Sync {
+    /// The format of the file at `path`, `None` for a file that is not an image.
+    fn probe(&self, path: &Path) -> Result<Option<Format>> {
+        format::probe_file(path)
+    }
+
     /// `Ok(None)` for a file that is not an image (silently hidden); `Err` for an image that
     /// cannot be served (hidden and logged once).
-    fn open(&self, path: &Path) -> Result<Option<Arc<dyn Image>>>;
+    fn open(&self, path: &Path, links: &mut dyn Links) -> Result<Option<Arc<dyn Image>>>;
+
+    /// Opens `path` read-only as a backing file of the images in `chain`.
+    fn open_backing(
+        &self,
+        path: &Path,
+        format: Option<Format>,
+        chain: &Chain,
+        links: &mut dyn Links,
+    ) -> Result<Arc<dyn Image>> {
+        format::open_backing_file(path, format, chain, links, false)
+    }
 }
 
 /// The real opener: recognises formats by magic and opens them with `format::open`.
@@ -30,11 +51,21 @@ pub struct FormatOpener {
 }
 
 impl Opener for FormatOpener {
-    fn open(&self, path: &Path) -> Result<Option<Arc<dyn Image>>> {
+    fn open(&self, path: &Path, links: &mut dyn Links) -> Result<Option<Arc<dyn Image>>> {
         match format::probe_file(path)? {
             None => Ok(None),
-            Some(_) => format::open(path, &self.options).map(Some),
+            Some(_) => format::open(path, &self.options, links).map(Some),
         }
+    }
+
+    fn open_backing(
+        &self,
+        path: &Path,
+        format: Option<Format>,
+        chain: &Chain,
+        links: &mut dyn Links,
+    ) -> Result<Arc<dyn Image>> {
+        format::open_backing_file(path, format, chain, links, self.options.inspect)
     }
 }
 
@@ -94,10 +125,18 @@ struct Hidden {
     error: Option<(ErrorKind, String)>,
 }
 
+/// An opened internal snapshot and the instance of the image it was taken from.
+struct OpenSnapshot {
+    of: Arc<dyn Image>,
+    image: Arc<dyn Image>,
+}
+
 #[derive(Default)]
 struct State {
     open: HashMap<PathBuf, OpenImage>,
     hidden: HashMap<PathBuf, Hidden>,
+    /// By the snapshot's path below the (virtual) snapshots directory.
+    snapshots: HashMap<PathBuf, OpenSnapshot>,
 }
 
 /// The source tree and the images opened from it.
@@ -114,8 +153,13 @@ impl Catalog {
         if !meta.is_dir() {
             return Err(Error::out_of_range("the source is not a directory").with_path(root));
         }
+        // Canonical, so that the paths of images found by walking the tree (which follows no
+        // symbolic links) compare equal to the resolved names of backing files.
+        let root = root
+            .canonicalize()
+            .map_err(|e| Error::io("resolve", e).with_path(root))?;
         Ok(Catalog {
-            root: root.to_path_buf(),
+            root,
             opener,
             state: Mutex::new(State::default()),
         })
@@ -146,16 +190,27 @@ impl Catalog {
     /// The visible entries of directory `rel_dir` (relative to the root), sorted by name.
     pub fn list(&self, rel_dir: &Path) -> Result<Vec<Entry>> {
         let dir = self.source_path(rel_dir)?;
+        if let Some(image) = self.snapshots_dir_image(&dir)? {
+            return self.snapshot_entries(&dir, &image);
+        }
         let reader =
             std::fs::read_dir(&dir).map_err(|e| Error::io("read directory", e).with_path(&dir))?;
         let mut entries = Vec::new();
+        let mut snapshot_dirs = Vec::new();
         let mut seen = Vec::new();
         for item in reader {
             let item = item.map_err(|e| Error::io("read directory", e).with_path(&dir))?;
             let name = item.file_name();
             seen.push(dir.join(&name));
             if let Some(entry) = self.entry_for(&dir, &name)? {
+                snapshot_dirs.extend(snapshots_dir_entry(&dir, &name, &entry));
                 entries.push(entry);
+            }
+        }
+        // A real directory of the same name wins over a snapshots directory.
+        for snapshots in snapshot_dirs {
+            if !entries.iter().any(|e| e.name == snapshots.name) {
+                entries.push(snapshots);
             }
         }
         self.forget_missing(&dir, &seen);
@@ -169,9 +224,20 @@ impl Catalog {
         if name.as_bytes().contains(&b'/') || name == "." || name == ".." {
             return Ok(None);
         }
-        if let Some(entry) = self.entry_for(&dir, name)? {
-            if matches!(entry.kind, EntryKind::Dir) {
-                return Ok(Some(entry));
+        if let Some(image) = self.snapshots_dir_image(&dir)? {
+            let entries = self.snapshot_entries(&dir, &image)?;
+            return Ok(entries.into_iter().find(|e| e.name == name));
+        }
+        match self.entry_for(&dir, name)? {
+            Some(entry) if matches!(entry.kind, EntryKind::Dir) => return Ok(Some(entry)),
+            Some(_) => {}
+            None => {
+                if let Some(stem) = name.as_bytes().strip_suffix(SNAPSHOTS_SUFFIX.as_bytes()) {
+                    let stem = OsStr::from_bytes(stem);
+                    if let Some(image) = self.entry_for(&dir, stem)? {
+                        return Ok(snapshots_dir_entry(&dir, stem, &image));
+                    }
+                }
             }
         }
         let Some(stem) = name.as_bytes().strip_suffix(RAW_SUFFIX.as_bytes()) else {
@@ -186,6 +252,91 @@ impl Catalog {
             ) => Ok(Some(entry)),
             _ => Ok(None),
         }
+    }
+
+    /// The metadata that a path of the raw namespace shows: its own, or for a snapshots
+    /// directory and the snapshots in it, the image file's.
+    pub fn metadata(&self, rel: &Path) -> Result<std::fs::Metadata> {
+        let source = self.source_path(rel)?;
+        let mut candidate = source.as_path();
+        loop {
+            match std::fs::symlink_metadata(candidate) {
+                Ok(meta) => return Ok(meta),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io("stat", e).with_path(candidate))
+                }
+                Err(e) => {
+                    let stem = candidate
+                        .file_name()
+                        .and_then(|n| n.as_bytes().strip_suffix(SNAPSHOTS_SUFFIX.as_bytes()));
+                    if let (Some(stem), Some(dir)) = (stem, candidate.parent()) {
+                        let image = dir.join(OsStr::from_bytes(stem));
+                        return std::fs::symlink_metadata(&image)
+                            .map_err(|e| Error::io("stat", e).with_path(&image));
+                    }
+                    // Maybe a snapshot inside a snapshots directory: try its parent once.
+                    match candidate.parent() {
+                        Some(parent) if candidate == source.as_path() => candidate = parent,
+                        _ => return Err(Error::io("stat", e).with_path(&source)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The image whose snapshots directory `dir` is, if `dir` is one (and not a real directory).
+    fn snapshots_dir_image(&self, dir: &Path) -> Result<Option<Arc<dyn Image>>> {
+        if std::fs::symlink_metadata(dir).is_ok() {
+            return Ok(None);
+        }
+        let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+            return Ok(None);
+        };
+        let Some(stem) = name.as_bytes().strip_suffix(SNAPSHOTS_SUFFIX.as_bytes()) else {
+            return Ok(None);
+        };
+        match self.entry_for(parent, OsStr::from_bytes(stem))? {
+            Some(Entry {
+                kind: EntryKind::Image(image),
+                ..
+            }) if !image.snapshot_names().is_empty() => Ok(Some(image)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The snapshots of `image` as entries of its snapshots directory `dir`, each opened once
+    /// per instance of the image.
+    fn snapshot_entries(&self, dir: &Path, image: &Arc<dyn Image>) -> Result<Vec<Entry>> {
+        let mut entries = Vec::new();
+        for name in image.snapshot_names() {
+            let source = dir.join(&name);
+            let mut state = self.state();
+            let cached = state
+                .snapshots
+                .get(&source)
+                .filter(|s| Arc::ptr_eq(&s.of, image))
+                .map(|s| s.image.clone());
+            let snapshot = match cached {
+                Some(snapshot) => snapshot,
+                None => {
+                    let snapshot = image.snapshot(&name).map_err(|e| e.with_path(&source))?;
+                    state.snapshots.insert(
+                        source.clone(),
+                        OpenSnapshot {
+                            of: image.clone(),
+                            image: snapshot.clone(),
+                        },
+                    );
+                    snapshot
+                }
+            };
+            entries.push(Entry {
+                name: format!("{name}{RAW_SUFFIX}").into(),
+                source,
+                kind: EntryKind::Image(snapshot),
+            });
+        }
+        Ok(entries)
     }
 
     /// Every image opened so far (for flushing them all).
@@ -267,7 +418,12 @@ impl Catalog {
         let previous_error = previous.and_then(|h| h.error.as_ref().map(|(_, m)| m.clone()));
         // Opening reads headers and whole block maps; holding the lock keeps two lookups from
         // opening (and locking) the same image twice.
-        match self.opener.open(source) {
+        let mut links = CatalogLinks {
+            root: &self.root,
+            opener: self.opener.as_ref(),
+            state: &mut state,
+        };
+        match self.opener.open(source, &mut links) {
             Ok(Some(image)) => {
                 state.hidden.remove(source);
                 state.open.insert(
@@ -322,6 +478,85 @@ impl Catalog {
             }
         }
         state.hidden.retain(|p, _| !gone(p));
+    }
+}
+
+/// The snapshots directory entry that goes with `entry` (file `name` of `dir`), for an image
+/// that has internal snapshots.
+fn snapshots_dir_entry(dir: &Path, name: &OsStr, entry: &Entry) -> Option<Entry> {
+    let EntryKind::Image(image) = &entry.kind else {
+        return None;
+    };
+    if image.snapshot_names().is_empty() {
+        return None;
+    }
+    let mut dir_name = name.to_os_string();
+    dir_name.push(SNAPSHOTS_SUFFIX);
+    Some(Entry {
+        source: dir.join(&dir_name),
+        name: dir_name,
+        kind: EntryKind::Dir,
+    })
+}
+
+/// Backing files opened for images of the tree: one read-only instance per file, shared by
+/// every image above it and served as its own (read-only) raw file.
+struct CatalogLinks<'a> {
+    root: &'a Path,
+    opener: &'a dyn Opener,
+    state: &'a mut State,
+}
+
+impl Links for CatalogLinks<'_> {
+    fn root(&self) -> &Path {
+        self.root
+    }
+
+    fn open_backing(
+        &mut self,
+        path: &Path,
+        format: Option<Format>,
+        chain: &Chain,
+    ) -> Result<Arc<dyn Image>> {
+        let probed = self.opener.probe(path)?;
+        // A file read as another format than it has is a private instance, never served.
+        let shared = probed.is_some() && (format.is_none() || format == probed);
+        if shared {
+            if let Some(open) = self.state.open.get(path) {
+                if open.image.read_only_reason().is_some() {
+                    return Ok(open.image.clone());
+                }
+                // Served writable so far: it becomes read-only, but only while nobody has it
+                // open through the mount (the catalog holds the only reference then).
+                if Arc::strong_count(&open.image) > 1 {
+                    return Err(Error::busy(format!(
+                        "its backing file {} is open for writing through the mount",
+                        path.display()
+                    )));
+                }
+                open.image.flush()?;
+                self.state.open.remove(path);
+                log::info!(
+                    "{} is a backing file: served read-only from now on",
+                    path.display()
+                );
+            }
+        }
+        let opener = self.opener;
+        let image = opener.open_backing(path, format, chain, self)?;
+        if shared {
+            let meta = std::fs::symlink_metadata(path)
+                .map_err(|e| Error::io("stat", e).with_path(path))?;
+            self.state.hidden.remove(path);
+            self.state.open.insert(
+                path.to_path_buf(),
+                OpenImage {
+                    identity: FileIdentity::of(&meta),
+                    image: image.clone(),
+                },
+            );
+        }
+        Ok(image)
     }
 }
 

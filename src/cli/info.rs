@@ -4,22 +4,36 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use crate::format::links::PlainLinks;
 use crate::format::{self, OpenOptions, INSPECT_REASON};
 use crate::image::ImageInfo;
 
-pub fn run(path: &Path, json: bool) -> Result<(), String> {
+pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
+    // Backing files must lie in `root`: by default next to the image or below, never above.
+    let root = match (root, path.parent()) {
+        (Some(root), _) => root,
+        (None, Some(dir)) if !dir.as_os_str().is_empty() => dir,
+        (None, _) => Path::new("."),
+    };
+    let mut links = PlainLinks::new(root, true).map_err(|e| e.to_string())?;
     let image = format::open(
         path,
         &OpenOptions {
             read_only: true,
             inspect: true,
         },
+        &mut links,
     )
     .map_err(|e| e.to_string())?;
     let mut info = image.info();
-    if info.read_only_reason.as_deref() == Some(INSPECT_REASON) {
-        info.read_only_reason = None;
-    }
+    // `info` opens read-only by design: only the image's own reasons are worth showing.
+    info.read_only_reason = info.read_only_reason.and_then(|reason| {
+        let own = reason
+            .strip_prefix(INSPECT_REASON)
+            .map(|rest| rest.trim_start_matches("; ").to_string())
+            .unwrap_or(reason);
+        (!own.is_empty()).then_some(own)
+    });
     let disk_size = std::fs::metadata(path)
         .map(|m| m.blocks() * 512)
         .unwrap_or(0);

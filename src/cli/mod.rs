@@ -37,6 +37,9 @@ enum Command {
         /// Print JSON, shaped like `qemu-img info --output=json`.
         #[arg(long)]
         json: bool,
+        /// The directory tree backing files must lie in (default: the image's directory).
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
         /// The image file.
         image: PathBuf,
     },
@@ -49,7 +52,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Mount(args) => mount::run(args),
         Command::Umount { mnt } => umount::run(&mnt),
-        Command::Info { json, image } => info::run(&image, json),
+        Command::Info { json, root, image } => info::run(&image, root.as_deref(), json),
     };
     match result {
         Ok(()) => 0,

@@ -54,13 +54,12 @@ pub fn status_below(backing: Option<&Backing>, offset: u64, len: u64) -> Result<
         if inside_end > offset {
             for extent in backing.image.block_status(offset, inside_end - offset)? {
                 covered = extent.offset + extent.len;
-                push_extent(
-                    &mut extents,
-                    Extent {
-                        layer: extent.layer.saturating_add(1),
-                        ..extent
-                    },
-                );
+                // Nothing allocated anywhere belongs to no layer.
+                let layer = match extent.state {
+                    ExtentState::Unallocated => 0,
+                    _ => extent.layer.saturating_add(1),
+                };
+                push_extent(&mut extents, Extent { layer, ..extent });
             }
         }
     }

@@ -2,15 +2,22 @@
 //! its file name) and opens it with the right driver, access mode and QEMU-compatible locks.
 
 pub mod backing;
+pub mod links;
+pub mod qcow;
 pub mod qcow2;
+pub mod raw;
 pub mod vdi;
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
 use crate::image::Image;
+
+use backing::Backing;
+use links::{Chain, Links};
 
 /// Formats imgfs can recognise; only some of them have a driver yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +27,8 @@ pub enum Format {
     Qcow2,
     Vhdx,
     Vmdk,
+    /// Only as a backing file: raw files carry no magic, so they are never served on their own.
+    Raw,
 }
 
 impl Format {
@@ -30,6 +39,7 @@ impl Format {
             Format::Qcow2 => "qcow2",
             Format::Vhdx => "vhdx",
             Format::Vmdk => "vmdk",
+            Format::Raw => "raw",
         }
     }
 }
@@ -87,14 +97,85 @@ const LOCK_UNSHARED_WRITE: u64 = 201;
 const LOCK_UNSHARED_RESIZE: u64 = 203;
 
 /// Opens the image at `path`, choosing the driver by magic. Writable unless the options, the host
-/// file's permissions or the image itself say otherwise.
-pub fn open(path: &Path, options: &OpenOptions) -> Result<Arc<dyn Image>> {
-    open_inner(path, options).map_err(|e| e.with_path(path))
+/// file's permissions or the image itself say otherwise. Backing files are opened through
+/// `links`, read-only.
+pub fn open(path: &Path, options: &OpenOptions, links: &mut dyn Links) -> Result<Arc<dyn Image>> {
+    let top = path
+        .canonicalize()
+        .map_err(|e| Error::io("resolve", e).with_path(path))?;
+    let format = probe_file(path)
+        .and_then(|f| f.ok_or_else(|| Error::unsupported("not a disk image imgfs recognises")))
+        .map_err(|e| e.with_path(path))?;
+    open_as(path, format, options, None, &Chain::top(&top), links).map_err(|e| e.with_path(path))
 }
 
-fn open_inner(path: &Path, options: &OpenOptions) -> Result<Arc<dyn Image>> {
-    let format =
-        probe_file(path)?.ok_or_else(|| Error::unsupported("not a disk image imgfs recognises"))?;
+/// Opens `path` read-only as a backing file of the images in `chain` (what `Links` implementations
+/// call). `format` is what the image above records; without it the file is probed and taken as
+/// raw when nothing matches, as QEMU does.
+pub fn open_backing_file(
+    path: &Path,
+    format: Option<Format>,
+    chain: &Chain,
+    links: &mut dyn Links,
+    inspect: bool,
+) -> Result<Arc<dyn Image>> {
+    let below = chain.below(path)?;
+    let format = match format {
+        Some(format) => format,
+        None => probe_file(path)?.unwrap_or(Format::Raw),
+    };
+    let parent = chain.parent_path();
+    let shown = parent.strip_prefix(links.root()).unwrap_or(parent);
+    let reason = format!("it is the backing file of {}", shown.display());
+    let options = OpenOptions {
+        read_only: true,
+        inspect,
+    };
+    open_as(path, format, &options, Some(reason), &below, links).map_err(|e| e.with_path(path))
+}
+
+/// Opens the backing file that the image at `chain.parent_path()` names, if it names one.
+/// `format_name` is its recorded backing format (e.g. the qcow2 extension), if any.
+pub fn open_backing_named(
+    name: Option<&OsStr>,
+    format_name: Option<&str>,
+    chain: &Chain,
+    links: &mut dyn Links,
+) -> Result<Option<Backing>> {
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    let path = links::resolve(links.root(), chain.parent_path(), name, "backing file")?;
+    let format = format_name.map(links::format_named).transpose()?;
+    let image = links.open_backing(&path, format, chain)?;
+    Ok(Some(Backing::new(image, &path)))
+}
+
+/// Opens an external data file (qcow2 `data_file`) that the image at `chain.parent_path()`
+/// names, with the image's own access mode and locks.
+pub fn open_data_file(
+    name: &OsStr,
+    chain: &Chain,
+    links: &dyn Links,
+    writable: bool,
+    inspect: bool,
+) -> Result<HostFile> {
+    let path = links::resolve(links.root(), chain.parent_path(), name, "data file")?;
+    let file = HostFile::open(&path, writable).map_err(|e| e.with_path(&path))?;
+    if !inspect {
+        claim_like_qemu(&file).map_err(|e| e.with_path(&path))?;
+    }
+    Ok(file)
+}
+
+fn open_as(
+    path: &Path,
+    format: Format,
+    options: &OpenOptions,
+    reason: Option<String>,
+    chain: &Chain,
+    links: &mut dyn Links,
+) -> Result<Arc<dyn Image>> {
     let want_write = !options.read_only && !options.inspect;
     let (file, host_reason) = if want_write {
         match HostFile::open(path, true) {
@@ -106,18 +187,44 @@ fn open_inner(path: &Path, options: &OpenOptions) -> Result<Arc<dyn Image>> {
             Err(e) => return Err(e),
         }
     } else {
-        let reason = if options.inspect {
-            INSPECT_REASON
-        } else {
-            "served read-only by request"
+        let reason = match reason {
+            Some(reason) => reason,
+            None if options.inspect => INSPECT_REASON.to_string(),
+            None => "served read-only by request".to_string(),
         };
-        (HostFile::open(path, false)?, Some(reason.to_string()))
+        (HostFile::open(path, false)?, Some(reason))
     };
     if !options.inspect {
         claim_like_qemu(&file)?;
     }
     let image: Arc<dyn Image> = match format {
         Format::Vdi => Arc::new(vdi::VdiImage::open(file, host_reason)?),
+        Format::Qcow => {
+            let header = qcow::QcowHeader::read(&file)?;
+            // QCOW v1 records no backing format: the backing file is probed.
+            let backing = open_backing_named(header.backing_file(), None, chain, links)?;
+            Arc::new(qcow::QcowImage::open(file, header, backing, host_reason)?)
+        }
+        Format::Qcow2 => {
+            let header = qcow2::Qcow2Header::read(&file)?;
+            let data_file = header
+                .data_file()
+                .map(|name| open_data_file(name, chain, links, file.is_writable(), options.inspect))
+                .transpose()?;
+            let backing =
+                open_backing_named(header.backing_file(), header.backing_format(), chain, links)?;
+            Arc::new(qcow2::Qcow2Image::open(
+                file,
+                header,
+                data_file,
+                backing,
+                host_reason,
+            )?)
+        }
+        Format::Raw => Arc::new(raw::RawImage::open(
+            file,
+            host_reason.unwrap_or_else(|| "raw files are only read".to_string()),
+        )?),
         other => {
             return Err(Error::new(
                 ErrorKind::Unsupported,

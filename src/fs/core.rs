@@ -197,11 +197,10 @@ impl FsCore {
     }
 
     fn attr_for(&self, ino: u64, node: &Node, image: Option<&Arc<dyn Image>>) -> FsResult<Attr> {
-        let source = self
+        let meta = self
             .catalog
-            .source_path(&node.rel_source)
-            .map_err(|_| Errno(libc::ENOENT))?;
-        let meta = std::fs::symlink_metadata(&source).map_err(|e| io_errno(&e))?;
+            .metadata(&node.rel_source)
+            .map_err(|e| Errno(e.errno()))?;
         let mut perm = (meta.mode() & 0o7777) as u16;
         let (size, blocks) = match image {
             Some(image) => {

@@ -90,6 +90,9 @@ pub fn qemu_img(args: &[&str]) -> Output {
 
 /// Runs qemu-io commands (`write -P 0xab 0 4k`, ...) on an image.
 pub fn qemu_io(format: &str, image: &Path, commands: &[&str]) {
+    if commands.is_empty() {
+        return;
+    }
     let mut cmd = Command::new("qemu-io");
     cmd.arg("-f").arg(format);
     for c in commands {
@@ -158,6 +161,28 @@ pub fn assert_compare_equal(format: &str, image: &Path, expected: &[u8], dir: &T
     std::fs::remove_file(&raw).unwrap();
 }
 
+/// The sorted names in directory `dir`.
+pub fn ls(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("list {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `name.raw` read through `mount` must equal `qemu-img convert -O raw` of `src/name`.
+pub fn assert_served_like_qemu(mount: &Mount, src: &Path, dir: &TempDir, format: &str, name: &str) {
+    let ours = std::fs::read(mount.path(&format!("{name}.raw")))
+        .unwrap_or_else(|e| panic!("{name}: read through the mount: {e}"));
+    let oracle = qemu_raw(format, &src.join(name), dir);
+    assert_eq!(ours.len(), oracle.len(), "{name}: size");
+    assert!(
+        ours == oracle,
+        "{name}: content differs from qemu-img convert"
+    );
+}
+
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -184,6 +209,56 @@ impl Rng {
     pub fn bytes(&mut self, len: usize) -> Vec<u8> {
         (0..len).map(|_| self.next() as u8).collect()
     }
+}
+
+/// Writes for `threads` threads: each gets `per_thread` random unaligned writes of up to
+/// `max_len` bytes inside its own slice of `[0, span)`, plus `shared_len` bytes of its own
+/// inside one shared region at `shared_at` (so all threads allocate the same cluster or
+/// block at once). Returns the plans; `expected` is updated with every write.
+pub fn plan_threaded_writes(
+    expected: &mut [u8],
+    threads: u64,
+    per_thread: usize,
+    max_len: u64,
+    span: u64,
+    shared_at: u64,
+) -> Vec<Vec<(u64, Vec<u8>)>> {
+    let region = span / threads;
+    let mut plans = Vec::new();
+    for t in 0..threads {
+        let mut rng = Rng::new(0x5eed + t);
+        let mut writes = Vec::new();
+        for _ in 0..per_thread {
+            let len = 1 + rng.below(max_len.min(region - 1));
+            let offset = t * region + rng.below(region - len);
+            writes.push((offset, rng.bytes(len as usize)));
+        }
+        writes.push((shared_at + t * 1000 + 7, vec![0xe0 + t as u8; 999]));
+        plans.push(writes);
+    }
+    for writes in &plans {
+        for (offset, data) in writes {
+            expected[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+        }
+    }
+    plans
+}
+
+/// Runs each plan of `plan_threaded_writes` on its own thread against `raw`, each thread with
+/// its own file descriptor, ending with an fsync.
+pub fn run_threaded_writes(raw: &Path, plans: &[Vec<(u64, Vec<u8>)>]) {
+    use std::os::unix::fs::FileExt;
+    std::thread::scope(|scope| {
+        for writes in plans {
+            scope.spawn(move || {
+                let file = std::fs::OpenOptions::new().write(true).open(raw).unwrap();
+                for (offset, data) in writes {
+                    file.write_all_at(data, *offset).unwrap();
+                }
+                file.sync_all().unwrap();
+            });
+        }
+    });
 }
 
 /// A live imgfs mount of `src` on `mnt`; unmounted with `imgfs umount` on drop.

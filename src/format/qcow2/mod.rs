@@ -657,6 +657,23 @@ impl Image for Qcow2Image {
         self.read_only_reason.clone()
     }
 
+    /// Snapshots are listed from the active disk only; a snapshot view has none of its own.
+    fn snapshot_names(&self) -> Vec<String> {
+        match self.snapshot {
+            None => snapshot::file_names(&self.shared.snapshots),
+            Some(_) => Vec::new(),
+        }
+    }
+
+    fn snapshot(&self, name: &str) -> Result<Arc<dyn Image>> {
+        let index = self
+            .snapshot_names()
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| Error::out_of_range(format!("no internal snapshot called {name:?}")))?;
+        Ok(Arc::new(self.snapshot_image(index)?))
+    }
+
     fn info(&self) -> ImageInfo {
         let h = &self.shared.header;
         let compat = if h.version >= 3 {

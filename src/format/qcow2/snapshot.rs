@@ -78,6 +78,25 @@ impl TableReader<'_> {
     }
 }
 
+/// The file name (without `.raw`) under which each snapshot is served: its name where that
+/// is a usable file name and no other snapshot has it, `snapshot-<id>` otherwise (ids are
+/// unique; names need not be, and may hold `/`).
+pub fn file_names(snapshots: &[SnapshotInfo]) -> Vec<String> {
+    let usable =
+        |name: &str| !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0']);
+    let by_name = |name: &str| snapshots.iter().filter(|s| s.name == name).count();
+    snapshots
+        .iter()
+        .map(|s| {
+            if usable(&s.name) && by_name(&s.name) == 1 && !s.name.starts_with("snapshot-") {
+                s.name.clone()
+            } else {
+                format!("snapshot-{}", s.id.replace(['/', '\0'], "_"))
+            }
+        })
+        .collect()
+}
+
 /// Reads `count` entries of the table at `offset` in `file` (`file_len` bytes long).
 /// `image_size` stands in for the disk size of entries too old to record one.
 pub fn read_table(
@@ -160,4 +179,49 @@ fn parse_entry(
         },
         next,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(id: &str, name: &str) -> SnapshotInfo {
+        SnapshotInfo {
+            id: id.into(),
+            name: name.into(),
+            vm_state_size: 0,
+            date_sec: 0,
+            date_nsec: 0,
+            vm_clock_nsec: 0,
+            disk_size: 0,
+            l1_table_offset: 0,
+            l1_size: 0,
+            entry_offset: 0,
+        }
+    }
+
+    #[test]
+    fn file_names_are_the_names_unless_unusable_or_shared() {
+        let names = file_names(&[
+            snapshot("1", "before-upgrade"),
+            snapshot("2", "a/b"),
+            snapshot("3", "twice"),
+            snapshot("4", "twice"),
+            snapshot("5", ""),
+            snapshot("6", ".."),
+            snapshot("7", "snapshot-1"),
+        ]);
+        assert_eq!(
+            names,
+            [
+                "before-upgrade",
+                "snapshot-2",
+                "snapshot-3",
+                "snapshot-4",
+                "snapshot-5",
+                "snapshot-6",
+                "snapshot-7"
+            ]
+        );
+    }
 }

@@ -170,3 +170,29 @@ fn removed_images_disappear_but_open_handles_keep_working() {
     std::fs::write(dir.path().join("added.img"), "FAKEIMG 512").unwrap();
     assert!(names(&core, ROOT_INO).contains(&"added.img.raw".to_string()));
 }
+
+#[test]
+fn snapshots_are_read_only_files_in_a_directory_beside_the_image() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("d.img"), "FAKEIMG 8192\nsnapshot s1").unwrap();
+    let catalog = Catalog::new(dir.path(), Box::new(FakeOpener::default())).unwrap();
+    let core = FsCore::new(catalog, false);
+    assert_eq!(
+        names(&core, ROOT_INO),
+        [".", "..", "d.img.raw", "d.img.snapshots"]
+    );
+    let snaps = core
+        .lookup(ROOT_INO, OsStr::new("d.img.snapshots"))
+        .unwrap();
+    assert_eq!(snaps.kind, NodeKind::Dir);
+    assert_eq!(names(&core, snaps.ino), [".", "..", "s1.raw"]);
+    let s1 = core.lookup(snaps.ino, OsStr::new("s1.raw")).unwrap();
+    assert_eq!(
+        (s1.kind, s1.size, s1.perm & 0o222),
+        (NodeKind::File, 8192, 0)
+    );
+    assert_eq!(core.getattr(s1.ino).unwrap().size, 8192);
+    assert_eq!(core.open(s1.ino, true), Err(Errno(libc::EROFS)));
+    let fh = core.open(s1.ino, false).unwrap();
+    assert_eq!(core.read(fh, 4000, 4).unwrap(), [1, 1, 1, 1]);
+}

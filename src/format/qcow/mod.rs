@@ -1,0 +1,623 @@
+//! QCOW version 1 images (QEMU's original copy-on-write format), served as a raw disk.
+//!
+//! # On-disk layout (all big-endian)
+//!
+//! ```text
+//! 0                    header, 48 bytes (header.rs): magic "QFI\xfb", version 1,
+//!                      backing_file_offset u64, backing_file_size u32, mtime u32, size u64,
+//!                      cluster_bits u8 (9..=16), l2_bits u8 (6..=13), padding u16,
+//!                      crypt_method u32 (0 none, 1 AES: refused), l1_table_offset u64
+//! backing_file_offset  backing file name, backing_file_size bytes (no NUL; at most 1023)
+//! l1_table_offset      L1 table: ceil(size / 2^(cluster_bits + l2_bits)) u64 entries, each the
+//!                      file offset of an L2 table, 0 where there is none
+//! (anywhere after)     L2 tables of 2^l2_bits u64 entries: 0 = unallocated (the backing file
+//!                      shows through, or zeros), bit 63 set = compressed cluster (raw deflate,
+//!                      its byte length in the cluster_bits bits below bit 63, its file offset
+//!                      in the low 63 - cluster_bits bits), else the file offset of a cluster
+//! ```
+//!
+//! qemu-img writes the L1 table right after the header and the backing name (8-byte aligned),
+//! then L2 tables and clusters at the cluster-aligned end of the file as they are allocated;
+//! compressed clusters are packed at sector granularity. There are no refcounts: space is only
+//! ever appended, and a cluster that stops being referenced (a compressed cluster rewritten as
+//! a normal one) leaks. The disk is `size` rounded down to whole sectors, as QEMU serves it.
+//!
+//! Every table and cluster an entry names must lie inside the file as it was opened and clear
+//! of the header, backing name and L1 table, so appended space never overlaps anything
+//! referenced. Two L1 entries naming overlapping L2 tables would make writes through one undo
+//! the other: such an image is served read-only. Clusters shared between L2 entries cannot be
+//! found without reading every table and are not looked for (QEMU does not either).
+//!
+//! # Metadata write order
+//!
+//! Allocation appends: new clusters (the payload merged with what the layer below holds at that
+//! place, or with the inflated compressed cluster being replaced) are written at the end of the
+//! file first, and only then published in the in-memory L2 table. A new L2 table is only
+//! reserved at the end of the file (and its L1 entry set in memory); it is written, whole, on
+//! flush. `flush` does `fdatasync` (new data durable) -> dirty L2 sectors -> `fdatasync` ->
+//! dirty L1 sectors -> `fdatasync`, writing only what allocations dirtied. A crash therefore
+//! leaks appended clusters at worst; no L1 entry ever points at an unwritten L2 table and no L2
+//! entry at unwritten data.
+//!
+//! # Locks (taken in this order, never the reverse)
+//!
+//! 1. `alloc` (Mutex): serialises allocations and flushes; holds the next free file offset.
+//!    Held across the data write of new clusters, so two writers never allocate the same guest
+//!    cluster twice (the second one looks again under the mutex and finds it allocated), and
+//!    across a flush, so no allocation dirties a table between the snapshot and marking clean.
+//! 2. `tables` (RwLock): L1 and the loaded L2 tables. Read-locked for lookups, write-locked to
+//!    keep a freshly read L2 table or publish an allocation; never held during I/O (an L2 table
+//!    is read from the file with no lock held, then inserted).
+//! 3. `inflated` (Mutex): the last inflated compressed cluster, held only to clone or replace it.
+//!
+//! Reads and in-place writes take the read lock just for the lookup and do their I/O with no
+//! lock held, so they run in parallel with each other and with allocations.
+
+mod header;
+mod tables;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use flate2::{Decompress, FlushDecompress};
+
+use crate::error::{Error, Result};
+use crate::format::backing::{read_below, status_below, Backing};
+use crate::host::HostFile;
+use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
+
+pub use header::QcowHeader;
+use header::{Geometry, Layout};
+use tables::{Run, RunKind, TableState, Tables};
+
+/// State only the allocation path touches, guarded by the allocation mutex.
+struct AllocState {
+    /// Where the next cluster or L2 table goes: the cluster-aligned end of everything written
+    /// or reserved so far.
+    next_free: u64,
+}
+
+/// An open QCOW v1 image.
+pub struct QcowImage {
+    file: HostFile,
+    header: QcowHeader,
+    geometry: Geometry,
+    layout: Layout,
+    size: u64,
+    backing: Option<Backing>,
+    alloc: Mutex<AllocState>,
+    tables: RwLock<Tables>,
+    /// The last compressed cluster inflated, by its file offset. Compressed bytes are never
+    /// rewritten (a write moves the cluster), so an entry never goes stale.
+    inflated: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// Estimated bytes of guest data in the file, see `open`.
+    data_bytes: AtomicU64,
+    read_only_reason: Option<String>,
+}
+
+impl QcowImage {
+    /// Opens the QCOW v1 image in `file` whose header `QcowHeader::read` returned. `backing` is
+    /// the opened backing image (`None`: unallocated clusters read as zeros);
+    /// `read_only_reason` is set when the caller serves the image read-only.
+    pub fn open(
+        file: HostFile,
+        header: QcowHeader,
+        backing: Option<Backing>,
+        read_only_reason: Option<String>,
+    ) -> Result<QcowImage> {
+        let path = file.path().to_path_buf();
+        Self::open_inner(file, header, backing, read_only_reason).map_err(|e| e.with_path(&path))
+    }
+
+    fn open_inner(
+        file: HostFile,
+        header: QcowHeader,
+        backing: Option<Backing>,
+        read_only_reason: Option<String>,
+    ) -> Result<QcowImage> {
+        // The header may have been read a while ago: check it against the file as it is now.
+        let file_len = file.len()?;
+        header.check_layout(file_len)?;
+        let layout = header.layout(file_len);
+        let geometry = header.geometry();
+        let tables = Tables::load_l1(&file, &header, layout)?;
+        let cluster = geometry.cluster_size();
+        let next_free = file_len
+            .checked_next_multiple_of(cluster)
+            .ok_or_else(|| Error::corrupt(format!("file length {file_len} overflows")))?;
+        // Counting allocated clusters exactly would mean reading every L2 table at open. The
+        // file holds nothing but metadata and (possibly leaked) clusters, so what is left
+        // after the header, L1 and L2 tables is a close estimate: exact for images qemu-img
+        // created and QEMU or we grew, counting compressed clusters at their compressed size
+        // and leaked clusters as allocated.
+        let l2_bytes = tables.l2_tables().saturating_mul(geometry.l2_table_len());
+        let first_cluster = layout
+            .metadata_end()
+            .checked_next_multiple_of(cluster)
+            .unwrap_or(u64::MAX);
+        let data_bytes = file_len
+            .saturating_sub(first_cluster)
+            .saturating_sub(l2_bytes);
+        let mut reasons = Vec::new();
+        if let Some(overlap) = tables.overlapping_tables() {
+            log::warn!("{}: {overlap}; serving it read-only", file.path().display());
+            reasons.push(overlap);
+        }
+        match read_only_reason {
+            Some(reason) => reasons.push(reason),
+            None if !file.is_writable() => {
+                reasons.push("the image file is opened read-only".into())
+            }
+            None => {}
+        }
+        let read_only_reason = (!reasons.is_empty()).then(|| reasons.join("; "));
+        Ok(QcowImage {
+            size: header.virtual_size(),
+            geometry,
+            layout,
+            backing,
+            alloc: Mutex::new(AllocState { next_free }),
+            tables: RwLock::new(tables),
+            inflated: Mutex::new(None),
+            data_bytes: AtomicU64::new(data_bytes),
+            read_only_reason,
+            header,
+            file,
+        })
+    }
+
+    // Poisoning is ignored on purpose: the critical sections on the tables are assignments
+    // that cannot stop halfway, and `next_free` only moves forward, so a panic elsewhere never
+    // leaves the guarded state inconsistent (at worst some file space is skipped).
+    fn lock_alloc(&self) -> MutexGuard<'_, AllocState> {
+        self.alloc.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read_tables(&self) -> RwLockReadGuard<'_, Tables> {
+        self.tables.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_tables(&self) -> RwLockWriteGuard<'_, Tables> {
+        self.tables.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Looks `[offset, offset + len)` up, loading the L2 tables it needs along the way (read
+    /// with no lock held).
+    fn lookup(&self, offset: u64, len: u64) -> Result<Vec<Run>> {
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| Error::out_of_range(format!("{offset} + {len} overflows")))?;
+        let mut runs = Vec::new();
+        let mut at = offset;
+        let mut last_missing = None;
+        loop {
+            let missing = self.read_tables().lookup(at, end - at, &mut runs)?;
+            let Some(missing) = missing else {
+                return Ok(runs);
+            };
+            if last_missing == Some(missing) {
+                return Err(Error::corrupt(format!(
+                    "internal: L2 table {} does not stay loaded",
+                    missing.l1_index
+                )));
+            }
+            let entries = Tables::read_l2(
+                &self.file,
+                self.geometry,
+                &self.layout,
+                missing.l1_index,
+                missing.host_offset,
+            )?;
+            self.write_tables()
+                .insert_l2(missing.l1_index, missing.host_offset, entries);
+            at = missing.resume_at;
+            last_missing = Some(missing);
+        }
+    }
+
+    /// The whole inflated cluster whose `len` compressed bytes are at `host_offset`.
+    fn inflate(&self, host_offset: u64, len: u64) -> Result<Arc<Vec<u8>>> {
+        let cached = self
+            .inflated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|(at, _)| *at == host_offset)
+            .map(|(_, data)| Arc::clone(data));
+        if let Some(data) = cached {
+            return Ok(data);
+        }
+        // `len` is below the cluster size (it is masked to cluster_bits bits).
+        let mut compressed = vec![0u8; len as usize];
+        self.file.read_exact_at(&mut compressed, host_offset)?;
+        let cluster = self.geometry.cluster_size();
+        let mut out = vec![0u8; cluster as usize];
+        let mut inflater = Decompress::new(false);
+        let result = inflater.decompress(&compressed, &mut out, FlushDecompress::Finish);
+        // The stored length may include padding after the deflate stream, so a full output
+        // buffer is success whether or not the stream end was seen (QEMU does the same).
+        match result {
+            Ok(_) if inflater.total_out() == cluster => {}
+            Ok(_) => {
+                return Err(Error::corrupt(format!(
+                    "qcow compressed cluster ({len} bytes) inflates to {} bytes, not the \
+                     cluster size {cluster}",
+                    inflater.total_out()
+                ))
+                .at_offset(host_offset))
+            }
+            Err(e) => {
+                return Err(Error::corrupt(format!(
+                    "qcow compressed cluster ({len} bytes) does not inflate: {e}"
+                ))
+                .at_offset(host_offset))
+            }
+        }
+        let data = Arc::new(out);
+        *self.inflated.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((host_offset, Arc::clone(&data)));
+        Ok(data)
+    }
+
+    /// Copies the part of the compressed cluster at `host_offset` that guest offset `offset`
+    /// starts into `buf`.
+    fn read_compressed(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        host_offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        let data = self.inflate(host_offset, len)?;
+        let start = self.geometry.split(offset).in_cluster as usize;
+        let src = start
+            .checked_add(buf.len())
+            .and_then(|end| data.get(start..end))
+            .ok_or_else(|| Error::out_of_range("internal: read past a compressed cluster"))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.size, offset, buf.len())?;
+        for run in self.lookup(offset, buf.len() as u64)? {
+            let part = buf
+                .get_mut(run_range(&run, offset))
+                .ok_or_else(|| internal_range(&run))?;
+            match run.kind {
+                RunKind::Data { host_offset } => self.file.read_exact_at(part, host_offset)?,
+                RunKind::Unallocated => read_below(self.backing.as_ref(), part, run.offset)?,
+                RunKind::Compressed { host_offset, len } => {
+                    self.read_compressed(part, run.offset, host_offset, len)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if let Some(reason) = &self.read_only_reason {
+            return Err(Error::read_only(reason.clone()));
+        }
+        check_range(self.size, offset, buf.len())?;
+        for run in self.lookup(offset, buf.len() as u64)? {
+            let part = buf
+                .get(run_range(&run, offset))
+                .ok_or_else(|| internal_range(&run))?;
+            match run.kind {
+                RunKind::Data { host_offset } => self.file.write_all_at(part, host_offset)?,
+                RunKind::Unallocated | RunKind::Compressed { .. } => {
+                    self.write_allocating(part, run.offset)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `payload` at guest `offset`, a range that needed allocation at lookup time.
+    fn write_allocating(&self, payload: &[u8], offset: u64) -> Result<()> {
+        let mut alloc = self.lock_alloc();
+        // Another writer may have allocated some of these clusters between our lookup and
+        // taking the mutex; look again now that nobody else can.
+        for run in self.lookup(offset, payload.len() as u64)? {
+            let part = payload
+                .get(run_range(&run, offset))
+                .ok_or_else(|| internal_range(&run))?;
+            match run.kind {
+                // Its allocating write finished before it was published, so this write lands
+                // after it. Rare, so done under the mutex rather than re-queued.
+                RunKind::Data { host_offset } => self.file.write_all_at(part, host_offset)?,
+                RunKind::Unallocated => self.allocate(&mut alloc, part, run.offset)?,
+                RunKind::Compressed { host_offset, len } => {
+                    self.rewrite_compressed(&mut alloc, part, run.offset, host_offset, len)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the unallocated clusters under `[offset, offset + payload.len())` consecutive new
+    /// clusters at the end of the file, writes them whole, then publishes them. Caller holds
+    /// the alloc mutex.
+    fn allocate(&self, alloc: &mut AllocState, payload: &[u8], offset: u64) -> Result<()> {
+        let geo = self.geometry;
+        let cluster = geo.cluster_size();
+        let first = geo.cluster_start(offset);
+        let end = offset + payload.len() as u64; // inside the disk: checked by the caller
+        let count = (end - first).div_ceil(cluster);
+        self.ensure_tables(alloc, first, end)?;
+        let host = alloc.next_free;
+        let next_free = reserve(host, count * cluster)?;
+        self.write_new_clusters(payload, offset, host)?;
+        self.write_tables().publish(first, host, count)?;
+        alloc.next_free = next_free;
+        self.data_bytes
+            .fetch_add(count * cluster, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Replaces the compressed cluster under `[offset, offset + part.len())` (one cluster at
+    /// most) by a normal one holding its inflated content with `part` merged in. The
+    /// compressed bytes stay where they are, unreferenced.
+    fn rewrite_compressed(
+        &self,
+        alloc: &mut AllocState,
+        part: &[u8],
+        offset: u64,
+        host_offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        let geo = self.geometry;
+        let cluster_len = geo.cluster_size();
+        let first = geo.cluster_start(offset);
+        let mut cluster = if part.len() as u64 == cluster_len {
+            vec![0u8; cluster_len as usize]
+        } else {
+            self.inflate(host_offset, len)?.to_vec()
+        };
+        merge(&mut cluster, part, geo.split(offset).in_cluster as usize)?;
+        self.ensure_tables(alloc, first, first + 1)?;
+        let host = alloc.next_free;
+        let next_free = reserve(host, cluster_len)?;
+        self.file.write_all_at(&cluster, host)?;
+        self.write_tables().publish(first, host, 1)?;
+        alloc.next_free = next_free;
+        self.data_bytes.fetch_add(cluster_len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes sure the L2 tables covering guest `[first, end)` are in memory: loads existing
+    /// ones, and reserves new zeroed ones at the end of the file where the L1 entry is empty.
+    fn ensure_tables(&self, alloc: &mut AllocState, first: u64, end: u64) -> Result<()> {
+        let geo = self.geometry;
+        let first_table = geo.split(first).l1_index;
+        let last_table = geo.split(end.saturating_sub(1).max(first)).l1_index;
+        for l1_index in first_table..=last_table {
+            let state = self.read_tables().table_state(l1_index)?;
+            match state {
+                TableState::Loaded => {}
+                TableState::OnDisk(host_offset) => {
+                    let entries =
+                        Tables::read_l2(&self.file, geo, &self.layout, l1_index, host_offset)?;
+                    self.write_tables()
+                        .insert_l2(l1_index, host_offset, entries);
+                }
+                TableState::Absent => {
+                    let host = alloc.next_free;
+                    // A table shorter than a cluster still takes a whole one, as in QEMU, so
+                    // clusters stay cluster aligned.
+                    let space = geo
+                        .l2_table_len()
+                        .checked_next_multiple_of(geo.cluster_size())
+                        .unwrap_or(u64::MAX);
+                    let next_free = reserve(host, space)?;
+                    self.write_tables().add_l2(l1_index, host)?;
+                    alloc.next_free = next_free;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes fresh clusters from `host`: `payload` placed at guest `offset`, completed to
+    /// whole clusters with what lies below. Full clusters go straight from `payload`; only
+    /// partial ones are built in a cluster-sized buffer.
+    fn write_new_clusters(&self, payload: &[u8], offset: u64, mut host: u64) -> Result<()> {
+        let geo = self.geometry;
+        let cluster = geo.cluster_size() as usize;
+        let head = geo.split(offset).in_cluster as usize;
+        let mut guest = geo.cluster_start(offset);
+        let mut rest = payload;
+        if head > 0 || rest.len() < cluster {
+            let (now, later) = split_slice(rest, (cluster - head).min(rest.len()))?;
+            self.write_merged(now, head, guest, host)?;
+            rest = later;
+            guest += cluster as u64;
+            host += cluster as u64;
+        }
+        let (full, tail) = split_slice(rest, rest.len() / cluster * cluster)?;
+        if !full.is_empty() {
+            self.file.write_all_at(full, host)?;
+            host += full.len() as u64;
+            guest += full.len() as u64;
+        }
+        if !tail.is_empty() {
+            self.write_merged(tail, 0, guest, host)?;
+        }
+        Ok(())
+    }
+
+    /// Writes one new cluster at `host`: the layer below at guest cluster `guest`, with `part`
+    /// stored `head` bytes in.
+    fn write_merged(&self, part: &[u8], head: usize, guest: u64, host: u64) -> Result<()> {
+        let mut cluster = vec![0u8; self.geometry.cluster_size() as usize];
+        // Past the end of the disk the cluster stays zero, whatever the backing file holds.
+        let inside = self.size.saturating_sub(guest).min(cluster.len() as u64) as usize;
+        read_below(
+            self.backing.as_ref(),
+            cluster.get_mut(..inside).unwrap_or_default(),
+            guest,
+        )?;
+        merge(&mut cluster, part, head)?;
+        self.file.write_all_at(&cluster, host)
+    }
+
+    fn flush_inner(&self) -> Result<()> {
+        let alloc = self.lock_alloc();
+        let (l2_pieces, l1_pieces) = {
+            let tables = self.read_tables();
+            (tables.dirty_l2(), tables.dirty_l1())
+        };
+        self.file.sync_data()?;
+        if l2_pieces.is_empty() && l1_pieces.is_empty() {
+            return Ok(());
+        }
+        for (at, bytes) in &l2_pieces {
+            self.file.write_all_at(bytes, *at)?;
+        }
+        if !l1_pieces.is_empty() {
+            // New L2 tables must be durable before an L1 entry points at them.
+            self.file.sync_data()?;
+            for (at, bytes) in &l1_pieces {
+                self.file.write_all_at(bytes, *at)?;
+            }
+        }
+        self.file.sync_data()?;
+        self.write_tables().mark_clean();
+        drop(alloc);
+        Ok(())
+    }
+
+    fn block_status_inner(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let len = len.min(self.size.saturating_sub(offset));
+        let mut extents = Vec::new();
+        if len == 0 {
+            return Ok(extents);
+        }
+        for run in self.lookup(offset, len)? {
+            match run.kind {
+                RunKind::Data { .. } | RunKind::Compressed { .. } => push_extent(
+                    &mut extents,
+                    Extent {
+                        offset: run.offset,
+                        len: run.len,
+                        state: ExtentState::Data,
+                        layer: 0,
+                    },
+                ),
+                RunKind::Unallocated => {
+                    for extent in status_below(self.backing.as_ref(), run.offset, run.len)? {
+                        push_extent(&mut extents, extent);
+                    }
+                }
+            }
+        }
+        Ok(extents)
+    }
+}
+
+/// The end of `len` bytes reserved at `host`, refusing a file offset that overflows.
+fn reserve(host: u64, len: u64) -> Result<u64> {
+    host.checked_add(len)
+        .filter(|&end| end <= i64::MAX as u64)
+        .ok_or_else(|| {
+            Error::io(
+                format!("no room to allocate {len} bytes at file offset {host:#x}"),
+                std::io::Error::from_raw_os_error(libc::EFBIG),
+            )
+        })
+}
+
+/// Stores `part` into `cluster` at `head`.
+fn merge(cluster: &mut [u8], part: &[u8], head: usize) -> Result<()> {
+    head.checked_add(part.len())
+        .and_then(|end| cluster.get_mut(head..end))
+        .ok_or_else(|| Error::out_of_range("internal: merge outside the cluster"))?
+        .copy_from_slice(part);
+    Ok(())
+}
+
+/// The part of a request buffer starting at guest `base` that `run` covers.
+fn run_range(run: &Run, base: u64) -> std::ops::Range<usize> {
+    let start = run.offset.saturating_sub(base) as usize;
+    start..start.saturating_add(run.len as usize)
+}
+
+fn internal_range(run: &Run) -> Error {
+    Error::out_of_range(format!("internal: run {run:?} outside the request"))
+}
+
+fn split_slice(buf: &[u8], at: usize) -> Result<(&[u8], &[u8])> {
+    buf.split_at_checked(at)
+        .ok_or_else(|| Error::out_of_range("internal: split outside the buffer"))
+}
+
+impl Image for QcowImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_inner(buf, offset)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_inner(buf, offset)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flush_inner()
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.read_tables().is_dirty()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.block_status_inner(offset, len)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        self.data_bytes.load(Ordering::Relaxed)
+    }
+
+    fn read_only_reason(&self) -> Option<String> {
+        self.read_only_reason.clone()
+    }
+
+    fn info(&self) -> ImageInfo {
+        let h = &self.header;
+        let mut details = Vec::new();
+        if let Some(name) = h.backing_file() {
+            details.push(("backing file", name.to_string_lossy().into_owned()));
+        }
+        if let Some(backing) = &self.backing {
+            details.push(("backing path", backing.path.display().to_string()));
+        }
+        details.extend([
+            ("l1_table_offset", format!("{:#x}", h.l1_table_offset)),
+            ("l1 entries", h.l1_entries.to_string()),
+            ("l2 entries", self.geometry.l2_entries().to_string()),
+            ("l2 tables", self.read_tables().l2_tables().to_string()),
+        ]);
+        if h.mtime != 0 {
+            details.push(("mtime", h.mtime.to_string()));
+        }
+        ImageInfo {
+            format: "qcow",
+            subformat: String::new(),
+            virtual_size: self.size,
+            cluster_size: Some(self.geometry.cluster_size()),
+            allocated_bytes: self.allocated_bytes(),
+            read_only_reason: self.read_only_reason.clone(),
+            details,
+        }
+    }
+}

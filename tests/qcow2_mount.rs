@@ -1,0 +1,322 @@
+//! QCOW2 through a real imgfs mount, with qemu-img as the oracle: every sub-format the issue
+//! names reads the same as `qemu-img convert -O raw` (and `-l` for internal snapshots); backing
+//! files are served read-only; broken chains keep only their own image out.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use common::*;
+
+/// Creates `name` below `src` with `qemu-img create -f qcow2 OPTIONS name size` and fills it.
+fn create(src: &Path, name: &str, options: &[&str], size: &str, fills: &[&str]) {
+    let path = src.join(name);
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(options);
+    args.extend([path_str(&path), size]);
+    qemu_img(&args);
+    qemu_io("qcow2", &path, fills);
+}
+
+/// Fills that are unaligned, cross cluster boundaries and leave holes.
+const FILLS: &[&str] = &[
+    "write -P 0xab 0 4k",
+    "write -P 0x12 65000 70000",
+    "write -P 0x34 1000000 1000000",
+    "write -P 0x56 3M 512",
+];
+
+/// A raw file with `FILLS`, for `qemu-img convert` into compressed images.
+fn raw_source(dir: &TempDir) -> std::path::PathBuf {
+    let raw = dir.join("source.raw");
+    qemu_img(&["create", "-q", "-f", "raw", path_str(&raw), "4M"]);
+    qemu_io("raw", &raw, FILLS);
+    raw
+}
+
+#[test]
+fn every_qcow2_sub_format_reads_like_qemu_img_convert() {
+    if !can_mount() {
+        return;
+    }
+    let dir = TempDir::new("qcow2-read");
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut names = Vec::new();
+    for (name, options) in [
+        ("v2-c512.qcow2", &["-o", "compat=0.10,cluster_size=512"][..]),
+        ("v3-c4k.qcow2", &["-o", "compat=1.1,cluster_size=4096"][..]),
+        ("v3-c64k.qcow2", &[][..]),
+        ("v3-c2m.qcow2", &["-o", "cluster_size=2M"][..]),
+        ("rc1.qcow2", &["-o", "refcount_bits=1"][..]),
+        ("rc64.qcow2", &["-o", "refcount_bits=64"][..]),
+        ("extl2.qcow2", &["-o", "extended_l2=on"][..]),
+        (
+            "extl2-c2m.qcow2",
+            &["-o", "extended_l2=on,cluster_size=2M"][..],
+        ),
+    ] {
+        create(&src, name, options, "4M", FILLS);
+        names.push(name.to_string());
+    }
+    // Zero clusters: written as zeros over data and over nothing, with and without keeping
+    // the allocation; and in an extended-L2 image, zeroed subclusters.
+    create(
+        &src,
+        "zero.qcow2",
+        &[],
+        "4M",
+        &[
+            "write -P 0x77 0 1M",
+            "write -z 64k 128k",
+            "write -z 2M 64k",
+            "write -z -u 512k 64k",
+        ],
+    );
+    create(
+        &src,
+        "zero-extl2.qcow2",
+        &["-o", "extended_l2=on"],
+        "4M",
+        &["write -P 0x77 0 1M", "write -z 6k 10k", "write -z 2M 4k"],
+    );
+    names.extend(["zero.qcow2".into(), "zero-extl2.qcow2".into()]);
+    // Compressed clusters, zlib and zstd.
+    let raw = raw_source(&dir);
+    for (name, extra) in [("zlib.qcow2", ""), ("zstd.qcow2", ",compression_type=zstd")] {
+        let options = format!("cluster_size=65536{extra}");
+        let out = src.join(name);
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            &options,
+            path_str(&raw),
+            path_str(&out),
+        ]);
+        names.push(name.to_string());
+    }
+    // External data files, plain and raw.
+    for (name, extra) in [("ext.qcow2", ""), ("extraw.qcow2", ",data_file_raw=on")] {
+        let data = src.join(format!("{name}.data"));
+        let options = format!("data_file={}{extra}", data.display());
+        create(&src, name, &["-o", &options], "4M", FILLS);
+        names.push(name.to_string());
+    }
+    // A lazy-refcounts image left with its dirty bit set by a crash.
+    let lazy = src.join("lazy.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        path_str(&lazy),
+        "4M",
+    ]);
+    let _ = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x99 100k 300k",
+            "-c",
+            "abort",
+        ])
+        .arg(&lazy)
+        .output()
+        .unwrap();
+    let header = std::fs::read(&lazy).unwrap();
+    assert_eq!(header[79] & 1, 1, "qemu-io abort left the dirty bit set");
+    names.push("lazy.qcow2".into());
+
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    for name in &names {
+        assert_served_like_qemu(&mount, &src, &dir, "qcow2", name);
+    }
+    // Data files are part of their image and do not appear on their own.
+    assert!(!mount.path("ext.qcow2.data.raw").exists());
+    mount.unmount();
+}
+
+#[test]
+fn a_chain_three_deep_mixing_formats_reads_through_and_serves_the_lower_layers_read_only() {
+    if !can_mount() {
+        return;
+    }
+    let dir = TempDir::new("qcow2-chain");
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("layers")).unwrap();
+    let base = src.join("layers/base.vdi");
+    qemu_img(&["create", "-q", "-f", "vdi", path_str(&base), "6M"]);
+    qemu_io("vdi", &base, &["write -P 0x11 0 6M"]);
+    create(
+        &src,
+        "layers/mid.qcow2",
+        &["-b", "base.vdi", "-F", "vdi"],
+        "6M",
+        &["write -P 0x22 1M 1M", "write -z 5M 4k"],
+    );
+    // The top is larger than its backing file: what lies past the backing file reads as zeros.
+    create(
+        &src,
+        "top.qcow2",
+        &["-b", "layers/mid.qcow2", "-F", "qcow2"],
+        "8M",
+        &["write -P 0x33 1536k 1M", "write -P 0x44 7M 4k"],
+    );
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    assert_served_like_qemu(&mount, &src, &dir, "qcow2", "top.qcow2");
+    assert_served_like_qemu(&mount, &src, &dir, "qcow2", "layers/mid.qcow2");
+    for lower in ["layers/mid.qcow2.raw", "layers/base.vdi.raw"] {
+        let mode = std::fs::metadata(mount.path(lower))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o222, 0, "{lower} is a backing file: read-only");
+        let err = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mount.path(lower))
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{lower}");
+    }
+    mount.unmount();
+}
+
+#[test]
+fn broken_chains_keep_only_their_own_image_out() {
+    if !can_mount() {
+        return;
+    }
+    let dir = TempDir::new("qcow2-badchain");
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    create(&src, "fine.qcow2", &[], "1M", &["write -P 0x5 0 4k"]);
+    // a -> b -> a
+    create(&src, "a.qcow2", &[], "1M", &[]);
+    create(
+        &src,
+        "b.qcow2",
+        &["-b", "a.qcow2", "-F", "qcow2"],
+        "1M",
+        &[],
+    );
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        path_str(&src.join("a.qcow2")),
+    ]);
+    // A backing file outside the source tree, and one that does not exist.
+    let outside = dir.join("outside.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&outside), "1M"]);
+    create(
+        &src,
+        "escape.qcow2",
+        &["-b", path_str(&outside), "-F", "qcow2"],
+        "1M",
+        &[],
+    );
+    create(
+        &src,
+        "orphan.qcow2",
+        &["-b", "gone.qcow2", "-F", "qcow2", "-u"],
+        "1M",
+        &[],
+    );
+
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    assert_eq!(ls(&mount.mnt), ["fine.qcow2.raw"]);
+    let log = mount.log_text();
+    for expect in ["loops", "outside the source tree", "does not exist"] {
+        assert!(log.contains(expect), "log should say {expect:?}: {log}");
+    }
+    mount.unmount();
+}
+
+#[test]
+fn internal_snapshots_are_served_read_only_beside_the_image() {
+    if !can_mount() {
+        return;
+    }
+    let dir = TempDir::new("qcow2-snap");
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let image = src.join("vm.qcow2");
+    create(&src, "vm.qcow2", &[], "4M", &["write -P 0x01 0 1M"]);
+    qemu_img(&["snapshot", "-c", "first", path_str(&image)]);
+    qemu_io("qcow2", &image, &["write -P 0x02 512k 1M"]);
+    qemu_img(&["snapshot", "-c", "second", path_str(&image)]);
+    qemu_io("qcow2", &image, &["write -P 0x03 1M 2M"]);
+
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    assert_served_like_qemu(&mount, &src, &dir, "qcow2", "vm.qcow2");
+    assert_eq!(
+        ls(&mount.path("vm.qcow2.snapshots")),
+        ["first.raw", "second.raw"]
+    );
+    for snapshot in ["first", "second"] {
+        let out = dir.join("snapshot.raw");
+        qemu_img(&[
+            "convert",
+            "-U",
+            "-f",
+            "qcow2",
+            "-l",
+            &format!("snapshot.name={snapshot}"),
+            "-O",
+            "raw",
+            path_str(&image),
+            path_str(&out),
+        ]);
+        let oracle = std::fs::read(&out).unwrap();
+        let served = mount.path(&format!("vm.qcow2.snapshots/{snapshot}.raw"));
+        assert!(
+            std::fs::read(&served).unwrap() == oracle,
+            "snapshot {snapshot} differs"
+        );
+        let mode = std::fs::metadata(&served).unwrap().permissions().mode();
+        assert_eq!(mode & 0o222, 0, "snapshots are read-only");
+    }
+    mount.unmount();
+}
+
+#[test]
+fn encrypted_images_are_refused_with_a_clear_message() {
+    if !can_mount() {
+        return;
+    }
+    let dir = TempDir::new("qcow2-luks");
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let image = src.join("secret.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=sec0,data=123456",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+        path_str(&image),
+        "1M",
+    ]);
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    assert!(!mount.path("secret.qcow2.raw").exists());
+    let log = mount.log_text();
+    assert!(
+        log.contains("secret.qcow2") && log.contains("encrypted"),
+        "{log}"
+    );
+    mount.unmount();
+}
