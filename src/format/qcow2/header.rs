@@ -648,33 +648,31 @@ fn feature_name(entry: &[u8]) -> Option<FeatureName> {
 /// header cluster, and lies inside the file.
 pub(super) fn check_table(
     field: &str,
-    field_at: usize,
+    field_at: u64,
     offset: u64,
     len: u64,
     cluster_size: u64,
     file_len: u64,
 ) -> Result<()> {
     if offset % cluster_size != 0 {
-        return Err(corrupt(
-            format!("{field} {offset:#x} is not aligned to the cluster size {cluster_size}"),
-            field_at,
-        ));
+        return Err(Error::corrupt(format!(
+            "{field} {offset:#x} is not aligned to the cluster size {cluster_size}"
+        ))
+        .at_offset(field_at));
     }
     if offset == 0 {
-        return Err(corrupt(
-            format!("{field} is 0: the table would overlap the header"),
-            field_at,
-        ));
+        return Err(
+            Error::corrupt(format!("{field} is 0: the table would overlap the header"))
+                .at_offset(field_at),
+        );
     }
     match offset.checked_add(len) {
         Some(end) if end <= file_len => Ok(()),
-        _ => Err(corrupt(
-            format!(
-                "{field} {offset:#x} with {len} bytes runs past the end of the file \
-                 ({file_len} bytes)"
-            ),
-            field_at,
-        )),
+        _ => Err(Error::corrupt(format!(
+            "{field} {offset:#x} with {len} bytes runs past the end of the file \
+             ({file_len} bytes)"
+        ))
+        .at_offset(field_at)),
     }
 }
 

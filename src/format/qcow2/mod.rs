@@ -26,6 +26,11 @@
 //! unallocated (read from the backing image, or zeros), or part of a compressed cluster.
 //! Then the runs are read with no lock held, so requests proceed in parallel.
 //!
+//! With an external data file, data clusters are read from it at the L2 entry's offset (the
+//! guest offset, per the spec). Unallocated clusters read from the backing image or as zeros
+//! even when the data file is marked raw, as the spec's read rule and QEMU do: the raw bit
+//! only promises that the data file agrees, which QEMU keeps true by writing zeros there.
+//!
 //! # Locks (taken in this order, never the reverse)
 //!
 //! 1. `l1` (RwLock, per view): the L1 table. Read-locked for one entry at a time.
@@ -101,6 +106,15 @@ struct Shared {
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
+/// What `Qcow2Image::open` is given.
+struct OpenParts {
+    file: HostFile,
+    header: Qcow2Header,
+    data_file: Option<HostFile>,
+    backing: Option<Backing>,
+    read_only_reason: Option<String>,
+}
+
 /// An open qcow2 image: the active disk, or a read-only view of one internal snapshot.
 pub struct Qcow2Image {
     shared: Arc<Shared>,
@@ -125,17 +139,25 @@ impl Qcow2Image {
         read_only_reason: Option<String>,
     ) -> Result<Qcow2Image> {
         let path = file.path().to_path_buf();
-        Self::open_inner(file, header, data_file, backing, read_only_reason)
-            .map_err(|e| e.with_path(&path))
+        let parts = OpenParts {
+            file,
+            header,
+            data_file,
+            backing,
+            read_only_reason,
+        };
+        Self::open_parts(parts, L2_CACHE_BYTES).map_err(|e| e.with_path(&path))
     }
 
-    fn open_inner(
-        file: HostFile,
-        header: Qcow2Header,
-        data_file: Option<HostFile>,
-        backing: Option<Backing>,
-        read_only_reason: Option<String>,
-    ) -> Result<Qcow2Image> {
+    /// Opens with an L2 cache of `l2_cache_bytes` (at least one slice).
+    fn open_parts(parts: OpenParts, l2_cache_bytes: u64) -> Result<Qcow2Image> {
+        let OpenParts {
+            file,
+            header,
+            data_file,
+            backing,
+            read_only_reason,
+        } = parts;
         match (header.has_data_file(), &data_file) {
             (true, None) => {
                 return Err(Error::unsupported(
@@ -191,7 +213,7 @@ impl Qcow2Image {
             data_file,
             geometry,
             slice_bytes,
-            l2_cache: TableCache::new((L2_CACHE_BYTES / slice_bytes) as usize),
+            l2_cache: TableCache::new((l2_cache_bytes / slice_bytes) as usize),
             backing,
             snapshots,
             file_len: AtomicU64::new(file_len),
@@ -239,12 +261,13 @@ impl Qcow2Image {
             return Err(Error::corrupt(format!(
                 "{what}: l1_size {} is larger than the 32 MiB table QEMU allows",
                 snapshot.l1_size
-            )));
+            ))
+            .at_offset(snapshot.entry_offset + 8));
         }
         if snapshot.l1_size > 0 {
             header::check_table(
                 &format!("{what} l1_table_offset"),
-                0,
+                snapshot.entry_offset,
                 snapshot.l1_table_offset,
                 l1_bytes,
                 shared.header.cluster_size(),

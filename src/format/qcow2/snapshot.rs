@@ -38,6 +38,8 @@ pub struct SnapshotInfo {
     pub disk_size: u64,
     pub(crate) l1_table_offset: u64,
     pub(crate) l1_size: u32,
+    /// Where the entry starts in the image file, for error messages.
+    pub(crate) entry_offset: u64,
 }
 
 /// The snapshot table bytes read so far, starting at the table offset.
@@ -173,6 +175,7 @@ fn parse_entry(
             disk_size,
             l1_table_offset,
             l1_size,
+            entry_offset: reader.offset + at as u64,
         },
         next,
     ))
@@ -193,6 +196,7 @@ mod tests {
             disk_size: 0,
             l1_table_offset: 0,
             l1_size: 0,
+            entry_offset: 0,
         }
     }
 

@@ -1,0 +1,255 @@
+//! Hostile and corrupt images: refused with the field named, or failing only the reads that
+//! touch the bad entry; and a mutation loop that must never panic.
+
+use super::*;
+
+#[test]
+fn corrupt_images_are_refused_or_fail_reads_with_the_field() {
+    let dir = TempDir::new();
+    let Some(path) = small_image(&dir) else {
+        return;
+    };
+    let good = std::fs::read(&path).unwrap();
+    let l1_at = be64(&good, 40) as usize;
+    let l2_at = (be64(&good, l1_at) & OFFSET_MASK) as usize;
+    let bad = dir.path().join("bad.qcow2");
+    let open_bad = |bytes: &[u8]| {
+        std::fs::write(&bad, bytes).unwrap();
+        try_open_with(&bad, None)
+    };
+    let refused = |patch: &dyn Fn(&mut Vec<u8>), kind: ErrorKind, needle: &str| {
+        let mut b = good.clone();
+        patch(&mut b);
+        let e = open_bad(&b).err().expect("image must be refused");
+        assert_eq!(e.kind(), kind, "{e}");
+        let text = e.to_string();
+        assert!(text.contains(needle), "{text} should mention {needle}");
+        assert!(text.contains("bad.qcow2"), "{text} should name the file");
+    };
+    refused(
+        &|b| put_u32(b, 20, 30),
+        ErrorKind::Corrupt,
+        "cluster_bits 30",
+    );
+    refused(
+        &|b| put_u32(b, 36, 0x0100_0000),
+        ErrorKind::Corrupt,
+        "l1_size",
+    );
+    refused(
+        &|b| put_u64(b, 40, 1 << 40),
+        ErrorKind::Corrupt,
+        "l1_table_offset",
+    );
+    refused(
+        &|b| put_u64(b, 40, 0x30200),
+        ErrorKind::Corrupt,
+        "not aligned",
+    );
+    refused(
+        &|b| put_u64(b, 48, 0),
+        ErrorKind::Corrupt,
+        "overlap the header",
+    );
+    refused(
+        &|b| put_u64(b, 72, 1 << 7),
+        ErrorKind::Unsupported,
+        "incompatible qcow2 feature bit 7",
+    );
+    refused(&|b| put_u32(b, 32, 1), ErrorKind::Unsupported, "encrypted");
+    refused(
+        &|b| put_u32(b, 60, 1 << 20),
+        ErrorKind::Corrupt,
+        "nb_snapshots",
+    );
+    refused(&|b| b.truncate(100), ErrorKind::Corrupt, "");
+
+    // Bad L1 and L2 entries fail the reads that need them, not the open.
+    let read_fails = |patch: &dyn Fn(&mut Vec<u8>), needle: &str| {
+        let mut b = good.clone();
+        patch(&mut b);
+        let img = open_bad(&b).unwrap();
+        let e = img.read_at(&mut [0u8; 512], 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(
+            e.to_string().contains(needle),
+            "{e} should mention {needle}"
+        );
+        // Other parts of the disk stay readable.
+        img.read_at(&mut [0u8; 512], (1 << 30) - 512).unwrap();
+    };
+    read_fails(&|b| put_u64(b, l1_at, 1 << 40), "L1 entry 0");
+    read_fails(
+        &|b| put_u64(b, l1_at, l2_at as u64 + 512),
+        "not cluster aligned",
+    );
+    read_fails(
+        &|b| put_u64(b, l2_at, (1 << 63) | (1 << 40)),
+        "past the end",
+    );
+    read_fails(
+        &|b| put_u64(b, l2_at, (1 << 63) | 0x50200),
+        "not cluster aligned",
+    );
+    read_fails(&|b| put_u64(b, l2_at, (1 << 62) | 0x3_0000), "inflate");
+}
+
+#[test]
+fn encrypted_images_are_refused() {
+    let dir = TempDir::new();
+    let path = dir.path().join("e.qcow2");
+    let create = format!(
+        "create -q --object secret,id=sec0,data=hunter2 -f qcow2 \
+         -o encrypt.format=luks,encrypt.key-secret=sec0 {} 1M",
+        p(&path)
+    );
+    if run("qemu-img", &create).is_none() {
+        return;
+    }
+    let e = try_open_with(&path, None).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    assert!(e.to_string().contains("encrypted (LUKS)"), "{e}");
+}
+
+#[test]
+fn corrupt_bit_serves_read_only_with_the_reason() {
+    let dir = TempDir::new();
+    let Some(path) = small_image(&dir) else {
+        return;
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    put_u64(&mut bytes, 72, header::INCOMPAT_CORRUPT);
+    std::fs::write(&path, &bytes).unwrap();
+    let file = HostFile::open(&path, false).unwrap();
+    let header = Qcow2Header::read(&file).unwrap();
+    let img = Qcow2Image::open(file, header, None, None, Some("by request".into())).unwrap();
+    let reason = img.read_only_reason().unwrap();
+    assert!(
+        reason.starts_with("the image is marked corrupt; by request"),
+        "{reason}"
+    );
+    let mut buf = [0u8; 4096];
+    img.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [0x42; 4096]);
+}
+
+/// Hostile images: thousands of deterministic mutations of a valid image with data,
+/// compressed and zero clusters and a snapshot. Opening must give an image or a clean error;
+/// an image that opens must serve reads, block status and its snapshots without a panic.
+#[test]
+fn mutated_images_never_panic() {
+    const INTERESTING: [u64; 10] = [
+        0,
+        1,
+        511,
+        512,
+        4096,
+        0x7fff_ffff,
+        0x8000_0000_0000_0000,
+        0xffff_ffff,
+        u64::MAX,
+        0x4000_0000_0001_0000,
+    ];
+    let dir = TempDir::new();
+    let src = dir.path().join("src.qcow2");
+    let base_path = dir.path().join("base.qcow2");
+    if run(
+        "qemu-img",
+        &format!("create -q -f qcow2 -o cluster_size=4k {} 256k", p(&src)),
+    )
+    .is_none()
+    {
+        return;
+    }
+    qemu_io(&src, &["write -P 0x11 0 64k", "write -P 0x22 128k 8k"]).unwrap();
+    run(
+        "qemu-img",
+        &format!(
+            "convert -c -O qcow2 -o cluster_size=4k {} {}",
+            p(&src),
+            p(&base_path)
+        ),
+    )
+    .unwrap();
+    qemu_io(&base_path, &["write -P 0x33 32k 4k", "write -z 128k 4k"]).unwrap();
+    run("qemu-img", &format!("snapshot -c snap {}", p(&base_path))).unwrap();
+    qemu_io(&base_path, &["write -P 0x44 192k 8k"]).unwrap();
+    let base = std::fs::read(&base_path).unwrap();
+    let header_len = 4096;
+
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let path = dir.path().join("m.qcow2");
+    let (mut opened, mut refused) = (0, 0);
+    for round in 0..2000 {
+        let mut bytes = base.clone();
+        for _ in 0..1 + next() % 4 {
+            // Mostly the header cluster, sometimes the tables and data anywhere.
+            let span = if next() % 3 == 0 {
+                bytes.len()
+            } else {
+                header_len
+            };
+            let at = (next() as usize % (span - 8)) & !3;
+            match next() % 3 {
+                0 => {
+                    let value = INTERESTING[next() as usize % INTERESTING.len()];
+                    bytes[at..at + 8].copy_from_slice(&value.to_be_bytes());
+                }
+                1 => {
+                    let value = INTERESTING[next() as usize % INTERESTING.len()] as u32;
+                    bytes[at..at + 4].copy_from_slice(&value.to_be_bytes());
+                }
+                _ => bytes[at] = next() as u8,
+            }
+        }
+        if next() % 10 == 0 {
+            bytes.truncate(next() as usize % bytes.len());
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let outcome = std::panic::catch_unwind(|| {
+            let Ok(img) = try_open_with(&path, None) else {
+                return false;
+            };
+            exercise(&img);
+            for index in 0..img.snapshots().len().min(4) {
+                if let Ok(snap) = img.snapshot_image(index) {
+                    exercise(&snap);
+                }
+            }
+            let _ = img.info();
+            true
+        });
+        match outcome {
+            Ok(true) => opened += 1,
+            Ok(false) => refused += 1,
+            Err(_) => panic!(
+                "round {round} panicked; mutated image left at {}",
+                path.display()
+            ),
+        }
+    }
+    assert!(
+        opened > 100 && refused > 100,
+        "opened {opened}, refused {refused}"
+    );
+}
+
+/// Reads the start, middle and end of an image and asks for the status of all of it.
+fn exercise(img: &Qcow2Image) {
+    let size = img.size();
+    let mut buf = vec![0u8; 65536];
+    for offset in [0, size / 2, size.saturating_sub(65536)] {
+        let len = buf.len().min((size - offset.min(size)) as usize);
+        let _ = img.read_at(&mut buf[..len], offset);
+    }
+    let _ = img.block_status(0, size.min(1 << 40));
+    for host in [0, 5 << 12, 1 << 40, u64::MAX] {
+        let _ = img.refcount(host);
+    }
+}
