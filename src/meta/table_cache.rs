@@ -8,6 +8,11 @@
 //! both read it, the first insert wins and the other copy is dropped, which is cheaper than
 //! making every reader wait behind one disk read.
 //!
+//! A load that overlapped a modification (`insert_dirty` or `remove` of any key) is returned to
+//! its caller but not cached: it may hold the table as it was before the modification, and once
+//! the modified table has been written back and evicted, caching the old copy would bring stale
+//! entries back.
+//!
 //! Dirty tables (modified in memory, not yet written back) are never evicted: writing one back
 //! needs the format's write order (data synced first), which only the format knows. The cache
 //! grows past its capacity instead and `over_capacity` tells the format to write back.
@@ -29,6 +34,8 @@ struct Inner<T> {
     /// Last-use tick -> key, oldest first; ticks are unique, so this is an exact LRU order.
     by_use: BTreeMap<u64, u64>,
     tick: u64,
+    /// Bumped by every modification, so a load can tell whether one overlapped it.
+    generation: u64,
     hits: u64,
     misses: u64,
 }
@@ -87,6 +94,7 @@ impl<T> TableCache<T> {
                 slots: HashMap::new(),
                 by_use: BTreeMap::new(),
                 tick: 0,
+                generation: 0,
                 hits: 0,
                 misses: 0,
             }),
@@ -116,10 +124,24 @@ impl<T> TableCache<T> {
 
     /// The table at `key`, loaded by `load` (outside the cache's lock) on a miss.
     pub fn get_or_load(&self, key: u64, load: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
-        if let Some(table) = self.get(key) {
-            return Ok(table);
-        }
+        let generation = {
+            let mut inner = self.lock();
+            if let Some(table) = inner.touch(key) {
+                inner.hits += 1;
+                return Ok(table);
+            }
+            inner.misses += 1;
+            inner.generation
+        };
         let loaded = Arc::new(load()?);
+        {
+            let mut inner = self.lock();
+            if inner.generation != generation {
+                // Someone modified a table while this one was read: prefer what is cached now,
+                // else use the copy for this caller only.
+                return Ok(inner.touch(key).unwrap_or(loaded));
+            }
+        }
         Ok(self.insert_clean(key, loaded))
     }
 
@@ -148,6 +170,7 @@ impl<T> TableCache<T> {
     /// Stores a modified (or new) table at `key`, replacing what was cached, and marks it dirty.
     pub fn insert_dirty(&self, key: u64, table: Arc<T>) {
         let mut inner = self.lock();
+        inner.generation += 1;
         inner.tick += 1;
         let used = inner.tick;
         if let Some(old) = inner.slots.get(&key).map(|s| s.used) {
@@ -193,6 +216,7 @@ impl<T> TableCache<T> {
     /// Drops the table at `key` whether dirty or not (its cluster was freed).
     pub fn remove(&self, key: u64) {
         let mut inner = self.lock();
+        inner.generation += 1;
         if let Some(slot) = inner.slots.remove(&key) {
             inner.by_use.remove(&slot.used);
         }
@@ -280,5 +304,24 @@ mod tests {
         assert_eq!(*t, vec![9]);
         let again = cache.get_or_load(8, || panic!("cached")).unwrap();
         assert!(Arc::ptr_eq(&t, &again));
+    }
+
+    #[test]
+    fn a_load_overlapping_a_modification_is_not_cached() {
+        let cache: TableCache<Vec<u8>> = TableCache::new(4);
+        let stale = cache
+            .get_or_load(0, || {
+                // Another thread modifies, writes back and evicts the table meanwhile.
+                let newer = Arc::new(vec![2]);
+                cache.insert_dirty(0, Arc::clone(&newer));
+                cache.mark_clean(0, &newer);
+                cache.remove(0);
+                Ok(vec![1])
+            })
+            .unwrap();
+        assert_eq!(*stale, vec![1], "the caller still gets what it read");
+        assert!(cache.get(0).is_none(), "but the stale copy is not cached");
+        let fresh = cache.get_or_load(0, || Ok(vec![2])).unwrap();
+        assert!(Arc::ptr_eq(&fresh, &cache.get(0).unwrap()));
     }
 }

@@ -1,6 +1,7 @@
 //! Guest offsets and L1/L2 entries: splitting a guest offset into table indices, and decoding
 //! an L2 entry (standard 64-bit or extended 128-bit) into a `ClusterDescriptor`, then into the
-//! runs of one state a read, a status query or (later) a write works with.
+//! runs of one state a read or a status query works with; the write path decodes entries here
+//! too and builds new ones from the same constants.
 //!
 //! ```text
 //! L1 entry:  bit 63 COPIED | bits 9..=55 L2 table offset (cluster aligned) | rest reserved
@@ -57,11 +58,12 @@ pub enum ClusterDescriptor {
     /// A compressed cluster: `len` bytes from `host_offset` hold its stream (and padding).
     Compressed { host_offset: u64, len: u64 },
     /// Extended L2: 32 subclusters each unallocated, zero or allocated (`alloc` bit set) in
-    /// `host_cluster` (present whenever any subcluster is allocated).
+    /// `host_cluster` (present whenever any subcluster is allocated); `copied` as for `Normal`.
     Subclusters {
         host_cluster: Option<u64>,
         alloc: u32,
         zero: u32,
+        copied: bool,
     },
 }
 
@@ -136,7 +138,7 @@ impl Geometry {
         self.cluster_bits + self.l2_bits
     }
 
-    fn subcluster_bits(&self) -> u32 {
+    pub fn subcluster_bits(&self) -> u32 {
         self.cluster_bits - 5
     }
 
@@ -182,6 +184,7 @@ impl Geometry {
                 host_cluster: host,
                 alloc,
                 zero,
+                copied,
             });
         }
         if entry & ZERO_FLAG != 0 {
@@ -247,6 +250,7 @@ impl Geometry {
                 host_cluster,
                 alloc,
                 zero,
+                ..
             } => self.subcluster_span(host_cluster, alloc, zero, in_cluster),
         };
         (mapping, len.min(max_len))

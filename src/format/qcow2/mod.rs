@@ -31,31 +31,52 @@
 //! even when the data file is marked raw, as the spec's read rule and QEMU do: the raw bit
 //! only promises that the data file agrees, which QEMU keeps true by writing zeros there.
 //!
+//! # Writes (write.rs, alloc.rs, rebuild.rs)
+//!
+//! A write to a cluster that is the active image's own (COPIED set in its L1 and L2 entries,
+//! for extended L2 every touched subcluster allocated) goes straight to the host cluster with
+//! no metadata lock held. Everything else takes the allocation mutex, looks the cluster up
+//! again, and allocates: new L2 tables, copies of L2 tables shared with snapshots, new data
+//! clusters completed from the backing file, zeros, the old shared cluster or the inflated
+//! compressed one. Data is written before its entry is published; dropped references are
+//! applied only after the entries that dropped them are on disk. The first write of an open
+//! clears the autoclear bits imgfs does not maintain and rebuilds dirty (lazy) refcounts;
+//! opening never modifies the file. imgfs never uses lazy refcounts itself.
+//!
+//! Flush order (alloc.rs): data sync -> refcount blocks -> sync -> refcount table -> sync ->
+//! header (when the table moved) -> sync -> L2 slices -> sync -> L1 -> sync -> dropped
+//! references applied -> refcount blocks -> sync. A crash can leak clusters but never leave an
+//! entry pointing at unwritten data or a refcount below the references on disk. Write-back
+//! also runs from the write path when dirty tables keep a cache over its capacity.
+//!
 //! # Locks (taken in this order, never the reverse)
 //!
-//! 1. `l1` (RwLock, per view): the L1 table. Read-locked for one entry at a time.
-//! 2. The L2 cache's internal mutex: held only to look up or insert a slice; slices are read
-//!    from the file outside it.
-//! 3. `last_compressed` (Mutex): the most recently decompressed cluster; held for a swap only.
-//!
-//! # Writes
-//!
-//! Not implemented yet: every image is served read-only with that reason. The lookup already
-//! yields a `ClusterDescriptor` per guest cluster so that allocation can be added on top; the
-//! write order will be data -> sync -> refcount blocks -> L2 slices -> sync -> L1, refcount
-//! table and header -> sync, so a crash can leak clusters but never expose foreign data.
+//! 1. `alloc` (Mutex, shared): allocation, refcounts, flush, the first write's preparation.
+//!    Held across the data write of a new cluster and the copy-on-write merge, so concurrent
+//!    partial writes into one cluster never lose each other's bytes.
+//! 2. `io_gate` (RwLock, shared): read-held by reads and in-place writes across lookup and
+//!    I/O (never while waiting for `alloc`); write-taken by a flush, after dropping references,
+//!    so a freed cluster is reused only once no I/O looked it up before.
+//! 3. `l1` (RwLock, per view): the L1 table. Read-locked for one entry at a time, write-locked
+//!    by the allocator to publish a new L2 table.
+//! 4. The table caches' internal mutexes: held only to look up or insert a table; tables are
+//!    read from the file outside them.
+//! 5. `last_compressed` (Mutex): the most recently decompressed cluster; held for a swap only.
 
+mod alloc;
 mod cluster;
 mod compress;
 mod header;
+mod rebuild;
 mod refcount;
 mod snapshot;
+mod write;
 
 #[cfg(test)]
 mod tests;
 
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crate::error::{Error, Result};
@@ -64,6 +85,7 @@ use crate::host::HostFile;
 use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
 use crate::meta::table_cache::TableCache;
 
+use alloc::AllocState;
 use cluster::{push_run, Geometry, Mapping, Run, OFFSET_MASK};
 use refcount::Refcounts;
 
@@ -78,7 +100,6 @@ const L2_SLICE_BYTES: u64 = 4096;
 const L2_CACHE_BYTES: u64 = 4 << 20;
 /// Refcount blocks cover clusters of the host file, far more per block than an L2 slice maps.
 const REFCOUNT_CACHE_BYTES: u64 = 1 << 20;
-const WRITE_NOT_IMPLEMENTED: &str = "writing qcow2 images is not implemented yet";
 const CORRUPT_REASON: &str = "the image is marked corrupt";
 const SNAPSHOT_REASON: &str = "internal snapshots are served read-only";
 
@@ -97,7 +118,16 @@ struct Shared {
     l2_cache: TableCache<L2Slice>,
     backing: Option<Backing>,
     snapshots: Vec<SnapshotInfo>,
-    refcounts: Refcounts,
+    /// Bytes of the snapshot table (counted when refcounts are rebuilt).
+    snapshot_table_len: u64,
+    /// The allocator, refcounts and write-back state (alloc.rs).
+    alloc: Mutex<AllocState>,
+    /// Held shared by reads and in-place writes across lookup and I/O; taken exclusively (and
+    /// released at once) before freed clusters can be reused, so no I/O still in flight uses a
+    /// cluster that was handed out again.
+    io_gate: RwLock<()>,
+    /// The first write's preparation is done (a fast path around the allocation mutex).
+    prepared: AtomicBool,
     /// The image file's length as last seen; refreshed before calling an offset past it
     /// corrupt, since the file only grows.
     file_len: AtomicU64,
@@ -173,7 +203,7 @@ impl Qcow2Image {
         }
         let file_len = file.len()?;
         let l1 = read_l1(&file, header.l1_table_offset, header.l1_size)?;
-        let snapshots = snapshot::read_table(
+        let (snapshots, snapshot_table_len) = snapshot::read_table(
             &file,
             header.snapshots_offset,
             header.nb_snapshots,
@@ -199,8 +229,16 @@ impl Qcow2Image {
             log::warn!("{}: {CORRUPT_REASON}", file.path().display());
             reasons.push(CORRUPT_REASON.to_string());
         }
-        reasons.extend(read_only_reason);
-        reasons.push(WRITE_NOT_IMPLEMENTED.to_string());
+        match read_only_reason {
+            Some(reason) => reasons.push(reason),
+            None if !file.is_writable() => {
+                reasons.push("the image file is opened read-only".to_string())
+            }
+            None => {}
+        }
+        if data_file.as_ref().is_some_and(|f| !f.is_writable()) && reasons.is_empty() {
+            reasons.push("the external data file is opened read-only".to_string());
+        }
         let refcounts = Refcounts::new(
             header.cluster_bits,
             header.refcount_order,
@@ -208,8 +246,17 @@ impl Qcow2Image {
             header.refcount_table_clusters,
             (REFCOUNT_CACHE_BYTES >> header.cluster_bits).max(4) as usize,
         );
-        let shared = Shared {
+        let alloc = AllocState::new(
             refcounts,
+            l1.len(),
+            header.incompatible_features,
+            header.autoclear_features,
+        );
+        let shared = Shared {
+            alloc: Mutex::new(alloc),
+            io_gate: RwLock::new(()),
+            prepared: AtomicBool::new(false),
+            snapshot_table_len,
             data_file,
             geometry,
             slice_bytes,
@@ -226,7 +273,7 @@ impl Qcow2Image {
             l1_table_offset: shared.header.l1_table_offset,
             size: shared.header.size,
             snapshot: None,
-            read_only_reason: Some(reasons.join("; ")),
+            read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
             shared: Arc::new(shared),
         })
     }
@@ -299,9 +346,10 @@ impl Qcow2Image {
     /// no refcount block covers). Reads the refcount table on first use.
     pub fn refcount(&self, host_offset: u64) -> Result<u64> {
         let shared = &self.shared;
-        shared
+        let cluster = host_offset >> shared.geometry.cluster_bits;
+        self.lock_alloc()
             .refcounts
-            .get(&shared.file, host_offset)
+            .get(&shared.file, cluster)
             .map_err(|e| e.with_path(shared.file.path()))
     }
 
@@ -439,6 +487,11 @@ impl Qcow2Image {
 
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.size, offset, buf.len())?;
+        let _gate = self
+            .shared
+            .io_gate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         for run in self.lookup(offset, buf.len() as u64)? {
             let start = (run.offset - offset) as usize;
             let part = start
@@ -625,20 +678,33 @@ impl Image for Qcow2Image {
             .map_err(|e| e.with_path(self.shared.file.path()))
     }
 
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        let reason = self
-            .read_only_reason
-            .clone()
-            .unwrap_or_else(|| WRITE_NOT_IMPLEMENTED.to_string());
-        Err(Error::read_only(reason).with_path(self.shared.file.path()))
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_inner(buf, offset)
+            .map_err(|e| e.with_path(self.shared.file.path()))
     }
 
+    /// Writes back what writes through the active image changed; a snapshot view has nothing
+    /// of its own to write.
     fn flush(&self) -> Result<()> {
-        Ok(())
+        if self.snapshot.is_some() || self.read_only_reason.is_some() {
+            return Ok(());
+        }
+        let mut alloc = self.lock_alloc();
+        self.flush_locked(&mut alloc)
+            .map_err(|e| e.with_path(self.shared.file.path()))
     }
 
     fn is_dirty(&self) -> bool {
-        false
+        if self.snapshot.is_some() {
+            return false;
+        }
+        let busy = match self.shared.alloc.try_lock() {
+            Ok(alloc) => alloc.is_dirty(),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().is_dirty(),
+            // Someone is allocating or flushing: there is, or is about to be, work.
+            Err(std::sync::TryLockError::WouldBlock) => true,
+        };
+        busy || self.shared.l2_cache.is_dirty()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {

@@ -97,17 +97,18 @@ pub fn file_names(snapshots: &[SnapshotInfo]) -> Vec<String> {
         .collect()
 }
 
-/// Reads `count` entries of the table at `offset` in `file` (`file_len` bytes long).
-/// `image_size` stands in for the disk size of entries too old to record one.
+/// Reads `count` entries of the table at `offset` in `file` (`file_len` bytes long), and
+/// returns them with the table's length in bytes. `image_size` stands in for the disk size of
+/// entries too old to record one.
 pub fn read_table(
     file: &HostFile,
     offset: u64,
     count: u32,
     file_len: u64,
     image_size: u64,
-) -> Result<Vec<SnapshotInfo>> {
+) -> Result<(Vec<SnapshotInfo>, u64)> {
     if count == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     }
     let mut reader = TableReader {
         file,
@@ -123,7 +124,7 @@ pub fn read_table(
         snapshots.push(snapshot);
         at = next;
     }
-    Ok(snapshots)
+    Ok((snapshots, at as u64))
 }
 
 fn parse_entry(

@@ -1,0 +1,250 @@
+//! What the first write of a writable open does before changing anything: clear the autoclear
+//! feature bits imgfs does not maintain, and, when the dirty bit says the refcounts on disk are
+//! stale (lazy refcounts, then a crash), rebuild them from every table that references clusters
+//! and clear the dirty bit. Opening alone never modifies the file.
+//!
+//! The rebuild counts one reference per use, as `qemu-img check` does: the header cluster, the
+//! active and every snapshot's L1 table, every L2 table each of them reaches (a table shared by
+//! two L1 tables counts twice) and every data or compressed cluster those entries name, the
+//! refcount table and its blocks, and the snapshot table. Blocks that are missing for counted
+//! clusters (and a larger table when needed) go to fresh clusters after everything counted.
+//! The new refcounts are written by a full flush while the dirty bit is still set; only then is
+//! the bit cleared, so a crash in between leaves an image QEMU rebuilds again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+
+use crate::error::{Error, Result};
+
+use super::alloc::{put_be, AllocState};
+use super::cluster::{ClusterDescriptor, OFFSET_MASK};
+use super::header::{AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY};
+use super::refcount::plan_fresh;
+use super::{read_l1, Qcow2Image};
+
+const OFF_INCOMPATIBLE: u64 = 72;
+const OFF_AUTOCLEAR: u64 = 88;
+
+impl Qcow2Image {
+    /// Runs the first write's header changes once; later calls return at once.
+    pub(super) fn prepare_for_writes(&self, alloc: &mut AllocState) -> Result<()> {
+        if alloc.prepared {
+            return Ok(());
+        }
+        let file = &self.shared.file;
+        if self.shared.header.version >= 3 {
+            // The raw data file bit is kept true by writing guest data at guest offsets; every
+            // other autoclear bit (persistent bitmaps among them) describes data imgfs does not
+            // update, so it must go before the first write, as the spec requires.
+            let autoclear = alloc.autoclear & AUTOCLEAR_DATA_FILE_RAW;
+            if autoclear != alloc.autoclear {
+                put_be(file, OFF_AUTOCLEAR, &autoclear.to_be_bytes())?;
+                file.sync_data()?;
+                alloc.autoclear = autoclear;
+            }
+            if alloc.incompatible & INCOMPAT_DIRTY != 0 {
+                log::info!("{}: rebuilding dirty refcounts", file.path().display());
+                self.rebuild_refcounts(alloc)?;
+                self.flush_locked(alloc)?;
+                let incompatible = alloc.incompatible & !INCOMPAT_DIRTY;
+                put_be(file, OFF_INCOMPATIBLE, &incompatible.to_be_bytes())?;
+                file.sync_data()?;
+                alloc.incompatible = incompatible;
+            }
+        }
+        alloc.prepared = true;
+        self.shared.prepared.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Recomputes every refcount from the tables and installs them (dirty, for the flush).
+    fn rebuild_refcounts(&self, alloc: &mut AllocState) -> Result<()> {
+        let shared = &self.shared;
+        let file = &shared.file;
+        if shared.header.bitmaps.is_some() {
+            return Err(Error::unsupported(
+                "rebuilding the refcounts of an image with persistent bitmaps",
+            ));
+        }
+        let cluster_size = shared.geometry.cluster_size();
+        let file_clusters = file.len()?.div_ceil(cluster_size);
+        let mut counts = Counts {
+            map: BTreeMap::new(),
+            bits: shared.geometry.cluster_bits,
+            file_clusters,
+        };
+        counts.add(0, cluster_size)?;
+        let l1 = self.l1.read().map(|l1| l1.clone()).unwrap_or_default();
+        counts.add(self.l1_table_offset, l1.len() as u64 * 8)?;
+        self.count_l1(&mut counts, &l1)?;
+        for snapshot in &shared.snapshots {
+            let l1 = read_l1(file, snapshot.l1_table_offset, snapshot.l1_size)?;
+            counts.add(snapshot.l1_table_offset, u64::from(snapshot.l1_size) * 8)?;
+            self.count_l1(&mut counts, &l1)?;
+        }
+        if shared.header.nb_snapshots > 0 {
+            counts.add(shared.header.snapshots_offset, shared.snapshot_table_len)?;
+        }
+        let (table_offset, table_clusters) = alloc.refcounts.table_location();
+        counts.add(table_offset, table_clusters * cluster_size)?;
+        let table = alloc.refcounts.table(file)?.to_vec();
+        let bits = alloc.refcounts.block_bits();
+        for (index, &entry) in table.iter().enumerate() {
+            let block = entry & OFFSET_MASK;
+            if block != 0 {
+                if block % cluster_size != 0 {
+                    return Err(Error::corrupt(format!(
+                        "refcount table entry {index} points to {block:#x}, not cluster aligned"
+                    )));
+                }
+                counts.add(block, cluster_size)?;
+            }
+        }
+        let has_block = |i: u64| {
+            usize::try_from(i)
+                .ok()
+                .and_then(|i| table.get(i))
+                .is_some_and(|&e| e & OFFSET_MASK != 0)
+        };
+        let need: BTreeSet<u64> = counts
+            .map
+            .keys()
+            .map(|c| c >> bits)
+            .filter(|&i| !has_block(i))
+            .collect();
+        let start = counts
+            .map
+            .keys()
+            .last()
+            .map_or(0, |c| c + 1)
+            .max(file_clusters);
+        let shape = self.refcount_shape(alloc, table.len() as u64);
+        let plan = plan_fresh(shape, &has_block, &need, start)?;
+        if plan.table.is_some() {
+            // The old table is replaced; its clusters are free once the header points away.
+            let first = table_offset / cluster_size;
+            for cluster in first..first + table_clusters {
+                counts.remove_one(cluster);
+            }
+        }
+        for cluster in start..plan.end {
+            *counts.map.entry(cluster).or_default() += 1;
+        }
+        let old_blocks: Vec<(u64, u64)> = table
+            .iter()
+            .enumerate()
+            .filter(|(_, &e)| e & OFFSET_MASK != 0)
+            .map(|(i, &e)| (i as u64, e & OFFSET_MASK))
+            .collect();
+        if let Some((cluster, clusters, entries)) = plan.table {
+            let mut entries_vec = table;
+            entries_vec.resize(entries as usize, 0);
+            alloc.refcounts.install_table(
+                cluster << shared.geometry.cluster_bits,
+                clusters,
+                entries_vec,
+            );
+        }
+        for &(index, cluster) in &plan.blocks {
+            let block = self.block_from_counts(alloc, index, &counts.map)?;
+            let offset = cluster << shared.geometry.cluster_bits;
+            // In the file before the table can point at it.
+            file.write_all_at(block.as_bytes(), offset)?;
+            alloc.refcounts.install_block(file, index, offset, block)?;
+        }
+        for (index, offset) in old_blocks {
+            let block = self.block_from_counts(alloc, index, &counts.map)?;
+            alloc.refcounts.install_block(file, index, offset, block)?;
+        }
+        if let Some((cluster, _, _)) = plan.table {
+            let bytes = alloc.refcounts.table_bytes(file)?;
+            file.write_all_at(&bytes, cluster << shared.geometry.cluster_bits)?;
+        }
+        alloc.cursor = 0;
+        Ok(())
+    }
+
+    /// Counts the L2 tables `l1` names and the clusters their entries use.
+    fn count_l1(&self, counts: &mut Counts, l1: &[u64]) -> Result<()> {
+        let shared = &self.shared;
+        let geo = shared.geometry;
+        let cluster_size = geo.cluster_size();
+        let external = shared.data_file.is_some();
+        let mut table = vec![0u8; cluster_size as usize];
+        for (index, &entry) in l1.iter().enumerate() {
+            let l2 = entry & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            if l2 % cluster_size != 0 {
+                return Err(Error::corrupt(format!(
+                    "L1 entry {index} points to an L2 table at {l2:#x}, not cluster aligned"
+                )));
+            }
+            counts.add(l2, cluster_size)?;
+            shared.file.read_exact_at(&mut table, l2)?;
+            let words: Vec<u64> = table
+                .chunks_exact(8)
+                .map(|w| u64::from_be_bytes(w.try_into().unwrap_or_default()))
+                .collect();
+            for (at, pair) in words.chunks_exact(geo.entry_words()).enumerate() {
+                let entry = pair.first().copied().unwrap_or(0);
+                let bitmap = pair.get(1).copied().unwrap_or(0);
+                let desc = geo
+                    .decode(entry, bitmap)
+                    .map_err(|e| e.at_offset(l2 + (at * pair.len() * 8) as u64))?;
+                match desc {
+                    ClusterDescriptor::Compressed { host_offset, len } => {
+                        counts.add(host_offset, len)?
+                    }
+                    ClusterDescriptor::Normal { host_cluster, .. }
+                    | ClusterDescriptor::Zero {
+                        preallocated: Some(host_cluster),
+                    }
+                    | ClusterDescriptor::Subclusters {
+                        host_cluster: Some(host_cluster),
+                        ..
+                    } if !external => counts.add(host_cluster, cluster_size)?,
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// References per host cluster, refusing clusters past the end of the file.
+struct Counts {
+    map: BTreeMap<u64, u64>,
+    bits: u32,
+    file_clusters: u64,
+}
+
+impl Counts {
+    fn add(&mut self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset >> self.bits;
+        let last = offset.saturating_add(len - 1) >> self.bits;
+        if last >= self.file_clusters {
+            return Err(Error::corrupt(format!(
+                "a table or cluster at {offset:#x} ({len} bytes) lies past the end of the file"
+            )));
+        }
+        for cluster in first..=last {
+            let count = self.map.entry(cluster).or_default();
+            *count = count.saturating_add(1);
+        }
+        Ok(())
+    }
+
+    fn remove_one(&mut self, cluster: u64) {
+        if let Some(count) = self.map.get_mut(&cluster) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.map.remove(&cluster);
+            }
+        }
+    }
+}
