@@ -320,3 +320,152 @@ fn encrypted_images_are_refused_with_a_clear_message() {
     );
     mount.unmount();
 }
+
+/// The content of internal snapshot `name` of `image`, as qemu-img reads it.
+fn snapshot_raw(image: &Path, name: &str, dir: &TempDir) -> Vec<u8> {
+    let out = dir.join("snapshot.raw");
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-f",
+        "qcow2",
+        "-l",
+        &format!("snapshot.name={name}"),
+        "-O",
+        "raw",
+        path_str(image),
+        path_str(&out),
+    ]);
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    bytes
+}
+
+#[test]
+fn threaded_random_writes_to_every_sub_format_pass_qemu_img_check_and_compare() {
+    if !can_mount() {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let dir = TempDir::new("qcow2-write");
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // Fills leaving allocated, zero (kept and unmapped) and unallocated clusters behind.
+    let fills: &[&str] = &[
+        "write -P 0x77 0 1M",
+        "write -z 64k 128k",
+        "write -z -u 512k 64k",
+        "write -P 0x12 1000000 1000000",
+    ];
+    let mut names = Vec::new();
+    for (name, options) in [
+        ("v2-c512.qcow2", &["-o", "compat=0.10,cluster_size=512"][..]),
+        ("v3-c4k.qcow2", &["-o", "compat=1.1,cluster_size=4096"][..]),
+        ("v3-c64k.qcow2", &[][..]),
+        ("v3-c2m.qcow2", &["-o", "cluster_size=2M"][..]),
+        ("rc1.qcow2", &["-o", "refcount_bits=1"][..]),
+        (
+            "rc64-c512.qcow2",
+            &["-o", "refcount_bits=64,cluster_size=512"][..],
+        ),
+        ("extl2.qcow2", &["-o", "extended_l2=on"][..]),
+    ] {
+        create(&src, name, options, "4M", fills);
+        names.push(name.to_string());
+    }
+    // Compressed clusters, zlib and zstd.
+    let raw = raw_source(&dir);
+    for (name, extra) in [("zlib.qcow2", ""), ("zstd.qcow2", ",compression_type=zstd")] {
+        let options = format!("cluster_size=65536{extra}");
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            &options,
+            path_str(&raw),
+            path_str(&src.join(name)),
+        ]);
+        names.push(name.to_string());
+    }
+    // External data files, plain and raw.
+    for (name, extra) in [("ext.qcow2", ""), ("extraw.qcow2", ",data_file_raw=on")] {
+        let data = src.join(format!("{name}.data"));
+        let options = format!("data_file={}{extra}", data.display());
+        create(&src, name, &["-o", &options], "4M", fills);
+        names.push(name.to_string());
+    }
+    // Over a raw backing file.
+    let base = src.join("base.raw");
+    qemu_img(&["create", "-q", "-f", "raw", path_str(&base), "4M"]);
+    qemu_io("raw", &base, &["write -P 0x5b 0 4M"]);
+    create(
+        &src,
+        "top.qcow2",
+        &["-b", "base.raw", "-F", "raw"],
+        "4M",
+        &["write -P 0x33 1536k 1M", "write -z 3M 64k"],
+    );
+    names.push("top.qcow2".into());
+    // Two internal snapshots sharing clusters with the active layer.
+    let snap = src.join("snap.qcow2");
+    create(&src, "snap.qcow2", &[], "4M", fills);
+    qemu_img(&["snapshot", "-c", "s1", path_str(&snap)]);
+    qemu_io("qcow2", &snap, &["write -P 0x44 2M 1M"]);
+    qemu_img(&["snapshot", "-c", "s2", path_str(&snap)]);
+    names.push("snap.qcow2".into());
+    let snapshots: Vec<(&str, Vec<u8>)> = ["s1", "s2"]
+        .into_iter()
+        .map(|s| (s, snapshot_raw(&snap, s, &dir)))
+        .collect();
+    // Lazy refcounts left dirty by a crash.
+    let lazy = src.join("lazy.qcow2");
+    create(&src, "lazy.qcow2", &["-o", "lazy_refcounts=on"], "4M", &[]);
+    let _ = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x99 100k 300k",
+            "-c",
+            "abort",
+        ])
+        .arg(&lazy)
+        .output()
+        .unwrap();
+    assert_eq!(std::fs::read(&lazy).unwrap()[79] & 1, 1, "dirty bit set");
+    names.push("lazy.qcow2".into());
+
+    let mut expected: Vec<Vec<u8>> = names
+        .iter()
+        .map(|name| qemu_raw("qcow2", &src.join(name), &dir))
+        .collect();
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    for (name, expected) in names.iter().zip(expected.iter_mut()) {
+        // Four threads in their own parts of the first 3 MiB, and all four into the
+        // cluster at 3.5 MiB at once.
+        let plans = plan_threaded_writes(expected, 4, 25, 200_000, 3 * MIB, 3 * MIB + MIB / 2);
+        let raw = mount.path(&format!("{name}.raw"));
+        run_threaded_writes(&raw, &plans);
+        assert!(
+            std::fs::read(&raw).unwrap() == *expected,
+            "{name}: read-back through the mount differs"
+        );
+    }
+    mount.unmount();
+
+    for (name, expected) in names.iter().zip(&expected) {
+        let image = src.join(name);
+        assert_check_clean("qcow2", &image);
+        assert_compare_equal("qcow2", &image, expected, &dir);
+    }
+    for (name, before) in &snapshots {
+        assert!(
+            snapshot_raw(&snap, name, &dir) == *before,
+            "snapshot {name} changed"
+        );
+    }
+}
