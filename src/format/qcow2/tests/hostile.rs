@@ -186,6 +186,7 @@ fn mutated_images_never_panic() {
     };
     let path = dir.path().join("m.qcow2");
     let (mut opened, mut refused) = (0, 0);
+    let written = std::sync::atomic::AtomicU32::new(0);
     for round in 0..2000 {
         let mut bytes = base.clone();
         for _ in 0..1 + next() % 4 {
@@ -223,6 +224,10 @@ fn mutated_images_never_panic() {
                 }
             }
             let _ = img.info();
+            drop(img);
+            if round % 4 == 0 && write_exercise(&path) {
+                written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             true
         });
         match outcome {
@@ -238,6 +243,33 @@ fn mutated_images_never_panic() {
         opened > 100 && refused > 100,
         "opened {opened}, refused {refused}"
     );
+    let written = written.into_inner();
+    assert!(written > 20, "only {written} mutated images took writes");
+}
+
+/// Opens the image writable and writes into its start, middle and end (unaligned, crossing
+/// clusters), then flushes; errors are fine, panics are not. Says whether everything
+/// succeeded.
+fn write_exercise(path: &Path) -> bool {
+    let Ok(file) = HostFile::open(path, true) else {
+        return false;
+    };
+    let Ok(header) = Qcow2Header::read(&file) else {
+        return false;
+    };
+    let Ok(img) = Qcow2Image::open(file, header, None, None, None) else {
+        return false;
+    };
+    let mut ok = true;
+    let size = img.size();
+    let buf = vec![0x5au8; 9000];
+    for offset in [100, size / 2, size.saturating_sub(9000)] {
+        let len = buf.len().min((size - offset.min(size)) as usize);
+        ok &= img.write_at(&buf[..len], offset).is_ok();
+    }
+    ok &= img.flush().is_ok();
+    exercise(&img);
+    ok
 }
 
 /// Reads the start, middle and end of an image and asks for the status of all of it.
