@@ -381,11 +381,6 @@ impl Qcow2Image {
                 }
             }
         }
-        *self
-            .shared
-            .last_compressed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = None;
         // Reads and in-place writes that looked a freed cluster up before its entry changed
         // finish before the cluster can be handed out again.
         drop(
@@ -394,6 +389,13 @@ impl Qcow2Image {
                 .write()
                 .unwrap_or_else(PoisonError::into_inner),
         );
+        // Nor may a freed compressed cluster be served from the decompression cache (after
+        // the gate: a read that finished just now may have put it there).
+        *self
+            .shared
+            .last_compressed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         Ok(())
     }
 }

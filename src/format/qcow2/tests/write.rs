@@ -480,3 +480,56 @@ fn a_crash_before_flush_leaks_at_most() {
     let raw = qemu_raw(&path, "").unwrap();
     assert_same(&raw[1_000_000..1_300_000], &flushed, "flushed data");
 }
+
+#[test]
+fn racing_partial_writes_into_one_cluster_allocate_it_once_and_keep_every_byte() {
+    for options in ["cluster_size=64k", "extended_l2=on"] {
+        let dir = TempDir::new();
+        let path = dir.path().join("race.qcow2");
+        let create = format!("create -q -f qcow2 -o {options} {} 8M", p(&path));
+        if run("qemu-img", &create).is_none() {
+            return;
+        }
+        // Clusters 8.. are compressed, the rest unallocated.
+        qemu_io(
+            &path,
+            &["write -c -P 0x31 512k 64k", "write -c -P 0x32 576k 64k"],
+        )
+        .unwrap();
+        let mut expected = qemu_raw(&path, "").unwrap();
+        let img = Arc::new(open_rw(&path, None));
+        let threads = 4u64;
+        let barrier = Arc::new(std::sync::Barrier::new(threads as usize));
+        // Each round all threads write their own 3000-byte slice of one fresh cluster (or a
+        // compressed one) at once; slices of neighbouring threads share subclusters.
+        let clusters: Vec<u64> = (0..12)
+            .map(|i| i * 64 * KIB)
+            .chain([512 * KIB, 576 * KIB])
+            .collect();
+        for &cluster in &clusters {
+            for t in 0..threads {
+                let at = (cluster + 1000 + t * 3000) as usize;
+                expected[at..at + 3000].fill(0x80 + t as u8);
+            }
+        }
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (img, barrier, clusters) =
+                    (Arc::clone(&img), Arc::clone(&barrier), clusters.clone());
+                std::thread::spawn(move || {
+                    for cluster in clusters {
+                        barrier.wait();
+                        img.write_at(&[0x80 + t as u8; 3000], cluster + 1000 + t * 3000)
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        assert_same(&read_all(&*img), &expected, options);
+        img.flush().unwrap();
+        drop(img);
+        assert_check_clean(&path);
+        assert_compare_equal(&path, &expected);
+    }
+}
