@@ -111,6 +111,46 @@ pub fn check_range(size: u64, offset: u64, len: usize) -> Result<()> {
     Ok(())
 }
 
+/// The part of a request buffer, which starts at virtual offset `base`, that covers
+/// `[offset, offset + len)`; an internal error (never a panic) if it lies outside the buffer.
+pub fn request_part(buf: &[u8], base: u64, offset: u64, len: u64) -> Result<&[u8]> {
+    let range = request_range(base, offset, len)?;
+    buf.get(range).ok_or_else(|| outside_request(offset, len))
+}
+
+/// `request_part` for a buffer being filled.
+pub fn request_part_mut(buf: &mut [u8], base: u64, offset: u64, len: u64) -> Result<&mut [u8]> {
+    let range = request_range(base, offset, len)?;
+    buf.get_mut(range)
+        .ok_or_else(|| outside_request(offset, len))
+}
+
+/// Splits a request buffer at `at`; an internal error (never a panic) past its end.
+pub fn split_request(buf: &[u8], at: usize) -> Result<(&[u8], &[u8])> {
+    buf.split_at_checked(at)
+        .ok_or_else(|| Error::out_of_range("internal: split outside the request buffer"))
+}
+
+fn request_range(base: u64, offset: u64, len: u64) -> Result<std::ops::Range<usize>> {
+    let start = usize::try_from(
+        offset
+            .checked_sub(base)
+            .ok_or_else(|| outside_request(offset, len))?,
+    )
+    .map_err(|_| outside_request(offset, len))?;
+    let len = usize::try_from(len).map_err(|_| outside_request(offset, len))?;
+    let end = start
+        .checked_add(len)
+        .ok_or_else(|| outside_request(offset, len as u64))?;
+    Ok(start..end)
+}
+
+fn outside_request(offset: u64, len: u64) -> Error {
+    Error::out_of_range(format!(
+        "internal: {len} bytes at {offset} lie outside the request buffer"
+    ))
+}
+
 /// Appends `extent` to `extents`, merging it with the previous one when they continue each other.
 pub fn push_extent(extents: &mut Vec<Extent>, extent: Extent) {
     if let Some(last) = extents.last_mut() {
@@ -134,6 +174,20 @@ mod tests {
         assert!(check_range(100, 0, 100).is_ok());
         assert!(check_range(100, 1, 100).is_err());
         assert!(check_range(100, u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn request_parts_are_found_by_virtual_offset_and_never_panic() {
+        let buf = [1u8, 2, 3, 4, 5, 6];
+        assert_eq!(request_part(&buf, 100, 102, 3).unwrap(), [3, 4, 5]);
+        assert!(request_part(&buf, 100, 99, 1).is_err());
+        assert!(request_part(&buf, 100, 104, 3).is_err());
+        assert!(request_part(&buf, 0, u64::MAX, 2).is_err());
+        let mut out = [0u8; 4];
+        request_part_mut(&mut out, 10, 11, 2).unwrap().fill(9);
+        assert_eq!(out, [0, 9, 9, 0]);
+        assert_eq!(split_request(&buf, 2).unwrap().0, [1, 2]);
+        assert!(split_request(&buf, 7).is_err());
     }
 
     #[test]

@@ -242,3 +242,87 @@ impl crate::catalog::Opener for FakeOpener {
         Ok(std::sync::Arc::new(MemImage::new(fake.size, reason)))
     }
 }
+
+/// A small deterministic generator (xorshift64), so test failures reproduce.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Runs a qemu tool; `None` (the caller skips) when it is missing, except in CI.
+pub fn qemu<S: AsRef<std::ffi::OsStr>>(tool: &str, args: &[S]) -> Option<std::process::Output> {
+    match std::process::Command::new(tool).args(args).output() {
+        Ok(out) => Some(out),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipping: {tool} not runnable: {e}");
+            None
+        }
+        Err(e) => panic!("{tool} is required in CI: {e}"),
+    }
+}
+
+/// Uses an image the way a hostile-input test needs: reads at the start, middle and end,
+/// block status, info, and (when `write`) two writes and a flush; errors are fine, panics not.
+pub fn exercise_image(img: &dyn crate::image::Image, write: bool) {
+    let size = img.size();
+    let mut buf = vec![0u8; 256 << 10];
+    for offset in [0, size / 2, size.saturating_sub(buf.len() as u64)] {
+        let len = buf.len().min(size.saturating_sub(offset) as usize);
+        let _ = img.read_at(&mut buf[..len], offset);
+    }
+    let _ = img.block_status(0, size.min(64 << 20));
+    let _ = img.info();
+    if write && size > 0 {
+        let _ = img.write_at(&[0x5a; 5000], (size - 1) / 4);
+        let _ = img.write_at(&[0xa5; 1], size - 1);
+        let _ = img.flush();
+    }
+}
+
+/// Hostile-input harness: `rounds` deterministic mutations of the valid image `base`, each
+/// written to `path` and handed to `open_and_use`, which returns whether the image opened.
+/// No round may panic, and both outcomes must be common (so the mutations hit real checks).
+pub fn assert_mutations_never_panic(
+    base: &[u8],
+    path: &Path,
+    rounds: u32,
+    mut mutate: impl FnMut(&mut Vec<u8>, &mut Rng),
+    open_and_use: impl Fn(&Path) -> bool + std::panic::RefUnwindSafe,
+) {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let (mut opened, mut refused) = (0, 0);
+    for round in 0..rounds {
+        let mut bytes = base.to_vec();
+        mutate(&mut bytes, &mut rng);
+        if rng.below(8) == 0 {
+            bytes.truncate(rng.below(bytes.len() as u64) as usize);
+        }
+        std::fs::write(path, &bytes).unwrap();
+        match std::panic::catch_unwind(|| open_and_use(path)) {
+            Ok(true) => opened += 1,
+            Ok(false) => refused += 1,
+            Err(_) => panic!(
+                "round {round} panicked; mutated image left at {}",
+                path.display()
+            ),
+        }
+    }
+    assert!(
+        opened > 100 && refused > 100,
+        "opened {opened}, refused {refused}"
+    );
+}

@@ -67,7 +67,10 @@ use flate2::{Decompress, FlushDecompress};
 use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
 use crate::host::HostFile;
-use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
+use crate::image::{
+    check_range, push_extent, request_part, request_part_mut, split_request, Extent, ExtentState,
+    Image, ImageInfo,
+};
 
 pub use header::QcowHeader;
 use header::{Geometry, Layout};
@@ -284,9 +287,7 @@ impl QcowImage {
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.size, offset, buf.len())?;
         for run in self.lookup(offset, buf.len() as u64)? {
-            let part = buf
-                .get_mut(run_range(&run, offset))
-                .ok_or_else(|| internal_range(&run))?;
+            let part = request_part_mut(buf, offset, run.offset, run.len)?;
             match run.kind {
                 RunKind::Data { host_offset } => self.file.read_exact_at(part, host_offset)?,
                 RunKind::Unallocated => read_below(self.backing.as_ref(), part, run.offset)?,
@@ -304,9 +305,7 @@ impl QcowImage {
         }
         check_range(self.size, offset, buf.len())?;
         for run in self.lookup(offset, buf.len() as u64)? {
-            let part = buf
-                .get(run_range(&run, offset))
-                .ok_or_else(|| internal_range(&run))?;
+            let part = request_part(buf, offset, run.offset, run.len)?;
             match run.kind {
                 RunKind::Data { host_offset } => self.file.write_all_at(part, host_offset)?,
                 RunKind::Unallocated | RunKind::Compressed { .. } => {
@@ -323,9 +322,7 @@ impl QcowImage {
         // Another writer may have allocated some of these clusters between our lookup and
         // taking the mutex; look again now that nobody else can.
         for run in self.lookup(offset, payload.len() as u64)? {
-            let part = payload
-                .get(run_range(&run, offset))
-                .ok_or_else(|| internal_range(&run))?;
+            let part = request_part(payload, offset, run.offset, run.len)?;
             match run.kind {
                 // Its allocating write finished before it was published, so this write lands
                 // after it. Rare, so done under the mutex rather than re-queued.
@@ -432,13 +429,13 @@ impl QcowImage {
         let mut guest = geo.cluster_start(offset);
         let mut rest = payload;
         if head > 0 || rest.len() < cluster {
-            let (now, later) = split_slice(rest, (cluster - head).min(rest.len()))?;
+            let (now, later) = split_request(rest, (cluster - head).min(rest.len()))?;
             self.write_merged(now, head, guest, host)?;
             rest = later;
             guest += cluster as u64;
             host += cluster as u64;
         }
-        let (full, tail) = split_slice(rest, rest.len() / cluster * cluster)?;
+        let (full, tail) = split_request(rest, rest.len() / cluster * cluster)?;
         if !full.is_empty() {
             self.file.write_all_at(full, host)?;
             host += full.len() as u64;
@@ -538,21 +535,6 @@ fn merge(cluster: &mut [u8], part: &[u8], head: usize) -> Result<()> {
         .ok_or_else(|| Error::out_of_range("internal: merge outside the cluster"))?
         .copy_from_slice(part);
     Ok(())
-}
-
-/// The part of a request buffer starting at guest `base` that `run` covers.
-fn run_range(run: &Run, base: u64) -> std::ops::Range<usize> {
-    let start = run.offset.saturating_sub(base) as usize;
-    start..start.saturating_add(run.len as usize)
-}
-
-fn internal_range(run: &Run) -> Error {
-    Error::out_of_range(format!("internal: run {run:?} outside the request"))
-}
-
-fn split_slice(buf: &[u8], at: usize) -> Result<(&[u8], &[u8])> {
-    buf.split_at_checked(at)
-        .ok_or_else(|| Error::out_of_range("internal: split outside the buffer"))
 }
 
 impl Image for QcowImage {

@@ -51,7 +51,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockW
 
 use crate::error::{Error, Result};
 use crate::host::HostFile;
-use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
+use crate::image::{
+    check_range, push_extent, request_part, request_part_mut, split_request, Extent, ExtentState,
+    Image, ImageInfo,
+};
 
 use block_map::{BlockMap, Geometry, Run, RunKind};
 use header::{Header, HEADER_LEN, SIGNATURE};
@@ -156,9 +159,7 @@ impl VdiImage {
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.size, offset, buf.len())?;
         for run in self.lookup(offset, buf.len() as u64)? {
-            let part = buf
-                .get_mut(run_range(&run, offset))
-                .ok_or_else(|| internal_range(&run))?;
+            let part = request_part_mut(buf, offset, run.offset, run.len)?;
             match run.kind {
                 RunKind::Data { host_offset } => self.file.read_exact_at(part, host_offset)?,
                 RunKind::Unallocated | RunKind::Discarded => part.fill(0),
@@ -173,9 +174,7 @@ impl VdiImage {
         }
         check_range(self.size, offset, buf.len())?;
         for run in self.lookup(offset, buf.len() as u64)? {
-            let part = buf
-                .get(run_range(&run, offset))
-                .ok_or_else(|| internal_range(&run))?;
+            let part = request_part(buf, offset, run.offset, run.len)?;
             match run.kind {
                 RunKind::Data { host_offset } => self.file.write_all_at(part, host_offset)?,
                 RunKind::Unallocated | RunKind::Discarded => {
@@ -192,9 +191,7 @@ impl VdiImage {
         // Another writer may have allocated some of these blocks between our lookup and taking
         // the mutex; look again now that nobody else can.
         for run in self.lookup(offset, payload.len() as u64)? {
-            let part = payload
-                .get(run_range(&run, offset))
-                .ok_or_else(|| internal_range(&run))?;
+            let part = request_part(payload, offset, run.offset, run.len)?;
             match run.kind {
                 // Its allocating write finished before it was published, so this write lands
                 // after it. Rare, so done under the mutex rather than re-queued.
@@ -245,12 +242,12 @@ impl VdiImage {
         let block = self.geometry.block_size() as usize;
         let mut rest = payload;
         if head > 0 || rest.len() < block {
-            let (now, later) = split_slice(rest, (block - head).min(rest.len()))?;
+            let (now, later) = split_request(rest, (block - head).min(rest.len()))?;
             self.write_padded(now, head, host)?;
             rest = later;
             host += block as u64;
         }
-        let (full, tail) = split_slice(rest, rest.len() / block * block)?;
+        let (full, tail) = split_request(rest, rest.len() / block * block)?;
         if !full.is_empty() {
             self.file.write_all_at(full, host)?;
             host += full.len() as u64;
@@ -317,21 +314,6 @@ impl VdiImage {
         }
         Ok(extents)
     }
-}
-
-/// The part of a request buffer starting at virtual `base` that `run` covers.
-fn run_range(run: &Run, base: u64) -> std::ops::Range<usize> {
-    let start = run.offset.saturating_sub(base) as usize;
-    start..start.saturating_add(run.len as usize)
-}
-
-fn internal_range(run: &Run) -> Error {
-    Error::out_of_range(format!("internal: run {run:?} outside the request"))
-}
-
-fn split_slice(buf: &[u8], at: usize) -> Result<(&[u8], &[u8])> {
-    buf.split_at_checked(at)
-        .ok_or_else(|| Error::out_of_range("internal: split outside the buffer"))
 }
 
 impl Image for VdiImage {

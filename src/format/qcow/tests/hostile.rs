@@ -225,11 +225,8 @@ fn mutated_images_never_panic() {
     };
     let base = std::fs::read(&source).unwrap();
     let metadata_span = 8192.min(base.len());
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let path = dir.path().join("m.qcow");
-    let (mut opened, mut refused) = (0, 0);
-    for round in 0..1500 {
-        let mut bytes = base.clone();
+    let mutate = |bytes: &mut Vec<u8>, rng: &mut Rng| {
         for _ in 0..1 + rng.below(4) {
             let span = match rng.below(4) {
                 0 => bytes.len(),
@@ -244,40 +241,12 @@ fn mutated_images_never_panic() {
                 bytes[at] = rng.next() as u8;
             }
         }
-        if rng.below(8) == 0 {
-            bytes.truncate(rng.below(bytes.len() as u64) as usize);
-        }
-        std::fs::write(&path, &bytes).unwrap();
-        let outcome = std::panic::catch_unwind(|| {
-            let Ok(img) = try_open(&path, None) else {
-                return false;
-            };
-            let size = img.size();
-            let mut buf = vec![0u8; 256 << 10];
-            for offset in [0, size / 2, size.saturating_sub(256 << 10)] {
-                let len = buf.len().min((size - offset.min(size)) as usize);
-                let _ = img.read_at(&mut buf[..len], offset);
-            }
-            let _ = img.block_status(0, size.min(64 * MIB));
-            let _ = img.info();
-            if size > 0 {
-                let _ = img.write_at(&[0x5a; 5000], (size - 1) / 2 / 2);
-                let _ = img.write_at(&[0xa5; 1], size - 1);
-                let _ = img.flush();
-            }
-            true
-        });
-        match outcome {
-            Ok(true) => opened += 1,
-            Ok(false) => refused += 1,
-            Err(_) => panic!(
-                "round {round} panicked; mutated image left at {}",
-                path.display()
-            ),
-        }
-    }
-    assert!(
-        opened > 100 && refused > 100,
-        "opened {opened}, refused {refused}"
-    );
+    };
+    assert_mutations_never_panic(&base, &path, 1500, mutate, |path| {
+        let Ok(img) = try_open(path, None) else {
+            return false;
+        };
+        exercise_image(&img, true);
+        true
+    });
 }

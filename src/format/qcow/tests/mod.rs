@@ -7,26 +7,14 @@ mod hostile;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::{Arc, Barrier};
 
 use super::*;
 use crate::error::ErrorKind;
-use crate::testutil::{MemImage, TempDir};
+use crate::testutil::{assert_mutations_never_panic, exercise_image, qemu, MemImage, Rng, TempDir};
 
 const MIB: u64 = 1 << 20;
-
-/// Runs a qemu tool; `None` (the caller skips) when it is missing, except in CI.
-fn qemu<S: AsRef<OsStr>>(tool: &str, args: &[S]) -> Option<Output> {
-    match Command::new(tool).args(args).output() {
-        Ok(out) => Some(out),
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!("skipping: {tool} not runnable: {e}");
-            None
-        }
-        Err(e) => panic!("{tool} is required in CI: {e}"),
-    }
-}
 
 /// Runs a qemu tool that must succeed; `None` when it is missing outside CI.
 fn qemu_ok<S: AsRef<OsStr>>(tool: &str, args: &[S]) -> Option<Output> {
@@ -148,26 +136,6 @@ fn read_all(img: &dyn Image) -> Vec<u8> {
     let mut buf = vec![0u8; img.size() as usize];
     img.read_at(&mut buf, 0).unwrap();
     buf
-}
-
-/// Deterministic pseudo-random numbers (xorshift64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
 }
 
 /// A raw file of `len` bytes: 64 KiB stretches of noise, of a repeated byte (compressible)
