@@ -36,13 +36,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{MutexGuard, PoisonError};
 
 use crate::error::{Error, Result};
-use crate::host::HostFile;
 use crate::meta::dirty::DirtyChunks;
 
 use super::cluster::OFFSET_MASK;
 use super::refcount::{plan_fresh, BlockSlot, FreshPlan, RefcountBlock, RefcountShape, Refcounts};
 use super::Qcow2Image;
 
+/// Header offset of refcount_table_offset (u64), followed by refcount_table_clusters (u32).
+const OFF_REFCOUNT_TABLE: u64 = 48;
 /// QEMU's cap on the refcount table (8 MiB), in entries.
 const MAX_REFCOUNT_TABLE_ENTRIES: u64 = (8 << 20) / 8;
 
@@ -86,11 +87,6 @@ impl AllocState {
     pub fn is_dirty(&self) -> bool {
         !self.pending_free.is_empty() || !self.l1_dirty.is_empty() || self.refcounts.is_dirty()
     }
-}
-
-/// Stores `value` big-endian at byte `at` of the image file.
-pub(super) fn put_be(file: &HostFile, at: u64, value: &[u8]) -> Result<()> {
-    file.write_all_at(value, at)
 }
 
 impl Qcow2Image {
@@ -187,6 +183,15 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Tells checks made without the allocation mutex where the refcount table is now. The
+    /// old table is only freed (and its clusters reused) after this.
+    pub(super) fn note_table_location(&self, alloc: &AllocState) {
+        let (offset, clusters) = alloc.refcounts.table_location();
+        let at = &self.shared.refcount_table_at;
+        at.0.store(offset, std::sync::atomic::Ordering::Release);
+        at.1.store(clusters, std::sync::atomic::Ordering::Release);
+    }
+
     pub(super) fn refcount_shape(&self, alloc: &AllocState, table_entries: u64) -> RefcountShape {
         RefcountShape {
             cluster_bits: self.cluster_bits(),
@@ -213,6 +218,7 @@ impl Qcow2Image {
             entries_vec.resize(entries as usize, 0);
             let offset = self.cluster_offset(cluster)?;
             alloc.refcounts.install_table(offset, clusters, entries_vec);
+            self.note_table_location(alloc);
         }
         let new_indices: BTreeSet<u64> = plan.blocks.iter().map(|&(i, _)| i).collect();
         for &(index, cluster) in &plan.blocks {
@@ -286,7 +292,7 @@ impl Qcow2Image {
                 .map_err(|_| Error::out_of_range("refcount table clusters overflow"))?;
             let mut field = offset.to_be_bytes().to_vec();
             field.extend_from_slice(&clusters.to_be_bytes());
-            put_be(file, 48, &field)?;
+            file.write_all_at(&field, OFF_REFCOUNT_TABLE)?;
             file.sync_data()?;
         }
         alloc.refcounts.mark_table_clean();

@@ -128,6 +128,9 @@ struct Shared {
     io_gate: RwLock<()>,
     /// The first write's preparation is done (a fast path around the allocation mutex).
     prepared: AtomicBool,
+    /// The live refcount table's (offset, clusters), for checks made without the allocation
+    /// mutex; set by the allocator whenever the table moves.
+    refcount_table_at: (AtomicU64, AtomicU64),
     /// The image file's length as last seen; refreshed before calling an offset past it
     /// corrupt, since the file only grows.
     file_len: AtomicU64,
@@ -256,6 +259,10 @@ impl Qcow2Image {
             alloc: Mutex::new(alloc),
             io_gate: RwLock::new(()),
             prepared: AtomicBool::new(false),
+            refcount_table_at: (
+                AtomicU64::new(header.refcount_table_offset),
+                AtomicU64::new(u64::from(header.refcount_table_clusters)),
+            ),
             snapshot_table_len,
             data_file,
             geometry,

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 
 use crate::error::{Error, Result};
 
-use super::alloc::{put_be, AllocState};
+use super::alloc::AllocState;
 use super::cluster::{ClusterDescriptor, OFFSET_MASK};
 use super::header::{AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY};
 use super::refcount::plan_fresh;
@@ -38,7 +38,7 @@ impl Qcow2Image {
             // update, so it must go before the first write, as the spec requires.
             let autoclear = alloc.autoclear & AUTOCLEAR_DATA_FILE_RAW;
             if autoclear != alloc.autoclear {
-                put_be(file, OFF_AUTOCLEAR, &autoclear.to_be_bytes())?;
+                file.write_all_at(&autoclear.to_be_bytes(), OFF_AUTOCLEAR)?;
                 file.sync_data()?;
                 alloc.autoclear = autoclear;
             }
@@ -47,7 +47,7 @@ impl Qcow2Image {
                 self.rebuild_refcounts(alloc)?;
                 self.flush_locked(alloc)?;
                 let incompatible = alloc.incompatible & !INCOMPAT_DIRTY;
-                put_be(file, OFF_INCOMPATIBLE, &incompatible.to_be_bytes())?;
+                file.write_all_at(&incompatible.to_be_bytes(), OFF_INCOMPATIBLE)?;
                 file.sync_data()?;
                 alloc.incompatible = incompatible;
             }
@@ -144,6 +144,7 @@ impl Qcow2Image {
                 clusters,
                 entries_vec,
             );
+            self.note_table_location(alloc);
         }
         for &(index, cluster) in &plan.blocks {
             let block = self.block_from_counts(alloc, index, &counts.map)?;

@@ -183,7 +183,7 @@ impl Qcow2Image {
         let overlaps =
             |start: u64, len: u64| host < start.saturating_add(len) && start < host + cluster_size;
         let l1_bytes = u64::from(h.l1_size) * 8;
-        let (table, clusters) = self.original_refcount_table();
+        let (table, clusters) = self.refcount_table_location();
         if host < cluster_size
             || overlaps(self.l1_table_offset, l1_bytes)
             || overlaps(table, clusters * cluster_size)
@@ -197,13 +197,12 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// The refcount table's location as the header gave it (it only moves to clusters past
-    /// everything referenced, so the original location is what data must keep clear of).
-    fn original_refcount_table(&self) -> (u64, u64) {
-        let h = &self.shared.header;
+    /// The live refcount table's (offset, clusters).
+    fn refcount_table_location(&self) -> (u64, u64) {
+        let (offset, clusters) = &self.shared.refcount_table_at;
         (
-            h.refcount_table_offset,
-            u64::from(h.refcount_table_clusters),
+            offset.load(std::sync::atomic::Ordering::Acquire),
+            clusters.load(std::sync::atomic::Ordering::Acquire),
         )
     }
 

@@ -426,13 +426,22 @@ fn the_refcount_table_grows_and_describes_itself() {
     let img = open_rw(&path, None);
     let mut expected = vec![0u8; SIZE as usize];
     // 64 refcounts per block, 64 blocks per table cluster: the first table covers 2 MiB.
-    for (i, chunk) in expected
-        .chunks_mut(64 * KIB as usize)
-        .enumerate()
-        .step_by(2)
-    {
-        chunk.fill(i as u8 + 1);
-        img.write_at(chunk, i as u64 * 64 * KIB).unwrap();
+    // Each even 64 KiB chunk is written but for its last 16 KiB, whose L2 table exists then.
+    let chunk = 64 * KIB as usize;
+    let head = 48 * KIB as usize;
+    for (i, part) in expected.chunks_mut(chunk).enumerate().step_by(2) {
+        part[..head].fill(i as u8 + 1);
+        img.write_at(&part[..head], (i * chunk) as u64).unwrap();
+    }
+    img.flush().unwrap();
+    // The old table's clusters are free now and go to the next data clusters; writing there
+    // again, in place, must not be taken for a write over the refcount table.
+    for pass in 0..2u8 {
+        for (i, part) in expected.chunks_mut(chunk).enumerate().step_by(2).take(8) {
+            part[head..].fill(0x80 + pass);
+            img.write_at(&part[head..], (i * chunk + head) as u64)
+                .unwrap();
+        }
     }
     img.flush().unwrap();
     drop(img);
