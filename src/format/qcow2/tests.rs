@@ -4,27 +4,15 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use super::header::testing::{put_u32, put_u64};
 use super::*;
 use crate::error::ErrorKind;
-use crate::testutil::{MemImage, TempDir};
+use crate::testutil::{assert_mutations_never_panic, exercise_image, qemu, MemImage, Rng, TempDir};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-
-/// Runs a qemu tool; `None` (the caller skips) when it is missing, except in CI.
-fn qemu<S: AsRef<OsStr>>(tool: &str, args: &[S]) -> Option<Output> {
-    match Command::new(tool).args(args).output() {
-        Ok(out) => Some(out),
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!("skipping: {tool} not runnable: {e}");
-            None
-        }
-        Err(e) => panic!("{tool} is required in CI: {e}"),
-    }
-}
 
 /// Runs a qemu tool with `args` split on spaces (paths must not contain spaces) and asserts
 /// success; `None` when the tool is missing.
