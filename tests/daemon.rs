@@ -21,9 +21,7 @@ fn the_tree_follows_the_source_and_bad_images_are_skipped() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("tree");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (dir, src) = empty_source("tree");
     vdi(&src.join("a.vdi"), "1M");
     // Recognised by magic, not by name.
     vdi(&src.join("no-extension"), "1M");
@@ -61,9 +59,7 @@ fn qemu_cannot_write_what_imgfs_serves_and_imgfs_skips_what_qemu_writes() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("locks");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (dir, src) = empty_source("locks");
     let served = src.join("served.vdi");
     let held = src.join("held.vdi");
     vdi(&served, "1M");

@@ -124,9 +124,7 @@ fn every_qcow2_sub_format_reads_like_qemu_img_convert() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("qcow2-read");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (dir, src) = empty_source("qcow2-read");
     let names = make_matrix(&src, &dir);
     let mount = Mount::new(&src, &dir.join("mnt"), &[]);
     for name in &names {
@@ -186,9 +184,7 @@ fn broken_chains_keep_only_their_own_image_out() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("qcow2-badchain");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (dir, src) = empty_source("qcow2-badchain");
     create(&src, "fine.qcow2", &[], "1M", &["write -P 0x5 0 4k"]);
     // a -> b -> a
     create(&src, "a.qcow2", &[], "1M", &[]);
@@ -240,9 +236,7 @@ fn internal_snapshots_are_served_read_only_beside_the_image() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("qcow2-snap");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (dir, src) = empty_source("qcow2-snap");
     let image = src.join("vm.qcow2");
     create(&src, "vm.qcow2", &[], "4M", &["write -P 0x01 0 1M"]);
     qemu_img(&["snapshot", "-c", "first", path_str(&image)]);
@@ -287,9 +281,7 @@ fn encrypted_images_are_refused_with_a_clear_message() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("qcow2-luks");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (dir, src) = empty_source("qcow2-luks");
     let image = src.join("secret.qcow2");
     qemu_img(&[
         "create",
@@ -339,9 +331,7 @@ fn threaded_random_writes_to_every_sub_format_pass_qemu_img_check_and_compare() 
         return;
     }
     const MIB: u64 = 1 << 20;
-    let dir = TempDir::new("qcow2-write");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (dir, src) = empty_source("qcow2-write");
     let mut names = make_matrix(&src, &dir);
     // Over a raw backing file.
     let base = src.join("base.raw");

@@ -32,9 +32,7 @@ fn plain_compressed_and_backed_qcow_images_read_like_qemu_img_convert() {
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("qcow-read");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (dir, src) = empty_source("qcow-read");
     let fills = [
         "write -P 0xab 0 4k",
         "write -P 0x12 65000 70000",
@@ -95,9 +93,7 @@ fn threaded_random_writes_into_plain_compressed_and_backed_clusters_compare_equa
     if !can_mount() {
         return;
     }
-    let dir = TempDir::new("qcow-write");
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (dir, src) = empty_source("qcow-write");
     let raw = dir.join("source.raw");
     qemu_img(&["create", "-q", "-f", "raw", path_str(&raw), "8M"]);
     qemu_io("raw", &raw, &["write -P 0x21 0 3M"]);

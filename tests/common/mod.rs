@@ -161,6 +161,14 @@ pub fn assert_compare_equal(format: &str, image: &Path, expected: &[u8], dir: &T
     std::fs::remove_file(&raw).unwrap();
 }
 
+/// A fresh test directory with an empty source tree `src` in it.
+pub fn empty_source(tag: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new(tag);
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    (dir, src)
+}
+
 /// The sorted names in directory `dir`.
 pub fn ls(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
