@@ -359,6 +359,25 @@ impl Bat {
         Ok(())
     }
 
+    /// Turns partially present block `block` fully present in place, once the sectors its
+    /// bitmap left to the parent were copied into it.
+    pub fn make_fully_present(&mut self, block: u64) -> Result<()> {
+        let index = self.geometry.payload_index(block);
+        let slot = usize::try_from(index)
+            .ok()
+            .filter(|_| block < self.geometry.payload_blocks)
+            .and_then(|i| self.entries.get_mut(i))
+            .ok_or_else(|| Error::out_of_range(format!("payload block {block} beyond the BAT")))?;
+        if state(*slot) != PARTIALLY_PRESENT {
+            return Err(Error::corrupt(format!(
+                "internal: payload block {block} is not partially present"
+            )));
+        }
+        *slot = (*slot & !STATE_MASK) | FULLY_PRESENT;
+        self.dirty.mark((index * ENTRY_LEN) as usize);
+        Ok(())
+    }
+
     /// Payload blocks stored in the file.
     pub fn present_blocks(&self) -> u64 {
         self.present_blocks

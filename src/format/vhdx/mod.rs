@@ -1,4 +1,4 @@
-//! Hyper-V VHDX images (fixed, dynamic, and differencing for reads), served as a raw disk.
+//! Hyper-V VHDX images (fixed, dynamic and differencing), served as a raw disk.
 //!
 //! # On-disk layout (all little-endian, every structure 1 MiB aligned)
 //!
@@ -26,6 +26,10 @@
 //!   file write GUID) before any data is written, as the spec requires.
 //! - An allocating write puts the whole block (payload, zeros or the parent's bytes around it)
 //!   at the 1 MiB-aligned end of the file, and only then publishes it in the in-memory BAT.
+//! - A differencing image never sets sector bitmap bits: a block not present is copied up
+//!   whole (fully present), and the first write into a partially present block first copies
+//!   the sectors its bitmap leaves to the parent into the block, then marks it fully present.
+//!   Either way the bitmap stays valid at every step and no bitmap block is ever allocated.
 //! - `flush`: sync the data -> write a log entry holding the dirty 4 KiB BAT sectors, sync ->
 //!   point the current header's log GUID at it (written to the other slot), sync -> write the
 //!   BAT sectors in place, sync -> clear the log GUID in both headers, syncing each.
@@ -242,8 +246,9 @@ impl VhdxImage {
         if log.is_empty() {
             reasons.push("the image has no log, so its BAT cannot be updated safely".into());
         }
-        if meta.has_parent {
-            reasons.push("writes to differencing VHDX images are not implemented".into());
+        if meta.has_parent && parent.is_none() {
+            // Blocks copied up on write would take zeros instead of the parent's data.
+            reasons.push("the parent of this differencing image is not open".into());
         }
         let next_free = structures
             .iter()
@@ -414,10 +419,9 @@ impl VhdxImage {
                 .ok_or_else(|| internal_range(&run))?;
             match run.kind {
                 RunKind::Data { host_offset } => self.store.file.write_all_at(part, host_offset)?,
-                RunKind::Partial { .. } => {
-                    return Err(Error::unsupported(
-                        "writes into partially present VHDX blocks are not implemented",
-                    ))
+                RunKind::Partial { host_offset, .. } => {
+                    self.make_fully_present(run.offset)?;
+                    self.store.file.write_all_at(part, host_offset)?;
                 }
                 RunKind::Zero | RunKind::Unallocated | RunKind::Below => {
                     self.allocate(&mut alloc, part, run.offset, run.kind)?
@@ -521,6 +525,39 @@ impl VhdxImage {
             at += len;
         }
         Ok(())
+    }
+
+    /// Copies the sectors that the bitmap of the partially present block holding virtual
+    /// `offset` leaves to the parent into the block, then marks it fully present, so writes
+    /// into it need no bitmap updates. Caller holds the alloc mutex.
+    fn make_fully_present(&self, offset: u64) -> Result<()> {
+        let geo = self.geometry;
+        let (block, _) = geo.split(offset);
+        let start = block * geo.block_size;
+        let len = geo.block_size.min(geo.virtual_size - start);
+        let mut chunk = Vec::new();
+        for run in self.lookup(start, len)? {
+            for (piece, here) in self.partial_pieces(&run)? {
+                if here.is_some() {
+                    continue;
+                }
+                let RunKind::Partial { host_offset, .. } = run.kind else {
+                    return Err(internal_range(&run));
+                };
+                // Pieces of a run are sector aligned, so this copies whole sectors.
+                let mut at = piece.offset;
+                while at < piece.offset + piece.len {
+                    let n = MIB.min(piece.offset + piece.len - at) as usize;
+                    chunk.resize(n, 0);
+                    read_below(self.parent.as_ref(), &mut chunk, at)?;
+                    self.store
+                        .file
+                        .write_all_at(&chunk, host_offset + (at - run.offset))?;
+                    at += n as u64;
+                }
+            }
+        }
+        self.write_bat().make_fully_present(block)
     }
 
     fn flush_inner(&self) -> Result<()> {

@@ -2,6 +2,7 @@
 //! images of every sub-format, block size and sector size read like `qemu-img convert`, our
 //! writes pass `qemu-img check` and `qemu-img compare`, and headers change as the spec says.
 
+mod differencing;
 mod hostile;
 mod log_replay;
 
