@@ -136,7 +136,8 @@ pub struct Run {
 /// What loading found that the image should know about.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Scan {
-    /// The end of the last block (payload or bitmap) the BAT points at.
+    /// The end of the last block the BAT points at (payload, bitmap, or the retained space of
+    /// an unmapped or undefined block).
     pub highest_end: u64,
     /// Why writes would be unsafe (two entries sharing file space), if they would be.
     pub shared_space: Option<String>,
@@ -211,7 +212,16 @@ impl Bat {
             let entry = self.entry_at(index)?;
             let at = self.region_offset + index * ENTRY_LEN;
             match state(entry) {
-                NOT_PRESENT | UNDEFINED | ZERO | UNMAPPED => continue,
+                UNDEFINED | UNMAPPED => {
+                    // Other implementations may still read the block's old contents here, so
+                    // new blocks must not reuse its space.
+                    let end = host_of(entry).saturating_add(geo.block_size);
+                    if host_of(entry) != 0 && end <= file_len {
+                        scan.highest_end = scan.highest_end.max(end);
+                    }
+                    continue;
+                }
+                NOT_PRESENT | ZERO => continue,
                 FULLY_PRESENT => {}
                 PARTIALLY_PRESENT if geo.differencing => {
                     let bitmap = self.entry_at(geo.bitmap_index(block))?;
@@ -267,7 +277,8 @@ impl Bat {
             }
         }
         blocks.sort_by_key(|(range, _)| range.start);
-        scan.highest_end = blocks.iter().map(|(r, _)| r.end).max().unwrap_or(0);
+        let present_end = blocks.iter().map(|(r, _)| r.end).max().unwrap_or(0);
+        scan.highest_end = scan.highest_end.max(present_end);
         scan.shared_space = blocks
             .windows(2)
             .find(|w| overlaps(&w[0].0, &w[1].0))
@@ -602,6 +613,14 @@ mod tests {
             &[0, (5 * MIB) | PARTIALLY_PRESENT],
             "without parent",
             2 * MIB + 8,
+        );
+        let (_, scan) = load(g, &[(3 * MIB) | UNMAPPED, 0, (4 * MIB) | 6], 8 * MIB).unwrap();
+        assert_eq!(scan.highest_end, 5 * MIB);
+        let (_, scan) = load(g, &[(6 * MIB) | UNMAPPED, 0, (4 * MIB) | 6], 8 * MIB).unwrap();
+        assert_eq!(
+            scan.highest_end,
+            7 * MIB,
+            "space of unmapped blocks is not reused"
         );
         let (_, scan) = load(g, &[(5 * MIB) | 6, 0, (5 * MIB) | 6], 8 * MIB).unwrap();
         assert!(scan.shared_space.unwrap().contains("BAT entries 0 and 2"));
