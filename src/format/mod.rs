@@ -7,6 +7,7 @@ pub mod qcow;
 pub mod qcow2;
 pub mod raw;
 pub mod vdi;
+pub mod vhdx;
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -220,6 +221,15 @@ fn open_as(
                 backing,
                 host_reason,
             )?)
+        }
+        Format::Vhdx => {
+            let image = vhdx::VhdxImage::open(file, None, host_reason)?;
+            if image.parent_locator().is_some() {
+                return Err(Error::unsupported(
+                    "differencing VHDX images are not served yet",
+                ));
+            }
+            Arc::new(image)
         }
         Format::Raw => Arc::new(raw::RawImage::open(
             file,

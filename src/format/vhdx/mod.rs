@@ -1,0 +1,798 @@
+//! Hyper-V VHDX images (fixed, dynamic and differencing), served as a raw disk.
+//!
+//! # On-disk layout (all little-endian, every structure 1 MiB aligned)
+//!
+//! ```text
+//! 0 .. 1 MiB      header section (header.rs): file identifier, two headers, two region tables
+//! log offset      the metadata log (log.rs), a ring of 4 KiB sectors named by the header
+//! BAT region      one u64 per payload block, interleaved with sector bitmap entries (bat.rs)
+//! metadata region table and items: block size, sizes, sector sizes, parent (metadata.rs)
+//! payload blocks  block_size bytes each, anywhere after the header section
+//! ```
+//!
+//! # Opening
+//!
+//! The current header is chosen first (valid CRC, highest sequence number). If its log GUID is
+//! set the log is replayed before anything else is read: into the file when the image is
+//! writable (file write GUID renewed first, then the changes, a sync, and the log GUID cleared
+//! in both headers), otherwise into an in-memory overlay (overlay.rs) that every later read of
+//! the file goes through, so a read-only image is never written. Then the region tables (the
+//! first valid copy), the metadata and the BAT are read and checked against the file and each
+//! other.
+//!
+//! # Metadata write order
+//!
+//! - The first write of a session updates both headers with a new data write GUID (and a new
+//!   file write GUID) before any data is written, as the spec requires.
+//! - An allocating write puts the whole block (payload, zeros or the parent's bytes around it)
+//!   at the 1 MiB-aligned end of the file, and only then publishes it in the in-memory BAT.
+//! - A differencing image never sets sector bitmap bits: a block not present is copied up
+//!   whole (fully present), and the first write into a partially present block first copies
+//!   the sectors its bitmap leaves to the parent into the block, then marks it fully present.
+//!   Either way the bitmap stays valid at every step and no bitmap block is ever allocated.
+//! - `flush`: sync the data -> write a log entry holding the dirty 4 KiB BAT sectors, sync ->
+//!   point the current header's log GUID at it (written to the other slot), sync -> write the
+//!   BAT sectors in place, sync -> clear the log GUID in both headers, syncing each.
+//!
+//! The entry is written before the header names its GUID: until then the header says the log
+//! is empty, so a crash leaves either an empty log (the new blocks leak, the BAT is untouched)
+//! or a complete entry that Hyper-V, QEMU and imgfs replay. A crash never leaves a header whose
+//! log GUID names no valid entry, which the spec would call a corrupt file.
+//!
+//! # Locks (taken in this order, never the reverse)
+//!
+//! 1. `alloc` (Mutex): serialises allocations, flushes and header updates; holds the headers
+//!    and the file offset of the next block. Held across the data write of a new block, so no
+//!    block is ever allocated twice.
+//! 2. `bat` (RwLock): the BAT. Read-locked for lookups, write-locked to publish a block or mark
+//!    it clean; never held during I/O.
+//!
+//! Reads and in-place writes take the BAT read lock for the lookup only and do their I/O with
+//! no lock held, so they run in parallel with each other and with allocations.
+
+mod bat;
+mod header;
+mod log;
+mod metadata;
+mod open;
+mod overlay;
+
+#[cfg(test)]
+mod tests;
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::format::backing::{read_below, status_below, Backing};
+use crate::host::HostFile;
+use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
+
+use bat::{Bat, Geometry, Run, RunKind};
+use header::{Header, Regions, HEADER_LEN, HEADER_SECTION_LEN, HEADER_SLOTS, MIB};
+use metadata::Metadata;
+use overlay::Overlay;
+
+pub use metadata::ParentLocator;
+
+/// The file as the driver sees it: the host file, with the changes of a log that could not be
+/// replayed into it (read-only images) laid over every read.
+struct Store {
+    file: HostFile,
+    overlay: Option<Overlay>,
+}
+
+impl Store {
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset)?;
+        if let Some(overlay) = &self.overlay {
+            overlay.apply(buf, offset);
+        }
+        Ok(())
+    }
+}
+
+/// The current header and where it is, with what this session already changed.
+struct Headers {
+    current: Header,
+    slot: usize,
+    /// Whether this session has written a header (and so renewed the file write GUID).
+    session_started: bool,
+    /// Whether this session has renewed the data write GUID.
+    data_write_guid_renewed: bool,
+}
+
+impl Headers {
+    /// Writes a new header made by `change` into the other slot and syncs; with `both`, does it
+    /// a second time so both slots hold the new contents. The first update of a session also
+    /// renews the file write GUID.
+    fn update(
+        &mut self,
+        file: &HostFile,
+        change: impl FnOnce(&mut Header),
+        both: bool,
+    ) -> Result<()> {
+        let mut next = self.current.clone();
+        change(&mut next);
+        if !self.session_started {
+            next.file_write_guid = header::new_guid()?;
+        }
+        for _ in 0..if both { 2 } else { 1 } {
+            next.sequence = self
+                .current
+                .sequence
+                .checked_add(1)
+                .ok_or_else(|| Error::corrupt("header sequence number overflows"))?;
+            let slot = 1 - self.slot;
+            file.write_all_at(&next.to_bytes()?, HEADER_SLOTS[slot])?;
+            file.sync_data()?;
+            self.session_started = true;
+            self.current = next.clone();
+            self.slot = slot;
+        }
+        Ok(())
+    }
+}
+
+/// State only allocation, flush and header updates touch, guarded by the allocation mutex.
+struct AllocState {
+    headers: Headers,
+    /// Where the next new block goes: 1 MiB aligned, past every structure and block.
+    next_free: u64,
+}
+
+/// An open VHDX image.
+pub struct VhdxImage {
+    store: Store,
+    meta: Metadata,
+    geometry: Geometry,
+    regions: Regions,
+    log: Range<u64>,
+    parent: Option<Backing>,
+    alloc: Mutex<AllocState>,
+    bat: RwLock<Bat>,
+    /// Set once the data write GUID was renewed, so writes skip the mutex afterwards.
+    data_write_guid_renewed: AtomicBool,
+    read_only_reason: Option<String>,
+    /// What replaying a dirty log on open did, if there was one.
+    log_replay: Option<String>,
+    /// Test hook: make `flush` stop right after the log entry is durable, like a crash.
+    #[cfg(test)]
+    crash_after_log_entry: AtomicBool,
+}
+
+impl VhdxImage {
+    /// Opens the VHDX image in `file`. `parent` is the opened parent of a differencing image
+    /// (its absence reads as zeros); `read_only_reason` is set when the caller serves the image
+    /// read-only, which also keeps a dirty log out of the file.
+    pub fn open(
+        file: HostFile,
+        parent: Option<Backing>,
+        read_only_reason: Option<String>,
+    ) -> Result<VhdxImage> {
+        let path = file.path().to_path_buf();
+        Self::open_inner(file, parent, read_only_reason).map_err(|e| e.with_path(&path))
+    }
+
+    fn open_inner(
+        file: HostFile,
+        parent: Option<Backing>,
+        read_only_reason: Option<String>,
+    ) -> Result<VhdxImage> {
+        let file_len = file.len()?;
+        if file_len < HEADER_SECTION_LEN {
+            return Err(Error::corrupt(format!(
+                "file is {file_len} bytes, shorter than the 1 MiB VHDX header section"
+            )));
+        }
+        let mut signature = [0u8; 8];
+        file.read_exact_at(&mut signature, 0)?;
+        if &signature != header::FILE_SIGNATURE {
+            return Err(Error::corrupt("no \"vhdxfile\" signature at offset 0"));
+        }
+        let mut slots = [vec![0u8; HEADER_LEN], vec![0u8; HEADER_LEN]];
+        for (raw, at) in slots.iter_mut().zip(HEADER_SLOTS) {
+            file.read_exact_at(raw, at)?;
+        }
+        let (current, slot) = header::current_header([&slots[0], &slots[1]])?;
+        let log = current.log_range(file_len)?;
+        let mut reasons = Vec::new();
+        match read_only_reason {
+            Some(reason) => reasons.push(reason),
+            None if !file.is_writable() => {
+                reasons.push("the image file is opened read-only".into())
+            }
+            None => {}
+        }
+        let writable = reasons.is_empty();
+        let mut headers = Headers {
+            current,
+            slot,
+            session_started: false,
+            data_write_guid_renewed: false,
+        };
+        let (overlay, log_replay, replayed_len) =
+            open::replay_log(&file, &mut headers, &log, writable)?;
+        let store = Store { file, overlay };
+        // A replay kept in memory extends the file only in our view.
+        let file_len = store.file.len()?.max(replayed_len);
+
+        let regions = open::read_regions(&store, &log, file_len)?;
+        let meta = open::read_metadata(&store, &regions.metadata)?;
+        let geometry = Geometry::new(&meta);
+        let load_len = Bat::load_len(&geometry, &regions.bat)?;
+        let mut raw = vec![0u8; load_len as usize];
+        store.read(&mut raw, regions.bat.start)?;
+        let structures = [
+            ("the header section", 0..HEADER_SECTION_LEN),
+            ("the log", log.clone()),
+            ("the BAT region", regions.bat.clone()),
+            ("the metadata region", regions.metadata.clone()),
+        ];
+        let (bat, scan) =
+            Bat::from_bytes(geometry, regions.bat.start, &raw, &structures, file_len)?;
+        drop(raw);
+
+        if let Some(shared) = scan.shared_space {
+            ::log::warn!(
+                "{}: {shared}; serving it read-only",
+                store.file.path().display()
+            );
+            reasons.push(shared);
+        }
+        if log.is_empty() {
+            reasons.push("the image has no log, so its BAT cannot be updated safely".into());
+        }
+        if meta.has_parent && parent.is_none() {
+            // Blocks copied up on write would take zeros instead of the parent's data.
+            reasons.push("the parent of this differencing image is not open".into());
+        }
+        let next_free = structures
+            .iter()
+            .map(|(_, r)| r.end)
+            .chain([file_len, scan.highest_end])
+            .max()
+            .unwrap_or(file_len)
+            .checked_next_multiple_of(MIB)
+            .ok_or_else(|| Error::corrupt("the file is too large to grow"))?;
+        Ok(VhdxImage {
+            geometry,
+            regions,
+            log,
+            parent,
+            alloc: Mutex::new(AllocState { headers, next_free }),
+            bat: RwLock::new(bat),
+            data_write_guid_renewed: AtomicBool::new(false),
+            read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+            log_replay,
+            meta,
+            store,
+            #[cfg(test)]
+            crash_after_log_entry: AtomicBool::new(false),
+        })
+    }
+
+    /// Where to find the parent of a differencing image and who it must be.
+    pub fn parent_locator(&self) -> Option<&ParentLocator> {
+        self.meta.parent_locator.as_ref()
+    }
+
+    /// The current header's data write GUID: what a child's parent_linkage must match.
+    pub fn data_write_guid(&self) -> Uuid {
+        self.lock_alloc().headers.current.data_write_guid
+    }
+
+    // Poisoning is ignored on purpose: the critical sections leave the guarded state
+    // consistent at every step (a header or BAT entry changes only after its write succeeded).
+    fn lock_alloc(&self) -> MutexGuard<'_, AllocState> {
+        self.alloc.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read_bat(&self) -> RwLockReadGuard<'_, Bat> {
+        self.bat.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_bat(&self) -> RwLockWriteGuard<'_, Bat> {
+        self.bat.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lookup(&self, offset: u64, len: u64) -> Result<Vec<Run>> {
+        self.read_bat().runs(offset, len)
+    }
+
+    fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.geometry.virtual_size, offset, buf.len())?;
+        for run in self.lookup(offset, buf.len() as u64)? {
+            let part = buf
+                .get_mut(run_range(&run, offset))
+                .ok_or_else(|| internal_range(&run))?;
+            match run.kind {
+                RunKind::Data { host_offset } => self.store.read(part, host_offset)?,
+                RunKind::Zero | RunKind::Unallocated => part.fill(0),
+                RunKind::Below => read_below(self.parent.as_ref(), part, run.offset)?,
+                RunKind::Partial { .. } => {
+                    for (piece, here) in self.partial_pieces(&run)? {
+                        let part = buf
+                            .get_mut(run_range(&piece, offset))
+                            .ok_or_else(|| internal_range(&piece))?;
+                        match here {
+                            Some(host) => self.store.read(part, host)?,
+                            None => read_below(self.parent.as_ref(), part, piece.offset)?,
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Splits a partially present run by its sector bitmap into pieces that are in this file
+    /// (`Some(host offset)`) or in the parent (`None`).
+    fn partial_pieces(&self, run: &Run) -> Result<Vec<(Run, Option<u64>)>> {
+        let RunKind::Partial {
+            host_offset,
+            bitmap,
+            first_bit,
+        } = run.kind
+        else {
+            return Err(internal_range(run));
+        };
+        let sector = self.geometry.logical_sector;
+        let lead = run.offset % sector;
+        let sectors = (lead + run.len).div_ceil(sector);
+        let mut bits = vec![0u8; (first_bit + sectors).div_ceil(8) as usize];
+        self.store.read(&mut bits, bitmap)?;
+        let present = |i: u64| {
+            let bit = first_bit + i;
+            bits.get((bit / 8) as usize)
+                .is_some_and(|b| b & (1 << (bit % 8)) != 0)
+        };
+        let mut pieces: Vec<(Run, Option<u64>)> = Vec::new();
+        let end = run.offset + run.len;
+        for i in 0..sectors {
+            let start = (run.offset - lead + i * sector).max(run.offset);
+            let stop = (run.offset - lead + (i + 1) * sector).min(end);
+            let here = present(i).then(|| host_offset + (start - run.offset));
+            match pieces.last_mut() {
+                Some((last, last_here)) if last_here.is_some() == here.is_some() => {
+                    last.len += stop - start
+                }
+                _ => pieces.push((
+                    Run {
+                        offset: start,
+                        len: stop - start,
+                        kind: run.kind,
+                    },
+                    here,
+                )),
+            }
+        }
+        Ok(pieces)
+    }
+
+    fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if let Some(reason) = &self.read_only_reason {
+            return Err(Error::read_only(reason.clone()));
+        }
+        check_range(self.geometry.virtual_size, offset, buf.len())?;
+        self.renew_data_write_guid()?;
+        for run in self.lookup(offset, buf.len() as u64)? {
+            let part = buf
+                .get(run_range(&run, offset))
+                .ok_or_else(|| internal_range(&run))?;
+            match run.kind {
+                RunKind::Data { host_offset } => self.store.file.write_all_at(part, host_offset)?,
+                _ => self.write_unallocated(part, run.offset)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Renews the data write GUID in both headers before the first change of guest data, so
+    /// differencing children of this image can tell it changed.
+    fn renew_data_write_guid(&self) -> Result<()> {
+        if self.data_write_guid_renewed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut alloc = self.lock_alloc();
+        if !alloc.headers.data_write_guid_renewed {
+            let guid = header::new_guid()?;
+            alloc
+                .headers
+                .update(&self.store.file, |h| h.data_write_guid = guid, true)?;
+            alloc.headers.data_write_guid_renewed = true;
+        }
+        self.data_write_guid_renewed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes `payload` at virtual `offset`, a range that was not stored in the file at lookup.
+    fn write_unallocated(&self, payload: &[u8], offset: u64) -> Result<()> {
+        let mut alloc = self.lock_alloc();
+        // Another writer may have allocated some of it between our lookup and the mutex.
+        for run in self.lookup(offset, payload.len() as u64)? {
+            let part = payload
+                .get(run_range(&run, offset))
+                .ok_or_else(|| internal_range(&run))?;
+            match run.kind {
+                RunKind::Data { host_offset } => self.store.file.write_all_at(part, host_offset)?,
+                RunKind::Partial { host_offset, .. } => {
+                    self.make_fully_present(run.offset)?;
+                    self.store.file.write_all_at(part, host_offset)?;
+                }
+                RunKind::Zero | RunKind::Unallocated | RunKind::Below => {
+                    self.allocate(&mut alloc, part, run.offset, run.kind)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the blocks under `[offset, offset + payload.len())` consecutive new blocks at the
+    /// end of the file, writes them whole, then publishes them. Caller holds the alloc mutex.
+    fn allocate(
+        &self,
+        alloc: &mut AllocState,
+        payload: &[u8],
+        offset: u64,
+        kind: RunKind,
+    ) -> Result<()> {
+        let geo = self.geometry;
+        let (first_block, head) = geo.split(offset);
+        let count = (head + payload.len() as u64).div_ceil(geo.block_size);
+        let first_host = alloc.next_free;
+        let mut host = first_host;
+        let mut written = 0usize;
+        for i in 0..count {
+            let block = first_block + i;
+            let skip = if i == 0 { head } else { 0 };
+            let take = ((geo.block_size - skip) as usize).min(payload.len() - written);
+            let piece = payload
+                .get(written..written + take)
+                .ok_or_else(|| Error::out_of_range("internal: allocation outside the payload"))?;
+            self.write_new_block(block, host, skip, piece, kind)?;
+            written += take;
+            host = host
+                .checked_add(geo.block_size)
+                .ok_or_else(|| Error::out_of_range("the file would grow beyond 2^64 bytes"))?;
+        }
+        let mut bat = self.write_bat();
+        for i in 0..count {
+            bat.publish(first_block + i, first_host + i * geo.block_size)?;
+        }
+        drop(bat);
+        alloc.next_free = host;
+        Ok(())
+    }
+
+    /// Writes payload block `block` at `host`: `piece` at `skip` bytes into it, the rest what
+    /// the block read as before (zeros, or the parent's bytes for a block not present in a
+    /// differencing image). Written in pieces of at most 1 MiB to bound the buffer.
+    fn write_new_block(
+        &self,
+        block: u64,
+        host: u64,
+        skip: u64,
+        piece: &[u8],
+        kind: RunKind,
+    ) -> Result<()> {
+        let block_size = self.geometry.block_size;
+        let block_start = block * block_size;
+        let piece_range = skip..skip + piece.len() as u64;
+        let mut chunk = vec![0u8; MIB.min(block_size) as usize];
+        let mut at = 0u64;
+        while at < block_size {
+            let len = MIB.min(block_size - at);
+            let range = at..at + len;
+            if piece_range.start <= range.start && range.end <= piece_range.end {
+                let from = (range.start - skip) as usize;
+                let src = piece
+                    .get(from..from + len as usize)
+                    .ok_or_else(|| Error::out_of_range("internal: block piece"))?;
+                self.store.file.write_all_at(src, host + at)?;
+            } else {
+                let buf = chunk
+                    .get_mut(..len as usize)
+                    .ok_or_else(|| Error::out_of_range("internal: block chunk"))?;
+                buf.fill(0);
+                if kind == RunKind::Below {
+                    // Only the part inside the virtual disk has parent bytes.
+                    let inside = self
+                        .geometry
+                        .virtual_size
+                        .saturating_sub(block_start + at)
+                        .min(len) as usize;
+                    if let Some(part) = buf.get_mut(..inside) {
+                        read_below(self.parent.as_ref(), part, block_start + at)?;
+                    }
+                }
+                let from = piece_range.start.max(range.start);
+                let to = piece_range.end.min(range.end);
+                if from < to {
+                    let dst = buf
+                        .get_mut((from - at) as usize..(to - at) as usize)
+                        .ok_or_else(|| Error::out_of_range("internal: block chunk"))?;
+                    let src = piece
+                        .get((from - skip) as usize..(to - skip) as usize)
+                        .ok_or_else(|| Error::out_of_range("internal: block piece"))?;
+                    dst.copy_from_slice(src);
+                }
+                self.store.file.write_all_at(buf, host + at)?;
+            }
+            at += len;
+        }
+        Ok(())
+    }
+
+    /// Copies the sectors that the bitmap of the partially present block holding virtual
+    /// `offset` leaves to the parent into the block, then marks it fully present, so writes
+    /// into it need no bitmap updates. Caller holds the alloc mutex.
+    fn make_fully_present(&self, offset: u64) -> Result<()> {
+        let geo = self.geometry;
+        let (block, _) = geo.split(offset);
+        let start = block * geo.block_size;
+        let len = geo.block_size.min(geo.virtual_size - start);
+        let mut chunk = Vec::new();
+        for run in self.lookup(start, len)? {
+            for (piece, here) in self.partial_pieces(&run)? {
+                if here.is_some() {
+                    continue;
+                }
+                let RunKind::Partial { host_offset, .. } = run.kind else {
+                    return Err(internal_range(&run));
+                };
+                // Pieces of a run are sector aligned, so this copies whole sectors.
+                let mut at = piece.offset;
+                while at < piece.offset + piece.len {
+                    let n = MIB.min(piece.offset + piece.len - at) as usize;
+                    chunk.resize(n, 0);
+                    read_below(self.parent.as_ref(), &mut chunk, at)?;
+                    self.store
+                        .file
+                        .write_all_at(&chunk, host_offset + (at - run.offset))?;
+                    at += n as u64;
+                }
+            }
+        }
+        self.write_bat().make_fully_present(block)
+    }
+
+    fn flush_inner(&self) -> Result<()> {
+        if self.read_only_reason.is_some() {
+            return Ok(());
+        }
+        let mut alloc = self.lock_alloc();
+        let sectors = {
+            let bat = self.read_bat();
+            bat.is_dirty().then(|| bat.dirty_sectors())
+        };
+        self.store.file.sync_data()?;
+        let Some(sectors) = sectors else {
+            return Ok(());
+        };
+        let per_entry = log::max_sectors_per_entry(self.log.end - self.log.start).max(1) as usize;
+        for batch in sectors.chunks(per_entry) {
+            self.journal(&mut alloc, batch)?;
+        }
+        self.write_bat().mark_clean();
+        Ok(())
+    }
+
+    /// Writes `sectors` (file offset, 4 KiB) to their place through the log, in the order the
+    /// module doc gives. Caller holds the alloc mutex.
+    fn journal(&self, alloc: &mut AllocState, sectors: &[(u64, Vec<u8>)]) -> Result<()> {
+        let file = &self.store.file;
+        let file_len = file.len()?;
+        let log_guid = header::new_guid()?;
+        let params = log::EntryParams {
+            log_guid,
+            sequence: 1,
+            tail: 0,
+            flushed_file_offset: file_len - file_len % MIB,
+            last_file_offset: file_len.max(alloc.next_free).next_multiple_of(MIB),
+        };
+        let entry = log::build_entry(&params, sectors)?;
+        file.write_all_at(&entry, self.log.start)?;
+        file.sync_data()?;
+        alloc
+            .headers
+            .update(file, |h| h.log_guid = log_guid, false)?;
+        #[cfg(test)]
+        if self.crash_after_log_entry.load(Ordering::Relaxed) {
+            return Err(Error::io(
+                "simulated crash",
+                std::io::Error::other("test hook"),
+            ));
+        }
+        for (offset, bytes) in sectors {
+            file.write_all_at(bytes, *offset)?;
+        }
+        file.sync_data()?;
+        alloc
+            .headers
+            .update(file, |h| h.log_guid = Uuid::nil(), true)
+    }
+
+    fn block_status_inner(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let len = len.min(self.geometry.virtual_size.saturating_sub(offset));
+        let mut extents = Vec::new();
+        if len == 0 {
+            return Ok(extents);
+        }
+        let own = |run: &Run, state| Extent {
+            offset: run.offset,
+            len: run.len,
+            state,
+            layer: 0,
+        };
+        for run in self.lookup(offset, len)? {
+            match run.kind {
+                RunKind::Data { .. } => push_extent(&mut extents, own(&run, ExtentState::Data)),
+                RunKind::Zero => push_extent(&mut extents, own(&run, ExtentState::Zero)),
+                RunKind::Unallocated => {
+                    push_extent(&mut extents, own(&run, ExtentState::Unallocated))
+                }
+                RunKind::Below => {
+                    for e in status_below(self.parent.as_ref(), run.offset, run.len)? {
+                        push_extent(&mut extents, e);
+                    }
+                }
+                RunKind::Partial { .. } => {
+                    for (piece, here) in self.partial_pieces(&run)? {
+                        if here.is_some() {
+                            push_extent(&mut extents, own(&piece, ExtentState::Data));
+                        } else {
+                            for e in status_below(self.parent.as_ref(), piece.offset, piece.len)? {
+                                push_extent(&mut extents, e);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(extents)
+    }
+
+    fn subformat(&self) -> &'static str {
+        if self.meta.has_parent {
+            "differencing"
+        } else if self.meta.leave_blocks_allocated {
+            "fixed"
+        } else {
+            "dynamic"
+        }
+    }
+
+    fn details(&self) -> Vec<(&'static str, String)> {
+        let headers = &self.lock_alloc().headers;
+        let mut details = vec![
+            (
+                "logical_sector_size",
+                self.meta.logical_sector_size.to_string(),
+            ),
+            (
+                "physical_sector_size",
+                self.meta.physical_sector_size.to_string(),
+            ),
+            ("chunk_ratio", self.geometry.chunk_ratio.to_string()),
+            (
+                "leave_blocks_allocated",
+                self.meta.leave_blocks_allocated.to_string(),
+            ),
+            ("has_parent", self.meta.has_parent.to_string()),
+            (
+                "log",
+                format!(
+                    "{} bytes at {:#x}",
+                    self.log.end - self.log.start,
+                    self.log.start
+                ),
+            ),
+            (
+                "log_replayed",
+                self.log_replay
+                    .clone()
+                    .unwrap_or_else(|| "no (the log was empty)".into()),
+            ),
+            (
+                "bat",
+                format!("{:#x}..{:#x}", self.regions.bat.start, self.regions.bat.end),
+            ),
+            (
+                "metadata",
+                format!(
+                    "{:#x}..{:#x}",
+                    self.regions.metadata.start, self.regions.metadata.end
+                ),
+            ),
+            ("header_sequence", headers.current.sequence.to_string()),
+            (
+                "data_write_guid",
+                headers.current.data_write_guid.to_string(),
+            ),
+            ("page_83_id", self.meta.page_83_id.to_string()),
+        ];
+        if let Some(locator) = self.parent_locator() {
+            for (key, value) in locator.entries() {
+                let name = match key.as_str() {
+                    "parent_linkage" => "parent_linkage",
+                    "parent_linkage2" => "parent_linkage2",
+                    "relative_path" => "parent_relative_path",
+                    "volume_path" => "parent_volume_path",
+                    "absolute_win32_path" => "parent_absolute_win32_path",
+                    _ => continue,
+                };
+                details.push((name, value.clone()));
+            }
+        }
+        if let Some(parent) = &self.parent {
+            details.push(("parent", parent.path.display().to_string()));
+        }
+        details
+    }
+}
+
+/// The part of a request buffer starting at virtual `base` that `run` covers.
+fn run_range(run: &Run, base: u64) -> Range<usize> {
+    let start = run.offset.saturating_sub(base) as usize;
+    start..start.saturating_add(run.len as usize)
+}
+
+fn internal_range(run: &Run) -> Error {
+    Error::out_of_range(format!("internal: run {run:?} outside the request"))
+}
+
+impl Image for VhdxImage {
+    fn size(&self) -> u64 {
+        self.geometry.virtual_size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_inner(buf, offset)
+            .map_err(|e| e.with_path(self.store.file.path()))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_inner(buf, offset)
+            .map_err(|e| e.with_path(self.store.file.path()))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flush_inner()
+            .map_err(|e| e.with_path(self.store.file.path()))
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.read_bat().is_dirty()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.block_status_inner(offset, len)
+            .map_err(|e| e.with_path(self.store.file.path()))
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        self.read_bat()
+            .present_blocks()
+            .saturating_mul(self.geometry.block_size)
+    }
+
+    fn read_only_reason(&self) -> Option<String> {
+        self.read_only_reason.clone()
+    }
+
+    fn info(&self) -> ImageInfo {
+        ImageInfo {
+            format: "vhdx",
+            subformat: self.subformat().to_string(),
+            virtual_size: self.geometry.virtual_size,
+            cluster_size: Some(self.geometry.block_size),
+            allocated_bytes: self.allocated_bytes(),
+            read_only_reason: self.read_only_reason.clone(),
+            details: self.details(),
+        }
+    }
+}

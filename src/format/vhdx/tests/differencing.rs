@@ -1,0 +1,202 @@
+//! Differencing images (made from qemu-img images by adding a parent locator, since qemu-img
+//! cannot create them): reads through to the parent, partially present blocks read sector by
+//! sector, and writes that copy blocks up from the parent.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::super::header::{parse_region_table, put_guid, BAT_REGION, METADATA_REGION, MIB};
+use super::super::metadata::{self, testing::parent_locator};
+use super::*;
+use crate::format::backing::Backing;
+use crate::testutil::TempDir;
+
+const LINKAGE: &str = "{83ed0ec3-24c8-49a6-a959-5e4bf1288bfb}";
+
+fn write_at(path: &Path, bytes: &[u8], at: u64) {
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(bytes, at).unwrap();
+}
+
+fn region(path: &Path, guid: uuid::Uuid) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    let regions = parse_region_table(&bytes[192 * 1024..256 * 1024]).unwrap();
+    regions.iter().find(|r| r.guid == guid).unwrap().offset
+}
+
+/// An 8 MiB parent full of 0x70 (0x71 in its second MiB) and an empty child of it.
+fn parent_and_child(dir: &TempDir) -> Option<(PathBuf, PathBuf)> {
+    let parent = create(dir, "p.vhdx", "block_size=1M", 8 * MIB)?;
+    qemu_io(
+        &parent,
+        &["write -P 0x70 0 8M".into(), "write -P 0x71 1M 1M".into()],
+    );
+    let child = create(dir, "c.vhdx", "block_size=1M,block_state_zero=off", 8 * MIB)?;
+    let meta = region(&child, METADATA_REGION);
+    let bytes = std::fs::read(&child).unwrap();
+    let table = &bytes[meta as usize..meta as usize + metadata::TABLE_LEN];
+    let entries = metadata::parse_table(table, MIB).unwrap();
+    let params = entries
+        .iter()
+        .find(|e| e.item == metadata::FILE_PARAMETERS)
+        .unwrap();
+    write_at(
+        &child,
+        &2u32.to_le_bytes(),
+        meta + u64::from(params.offset) + 4,
+    );
+    let locator = parent_locator(&[
+        ("parent_linkage", LINKAGE),
+        ("relative_path", ".\\p.vhdx"),
+        ("absolute_win32_path", "\\\\?\\C:\\images\\p.vhdx"),
+    ]);
+    let item_at = 0x18000u32;
+    let mut entry = [0u8; 32];
+    put_guid(&mut entry, 0, metadata::PARENT_LOCATOR).unwrap();
+    entry[16..20].copy_from_slice(&item_at.to_le_bytes());
+    entry[20..24].copy_from_slice(&(locator.len() as u32).to_le_bytes());
+    entry[24..28].copy_from_slice(&4u32.to_le_bytes());
+    write_at(&child, &entry, meta + 32 + 32 * entries.len() as u64);
+    write_at(&child, &(entries.len() as u16 + 1).to_le_bytes(), meta + 10);
+    write_at(&child, &locator, meta + u64::from(item_at));
+    Some((parent, child))
+}
+
+fn open_child(parent: &Path, child: &Path) -> VhdxImage {
+    let backing = Backing::new(Arc::new(open_ro(parent)), parent);
+    VhdxImage::open(HostFile::open(child, true).unwrap(), Some(backing), None).unwrap()
+}
+
+fn parent_bytes() -> Vec<u8> {
+    let mut all = vec![0x70u8; 8 * MIB as usize];
+    all[MIB as usize..2 * MIB as usize].fill(0x71);
+    all
+}
+
+#[test]
+fn differencing_images_read_through_to_their_parent_and_copy_up_on_write() {
+    let dir = TempDir::new();
+    let Some((parent, child)) = parent_and_child(&dir) else {
+        return;
+    };
+    let img = open_child(&parent, &child);
+    assert_eq!(img.info().subformat, "differencing");
+    assert_eq!(img.read_only_reason(), None);
+    let locator = img.parent_locator().unwrap();
+    assert_eq!(locator.relative_path_components().unwrap(), ["p.vhdx"]);
+    assert_eq!(
+        locator.parent_linkage().unwrap().to_string(),
+        &LINKAGE[1..LINKAGE.len() - 1]
+    );
+    assert_eq!(detail(&img, "parent_relative_path"), ".\\p.vhdx");
+    let mut expected = parent_bytes();
+    assert_eq!(read_all(&img), expected);
+    let status = img.block_status(0, 8 * MIB).unwrap();
+    assert_eq!(
+        (status.len(), status[0].layer, status[0].state),
+        (1, 1, ExtentState::Data)
+    );
+
+    img.write_at(&[0xc1; 1000], MIB + 100).unwrap();
+    expected[MIB as usize + 100..MIB as usize + 1100].fill(0xc1);
+    assert_eq!(read_all(&img), expected);
+    assert_eq!(img.allocated_bytes(), MIB, "the whole block was copied up");
+    img.flush().unwrap();
+    drop(img);
+    assert_eq!(
+        read_all(&open_child(&parent, &child)),
+        expected,
+        "after reopen"
+    );
+
+    // Without its parent the child is read-only, and its own block still reads right.
+    let alone = VhdxImage::open(HostFile::open(&child, true).unwrap(), None, None).unwrap();
+    assert!(alone.read_only_reason().unwrap().contains("parent"));
+    let all = read_all(&alone);
+    assert_eq!(
+        all[MIB as usize..2 * MIB as usize],
+        expected[MIB as usize..2 * MIB as usize]
+    );
+    assert!(all[..MIB as usize].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn partially_present_blocks_read_by_sector_and_copy_up_on_write() {
+    let dir = TempDir::new();
+    let Some((parent, child)) = parent_and_child(&dir) else {
+        return;
+    };
+    // Block 2 partially present: sectors 0-7 and 100 from a new block of 0xd0.
+    let payload = std::fs::metadata(&child)
+        .unwrap()
+        .len()
+        .next_multiple_of(MIB);
+    write_at(&child, &vec![0xd0; MIB as usize], payload);
+    let mut bitmap = vec![0u8; MIB as usize];
+    let first = 2 * 2048; // block 2's first sector in the chunk
+    bitmap[first / 8] = 0xff;
+    bitmap[(first + 100) / 8] |= 1 << ((first + 100) % 8);
+    write_at(&child, &bitmap, payload + MIB);
+    let bat = region(&child, BAT_REGION);
+    write_at(&child, &(payload | 7).to_le_bytes(), bat + 2 * 8);
+    write_at(&child, &((payload + MIB) | 6).to_le_bytes(), bat + 4096 * 8);
+
+    let img = open_child(&parent, &child);
+    let mut expected = parent_bytes();
+    let block2 = 2 * MIB as usize;
+    expected[block2..block2 + 8 * 512].fill(0xd0);
+    expected[block2 + 100 * 512..block2 + 101 * 512].fill(0xd0);
+    assert_eq!(read_all(&img), expected);
+    let mut unaligned = vec![0u8; 1000];
+    img.read_at(&mut unaligned, (block2 + 8 * 512 - 300) as u64)
+        .unwrap();
+    assert_eq!(
+        unaligned,
+        expected[block2 + 8 * 512 - 300..block2 + 8 * 512 + 700]
+    );
+    let status = img.block_status(2 * MIB, MIB).unwrap();
+    let layers: Vec<(u64, u32)> = status.iter().map(|e| (e.len, e.layer)).collect();
+    assert_eq!(
+        layers,
+        [(4096, 0), (92 * 512, 1), (512, 0), (MIB - 101 * 512, 1)]
+    );
+
+    img.write_at(&[0xe2; 700], 2 * MIB + 50 * 512 + 3).unwrap();
+    expected[block2 + 50 * 512 + 3..block2 + 50 * 512 + 703].fill(0xe2);
+    assert_eq!(read_all(&img), expected);
+    img.flush().unwrap();
+    drop(img);
+    let mut entry = [0u8; 8];
+    std::fs::File::open(&child)
+        .unwrap()
+        .read_exact_at(&mut entry, bat + 16)
+        .unwrap();
+    assert_eq!(
+        u64::from_le_bytes(entry),
+        payload | 6,
+        "now fully present, in place"
+    );
+    assert_eq!(read_all(&open_child(&parent, &child)), expected);
+}
+
+#[test]
+fn format_open_refuses_differencing_images_until_parents_are_resolved() {
+    let dir = TempDir::new();
+    let Some((parent, child)) = parent_and_child(&dir) else {
+        return;
+    };
+    let mut links = crate::format::links::PlainLinks::new(dir.path(), false).unwrap();
+    let options = crate::format::OpenOptions::default();
+    let e = crate::format::open(&child, &options, &mut links)
+        .err()
+        .expect("refused");
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    assert!(
+        e.to_string()
+            .contains("differencing VHDX images are not served yet"),
+        "{e}"
+    );
+    let image = crate::format::open(&parent, &options, &mut links).unwrap();
+    assert_eq!(image.info().format, "vhdx");
+}
