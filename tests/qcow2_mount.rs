@@ -136,7 +136,7 @@ fn every_qcow2_sub_format_reads_like_qemu_img_convert() {
 }
 
 #[test]
-fn a_chain_three_deep_mixing_formats_reads_through_and_serves_the_lower_layers_read_only() {
+fn a_chain_three_deep_mixing_formats_reads_and_writes_through_with_lower_layers_read_only() {
     if !can_mount() {
         return;
     }
@@ -161,6 +161,11 @@ fn a_chain_three_deep_mixing_formats_reads_through_and_serves_the_lower_layers_r
         "8M",
         &["write -P 0x33 1536k 1M", "write -P 0x44 7M 4k"],
     );
+    let lower_before = [
+        qemu_raw("qcow2", &src.join("layers/mid.qcow2"), &dir),
+        qemu_raw("vdi", &base, &dir),
+    ];
+    let mut expected = qemu_raw("qcow2", &src.join("top.qcow2"), &dir);
     let mount = Mount::new(&src, &dir.join("mnt"), &[]);
     assert_served_like_qemu(&mount, &src, &dir, "qcow2", "top.qcow2");
     assert_served_like_qemu(&mount, &src, &dir, "qcow2", "layers/mid.qcow2");
@@ -176,7 +181,17 @@ fn a_chain_three_deep_mixing_formats_reads_through_and_serves_the_lower_layers_r
             .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{lower}");
     }
+    // Writes into the top copy what lies below (three layers, and zeros past them) into
+    // the clusters they touch partly; the layers below stay as they were.
+    const MIB: u64 = 1 << 20;
+    let plans = plan_threaded_writes(&mut expected, 4, 25, 200_000, 7 * MIB, 7 * MIB + MIB / 2);
+    run_threaded_writes(&mount.path("top.qcow2.raw"), &plans);
     mount.unmount();
+    let top = src.join("top.qcow2");
+    assert_check_clean("qcow2", &top);
+    assert_compare_equal("qcow2", &top, &expected, &dir);
+    assert!(qemu_raw("qcow2", &src.join("layers/mid.qcow2"), &dir) == lower_before[0]);
+    assert!(qemu_raw("vdi", &base, &dir) == lower_before[1]);
 }
 
 #[test]
