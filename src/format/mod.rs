@@ -223,13 +223,13 @@ fn open_as(
             )?)
         }
         Format::Vhdx => {
-            let image = vhdx::VhdxImage::open(file, None, host_reason)?;
-            if image.parent_locator().is_some() {
-                return Err(Error::unsupported(
-                    "differencing VHDX images are not served yet",
-                ));
-            }
-            Arc::new(image)
+            let mut find_parent =
+                |locator: &vhdx::ParentLocator| open_vhdx_parent(locator, chain, links);
+            Arc::new(vhdx::VhdxImage::open_finding_parent(
+                file,
+                &mut find_parent,
+                host_reason,
+            )?)
         }
         Format::Raw => Arc::new(raw::RawImage::open(
             file,
@@ -243,6 +243,67 @@ fn open_as(
         }
     };
     Ok(image)
+}
+
+/// Finds and opens the parent of the differencing VHDX image at `chain.parent_path()`: the
+/// locator's relative path first, then the file names of its Windows paths next to the child
+/// (images copied off a Windows host keep their names, not their drive letters). The first
+/// candidate whose data write GUID matches the child's parent_linkage is the parent.
+fn open_vhdx_parent(
+    locator: &vhdx::ParentLocator,
+    chain: &Chain,
+    links: &mut dyn Links,
+) -> Result<Backing> {
+    let mut candidates: Vec<String> = Vec::new();
+    if let Some(components) = locator.relative_path_components() {
+        candidates.push(components.join("/"));
+    }
+    for windows_path in [locator.volume_path(), locator.absolute_win32_path()]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(name) = windows_path.rsplit(['\\', '/']).next() {
+            candidates.push(name.to_string());
+        }
+    }
+    let linkage = [locator.parent_linkage(), locator.parent_linkage2()];
+    let mut tried = Vec::new();
+    for name in candidates {
+        if name.is_empty() || tried.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        let path = match links::resolve(links.root(), chain.parent_path(), name.as_ref(), "parent")
+        {
+            Ok(path) => path,
+            Err(e) => {
+                tried.push((name, e.to_string()));
+                continue;
+            }
+        };
+        let file = HostFile::open(&path, false).map_err(|e| e.with_path(&path))?;
+        let guid = vhdx::data_write_guid_of(&file).map_err(|e| e.with_path(&path))?;
+        if !linkage.contains(&Some(guid)) {
+            let expected = locator
+                .parent_linkage()
+                .map(|g| g.to_string())
+                .unwrap_or_default();
+            tried.push((
+                name,
+                format!(
+                    "{} has data write GUID {guid}, the child's parent_linkage is {expected}",
+                    path.display()
+                ),
+            ));
+            continue;
+        }
+        let image = links.open_backing(&path, Some(Format::Vhdx), chain)?;
+        return Ok(Backing::new(image, &path));
+    }
+    let reasons: Vec<String> = tried.into_iter().map(|(_, why)| why).collect();
+    Err(Error::corrupt(format!(
+        "the parent of this differencing image was not found: {}",
+        reasons.join("; ")
+    )))
 }
 
 /// Refuses an image that a QEMU process writes (or will not let others write) and announces our

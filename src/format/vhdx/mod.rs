@@ -78,6 +78,23 @@ use overlay::Overlay;
 
 pub use metadata::ParentLocator;
 
+/// Where `open_inner` gets the parent of a differencing image from.
+enum ParentSource<'a> {
+    Given(Option<Backing>),
+    Find(&'a mut dyn FnMut(&ParentLocator) -> Result<Backing>),
+}
+
+/// The data write GUID of the VHDX image in `file` (its current header's), without opening
+/// the rest: what a child's parent_linkage names. A log replay never changes it.
+pub fn data_write_guid_of(file: &HostFile) -> Result<Uuid> {
+    let mut slots = [vec![0u8; HEADER_LEN], vec![0u8; HEADER_LEN]];
+    for (raw, at) in slots.iter_mut().zip(HEADER_SLOTS) {
+        file.read_exact_at(raw, at)?;
+    }
+    let (current, _) = header::current_header([&slots[0], &slots[1]])?;
+    Ok(current.data_write_guid)
+}
+
 /// The file as the driver sees it: the host file, with the changes of a log that could not be
 /// replayed into it (read-only images) laid over every read.
 struct Store {
@@ -174,12 +191,25 @@ impl VhdxImage {
         read_only_reason: Option<String>,
     ) -> Result<VhdxImage> {
         let path = file.path().to_path_buf();
-        Self::open_inner(file, parent, read_only_reason).map_err(|e| e.with_path(&path))
+        Self::open_inner(file, ParentSource::Given(parent), read_only_reason)
+            .map_err(|e| e.with_path(&path))
+    }
+
+    /// Opens the VHDX image in `file`; for a differencing image, `find_parent` gets its parent
+    /// locator (after the log is replayed, so the locator is current) and opens the parent.
+    pub fn open_finding_parent(
+        file: HostFile,
+        find_parent: &mut dyn FnMut(&ParentLocator) -> Result<Backing>,
+        read_only_reason: Option<String>,
+    ) -> Result<VhdxImage> {
+        let path = file.path().to_path_buf();
+        Self::open_inner(file, ParentSource::Find(find_parent), read_only_reason)
+            .map_err(|e| e.with_path(&path))
     }
 
     fn open_inner(
         file: HostFile,
-        parent: Option<Backing>,
+        parent: ParentSource<'_>,
         read_only_reason: Option<String>,
     ) -> Result<VhdxImage> {
         let file_len = file.len()?;
@@ -222,6 +252,11 @@ impl VhdxImage {
 
         let regions = open::read_regions(&store, &log, file_len)?;
         let meta = open::read_metadata(&store, &regions.metadata)?;
+        let parent = match (parent, &meta.parent_locator) {
+            (ParentSource::Given(parent), _) => parent,
+            (ParentSource::Find(find), Some(locator)) if meta.has_parent => Some(find(locator)?),
+            (ParentSource::Find(_), _) => None,
+        };
         let geometry = Geometry::new(&meta);
         let load_len = Bat::load_len(&geometry, &regions.bat)?;
         let mut raw = vec![0u8; load_len as usize];

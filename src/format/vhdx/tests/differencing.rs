@@ -27,11 +27,19 @@ fn region(path: &Path, guid: uuid::Uuid) -> u64 {
 
 /// An 8 MiB parent full of 0x70 (0x71 in its second MiB) and an empty child of it.
 fn parent_and_child(dir: &TempDir) -> Option<(PathBuf, PathBuf)> {
+    parent_and_linked_child(dir, Some(LINKAGE))
+}
+
+/// `parent_and_child` with the child's parent_linkage given, or (`None`) the parent's own
+/// data write GUID.
+fn parent_and_linked_child(dir: &TempDir, linkage: Option<&str>) -> Option<(PathBuf, PathBuf)> {
     let parent = create(dir, "p.vhdx", "block_size=1M", 8 * MIB)?;
     qemu_io(
         &parent,
         &["write -P 0x70 0 8M".into(), "write -P 0x71 1M 1M".into()],
     );
+    let parent_guid = data_write_guid_of(&HostFile::open(&parent, false).unwrap()).unwrap();
+    let linkage = linkage.map_or_else(|| format!("{{{parent_guid}}}"), str::to_string);
     let child = create(dir, "c.vhdx", "block_size=1M,block_state_zero=off", 8 * MIB)?;
     let meta = region(&child, METADATA_REGION);
     let bytes = std::fs::read(&child).unwrap();
@@ -47,7 +55,7 @@ fn parent_and_child(dir: &TempDir) -> Option<(PathBuf, PathBuf)> {
         meta + u64::from(params.offset) + 4,
     );
     let locator = parent_locator(&[
-        ("parent_linkage", LINKAGE),
+        ("parent_linkage", &linkage),
         ("relative_path", ".\\p.vhdx"),
         ("absolute_win32_path", "\\\\?\\C:\\images\\p.vhdx"),
     ]);
@@ -181,22 +189,50 @@ fn partially_present_blocks_read_by_sector_and_copy_up_on_write() {
 }
 
 #[test]
-fn format_open_refuses_differencing_images_until_parents_are_resolved() {
+fn format_open_finds_the_parent_by_locator_and_checks_its_linkage() {
     let dir = TempDir::new();
-    let Some((parent, child)) = parent_and_child(&dir) else {
+    let Some((parent, child)) = parent_and_linked_child(&dir, None) else {
         return;
     };
-    let mut links = crate::format::links::PlainLinks::new(dir.path(), false).unwrap();
     let options = crate::format::OpenOptions::default();
+    let mut links = crate::format::links::PlainLinks::new(dir.path(), false).unwrap();
+    let image = crate::format::open(&child, &options, &mut links).unwrap();
+    assert_eq!(image.read_only_reason(), None);
+    let mut all = vec![0u8; 8 * MIB as usize];
+    image.read_at(&mut all, 0).unwrap();
+    assert!(all == parent_bytes(), "reads fall through to the parent");
+    image.write_at(&[0x5a; 3000], MIB - 1000).unwrap();
+    image.flush().unwrap();
+    image.read_at(&mut all, 0).unwrap();
+    let mut expected = parent_bytes();
+    expected[MIB as usize - 1000..MIB as usize + 2000].fill(0x5a);
+    assert!(all == expected, "the child holds the write over its parent");
+    drop(image);
+    let parent_now = open_ro(&parent);
+    let mut bytes = vec![0u8; 8 * MIB as usize];
+    parent_now.read_at(&mut bytes, 0).unwrap();
+    assert!(bytes == parent_bytes(), "the parent is unchanged");
+
+    // A parent whose data write GUID is not the child's parent_linkage is not its parent.
+    let other = TempDir::new();
+    let Some((_, stranger)) = parent_and_linked_child(&other, Some(LINKAGE)) else {
+        return;
+    };
+    let mut links = crate::format::links::PlainLinks::new(other.path(), false).unwrap();
+    let e = crate::format::open(&stranger, &options, &mut links)
+        .err()
+        .expect("refused");
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(e.to_string().contains("parent_linkage"), "{e}");
+
+    // A missing parent keeps out only its child, with the reason.
+    std::fs::remove_file(&parent).unwrap();
+    let mut links = crate::format::links::PlainLinks::new(dir.path(), false).unwrap();
     let e = crate::format::open(&child, &options, &mut links)
         .err()
         .expect("refused");
-    assert_eq!(e.kind(), ErrorKind::Unsupported);
     assert!(
-        e.to_string()
-            .contains("differencing VHDX images are not served yet"),
+        e.to_string().contains("parent") && e.to_string().contains("does not exist"),
         "{e}"
     );
-    let image = crate::format::open(&parent, &options, &mut links).unwrap();
-    assert_eq!(image.info().format, "vhdx");
 }
