@@ -366,6 +366,14 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The same layout over a file grown to `file_len` bytes (never shrunk).
+    pub fn grown_to(self, file_len: u64) -> Layout {
+        Layout {
+            file_len: self.file_len.max(file_len),
+            ..self
+        }
+    }
+
     /// Checks a `len`-byte range at `offset` that `what` (e.g. "L2 table 3") points at.
     pub fn check_range(&self, what: &dyn std::fmt::Display, offset: u64, len: u64) -> Result<()> {
         let end = offset

@@ -73,6 +73,10 @@ use crate::image::{
 };
 
 pub use header::QcowHeader;
+
+/// How often a lookup reads the same L2 table again (because other readers' loads dropped it
+/// from the bounded table memory) before giving up.
+const MAX_RELOADS: u32 = 8;
 use header::{Geometry, Layout};
 use tables::{Run, RunKind, TableState, Tables};
 
@@ -98,6 +102,9 @@ pub struct QcowImage {
     inflated: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     /// Estimated bytes of guest data in the file, see `open`.
     data_bytes: AtomicU64,
+    /// The end of the space in use: the file as opened, grown by every allocation. An L2
+    /// table read again after it was dropped from memory may point anywhere below it.
+    end_of_data: AtomicU64,
     read_only_reason: Option<String>,
 }
 
@@ -166,6 +173,7 @@ impl QcowImage {
             tables: RwLock::new(tables),
             inflated: Mutex::new(None),
             data_bytes: AtomicU64::new(data_bytes),
+            end_of_data: AtomicU64::new(file_len),
             read_only_reason,
             header,
             file,
@@ -183,6 +191,20 @@ impl QcowImage {
         self.tables.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The layout that tables read now are checked against: the file grown by our allocations.
+    fn current_layout(&self) -> Layout {
+        self.layout
+            .grown_to(self.end_of_data.load(Ordering::Acquire))
+    }
+
+    /// Test hook: how many L2 tables stay in memory, and how many are loaded now.
+    #[cfg(test)]
+    fn set_table_capacity(&self, capacity: usize) -> usize {
+        let mut tables = self.write_tables();
+        tables.set_capacity(capacity);
+        tables.loaded_tables()
+    }
+
     fn write_tables(&self) -> RwLockWriteGuard<'_, Tables> {
         self.tables.write().unwrap_or_else(PoisonError::into_inner)
     }
@@ -196,21 +218,27 @@ impl QcowImage {
         let mut runs = Vec::new();
         let mut at = offset;
         let mut last_missing = None;
+        let mut repeats = 0;
         loop {
             let missing = self.read_tables().lookup(at, end - at, &mut runs)?;
             let Some(missing) = missing else {
                 return Ok(runs);
             };
+            // Another thread's load may drop the table again before we look (a tiny table
+            // cache under many readers); give up only if that keeps happening.
             if last_missing == Some(missing) {
-                return Err(Error::corrupt(format!(
-                    "internal: L2 table {} does not stay loaded",
-                    missing.l1_index
-                )));
+                repeats += 1;
+                if repeats > MAX_RELOADS {
+                    return Err(Error::corrupt(format!(
+                        "internal: L2 table {} does not stay loaded",
+                        missing.l1_index
+                    )));
+                }
             }
             let entries = Tables::read_l2(
                 &self.file,
                 self.geometry,
-                &self.layout,
+                &self.current_layout(),
                 missing.l1_index,
                 missing.host_offset,
             )?;
@@ -351,6 +379,7 @@ impl QcowImage {
         self.write_new_clusters(payload, offset, host)?;
         self.write_tables().publish(first, host, count)?;
         alloc.next_free = next_free;
+        self.end_of_data.fetch_max(next_free, Ordering::Release);
         self.data_bytes
             .fetch_add(count * cluster, Ordering::Relaxed);
         Ok(())
@@ -382,6 +411,7 @@ impl QcowImage {
         self.file.write_all_at(&cluster, host)?;
         self.write_tables().publish(first, host, 1)?;
         alloc.next_free = next_free;
+        self.end_of_data.fetch_max(next_free, Ordering::Release);
         self.data_bytes.fetch_add(cluster_len, Ordering::Relaxed);
         Ok(())
     }
@@ -392,13 +422,21 @@ impl QcowImage {
         let geo = self.geometry;
         let first_table = geo.split(first).l1_index;
         let last_table = geo.split(end.saturating_sub(1).max(first)).l1_index;
+        // Tables a reader loads meanwhile could push ours out before we publish into them.
+        self.write_tables().unpin_all();
         for l1_index in first_table..=last_table {
+            self.write_tables().pin(l1_index);
             let state = self.read_tables().table_state(l1_index)?;
             match state {
                 TableState::Loaded => {}
                 TableState::OnDisk(host_offset) => {
-                    let entries =
-                        Tables::read_l2(&self.file, geo, &self.layout, l1_index, host_offset)?;
+                    let entries = Tables::read_l2(
+                        &self.file,
+                        geo,
+                        &self.current_layout(),
+                        l1_index,
+                        host_offset,
+                    )?;
                     self.write_tables()
                         .insert_l2(l1_index, host_offset, entries);
                 }
@@ -413,6 +451,8 @@ impl QcowImage {
                     let next_free = reserve(host, space)?;
                     self.write_tables().add_l2(l1_index, host)?;
                     alloc.next_free = next_free;
+                    self.end_of_data.fetch_max(next_free, Ordering::Release);
+                    self.end_of_data.fetch_max(next_free, Ordering::Release);
                 }
             }
         }

@@ -1,10 +1,14 @@
 //! The QCOW v1 block map in memory: the whole L1 table, and the L2 tables loaded on first use
-//! (one table-sized read each, validated entry by entry when loaded). Answers range lookups as
+//! (one table-sized read each, validated entry by entry when loaded), at most `capacity` of
+//! them: past that the least recently used clean tables that no allocation has pinned are
+//! dropped (they are read again when needed), so memory stays bounded however much of a big
+//! disk is read. Answers range lookups as
 //! runs, records allocations, and knows which 512-byte pieces of which tables they dirtied.
 //! Does no I/O except `load_l1` and `read_l2`, which the caller runs without holding the lock
 //! that guards a `Tables`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 use crate::host::HostFile;
@@ -13,6 +17,11 @@ use crate::meta::dirty::DirtyChunks;
 use super::header::{Entry, Geometry, Layout, QcowHeader, SECTOR_SIZE};
 
 const ENTRY_LEN: u64 = 8;
+/// Memory for loaded L2 tables before clean ones are dropped: 8 MiB maps 4 GiB of disk with
+/// qemu-img's default geometry (4 KiB tables of 4 KiB clusters).
+const L2_MEMORY: u64 = 8 << 20;
+/// The fewest tables kept whatever their size, so an allocation's tables always fit.
+const MIN_TABLES: usize = 16;
 /// Write-back granularity of the tables: one sector, the unit the host writes atomically.
 const DIRTY_CHUNK: usize = SECTOR_SIZE as usize;
 
@@ -83,6 +92,8 @@ struct L2Table {
     host_offset: u64,
     entries: Vec<u64>,
     dirty: DirtyChunks,
+    /// The `Tables::tick` of the last lookup that used the table (LRU order).
+    last_used: AtomicU64,
 }
 
 /// The L1 table and the loaded L2 tables of one image.
@@ -92,6 +103,12 @@ pub struct Tables {
     l1: Vec<u64>,
     l1_dirty: DirtyChunks,
     l2: HashMap<u64, L2Table>,
+    /// How many L2 tables stay loaded before clean ones are dropped.
+    capacity: usize,
+    /// Counts table uses, for the LRU order.
+    tick: AtomicU64,
+    /// Tables the allocation in progress needs (loaded, not yet published): never dropped.
+    pinned: Vec<u64>,
 }
 
 impl Tables {
@@ -133,12 +150,18 @@ impl Tables {
                 )
                 .map_err(|e| e.at_offset(at))?;
         }
+        let capacity = usize::try_from(L2_MEMORY / geometry.l2_table_len().max(1))
+            .unwrap_or(MIN_TABLES)
+            .max(MIN_TABLES);
         Ok(Tables {
             geometry,
             l1_table_offset,
             l1_dirty: DirtyChunks::new(l1.len() * ENTRY_LEN as usize, DIRTY_CHUNK),
             l1,
             l2: HashMap::new(),
+            capacity,
+            tick: AtomicU64::new(0),
+            pinned: Vec::new(),
         })
     }
 
@@ -186,11 +209,61 @@ impl Tables {
         if self.l1_entry(l1_index) != Some(host_offset) || entries.len() != self.l2_len() {
             return;
         }
+        let last_used = AtomicU64::new(self.tick.fetch_add(1, Ordering::Relaxed));
         self.l2.entry(l1_index).or_insert_with(|| L2Table {
             host_offset,
             dirty: DirtyChunks::new(entries.len() * ENTRY_LEN as usize, DIRTY_CHUNK),
             entries,
+            last_used,
         });
+        self.evict(l1_index);
+    }
+
+    /// Keeps table `l1_index` loaded until `unpin_all`: the allocation in progress needs it.
+    pub fn pin(&mut self, l1_index: u64) {
+        if !self.pinned.contains(&l1_index) {
+            self.pinned.push(l1_index);
+        }
+    }
+
+    /// Ends the pins of the previous allocation (allocations are serialised, so the next one
+    /// starting means the last one is done, successful or not).
+    pub fn unpin_all(&mut self) {
+        self.pinned.clear();
+    }
+
+    /// Drops the least recently used clean, unpinned tables (never `keep`, just inserted)
+    /// down to three quarters of the capacity once it is exceeded, so the sort is paid for
+    /// once per quarter of the capacity.
+    fn evict(&mut self, keep: u64) {
+        if self.l2.len() <= self.capacity {
+            return;
+        }
+        let target = self.capacity - self.capacity / 4;
+        let mut victims: Vec<(u64, u64)> = self
+            .l2
+            .iter()
+            .filter(|(&index, t)| {
+                index != keep && t.dirty.is_empty() && !self.pinned.contains(&index)
+            })
+            .map(|(&index, t)| (t.last_used.load(Ordering::Relaxed), index))
+            .collect();
+        victims.sort_unstable();
+        let excess = self.l2.len().saturating_sub(target);
+        for (_, index) in victims.into_iter().take(excess) {
+            self.l2.remove(&index);
+        }
+    }
+
+    /// How many L2 tables are loaded.
+    #[cfg(test)]
+    pub fn loaded_tables(&self) -> usize {
+        self.l2.len()
+    }
+
+    #[cfg(test)]
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
     }
 
     fn l2_len(&self) -> usize {
@@ -251,9 +324,12 @@ impl Tables {
                     }))
                 }
                 TableState::Loaded => {
-                    let raw = self
-                        .l2
-                        .get(&pos.l1_index)
+                    let table = self.l2.get(&pos.l1_index);
+                    if let Some(table) = table {
+                        let now = self.tick.fetch_add(1, Ordering::Relaxed);
+                        table.last_used.store(now, Ordering::Relaxed);
+                    }
+                    let raw = table
                         .and_then(|t| t.entries.get(pos.l2_index))
                         .copied()
                         .unwrap_or(0);
@@ -302,6 +378,7 @@ impl Tables {
                 host_offset,
                 entries: vec![0; self.l2_len()],
                 dirty,
+                last_used: AtomicU64::new(self.tick.fetch_add(1, Ordering::Relaxed)),
             },
         );
         if let Some(slot) = self.l1.get_mut(index) {
@@ -411,6 +488,8 @@ impl Tables {
     pub fn mark_clean(&mut self) {
         self.l1_dirty.clear();
         self.l2.values_mut().for_each(|t| t.dirty.clear());
+        // Tables that had to stay while dirty may go now.
+        self.evict(u64::MAX);
     }
 
     /// L2 tables the L1 table points at (loaded or not).

@@ -419,6 +419,37 @@ fn write_round_trip(path: &Path, backing: impl Fn() -> Option<Backing>) {
     assert_qemu_compare(path, &model);
 }
 
+/// A disk of 32 L2 tables served with room for 4: reads and concurrent allocating writes all
+/// over it stay correct while tables are dropped and read again, and memory stays bounded.
+#[test]
+fn a_small_table_cache_drops_clean_tables_and_keeps_working() {
+    let dir = TempDir::new();
+    let path = dir.path().join("big.qcow");
+    let Some(()) = qemu_create(&path, "64M", None) else {
+        return;
+    };
+    let fills: Vec<String> = (0..32)
+        .map(|i| format!("write -P {} {} 5000", i + 1, i * 2 * MIB + 100_000))
+        .collect();
+    let fills: Vec<&str> = fills.iter().map(String::as_str).collect();
+    qemu_io(&path, &fills).unwrap();
+    let img = Arc::new(open_rw(&path, None));
+    img.set_table_capacity(4);
+    let expected = qemu_raw(&path).unwrap();
+    assert_same(&read_all(img.as_ref()), &expected, "read with 4 tables");
+    assert!(img.set_table_capacity(4) <= 4, "clean tables were dropped");
+    let model = concurrent_writes(&img, expected, 4);
+    assert_same(&read_all(img.as_ref()), &model, "before flush");
+    img.flush().unwrap();
+    assert_same(&read_all(img.as_ref()), &model, "after flush");
+    assert!(
+        img.set_table_capacity(4) <= 4,
+        "flushed tables can be dropped"
+    );
+    drop(img);
+    assert_qemu_compare(&path, &model);
+}
+
 #[test]
 fn concurrent_writes_over_compressed_normal_and_unallocated_clusters() {
     let dir = TempDir::new();
