@@ -24,33 +24,47 @@
 //!
 //! - The first write of a session updates both headers with a new data write GUID (and a new
 //!   file write GUID) before any data is written, as the spec requires.
-//! - An allocating write puts the whole block (payload, zeros or the parent's bytes around it)
-//!   at the 1 MiB-aligned end of the file, and only then publishes it in the in-memory BAT.
-//! - A differencing image never sets sector bitmap bits: a block not present is copied up
-//!   whole (fully present), and the first write into a partially present block first copies
-//!   the sectors its bitmap leaves to the parent into the block, then marks it fully present.
-//!   Either way the bitmap stays valid at every step and no bitmap block is ever allocated.
-//! - `flush`: sync the data -> write a log entry holding the dirty 4 KiB BAT sectors, sync ->
-//!   point the current header's log GUID at it (written to the other slot), sync -> write the
-//!   BAT sectors in place, sync -> clear the log GUID in both headers, syncing each.
+//! - An allocating write puts the whole block (payload and zeros around it) at the 1 MiB-aligned
+//!   end of the file, and only then publishes it in the in-memory BAT.
+//! - Differencing images (write.rs, bitmap.rs): a write into a block the child does not hold
+//!   gets a new zeroed block holding only the logical sectors written (a sector the write
+//!   covers partly is filled up from the parent first); then the block's bits are set in the
+//!   chunk's sector bitmap (in memory, bitmap.rs), and only then is the block published
+//!   partially present. A write into a partially present block writes sectors whose bits are
+//!   set in place, and the others as whole sectors, setting their bits after the data. A chunk
+//!   without a sector bitmap first gets one: a zeroed 1 MiB block at the end of the file whose
+//!   BAT entry is flushed through the log at once, so no log entry can ever make a block
+//!   partially present while its chunk's bitmap entry is not present in the file.
+//! - `flush`: sync the data -> write a log entry holding the changed 4 KiB sector bitmap pages,
+//!   then the dirty 4 KiB BAT sectors, sync -> point the current header's log GUID at it
+//!   (written to the other slot), sync -> write the sectors in place, sync -> clear the log GUID
+//!   in both headers, syncing each. When the changes need more than one log entry, the bitmap
+//!   pages go first, so a block's bits are in place no later than its BAT entry (bits of a
+//!   block that is not present are ignored, and set anew when it is allocated).
 //!
 //! The entry is written before the header names its GUID: until then the header says the log
-//! is empty, so a crash leaves either an empty log (the new blocks leak, the BAT is untouched)
-//! or a complete entry that Hyper-V, QEMU and imgfs replay. A crash never leaves a header whose
-//! log GUID names no valid entry, which the spec would call a corrupt file.
+//! is empty, so a crash leaves either an empty log (the new blocks leak, the BAT and bitmaps are
+//! untouched) or a complete entry that Hyper-V, QEMU and imgfs replay. A crash never leaves a
+//! header whose log GUID names no valid entry, which the spec would call a corrupt file, nor a
+//! bit set for a sector whose data was not synced.
 //!
 //! # Locks (taken in this order, never the reverse)
 //!
-//! 1. `alloc` (Mutex): serialises allocations, flushes and header updates; holds the headers
-//!    and the file offset of the next block. Held across the data write of a new block, so no
-//!    block is ever allocated twice.
+//! 1. `alloc` (Mutex): serialises allocations, sector bitmap changes, flushes and header
+//!    updates; holds the headers and the file offset of the next block. Held across the data
+//!    write of a new block or of sectors whose bits it sets, so no block is ever allocated
+//!    twice and no two writers fill up the same sector from the parent.
 //! 2. `bat` (RwLock): the BAT. Read-locked for lookups, write-locked to publish a block or mark
 //!    it clean; never held during I/O.
+//! 3. `bitmaps` (RwLock inside `Bitmaps`): the changed sector bitmap pages; never held during
+//!    I/O. A page leaves memory only after the flush wrote it in place.
 //!
-//! Reads and in-place writes take the BAT read lock for the lookup only and do their I/O with
-//! no lock held, so they run in parallel with each other and with allocations.
+//! Reads and in-place writes (including writes of sectors whose bits are set) take the BAT
+//! read lock for the lookup and the bitmap lock for a copy of the bits only, and do their I/O
+//! with no lock held, so they run in parallel with each other and with allocations.
 
 mod bat;
+mod bitmap;
 mod header;
 mod log;
 mod metadata;
@@ -73,6 +87,7 @@ use crate::host::HostFile;
 use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
 
 use bat::{Bat, Geometry, Run, RunKind};
+use bitmap::Bitmaps;
 use header::{Header, Regions, HEADER_LEN, HEADER_SECTION_LEN, HEADER_SLOTS, MIB};
 use metadata::Metadata;
 use overlay::Overlay;
@@ -172,6 +187,8 @@ pub struct VhdxImage {
     parent: Option<Backing>,
     alloc: Mutex<AllocState>,
     bat: RwLock<Bat>,
+    /// Sector bitmap pages changed since the last flush (differencing images).
+    bitmaps: Bitmaps,
     /// Set once the data write GUID was renewed, so writes skip the mutex afterwards.
     data_write_guid_renewed: AtomicBool,
     read_only_reason: Option<String>,
@@ -301,6 +318,7 @@ impl VhdxImage {
             parent,
             alloc: Mutex::new(AllocState { headers, next_free }),
             bat: RwLock::new(bat),
+            bitmaps: Bitmaps::new(),
             data_write_guid_renewed: AtomicBool::new(false),
             read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
             log_replay,
@@ -380,7 +398,8 @@ impl VhdxImage {
         let lead = run.offset % sector;
         let sectors = (lead + run.len).div_ceil(sector);
         let mut bits = vec![0u8; (first_bit + sectors).div_ceil(8) as usize];
-        self.store.read(&mut bits, bitmap)?;
+        self.bitmaps
+            .read(&mut bits, bitmap, |buf, at| self.store.read(buf, at))?;
         let present = |i: u64| {
             let bit = first_bit + i;
             bits.get((bit / 8) as usize)
@@ -559,7 +578,7 @@ impl Image for VhdxImage {
     }
 
     fn is_dirty(&self) -> bool {
-        self.read_bat().is_dirty()
+        self.read_bat().is_dirty() || self.bitmaps.is_dirty()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
