@@ -33,14 +33,27 @@ pub(super) fn parent_and_child(dir: &TempDir) -> Option<(PathBuf, PathBuf)> {
 /// `parent_and_child` with the child's parent_linkage given, or (`None`) the parent's own
 /// data write GUID.
 fn parent_and_linked_child(dir: &TempDir, linkage: Option<&str>) -> Option<(PathBuf, PathBuf)> {
+    parent_and_child_with(dir, linkage, 512)
+}
+
+/// `parent_and_linked_child` with both images given logical sectors of `sector` bytes (set
+/// after qemu-io filled the parent, as QEMU refuses 4 KiB sectors; with 8 blocks the BAT
+/// layout of the parent does not depend on it).
+pub(super) fn parent_and_child_with(
+    dir: &TempDir,
+    linkage: Option<&str>,
+    sector: u32,
+) -> Option<(PathBuf, PathBuf)> {
     let parent = create(dir, "p.vhdx", "block_size=1M", 8 * MIB)?;
     qemu_io(
         &parent,
         &["write -P 0x70 0 8M".into(), "write -P 0x71 1M 1M".into()],
     );
+    set_logical_sector_size(&parent, sector);
     let parent_guid = data_write_guid_of(&HostFile::open(&parent, false).unwrap()).unwrap();
     let linkage = linkage.map_or_else(|| format!("{{{parent_guid}}}"), str::to_string);
     let child = create(dir, "c.vhdx", "block_size=1M,block_state_zero=off", 8 * MIB)?;
+    set_logical_sector_size(&child, sector);
     let meta = region(&child, METADATA_REGION);
     let bytes = std::fs::read(&child).unwrap();
     let table = &bytes[meta as usize..meta as usize + metadata::TABLE_LEN];
@@ -154,14 +167,21 @@ pub(super) fn payload_entry(path: &Path, block: u64) -> u64 {
 /// The sector bitmap bits set for payload block `block` of a child made by
 /// `parent_and_child`, read from the file: indexes of its sectors (0..2048).
 pub(super) fn block_bits(path: &Path, block: u64) -> Vec<u64> {
-    let sb = bat_entry(path, 4096);
+    block_bits_with(path, block, 512)
+}
+
+/// `block_bits` of a child with logical sectors of `sector` bytes.
+pub(super) fn block_bits_with(path: &Path, block: u64, sector: u64) -> Vec<u64> {
+    let per_block = MIB / sector;
+    // The chunk's bitmap entry follows its 2^23 * sector / 1 MiB payload entries.
+    let sb = bat_entry(path, (1 << 23) * sector / MIB);
     assert_eq!(sb & 7, 6, "the chunk has a sector bitmap");
-    let mut bytes = vec![0u8; 256];
+    let mut bytes = vec![0u8; (per_block / 8) as usize];
     std::fs::File::open(path)
         .unwrap()
-        .read_exact_at(&mut bytes, (sb >> 20 << 20) + block * 256)
+        .read_exact_at(&mut bytes, (sb >> 20 << 20) + block * per_block / 8)
         .unwrap();
-    (0..2048u64)
+    (0..per_block)
         .filter(|i| bytes[(i / 8) as usize] & (1 << (i % 8)) != 0)
         .collect()
 }

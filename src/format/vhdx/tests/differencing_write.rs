@@ -7,7 +7,8 @@ use std::sync::{Arc, Barrier};
 
 use super::super::header::MIB;
 use super::differencing::{
-    block_bits, block_bytes, open_child, parent_and_child, parent_bytes, payload_entry,
+    block_bits, block_bits_with, block_bytes, open_child, parent_and_child, parent_and_child_with,
+    parent_bytes, payload_entry,
 };
 use super::*;
 use crate::format::backing::Backing;
@@ -189,4 +190,47 @@ fn a_differencing_flush_that_crashes_after_its_log_entry_replays_entries_and_bit
     assert_eq!(block_bits(&child, 1), bits);
     assert_eq!(block_bits(&child, 3), [2047]);
     assert_eq!(block_bits(&child, 4), [0]);
+}
+
+#[test]
+fn with_4k_logical_sectors_whole_4k_sectors_are_filled_and_flagged() {
+    let dir = TempDir::new();
+    let Some((parent, child)) = parent_and_child_with(&dir, None, 4096) else {
+        return;
+    };
+    let img = open_child(&parent, &child);
+    assert_eq!(detail(&img, "logical_sector_size"), "4096");
+    assert_eq!(detail(&img, "chunk_ratio"), "32768");
+    let mut expected = parent_bytes();
+    let mut write = |img: &VhdxImage, offset: u64, len: usize, byte: u8| {
+        img.write_at(&vec![byte; len], offset).unwrap();
+        expected[offset as usize..offset as usize + len].fill(byte);
+    };
+    // Inside sector 3 of block 1; then across blocks 2 (sector 255) and 3 (sectors 0-1).
+    write(&img, MIB + 3 * 4096 + 1000, 700, 0xc4);
+    write(&img, 3 * MIB - 100, 5000, 0xc5);
+    // A 512-byte write into sector 1 of block 3, already here, and into sector 2, not yet.
+    write(&img, 3 * MIB + 2 * 4096 - 512, 1024, 0xc6);
+    assert!(read_all(&img) == expected, "before flush");
+    img.flush().unwrap();
+    drop(img);
+    assert_eq!(block_bits_with(&child, 1, 4096), [3]);
+    assert_eq!(block_bits_with(&child, 2, 4096), [255]);
+    assert_eq!(block_bits_with(&child, 3, 4096), [0, 1, 2]);
+    let bytes = block_bytes(&child, 1);
+    let sector3 = MIB as usize + 3 * 4096;
+    assert!(bytes[3 * 4096..4 * 4096] == expected[sector3..sector3 + 4096]);
+    assert!(bytes[..3 * 4096]
+        .iter()
+        .chain(&bytes[4 * 4096..])
+        .all(|&b| b == 0));
+    let bytes = block_bytes(&child, 3);
+    assert!(
+        bytes[2 * 4096 + 512..3 * 4096].iter().all(|&b| b == 0x70),
+        "from the parent"
+    );
+    assert!(
+        read_all(&open_child(&parent, &child)) == expected,
+        "after reopen"
+    );
 }
