@@ -1,7 +1,7 @@
 //! VHDX through a real imgfs mount, with qemu-img as the oracle: fixed and dynamic images of
 //! several block sizes read like `qemu-img convert -O raw`, writes from several threads
 //! leave images that `qemu-img check` passes and `qemu-img compare` finds equal to the
-//! expected bytes, and a daemon killed while it writes leaves an image whose log QEMU and
+//! expected bytes (also with 4 KiB logical sectors), and a daemon killed while it writes leaves an image whose log QEMU and
 //! imgfs replay alike, with every fsync'ed write in it.
 
 mod common;
@@ -294,4 +294,73 @@ fn a_daemon_killed_while_writing_loses_no_fsynced_write() {
     assert!(ours == theirs, "imgfs and QEMU replay the log alike");
     mount.unmount();
     assert_check_clean("vhdx", &image);
+}
+
+/// Sets the logical sector size item of a qemu-img VHDX (QEMU only makes 512-byte ones). With
+/// fewer than 4096 blocks the BAT of a dynamic image is laid out the same either way.
+fn set_logical_sector_size(path: &Path, value: u32) {
+    const METADATA_REGION: u128 = 0x8b7ca206_4790_4b9a_b8fe_575f050f886e;
+    const LOGICAL_SECTOR_SIZE: u128 = 0x8141bf1d_a96f_4709_ba47_f233a8faab5f;
+    let bytes = std::fs::read(path).unwrap();
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    // Both tables: a header, then 32-byte entries starting with the GUID (on-disk byte order).
+    let find = |table: usize, header: usize, count: usize, guid: u128| {
+        let guid = uuid::Uuid::from_u128(guid).to_bytes_le();
+        (0..count)
+            .map(|i| table + header + 32 * i)
+            .find(|&at| bytes[at..at + 16] == guid)
+            .unwrap()
+    };
+    let regions = 192 * 1024;
+    let entry = find(regions, 16, u32_at(regions + 8) as usize, METADATA_REGION);
+    let meta = u64::from_le_bytes(bytes[entry + 16..entry + 24].try_into().unwrap()) as usize;
+    let count = u16::from_le_bytes([bytes[meta + 10], bytes[meta + 11]]) as usize;
+    let item = find(meta, 32, count, LOGICAL_SECTOR_SIZE);
+    let at = meta + u32_at(item + 16) as usize;
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(&value.to_le_bytes(), at as u64).unwrap();
+}
+
+#[test]
+fn images_with_4k_logical_sectors_take_threaded_writes() {
+    if !can_mount() {
+        return;
+    }
+    let size = 24 * MIB;
+    let (dir, src, image) = source_with_image(
+        "vhdx-4k",
+        "vhdx",
+        "4k.vhdx",
+        &size.to_string(),
+        &["-o", "subformat=dynamic,block_size=1M"],
+    );
+    qemu_io("vhdx", &image, &["write -P 0x42 3M 2M"]);
+    let mut expected = qemu_raw("vhdx", &image, &dir);
+    set_logical_sector_size(&image, 4096);
+    let info = run(Command::new(IMGFS).args(["info"]).arg(&image));
+    let info = String::from_utf8(info.stdout).unwrap();
+    assert!(info.contains("logical_sector_size: 4096"), "{info}");
+
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    let raw = mount.path("4k.vhdx.raw");
+    assert!(
+        std::fs::read(&raw).unwrap() == expected,
+        "served before writes"
+    );
+    let plan = plan_threaded_writes(&mut expected, 4, 30, 100_000, size - 8192, 2 * MIB);
+    run_threaded_writes(&raw, &plan);
+    assert!(std::fs::read(&raw).unwrap() == expected, "read back");
+    mount.unmount();
+    let mount = Mount::new(&src, &dir.join("mnt2"), &[]);
+    let raw = mount.path("4k.vhdx.raw");
+    assert!(
+        std::fs::read(&raw).unwrap() == expected,
+        "after a new mount"
+    );
+    mount.unmount();
+
+    // Back at 512-byte sectors QEMU reads the same layout: it must check clean and be equal.
+    set_logical_sector_size(&image, 512);
+    assert_check_clean("vhdx", &image);
+    assert_compare_equal("vhdx", &image, &expected, &dir);
 }
