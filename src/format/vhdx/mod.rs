@@ -197,6 +197,9 @@ pub struct VhdxImage {
     /// Test hook: make `flush` stop right after the log entry is durable, like a crash.
     #[cfg(test)]
     crash_after_log_entry: AtomicBool,
+    /// Test hook: at most this many sectors per log entry (0: as many as the log holds).
+    #[cfg(test)]
+    entry_sector_cap: std::sync::atomic::AtomicUsize,
 }
 
 impl VhdxImage {
@@ -326,6 +329,8 @@ impl VhdxImage {
             store,
             #[cfg(test)]
             crash_after_log_entry: AtomicBool::new(false),
+            #[cfg(test)]
+            entry_sector_cap: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 

@@ -308,6 +308,11 @@ impl VhdxImage {
         // in place no later than the entry that makes it partially present.
         let sectors: Vec<(u64, Vec<u8>)> = pages.into_iter().chain(bat_sectors).collect();
         let per_entry = log::max_sectors_per_entry(self.log.end - self.log.start).max(1) as usize;
+        #[cfg(test)]
+        let per_entry = match self.entry_sector_cap.load(Ordering::Relaxed) {
+            0 => per_entry,
+            cap => per_entry.min(cap),
+        };
         for batch in sectors.chunks(per_entry) {
             self.journal(alloc, batch)?;
         }

@@ -234,3 +234,45 @@ fn with_4k_logical_sectors_whole_4k_sectors_are_filled_and_flagged() {
         "after reopen"
     );
 }
+
+#[test]
+fn a_flush_cut_between_log_entries_leaves_bits_only_for_blocks_not_present() {
+    let dir = TempDir::new();
+    let Some((parent, child)) = parent_and_child(&dir) else {
+        return;
+    };
+    let img = open_child(&parent, &child);
+    img.write_at(&[0xd1; 3000], MIB + 100 * 512).unwrap();
+    img.write_at(&[0xd2; 1024], 2 * MIB + 10 * 512).unwrap();
+    // One sector per entry: the bitmap page goes first, and the crash comes after it.
+    img.entry_sector_cap.store(1, Ordering::Relaxed);
+    img.crash_after_log_entry.store(true, Ordering::Relaxed);
+    assert!(img.flush().is_err());
+    drop(img);
+
+    // Replayed: the bits are in place, the BAT entries are not, so the bits are ignored.
+    let img = open_child(&parent, &child);
+    assert!(
+        read_all(&img) == parent_bytes(),
+        "the unflushed writes are gone"
+    );
+    drop(img);
+    assert_eq!(payload_entry(&child, 1) & 7, 0);
+    assert_eq!(payload_entry(&child, 2) & 7, 0);
+    assert_eq!(block_bits(&child, 1), (100..106).collect::<Vec<u64>>());
+
+    // A new life of block 1 takes none of the stale bits.
+    let img = open_child(&parent, &child);
+    img.write_at(&[0xd3; 512], MIB + 7 * 512).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    assert_eq!(block_bits(&child, 1), [7]);
+    assert_eq!(
+        block_bits(&child, 2),
+        [10, 11],
+        "stale, block 2 is not present"
+    );
+    let mut expected = parent_bytes();
+    expected[MIB as usize + 7 * 512..MIB as usize + 8 * 512].fill(0xd3);
+    assert!(read_all(&open_child(&parent, &child)) == expected);
+}
