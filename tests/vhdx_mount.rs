@@ -239,6 +239,8 @@ fn a_daemon_killed_while_writing_loses_no_fsynced_write() {
         if durable >= 30 && (log_is_dirty(&image_file) || syncing >= 90) {
             break;
         }
+        assert!(!writer.is_finished(), "the writer stopped before the kill");
+        std::thread::yield_now();
     }
     // SAFETY: kill on the daemon's pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
