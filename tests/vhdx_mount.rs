@@ -1,11 +1,15 @@
 //! VHDX through a real imgfs mount, with qemu-img as the oracle: fixed and dynamic images of
-//! several block sizes read like `qemu-img convert -O raw`, and writes from several threads
+//! several block sizes read like `qemu-img convert -O raw`, writes from several threads
 //! leave images that `qemu-img check` passes and `qemu-img compare` finds equal to the
-//! expected bytes.
+//! expected bytes (also with 4 KiB logical sectors), and a daemon killed while it writes leaves an image whose log QEMU and
+//! imgfs replay alike, with every fsync'ed write in it.
 
 mod common;
 
+use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::process::Command;
+use std::sync::mpsc;
 
 use common::*;
 
@@ -127,4 +131,238 @@ fn threaded_random_writes_pass_qemu_check_and_compare_equal() {
         assert_check_clean("vhdx", &src.join(name));
         assert_compare_equal("vhdx", &src.join(name), &expected[i], &dir);
     }
+}
+
+/// The crash test's disk: 64 MiB in slots of 512 KiB, one write per slot, in an order and
+/// with offsets, lengths and bytes that depend only on the write's number.
+const CRASH_DISK: u64 = 64 * MIB;
+const SLOT: u64 = 512 * 1024;
+const SLOTS: usize = (CRASH_DISK / SLOT) as usize;
+
+/// Write `i` of the crash test: an unaligned piece of its own slot.
+fn crash_write(order: &[u64], i: usize) -> (u64, Vec<u8>) {
+    let mut rng = Rng::new(0xc4a5 + i as u64);
+    let offset = order[i] * SLOT + rng.below(4096);
+    let len = 1 + rng.below(SLOT - 4096 - 1);
+    (offset, rng.bytes(len as usize))
+}
+
+/// What the crash test's writer reports.
+enum Event {
+    /// It starts an fsync after this many writes.
+    Syncing(usize),
+    /// That many writes are durable: the fsync returned.
+    Durable(usize),
+}
+
+/// Whether the current header of the VHDX file names a log entry to replay (the header with
+/// the higher sequence number has a log GUID). A torn read at worst makes the kill come early.
+fn log_is_dirty(file: &std::fs::File) -> bool {
+    let mut headers = [[0u8; 64]; 2];
+    for (slot, at) in headers.iter_mut().zip([64 * 1024, 128 * 1024]) {
+        file.read_exact_at(slot, at).unwrap();
+    }
+    let sequence = |h: &[u8; 64]| u64::from_le_bytes(h[8..16].try_into().unwrap());
+    let current = headers.iter().max_by_key(|h| sequence(h)).unwrap();
+    current[48..64].iter().any(|&b| b != 0)
+}
+
+/// A permutation of the slots, so writes land all over the disk.
+fn slot_order() -> Vec<u64> {
+    let mut order: Vec<u64> = (0..SLOTS as u64).collect();
+    let mut rng = Rng::new(0x0bde);
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    order
+}
+
+/// kill -9 of the daemon while a writer is writing: every write the writer fsync'ed is in the
+/// image for QEMU (which replays the log on a read-write open) and for imgfs (which replays it
+/// on mount), both see the same disk, slots nobody wrote are still zeros, and the image checks
+/// clean once replayed.
+#[test]
+fn a_daemon_killed_while_writing_loses_no_fsynced_write() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src, image) = source_with_image(
+        "vhdx-kill",
+        "vhdx",
+        "disk.vhdx",
+        &CRASH_DISK.to_string(),
+        &["-o", "subformat=dynamic,block_size=1M"],
+    );
+    let order = slot_order();
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    let raw = mount.path("disk.vhdx.raw");
+    let pid = daemon_pid(&mount.mnt);
+    let exit = ExitWatch::new(pid);
+
+    // The writer fsyncs after every third write and says when it starts an fsync and how many
+    // writes are durable when it returns; it stops at the first error, once the daemon is gone.
+    let (events_tx, events) = mpsc::channel::<Event>();
+    let writer = {
+        let (raw, order) = (raw.clone(), order.clone());
+        std::thread::spawn(move || {
+            let file = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+            let mut attempted = 0;
+            for i in 0..SLOTS {
+                let (offset, data) = crash_write(&order, i);
+                attempted = i + 1;
+                if file.write_all_at(&data, offset).is_err() {
+                    break;
+                }
+                if (i + 1) % 3 == 0 {
+                    let _ = events_tx.send(Event::Syncing(i + 1));
+                    if file.sync_all().is_err() {
+                        break;
+                    }
+                    let _ = events_tx.send(Event::Durable(i + 1));
+                }
+            }
+            attempted
+        })
+    };
+    // Killed once 30 writes are durable, as soon as the image's header names a log entry (the
+    // daemon is then in the middle of writing back the BAT), or else after 90 writes.
+    let image_file = std::fs::File::open(&image).unwrap();
+    let mut durable = 0;
+    let mut syncing = 0;
+    loop {
+        for event in events.try_iter() {
+            match event {
+                Event::Durable(n) => durable = n,
+                Event::Syncing(n) => syncing = n,
+            }
+        }
+        if durable >= 30 && (log_is_dirty(&image_file) || syncing >= 90) {
+            break;
+        }
+        assert!(!writer.is_finished(), "the writer stopped before the kill");
+        std::thread::yield_now();
+    }
+    // SAFETY: kill on the daemon's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    exit.wait();
+    let attempted = writer.join().unwrap();
+    // An fsync that returned before the daemon died counts too.
+    for event in events.try_iter() {
+        if let Event::Durable(n) = event {
+            durable = durable.max(n);
+        }
+    }
+    assert!(
+        attempted < SLOTS,
+        "the daemon was killed while the writer was still writing"
+    );
+    run(Command::new(IMGFS).arg("umount").arg(&mount.mnt));
+    assert!(!is_mount_point(&mount.mnt));
+    mount.forget_unmounted();
+
+    // QEMU replays the log of one copy, imgfs that of the image itself.
+    let copy = dir.join("qemu-copy.vhdx");
+    std::fs::copy(&image, &copy).unwrap();
+    qemu_img(&["check", "-q", "-r", "leaks", "-f", "vhdx", path_str(&copy)]);
+    assert_check_clean("vhdx", &copy);
+    let theirs = qemu_raw("vhdx", &copy, &dir);
+    assert_eq!(theirs.len() as u64, CRASH_DISK);
+    for i in 0..durable {
+        let (offset, data) = crash_write(&order, i);
+        let at = offset as usize;
+        assert!(
+            theirs[at..at + data.len()] == data[..],
+            "fsync'ed write {i} at {offset} is missing after QEMU's replay"
+        );
+    }
+    for slot in &order[attempted..] {
+        let at = (slot * SLOT) as usize;
+        assert!(
+            theirs[at..at + SLOT as usize].iter().all(|&b| b == 0),
+            "slot {slot} was never written"
+        );
+    }
+
+    let mount = Mount::new(&src, &dir.join("mnt2"), &[]);
+    let raw = mount.path("disk.vhdx.raw");
+    for i in 0..durable {
+        let (offset, data) = crash_write(&order, i);
+        assert!(
+            read_range(&raw, offset, data.len()) == data,
+            "fsync'ed write {i} at {offset} is missing after imgfs's replay"
+        );
+    }
+    let ours = std::fs::read(&raw).unwrap();
+    assert!(ours == theirs, "imgfs and QEMU replay the log alike");
+    mount.unmount();
+    assert_check_clean("vhdx", &image);
+}
+
+/// Sets the logical sector size item of a qemu-img VHDX (QEMU only makes 512-byte ones). With
+/// fewer than 4096 blocks the BAT of a dynamic image is laid out the same either way.
+fn set_logical_sector_size(path: &Path, value: u32) {
+    const METADATA_REGION: u128 = 0x8b7ca206_4790_4b9a_b8fe_575f050f886e;
+    const LOGICAL_SECTOR_SIZE: u128 = 0x8141bf1d_a96f_4709_ba47_f233a8faab5f;
+    let bytes = std::fs::read(path).unwrap();
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    // Both tables: a header, then 32-byte entries starting with the GUID (on-disk byte order).
+    let find = |table: usize, header: usize, count: usize, guid: u128| {
+        let guid = uuid::Uuid::from_u128(guid).to_bytes_le();
+        (0..count)
+            .map(|i| table + header + 32 * i)
+            .find(|&at| bytes[at..at + 16] == guid)
+            .unwrap()
+    };
+    let regions = 192 * 1024;
+    let entry = find(regions, 16, u32_at(regions + 8) as usize, METADATA_REGION);
+    let meta = u64::from_le_bytes(bytes[entry + 16..entry + 24].try_into().unwrap()) as usize;
+    let count = u16::from_le_bytes([bytes[meta + 10], bytes[meta + 11]]) as usize;
+    let item = find(meta, 32, count, LOGICAL_SECTOR_SIZE);
+    let at = meta + u32_at(item + 16) as usize;
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(&value.to_le_bytes(), at as u64).unwrap();
+}
+
+#[test]
+fn images_with_4k_logical_sectors_take_threaded_writes() {
+    if !can_mount() {
+        return;
+    }
+    let size = 24 * MIB;
+    let (dir, src, image) = source_with_image(
+        "vhdx-4k",
+        "vhdx",
+        "4k.vhdx",
+        &size.to_string(),
+        &["-o", "subformat=dynamic,block_size=1M"],
+    );
+    qemu_io("vhdx", &image, &["write -P 0x42 3M 2M"]);
+    let mut expected = qemu_raw("vhdx", &image, &dir);
+    set_logical_sector_size(&image, 4096);
+    let info = run(Command::new(IMGFS).args(["info"]).arg(&image));
+    let info = String::from_utf8(info.stdout).unwrap();
+    assert!(info.contains("logical_sector_size: 4096"), "{info}");
+
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    let raw = mount.path("4k.vhdx.raw");
+    assert!(
+        std::fs::read(&raw).unwrap() == expected,
+        "served before writes"
+    );
+    let plan = plan_threaded_writes(&mut expected, 4, 30, 100_000, size - 8192, 2 * MIB);
+    run_threaded_writes(&raw, &plan);
+    assert!(std::fs::read(&raw).unwrap() == expected, "read back");
+    mount.unmount();
+    let mount = Mount::new(&src, &dir.join("mnt2"), &[]);
+    let raw = mount.path("4k.vhdx.raw");
+    assert!(
+        std::fs::read(&raw).unwrap() == expected,
+        "after a new mount"
+    );
+    mount.unmount();
+
+    // Back at 512-byte sectors QEMU reads the same layout: it must check clean and be equal.
+    set_logical_sector_size(&image, 512);
+    assert_check_clean("vhdx", &image);
+    assert_compare_equal("vhdx", &image, &expected, &dir);
 }

@@ -103,6 +103,11 @@ impl Geometry {
     pub fn sectors_per_block(&self) -> u64 {
         self.block_size / self.logical_sector
     }
+
+    /// The bit of the chunk's sector bitmap for the sector at `in_block` in payload `block`.
+    pub fn chunk_sector(&self, block: u64, in_block: u64) -> u64 {
+        (block % self.chunk_ratio) * self.sectors_per_block() + in_block / self.logical_sector
+    }
 }
 
 /// How one run of the virtual disk is backed.
@@ -319,8 +324,7 @@ impl Bat {
                 },
                 (PARTIALLY_PRESENT, true) => {
                     let bitmap_entry = self.entry_at(geo.bitmap_index(block))?;
-                    let sector = (block % geo.chunk_ratio) * geo.sectors_per_block()
-                        + in_block / geo.logical_sector;
+                    let sector = geo.chunk_sector(block, in_block);
                     RunKind::Partial {
                         host_offset: host_of(entry) + in_block,
                         bitmap: host_of(bitmap_entry) + sector / 8,
@@ -345,13 +349,20 @@ impl Bat {
         Ok(runs)
     }
 
-    /// Points payload block `block` at a fully written block at `host`. Refuses (changing
-    /// nothing) if the block is already stored in the file.
-    pub fn publish(&mut self, block: u64, host: u64) -> Result<()> {
-        let index = self.geometry.payload_index(block);
+    /// Points payload block `block` at the block written at `host`, fully present or (with
+    /// `partial`, in a differencing image whose chunk has a sector bitmap) partially present.
+    /// Refuses (changing nothing) if the block is already stored in the file.
+    pub fn publish(&mut self, block: u64, host: u64, partial: bool) -> Result<()> {
+        let geo = self.geometry;
+        if partial && self.bitmap_of(block)?.is_none() {
+            return Err(Error::out_of_range(format!(
+                "internal: payload block {block} made partially present without a sector bitmap"
+            )));
+        }
+        let index = geo.payload_index(block);
         let slot = usize::try_from(index)
             .ok()
-            .filter(|_| block < self.geometry.payload_blocks)
+            .filter(|_| block < geo.payload_blocks)
             .and_then(|i| self.entries.get_mut(i))
             .ok_or_else(|| Error::out_of_range(format!("payload block {block} beyond the BAT")))?;
         if matches!(state(*slot), FULLY_PRESENT | PARTIALLY_PRESENT) {
@@ -359,32 +370,49 @@ impl Bat {
                 "internal: payload block {block} allocated twice"
             )));
         }
-        if host % MIB != 0 {
+        if host % MIB != 0 || host == 0 {
             return Err(Error::out_of_range(
                 "internal: block offset not MiB aligned",
             ));
         }
-        *slot = host | FULLY_PRESENT;
+        *slot = host
+            | if partial {
+                PARTIALLY_PRESENT
+            } else {
+                FULLY_PRESENT
+            };
         self.dirty.mark((index * ENTRY_LEN) as usize);
         self.present_blocks += 1;
         Ok(())
     }
 
-    /// Turns partially present block `block` fully present in place, once the sectors its
-    /// bitmap left to the parent were copied into it.
-    pub fn make_fully_present(&mut self, block: u64) -> Result<()> {
-        let index = self.geometry.payload_index(block);
-        let slot = usize::try_from(index)
-            .ok()
-            .filter(|_| block < self.geometry.payload_blocks)
-            .and_then(|i| self.entries.get_mut(i))
-            .ok_or_else(|| Error::out_of_range(format!("payload block {block} beyond the BAT")))?;
-        if state(*slot) != PARTIALLY_PRESENT {
-            return Err(Error::corrupt(format!(
-                "internal: payload block {block} is not partially present"
+    /// The file offset of the sector bitmap block of the chunk holding payload `block`, if
+    /// it has one.
+    pub fn bitmap_of(&self, block: u64) -> Result<Option<u64>> {
+        let entry = self.entry_at(self.geometry.bitmap_index(block))?;
+        Ok((self.geometry.differencing && state(entry) == SB_PRESENT).then(|| host_of(entry)))
+    }
+
+    /// Points the sector bitmap entry of the chunk holding payload `block` at the zeroed 1 MiB
+    /// block written at `host`. Refuses if the chunk has one, or the image has no parent.
+    pub fn publish_bitmap(&mut self, block: u64, host: u64) -> Result<()> {
+        let geo = self.geometry;
+        if !geo.differencing || block >= geo.payload_blocks || self.bitmap_of(block)?.is_some() {
+            return Err(Error::out_of_range(format!(
+                "internal: no new sector bitmap for payload block {block}"
             )));
         }
-        *slot = (*slot & !STATE_MASK) | FULLY_PRESENT;
+        if host % MIB != 0 || host == 0 {
+            return Err(Error::out_of_range(
+                "internal: bitmap offset not MiB aligned",
+            ));
+        }
+        let index = geo.bitmap_index(block);
+        let slot = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.entries.get_mut(i))
+            .ok_or_else(|| Error::out_of_range(format!("BAT index {index} beyond the table")))?;
+        *slot = host | SB_PRESENT;
         self.dirty.mark((index * ENTRY_LEN) as usize);
         Ok(())
     }
@@ -588,6 +616,33 @@ mod tests {
     }
 
     #[test]
+    fn partially_present_blocks_are_published_after_their_chunks_bitmap() {
+        let g = geometry(MIB, 512, 5000 * MIB, true);
+        let (mut bat, _) = load(g, &[], 8 * MIB).unwrap();
+        assert_eq!(bat.bitmap_of(4100).unwrap(), None);
+        assert!(bat.publish(4100, 8 * MIB, true).is_err(), "no bitmap yet");
+        bat.publish_bitmap(4100, 9 * MIB).unwrap();
+        assert!(bat.publish_bitmap(4101, 10 * MIB).is_err(), "one per chunk");
+        assert_eq!(bat.bitmap_of(4101).unwrap(), Some(9 * MIB));
+        assert_eq!(bat.bitmap_of(5).unwrap(), None, "chunk 0 has none");
+        bat.publish(4100, 8 * MIB, true).unwrap();
+        assert_eq!(bat.present_blocks(), 1);
+        // Block 4100 is block 4 of chunk 1: its sector 2 is bit 4 * 2048 + 2 of the bitmap.
+        let runs = bat.runs(4100 * MIB + 1024, 512).unwrap();
+        assert_eq!(
+            runs[0].kind,
+            RunKind::Partial {
+                host_offset: 8 * MIB + 1024,
+                bitmap: 9 * MIB + 1024,
+                first_bit: 2
+            }
+        );
+        // Payload entry 4101 in BAT sector 8, the chunk's bitmap entry 8193 in sector 16.
+        let offsets: Vec<u64> = bat.dirty_sectors().iter().map(|s| s.0).collect();
+        assert_eq!(offsets, [2 * MIB + 8 * 4096, 2 * MIB + 16 * 4096]);
+    }
+
+    #[test]
     fn bad_entries_are_refused_with_their_offset() {
         let g = geometry(MIB, 512, 3 * MIB, false);
         let check = |entries: &[u64], needle: &str, at: u64| {
@@ -640,10 +695,15 @@ mod tests {
             8192,
             "1000 entries + 0 bitmaps"
         );
-        bat.publish(511, 8 * MIB).unwrap();
-        bat.publish(512, 9 * MIB).unwrap();
-        assert!(bat.publish(512, 10 * MIB).is_err());
-        assert!(bat.publish(1000, 10 * MIB).is_err());
+        bat.publish(511, 8 * MIB, false).unwrap();
+        bat.publish(512, 9 * MIB, false).unwrap();
+        assert!(bat.publish(512, 10 * MIB, false).is_err());
+        assert!(bat.publish(1000, 10 * MIB, false).is_err());
+        assert!(
+            bat.publish(3, 10 * MIB, true).is_err(),
+            "no parent, no bitmap"
+        );
+        assert!(bat.publish_bitmap(3, 10 * MIB).is_err());
         let sectors = bat.dirty_sectors();
         assert_eq!(sectors.len(), 2);
         assert_eq!((sectors[0].0, sectors[0].1.len()), (2 * MIB, 4096));

@@ -24,44 +24,59 @@
 //!
 //! - The first write of a session updates both headers with a new data write GUID (and a new
 //!   file write GUID) before any data is written, as the spec requires.
-//! - An allocating write puts the whole block (payload, zeros or the parent's bytes around it)
-//!   at the 1 MiB-aligned end of the file, and only then publishes it in the in-memory BAT.
-//! - A differencing image never sets sector bitmap bits: a block not present is copied up
-//!   whole (fully present), and the first write into a partially present block first copies
-//!   the sectors its bitmap leaves to the parent into the block, then marks it fully present.
-//!   Either way the bitmap stays valid at every step and no bitmap block is ever allocated.
-//! - `flush`: sync the data -> write a log entry holding the dirty 4 KiB BAT sectors, sync ->
-//!   point the current header's log GUID at it (written to the other slot), sync -> write the
-//!   BAT sectors in place, sync -> clear the log GUID in both headers, syncing each.
+//! - An allocating write puts the whole block (payload and zeros around it) at the 1 MiB-aligned
+//!   end of the file, and only then publishes it in the in-memory BAT.
+//! - Differencing images (write.rs, bitmap.rs): a write into a block the child does not hold
+//!   gets a new zeroed block holding only the logical sectors written (a sector the write
+//!   covers partly is filled up from the parent first); then the block's bits are set in the
+//!   chunk's sector bitmap (in memory, bitmap.rs), and only then is the block published
+//!   partially present. A write into a partially present block writes sectors whose bits are
+//!   set in place, and the others as whole sectors, setting their bits after the data. A chunk
+//!   without a sector bitmap first gets one: a zeroed 1 MiB block at the end of the file whose
+//!   BAT entry is flushed through the log at once, so no log entry can ever make a block
+//!   partially present while its chunk's bitmap entry is not present in the file.
+//! - `flush`: sync the data -> write a log entry holding the changed 4 KiB sector bitmap pages,
+//!   then the dirty 4 KiB BAT sectors, sync -> point the current header's log GUID at it
+//!   (written to the other slot), sync -> write the sectors in place, sync -> clear the log GUID
+//!   in both headers, syncing each. When the changes need more than one log entry, the bitmap
+//!   pages go first, so a block's bits are in place no later than its BAT entry (bits of a
+//!   block that is not present are ignored, and set anew when it is allocated).
 //!
 //! The entry is written before the header names its GUID: until then the header says the log
-//! is empty, so a crash leaves either an empty log (the new blocks leak, the BAT is untouched)
-//! or a complete entry that Hyper-V, QEMU and imgfs replay. A crash never leaves a header whose
-//! log GUID names no valid entry, which the spec would call a corrupt file.
+//! is empty, so a crash leaves either an empty log (the new blocks leak, the BAT and bitmaps are
+//! untouched) or a complete entry that Hyper-V, QEMU and imgfs replay. A crash never leaves a
+//! header whose log GUID names no valid entry, which the spec would call a corrupt file, nor a
+//! bit set for a sector whose data was not synced.
 //!
 //! # Locks (taken in this order, never the reverse)
 //!
-//! 1. `alloc` (Mutex): serialises allocations, flushes and header updates; holds the headers
-//!    and the file offset of the next block. Held across the data write of a new block, so no
-//!    block is ever allocated twice.
+//! 1. `alloc` (Mutex): serialises allocations, sector bitmap changes, flushes and header
+//!    updates; holds the headers and the file offset of the next block. Held across the data
+//!    write of a new block or of sectors whose bits it sets, so no block is ever allocated
+//!    twice and no two writers fill up the same sector from the parent.
 //! 2. `bat` (RwLock): the BAT. Read-locked for lookups, write-locked to publish a block or mark
 //!    it clean; never held during I/O.
+//! 3. `bitmaps` (RwLock inside `Bitmaps`): the changed sector bitmap pages; never held during
+//!    I/O. A page leaves memory only after the flush wrote it in place.
 //!
-//! Reads and in-place writes take the BAT read lock for the lookup only and do their I/O with
-//! no lock held, so they run in parallel with each other and with allocations.
+//! Reads and in-place writes (including writes of sectors whose bits are set) take the BAT
+//! read lock for the lookup and the bitmap lock for a copy of the bits only, and do their I/O
+//! with no lock held, so they run in parallel with each other and with allocations.
 
 mod bat;
+mod bitmap;
 mod header;
 mod log;
 mod metadata;
 mod open;
 mod overlay;
+mod write;
 
 #[cfg(test)]
 mod tests;
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use uuid::Uuid;
@@ -72,6 +87,7 @@ use crate::host::HostFile;
 use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
 
 use bat::{Bat, Geometry, Run, RunKind};
+use bitmap::Bitmaps;
 use header::{Header, Regions, HEADER_LEN, HEADER_SECTION_LEN, HEADER_SLOTS, MIB};
 use metadata::Metadata;
 use overlay::Overlay;
@@ -171,6 +187,8 @@ pub struct VhdxImage {
     parent: Option<Backing>,
     alloc: Mutex<AllocState>,
     bat: RwLock<Bat>,
+    /// Sector bitmap pages changed since the last flush (differencing images).
+    bitmaps: Bitmaps,
     /// Set once the data write GUID was renewed, so writes skip the mutex afterwards.
     data_write_guid_renewed: AtomicBool,
     read_only_reason: Option<String>,
@@ -179,6 +197,9 @@ pub struct VhdxImage {
     /// Test hook: make `flush` stop right after the log entry is durable, like a crash.
     #[cfg(test)]
     crash_after_log_entry: AtomicBool,
+    /// Test hook: at most this many sectors per log entry (0: as many as the log holds).
+    #[cfg(test)]
+    entry_sector_cap: std::sync::atomic::AtomicUsize,
 }
 
 impl VhdxImage {
@@ -300,6 +321,7 @@ impl VhdxImage {
             parent,
             alloc: Mutex::new(AllocState { headers, next_free }),
             bat: RwLock::new(bat),
+            bitmaps: Bitmaps::new(),
             data_write_guid_renewed: AtomicBool::new(false),
             read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
             log_replay,
@@ -307,6 +329,8 @@ impl VhdxImage {
             store,
             #[cfg(test)]
             crash_after_log_entry: AtomicBool::new(false),
+            #[cfg(test)]
+            entry_sector_cap: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -379,7 +403,8 @@ impl VhdxImage {
         let lead = run.offset % sector;
         let sectors = (lead + run.len).div_ceil(sector);
         let mut bits = vec![0u8; (first_bit + sectors).div_ceil(8) as usize];
-        self.store.read(&mut bits, bitmap)?;
+        self.bitmaps
+            .read(&mut bits, bitmap, |buf, at| self.store.read(buf, at))?;
         let present = |i: u64| {
             let bit = first_bit + i;
             bits.get((bit / 8) as usize)
@@ -406,249 +431,6 @@ impl VhdxImage {
             }
         }
         Ok(pieces)
-    }
-
-    fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if let Some(reason) = &self.read_only_reason {
-            return Err(Error::read_only(reason.clone()));
-        }
-        check_range(self.geometry.virtual_size, offset, buf.len())?;
-        self.renew_data_write_guid()?;
-        for run in self.lookup(offset, buf.len() as u64)? {
-            let part = buf
-                .get(run_range(&run, offset))
-                .ok_or_else(|| internal_range(&run))?;
-            match run.kind {
-                RunKind::Data { host_offset } => self.store.file.write_all_at(part, host_offset)?,
-                _ => self.write_unallocated(part, run.offset)?,
-            }
-        }
-        Ok(())
-    }
-
-    /// Renews the data write GUID in both headers before the first change of guest data, so
-    /// differencing children of this image can tell it changed.
-    fn renew_data_write_guid(&self) -> Result<()> {
-        if self.data_write_guid_renewed.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let mut alloc = self.lock_alloc();
-        if !alloc.headers.data_write_guid_renewed {
-            let guid = header::new_guid()?;
-            alloc
-                .headers
-                .update(&self.store.file, |h| h.data_write_guid = guid, true)?;
-            alloc.headers.data_write_guid_renewed = true;
-        }
-        self.data_write_guid_renewed.store(true, Ordering::Release);
-        Ok(())
-    }
-
-    /// Writes `payload` at virtual `offset`, a range that was not stored in the file at lookup.
-    fn write_unallocated(&self, payload: &[u8], offset: u64) -> Result<()> {
-        let mut alloc = self.lock_alloc();
-        // Another writer may have allocated some of it between our lookup and the mutex.
-        for run in self.lookup(offset, payload.len() as u64)? {
-            let part = payload
-                .get(run_range(&run, offset))
-                .ok_or_else(|| internal_range(&run))?;
-            match run.kind {
-                RunKind::Data { host_offset } => self.store.file.write_all_at(part, host_offset)?,
-                RunKind::Partial { host_offset, .. } => {
-                    self.make_fully_present(run.offset)?;
-                    self.store.file.write_all_at(part, host_offset)?;
-                }
-                RunKind::Zero | RunKind::Unallocated | RunKind::Below => {
-                    self.allocate(&mut alloc, part, run.offset, run.kind)?
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Gives the blocks under `[offset, offset + payload.len())` consecutive new blocks at the
-    /// end of the file, writes them whole, then publishes them. Caller holds the alloc mutex.
-    fn allocate(
-        &self,
-        alloc: &mut AllocState,
-        payload: &[u8],
-        offset: u64,
-        kind: RunKind,
-    ) -> Result<()> {
-        let geo = self.geometry;
-        let (first_block, head) = geo.split(offset);
-        let count = (head + payload.len() as u64).div_ceil(geo.block_size);
-        let first_host = alloc.next_free;
-        let mut host = first_host;
-        let mut written = 0usize;
-        for i in 0..count {
-            let block = first_block + i;
-            let skip = if i == 0 { head } else { 0 };
-            let take = ((geo.block_size - skip) as usize).min(payload.len() - written);
-            let piece = payload
-                .get(written..written + take)
-                .ok_or_else(|| Error::out_of_range("internal: allocation outside the payload"))?;
-            self.write_new_block(block, host, skip, piece, kind)?;
-            written += take;
-            host = host
-                .checked_add(geo.block_size)
-                .ok_or_else(|| Error::out_of_range("the file would grow beyond 2^64 bytes"))?;
-        }
-        let mut bat = self.write_bat();
-        for i in 0..count {
-            bat.publish(first_block + i, first_host + i * geo.block_size)?;
-        }
-        drop(bat);
-        alloc.next_free = host;
-        Ok(())
-    }
-
-    /// Writes payload block `block` at `host`: `piece` at `skip` bytes into it, the rest what
-    /// the block read as before (zeros, or the parent's bytes for a block not present in a
-    /// differencing image). Written in pieces of at most 1 MiB to bound the buffer.
-    fn write_new_block(
-        &self,
-        block: u64,
-        host: u64,
-        skip: u64,
-        piece: &[u8],
-        kind: RunKind,
-    ) -> Result<()> {
-        let block_size = self.geometry.block_size;
-        let block_start = block * block_size;
-        let piece_range = skip..skip + piece.len() as u64;
-        let mut chunk = vec![0u8; MIB.min(block_size) as usize];
-        let mut at = 0u64;
-        while at < block_size {
-            let len = MIB.min(block_size - at);
-            let range = at..at + len;
-            if piece_range.start <= range.start && range.end <= piece_range.end {
-                let from = (range.start - skip) as usize;
-                let src = piece
-                    .get(from..from + len as usize)
-                    .ok_or_else(|| Error::out_of_range("internal: block piece"))?;
-                self.store.file.write_all_at(src, host + at)?;
-            } else {
-                let buf = chunk
-                    .get_mut(..len as usize)
-                    .ok_or_else(|| Error::out_of_range("internal: block chunk"))?;
-                buf.fill(0);
-                if kind == RunKind::Below {
-                    // Only the part inside the virtual disk has parent bytes.
-                    let inside = self
-                        .geometry
-                        .virtual_size
-                        .saturating_sub(block_start + at)
-                        .min(len) as usize;
-                    if let Some(part) = buf.get_mut(..inside) {
-                        read_below(self.parent.as_ref(), part, block_start + at)?;
-                    }
-                }
-                let from = piece_range.start.max(range.start);
-                let to = piece_range.end.min(range.end);
-                if from < to {
-                    let dst = buf
-                        .get_mut((from - at) as usize..(to - at) as usize)
-                        .ok_or_else(|| Error::out_of_range("internal: block chunk"))?;
-                    let src = piece
-                        .get((from - skip) as usize..(to - skip) as usize)
-                        .ok_or_else(|| Error::out_of_range("internal: block piece"))?;
-                    dst.copy_from_slice(src);
-                }
-                self.store.file.write_all_at(buf, host + at)?;
-            }
-            at += len;
-        }
-        Ok(())
-    }
-
-    /// Copies the sectors that the bitmap of the partially present block holding virtual
-    /// `offset` leaves to the parent into the block, then marks it fully present, so writes
-    /// into it need no bitmap updates. Caller holds the alloc mutex.
-    fn make_fully_present(&self, offset: u64) -> Result<()> {
-        let geo = self.geometry;
-        let (block, _) = geo.split(offset);
-        let start = block * geo.block_size;
-        let len = geo.block_size.min(geo.virtual_size - start);
-        let mut chunk = Vec::new();
-        for run in self.lookup(start, len)? {
-            for (piece, here) in self.partial_pieces(&run)? {
-                if here.is_some() {
-                    continue;
-                }
-                let RunKind::Partial { host_offset, .. } = run.kind else {
-                    return Err(internal_range(&run));
-                };
-                // Pieces of a run are sector aligned, so this copies whole sectors.
-                let mut at = piece.offset;
-                while at < piece.offset + piece.len {
-                    let n = MIB.min(piece.offset + piece.len - at) as usize;
-                    chunk.resize(n, 0);
-                    read_below(self.parent.as_ref(), &mut chunk, at)?;
-                    self.store
-                        .file
-                        .write_all_at(&chunk, host_offset + (at - run.offset))?;
-                    at += n as u64;
-                }
-            }
-        }
-        self.write_bat().make_fully_present(block)
-    }
-
-    fn flush_inner(&self) -> Result<()> {
-        if self.read_only_reason.is_some() {
-            return Ok(());
-        }
-        let mut alloc = self.lock_alloc();
-        let sectors = {
-            let bat = self.read_bat();
-            bat.is_dirty().then(|| bat.dirty_sectors())
-        };
-        self.store.file.sync_data()?;
-        let Some(sectors) = sectors else {
-            return Ok(());
-        };
-        let per_entry = log::max_sectors_per_entry(self.log.end - self.log.start).max(1) as usize;
-        for batch in sectors.chunks(per_entry) {
-            self.journal(&mut alloc, batch)?;
-        }
-        self.write_bat().mark_clean();
-        Ok(())
-    }
-
-    /// Writes `sectors` (file offset, 4 KiB) to their place through the log, in the order the
-    /// module doc gives. Caller holds the alloc mutex.
-    fn journal(&self, alloc: &mut AllocState, sectors: &[(u64, Vec<u8>)]) -> Result<()> {
-        let file = &self.store.file;
-        let file_len = file.len()?;
-        let log_guid = header::new_guid()?;
-        let params = log::EntryParams {
-            log_guid,
-            sequence: 1,
-            tail: 0,
-            flushed_file_offset: file_len - file_len % MIB,
-            last_file_offset: file_len.max(alloc.next_free).next_multiple_of(MIB),
-        };
-        let entry = log::build_entry(&params, sectors)?;
-        file.write_all_at(&entry, self.log.start)?;
-        file.sync_data()?;
-        alloc
-            .headers
-            .update(file, |h| h.log_guid = log_guid, false)?;
-        #[cfg(test)]
-        if self.crash_after_log_entry.load(Ordering::Relaxed) {
-            return Err(Error::io(
-                "simulated crash",
-                std::io::Error::other("test hook"),
-            ));
-        }
-        for (offset, bytes) in sectors {
-            file.write_all_at(bytes, *offset)?;
-        }
-        file.sync_data()?;
-        alloc
-            .headers
-            .update(file, |h| h.log_guid = Uuid::nil(), true)
     }
 
     fn block_status_inner(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -801,7 +583,7 @@ impl Image for VhdxImage {
     }
 
     fn is_dirty(&self) -> bool {
-        self.read_bat().is_dirty()
+        self.read_bat().is_dirty() || self.bitmaps.is_dirty()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {

@@ -1,6 +1,6 @@
 //! Differencing images (made from qemu-img images by adding a parent locator, since qemu-img
 //! cannot create them): reads through to the parent, partially present blocks read sector by
-//! sector, and writes that copy blocks up from the parent.
+//! sector, writes that store only the sectors written, and finding the parent by locator.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -14,33 +14,46 @@ use crate::testutil::TempDir;
 
 const LINKAGE: &str = "{83ed0ec3-24c8-49a6-a959-5e4bf1288bfb}";
 
-fn write_at(path: &Path, bytes: &[u8], at: u64) {
+pub(super) fn write_at(path: &Path, bytes: &[u8], at: u64) {
     let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     file.write_all_at(bytes, at).unwrap();
 }
 
-fn region(path: &Path, guid: uuid::Uuid) -> u64 {
+pub(super) fn region(path: &Path, guid: uuid::Uuid) -> u64 {
     let bytes = std::fs::read(path).unwrap();
     let regions = parse_region_table(&bytes[192 * 1024..256 * 1024]).unwrap();
     regions.iter().find(|r| r.guid == guid).unwrap().offset
 }
 
 /// An 8 MiB parent full of 0x70 (0x71 in its second MiB) and an empty child of it.
-fn parent_and_child(dir: &TempDir) -> Option<(PathBuf, PathBuf)> {
+pub(super) fn parent_and_child(dir: &TempDir) -> Option<(PathBuf, PathBuf)> {
     parent_and_linked_child(dir, Some(LINKAGE))
 }
 
 /// `parent_and_child` with the child's parent_linkage given, or (`None`) the parent's own
 /// data write GUID.
 fn parent_and_linked_child(dir: &TempDir, linkage: Option<&str>) -> Option<(PathBuf, PathBuf)> {
+    parent_and_child_with(dir, linkage, 512)
+}
+
+/// `parent_and_linked_child` with both images given logical sectors of `sector` bytes (set
+/// after qemu-io filled the parent, as QEMU refuses 4 KiB sectors; with 8 blocks the BAT
+/// layout of the parent does not depend on it).
+pub(super) fn parent_and_child_with(
+    dir: &TempDir,
+    linkage: Option<&str>,
+    sector: u32,
+) -> Option<(PathBuf, PathBuf)> {
     let parent = create(dir, "p.vhdx", "block_size=1M", 8 * MIB)?;
     qemu_io(
         &parent,
         &["write -P 0x70 0 8M".into(), "write -P 0x71 1M 1M".into()],
     );
+    set_logical_sector_size(&parent, sector);
     let parent_guid = data_write_guid_of(&HostFile::open(&parent, false).unwrap()).unwrap();
     let linkage = linkage.map_or_else(|| format!("{{{parent_guid}}}"), str::to_string);
     let child = create(dir, "c.vhdx", "block_size=1M,block_state_zero=off", 8 * MIB)?;
+    set_logical_sector_size(&child, sector);
     let meta = region(&child, METADATA_REGION);
     let bytes = std::fs::read(&child).unwrap();
     let table = &bytes[meta as usize..meta as usize + metadata::TABLE_LEN];
@@ -71,19 +84,19 @@ fn parent_and_linked_child(dir: &TempDir, linkage: Option<&str>) -> Option<(Path
     Some((parent, child))
 }
 
-fn open_child(parent: &Path, child: &Path) -> VhdxImage {
+pub(super) fn open_child(parent: &Path, child: &Path) -> VhdxImage {
     let backing = Backing::new(Arc::new(open_ro(parent)), parent);
     VhdxImage::open(HostFile::open(child, true).unwrap(), Some(backing), None).unwrap()
 }
 
-fn parent_bytes() -> Vec<u8> {
+pub(super) fn parent_bytes() -> Vec<u8> {
     let mut all = vec![0x70u8; 8 * MIB as usize];
     all[MIB as usize..2 * MIB as usize].fill(0x71);
     all
 }
 
 #[test]
-fn differencing_images_read_through_to_their_parent_and_copy_up_on_write() {
+fn differencing_images_read_through_to_their_parent_and_write_only_the_sectors_written() {
     let dir = TempDir::new();
     let Some((parent, child)) = parent_and_child(&dir) else {
         return;
@@ -106,31 +119,87 @@ fn differencing_images_read_through_to_their_parent_and_copy_up_on_write() {
         (1, 1, ExtentState::Data)
     );
 
+    let len_before = std::fs::metadata(&child).unwrap().len();
     img.write_at(&[0xc1; 1000], MIB + 100).unwrap();
     expected[MIB as usize + 100..MIB as usize + 1100].fill(0xc1);
-    assert_eq!(read_all(&img), expected);
-    assert_eq!(img.allocated_bytes(), MIB, "the whole block was copied up");
+    assert!(read_all(&img) == expected, "before flush");
+    assert_eq!(img.allocated_bytes(), MIB, "one payload block");
     img.flush().unwrap();
     drop(img);
+    assert_eq!(bat_entry(&child, 1) & 7, 7, "partially present");
     assert_eq!(
-        read_all(&open_child(&parent, &child)),
-        expected,
+        block_bits(&child, 1),
+        [0, 1, 2],
+        "the three sectors written"
+    );
+    assert_eq!(
+        std::fs::metadata(&child).unwrap().len(),
+        len_before + 2 * MIB,
+        "a sector bitmap block and a payload block"
+    );
+    // The payload block holds the sectors written, filled up from the parent, and zeros.
+    let payload = block_bytes(&child, 1);
+    assert!(payload[..100].iter().all(|&b| b == 0x71));
+    assert!(payload[100..1100].iter().all(|&b| b == 0xc1));
+    assert!(payload[1100..1536].iter().all(|&b| b == 0x71));
+    assert!(payload[1536..].iter().all(|&b| b == 0));
+    assert!(
+        read_all(&open_child(&parent, &child)) == expected,
         "after reopen"
     );
 
-    // Without its parent the child is read-only, and its own block still reads right.
+    // Without its parent the child is read-only, and its own sectors still read right.
     let alone = VhdxImage::open(HostFile::open(&child, true).unwrap(), None, None).unwrap();
     assert!(alone.read_only_reason().unwrap().contains("parent"));
     let all = read_all(&alone);
-    assert_eq!(
-        all[MIB as usize..2 * MIB as usize],
-        expected[MIB as usize..2 * MIB as usize]
-    );
-    assert!(all[..MIB as usize].iter().all(|&b| b == 0));
+    let block1 = MIB as usize;
+    assert!(all[block1..block1 + 1536] == expected[block1..block1 + 1536]);
+    assert!(all[..block1].iter().all(|&b| b == 0));
+    assert!(all[block1 + 1536..].iter().all(|&b| b == 0));
+}
+
+/// The BAT entry of payload block `block` of a child made by `parent_and_child` (1 MiB
+/// blocks, 512-byte sectors: the chunk's bitmap entry is index 4096).
+pub(super) fn payload_entry(path: &Path, block: u64) -> u64 {
+    bat_entry(path, block)
+}
+
+/// The sector bitmap bits set for payload block `block` of a child made by
+/// `parent_and_child`, read from the file: indexes of its sectors (0..2048).
+pub(super) fn block_bits(path: &Path, block: u64) -> Vec<u64> {
+    block_bits_with(path, block, 512)
+}
+
+/// `block_bits` of a child with logical sectors of `sector` bytes.
+pub(super) fn block_bits_with(path: &Path, block: u64, sector: u64) -> Vec<u64> {
+    let per_block = MIB / sector;
+    // The chunk's bitmap entry follows its 2^23 * sector / 1 MiB payload entries.
+    let sb = bat_entry(path, (1 << 23) * sector / MIB);
+    assert_eq!(sb & 7, 6, "the chunk has a sector bitmap");
+    let mut bytes = vec![0u8; (per_block / 8) as usize];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut bytes, (sb >> 20 << 20) + block * per_block / 8)
+        .unwrap();
+    (0..per_block)
+        .filter(|i| bytes[(i / 8) as usize] & (1 << (i % 8)) != 0)
+        .collect()
+}
+
+/// The bytes of the payload block the file holds for block `block`.
+pub(super) fn block_bytes(path: &Path, block: u64) -> Vec<u8> {
+    let entry = payload_entry(path, block);
+    assert!(entry & 7 >= 6, "block {block} is present");
+    let mut bytes = vec![0u8; MIB as usize];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut bytes, entry >> 20 << 20)
+        .unwrap();
+    bytes
 }
 
 #[test]
-fn partially_present_blocks_read_by_sector_and_copy_up_on_write() {
+fn partially_present_blocks_read_by_sector_and_take_writes_in_place() {
     let dir = TempDir::new();
     let Some((parent, child)) = parent_and_child(&dir) else {
         return;
@@ -170,22 +239,38 @@ fn partially_present_blocks_read_by_sector_and_copy_up_on_write() {
         [(4096, 0), (92 * 512, 1), (512, 0), (MIB - 101 * 512, 1)]
     );
 
+    // Sectors 50-51 were left to the parent, sector 7 is here: the write covers 6-8 and 50-51.
     img.write_at(&[0xe2; 700], 2 * MIB + 50 * 512 + 3).unwrap();
     expected[block2 + 50 * 512 + 3..block2 + 50 * 512 + 703].fill(0xe2);
-    assert_eq!(read_all(&img), expected);
-    img.flush().unwrap();
-    drop(img);
-    let mut entry = [0u8; 8];
-    std::fs::File::open(&child)
-        .unwrap()
-        .read_exact_at(&mut entry, bat + 16)
+    img.write_at(&[0xe3; 1000], 2 * MIB + 6 * 512 + 100)
         .unwrap();
+    expected[block2 + 6 * 512 + 100..block2 + 6 * 512 + 1100].fill(0xe3);
+    assert!(read_all(&img) == expected, "before flush");
+    assert!(img.is_dirty(), "bitmap pages wait for the flush");
+    img.flush().unwrap();
+    assert!(!img.is_dirty());
+    drop(img);
     assert_eq!(
-        u64::from_le_bytes(entry),
-        payload | 6,
-        "now fully present, in place"
+        payload_entry(&child, 2),
+        payload | 7,
+        "still partially present, in place"
     );
-    assert_eq!(read_all(&open_child(&parent, &child)), expected);
+    let bits: Vec<u64> = (0..9).chain([50, 51, 100]).collect();
+    assert_eq!(block_bits(&child, 2), bits);
+    let bytes = block_bytes(&child, 2);
+    assert_eq!(
+        bytes[8 * 512..9 * 512],
+        expected[block2 + 8 * 512..block2 + 9 * 512]
+    );
+    assert!(
+        bytes[9 * 512..50 * 512].iter().all(|&b| b == 0xd0),
+        "untouched"
+    );
+    assert_eq!(
+        bytes[50 * 512..52 * 512],
+        expected[block2 + 50 * 512..block2 + 52 * 512]
+    );
+    assert!(read_all(&open_child(&parent, &child)) == expected);
 }
 
 #[test]

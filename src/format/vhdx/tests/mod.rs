@@ -3,6 +3,7 @@
 //! writes pass `qemu-img check` and `qemu-img compare`, and headers change as the spec says.
 
 mod differencing;
+mod differencing_write;
 mod hostile;
 mod log_replay;
 
