@@ -79,6 +79,15 @@ pub fn probe_file(path: &Path) -> Result<Option<Format>> {
     Ok(probe(&head))
 }
 
+/// Whether the file at `path`, which has an image's magic, is only a part of an image
+/// described by another file: a hosted sparse VMDK extent without a descriptor of its own (the
+/// `-s001.vmdk` files of twoGbMaxExtentSparse disks). Flat extents and data files have no
+/// magic and are never taken for images in the first place.
+pub fn is_part_of_another_image(path: &Path) -> Result<bool> {
+    let file = HostFile::open(path, false)?;
+    vmdk::is_bare_extent(&file).map_err(|e| e.with_path(path))
+}
+
 /// The read-only reason of an image opened by `imgfs info`, which never writes.
 pub const INSPECT_REASON: &str = "opened for inspection only";
 
