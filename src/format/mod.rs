@@ -289,7 +289,14 @@ fn open_vmdk_extents(
             files.push(Arc::clone(file));
             continue;
         }
-        let file = HostFile::open(&path, top_file.is_writable()).map_err(|e| e.with_path(&path))?;
+        // An extent file we may not write makes the disk read-only, as for the top file.
+        let file = match HostFile::open(&path, top_file.is_writable()) {
+            Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EROFS => {
+                HostFile::open(&path, false)
+            }
+            other => other,
+        }
+        .map_err(|e| e.with_path(&path))?;
         if !inspect {
             claim_like_qemu(&file).map_err(|e| e.with_path(&path))?;
         }

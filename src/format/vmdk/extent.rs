@@ -82,7 +82,6 @@ impl Extent {
             (Access::ReadOnly, _) => line("RDONLY"),
             (Access::NoAccess, _) => line("NOACCESS"),
             (_, Storage::Zero) => line("a ZERO extent"),
-            (_, Storage::Flat { file, .. }) if !file.is_writable() => None,
             (_, Storage::Sparse(sparse)) => sparse.read_only_reason.clone(),
             _ => None,
         }

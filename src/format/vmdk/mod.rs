@@ -317,6 +317,15 @@ impl VmdkImage {
             reasons.push("the descriptor file is opened read-only".into());
         }
         for extent in &extents {
+            let file = extent
+                .file()
+                .filter(|f| top_file.is_writable() && !f.is_writable());
+            if let Some(file) = file {
+                reasons.push(format!(
+                    "the extent file {} is not writable",
+                    file.path().display()
+                ));
+            }
             if let Some(reason) = extent.read_only_reason() {
                 if !reasons.contains(&reason) {
                     reasons.push(reason);
