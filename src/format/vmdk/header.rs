@@ -45,9 +45,26 @@ pub const MAX_GD_ENTRIES: u64 = 32 << 20;
 const MARKER_FOOTER: u32 = 3;
 const MARKER_EOS: u32 = 0;
 
+/// Which sparse format an extent is in: they share the grain directory -> grain table ->
+/// grain scheme, and differ in how entries are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SparseKind {
+    /// KDMV: u32 sector numbers.
+    Hosted,
+    /// COWD (VMDK3, vmfsSparse): u32 sector numbers, 4096-entry tables, one directory.
+    Cowd,
+    /// seSparse: u64 entries; directory entries index the grain tables at `tables_at`, table
+    /// entries index the grains at `grains_at` (byte offsets).
+    SeSparse { tables_at: u64, grains_at: u64 },
+}
+
 /// A parsed and checked sparse extent header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SparseHeader {
+    pub kind: SparseKind,
+    /// Grain directory entries the header gives explicitly (COWD, seSparse); derived from the
+    /// capacity for KDMV.
+    pub gd_len: Option<u64>,
     pub version: u32,
     pub flags: u32,
     pub capacity: u64,
@@ -78,6 +95,8 @@ impl SparseHeader {
         let version = u32_le(head, 4, "version")?;
         let flags = u32_le(head, 8, "flags")?;
         let header = SparseHeader {
+            kind: SparseKind::Hosted,
+            gd_len: None,
             version,
             flags,
             capacity: u64_le(head, 12, "capacity")?,
@@ -138,10 +157,14 @@ impl SparseHeader {
                 20,
             ));
         }
-        if self.gtes_per_gt == 0 || self.gtes_per_gt > MAX_GTES_PER_GT {
+        let max_gtes = match self.kind {
+            SparseKind::Hosted => MAX_GTES_PER_GT,
+            _ => 4096,
+        };
+        if self.gtes_per_gt == 0 || self.gtes_per_gt > max_gtes {
             return Err(corrupt(
                 format!(
-                    "VMDK numGTEsPerGT {} is outside 1..={MAX_GTES_PER_GT}",
+                    "VMDK numGTEsPerGT {} is outside 1..={max_gtes}",
                     self.gtes_per_gt
                 ),
                 44,
@@ -161,7 +184,17 @@ impl SparseHeader {
                 12,
             ));
         }
-        let gd_bytes = gd_entries * 4;
+        let needed = self.capacity.div_ceil(self.gt_coverage());
+        if gd_entries < needed {
+            return Err(corrupt(
+                format!(
+                    "the VMDK grain directory has {gd_entries} entries, the capacity needs \
+                     {needed}"
+                ),
+                12,
+            ));
+        }
+        let gd_bytes = gd_entries * self.entry_bytes();
         let mut directories = vec![("grain directory", self.gd_offset, 56)];
         if self.has_redundant_gd() {
             directories.push(("redundant grain directory", self.rgd_offset, 48));
@@ -238,12 +271,21 @@ impl SparseHeader {
     }
 
     pub fn gd_entries(&self) -> u64 {
-        self.capacity.div_ceil(self.gt_coverage().max(1))
+        self.gd_len
+            .unwrap_or_else(|| self.capacity.div_ceil(self.gt_coverage().max(1)))
+    }
+
+    /// Bytes of one directory or table entry.
+    pub fn entry_bytes(&self) -> u64 {
+        match self.kind {
+            SparseKind::SeSparse { .. } => 8,
+            _ => 4,
+        }
     }
 
     /// Bytes of one grain table on disk.
     pub fn gt_bytes(&self) -> u64 {
-        u64::from(self.gtes_per_gt) * 4
+        u64::from(self.gtes_per_gt) * self.entry_bytes()
     }
 
     /// The embedded descriptor's byte range, if the header names one.

@@ -51,6 +51,7 @@
 //! their I/O with no lock held. Extents are independent: each has its own locks.
 
 mod descriptor;
+mod esx;
 mod extent;
 mod header;
 mod sparse;
@@ -105,7 +106,8 @@ impl VmdkTop {
         match &head {
             b"KDMV" => Self::read_embedded(file),
             b"COWD" => Err(Error::unsupported(
-                "VMDK3 (COWD) sparse files are not served yet",
+                "this is a COWD (vmfsSparse) extent: it is served through the descriptor that \
+                 names it",
             )),
             _ => {
                 let len = file.len()?;
@@ -214,10 +216,15 @@ fn embedded_descriptor(file: &HostFile) -> Result<Option<(u64, u64)>> {
 }
 
 /// Whether the file at `path` is a hosted sparse extent with no descriptor of its own: a part
-/// of a disk described elsewhere (qemu-img's and VMware's `-s001.vmdk` files), not a disk.
+/// of a disk described elsewhere (qemu-img's and VMware's `-s001.vmdk` files, COWD delta
+/// files), not a disk.
 pub fn is_bare_extent(file: &HostFile) -> Result<bool> {
     let mut magic = [0u8; 4];
     file.read_exact_at(&mut magic, 0)?;
+    // COWD files carry no descriptor: ESXi's delta disks, named by a vmfsSparse descriptor.
+    if &magic == esx::COWD_MAGIC {
+        return Ok(true);
+    }
     if &magic != header::MAGIC {
         return Ok(false);
     }
@@ -477,18 +484,20 @@ fn open_storage(line: &descriptor::ExtentLine, file: Arc<HostFile>) -> Result<St
                     SparseExtent::open(file, header, line.sectors)
                         .map(|s| Storage::Sparse(Box::new(s)))
                 }
-                b"COWD" => Err(Error::unsupported(
-                    "VMDK3 (COWD) sparse extents are not served yet",
-                )),
+                b"COWD" => open_esx(esx::read_cowd(&file)?, file, line.sectors),
                 _ => Err(Error::corrupt(
                     "the SPARSE extent has no KDMV or COWD magic",
                 )),
             }
         }
-        ExtentType::VmfsSparse => Err(Error::unsupported(
-            "VMFSSPARSE (COWD) extents are not served yet",
-        )),
-        ExtentType::SeSparse => Err(Error::unsupported("SESPARSE extents are not served yet")),
+        ExtentType::VmfsSparse => {
+            let header = esx::read_cowd(&file)?;
+            open_esx(header, file, line.sectors)
+        }
+        ExtentType::SeSparse => {
+            let header = esx::read_sesparse(&file)?;
+            open_esx(header, file, line.sectors)
+        }
         ExtentType::Zero | ExtentType::VmfsRdm | ExtentType::VmfsRaw => Err(Error::unsupported(
             format!("{} extents have no file to open", line.kind.name()),
         )),
@@ -500,6 +509,10 @@ fn open_storage(line: &descriptor::ExtentLine, file: Arc<HostFile>) -> Result<St
         )
         .with_path(&path)
     })
+}
+
+fn open_esx(header: SparseHeader, file: Arc<HostFile>, sectors: u64) -> Result<Storage> {
+    SparseExtent::open(file, header, sectors).map(|s| Storage::Sparse(Box::new(s)))
 }
 
 /// Refuses a sparse extent whose file another extent uses too: each would allocate in it.

@@ -14,7 +14,7 @@ use crate::image::{request_part, request_part_mut};
 use crate::meta::table_cache::TableCache;
 
 use super::descriptor::SECTOR_SIZE;
-use super::header::SparseHeader;
+use super::header::{SparseHeader, SparseKind};
 use super::tables::{to_sector, Directory, Grain, GrainTable, Layout};
 
 /// Budget of the grain table cache of one extent: 2 MiB of 2 KiB tables maps 64 GiB of disk at
@@ -76,7 +76,11 @@ impl SparseExtent {
         let layout = Layout::new(&header);
         let directory = Directory::read(&file, &header, &layout, file_len)?;
         let mut reasons = Vec::new();
-        if header.compressed() {
+        if header.kind == SparseKind::Cowd {
+            reasons.push("VMDK3 / vmfsSparse (COWD) extents are served read-only".to_string());
+        } else if let SparseKind::SeSparse { .. } = header.kind {
+            reasons.push("seSparse extents are served read-only".to_string());
+        } else if header.compressed() {
             reasons.push(
                 "streamOptimized extents (compressed grains) are served read-only".to_string(),
             );
@@ -380,7 +384,7 @@ impl SparseExtent {
         self.allocated.fetch_add(grain, Ordering::Relaxed);
         let mut entries = table.entries.clone();
         if let Some(e) = entries.get_mut(slot) {
-            *e = sector;
+            *e = u64::from(sector);
         }
         self.tables.insert_dirty(
             self.key_of(table_index)?,

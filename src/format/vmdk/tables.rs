@@ -8,12 +8,16 @@ use crate::host::HostFile;
 use crate::meta::dirty::DirtyChunks;
 
 use super::descriptor::SECTOR_SIZE;
-use super::header::SparseHeader;
+use super::header::{SparseHeader, SparseKind};
 
 /// Grain table entry of a zeroed grain (with the zeroed-grain flag): reads as zeros, whatever
 /// the parent holds.
 pub const GTE_ZEROED: u32 = 1;
+const GTE_ZEROED_U64: u64 = GTE_ZEROED as u64;
+/// Bytes of a KDMV directory or table entry, the only kind imgfs writes.
 const ENTRY_LEN: u64 = 4;
+/// seSparse directory entries name a grain table by number under this tag.
+const SE_TABLE_TAG: u64 = 0x1000_0000_0000_0000;
 
 /// What one grain table entry says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,11 +39,14 @@ pub struct Layout {
     pub gt_bytes: u64,
     pub compressed: bool,
     pub zeroed_grains: bool,
+    pub kind: SparseKind,
+    pub entry_bytes: u64,
+    grain_sectors: u64,
 }
 
 impl Layout {
     pub fn new(header: &SparseHeader) -> Layout {
-        let gd_bytes = header.gd_entries() * ENTRY_LEN;
+        let gd_bytes = header.gd_entries() * header.entry_bytes();
         let mut reserved = vec![
             (0, SECTOR_SIZE, "the header"),
             (
@@ -64,6 +71,9 @@ impl Layout {
             gt_bytes: header.gt_bytes(),
             compressed: header.compressed(),
             zeroed_grains: header.has_zeroed_grains(),
+            kind: header.kind,
+            entry_bytes: header.entry_bytes(),
+            grain_sectors: header.grain_sectors,
         }
     }
 
@@ -95,23 +105,68 @@ impl Layout {
         Ok(())
     }
 
-    /// Decodes entry `raw`.
-    pub fn decode(&self, raw: u32) -> Grain {
-        match raw {
-            0 => Grain::Unallocated,
-            GTE_ZEROED if self.zeroed_grains => Grain::Zero,
-            sector if self.compressed => Grain::Compressed(u64::from(sector) * SECTOR_SIZE),
-            sector => Grain::Data(u64::from(sector) * SECTOR_SIZE),
+    /// Decodes table entry `raw`; entries `check_entry` refuses decode as unallocated.
+    pub fn decode(&self, raw: u64) -> Grain {
+        self.try_decode(raw).unwrap_or(Grain::Unallocated)
+    }
+
+    fn try_decode(&self, raw: u64) -> Option<Grain> {
+        let sector_grain = |sector: u64| sector.checked_mul(SECTOR_SIZE);
+        Some(match (self.kind, raw) {
+            (_, 0) => Grain::Unallocated,
+            (SparseKind::SeSparse { grains_at, .. }, _) => match raw >> 60 {
+                1 | 2 => Grain::Zero,
+                3 => {
+                    let index =
+                        ((raw & 0x0fff_0000_0000_0000) >> 48) | ((raw & 0xffff_ffff_ffff) << 12);
+                    let at = index
+                        .checked_mul(self.grain_sectors)
+                        .and_then(sector_grain)
+                        .and_then(|b| b.checked_add(grains_at))?;
+                    Grain::Data(at)
+                }
+                _ => return None,
+            },
+            (_, GTE_ZEROED_U64) if self.zeroed_grains => Grain::Zero,
+            _ if self.compressed => Grain::Compressed(sector_grain(raw)?),
+            _ => Grain::Data(sector_grain(raw)?),
+        })
+    }
+
+    /// The byte offset of the grain table directory entry `raw` names, `None` for no table.
+    pub fn table_offset(&self, raw: u64) -> Result<Option<u64>> {
+        if raw == 0 {
+            return Ok(None);
+        }
+        match self.kind {
+            SparseKind::SeSparse { tables_at, .. } => {
+                if raw & 0xffff_ffff_0000_0000 != SE_TABLE_TAG {
+                    return Err(Error::corrupt(format!(
+                        "seSparse grain directory entry {raw:#x} is not a grain table number"
+                    )));
+                }
+                Ok((raw & 0xffff_ffff)
+                    .checked_mul(self.gt_bytes)
+                    .and_then(|b| b.checked_add(tables_at)))
+                .and_then(|at| {
+                    at.ok_or_else(|| Error::corrupt("seSparse grain table offset overflows"))
+                        .map(Some)
+                })
+            }
+            _ => Ok(Some(raw * SECTOR_SIZE)),
         }
     }
 
     /// Checks what entry `raw` points at against a file of `file_len` bytes.
-    pub fn check_entry(&self, raw: u32, file_len: u64, what: &dyn std::fmt::Display) -> Result<()> {
-        match self.decode(raw) {
-            Grain::Unallocated | Grain::Zero => Ok(()),
-            Grain::Data(at) => self.check(what, at, self.grain_bytes, file_len),
+    pub fn check_entry(&self, raw: u64, file_len: u64, what: &dyn std::fmt::Display) -> Result<()> {
+        match self.try_decode(raw) {
+            None => Err(Error::corrupt(format!(
+                "the VMDK {what} has the invalid entry {raw:#x}"
+            ))),
+            Some(Grain::Unallocated | Grain::Zero) => Ok(()),
+            Some(Grain::Data(at)) => self.check(what, at, self.grain_bytes, file_len),
             // The marker's 12 bytes at least; its length is checked when it is read.
-            Grain::Compressed(at) => self.check(what, at, 12, file_len),
+            Some(Grain::Compressed(at)) => self.check(what, at, 12, file_len),
         }
     }
 }
@@ -120,7 +175,7 @@ impl Layout {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrainTable {
     pub gd_index: u64,
-    pub entries: Vec<u32>,
+    pub entries: Vec<u64>,
 }
 
 impl GrainTable {
@@ -134,27 +189,32 @@ impl GrainTable {
     ) -> Result<GrainTable> {
         let mut raw = vec![0u8; layout.gt_bytes as usize];
         file.read_exact_at(&mut raw, at)?;
-        let entries: Vec<u32> = raw.chunks_exact(4).map(le_u32).collect();
+        let entries = decode_entries(&raw, layout.entry_bytes);
         for (index, &entry) in entries.iter().enumerate() {
             let what = format_args!("grain of grain table {gd_index} entry {index}");
             layout
                 .check_entry(entry, file_len, &what)
-                .map_err(|e| e.at_offset(at + index as u64 * ENTRY_LEN))?;
+                .map_err(|e| e.at_offset(at + index as u64 * layout.entry_bytes))?;
         }
         Ok(GrainTable { gd_index, entries })
     }
 
+    /// The table as KDMV stores it (u32 entries; only KDMV extents are written).
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.entries.iter().flat_map(|e| e.to_le_bytes()).collect()
+        self.entries
+            .iter()
+            .flat_map(|&e| (e as u32).to_le_bytes())
+            .collect()
     }
 }
 
-/// The grain directory and its redundant copy, in memory.
+/// The grain directory and its redundant copy, in memory, as the byte offsets of the grain
+/// tables they name (0: none).
 pub struct Directory {
     pub gd_at: u64,
     pub rgd_at: Option<u64>,
-    pub primary: Vec<u32>,
-    pub redundant: Option<Vec<u32>>,
+    pub primary: Vec<u64>,
+    pub redundant: Option<Vec<u64>>,
     dirty: DirtyChunks,
 }
 
@@ -168,42 +228,33 @@ impl Directory {
     ) -> Result<Directory> {
         let count = usize::try_from(header.gd_entries())
             .map_err(|_| Error::unsupported("VMDK grain directory too large for this host"))?;
-        let read = |sector: u64| -> Result<Vec<u32>> {
-            let mut raw = vec![0u8; count * ENTRY_LEN as usize];
-            file.read_exact_at(&mut raw, sector * SECTOR_SIZE)?;
-            Ok(raw.chunks_exact(4).map(le_u32).collect())
+        let width = layout.entry_bytes;
+        let read = |what: &str, at: u64| -> Result<Vec<u64>> {
+            let mut raw = vec![0u8; count * width as usize];
+            file.read_exact_at(&mut raw, at)?;
+            let mut tables = Vec::with_capacity(count);
+            for (index, raw_entry) in decode_entries(&raw, width).into_iter().enumerate() {
+                let entry_at = at + index as u64 * width;
+                let table = layout
+                    .table_offset(raw_entry)
+                    .map_err(|e| e.at_offset(entry_at))?
+                    .unwrap_or(0);
+                if table != 0 {
+                    let what = format_args!("{what}grain table {index}");
+                    layout
+                        .check(&what, table, layout.gt_bytes, file_len)
+                        .map_err(|e| e.at_offset(entry_at))?;
+                }
+                tables.push(table);
+            }
+            Ok(tables)
         };
-        let primary = read(header.gd_offset)?;
-        let redundant = header
-            .has_redundant_gd()
-            .then(|| read(header.rgd_offset))
-            .transpose()?;
         let gd_at = header.gd_offset * SECTOR_SIZE;
         let rgd_at = header
             .has_redundant_gd()
             .then(|| header.rgd_offset * SECTOR_SIZE);
-        for (copy, table, base) in [
-            ("", Some(&primary), Some(gd_at)),
-            ("redundant ", redundant.as_ref(), rgd_at),
-        ] {
-            let (Some(table), Some(base)) = (table, base) else {
-                continue;
-            };
-            for (index, &sector) in table.iter().enumerate() {
-                if sector == 0 {
-                    continue;
-                }
-                let what = format_args!("{copy}grain table {index}");
-                layout
-                    .check(
-                        &what,
-                        u64::from(sector) * SECTOR_SIZE,
-                        layout.gt_bytes,
-                        file_len,
-                    )
-                    .map_err(|e| e.at_offset(base + index as u64 * ENTRY_LEN))?;
-            }
-        }
+        let primary = read("", gd_at)?;
+        let redundant = rgd_at.map(|at| read("redundant ", at)).transpose()?;
         Ok(Directory {
             gd_at,
             rgd_at,
@@ -224,28 +275,29 @@ impl Directory {
                     self.primary.len()
                 ))
             })?;
-        Ok((*entry != 0).then_some(u64::from(*entry) * SECTOR_SIZE))
+        Ok((*entry != 0).then_some(*entry))
     }
 
     /// The byte offset of the redundant copy of grain table `index`, if it has one.
     pub fn redundant_at(&self, index: u64) -> Option<u64> {
         let entry = *self.redundant.as_ref()?.get(usize::try_from(index).ok()?)?;
-        (entry != 0).then_some(u64::from(entry) * SECTOR_SIZE)
+        (entry != 0).then_some(entry)
     }
 
-    /// Points entry `index` at new tables at `at` (and `redundant_at`), byte offsets.
+    /// Points entry `index` at new tables at `at` (and `redundant_at`), byte offsets that
+    /// must be sector numbers a KDMV directory can hold.
     pub fn set(&mut self, index: u64, at: u64, redundant_at: Option<u64>) -> Result<()> {
         let i = usize::try_from(index).map_err(|_| Error::out_of_range("grain directory index"))?;
-        let sector = to_sector(at)?;
+        to_sector(at)?;
         let slot = self
             .primary
             .get_mut(i)
             .ok_or_else(|| Error::out_of_range("grain directory index"))?;
-        *slot = sector;
+        *slot = at;
         if let (Some(table), Some(r)) = (self.redundant.as_mut(), redundant_at) {
-            let sector = to_sector(r)?;
+            to_sector(r)?;
             if let Some(slot) = table.get_mut(i) {
-                *slot = sector;
+                *slot = r;
             }
         }
         self.dirty.mark(i * ENTRY_LEN as usize);
@@ -260,12 +312,9 @@ impl Directory {
             ("", Some(&self.primary)),
             ("redundant ", self.redundant.as_ref()),
         ] {
-            for (index, &sector) in table.into_iter().flatten().enumerate() {
-                if sector != 0 {
-                    all.push((
-                        u64::from(sector) * SECTOR_SIZE,
-                        format!("{copy}grain table {index}"),
-                    ));
+            for (index, &at) in table.into_iter().flatten().enumerate() {
+                if at != 0 {
+                    all.push((at, format!("{copy}grain table {index}")));
                 }
             }
         }
@@ -284,7 +333,8 @@ impl Directory {
         !self.dirty.is_empty()
     }
 
-    /// The dirty pieces of both directories as (file offset, bytes).
+    /// The dirty pieces of both directories as (file offset, bytes), as KDMV stores them
+    /// (u32 sector numbers; only KDMV extents are written).
     pub fn dirty_pieces(&self) -> Vec<(u64, Vec<u8>)> {
         let mut out = Vec::new();
         for range in self.dirty.ranges() {
@@ -299,7 +349,7 @@ impl Directory {
                         .get(first..last)
                         .unwrap_or_default()
                         .iter()
-                        .flat_map(|e| e.to_le_bytes())
+                        .flat_map(|&at| ((at / SECTOR_SIZE) as u32).to_le_bytes())
                         .collect();
                     out.push((base + range.start as u64, bytes));
                 }
@@ -318,6 +368,16 @@ impl Directory {
     }
 }
 
+/// Little-endian entries of `width` (4 or 8) bytes.
+fn decode_entries(raw: &[u8], width: u64) -> Vec<u64> {
+    raw.chunks_exact(width as usize)
+        .map(|c| match c.len() {
+            8 => u64::from_le_bytes(c.try_into().unwrap_or_default()),
+            _ => u64::from(u32::from_le_bytes(c.try_into().unwrap_or_default())),
+        })
+        .collect()
+}
+
 /// A byte offset as a 32-bit sector number, the only kind of offset the tables can hold.
 pub fn to_sector(at: u64) -> Result<u32> {
     u32::try_from(at / SECTOR_SIZE).map_err(|_| {
@@ -326,10 +386,6 @@ pub fn to_sector(at: u64) -> Result<u32> {
             std::io::Error::from_raw_os_error(libc::EFBIG),
         )
     })
-}
-
-fn le_u32(bytes: &[u8]) -> u32 {
-    u32::from_le_bytes(bytes.try_into().unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -389,7 +445,7 @@ mod tests {
             gd_at: 0x2c00,
             rgd_at: Some(0x2a00),
             primary: vec![0; 200],
-            redundant: Some(vec![0; 200]),
+            redundant: Some(vec![0u64; 200]),
             dirty: DirtyChunks::new(800, 512),
         };
         assert_eq!(d.table_at(3).unwrap(), None);
