@@ -1,5 +1,5 @@
-//! VMware VMDK disks (hosted sparse, flat, VMFS and ZERO extents, chains through
-//! parentFileNameHint), served as one raw disk.
+//! VMware VMDK disks (hosted sparse, flat, VMFS, ZERO, COWD and seSparse extents, chains
+//! through parentFileNameHint), served as one raw disk.
 //!
 //! # On-disk layout
 //!
@@ -20,6 +20,8 @@
 //!                                       compressed extents the sector of a grain marker
 //!                                       (lba u64, size u32, zlib stream)
 //!                    grains             grainSize sectors each
+//! VMFSSPARSE (COWD)  ESXi delta (esx.rs): u32 sectors, 4096-entry tables, no redundancy
+//! SESPARSE           ESXi 6.5+ delta (esx.rs): u64 entries naming tables and grains by number
 //! ```
 //!
 //! qemu-img preallocates every grain table (twice, with the redundant copy) right after the
@@ -36,7 +38,7 @@
 //! grains at worst; no directory entry points at an unwritten table, no table entry at an
 //! unwritten grain. The first write of a session gives the descriptor a new CID first (synced),
 //! as QEMU does, so a child made from this disk's old state notices it changed.
-//! streamOptimized (compressed) extents and version 3 extents are served read-only.
+//! streamOptimized (compressed), version 3, COWD and seSparse extents are served read-only.
 //!
 //! # Locks (in this order, never the reverse)
 //!

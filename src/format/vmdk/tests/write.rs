@@ -205,3 +205,26 @@ fn writes_allocate_missing_grain_tables_in_both_directories() {
     let table = |at: u64| bytes[at as usize..at as usize + 2048].to_vec();
     assert!(table(entry(gd)) == table(entry(rgd)), "both copies agree");
 }
+
+/// Without a flush, new grains are in the file but no table names them: the disk on disk is
+/// still the old one, and qemu-img finds nothing wrong.
+#[test]
+fn a_crash_before_flush_leaves_the_old_disk_intact() {
+    let dir = TempDir::new();
+    let path = dir.path().join("crash.vmdk");
+    if create(&path, "", "4M").is_none() {
+        return;
+    }
+    qemu_io(&path, &["write -P 0x11 0 64k"]).unwrap();
+    let before = qemu_raw(&path).unwrap();
+    let img = try_open(&path, false).unwrap();
+    img.write_at(&[0x99; 5000], 2 * MIB + 100).unwrap();
+    img.write_at(&[0x98; 100], 10).unwrap();
+    assert!(img.is_dirty());
+    // Dropped without a flush, as a crash would leave it (the in-place write did land).
+    drop(img);
+    let mut expected = before;
+    expected[10..110].fill(0x98);
+    assert_check_clean(&path);
+    assert_compare_equal(&path, &expected);
+}
