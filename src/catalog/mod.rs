@@ -54,6 +54,8 @@ impl Opener for FormatOpener {
     fn open(&self, path: &Path, links: &mut dyn Links) -> Result<Option<Arc<dyn Image>>> {
         match format::probe_file(path)? {
             None => Ok(None),
+            // Parts of a disk described elsewhere appear through that disk only.
+            Some(_) if format::is_part_of_another_image(path)? => Ok(None),
             Some(_) => format::open(path, &self.options, links).map(Some),
         }
     }

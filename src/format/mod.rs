@@ -8,12 +8,13 @@ pub mod qcow2;
 pub mod raw;
 pub mod vdi;
 pub mod vhdx;
+pub mod vmdk;
 
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::Image;
 
@@ -76,6 +77,15 @@ pub fn probe_file(path: &Path) -> Result<Option<Format>> {
     let mut head = vec![0u8; PROBE_LEN];
     file.read_exact_at(&mut head, 0)?;
     Ok(probe(&head))
+}
+
+/// Whether the file at `path`, which has an image's magic, is only a part of an image
+/// described by another file: a hosted sparse VMDK extent without a descriptor of its own (the
+/// `-s001.vmdk` files of twoGbMaxExtentSparse disks). Flat extents and data files have no
+/// magic and are never taken for images in the first place.
+pub fn is_part_of_another_image(path: &Path) -> Result<bool> {
+    let file = HostFile::open(path, false)?;
+    vmdk::is_bare_extent(&file).map_err(|e| e.with_path(path))
 }
 
 /// The read-only reason of an image opened by `imgfs info`, which never writes.
@@ -231,18 +241,94 @@ fn open_as(
                 host_reason,
             )?)
         }
+        Format::Vmdk => {
+            let file = Arc::new(file);
+            let top = vmdk::VmdkTop::read(&file)?;
+            let extents = open_vmdk_extents(&top, &file, chain, links, options.inspect)?;
+            let parent = top
+                .parent_hint()
+                .map(|name| open_vmdk_parent(name, top.parent_cid(), chain, links))
+                .transpose()?;
+            Arc::new(vmdk::VmdkImage::open(
+                file,
+                top,
+                extents,
+                parent,
+                host_reason,
+            )?)
+        }
         Format::Raw => Arc::new(raw::RawImage::open(
             file,
             host_reason.unwrap_or_else(|| "raw files are only read".to_string()),
         )?),
-        other => {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("{} images are recognised but not served yet", other.name()),
-            ))
-        }
     };
     Ok(image)
+}
+
+/// Opens the extent files a VMDK descriptor names, relative to the descriptor and inside the
+/// source tree, with the descriptor's access mode and QEMU's locks; a file named twice is
+/// opened once.
+fn open_vmdk_extents(
+    top: &vmdk::VmdkTop,
+    top_file: &Arc<HostFile>,
+    chain: &Chain,
+    links: &dyn Links,
+    inspect: bool,
+) -> Result<Vec<Arc<HostFile>>> {
+    let mut opened: Vec<(std::path::PathBuf, Arc<HostFile>)> = Vec::new();
+    let mut files = Vec::new();
+    for name in top.extent_files() {
+        let path = links::resolve(links.root(), chain.parent_path(), name, "extent")?;
+        if path == chain.parent_path() {
+            return Err(Error::corrupt(format!(
+                "the VMDK descriptor names itself ({}) as an extent",
+                path.display()
+            )));
+        }
+        if let Some((_, file)) = opened.iter().find(|(p, _)| *p == path) {
+            files.push(Arc::clone(file));
+            continue;
+        }
+        // An extent file we may not write makes the disk read-only, as for the top file.
+        let file = match HostFile::open(&path, top_file.is_writable()) {
+            Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EROFS => {
+                HostFile::open(&path, false)
+            }
+            other => other,
+        }
+        .map_err(|e| e.with_path(&path))?;
+        if !inspect {
+            claim_like_qemu(&file).map_err(|e| e.with_path(&path))?;
+        }
+        let file = Arc::new(file);
+        opened.push((path, Arc::clone(&file)));
+        files.push(file);
+    }
+    Ok(files)
+}
+
+/// Opens the parent that a VMDK's parentFileNameHint names, after checking that its CID is
+/// the child's parentCID: a parent written since the child was made would show the child
+/// through changed data.
+fn open_vmdk_parent(
+    name: &OsStr,
+    parent_cid: u32,
+    chain: &Chain,
+    links: &mut dyn Links,
+) -> Result<Backing> {
+    let path = links::resolve(links.root(), chain.parent_path(), name, "parent")?;
+    let file = HostFile::open(&path, false).map_err(|e| e.with_path(&path))?;
+    let cid = vmdk::cid_of(&file).map_err(|e| e.with_path(&path))?;
+    if cid != parent_cid {
+        return Err(Error::corrupt(format!(
+            "the parent {} has CID {cid:08x}, but this disk's parentCID is {parent_cid:08x}: \
+             the parent changed after this disk was made from it",
+            path.display()
+        )));
+    }
+    drop(file);
+    let image = links.open_backing(&path, Some(Format::Vmdk), chain)?;
+    Ok(Backing::new(image, &path))
 }
 
 /// Finds and opens the parent of the differencing VHDX image at `chain.parent_path()`: the

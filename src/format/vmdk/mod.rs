@@ -1,0 +1,652 @@
+//! VMware VMDK disks (hosted sparse, flat, VMFS, ZERO, COWD and seSparse extents, chains
+//! through parentFileNameHint), served as one raw disk.
+//!
+//! # On-disk layout
+//!
+//! A disk is a descriptor (descriptor.rs) that lists extents in disk order. The descriptor is a
+//! text file of its own (monolithicFlat, twoGbMaxExtentSparse/Flat, vmfs, ...) or embedded in a
+//! hosted sparse extent (monolithicSparse, streamOptimized), which is then the only extent,
+//! whatever name its descriptor gives it (files get renamed).
+//!
+//! ```text
+//! FLAT / VMFS        the extent's bytes at `offset` sectors of a plain file
+//! ZERO               no file: reads as zeros
+//! SPARSE (KDMV)      sector 0     header (header.rs)
+//!                    descriptorOffset   embedded descriptor (monolithic only)
+//!                    rgdOffset          redundant grain directory, u32 sector numbers of GTs
+//!                    gdOffset           grain directory (all ones: in the footer, at the end)
+//!                    GTs                numGTEsPerGT u32 entries: 0 unallocated, 1 zeroed
+//!                                       grain (with flag bit 2), else the grain's sector; for
+//!                                       compressed extents the sector of a grain marker
+//!                                       (lba u64, size u32, zlib stream)
+//!                    grains             grainSize sectors each
+//! VMFSSPARSE (COWD)  ESXi delta (esx.rs): u32 sectors, 4096-entry tables, no redundancy
+//! SESPARSE           ESXi 6.5+ delta (esx.rs): u64 entries naming tables and grains by number
+//! ```
+//!
+//! qemu-img preallocates every grain table (twice, with the redundant copy) right after the
+//! directories; other writers leave directory entries empty until a table is needed.
+//!
+//! # Writes and metadata write order
+//!
+//! Flat and VMFS extents are written in place. A hosted sparse extent (sparse.rs) appends: a
+//! missing grain table (and its redundant copy) is reserved at the grain-aligned end of the
+//! file and its directory entries set in memory; a missing grain is written whole at the end
+//! of the file (the payload merged with the parent's bytes, or zeros) and only then published
+//! in the in-memory grain table. Flush: data `fdatasync` -> dirty grain tables, both copies ->
+//! `fdatasync` -> dirty pieces of both directories -> `fdatasync`. A crash leaks appended
+//! grains at worst; no directory entry points at an unwritten table, no table entry at an
+//! unwritten grain. The first write of a session gives the descriptor a new CID first (synced),
+//! as QEMU does, so a child made from this disk's old state notices it changed.
+//! streamOptimized (compressed), version 3, COWD and seSparse extents are served read-only.
+//!
+//! # Locks (in this order, never the reverse)
+//!
+//! 1. `cid` (Mutex, image): held while the first write renews the descriptor's CID.
+//! 2. Per sparse extent `alloc` (Mutex): serialises allocation and flush of that extent; held
+//!    across the data write of a new grain so no grain is allocated twice.
+//! 3. Per sparse extent `directory` (RwLock): the grain directories; read for lookups,
+//!    written to publish a new grain table. Never held during I/O.
+//! 4. The grain table cache's internal mutex, for a lookup or insert only.
+//!
+//! Reads and in-place writes take the directory read lock only to look up an entry and do
+//! their I/O with no lock held. Extents are independent: each has its own locks.
+
+mod descriptor;
+mod esx;
+mod extent;
+mod header;
+mod sparse;
+mod tables;
+
+#[cfg(test)]
+mod tests;
+
+use std::ffi::OsStr;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::error::{Error, Result};
+use crate::format::backing::{read_below, status_below, Backing};
+use crate::host::HostFile;
+use crate::image::{
+    check_range, push_extent, request_part, request_part_mut, Extent as Status, ExtentState, Image,
+    ImageInfo,
+};
+
+pub use descriptor::{Access, Descriptor, ExtentType};
+use descriptor::{MAX_DESCRIPTOR_LEN, SECTOR_SIZE};
+use extent::{Extent, Storage};
+pub use header::SparseHeader;
+use sparse::SparseExtent;
+
+/// Where the descriptor text lives, for rewriting its CID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TextAt {
+    /// A descriptor file of its own, from offset 0.
+    File,
+    /// Embedded in the top sparse extent: `room` bytes at `at`.
+    Embedded { at: u64, room: u64 },
+}
+
+/// The first phase of opening a VMDK: its descriptor, read from the top file, which names the
+/// extent files and the parent for the caller to resolve.
+pub struct VmdkTop {
+    pub descriptor: Descriptor,
+    text: Vec<u8>,
+    text_at: TextAt,
+    /// The top file's own header when it is a sparse extent carrying its descriptor.
+    sparse: Option<SparseHeader>,
+}
+
+impl VmdkTop {
+    /// Reads the descriptor of the disk whose top file is `file`.
+    pub fn read(file: &HostFile) -> Result<VmdkTop> {
+        let mut head = [0u8; 4];
+        file.read_exact_at(&mut head, 0)?;
+        match &head {
+            b"KDMV" => Self::read_embedded(file),
+            b"COWD" => Err(Error::unsupported(
+                "this is a COWD (vmfsSparse) extent: it is served through the descriptor that \
+                 names it",
+            )),
+            _ => {
+                let len = file.len()?;
+                if len > MAX_DESCRIPTOR_LEN {
+                    return Err(Error::unsupported(format!(
+                        "a {len}-byte file is too large to be a VMDK descriptor"
+                    )));
+                }
+                let mut text = vec![0u8; len as usize];
+                file.read_exact_at(&mut text, 0)?;
+                let descriptor = Descriptor::parse(&text)?;
+                descriptor.check_servable()?;
+                Ok(VmdkTop {
+                    descriptor,
+                    text,
+                    text_at: TextAt::File,
+                    sparse: None,
+                })
+            }
+        }
+    }
+
+    fn read_embedded(file: &HostFile) -> Result<VmdkTop> {
+        let header = SparseHeader::read(file)?;
+        let Some((at, room)) = embedded_descriptor(file)? else {
+            return Err(Error::unsupported(
+                "this VMDK sparse extent has no descriptor of its own: it is an extent of a \
+                 disk described elsewhere (e.g. twoGbMaxExtentSparse) and served through that \
+                 disk's descriptor",
+            ));
+        };
+        let mut text = vec![0u8; room as usize];
+        file.read_exact_at(&mut text, at)?;
+        let descriptor = Descriptor::parse(&text).map_err(|e| e.at_offset(at))?;
+        let text_at = TextAt::Embedded { at, room };
+        // A sparse file of capacity 0 only carries a descriptor for other extents (QEMU).
+        if header.capacity == 0 {
+            descriptor.check_servable()?;
+            return Ok(VmdkTop {
+                descriptor,
+                text,
+                text_at,
+                sparse: None,
+            });
+        }
+        Ok(VmdkTop {
+            descriptor,
+            text,
+            text_at,
+            sparse: Some(header),
+        })
+    }
+
+    /// The file names of the extents that need a file, in disk order; none when the top file
+    /// is itself the only extent.
+    pub fn extent_files(&self) -> Vec<&OsStr> {
+        if self.sparse.is_some() {
+            return Vec::new();
+        }
+        self.descriptor
+            .extents
+            .iter()
+            .filter_map(|e| e.file_name())
+            .collect()
+    }
+
+    /// The parent named by parentFileNameHint, if any.
+    pub fn parent_hint(&self) -> Option<&OsStr> {
+        self.descriptor.parent_hint_name()
+    }
+
+    /// The CID the parent must have.
+    pub fn parent_cid(&self) -> u32 {
+        self.descriptor.parent_cid
+    }
+
+    pub fn cid(&self) -> u32 {
+        self.descriptor.cid
+    }
+}
+
+/// The embedded descriptor's (offset, length) in a KDMV file, `None` when it has none or its
+/// area is empty.
+fn embedded_descriptor(file: &HostFile) -> Result<Option<(u64, u64)>> {
+    let mut head = vec![0u8; header::HEADER_LEN];
+    file.read_exact_at(&mut head, 0)?;
+    let header = SparseHeader::parse(&head)?;
+    let Some((at, room)) = header.descriptor_range() else {
+        return Ok(None);
+    };
+    let file_len = file.len()?;
+    if room > MAX_DESCRIPTOR_LEN
+        || at
+            .checked_add(room)
+            .filter(|&end| end <= file_len)
+            .is_none()
+    {
+        return Err(Error::corrupt(format!(
+            "the VMDK embedded descriptor ({room} bytes at {at:#x}) is outside the file or too large"
+        ))
+        .at_offset(28));
+    }
+    let mut first = [0u8; 1];
+    file.read_exact_at(&mut first, at)?;
+    Ok((first[0] != 0).then_some((at, room)))
+}
+
+/// Whether the file at `path` is a hosted sparse extent with no descriptor of its own: a part
+/// of a disk described elsewhere (qemu-img's and VMware's `-s001.vmdk` files, COWD delta
+/// files), not a disk.
+pub fn is_bare_extent(file: &HostFile) -> Result<bool> {
+    let mut magic = [0u8; 4];
+    file.read_exact_at(&mut magic, 0)?;
+    // COWD files carry no descriptor: ESXi's delta disks, named by a vmfsSparse descriptor.
+    if &magic == esx::COWD_MAGIC {
+        return Ok(true);
+    }
+    if &magic != header::MAGIC {
+        return Ok(false);
+    }
+    Ok(matches!(embedded_descriptor(file), Ok(None)))
+}
+
+/// The CID in the descriptor of the disk whose top file is `file` (to check a child's
+/// parentCID against).
+pub fn cid_of(file: &HostFile) -> Result<u32> {
+    VmdkTop::read(file).map(|top| top.cid())
+}
+
+/// An open VMDK disk.
+pub struct VmdkImage {
+    top: Arc<HostFile>,
+    descriptor: Descriptor,
+    text: Mutex<Vec<u8>>,
+    text_at: TextAt,
+    create_type: String,
+    extents: Vec<Extent>,
+    size: u64,
+    parent: Option<Backing>,
+    cid: AtomicU32,
+    cid_renewed: AtomicBool,
+    read_only_reason: Option<String>,
+}
+
+impl VmdkImage {
+    /// Opens the disk whose top file is `top` and whose descriptor `VmdkTop::read` returned,
+    /// with the files of `top.extent_files()` opened in that order (the caller resolves them
+    /// inside the source tree), and the parent already opened and its CID checked.
+    pub fn open(
+        top_file: Arc<HostFile>,
+        top: VmdkTop,
+        extent_files: Vec<Arc<HostFile>>,
+        parent: Option<Backing>,
+        read_only_reason: Option<String>,
+    ) -> Result<VmdkImage> {
+        let path = top_file.path().to_path_buf();
+        Self::open_inner(top_file, top, extent_files, parent, read_only_reason)
+            .map_err(|e| e.with_path(&path))
+    }
+
+    fn open_inner(
+        top_file: Arc<HostFile>,
+        top: VmdkTop,
+        extent_files: Vec<Arc<HostFile>>,
+        parent: Option<Backing>,
+        read_only_reason: Option<String>,
+    ) -> Result<VmdkImage> {
+        let mut extents = Vec::new();
+        let create_type;
+        if let Some(header) = top.sparse.clone() {
+            create_type = match top.descriptor.create_type.as_str() {
+                "" if header.compressed() => "streamOptimized".to_string(),
+                "" => "monolithicSparse".to_string(),
+                other => other.to_string(),
+            };
+            let sectors = header.capacity;
+            let sparse = SparseExtent::open(Arc::clone(&top_file), header, sectors)?;
+            extents.push(Extent {
+                start: 0,
+                len: sectors * SECTOR_SIZE,
+                access: descriptor::Access::ReadWrite,
+                kind: ExtentType::Sparse,
+                storage: Storage::Sparse(Box::new(sparse)),
+            });
+        } else {
+            create_type = top.descriptor.create_type.clone();
+            let mut files = extent_files.into_iter();
+            let mut start = 0u64;
+            for line in &top.descriptor.extents {
+                let storage = match line.kind {
+                    ExtentType::Zero => Storage::Zero,
+                    _ => {
+                        let file = files.next().ok_or_else(|| {
+                            Error::out_of_range("internal: fewer extent files than extents")
+                        })?;
+                        open_storage(line, file)?
+                    }
+                };
+                let len = line.sectors * SECTOR_SIZE;
+                extents.push(Extent {
+                    start,
+                    len,
+                    access: line.access,
+                    kind: line.kind,
+                    storage,
+                });
+                start += len;
+            }
+        }
+        check_shared_files(&extents)?;
+        let size = extents.last().map_or(0, Extent::end);
+        let mut reasons: Vec<String> = read_only_reason.into_iter().collect();
+        if reasons.is_empty() && !top_file.is_writable() {
+            reasons.push("the descriptor file is opened read-only".into());
+        }
+        for extent in &extents {
+            let file = extent
+                .file()
+                .filter(|f| top_file.is_writable() && !f.is_writable());
+            if let Some(file) = file {
+                reasons.push(format!(
+                    "the extent file {} is not writable",
+                    file.path().display()
+                ));
+            }
+            if let Some(reason) = extent.read_only_reason() {
+                if !reasons.contains(&reason) {
+                    reasons.push(reason);
+                }
+            }
+        }
+        Ok(VmdkImage {
+            cid: AtomicU32::new(top.descriptor.cid),
+            cid_renewed: AtomicBool::new(false),
+            descriptor: top.descriptor,
+            text: Mutex::new(top.text),
+            text_at: top.text_at,
+            create_type,
+            extents,
+            size,
+            parent,
+            read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+            top: top_file,
+        })
+    }
+
+    /// The descriptor's current CID.
+    pub fn cid(&self) -> u32 {
+        self.cid.load(Ordering::Relaxed)
+    }
+
+    /// The extents overlapping `[offset, offset + len)`, with the part of the request each
+    /// covers as (extent, disk offset, length).
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (&Extent, u64, u64)> {
+        let end = offset + len;
+        let first = self.extents.partition_point(|e| e.end() <= offset);
+        self.extents[first..]
+            .iter()
+            .take_while(move |e| e.start < end)
+            .map(move |e| {
+                let from = offset.max(e.start);
+                (e, from, end.min(e.end()) - from)
+            })
+    }
+
+    fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.size, offset, buf.len())?;
+        for (extent, at, len) in self.pieces(offset, buf.len() as u64) {
+            let part = request_part_mut(buf, offset, at, len)?;
+            let below =
+                |b: &mut [u8], o: u64| read_below(self.parent.as_ref(), b, extent.start + o);
+            extent.read(part, at - extent.start, &below)?;
+        }
+        Ok(())
+    }
+
+    fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if let Some(reason) = &self.read_only_reason {
+            return Err(Error::read_only(reason.clone()));
+        }
+        check_range(self.size, offset, buf.len())?;
+        self.renew_cid()?;
+        for (extent, at, len) in self.pieces(offset, buf.len() as u64) {
+            let part = request_part(buf, offset, at, len)?;
+            let below =
+                |b: &mut [u8], o: u64| read_below(self.parent.as_ref(), b, extent.start + o);
+            extent.write(part, at - extent.start, &below)?;
+        }
+        Ok(())
+    }
+
+    /// Gives the descriptor a new CID before the first write of this session changes the disk.
+    fn renew_cid(&self) -> Result<()> {
+        if self.cid_renewed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut text = self.text.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.cid_renewed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let old = self.cid();
+        let cid = new_cid(old);
+        let new_text = descriptor::with_cid(&text, cid)?;
+        match self.text_at {
+            TextAt::File => self.top.write_all_at(&new_text, 0)?,
+            TextAt::Embedded { at, room } => {
+                if new_text.len() as u64 > room {
+                    return Err(Error::unsupported(
+                        "the embedded VMDK descriptor has no room for a new CID",
+                    ));
+                }
+                let mut area = new_text.clone();
+                area.resize(room as usize, 0);
+                self.top.write_all_at(&area, at)?;
+            }
+        }
+        self.top.sync_data()?;
+        *text = new_text;
+        self.cid.store(cid, Ordering::Relaxed);
+        self.cid_renewed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn flush_inner(&self) -> Result<()> {
+        for extent in &self.extents {
+            extent.flush()?;
+        }
+        Ok(())
+    }
+
+    fn block_status_inner(&self, offset: u64, len: u64) -> Result<Vec<Status>> {
+        let len = len.min(self.size.saturating_sub(offset));
+        let mut own = Vec::new();
+        for (extent, at, piece) in self.pieces(offset, len) {
+            extent.status(at - extent.start, piece, &mut own)?;
+        }
+        let mut out = Vec::new();
+        for status in own {
+            if status.state == ExtentState::Unallocated {
+                for below in status_below(self.parent.as_ref(), status.offset, status.len)? {
+                    push_extent(&mut out, below);
+                }
+            } else {
+                push_extent(&mut out, status);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The storage of extent `line` in `file`.
+fn open_storage(line: &descriptor::ExtentLine, file: Arc<HostFile>) -> Result<Storage> {
+    let path = file.path().to_path_buf();
+    let opened = match line.kind {
+        ExtentType::Flat | ExtentType::Vmfs => {
+            let offset = line.offset * SECTOR_SIZE;
+            let end = offset + line.sectors * SECTOR_SIZE;
+            let file_len = file.len()?;
+            if end > file_len {
+                log::warn!(
+                    "{}: the flat extent ends at {end} bytes, the file at {file_len}; the rest \
+                     reads as zeros",
+                    path.display()
+                );
+            }
+            Ok(Storage::Flat { file, offset })
+        }
+        ExtentType::Sparse => {
+            let mut magic = [0u8; 4];
+            file.read_exact_at(&mut magic, 0)?;
+            match &magic {
+                b"KDMV" => {
+                    let header = SparseHeader::read(&file)?;
+                    SparseExtent::open(file, header, line.sectors)
+                        .map(|s| Storage::Sparse(Box::new(s)))
+                }
+                b"COWD" => open_esx(esx::read_cowd(&file)?, file, line.sectors),
+                _ => Err(Error::corrupt(
+                    "the SPARSE extent has no KDMV or COWD magic",
+                )),
+            }
+        }
+        ExtentType::VmfsSparse => {
+            let header = esx::read_cowd(&file)?;
+            open_esx(header, file, line.sectors)
+        }
+        ExtentType::SeSparse => {
+            let header = esx::read_sesparse(&file)?;
+            open_esx(header, file, line.sectors)
+        }
+        ExtentType::Zero | ExtentType::VmfsRdm | ExtentType::VmfsRaw => Err(Error::unsupported(
+            format!("{} extents have no file to open", line.kind.name()),
+        )),
+    };
+    opened.map_err(|e| {
+        Error::new(
+            e.kind(),
+            format!("extent on descriptor line {}: {e}", line.line),
+        )
+        .with_path(&path)
+    })
+}
+
+fn open_esx(header: SparseHeader, file: Arc<HostFile>, sectors: u64) -> Result<Storage> {
+    SparseExtent::open(file, header, sectors).map(|s| Storage::Sparse(Box::new(s)))
+}
+
+/// Refuses a sparse extent whose file another extent uses too: each would allocate in it.
+fn check_shared_files(extents: &[Extent]) -> Result<()> {
+    for (i, a) in extents.iter().enumerate() {
+        let Storage::Sparse(sparse) = &a.storage else {
+            continue;
+        };
+        for (j, b) in extents.iter().enumerate() {
+            if i != j && b.file().is_some_and(|f| Arc::ptr_eq(f, sparse.file())) {
+                return Err(Error::corrupt(format!(
+                    "the sparse extent file {} is used by another extent too",
+                    sparse.file().path().display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A random CID different from `old` and from the "no parent" value.
+fn new_cid(old: u32) -> u32 {
+    let state = std::collections::hash_map::RandomState::new();
+    let mut salt = 0u64;
+    loop {
+        let mut hasher = state.build_hasher();
+        hasher.write_u64(salt);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        hasher.write_u64(nanos);
+        let cid = hasher.finish() as u32;
+        if cid != old && cid != descriptor::NO_PARENT_CID {
+            return cid;
+        }
+        salt += 1;
+    }
+}
+
+impl Image for VmdkImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_inner(buf, offset)
+            .map_err(|e| e.with_path(self.top.path()))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_inner(buf, offset)
+            .map_err(|e| e.with_path(self.top.path()))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flush_inner().map_err(|e| e.with_path(self.top.path()))
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.extents.iter().any(Extent::is_dirty)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Status>> {
+        self.block_status_inner(offset, len)
+            .map_err(|e| e.with_path(self.top.path()))
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        self.extents.iter().map(Extent::allocated_bytes).sum()
+    }
+
+    fn read_only_reason(&self) -> Option<String> {
+        self.read_only_reason.clone()
+    }
+
+    fn info(&self) -> ImageInfo {
+        let d = &self.descriptor;
+        let mut details = vec![("CID", format!("{:08x}", self.cid()))];
+        if let Some(hint) = d.parent_hint_name() {
+            details.push(("parentCID", format!("{:08x}", d.parent_cid)));
+            details.push(("parent file name hint", hint.to_string_lossy().into_owned()));
+        }
+        if let Some(parent) = &self.parent {
+            details.push(("parent path", parent.path.display().to_string()));
+        }
+        details.push(("extents", self.extents.len().to_string()));
+        for e in self.extents.iter().take(16) {
+            let file = e
+                .file()
+                .map(|f| f.path().display().to_string())
+                .unwrap_or_default();
+            let mut text = format!(
+                "{} {} {} sectors {file}",
+                e.access.name(),
+                e.kind.name(),
+                e.len / SECTOR_SIZE
+            );
+            if let Storage::Sparse(s) = &e.storage {
+                let h = &s.header;
+                text.push_str(&format!(
+                    " (version {}, grain {} KiB, {} grain tables{}{})",
+                    h.version,
+                    s.grain_bytes() / 1024,
+                    s.table_count(),
+                    if h.compressed() { ", compressed" } else { "" },
+                    if h.unclean_shutdown {
+                        ", unclean shutdown flag set"
+                    } else {
+                        ""
+                    },
+                ));
+            }
+            details.push(("extent", text));
+        }
+        for key in ["adapterType", "virtualHWVersion", "uuid", "longContentID"] {
+            if let Some(value) = d.ddb_value(key) {
+                details.push(("ddb", format!("{key} = {value}")));
+            }
+        }
+        let cluster_size = self.extents.iter().find_map(|e| match &e.storage {
+            Storage::Sparse(s) => Some(s.grain_bytes()),
+            _ => None,
+        });
+        ImageInfo {
+            format: "vmdk",
+            subformat: self.create_type.clone(),
+            virtual_size: self.size,
+            cluster_size,
+            allocated_bytes: self.allocated_bytes(),
+            read_only_reason: self.read_only_reason.clone(),
+            details,
+        }
+    }
+}

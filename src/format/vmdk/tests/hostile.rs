@@ -1,0 +1,295 @@
+//! Corrupt and hostile VMDK disks: each gives a clear error naming the problem, and no
+//! mutation of a valid disk ever panics. Also the builder of VMware-style streams.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{create, qemu_io, try_open};
+use crate::format::vmdk::{VmdkImage, VmdkTop};
+use crate::host::HostFile;
+use crate::image::Image;
+use crate::testutil::{assert_mutations_never_panic, exercise_image, Rng, TempDir};
+
+const SECTOR: usize = 512;
+const GRAIN: usize = 64 << 10;
+
+fn put_u32(buf: &mut [u8], at: usize, v: u32) {
+    buf[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(buf: &mut [u8], at: usize, v: u64) {
+    buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn marker(val: u64, size: u32, kind: u32) -> Vec<u8> {
+    let mut m = vec![0u8; SECTOR];
+    put_u64(&mut m, 0, val);
+    put_u32(&mut m, 8, size);
+    put_u32(&mut m, 12, kind);
+    m
+}
+
+fn pad(buf: &mut Vec<u8>) {
+    buf.resize(buf.len().next_multiple_of(SECTOR), 0);
+}
+
+/// A streamOptimized extent as VMware writes it: header with the grain directory "at the end",
+/// compressed grains behind markers, grain tables and directory behind their markers, then
+/// footer, header copy and end-of-stream marker.
+pub fn stream_optimized(disk: &[u8]) -> Vec<u8> {
+    let sectors = (disk.len() / SECTOR) as u64;
+    let header = |gd: u64| {
+        let mut h = vec![0u8; SECTOR];
+        h[..4].copy_from_slice(b"KDMV");
+        put_u32(&mut h, 4, 3);
+        put_u32(&mut h, 8, 1 | (1 << 16) | (1 << 17));
+        put_u64(&mut h, 12, sectors);
+        put_u64(&mut h, 20, (GRAIN / SECTOR) as u64);
+        put_u64(&mut h, 28, 1);
+        put_u64(&mut h, 36, 20);
+        put_u32(&mut h, 44, 512);
+        put_u64(&mut h, 56, gd);
+        put_u64(&mut h, 64, 128);
+        h[73..77].copy_from_slice(b"\n \r\n");
+        h[77] = 1;
+        h
+    };
+    let mut out = header(u64::MAX);
+    let desc = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=1234abcd\nparentCID=ffffffff\n\
+         createType=\"streamOptimized\"\nRW {sectors} SPARSE \"stream.vmdk\"\n"
+    );
+    out.extend_from_slice(desc.as_bytes());
+    out.resize(128 * SECTOR, 0);
+    let grains = disk.len().div_ceil(GRAIN);
+    let mut gtes = vec![0u32; grains.div_ceil(512) * 512];
+    for (index, grain) in disk.chunks(GRAIN).enumerate() {
+        if grain.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(grain).unwrap();
+        let data = z.finish().unwrap();
+        gtes[index] = (out.len() / SECTOR) as u32;
+        let mut m = marker((index * GRAIN / SECTOR) as u64, data.len() as u32, 0);
+        m.truncate(12);
+        out.extend_from_slice(&m);
+        out.extend_from_slice(&data);
+        pad(&mut out);
+    }
+    let mut gd = Vec::new();
+    for table in gtes.chunks(512) {
+        if table.iter().all(|&e| e == 0) {
+            gd.push(0u32);
+            continue;
+        }
+        out.extend_from_slice(&marker(4, 0, 1));
+        gd.push((out.len() / SECTOR) as u32);
+        table
+            .iter()
+            .for_each(|e| out.extend_from_slice(&e.to_le_bytes()));
+    }
+    out.extend_from_slice(&marker(1, 0, 2));
+    let gd_sector = (out.len() / SECTOR) as u64;
+    gd.iter()
+        .for_each(|e| out.extend_from_slice(&e.to_le_bytes()));
+    pad(&mut out);
+    out.extend_from_slice(&marker(1, 0, 3));
+    out.extend_from_slice(&header(gd_sector));
+    out.extend_from_slice(&marker(0, 0, 0));
+    out
+}
+
+/// A 1 MiB monolithicSparse disk made by qemu-img with some data: (dir, path, bytes).
+fn small_sparse() -> Option<(TempDir, std::path::PathBuf, Vec<u8>)> {
+    let dir = TempDir::new();
+    let path = dir.path().join("h.vmdk");
+    create(&path, "", "1M")?;
+    qemu_io(&path, &["write -P 0x11 0 100k", "write -P 0x22 700k 5k"])?;
+    let bytes = std::fs::read(&path).unwrap();
+    Some((dir, path, bytes))
+}
+
+fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+fn error_after(path: &Path, bytes: &[u8]) -> String {
+    std::fs::write(path, bytes).unwrap();
+    match try_open(path, true) {
+        Err(e) => e.to_string(),
+        Ok(img) => {
+            let mut buf = vec![0u8; img.size() as usize];
+            img.read_at(&mut buf, 0)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        }
+    }
+}
+
+#[test]
+fn corrupt_tables_give_clear_errors() {
+    let Some((_dir, path, good)) = small_sparse() else {
+        return;
+    };
+    let gd = le_u64(&good, 56) as usize * SECTOR;
+    let rgd = le_u64(&good, 48) as usize * SECTOR;
+    let gt = u32::from_le_bytes(good[gd..gd + 4].try_into().unwrap()) as usize * SECTOR;
+
+    // The grain directory pointing at itself.
+    let mut bytes = good.clone();
+    put_u32(&mut bytes, gd, (gd / SECTOR) as u32);
+    let e = error_after(&path, &bytes);
+    assert!(
+        e.contains("grain table 0") && e.contains("overlaps the grain directory"),
+        "{e}"
+    );
+
+    // The redundant directory pointing at the embedded descriptor.
+    let mut bytes = good.clone();
+    put_u32(&mut bytes, rgd, 1);
+    let e = error_after(&path, &bytes);
+    assert!(
+        e.contains("redundant grain table 0") && e.contains("overlaps the embedded descriptor"),
+        "{e}"
+    );
+
+    // A grain table entry beyond the end of the file.
+    let mut bytes = good.clone();
+    put_u32(&mut bytes, gt + 8, 0x7fff_0000);
+    let e = error_after(&path, &bytes);
+    assert!(
+        e.contains("grain table 0 entry 2") && e.contains("beyond the end"),
+        "{e}"
+    );
+
+    // A huge capacity and grain size.
+    let mut bytes = good.clone();
+    put_u64(&mut bytes, 12, 1 << 60);
+    let e = error_after(&path, &bytes);
+    assert!(e.contains("capacity"), "{e}");
+    let mut bytes = good.clone();
+    put_u64(&mut bytes, 12, 1 << 40);
+    let e = error_after(&path, &bytes);
+    assert!(e.contains("beyond the end of the file"), "{e}");
+
+    // A compressed grain that does not inflate.
+    let mut bytes = good.clone();
+    put_u32(&mut bytes, 8, 3 | (1 << 16) | (1 << 17));
+    bytes[77] = 1;
+    let e = error_after(&path, &bytes);
+    assert!(e.contains("grain marker") || e.contains("inflate"), "{e}");
+}
+
+#[test]
+fn hostile_descriptors_are_refused_with_their_reason() {
+    let dir = TempDir::new();
+    let root = dir.path().join("tree");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(dir.path().join("outside.raw"), vec![0u8; 4096]).unwrap();
+    std::fs::write(root.join("inside.raw"), vec![7u8; 4096]).unwrap();
+    let case = |lines: &str| {
+        let path = root.join("d.vmdk");
+        let text = format!(
+            "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n\
+             createType=\"monolithicFlat\"\n{lines}\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        try_open(&path, true).map(|img| img.size())
+    };
+    assert_eq!(case("RW 8 FLAT \"inside.raw\" 0\nRW 4 ZERO").unwrap(), 6144);
+    for (lines, expect) in [
+        ("RW 8 FLAT \"../outside.raw\" 0", "outside the source tree"),
+        ("RW 8 FLAT \"/etc/passwd\" 0", "outside the source tree"),
+        ("RW 8 FLAT \"missing.raw\" 0", "does not exist"),
+        ("RW 8 FLAT \"d.vmdk\" 0", "names itself"),
+        ("RW 8 VMFSRDM \"inside.raw\"", "raw device mapping"),
+        ("RW 8 SPARSE \"inside.raw\"", "no KDMV or COWD magic"),
+        ("RW 99999999999999 FLAT \"inside.raw\" 0", "outside 1..="),
+        (
+            "RW 8 FLAT \"inside.raw\" 0\nRW 8 SPARSE \"inside.raw\"",
+            "magic",
+        ),
+    ] {
+        let e = case(lines).unwrap_err().to_string();
+        assert!(e.contains(expect), "{lines:?}: {e}");
+    }
+    // A NOACCESS extent makes the disk read-only and refuses reads of its range.
+    let path = root.join("d.vmdk");
+    case("RW 8 FLAT \"inside.raw\" 0\nNOACCESS 8 FLAT \"inside.raw\" 0").unwrap();
+    let img = try_open(&path, false).unwrap();
+    let mut buf = [0u8; 512];
+    img.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [7u8; 512]);
+    let e = img.read_at(&mut buf, 4096).unwrap_err();
+    assert!(e.to_string().contains("NOACCESS"), "{e}");
+    assert!(img.read_only_reason().unwrap().contains("NOACCESS"));
+}
+
+#[test]
+fn split_extents_without_a_descriptor_are_not_disks() {
+    let dir = TempDir::new();
+    let path = dir.path().join("t.vmdk");
+    if create(&path, "subformat=twoGbMaxExtentSparse", "1M").is_none() {
+        return;
+    }
+    let extent = dir.path().join("t-s001.vmdk");
+    let file = HostFile::open(&extent, false).unwrap();
+    assert!(crate::format::vmdk::is_bare_extent(&file).unwrap());
+    let e = try_open(&extent, true).err().unwrap();
+    assert!(e.to_string().contains("no descriptor of its own"), "{e}");
+    let top = HostFile::open(&path, false).unwrap();
+    assert!(!crate::format::vmdk::is_bare_extent(&top).unwrap());
+    let mono = dir.path().join("m.vmdk");
+    create(&mono, "", "1M").unwrap();
+    assert!(!crate::format::vmdk::is_bare_extent(&HostFile::open(&mono, false).unwrap()).unwrap());
+}
+
+/// Opens a monolithic sparse file directly (no locks, no links).
+fn open_direct(path: &Path, writable: bool) -> Option<VmdkImage> {
+    let file = Arc::new(HostFile::open(path, writable).ok()?);
+    let top = VmdkTop::read(&file).ok()?;
+    VmdkImage::open(file, top, Vec::new(), None, None).ok()
+}
+
+#[test]
+fn mutated_sparse_disks_never_panic() {
+    let Some((dir, _path, base)) = small_sparse() else {
+        return;
+    };
+    let path = dir.path().join("m.vmdk");
+    const INTERESTING: [u64; 8] = [0, 1, 2, 0x7f, 0x80, 0xffff_ffff, u64::MAX, 1 << 33];
+    let mutate = |bytes: &mut Vec<u8>, rng: &mut Rng| {
+        for _ in 0..1 + rng.below(4) {
+            // Mostly the metadata before the first grain, sometimes anywhere.
+            let span = if rng.below(4) == 0 {
+                bytes.len()
+            } else {
+                GRAIN
+            };
+            let at = (rng.below(span as u64 - 8) as usize) & !3;
+            let value = INTERESTING[rng.below(INTERESTING.len() as u64) as usize];
+            match rng.below(3) {
+                0 => bytes[at..at + 8].copy_from_slice(&value.to_le_bytes()),
+                1 => bytes[at..at + 4].copy_from_slice(&(value as u32).to_le_bytes()),
+                _ => bytes[at] = rng.next() as u8,
+            }
+        }
+    };
+    // "Usable" is: opened, and the whole disk read.
+    assert_mutations_never_panic(&base, &path, 1500, mutate, |path| {
+        let Some(img) = open_direct(path, false) else {
+            return false;
+        };
+        exercise_image(&img, false);
+        let mut all = vec![0u8; img.size().min(1 << 24) as usize];
+        let usable = img.read_at(&mut all, 0).is_ok();
+        drop(img);
+        if let Some(img) = open_direct(path, true) {
+            exercise_image(&img, true);
+        }
+        usable
+    });
+}
