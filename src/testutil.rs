@@ -326,3 +326,57 @@ pub fn assert_mutations_never_panic(
         "opened {opened}, refused {refused}"
     );
 }
+
+/// A test path as `&str` (test paths are ASCII).
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Runs a qemu tool with `args` split on spaces (paths must not contain spaces) and asserts
+/// success; `None` when the tool is missing outside CI.
+pub fn qemu_run(tool: &str, args: &str) -> Option<()> {
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let out = qemu(tool, &args)?;
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(())
+}
+
+/// Runs qemu-io commands (each one `-c` argument) on the `format` image at `path`; each must
+/// succeed.
+pub fn qemu_io_on(format: &str, path: &Path, commands: &[&str]) -> Option<()> {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["-f".as_ref(), format.as_ref()];
+    for c in commands {
+        args.extend([std::ffi::OsStr::new("-c"), std::ffi::OsStr::new(c)]);
+    }
+    args.push(path.as_os_str());
+    let out = qemu("qemu-io", &args)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !stdout.contains("failed"),
+        "qemu-io {commands:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(())
+}
+
+/// The raw bytes qemu-img reads from `path` (`extra` goes before the file name, e.g.
+/// `-f vmdk` or `-l snapshot.name=s1`).
+pub fn qemu_raw_of(path: &Path, extra: &str) -> Option<Vec<u8>> {
+    let out = path.with_extension("expected.raw");
+    qemu_run(
+        "qemu-img",
+        &format!(
+            "convert -U {extra} -O raw {} {}",
+            path_str(path),
+            path_str(&out)
+        ),
+    )?;
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    Some(bytes)
+}

@@ -2,64 +2,22 @@
 //! read whole and compared with `qemu-img convert -O raw`; snapshots, backing files, external
 //! data files, corrupt and hostile images.
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::header::testing::{put_u32, put_u64};
 use super::*;
 use crate::error::ErrorKind;
-use crate::testutil::{assert_mutations_never_panic, exercise_image, qemu, MemImage, Rng, TempDir};
+use crate::testutil::{
+    assert_mutations_never_panic, exercise_image, path_str as p, qemu, qemu_io_on,
+    qemu_raw_of as qemu_raw, qemu_run as run, MemImage, Rng, TempDir,
+};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 
-/// Runs a qemu tool with `args` split on spaces (paths must not contain spaces) and asserts
-/// success; `None` when the tool is missing.
-fn run(tool: &str, args: &str) -> Option<()> {
-    let args: Vec<&str> = args.split_whitespace().collect();
-    let out = qemu(tool, &args)?;
-    assert!(
-        out.status.success(),
-        "{tool} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(())
-}
-
-/// Runs qemu-io commands on a qcow2 image, each one `-c` argument.
 fn qemu_io(path: &Path, commands: &[&str]) -> Option<()> {
-    let mut args: Vec<&OsStr> = vec!["-f".as_ref(), "qcow2".as_ref()];
-    for c in commands {
-        args.extend([OsStr::new("-c"), OsStr::new(c)]);
-    }
-    args.push(path.as_os_str());
-    let out = qemu("qemu-io", &args)?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !stdout.contains("failed"),
-        "qemu-io {commands:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(())
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// The raw bytes qemu-img reads from `path` (`extra` goes before the file name, e.g.
-/// `-l snapshot.name=s1`).
-fn qemu_raw(path: &Path, extra: &str) -> Option<Vec<u8>> {
-    let out_path = path.with_extension("expected.raw");
-    run(
-        "qemu-img",
-        &format!("convert -U {extra} -O raw {} {}", p(path), p(&out_path)),
-    )?;
-    let bytes = std::fs::read(&out_path).unwrap();
-    std::fs::remove_file(&out_path).unwrap();
-    Some(bytes)
+    qemu_io_on("qcow2", path, commands)
 }
 
 fn try_open_with(path: &Path, backing: Option<Backing>) -> Result<Qcow2Image> {

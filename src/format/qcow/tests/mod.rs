@@ -12,7 +12,10 @@ use std::sync::{Arc, Barrier};
 
 use super::*;
 use crate::error::ErrorKind;
-use crate::testutil::{assert_mutations_never_panic, exercise_image, qemu, MemImage, Rng, TempDir};
+use crate::testutil::{
+    assert_mutations_never_panic, exercise_image, qemu, qemu_io_on, qemu_raw_of, MemImage, Rng,
+    TempDir,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -40,38 +43,12 @@ fn qemu_create(path: &Path, size: &str, backing: Option<(&str, &str)>) -> Option
 
 /// Runs qemu-io commands on a qcow image; each must succeed.
 fn qemu_io(path: &Path, commands: &[&str]) -> Option<()> {
-    let mut args: Vec<&OsStr> = ["-f", "qcow"].map(OsStr::new).to_vec();
-    for c in commands {
-        args.extend([OsStr::new("-c"), OsStr::new(*c)]);
-    }
-    args.push(path.as_os_str());
-    let out = qemu_ok("qemu-io", &args)?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !stdout.contains("failed") && !stdout.contains("error"),
-        "qemu-io {commands:?}: {stdout}"
-    );
-    Some(())
+    qemu_io_on("qcow", path, commands)
 }
 
 /// What QEMU reads from the image: `qemu-img convert -O raw`.
 fn qemu_raw(path: &Path) -> Option<Vec<u8>> {
-    let raw = path.with_extension("oracle.raw");
-    qemu_ok(
-        "qemu-img",
-        &[
-            "convert".as_ref(),
-            "-f".as_ref(),
-            "qcow".as_ref(),
-            "-O".as_ref(),
-            "raw".as_ref(),
-            path.as_os_str(),
-            raw.as_os_str(),
-        ],
-    )?;
-    let bytes = std::fs::read(&raw).unwrap();
-    std::fs::remove_file(&raw).unwrap();
-    Some(bytes)
+    qemu_raw_of(path, "-f qcow")
 }
 
 /// Asserts that QEMU reads exactly `expected` from the image (`qemu-img compare`).

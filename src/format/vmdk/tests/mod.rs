@@ -15,43 +15,13 @@ use crate::error::{ErrorKind, Result};
 use crate::format::links::PlainLinks;
 use crate::format::{self, OpenOptions};
 use crate::image::{ExtentState, Image};
-use crate::testutil::{qemu, TempDir};
+use crate::testutil::{path_str as p, qemu, qemu_io_on, qemu_raw_of, qemu_run as run, TempDir};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 
-/// Runs a qemu tool with `args` split on spaces and asserts success; `None` when missing.
-fn run(tool: &str, args: &str) -> Option<()> {
-    let args: Vec<&str> = args.split_whitespace().collect();
-    let out = qemu(tool, &args)?;
-    assert!(
-        out.status.success(),
-        "{tool} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(())
-}
-
-/// Runs qemu-io commands on a vmdk image.
 fn qemu_io(path: &Path, commands: &[&str]) -> Option<()> {
-    let mut args: Vec<&OsStr> = vec!["-f".as_ref(), "vmdk".as_ref()];
-    for c in commands {
-        args.extend([OsStr::new("-c"), OsStr::new(c)]);
-    }
-    args.push(path.as_os_str());
-    let out = qemu("qemu-io", &args)?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !stdout.contains("failed"),
-        "qemu-io {commands:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(())
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
+    qemu_io_on("vmdk", path, commands)
 }
 
 /// `qemu-img create -f vmdk -o OPTIONS path size`.
@@ -78,10 +48,7 @@ fn qemu_raw_file(path: &Path) -> Option<PathBuf> {
 }
 
 fn qemu_raw(path: &Path) -> Option<Vec<u8>> {
-    let out = qemu_raw_file(path)?;
-    let bytes = std::fs::read(&out).unwrap();
-    std::fs::remove_file(&out).unwrap();
-    Some(bytes)
+    qemu_raw_of(path, "-f vmdk")
 }
 
 fn try_open(path: &Path, read_only: bool) -> Result<Arc<dyn Image>> {
