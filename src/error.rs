@@ -99,6 +99,12 @@ impl Error {
     }
 
     /// Names the file the error is about, unless a more precise one is already named.
+    /// Says what the error is about: `what: message`.
+    pub fn context(mut self, what: impl fmt::Display) -> Self {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
+
     pub fn with_path(mut self, path: &Path) -> Self {
         if self.path.is_none() {
             self.path = Some(path.to_path_buf());

@@ -1,6 +1,8 @@
 //! Helpers shared by the format drivers: endian-explicit field access, dirty tracking of
-//! in-memory tables that are written back on flush, and the bounded table cache.
+//! in-memory tables that are written back on flush, the bounded table cache, and the
+//! decompression of compressed clusters.
 
 pub mod bytes;
+pub mod compress;
 pub mod dirty;
 pub mod table_cache;

@@ -48,7 +48,8 @@
 //! 2. `tables` (RwLock): L1 and the loaded L2 tables. Read-locked for lookups, write-locked to
 //!    keep a freshly read L2 table or publish an allocation; never held during I/O (an L2 table
 //!    is read from the file with no lock held, then inserted).
-//! 3. `inflated` (Mutex): the last inflated compressed cluster, held only to clone or replace it.
+//! 3. `inflated` (`LastInflated`'s mutex): the last inflated compressed cluster, held only to
+//!    clone or replace it.
 //!
 //! Reads and in-place writes take the read lock just for the lookup and do their I/O with no
 //! lock held, so they run in parallel with each other and with allocations.
@@ -62,8 +63,6 @@ mod tests;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use flate2::{Decompress, FlushDecompress};
-
 use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
 use crate::host::HostFile;
@@ -71,6 +70,7 @@ use crate::image::{
     check_range, push_extent, request_part, request_part_mut, split_request, Extent, ExtentState,
     Image, ImageInfo,
 };
+use crate::meta::compress::{inflate, Deflate, LastInflated};
 
 pub use header::QcowHeader;
 
@@ -99,7 +99,7 @@ pub struct QcowImage {
     tables: RwLock<Tables>,
     /// The last compressed cluster inflated, by its file offset. Compressed bytes are never
     /// rewritten (a write moves the cluster), so an entry never goes stale.
-    inflated: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    inflated: LastInflated,
     /// Estimated bytes of guest data in the file, see `open`.
     data_bytes: AtomicU64,
     /// The end of the space in use: the file as opened, grown by every allocation. An L2
@@ -171,7 +171,7 @@ impl QcowImage {
             backing,
             alloc: Mutex::new(AllocState { next_free }),
             tables: RwLock::new(tables),
-            inflated: Mutex::new(None),
+            inflated: LastInflated::default(),
             data_bytes: AtomicU64::new(data_bytes),
             end_of_data: AtomicU64::new(file_len),
             read_only_reason,
@@ -251,46 +251,18 @@ impl QcowImage {
 
     /// The whole inflated cluster whose `len` compressed bytes are at `host_offset`.
     fn inflate(&self, host_offset: u64, len: u64) -> Result<Arc<Vec<u8>>> {
-        let cached = self
-            .inflated
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .filter(|(at, _)| *at == host_offset)
-            .map(|(_, data)| Arc::clone(data));
-        if let Some(data) = cached {
-            return Ok(data);
-        }
-        // `len` is below the cluster size (it is masked to cluster_bits bits).
-        let mut compressed = vec![0u8; len as usize];
-        self.file.read_exact_at(&mut compressed, host_offset)?;
-        let cluster = self.geometry.cluster_size();
-        let mut out = vec![0u8; cluster as usize];
-        let mut inflater = Decompress::new(false);
-        let result = inflater.decompress(&compressed, &mut out, FlushDecompress::Finish);
-        // The stored length may include padding after the deflate stream, so a full output
-        // buffer is success whether or not the stream end was seen (QEMU does the same).
-        match result {
-            Ok(_) if inflater.total_out() == cluster => {}
-            Ok(_) => {
-                return Err(Error::corrupt(format!(
-                    "qcow compressed cluster ({len} bytes) inflates to {} bytes, not the \
-                     cluster size {cluster}",
-                    inflater.total_out()
-                ))
-                .at_offset(host_offset))
-            }
-            Err(e) => {
-                return Err(Error::corrupt(format!(
-                    "qcow compressed cluster ({len} bytes) does not inflate: {e}"
-                ))
-                .at_offset(host_offset))
-            }
-        }
-        let data = Arc::new(out);
-        *self.inflated.lock().unwrap_or_else(PoisonError::into_inner) =
-            Some((host_offset, Arc::clone(&data)));
-        Ok(data)
+        self.inflated.get_or_inflate(host_offset, || {
+            // `len` is below the cluster size (it is masked to cluster_bits bits).
+            let mut compressed = vec![0u8; len as usize];
+            self.file.read_exact_at(&mut compressed, host_offset)?;
+            let cluster = self.geometry.cluster_size() as usize;
+            let mut out = vec![0u8; cluster];
+            inflate(&compressed, &mut out, Deflate::Raw, cluster).map_err(|e| {
+                e.context(format!("qcow compressed cluster ({len} bytes)"))
+                    .at_offset(host_offset)
+            })?;
+            Ok(out)
+        })
     }
 
     /// Copies the part of the compressed cluster at `host_offset` that guest offset `offset`

@@ -397,11 +397,7 @@ impl Qcow2Image {
         );
         // Nor may a freed compressed cluster be served from the decompression cache (after
         // the gate: a read that finished just now may have put it there).
-        *self
-            .shared
-            .last_compressed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = None;
+        self.shared.last_compressed.clear();
         Ok(())
     }
 }

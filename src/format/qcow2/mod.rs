@@ -65,7 +65,6 @@
 
 mod alloc;
 mod cluster;
-mod compress;
 mod header;
 mod rebuild;
 mod refcount;
@@ -83,6 +82,7 @@ use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
 use crate::host::HostFile;
 use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
+use crate::meta::compress::{inflate, zstd_frame, Deflate, LastInflated};
 use crate::meta::table_cache::TableCache;
 
 use alloc::AllocState;
@@ -136,7 +136,7 @@ struct Shared {
     file_len: AtomicU64,
     /// The most recently decompressed cluster (host offset, bytes): small sequential reads
     /// through a compressed cluster decompress it once.
-    last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    last_compressed: LastInflated,
 }
 
 /// What `Qcow2Image::open` is given.
@@ -271,7 +271,7 @@ impl Qcow2Image {
             backing,
             snapshots,
             file_len: AtomicU64::new(file_len),
-            last_compressed: Mutex::new(None),
+            last_compressed: LastInflated::default(),
             file,
             header,
         };
@@ -548,26 +548,21 @@ impl Qcow2Image {
 
     fn decompressed(&self, host_offset: u64, len: u64) -> Result<Arc<Vec<u8>>> {
         let shared = &self.shared;
-        let lock = || {
-            shared
-                .last_compressed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-        };
-        if let Some((at, cluster)) = lock().as_ref() {
-            if *at == host_offset {
-                return Ok(Arc::clone(cluster));
-            }
-        }
-        // len is at most 8192 sectors (4 MiB), bounded by the descriptor's field width.
-        let mut input = vec![0u8; len as usize];
-        shared.file.read_exact_at(&mut input, host_offset)?;
-        let mut cluster = vec![0u8; shared.geometry.cluster_size() as usize];
-        compress::decompress(shared.header.compression_type, &input, &mut cluster)
-            .map_err(|e| e.at_offset(host_offset))?;
-        let cluster = Arc::new(cluster);
-        *lock() = Some((host_offset, Arc::clone(&cluster)));
-        Ok(cluster)
+        shared.last_compressed.get_or_inflate(host_offset, || {
+            // len is at most 8192 sectors (4 MiB), bounded by the descriptor's field width.
+            let mut input = vec![0u8; len as usize];
+            shared.file.read_exact_at(&mut input, host_offset)?;
+            let cluster_len = shared.geometry.cluster_size() as usize;
+            let mut cluster = vec![0u8; cluster_len];
+            let decoded = match shared.header.compression_type {
+                CompressionType::Zlib => {
+                    inflate(&input, &mut cluster, Deflate::Raw, cluster_len).map(|_| ())
+                }
+                CompressionType::Zstd => zstd_frame(&input, &mut cluster),
+            };
+            decoded.map_err(|e| e.context("compressed cluster").at_offset(host_offset))?;
+            Ok(cluster)
+        })
     }
 
     fn block_status_inner(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {

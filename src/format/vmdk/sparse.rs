@@ -6,11 +6,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use flate2::{Decompress, FlushDecompress};
-
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{request_part, request_part_mut};
+use crate::meta::compress::{inflate, Deflate, LastInflated};
 use crate::meta::table_cache::TableCache;
 
 use super::descriptor::SECTOR_SIZE;
@@ -57,7 +56,7 @@ pub struct SparseExtent {
     /// Bytes of grains allocated by this session.
     allocated: AtomicU64,
     /// The last inflated compressed grain, by its file offset.
-    inflated: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    inflated: LastInflated,
     /// Why this extent cannot be written, if it cannot.
     pub read_only_reason: Option<String>,
 }
@@ -109,7 +108,7 @@ impl SparseExtent {
             allocated: AtomicU64::new(
                 file_len.saturating_sub(header.overhead.saturating_mul(SECTOR_SIZE)),
             ),
-            inflated: Mutex::new(None),
+            inflated: LastInflated::default(),
             read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
             layout,
             header,
@@ -234,16 +233,11 @@ impl SparseExtent {
 
     /// The whole inflated grain number `grain_index` whose marker (or stream) is at `at`.
     fn inflate(&self, at: u64, grain_index: u64) -> Result<Arc<Vec<u8>>> {
-        let cached = self
-            .inflated
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .filter(|(cached_at, _)| *cached_at == at)
-            .map(|(_, data)| Arc::clone(data));
-        if let Some(data) = cached {
-            return Ok(data);
-        }
+        self.inflated
+            .get_or_inflate(at, || self.inflate_uncached(at, grain_index))
+    }
+
+    fn inflate_uncached(&self, at: u64, grain_index: u64) -> Result<Vec<u8>> {
         let grain = self.layout.grain_bytes;
         let file_len = self.file_len.load(Ordering::Acquire);
         let (data_at, len) = if self.header.has_markers() {
@@ -277,30 +271,13 @@ impl SparseExtent {
         let mut compressed = vec![0u8; len as usize];
         self.file.read_exact_at(&mut compressed, data_at)?;
         let mut out = vec![0u8; grain as usize];
-        let mut inflater = Decompress::new(true);
-        let result = inflater.decompress(&compressed, &mut out, FlushDecompress::Finish);
-        // The grain must cover the part of it inside the extent; a full buffer is success.
-        let needed = grain.min(self.size.saturating_sub(grain_index * grain));
-        match result {
-            Ok(_) if inflater.total_out() >= needed => {}
-            Ok(_) => {
-                return Err(Error::corrupt(format!(
-                    "the compressed grain {grain_index} inflates to {} bytes, not {needed}",
-                    inflater.total_out()
-                ))
-                .at_offset(at))
-            }
-            Err(e) => {
-                return Err(Error::corrupt(format!(
-                    "the compressed grain {grain_index} does not inflate: {e}"
-                ))
-                .at_offset(at))
-            }
-        }
-        let data = Arc::new(out);
-        *self.inflated.lock().unwrap_or_else(PoisonError::into_inner) =
-            Some((at, Arc::clone(&data)));
-        Ok(data)
+        // The grain must cover the part of it inside the extent.
+        let needed = grain.min(self.size.saturating_sub(grain_index * grain)) as usize;
+        inflate(&compressed, &mut out, Deflate::Zlib, needed).map_err(|e| {
+            e.context(format!("the compressed grain {grain_index}"))
+                .at_offset(at)
+        })?;
+        Ok(out)
     }
 
     /// Writes `buf` at extent offset `offset`, allocating grains as needed.
