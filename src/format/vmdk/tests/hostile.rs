@@ -228,6 +228,44 @@ fn hostile_descriptors_are_refused_with_their_reason() {
     assert!(img.read_only_reason().unwrap().contains("NOACCESS"));
 }
 
+/// A hand-built descriptor mixing RW and RDONLY flat extents (one with an offset into its
+/// file) and a ZERO extent: each range reads from its own place, and the disk is read-only
+/// because one extent is.
+#[test]
+fn rdonly_flat_and_zero_extents_read_in_descriptor_order() {
+    let dir = TempDir::new();
+    let mut first = vec![1u8; 4096];
+    first[1024..].fill(2);
+    std::fs::write(dir.path().join("a.raw"), &first).unwrap();
+    std::fs::write(dir.path().join("b.raw"), vec![3u8; 2048]).unwrap();
+    let path = dir.path().join("mixed.vmdk");
+    std::fs::write(
+        &path,
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+         createType=\"monolithicFlat\"\n\
+         RW 2 FLAT \"a.raw\" 0\n\
+         RDONLY 4 FLAT \"a.raw\" 2\n\
+         RDONLY 3 ZERO\n\
+         RW 4 FLAT \"b.raw\" 0\n\
+         ddb.adapterType = \"lsilogic\"\n",
+    )
+    .unwrap();
+    let img = try_open(&path, false).unwrap();
+    assert_eq!(img.size(), 13 * 512);
+    let mut all = vec![0xeeu8; 13 * 512];
+    img.read_at(&mut all, 0).unwrap();
+    let mut expected = vec![1u8; 1024];
+    expected.extend_from_slice(&first[1024..3072]);
+    expected.extend_from_slice(&[0u8; 1536]);
+    expected.extend_from_slice(&[3u8; 2048]);
+    assert!(all == expected, "extents read in descriptor order");
+    let reason = img
+        .read_only_reason()
+        .expect("an RDONLY extent makes the disk read-only");
+    assert!(reason.contains("RDONLY"), "{reason}");
+    assert!(img.write_at(&[9u8; 10], 0).is_err());
+}
+
 #[test]
 fn split_extents_without_a_descriptor_are_not_disks() {
     let dir = TempDir::new();
