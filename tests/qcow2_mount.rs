@@ -11,12 +11,7 @@ use common::*;
 
 /// Creates `name` below `src` with `qemu-img create -f qcow2 OPTIONS name size` and fills it.
 fn create(src: &Path, name: &str, options: &[&str], size: &str, fills: &[&str]) {
-    let path = src.join(name);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    args.extend_from_slice(options);
-    args.extend([path_str(&path), size]);
-    qemu_img(&args);
-    qemu_io("qcow2", &path, fills);
+    create_filled(src, "qcow2", name, options, size, fills);
 }
 
 /// Fills that are unaligned, cross cluster boundaries, leave holes and zero clusters (kept and

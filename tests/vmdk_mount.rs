@@ -15,12 +15,7 @@ const MIB: u64 = 1 << 20;
 
 /// Creates `name` below `src` with `qemu-img create -f vmdk OPTIONS name size` and fills it.
 fn create(src: &Path, name: &str, options: &[&str], size: &str, fills: &[&str]) {
-    let path = src.join(name);
-    let mut args = vec!["create", "-q", "-f", "vmdk"];
-    args.extend_from_slice(options);
-    args.extend([path_str(&path), size]);
-    qemu_img(&args);
-    qemu_io("vmdk", &path, fills);
+    create_filled(src, "vmdk", name, options, size, fills);
 }
 
 const FILLS: &[&str] = &[

@@ -101,6 +101,24 @@ pub fn qemu_io(format: &str, image: &Path, commands: &[&str]) {
     run(cmd.arg(image));
 }
 
+/// Creates `src/name` with `qemu-img create -f FORMAT OPTIONS ... SIZE` and fills it with
+/// qemu-io commands.
+pub fn create_filled(
+    src: &Path,
+    format: &str,
+    name: &str,
+    options: &[&str],
+    size: &str,
+    fills: &[&str],
+) {
+    let path = src.join(name);
+    let mut args = vec!["create", "-q", "-f", format];
+    args.extend_from_slice(options);
+    args.extend([path_str(&path), size]);
+    qemu_img(&args);
+    qemu_io(format, &path, fills);
+}
+
 /// The image's content as qemu-img sees it.
 pub fn qemu_raw(format: &str, image: &Path, dir: &TempDir) -> Vec<u8> {
     let out = dir.join("oracle.raw");
