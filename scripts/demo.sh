@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up imgfs, generates a demo directory of images (VDI dynamic, static, nested, one with an
-# ext4 file system; a qcow2 chain with an internal snapshot; a compressed qcow) and mounts it. Usage: scripts/demo.sh [IMAGES_DIR [MOUNT_DIR]]
+# ext4 file system; a qcow2 chain with an internal snapshot; a compressed qcow; a dynamic VHDX;
+# a split VMDK over a parent) and mounts it. Usage: scripts/demo.sh [IMAGES_DIR [MOUNT_DIR]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -33,6 +34,16 @@ if [ ! -e "$images/chain/overlay.qcow2" ]; then
     qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$images/chain/overlay.qcow2"
     qemu-io -f qcow2 -c "write -P 0x33 2M 1M" "$images/chain/overlay.qcow2" >/dev/null
     qemu-img convert -c -f qcow2 -O qcow "$images/chain/overlay.qcow2" "$images/chain/flat.qcow" || true
+fi
+if [ ! -e "$images/vmware/child.vmdk" ]; then
+    mkdir -p "$images/hyperv" "$images/vmware"
+    qemu-img create -q -f vhdx -o subformat=dynamic "$images/hyperv/disk.vhdx" 64M
+    qemu-io -f vhdx -c "write -P 0x44 1M 2M" "$images/hyperv/disk.vhdx" >/dev/null
+    # A disk split into 2 GiB extent files (only the descriptor appears), and a child of it.
+    qemu-img create -q -f vmdk -o subformat=twoGbMaxExtentSparse "$images/vmware/base.vmdk" 3G
+    qemu-io -f vmdk -c "write -P 0x55 2047M 2M" "$images/vmware/base.vmdk" >/dev/null
+    qemu-img create -q -f vmdk -b base.vmdk -F vmdk "$images/vmware/child.vmdk"
+    qemu-io -f vmdk -c "write -P 0x66 0 1M" "$images/vmware/child.vmdk" >/dev/null
 fi
 mkdir -p "$mnt"
 if mountpoint -q "$mnt"; then
