@@ -19,6 +19,10 @@ pub fn u64_le(buf: &[u8], offset: usize, name: &str) -> Result<u64> {
     field::<8>(buf, offset, name).map(u64::from_le_bytes)
 }
 
+pub fn u16_le(buf: &[u8], offset: usize, name: &str) -> Result<u16> {
+    field(buf, offset, name).map(u16::from_le_bytes)
+}
+
 pub fn u16_be(buf: &[u8], offset: usize, name: &str) -> Result<u16> {
     field::<2>(buf, offset, name).map(u16::from_be_bytes)
 }
@@ -35,14 +39,20 @@ pub fn bytes16(buf: &[u8], offset: usize, name: &str) -> Result<[u8; 16]> {
     field::<16>(buf, offset, name)
 }
 
-/// Stores `value` little-endian at `offset`; the caller owns the buffer's layout, so a range
-/// outside it is a programming error reported as `OutOfRange`.
-pub fn put_u32_le(buf: &mut [u8], offset: usize, value: u32) -> Result<()> {
-    let slot = buf
-        .get_mut(offset..offset.saturating_add(4))
-        .ok_or_else(|| Error::out_of_range(format!("store at {offset} outside the buffer")))?;
-    slot.copy_from_slice(&value.to_le_bytes());
+/// Stores `bytes` at `offset`; the caller owns the buffer's layout, so a range outside it is a
+/// programming error reported as `OutOfRange`.
+pub fn put_bytes(buf: &mut [u8], offset: usize, bytes: &[u8]) -> Result<()> {
+    buf.get_mut(offset..offset.saturating_add(bytes.len()))
+        .ok_or_else(|| {
+            Error::out_of_range(format!("internal: store at {offset} outside the buffer"))
+        })?
+        .copy_from_slice(bytes);
     Ok(())
+}
+
+/// Stores `value` little-endian at `offset` (see `put_bytes`).
+pub fn put_u32_le(buf: &mut [u8], offset: usize, value: u32) -> Result<()> {
+    put_bytes(buf, offset, &value.to_le_bytes())
 }
 
 #[cfg(test)]

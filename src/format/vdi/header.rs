@@ -5,7 +5,7 @@
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::meta::bytes::{bytes16, put_u32_le, u32_le, u64_le};
+use crate::meta::bytes::{bytes16, put_bytes, put_u32_le, u32_le, u64_le};
 
 pub const SIGNATURE: u32 = 0xbeda_107f;
 pub const VERSION_1_1: u32 = 0x0001_0001;
@@ -327,13 +327,6 @@ impl Header {
         )?;
         Ok(out)
     }
-}
-
-fn put_bytes(buf: &mut [u8], offset: usize, value: &[u8]) -> Result<()> {
-    buf.get_mut(offset..offset.saturating_add(value.len()))
-        .ok_or_else(|| Error::out_of_range(format!("store at {offset} outside the header")))?
-        .copy_from_slice(value);
-    Ok(())
 }
 
 fn c_string(bytes: Option<&[u8]>) -> String {

@@ -20,7 +20,7 @@ use std::ops::Range;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::meta::bytes::{bytes16, u32_le, u64_le};
+use crate::meta::bytes::{bytes16, put_bytes, u16_le, u32_le, u64_le};
 
 pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
@@ -46,25 +46,7 @@ pub fn guid(buf: &[u8], offset: usize, name: &str) -> Result<Uuid> {
 }
 
 pub fn put_guid(buf: &mut [u8], offset: usize, value: Uuid) -> Result<()> {
-    put(buf, offset, &value.to_bytes_le())
-}
-
-pub fn u16_le(buf: &[u8], offset: usize, name: &str) -> Result<u16> {
-    offset
-        .checked_add(2)
-        .and_then(|end| buf.get(offset..end))
-        .map(|s| u16::from_le_bytes([s[0], s[1]]))
-        .ok_or_else(|| Error::corrupt(format!("field {name} at {offset} is outside the structure")))
-}
-
-/// Stores `bytes` at `offset` of a buffer whose layout the caller owns.
-pub fn put(buf: &mut [u8], offset: usize, bytes: &[u8]) -> Result<()> {
-    buf.get_mut(offset..offset.saturating_add(bytes.len()))
-        .ok_or_else(|| {
-            Error::out_of_range(format!("internal: store at {offset} outside the buffer"))
-        })?
-        .copy_from_slice(bytes);
-    Ok(())
+    put_bytes(buf, offset, &value.to_bytes_le())
 }
 
 /// CRC-32C of `buf` with the 4-byte checksum field at `checksum_at` taken as zero.
@@ -79,9 +61,9 @@ pub fn crc_with_zeroed_field(buf: &[u8], checksum_at: usize) -> u32 {
 
 /// Stores the CRC-32C of `buf` (computed with the field zeroed) at `checksum_at`.
 pub fn seal(buf: &mut [u8], checksum_at: usize) -> Result<()> {
-    put(buf, checksum_at, &[0; 4])?;
+    put_bytes(buf, checksum_at, &[0; 4])?;
     let crc = crc32c::crc32c(buf);
-    put(buf, checksum_at, &crc.to_le_bytes())
+    put_bytes(buf, checksum_at, &crc.to_le_bytes())
 }
 
 /// A fresh random GUID. Read from the kernel's random source: the uniqueness of these GUIDs is
@@ -139,15 +121,15 @@ impl Header {
     /// The 4 KiB on-disk form, checksum included; the reserved space is zero.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut raw = vec![0u8; HEADER_LEN];
-        put(&mut raw, 0, HEADER_SIGNATURE)?;
-        put(&mut raw, 8, &self.sequence.to_le_bytes())?;
+        put_bytes(&mut raw, 0, HEADER_SIGNATURE)?;
+        put_bytes(&mut raw, 8, &self.sequence.to_le_bytes())?;
         put_guid(&mut raw, 16, self.file_write_guid)?;
         put_guid(&mut raw, 32, self.data_write_guid)?;
         put_guid(&mut raw, 48, self.log_guid)?;
-        put(&mut raw, 64, &self.log_version.to_le_bytes())?;
-        put(&mut raw, 66, &self.version.to_le_bytes())?;
-        put(&mut raw, 68, &self.log_length.to_le_bytes())?;
-        put(&mut raw, 72, &self.log_offset.to_le_bytes())?;
+        put_bytes(&mut raw, 64, &self.log_version.to_le_bytes())?;
+        put_bytes(&mut raw, 66, &self.version.to_le_bytes())?;
+        put_bytes(&mut raw, 68, &self.log_length.to_le_bytes())?;
+        put_bytes(&mut raw, 72, &self.log_offset.to_le_bytes())?;
         seal(&mut raw, 4)?;
         Ok(raw)
     }

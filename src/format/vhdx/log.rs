@@ -27,11 +27,11 @@ use std::ops::Range;
 use uuid::Uuid;
 
 use super::header::{
-    crc_with_zeroed_field, guid, overlaps, put, put_guid, seal, MIB, REGION_TABLE_SLOTS,
+    crc_with_zeroed_field, guid, overlaps, put_guid, seal, MIB, REGION_TABLE_SLOTS,
 };
 use crate::error::{Error, Result};
 use crate::host::HostFile;
-use crate::meta::bytes::{u32_le, u64_le};
+use crate::meta::bytes::{put_bytes, u32_le, u64_le};
 
 pub const SECTOR: u64 = 4096;
 const SECTOR_LEN: usize = SECTOR as usize;
@@ -455,14 +455,14 @@ pub fn build_entry(params: &EntryParams, sectors: &[(u64, Vec<u8>)]) -> Result<V
         u32::try_from(count).map_err(|_| Error::out_of_range("internal: descriptor count"))?;
     let seq = params.sequence;
     let mut raw = vec![0u8; entry_len as usize];
-    put(&mut raw, 0, ENTRY_SIGNATURE)?;
-    put(&mut raw, 8, &entry_len32.to_le_bytes())?;
-    put(&mut raw, 12, &params.tail.to_le_bytes())?;
-    put(&mut raw, 16, &seq.to_le_bytes())?;
-    put(&mut raw, 24, &count32.to_le_bytes())?;
+    put_bytes(&mut raw, 0, ENTRY_SIGNATURE)?;
+    put_bytes(&mut raw, 8, &entry_len32.to_le_bytes())?;
+    put_bytes(&mut raw, 12, &params.tail.to_le_bytes())?;
+    put_bytes(&mut raw, 16, &seq.to_le_bytes())?;
+    put_bytes(&mut raw, 24, &count32.to_le_bytes())?;
     put_guid(&mut raw, 32, params.log_guid)?;
-    put(&mut raw, 48, &params.flushed_file_offset.to_le_bytes())?;
-    put(&mut raw, 56, &params.last_file_offset.to_le_bytes())?;
+    put_bytes(&mut raw, 48, &params.flushed_file_offset.to_le_bytes())?;
+    put_bytes(&mut raw, 56, &params.last_file_offset.to_le_bytes())?;
     for (i, (offset, sector)) in sectors.iter().enumerate() {
         if sector.len() != SECTOR_LEN || offset % SECTOR != 0 {
             return Err(Error::out_of_range(
@@ -470,16 +470,16 @@ pub fn build_entry(params: &EntryParams, sectors: &[(u64, Vec<u8>)]) -> Result<V
             ));
         }
         let d = descriptor_at(i as u64);
-        put(&mut raw, d, DESC_SIGNATURE)?;
-        put(&mut raw, d + 4, &sector[SECTOR_LEN - 4..])?;
-        put(&mut raw, d + 8, &sector[..8])?;
-        put(&mut raw, d + 16, &offset.to_le_bytes())?;
-        put(&mut raw, d + 24, &seq.to_le_bytes())?;
+        put_bytes(&mut raw, d, DESC_SIGNATURE)?;
+        put_bytes(&mut raw, d + 4, &sector[SECTOR_LEN - 4..])?;
+        put_bytes(&mut raw, d + 8, &sector[..8])?;
+        put_bytes(&mut raw, d + 16, &offset.to_le_bytes())?;
+        put_bytes(&mut raw, d + 24, &seq.to_le_bytes())?;
         let at = (desc_sectors as usize + i) * SECTOR_LEN;
-        put(&mut raw, at, DATA_SIGNATURE)?;
-        put(&mut raw, at + 4, &((seq >> 32) as u32).to_le_bytes())?;
-        put(&mut raw, at + 8, &sector[8..SECTOR_LEN - 4])?;
-        put(&mut raw, at + SECTOR_LEN - 4, &(seq as u32).to_le_bytes())?;
+        put_bytes(&mut raw, at, DATA_SIGNATURE)?;
+        put_bytes(&mut raw, at + 4, &((seq >> 32) as u32).to_le_bytes())?;
+        put_bytes(&mut raw, at + 8, &sector[8..SECTOR_LEN - 4])?;
+        put_bytes(&mut raw, at + SECTOR_LEN - 4, &(seq as u32).to_le_bytes())?;
     }
     seal(&mut raw, 4)?;
     Ok(raw)

@@ -18,8 +18,9 @@ use std::ops::Range;
 
 use uuid::Uuid;
 
-use super::header::{guid, u16_le, MIB};
+use super::header::{guid, MIB};
 use crate::error::{Error, Result};
+use crate::meta::bytes::u16_le;
 use crate::meta::bytes::{u32_le, u64_le};
 
 pub const TABLE_LEN: usize = 64 * 1024;
