@@ -116,7 +116,8 @@ fn threaded_random_writes_pass_qemu_check_and_compare_equal() {
     let mount = Mount::new(&src, &dir.join("mnt"), &[]);
     for (i, name) in names.iter().enumerate() {
         let size = expected[i].len() as u64;
-        let plan = plan_threaded_writes(&mut expected[i], 4, 30, 100_000, size - 8192, 2 * MIB);
+        let plan =
+            plan_threaded_writes(&mut expected[i], 4, 30, 100_000, size - 2 * MIB, size - MIB);
         run_threaded_writes(&mount.path(&format!("{name}.raw")), &plan);
     }
     for (i, name) in names.iter().enumerate() {
@@ -349,7 +350,7 @@ fn images_with_4k_logical_sectors_take_threaded_writes() {
         std::fs::read(&raw).unwrap() == expected,
         "served before writes"
     );
-    let plan = plan_threaded_writes(&mut expected, 4, 30, 100_000, size - 8192, 2 * MIB);
+    let plan = plan_threaded_writes(&mut expected, 4, 30, 100_000, size - 2 * MIB, size - MIB);
     run_threaded_writes(&raw, &plan);
     assert!(std::fs::read(&raw).unwrap() == expected, "read back");
     mount.unmount();

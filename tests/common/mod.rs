@@ -249,6 +249,11 @@ pub fn plan_threaded_writes(
     span: u64,
     shared_at: u64,
 ) -> Vec<Vec<(u64, Vec<u8>)>> {
+    // Inside the span the shared writes would race the threads' own: no single expected result.
+    assert!(
+        shared_at >= span,
+        "the shared region must lie past the threads' regions"
+    );
     let region = span / threads;
     let mut plans = Vec::new();
     for t in 0..threads {
