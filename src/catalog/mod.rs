@@ -54,9 +54,9 @@ impl Opener for FormatOpener {
     fn open(&self, path: &Path, links: &mut dyn Links) -> Result<Option<Arc<dyn Image>>> {
         match format::probe_file(path)? {
             None => Ok(None),
-            // Parts of a disk described elsewhere appear through that disk only.
-            Some(_) if format::is_part_of_another_image(path)? => Ok(None),
-            Some(_) => format::open(path, &self.options, links).map(Some),
+            // Parts of a disk described elsewhere (VMDK extents) appear through that disk only.
+            Some(Format::Vmdk) if format::is_part_of_another_image(path)? => Ok(None),
+            Some(probed) => format::open_probed(path, probed, &self.options, links).map(Some),
         }
     }
 
@@ -523,6 +523,8 @@ impl Links for CatalogLinks<'_> {
         let probed = self.opener.probe(path)?;
         // A file read as another format than it has is a private instance, never served.
         let shared = probed.is_some() && (format.is_none() || format == probed);
+        // Probed once here; a file that is no image is read raw, as QEMU does.
+        let format = Some(format.or(probed).unwrap_or(Format::Raw));
         if shared {
             if let Some(open) = self.state.open.get(path) {
                 if open.image.read_only_reason().is_some() {

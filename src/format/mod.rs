@@ -111,12 +111,22 @@ const LOCK_UNSHARED_RESIZE: u64 = 203;
 /// file's permissions or the image itself say otherwise. Backing files are opened through
 /// `links`, read-only.
 pub fn open(path: &Path, options: &OpenOptions, links: &mut dyn Links) -> Result<Arc<dyn Image>> {
-    let top = path
-        .canonicalize()
-        .map_err(|e| Error::io("resolve", e).with_path(path))?;
     let format = probe_file(path)
         .and_then(|f| f.ok_or_else(|| Error::unsupported("not a disk image imgfs recognises")))
         .map_err(|e| e.with_path(path))?;
+    open_probed(path, format, options, links)
+}
+
+/// `open` for a file whose format the caller has already probed.
+pub fn open_probed(
+    path: &Path,
+    format: Format,
+    options: &OpenOptions,
+    links: &mut dyn Links,
+) -> Result<Arc<dyn Image>> {
+    let top = path
+        .canonicalize()
+        .map_err(|e| Error::io("resolve", e).with_path(path))?;
     open_as(path, format, options, None, &Chain::top(&top), links).map_err(|e| e.with_path(path))
 }
 
