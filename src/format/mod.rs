@@ -198,26 +198,16 @@ fn open_as(
     links: &mut dyn Links,
 ) -> Result<Arc<dyn Image>> {
     let want_write = !options.read_only && !options.inspect;
-    let (file, host_reason) = if want_write {
-        match HostFile::open(path, true) {
-            Ok(f) => (f, None),
-            Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EROFS => (
-                HostFile::open(path, false)?,
-                Some("the image file is not writable".to_string()),
-            ),
-            Err(e) => return Err(e),
-        }
+    let file = open_claimed(path, want_write, options.inspect)?;
+    let host_reason = if want_write {
+        (!file.is_writable()).then(|| "the image file is not writable".to_string())
     } else {
-        let reason = match reason {
+        Some(match reason {
             Some(reason) => reason,
             None if options.inspect => INSPECT_REASON.to_string(),
             None => "served read-only by request".to_string(),
-        };
-        (HostFile::open(path, false)?, Some(reason))
+        })
     };
-    if !options.inspect {
-        claim_like_qemu(&file)?;
-    }
     let image: Arc<dyn Image> = match format {
         Format::Vdi => Arc::new(vdi::VdiImage::open(file, host_reason)?),
         Format::Qcow => {
@@ -300,17 +290,9 @@ fn open_vmdk_extents(
             continue;
         }
         // An extent file we may not write makes the disk read-only, as for the top file.
-        let file = match HostFile::open(&path, top_file.is_writable()) {
-            Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EROFS => {
-                HostFile::open(&path, false)
-            }
-            other => other,
-        }
-        .map_err(|e| e.with_path(&path))?;
-        if !inspect {
-            claim_like_qemu(&file).map_err(|e| e.with_path(&path))?;
-        }
-        let file = Arc::new(file);
+        let file = Arc::new(
+            open_claimed(&path, top_file.is_writable(), inspect).map_err(|e| e.with_path(&path))?,
+        );
         opened.push((path, Arc::clone(&file)));
         files.push(file);
     }
@@ -400,6 +382,22 @@ fn open_vhdx_parent(
         "the parent of this differencing image was not found: {}",
         reasons.join("; ")
     )))
+}
+
+/// Opens `path` for writing when `writable` (read-only where the host refuses writes: the file's
+/// permissions or a read-only file system; `HostFile::is_writable` tells) and, unless only
+/// inspecting, claims it with QEMU's lock bytes.
+fn open_claimed(path: &Path, writable: bool, inspect: bool) -> Result<HostFile> {
+    let file = match HostFile::open(path, writable) {
+        Err(e) if writable && (e.errno() == libc::EACCES || e.errno() == libc::EROFS) => {
+            HostFile::open(path, false)?
+        }
+        other => other?,
+    };
+    if !inspect {
+        claim_like_qemu(&file)?;
+    }
+    Ok(file)
 }
 
 /// Refuses an image that a QEMU process writes (or will not let others write) and announces our
