@@ -18,6 +18,8 @@ pub struct HostFile {
     file: File,
     path: PathBuf,
     writable: bool,
+    /// The lock bytes `lock_bytes` took, released on drop.
+    locked: std::sync::Mutex<Vec<u64>>,
 }
 
 impl HostFile {
@@ -31,6 +33,7 @@ impl HostFile {
             file,
             path: path.to_path_buf(),
             writable,
+            locked: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -105,8 +108,9 @@ impl HostFile {
     }
 
     /// Takes shared (read) OFD locks on single bytes, the way QEMU announces the permissions it
-    /// holds and the ones it refuses to share. Released when the file is closed.
+    /// holds and the ones it refuses to share. Released when the `HostFile` is dropped.
     pub fn lock_bytes(&self, bytes: &[u64]) -> Result<()> {
+        let mut locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
         for &byte in bytes {
             let mut lock = ofd_lock(libc::F_RDLCK, byte);
             // SAFETY: fcntl on a file descriptor we own, with a valid flock struct.
@@ -118,6 +122,7 @@ impl HostFile {
                 ))
                 .with_path(&self.path));
             }
+            locked.push(byte);
         }
         Ok(())
     }
@@ -133,6 +138,22 @@ impl HostFile {
             return Err(Error::io("probe lock", e).with_path(&self.path));
         }
         Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
+    }
+}
+
+impl Drop for HostFile {
+    /// Releases the lock bytes before the descriptor closes. Closing alone releases them only
+    /// with the last reference to the open file description, and a child process between fork
+    /// and exec (started by any thread) holds a reference for a moment: an image closed and
+    /// reopened right then would look held by another process.
+    fn drop(&mut self) {
+        let locked = self.locked.get_mut().unwrap_or_else(|p| p.into_inner());
+        for &byte in locked.iter() {
+            let mut lock = ofd_lock(libc::F_UNLCK, byte);
+            // SAFETY: fcntl on a file descriptor we own, with a valid flock struct. A failure
+            // leaves the lock to the close that follows.
+            unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &mut lock) };
+        }
     }
 }
 
@@ -184,6 +205,22 @@ mod tests {
         let mut buf = [0xffu8; 6];
         f.read_exact_at(&mut buf, 1).unwrap();
         assert_eq!(&buf, b"bc\0\0\0\0");
+    }
+
+    #[test]
+    fn dropping_releases_the_lock_bytes_even_while_the_description_lives_on() {
+        let dir = crate::testutil::TempDir::new();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 512]).unwrap();
+        let holder = HostFile::open(&path, true).unwrap();
+        holder.lock_bytes(&[101]).unwrap();
+        // A duplicate descriptor, as a child between fork and exec would hold.
+        let duplicate = holder.file.try_clone().unwrap();
+        let prober = HostFile::open(&path, false).unwrap();
+        assert!(prober.byte_locked_by_other(101).unwrap());
+        drop(holder);
+        assert!(!prober.byte_locked_by_other(101).unwrap());
+        drop(duplicate);
     }
 
     #[test]
