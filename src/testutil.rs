@@ -380,3 +380,51 @@ pub fn qemu_raw_of(path: &Path, extra: &str) -> Option<Vec<u8>> {
     std::fs::remove_file(&out).unwrap();
     Some(bytes)
 }
+
+/// `qemu-img check` of the `format` image at `path` must pass: its exit status is non-zero for
+/// corruptions (2) and for leaked clusters (3) alike.
+pub fn assert_qemu_check_clean(format: &str, path: &Path) {
+    let Some(out) = qemu("qemu-img", &["check", "-f", format, path_str(path)]) else {
+        return;
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("ERROR") && !text.contains("leak"),
+        "qemu-img check {}: {text}",
+        path.display()
+    );
+}
+
+/// `qemu-img compare` of the `format` image at `path` with the raw bytes `expected` must say
+/// identical.
+pub fn assert_qemu_compare_equal(format: &str, path: &Path, expected: &[u8]) {
+    let raw = path.with_extension("expected-compare.raw");
+    std::fs::write(&raw, expected).unwrap();
+    let out = qemu(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            format,
+            path_str(&raw),
+            path_str(path),
+        ],
+    );
+    std::fs::remove_file(&raw).unwrap();
+    let Some(out) = out else {
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "qemu-img compare {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

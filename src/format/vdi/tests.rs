@@ -10,7 +10,9 @@ use super::header::testing::{header, image_bytes, patch_u32};
 use super::header::{ImageType, DISCARDED as D, UNALLOCATED as U};
 use super::*;
 use crate::error::ErrorKind;
-use crate::testutil::{assert_mutations_never_panic, exercise_image, qemu, Rng, TempDir};
+use crate::testutil::{
+    assert_mutations_never_panic, assert_qemu_check_clean, exercise_image, qemu, Rng, TempDir,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -55,26 +57,6 @@ fn qemu_create(dir: &TempDir, options: &[&str], size: &str) -> Option<PathBuf> {
         String::from_utf8_lossy(&out.stderr)
     );
     Some(path)
-}
-
-fn assert_qemu_check_clean(path: &Path) {
-    let Some(out) = qemu(
-        "qemu-img",
-        &[
-            "check".as_ref(),
-            "-f".as_ref(),
-            "vdi".as_ref(),
-            path.as_os_str(),
-        ],
-    ) else {
-        return;
-    };
-    assert!(
-        out.status.success(),
-        "qemu-img check: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Asserts with qemu-io that `len` bytes at `offset` all equal `pattern`.
@@ -173,7 +155,7 @@ fn qemu_static_image_is_data_and_written_in_place() {
     img.flush().unwrap();
     drop(img);
     assert_eq!(std::fs::metadata(&path).unwrap().len(), len_before);
-    assert_qemu_check_clean(&path);
+    assert_qemu_check_clean("vdi", &path);
     assert_qemu_reads(&path, 0xab, 3 * MIB - 4096, 8192);
     assert_qemu_reads(&path, 0, 0, 3 * MIB - 4096);
 }
@@ -443,7 +425,7 @@ fn concurrent_writers_allocate_each_block_once() {
         assert!(buf[THREADS * 4096..].iter().all(|&b| b == 0));
     }
     drop(img);
-    assert_qemu_check_clean(&path);
+    assert_qemu_check_clean("vdi", &path);
 }
 
 #[test]
@@ -544,7 +526,7 @@ fn qemu_sees_what_we_wrote_and_we_see_what_qemu_wrote() {
     img.flush().unwrap();
     drop(img);
 
-    assert_qemu_check_clean(&path);
+    assert_qemu_check_clean("vdi", &path);
     assert_qemu_reads(&path, 0xab, 0, 4096);
     assert_qemu_reads(&path, 0, 4096, MIB - 4096);
     assert_qemu_reads(&path, 0xcd, 5 * MIB - 4096, 8192);
@@ -574,7 +556,7 @@ fn virtualbox_layout_with_other_offsets_round_trips() {
     assert_eq!(bmap_entry(&path, 1024, 3), 1);
     assert_eq!(on_disk.len() as u64, 8192 + 2 * MIB);
     assert_eq!(&on_disk[8192..8192 + 4096], &[0xab; 4096]);
-    assert_qemu_check_clean(&path);
+    assert_qemu_check_clean("vdi", &path);
     assert_qemu_reads(&path, 0xab, 0, 4096);
     assert_qemu_reads(&path, 0xcd, 3 * MIB, 512);
 }

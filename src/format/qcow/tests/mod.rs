@@ -53,29 +53,7 @@ fn qemu_raw(path: &Path) -> Option<Vec<u8>> {
 
 /// Asserts that QEMU reads exactly `expected` from the image (`qemu-img compare`).
 fn assert_qemu_compare(path: &Path, expected: &[u8]) {
-    let raw = path.with_extension("expected.raw");
-    std::fs::write(&raw, expected).unwrap();
-    let Some(out) = qemu(
-        "qemu-img",
-        &[
-            "compare".as_ref(),
-            "-f".as_ref(),
-            "qcow".as_ref(),
-            "-F".as_ref(),
-            "raw".as_ref(),
-            path.as_os_str(),
-            raw.as_os_str(),
-        ],
-    ) else {
-        return;
-    };
-    assert!(
-        out.status.success(),
-        "qemu-img compare: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::remove_file(&raw).unwrap();
+    crate::testutil::assert_qemu_compare_equal("qcow", path, expected);
 }
 
 fn try_open(path: &Path, backing: Option<Backing>) -> Result<QcowImage> {

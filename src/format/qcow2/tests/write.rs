@@ -110,39 +110,6 @@ fn run_threads(img: &Arc<Qcow2Image>, plans: Vec<Vec<(u64, Vec<u8>)>>) {
     threads.into_iter().for_each(|h| h.join().unwrap());
 }
 
-/// `qemu-img check` must report neither errors nor leaks.
-fn assert_check_clean(path: &Path) {
-    let out = qemu("qemu-img", &["check", p(path)]).unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("ERROR") && !text.contains("leaked"),
-        "qemu-img check {}: {text}",
-        path.display()
-    );
-}
-
-/// `qemu-img compare` of `path` with the raw bytes `expected` must say identical.
-fn assert_compare_equal(path: &Path, expected: &[u8]) {
-    let raw = path.with_extension("compare.raw");
-    std::fs::write(&raw, expected).unwrap();
-    let out = qemu(
-        "qemu-img",
-        &["compare", "-f", "raw", "-F", "qcow2", p(&raw), p(path)],
-    )
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img compare: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::remove_file(&raw).unwrap();
-}
-
 /// Builds the image `setup` describes in `dir`; returns its path and the backing to pass.
 fn build(dir: &TempDir, setup: Setup) -> Option<(PathBuf, Option<Backing>)> {
     let path = dir.path().join("w.qcow2");
@@ -541,4 +508,12 @@ fn racing_partial_writes_into_one_cluster_allocate_it_once_and_keep_every_byte()
         assert_check_clean(&path);
         assert_compare_equal(&path, &expected);
     }
+}
+
+fn assert_check_clean(path: &Path) {
+    crate::testutil::assert_qemu_check_clean("qcow2", path);
+}
+
+fn assert_compare_equal(path: &Path, expected: &[u8]) {
+    crate::testutil::assert_qemu_compare_equal("qcow2", path, expected);
 }

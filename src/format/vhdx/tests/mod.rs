@@ -93,45 +93,6 @@ pub fn qemu_raw(dir: &TempDir, path: &Path) -> PathBuf {
     out
 }
 
-pub fn assert_qemu_check_clean(path: &Path) {
-    let Some(out) = qemu("qemu-img", &["check", "-f", "vhdx", path_str(path)]) else {
-        return;
-    };
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("ERROR") && !text.contains("leak"),
-        "qemu-img check: {text}"
-    );
-}
-
-pub fn assert_qemu_compare_equal(dir: &TempDir, path: &Path, expected: &[u8]) {
-    let raw = dir.path().join("expected.raw");
-    std::fs::write(&raw, expected).unwrap();
-    let out = qemu(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "vhdx",
-            path_str(&raw),
-            path_str(path),
-        ],
-    )
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img compare: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 pub fn try_open(path: &Path) -> Result<VhdxImage> {
     VhdxImage::open(HostFile::open(path, true)?, None, None)
 }
@@ -569,4 +530,12 @@ fn read_only_images_refuse_writes_and_never_touch_the_file() {
     let img = VhdxImage::open(HostFile::open(&path, false).unwrap(), None, None).unwrap();
     assert!(img.read_only_reason().unwrap().contains("opened read-only"));
     assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+pub fn assert_qemu_check_clean(path: &Path) {
+    crate::testutil::assert_qemu_check_clean("vhdx", path);
+}
+
+pub fn assert_qemu_compare_equal(_dir: &TempDir, path: &Path, expected: &[u8]) {
+    crate::testutil::assert_qemu_compare_equal("vhdx", path, expected);
 }

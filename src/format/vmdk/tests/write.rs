@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::{create, p, qemu_io, qemu_raw, read_all, run, try_open, FILLS, MIB};
 use crate::image::Image;
-use crate::testutil::{qemu, Rng, TempDir};
+use crate::testutil::{Rng, TempDir};
 
 /// Random unaligned writes for four threads, each in its own quarter of `[0, span)`, plus
 /// 999 bytes each into one shared grain at `shared`; `expected` gets every write.
@@ -43,39 +43,6 @@ fn run_threads(img: &Arc<dyn Image>, plans: Vec<Vec<(u64, Vec<u8>)>>) {
             });
         }
     });
-}
-
-fn assert_check_clean(path: &Path) {
-    let Some(out) = qemu("qemu-img", &["check", "-f", "vmdk", p(path)]) else {
-        return;
-    };
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("ERROR"),
-        "check: {text}"
-    );
-}
-
-fn assert_compare_equal(path: &Path, expected: &[u8]) {
-    let raw = path.with_extension("want.raw");
-    std::fs::write(&raw, expected).unwrap();
-    let Some(out) = qemu(
-        "qemu-img",
-        &["compare", "-f", "raw", "-F", "vmdk", p(&raw), p(path)],
-    ) else {
-        return;
-    };
-    assert!(
-        out.status.success(),
-        "compare: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::remove_file(&raw).unwrap();
 }
 
 /// Writes from four threads into `path`, reads back, flushes, reopens, and has qemu-img
@@ -227,4 +194,12 @@ fn a_crash_before_flush_leaves_the_old_disk_intact() {
     expected[10..110].fill(0x98);
     assert_check_clean(&path);
     assert_compare_equal(&path, &expected);
+}
+
+fn assert_check_clean(path: &Path) {
+    crate::testutil::assert_qemu_check_clean("vmdk", path);
+}
+
+fn assert_compare_equal(path: &Path, expected: &[u8]) {
+    crate::testutil::assert_qemu_compare_equal("vmdk", path, expected);
 }
