@@ -21,6 +21,8 @@ pub enum ErrorKind {
     OutOfRange,
     /// Another process (e.g. QEMU) holds the image in a conflicting way.
     Busy,
+    /// The image file changed or went away under an open instance of it.
+    Stale,
 }
 
 impl ErrorKind {
@@ -32,6 +34,7 @@ impl ErrorKind {
             ErrorKind::ReadOnly => libc::EROFS,
             ErrorKind::OutOfRange => libc::EINVAL,
             ErrorKind::Busy => libc::EBUSY,
+            ErrorKind::Stale => libc::ESTALE,
         }
     }
 
@@ -43,6 +46,7 @@ impl ErrorKind {
             ErrorKind::ReadOnly => "read-only",
             ErrorKind::OutOfRange => "out of range",
             ErrorKind::Busy => "busy",
+            ErrorKind::Stale => "stale",
         }
     }
 }

@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+pub mod activity;
+
+use activity::WriteActivity;
+
 /// The page size the host page cache works in; a write that covers only part of one makes the
 /// host file system read the rest.
 const HOST_PAGE: u64 = 4096;
@@ -20,6 +24,8 @@ pub struct HostFile {
     writable: bool,
     /// The lock bytes `lock_bytes` took, released on drop.
     locked: std::sync::Mutex<Vec<u64>>,
+    /// Counts this process's writes to the file (for files opened writable).
+    activity: Option<std::sync::Arc<WriteActivity>>,
 }
 
 impl HostFile {
@@ -29,11 +35,21 @@ impl HostFile {
             .write(writable)
             .open(path)
             .map_err(|e| Error::io("open", e).with_path(path))?;
+        let activity = if writable {
+            use std::os::unix::fs::MetadataExt;
+            let meta = file
+                .metadata()
+                .map_err(|e| Error::io("stat", e).with_path(path))?;
+            Some(activity::activity_of((meta.dev(), meta.ino())))
+        } else {
+            None
+        };
         Ok(HostFile {
             file,
             path: path.to_path_buf(),
             writable,
             locked: std::sync::Mutex::new(Vec::new()),
+            activity,
         })
     }
 
@@ -66,7 +82,12 @@ impl HostFile {
 
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.warm_partial_pages(offset, buf.len() as u64);
-        self.file.write_all_at(buf, offset).map_err(|e| {
+        let write = || self.file.write_all_at(buf, offset);
+        let written = match &self.activity {
+            Some(activity) => activity.around(write),
+            None => write(),
+        };
+        written.map_err(|e| {
             Error::io("write", e)
                 .at_offset(offset)
                 .with_path(&self.path)

@@ -36,6 +36,9 @@ pub struct MemImage {
     pub read_only: Option<String>,
     /// Names of fake internal snapshots; snapshot i reads as bytes i + 1.
     pub snapshots: Vec<String>,
+    /// Kept open like a real image keeps its backing file (never read).
+    #[allow(dead_code)]
+    pub backing: Option<std::sync::Arc<dyn crate::image::Image>>,
 }
 
 pub const MEM_BLOCK: u64 = 4096;
@@ -48,6 +51,7 @@ impl MemImage {
             flushes: AtomicU64::new(0),
             read_only,
             snapshots: Vec::new(),
+            backing: None,
         }
     }
 }
@@ -161,10 +165,27 @@ impl crate::image::Image for MemImage {
 /// Opens files whose first line is `FAKEIMG <size>` as `MemImage`s of that size (read-only when
 /// the line ends in a space; a second line `backing <name>` names a backing file, opened through
 /// the links), files starting with `BADIMG` as failing images, and hides everything else;
-/// counts its opens.
+/// counts the opens that serve an image (not the inspecting ones) and the probes; while
+/// `transient_failures` is above zero, each open fails with EMFILE and counts it down.
 #[derive(Default)]
 pub struct FakeOpener {
     pub opens: std::sync::Arc<AtomicU64>,
+    pub probes: std::sync::Arc<AtomicU64>,
+    pub transient_failures: std::sync::Arc<AtomicU64>,
+}
+
+impl FakeOpener {
+    fn fail_transiently(&self) -> crate::error::Result<()> {
+        let left = &self.transient_failures;
+        if left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            let e = std::io::Error::from_raw_os_error(libc::EMFILE);
+            return Err(crate::error::Error::io("open", e));
+        }
+        Ok(())
+    }
 }
 
 /// A fake image file: its size, read-only flag, backing name and snapshot names.
@@ -197,49 +218,74 @@ fn parse_fake(path: &Path) -> Option<FakeFile> {
 
 impl crate::catalog::Opener for FakeOpener {
     fn probe(&self, path: &Path) -> crate::error::Result<Option<crate::format::Format>> {
-        Ok(parse_fake(path).map(|_| crate::format::Format::Vdi))
+        self.probes.fetch_add(1, Ordering::Relaxed);
+        let head = std::fs::read(path).unwrap_or_default();
+        let image = head.starts_with(b"BADIMG") || parse_fake(path).is_some();
+        Ok(image.then_some(crate::format::Format::Vdi))
     }
 
     fn open(
         &self,
         path: &Path,
+        _format: crate::format::Format,
+        options: &crate::format::OpenOptions,
         links: &mut dyn crate::format::links::Links,
-    ) -> crate::error::Result<Option<std::sync::Arc<dyn crate::image::Image>>> {
-        if std::fs::read(path)
-            .unwrap_or_default()
-            .starts_with(b"BADIMG")
-        {
-            return Err(crate::error::Error::corrupt("bad magic in test image"));
+    ) -> crate::error::Result<std::sync::Arc<dyn crate::image::Image>> {
+        self.fail_transiently()?;
+        let fake = parse_fake(path)
+            .ok_or_else(|| crate::error::Error::corrupt("bad magic in test image"))?;
+        if !options.inspect {
+            self.opens.fetch_add(1, Ordering::Relaxed);
         }
-        let Some(fake) = parse_fake(path) else {
-            return Ok(None);
-        };
-        self.opens.fetch_add(1, Ordering::Relaxed);
+        let mut backing = None;
         if let Some(name) = &fake.backing {
             let chain = crate::format::links::Chain::top(path);
             let backing_path =
                 crate::format::links::resolve(links.root(), path, name.as_ref(), "backing file")?;
-            links.open_backing(&backing_path, None, &chain)?;
+            backing = Some(links.open_backing(&backing_path, None, &chain)?);
         }
-        let read_only = fake.read_only.then(|| "test read-only".to_string());
-        Ok(Some(std::sync::Arc::new(MemImage {
+        let read_only = match (fake.read_only, options.read_only && !options.inspect) {
+            (true, _) => Some("test read-only".to_string()),
+            (false, true) => Some(
+                options
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "served read-only by request".into()),
+            ),
+            (false, false) => None,
+        };
+        Ok(std::sync::Arc::new(MemImage {
             snapshots: fake.snapshots,
+            backing,
             ..MemImage::new(fake.size, read_only)
-        })))
+        }))
     }
 
     fn open_backing(
         &self,
         path: &Path,
         _format: Option<crate::format::Format>,
-        _chain: &crate::format::links::Chain,
-        _links: &mut dyn crate::format::links::Links,
+        chain: &crate::format::links::Chain,
+        links: &mut dyn crate::format::links::Links,
+        inspect: bool,
     ) -> crate::error::Result<std::sync::Arc<dyn crate::image::Image>> {
+        let below = chain.below(path)?;
         let fake =
             parse_fake(path).ok_or_else(|| crate::error::Error::corrupt("not a fake image"))?;
-        self.opens.fetch_add(1, Ordering::Relaxed);
+        if !inspect {
+            self.opens.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut backing = None;
+        if let Some(name) = &fake.backing {
+            let backing_path =
+                crate::format::links::resolve(links.root(), path, name.as_ref(), "backing file")?;
+            backing = Some(links.open_backing(&backing_path, None, &below)?);
+        }
         let reason = Some("test backing file".to_string());
-        Ok(std::sync::Arc::new(MemImage::new(fake.size, reason)))
+        Ok(std::sync::Arc::new(MemImage {
+            backing,
+            ..MemImage::new(fake.size, reason)
+        }))
     }
 }
 

@@ -103,6 +103,8 @@ fn qemu_cannot_write_what_imgfs_serves_and_imgfs_skips_what_qemu_writes() {
         "served once QEMU lets go"
     );
 
+    // While a file is open through the mount, imgfs holds QEMU's lock bytes.
+    let open = std::fs::File::open(mount.path("served.vdi.raw")).unwrap();
     let out = Command::new("qemu-io")
         .args(["-f", "vdi", "-c", "write 0 512"])
         .arg(&served)
@@ -114,6 +116,12 @@ fn qemu_cannot_write_what_imgfs_serves_and_imgfs_skips_what_qemu_writes() {
         "qemu-io must be refused: {text}"
     );
     run(Command::new("qemu-img").args(["info", "-U"]).arg(&served));
+    // Closed, written back and let go: an image nobody has open holds no lock and no
+    // descriptor, and what QEMU writes then is what the mount serves next.
+    drop(open);
+    release_idle(&mount.mnt);
+    qemu_io("vdi", &served, &["write -P 0x5a 0 512"]);
+    assert_eq!(read_range(&mount.path("served.vdi.raw"), 0, 512), [0x5a; 512]);
     mount.unmount();
     qemu_io("vdi", &served, &["write 0 512"]);
 }

@@ -1,19 +1,52 @@
-//! The catalog: maps the source tree onto the raw-file namespace. Directories are mirrored,
-//! every image (recognised by its magic through an `Opener`) appears as `<name>.raw`, other
-//! files do not appear. Images are opened once and cached by file identity, so a file replaced
-//! under the same name is reopened, and a bad image is logged once, not on every listing.
+//! The catalog: maps the source tree onto the raw-file namespace and decides which instance of
+//! which image a name means, and whether it may be written.
+//!
+//! - Directories are mirrored; every image (recognised by its magic through an `Opener`)
+//!   appears as `<name>.raw`, its internal snapshots under `<name>.snapshots/`; other files do
+//!   not appear. A name that would exceed NAME_MAX with the suffix is left out and logged.
+//! - Each image file is known as a version (`ImageFile`): its identity (device, inode, size,
+//!   mtime, ctime, header bytes) and a summary read once with an inspecting open. Every look
+//!   (listing, lookup, open, the periodic refresh) compares the file with its version; changes
+//!   this process's own writes explain keep it, any other content change starts a new version.
+//!   Handles opened on the old version keep their instance; an instance whose file was
+//!   overwritten in place is retired, so nothing stale is ever written back into the new file.
+//! - Backing-file roles come from the tree (`Roles`): a file in any image's chain is read-only
+//!   from its first listing and writable again once no image above it is left in the tree.
+//!   A new image above a file that is open for writing through the mount waits (hidden, retried)
+//!   until those handles close.
+//! - Instances are opened only for handles (and for the images above them), shared per file
+//!   (hard links and bind mounts included), and closed once unused for a while
+//!   (`close_idle`), so an image nobody has open holds no descriptor and no lock.
+//! - No file I/O happens under the state lock: stats, probes and opens run outside it and their
+//!   results are installed under it. Instance opens are serialised by a second lock that
+//!   lookups and listings never take.
+//!
+//! Transient failures (EMFILE, a busy image) are retried on every look and by the refresh;
+//! other failures are logged once per file version and retried when the file changes.
 
-use std::collections::HashMap;
+mod open;
+mod record;
+mod roles;
+mod served;
+mod summary;
+
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::links::{Chain, Links};
-use crate::format::{self, Format, OpenOptions};
-use crate::image::Image;
+use crate::host::activity::own_writes;
+
+pub use open::ImageAttrs;
+use record::{Change, FileIdentity};
+pub use record::{FileId, FileStat, ImageFile, SnapshotSummary};
+use roles::Roles;
+pub use served::{ImageHandle, Served};
+use summary::{summarize, Outcome};
+pub use summary::{FormatOpener, Opener};
 
 /// The suffix that turns an image's file name into its raw file's name.
 pub const RAW_SUFFIX: &str = ".raw";
@@ -22,60 +55,20 @@ pub const RAW_SUFFIX: &str = ".raw";
 /// internal snapshots (`disk.qcow2.snapshots/<snapshot>.raw`, read-only).
 pub const SNAPSHOTS_SUFFIX: &str = ".snapshots";
 
-/// Opens files of the source tree as images.
-pub trait Opener: Send + Sync {
-    /// The format of the file at `path`, `None` for a file that is not an image.
-    fn probe(&self, path: &Path) -> Result<Option<Format>> {
-        format::probe_file(path)
-    }
+/// The longest file name the kernel accepts (NAME_MAX).
+const NAME_MAX: usize = 255;
 
-    /// `Ok(None)` for a file that is not an image (silently hidden); `Err` for an image that
-    /// cannot be served (hidden and logged once).
-    fn open(&self, path: &Path, links: &mut dyn Links) -> Result<Option<Arc<dyn Image>>>;
-
-    /// Opens `path` read-only as a backing file of the images in `chain`.
-    fn open_backing(
-        &self,
-        path: &Path,
-        format: Option<Format>,
-        chain: &Chain,
-        links: &mut dyn Links,
-    ) -> Result<Arc<dyn Image>> {
-        format::open_backing_file(path, format, chain, links, false)
-    }
-}
-
-/// The real opener: recognises formats by magic and opens them with `format::open`.
-pub struct FormatOpener {
-    pub options: OpenOptions,
-}
-
-impl Opener for FormatOpener {
-    fn open(&self, path: &Path, links: &mut dyn Links) -> Result<Option<Arc<dyn Image>>> {
-        match format::probe_file(path)? {
-            None => Ok(None),
-            // Parts of a disk described elsewhere (VMDK extents) appear through that disk only.
-            Some(Format::Vmdk) if format::is_part_of_another_image(path)? => Ok(None),
-            Some(probed) => format::open_probed(path, probed, &self.options, links).map(Some),
-        }
-    }
-
-    fn open_backing(
-        &self,
-        path: &Path,
-        format: Option<Format>,
-        chain: &Chain,
-        links: &mut dyn Links,
-    ) -> Result<Arc<dyn Image>> {
-        format::open_backing_file(path, format, chain, links, self.options.inspect)
-    }
-}
-
-/// What a name in the raw namespace stands for.
+/// What a name of the raw namespace stands for.
 #[derive(Clone)]
-pub enum EntryKind {
-    Dir,
-    Image(Arc<dyn Image>),
+pub enum Target {
+    /// A directory of the source tree (relative path).
+    Dir(PathBuf),
+    /// An image file's raw file.
+    Image(Arc<ImageFile>),
+    /// The directory of an image's internal snapshots.
+    SnapshotsDir(Arc<ImageFile>),
+    /// One internal snapshot (by file name, without `.raw`).
+    Snapshot(Arc<ImageFile>, String),
 }
 
 /// One visible entry of a directory of the raw namespace.
@@ -83,74 +76,95 @@ pub enum EntryKind {
 pub struct Entry {
     /// The name under the mount point (`disk.vdi.raw`, or a directory's own name).
     pub name: OsString,
-    /// The file or directory in the source tree it comes from.
-    pub source: PathBuf,
-    pub kind: EntryKind,
+    pub target: Target,
 }
 
-/// Identifies one version of a source file: a changed identity means "look again".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileIdentity {
-    dev: u64,
-    ino: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-    size: u64,
+/// Why a file is not served.
+#[derive(Debug, Clone)]
+struct Problem {
+    message: String,
+    /// Transient (descriptors exhausted, busy): looked at again on every look.
+    retry: bool,
 }
 
-impl FileIdentity {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        FileIdentity {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec(),
-            size: meta.len(),
-        }
-    }
-
-    /// Our own writes change mtime and size of an image; only a new inode is a new image.
-    fn same_file(&self, other: &FileIdentity) -> bool {
-        self.dev == other.dev && self.ino == other.ino
-    }
-}
-
-struct OpenImage {
-    identity: FileIdentity,
-    image: Arc<dyn Image>,
-}
-
-/// A file that is not served: not an image, or an image that failed to open.
-struct Hidden {
-    identity: FileIdentity,
-    /// The error, for images that failed; `None` for files that are not images.
-    error: Option<(ErrorKind, String)>,
-}
-
-/// An opened internal snapshot and the instance of the image it was taken from.
-struct OpenSnapshot {
-    of: Arc<dyn Image>,
-    image: Arc<dyn Image>,
+/// What the catalog knows about one file of a directory.
+enum Record {
+    Image(Arc<ImageFile>),
+    /// Not served: not an image (no problem), or an image with a problem.
+    Hidden {
+        identity: FileIdentity,
+        problem: Option<Problem>,
+    },
 }
 
 #[derive(Default)]
 struct State {
-    open: HashMap<PathBuf, OpenImage>,
-    hidden: HashMap<PathBuf, Hidden>,
-    /// By the snapshot's path below the (virtual) snapshots directory.
-    snapshots: HashMap<PathBuf, OpenSnapshot>,
+    /// The files seen in each directory (relative path), by name.
+    dirs: HashMap<PathBuf, HashMap<OsString, Record>>,
+    roles: Roles,
+    /// The open instances, one per file.
+    live: HashMap<FileId, Arc<Served>>,
+    /// Instances whose file was overwritten in place, while handles keep them.
+    retired: Vec<Weak<Served>>,
+    next_version: u64,
 }
 
-/// The source tree and the images opened from it.
+impl State {
+    fn retired_alive(&mut self, id: FileId) -> bool {
+        self.retired.retain(|w| w.strong_count() > 0);
+        self.retired
+            .iter()
+            .any(|w| w.upgrade().is_some_and(|s| s.id() == id))
+    }
+
+    /// Drops the record of `name` in `rel`, returning the problem it had (for logging once).
+    fn forget(&mut self, rel: &Path, name: &OsStr) -> Option<Problem> {
+        let records = self.dirs.get_mut(rel)?;
+        match records.remove(name)? {
+            Record::Image(image) => {
+                self.roles.remove(&image);
+                image.end();
+                None
+            }
+            Record::Hidden { problem, .. } => problem,
+        }
+    }
+}
+
+/// The source tree and the images served from it.
 pub struct Catalog {
     root: PathBuf,
     opener: Box<dyn Opener>,
+    read_only: bool,
     state: Mutex<State>,
+    /// Serialises the opening and closing of instances (file I/O), never held by lookups.
+    opening: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves only caches behind: keep serving.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Errors worth retrying on the next look, because they say nothing about the image.
+fn is_transient(e: &Error) -> bool {
+    e.kind() == ErrorKind::Busy
+        || matches!(
+            e.errno(),
+            libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::EINTR
+        )
+}
+
+fn with_suffix(name: &OsStr, suffix: &str) -> OsString {
+    let mut out = name.to_os_string();
+    out.push(suffix);
+    out
 }
 
 impl Catalog {
-    /// A catalog of the images below `root`, opened with `opener`.
-    pub fn new(root: &Path, opener: Box<dyn Opener>) -> Result<Self> {
+    /// A catalog of the images below `root`, opened with `opener`; `read_only` serves every
+    /// image read-only.
+    pub fn new(root: &Path, opener: Box<dyn Opener>, read_only: bool) -> Result<Self> {
         let meta = std::fs::metadata(root).map_err(|e| Error::io("stat", e).with_path(root))?;
         if !meta.is_dir() {
             return Err(Error::out_of_range("the source is not a directory").with_path(root));
@@ -163,7 +177,9 @@ impl Catalog {
         Ok(Catalog {
             root,
             opener,
+            read_only,
             state: Mutex::new(State::default()),
+            opening: Mutex::new(()),
         })
     }
 
@@ -171,9 +187,12 @@ impl Catalog {
         &self.root
     }
 
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
-        // A panic elsewhere while holding the lock leaves only caches behind: keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// The source path of a relative path of the source tree, refusing anything that could
@@ -189,378 +208,393 @@ impl Catalog {
         }
     }
 
-    /// The visible entries of directory `rel_dir` (relative to the root), sorted by name.
-    pub fn list(&self, rel_dir: &Path) -> Result<Vec<Entry>> {
-        let dir = self.source_path(rel_dir)?;
-        if let Some(image) = self.snapshots_dir_image(&dir)? {
-            return self.snapshot_entries(&dir, &image);
+    /// The attributes of directory `rel` of the source tree.
+    pub fn dir_stat(&self, rel: &Path) -> Result<FileStat> {
+        let path = self.source_path(rel)?;
+        let meta =
+            std::fs::symlink_metadata(&path).map_err(|e| Error::io("stat", e).with_path(&path))?;
+        Ok(FileStat::of(&meta))
+    }
+
+    /// The visible entries of a directory of the raw namespace, sorted by name.
+    pub fn list(&self, dir: &Target) -> Result<Vec<Entry>> {
+        match dir {
+            Target::Dir(rel) => self.list_dir(rel),
+            Target::SnapshotsDir(image) => Ok(image
+                .summary
+                .snapshots
+                .iter()
+                .map(|snapshot| Entry {
+                    name: with_suffix(OsStr::new(&snapshot.name), RAW_SUFFIX),
+                    target: Target::Snapshot(Arc::clone(image), snapshot.name.clone()),
+                })
+                .collect()),
+            Target::Image(_) | Target::Snapshot(..) => Err(Error::out_of_range("not a directory")),
         }
+    }
+
+    /// The entry called `name` (a raw-namespace name) in directory `dir`, if there is one.
+    pub fn lookup(&self, dir: &Target, name: &OsStr) -> Result<Option<Entry>> {
+        if name.as_bytes().contains(&b'/') || name == "." || name == ".." {
+            return Ok(None);
+        }
+        match dir {
+            Target::Dir(rel) => self.lookup_in_dir(rel, name),
+            Target::SnapshotsDir(image) => {
+                let Some(stem) = name.as_bytes().strip_suffix(RAW_SUFFIX.as_bytes()) else {
+                    return Ok(None);
+                };
+                Ok(image
+                    .summary
+                    .snapshots
+                    .iter()
+                    .find(|snapshot| snapshot.name.as_bytes() == stem)
+                    .map(|snapshot| Entry {
+                        name: name.to_os_string(),
+                        target: Target::Snapshot(Arc::clone(image), snapshot.name.clone()),
+                    }))
+            }
+            Target::Image(_) | Target::Snapshot(..) => Ok(None),
+        }
+    }
+
+    fn lookup_in_dir(&self, rel: &Path, name: &OsStr) -> Result<Option<Entry>> {
+        let dir = self.source_path(rel)?;
+        // A real directory wins over an image's raw file or snapshots directory.
+        if std::fs::symlink_metadata(dir.join(name)).is_ok_and(|m| m.is_dir()) {
+            return Ok(Some(Entry {
+                name: name.to_os_string(),
+                target: Target::Dir(rel.join(name)),
+            }));
+        }
+        let bytes = name.as_bytes();
+        if let Some(stem) = bytes.strip_suffix(RAW_SUFFIX.as_bytes()) {
+            return Ok(self
+                .image_named(rel, &dir, OsStr::from_bytes(stem))?
+                .map(|image| Entry {
+                    name: name.to_os_string(),
+                    target: Target::Image(image),
+                }));
+        }
+        if let Some(stem) = bytes.strip_suffix(SNAPSHOTS_SUFFIX.as_bytes()) {
+            return Ok(self
+                .image_named(rel, &dir, OsStr::from_bytes(stem))?
+                .filter(|image| !image.summary.snapshots.is_empty())
+                .map(|image| Entry {
+                    name: name.to_os_string(),
+                    target: Target::SnapshotsDir(image),
+                }));
+        }
+        Ok(None)
+    }
+
+    /// The image file `name` of directory `rel` (source path `dir`), if it is one; a file that
+    /// is gone is forgotten.
+    fn image_named(&self, rel: &Path, dir: &Path, name: &OsStr) -> Result<Option<Arc<ImageFile>>> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let path = dir.join(name);
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() => {
+                let files = vec![(name.to_os_string(), meta)];
+                let found = self.resolve_files(rel, dir, files, false);
+                Ok(found.into_iter().next().map(|(_, image)| image))
+            }
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.state().forget(rel, name);
+                Ok(None)
+            }
+            Err(e) => Err(Error::io("stat", e).with_path(&path)),
+        }
+    }
+
+    fn list_dir(&self, rel: &Path) -> Result<Vec<Entry>> {
+        let dir = self.source_path(rel)?;
         let reader =
             std::fs::read_dir(&dir).map_err(|e| Error::io("read directory", e).with_path(&dir))?;
         let mut entries = Vec::new();
-        let mut snapshot_dirs = Vec::new();
-        let mut seen = Vec::new();
+        let mut files = Vec::new();
         for item in reader {
             let item = item.map_err(|e| Error::io("read directory", e).with_path(&dir))?;
-            let name = item.file_name();
-            seen.push(dir.join(&name));
-            if let Some(entry) = self.entry_for(&dir, &name)? {
-                snapshot_dirs.extend(snapshots_dir_entry(&dir, &name, &entry));
-                entries.push(entry);
+            // Not followed: symbolic links could lead out of the source tree.
+            let Ok(meta) = item.metadata() else { continue };
+            if meta.is_dir() {
+                entries.push(Entry {
+                    target: Target::Dir(rel.join(item.file_name())),
+                    name: item.file_name(),
+                });
+            } else if meta.is_file() {
+                files.push((item.file_name(), meta));
             }
         }
-        // A real directory of the same name wins over a snapshots directory.
-        for snapshots in snapshot_dirs {
-            if !entries.iter().any(|e| e.name == snapshots.name) {
-                entries.push(snapshots);
+        let taken: HashSet<OsString> = entries.iter().map(|e| e.name.clone()).collect();
+        for (name, image) in self.resolve_files(rel, &dir, files, true) {
+            let raw = with_suffix(&name, RAW_SUFFIX);
+            if taken.contains(&raw) {
+                continue;
             }
+            let snapshots = with_suffix(&name, SNAPSHOTS_SUFFIX);
+            if !image.summary.snapshots.is_empty()
+                && !taken.contains(&snapshots)
+                && snapshots.len() <= NAME_MAX
+            {
+                entries.push(Entry {
+                    name: snapshots,
+                    target: Target::SnapshotsDir(Arc::clone(&image)),
+                });
+            }
+            entries.push(Entry {
+                name: raw,
+                target: Target::Image(image),
+            });
         }
-        self.forget_missing(&dir, &seen);
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(entries)
     }
 
-    /// The entry called `name` (a raw-namespace name) in directory `rel_dir`, if there is one.
-    pub fn lookup(&self, rel_dir: &Path, name: &OsStr) -> Result<Option<Entry>> {
-        let dir = self.source_path(rel_dir)?;
-        if name.as_bytes().contains(&b'/') || name == "." || name == ".." {
-            return Ok(None);
-        }
-        if let Some(image) = self.snapshots_dir_image(&dir)? {
-            let entries = self.snapshot_entries(&dir, &image)?;
-            return Ok(entries.into_iter().find(|e| e.name == name));
-        }
-        match self.entry_for(&dir, name)? {
-            Some(entry) if matches!(entry.kind, EntryKind::Dir) => return Ok(Some(entry)),
-            Some(_) => {}
-            None => {
-                if let Some(stem) = name.as_bytes().strip_suffix(SNAPSHOTS_SUFFIX.as_bytes()) {
-                    let stem = OsStr::from_bytes(stem);
-                    if let Some(image) = self.entry_for(&dir, stem)? {
-                        return Ok(snapshots_dir_entry(&dir, stem, &image));
-                    }
-                }
-            }
-        }
-        let Some(stem) = name.as_bytes().strip_suffix(RAW_SUFFIX.as_bytes()) else {
-            return Ok(None);
-        };
-        match self.entry_for(&dir, OsStr::from_bytes(stem))? {
-            Some(
-                entry @ Entry {
-                    kind: EntryKind::Image(_),
-                    ..
-                },
-            ) => Ok(Some(entry)),
-            _ => Ok(None),
-        }
-    }
-
-    /// The metadata that a path of the raw namespace shows: its own, or for a snapshots
-    /// directory and the snapshots in it, the image file's.
-    pub fn metadata(&self, rel: &Path) -> Result<std::fs::Metadata> {
-        let source = self.source_path(rel)?;
-        let mut candidate = source.as_path();
-        loop {
-            match std::fs::symlink_metadata(candidate) {
-                Ok(meta) => return Ok(meta),
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(Error::io("stat", e).with_path(candidate))
-                }
-                Err(e) => {
-                    let stem = candidate
-                        .file_name()
-                        .and_then(|n| n.as_bytes().strip_suffix(SNAPSHOTS_SUFFIX.as_bytes()));
-                    if let (Some(stem), Some(dir)) = (stem, candidate.parent()) {
-                        let image = dir.join(OsStr::from_bytes(stem));
-                        return std::fs::symlink_metadata(&image)
-                            .map_err(|e| Error::io("stat", e).with_path(&image));
-                    }
-                    // Maybe a snapshot inside a snapshots directory: try its parent once.
-                    match candidate.parent() {
-                        Some(parent) if candidate == source.as_path() => candidate = parent,
-                        _ => return Err(Error::io("stat", e).with_path(&source)),
-                    }
-                }
-            }
-        }
-    }
-
-    /// The image whose snapshots directory `dir` is, if `dir` is one (and not a real directory).
-    fn snapshots_dir_image(&self, dir: &Path) -> Result<Option<Arc<dyn Image>>> {
-        if std::fs::symlink_metadata(dir).is_ok() {
-            return Ok(None);
-        }
-        let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
-            return Ok(None);
-        };
-        let Some(stem) = name.as_bytes().strip_suffix(SNAPSHOTS_SUFFIX.as_bytes()) else {
-            return Ok(None);
-        };
-        match self.entry_for(parent, OsStr::from_bytes(stem))? {
-            Some(Entry {
-                kind: EntryKind::Image(image),
-                ..
-            }) if !image.snapshot_names().is_empty() => Ok(Some(image)),
-            _ => Ok(None),
-        }
-    }
-
-    /// The snapshots of `image` as entries of its snapshots directory `dir`, each opened once
-    /// per instance of the image.
-    fn snapshot_entries(&self, dir: &Path, image: &Arc<dyn Image>) -> Result<Vec<Entry>> {
-        let mut entries = Vec::new();
-        for name in image.snapshot_names() {
-            let source = dir.join(&name);
+    /// The images among `files` (name and metadata, all of directory `rel`), from their records
+    /// where those are still current, else looked at anew. With `whole`, `files` is the whole
+    /// directory and records of files not in it are dropped.
+    fn resolve_files(
+        &self,
+        rel: &Path,
+        dir: &Path,
+        files: Vec<(OsString, std::fs::Metadata)>,
+        whole: bool,
+    ) -> Vec<(OsString, Arc<ImageFile>)> {
+        let mut known = Vec::new();
+        let mut fresh = Vec::new();
+        {
             let mut state = self.state();
-            let cached = state
-                .snapshots
-                .get(&source)
-                .filter(|s| Arc::ptr_eq(&s.of, image))
-                .map(|s| s.image.clone());
-            let snapshot = match cached {
-                Some(snapshot) => snapshot,
-                None => {
-                    let snapshot = image.snapshot(&name).map_err(|e| e.with_path(&source))?;
-                    state.snapshots.insert(
-                        source.clone(),
-                        OpenSnapshot {
-                            of: image.clone(),
-                            image: snapshot.clone(),
-                        },
-                    );
-                    snapshot
+            if whole {
+                let present: HashSet<&OsString> = files.iter().map(|(name, _)| name).collect();
+                let gone: Vec<OsString> = state
+                    .dirs
+                    .get(rel)
+                    .map(|records| {
+                        records
+                            .keys()
+                            .filter(|name| !present.contains(name))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for name in gone {
+                    state.forget(rel, &name);
                 }
-            };
-            entries.push(Entry {
-                name: format!("{name}{RAW_SUFFIX}").into(),
-                source,
-                kind: EntryKind::Image(snapshot),
-            });
+            }
+            let records = state.dirs.entry(rel.to_path_buf()).or_default();
+            for (name, meta) in files {
+                let identity = FileIdentity::of(&meta);
+                match records.get(&name) {
+                    Some(Record::Image(image)) if image.id == identity.id => {
+                        known.push((name, Arc::clone(image)))
+                    }
+                    Some(Record::Hidden {
+                        identity: seen,
+                        problem,
+                    }) if *seen == identity && !problem.as_ref().is_some_and(|p| p.retry) => {}
+                    _ => fresh.push(name),
+                }
+            }
         }
-        Ok(entries)
+        let mut images = Vec::new();
+        for (name, image) in known {
+            match self.is_current(&image) {
+                true => images.push((name, image)),
+                false => fresh.push(name),
+            }
+        }
+        for name in fresh {
+            if let Some(image) = self.look_at(rel, dir, &name) {
+                images.push((name, image));
+            }
+        }
+        images
     }
 
-    /// Every image opened so far (for flushing them all).
-    pub fn open_images(&self) -> Vec<(PathBuf, Arc<dyn Image>)> {
-        let state = self.state();
+    /// Whether `image` is still the version at its path. A file overwritten in place retires
+    /// its open instance: what that holds in memory must never reach the new content.
+    fn is_current(&self, image: &ImageFile) -> bool {
+        match image.check() {
+            Change::Current => true,
+            Change::Replaced => false,
+            Change::Rewritten => {
+                let mut state = self.state();
+                if let Some(stale) = state.live.remove(&image.id) {
+                    log::warn!(
+                        "{} was overwritten while served; its open instance is retired",
+                        image.source.display()
+                    );
+                    stale.retire(format!(
+                        "{} was overwritten while open through the mount; reopen it",
+                        image.source.display()
+                    ));
+                    state.retired.push(Arc::downgrade(&stale));
+                }
+                false
+            }
+        }
+    }
+
+    /// Looks at file `name` of `rel` anew (no lock held while doing so) and records what it is.
+    fn look_at(&self, rel: &Path, dir: &Path, name: &OsStr) -> Option<Arc<ImageFile>> {
+        let path = dir.join(name);
+        let id = std::fs::symlink_metadata(&path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))?;
+        // Counted before the stat that the new version starts from: writes of ours that land
+        // after it are then recognised as ours.
+        let writes = own_writes(id).started;
+        let meta = std::fs::symlink_metadata(&path)
+            .ok()
+            .filter(|m| m.is_file())?;
+        let identity = FileIdentity::of(&meta);
+        let mut outcome = summarize(self.opener.as_ref(), &self.root, &path);
+        if let Outcome::Image(_) = outcome {
+            if with_suffix(name, RAW_SUFFIX).len() > NAME_MAX {
+                outcome = Outcome::Refused(Error::unsupported(format!(
+                    "the name is too long to add {RAW_SUFFIX} to it (at most {} bytes)",
+                    NAME_MAX - RAW_SUFFIX.len()
+                )));
+            } else if !self.state().live.contains_key(&identity.id) {
+                // Our own instance holds the same lock bytes; only ask when there is none.
+                match self.opener.held_for_writing(&path) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        outcome = Outcome::Refused(Error::busy(
+                            "another process (QEMU?) has the image open for writing",
+                        ))
+                    }
+                    Err(e) => outcome = Outcome::Refused(e),
+                }
+            }
+        }
+        let mut state = self.state();
+        let previous = state.forget(rel, name);
+        let record = match outcome {
+            Outcome::NotImage => Record::Hidden {
+                identity,
+                problem: None,
+            },
+            Outcome::Refused(e) => {
+                let e = e.with_path(&path);
+                let problem = Problem {
+                    message: e.to_string(),
+                    retry: is_transient(&e),
+                };
+                if previous.as_ref().map(|p| &p.message) != Some(&problem.message) {
+                    log::error!("not serving {}", problem.message);
+                }
+                Record::Hidden {
+                    identity,
+                    problem: Some(problem),
+                }
+            }
+            Outcome::Image(summary) => {
+                // An image above a file that is open for writing through the mount waits until
+                // those handles close: serving it would freeze the file under its writers.
+                let written_below = summary.below.iter().find_map(|id| {
+                    state
+                        .live
+                        .get(id)
+                        .filter(|s| s.writers() > 0)
+                        .map(|s| s.source().to_path_buf())
+                });
+                if let Some(base) = written_below {
+                    let problem = Problem {
+                        message: format!(
+                            "not serving {}: its backing file {} is open for writing through \
+                             the mount; retried once it is closed",
+                            path.display(),
+                            base.display()
+                        ),
+                        retry: true,
+                    };
+                    if previous.as_ref().map(|p| &p.message) != Some(&problem.message) {
+                        log::info!("{}", problem.message);
+                    }
+                    Record::Hidden {
+                        identity,
+                        problem: Some(problem),
+                    }
+                } else {
+                    state.next_version += 1;
+                    let image = Arc::new(ImageFile::new(
+                        rel.join(name),
+                        path.clone(),
+                        state.next_version,
+                        summary,
+                        &meta,
+                        writes,
+                    ));
+                    state.roles.add(&image);
+                    log::info!("serving {}", path.display());
+                    Record::Image(image)
+                }
+            }
+        };
+        let image = match &record {
+            Record::Image(image) => Some(Arc::clone(image)),
+            Record::Hidden { .. } => None,
+        };
         state
-            .open
-            .iter()
-            .map(|(p, o)| (p.clone(), o.image.clone()))
-            .collect()
+            .dirs
+            .entry(rel.to_path_buf())
+            .or_default()
+            .insert(name.to_os_string(), record);
+        image
     }
 
-    /// Opens every image below the root, so that bad images are reported at start-up.
-    pub fn scan(&self) -> usize {
+    /// Looks at the whole tree again: new, changed and removed files, and files hidden for a
+    /// transient reason. Returns how many images are served. Run at start-up (so bad images
+    /// are reported before the mount goes live) and on a timer.
+    pub fn refresh(&self) -> usize {
         let mut count = 0;
+        let mut seen_dirs = HashSet::new();
+        let mut visited = HashSet::new();
         let mut dirs = vec![PathBuf::new()];
         while let Some(rel) = dirs.pop() {
-            match self.list(&rel) {
+            // A bind mount inside the tree can make it a loop: each directory is walked once.
+            let Ok(meta) = self
+                .source_path(&rel)
+                .and_then(|p| std::fs::metadata(p).map_err(|e| Error::io("stat", e)))
+            else {
+                continue;
+            };
+            if !visited.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
+            match self.list_dir(&rel) {
                 Ok(entries) => {
                     for entry in entries {
-                        match entry.kind {
-                            EntryKind::Dir => dirs.push(rel.join(&entry.name)),
-                            EntryKind::Image(_) => count += 1,
+                        match entry.target {
+                            Target::Dir(sub) => dirs.push(sub),
+                            Target::Image(_) => count += 1,
+                            Target::SnapshotsDir(_) | Target::Snapshot(..) => {}
                         }
                     }
                 }
                 Err(e) => log::warn!("{e}"),
             }
+            seen_dirs.insert(rel);
+        }
+        let mut state = self.state();
+        let gone: Vec<(PathBuf, Vec<OsString>)> = state
+            .dirs
+            .iter()
+            .filter(|(rel, _)| !seen_dirs.contains(*rel))
+            .map(|(rel, records)| (rel.clone(), records.keys().cloned().collect()))
+            .collect();
+        for (rel, names) in gone {
+            for name in names {
+                state.forget(&rel, &name);
+            }
+            state.dirs.remove(&rel);
         }
         count
-    }
-
-    fn entry_for(&self, dir: &Path, name: &OsStr) -> Result<Option<Entry>> {
-        let source = dir.join(name);
-        // Symbolic links are not followed: they could lead out of the source tree.
-        let meta = match std::fs::symlink_metadata(&source) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("stat", e).with_path(&source)),
-        };
-        if meta.is_dir() {
-            return Ok(Some(Entry {
-                name: name.to_os_string(),
-                source,
-                kind: EntryKind::Dir,
-            }));
-        }
-        if !meta.is_file() {
-            return Ok(None);
-        }
-        let identity = FileIdentity::of(&meta);
-        Ok(self.image_for(&source, identity).map(|image| {
-            let mut raw_name = name.to_os_string();
-            raw_name.push(RAW_SUFFIX);
-            Entry {
-                name: raw_name,
-                source,
-                kind: EntryKind::Image(image),
-            }
-        }))
-    }
-
-    fn image_for(&self, source: &Path, identity: FileIdentity) -> Option<Arc<dyn Image>> {
-        let mut state = self.state();
-        if let Some(open) = state.open.get(source) {
-            if open.identity.same_file(&identity) {
-                return Some(open.image.clone());
-            }
-            state.open.remove(source);
-        }
-        let previous = state.hidden.get(source);
-        if let Some(hidden) = previous {
-            // A busy image is retried on every look: the other process may have let go.
-            let retry = matches!(hidden.error, Some((ErrorKind::Busy, _)));
-            if hidden.identity == identity && !retry {
-                return None;
-            }
-        }
-        let previous_error = previous.and_then(|h| h.error.as_ref().map(|(_, m)| m.clone()));
-        // Opening reads headers and whole block maps; holding the lock keeps two lookups from
-        // opening (and locking) the same image twice.
-        let mut links = CatalogLinks {
-            root: &self.root,
-            opener: self.opener.as_ref(),
-            state: &mut state,
-        };
-        match self.opener.open(source, &mut links) {
-            Ok(Some(image)) => {
-                state.hidden.remove(source);
-                state.open.insert(
-                    source.to_path_buf(),
-                    OpenImage {
-                        identity,
-                        image: image.clone(),
-                    },
-                );
-                log::info!("serving {}", source.display());
-                Some(image)
-            }
-            Ok(None) => {
-                state.hidden.insert(
-                    source.to_path_buf(),
-                    Hidden {
-                        identity,
-                        error: None,
-                    },
-                );
-                None
-            }
-            Err(e) => {
-                let e = e.with_path(source);
-                let message = e.to_string();
-                if previous_error.as_deref() != Some(message.as_str()) {
-                    log::error!("not serving {message}");
-                }
-                state.hidden.insert(
-                    source.to_path_buf(),
-                    Hidden {
-                        identity,
-                        error: Some((e.kind(), message)),
-                    },
-                );
-                None
-            }
-        }
-    }
-
-    /// Drops cached images of `dir` whose files are gone; open handles keep theirs alive.
-    fn forget_missing(&self, dir: &Path, seen: &[PathBuf]) {
-        let mut state = self.state();
-        let gone = |p: &PathBuf| p.parent() == Some(dir) && !seen.contains(p);
-        let stale: Vec<PathBuf> = state.open.keys().filter(|p| gone(p)).cloned().collect();
-        for path in stale {
-            if let Some(open) = state.open.remove(&path) {
-                if let Err(e) = open.image.flush() {
-                    log::error!("{}: flush of removed image failed: {e}", path.display());
-                }
-                log::info!("{} was removed from the source tree", path.display());
-            }
-        }
-        state.hidden.retain(|p, _| !gone(p));
-    }
-}
-
-/// The snapshots directory entry that goes with `entry` (file `name` of `dir`), for an image
-/// that has internal snapshots.
-fn snapshots_dir_entry(dir: &Path, name: &OsStr, entry: &Entry) -> Option<Entry> {
-    let EntryKind::Image(image) = &entry.kind else {
-        return None;
-    };
-    if image.snapshot_names().is_empty() {
-        return None;
-    }
-    let mut dir_name = name.to_os_string();
-    dir_name.push(SNAPSHOTS_SUFFIX);
-    Some(Entry {
-        source: dir.join(&dir_name),
-        name: dir_name,
-        kind: EntryKind::Dir,
-    })
-}
-
-/// Backing files opened for images of the tree: one read-only instance per file, shared by
-/// every image above it and served as its own (read-only) raw file.
-struct CatalogLinks<'a> {
-    root: &'a Path,
-    opener: &'a dyn Opener,
-    state: &'a mut State,
-}
-
-impl Links for CatalogLinks<'_> {
-    fn root(&self) -> &Path {
-        self.root
-    }
-
-    fn open_backing(
-        &mut self,
-        path: &Path,
-        format: Option<Format>,
-        chain: &Chain,
-    ) -> Result<Arc<dyn Image>> {
-        let probed = self.opener.probe(path)?;
-        // A file read as another format than it has is a private instance, never served.
-        let shared = probed.is_some() && (format.is_none() || format == probed);
-        // Probed once here; a file that is no image is read raw, as QEMU does.
-        let format = Some(format.or(probed).unwrap_or(Format::Raw));
-        if shared {
-            if let Some(open) = self.state.open.get(path) {
-                if open.image.read_only_reason().is_some() {
-                    return Ok(open.image.clone());
-                }
-                // Served writable so far: it becomes read-only, but only while nobody has it
-                // open through the mount (the catalog holds the only reference then).
-                if Arc::strong_count(&open.image) > 1 {
-                    return Err(Error::busy(format!(
-                        "its backing file {} is open for writing through the mount",
-                        path.display()
-                    )));
-                }
-                open.image.flush()?;
-                self.state.open.remove(path);
-                log::info!(
-                    "{} is a backing file: served read-only from now on",
-                    path.display()
-                );
-            }
-        }
-        let opener = self.opener;
-        let image = opener.open_backing(path, format, chain, self)?;
-        if shared {
-            let meta = std::fs::symlink_metadata(path)
-                .map_err(|e| Error::io("stat", e).with_path(path))?;
-            self.state.hidden.remove(path);
-            self.state.open.insert(
-                path.to_path_buf(),
-                OpenImage {
-                    identity: FileIdentity::of(&meta),
-                    image: image.clone(),
-                },
-            );
-        }
-        Ok(image)
     }
 }
 

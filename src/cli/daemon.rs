@@ -80,7 +80,50 @@ pub fn fork_daemon(log: File) -> Result<Forked, String> {
         libc::dup2(log.as_raw_fd(), 1);
         libc::dup2(log.as_raw_fd(), 2);
     }
+    drop(log);
+    // Like every daemon: hold on to none of the caller's descriptors (a lock the caller holds
+    // through one would stay held) and to no directory (it would keep its file system busy).
+    close_inherited_fds(write_end.as_raw_fd());
+    // SAFETY: chdir with a valid NUL-terminated path.
+    if unsafe { libc::chdir(c"/".as_ptr()) } != 0 {
+        return Err(last_error("chdir /"));
+    }
     Ok(Forked::Child(ReadyPipe(File::from(write_end))))
+}
+
+/// Closes every descriptor above stderr except `keep`.
+fn close_inherited_fds(keep: libc::c_int) {
+    let fds: Vec<libc::c_int> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in fds {
+        if fd > 2 && fd != keep {
+            // SAFETY: closing a descriptor of this single-threaded process that nothing else
+            // owns (the caller's, inherited); the one `read_dir` used is closed already.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard limit; returns the new limit.
+pub fn raise_fd_limit() -> Result<u64, String> {
+    // SAFETY: rlimit is plain old data; getrlimit and setrlimit get valid pointers.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(last_error("getrlimit"));
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(last_error("setrlimit"));
+            }
+        }
+        Ok(limit.rlim_cur)
+    }
 }
 
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];

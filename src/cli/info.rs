@@ -5,7 +5,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use crate::format::links::PlainLinks;
-use crate::format::{self, OpenOptions, INSPECT_REASON};
+use crate::format::{self, OpenOptions};
 use crate::image::ImageInfo;
 
 pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
@@ -16,24 +16,15 @@ pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
         (None, _) => Path::new("."),
     };
     let mut links = PlainLinks::new(root, true).map_err(|e| e.to_string())?;
-    let image = format::open(
-        path,
-        &OpenOptions {
-            read_only: true,
-            inspect: true,
-        },
-        &mut links,
-    )
-    .map_err(|e| e.to_string())?;
+    let options = OpenOptions {
+        read_only: true,
+        inspect: true,
+        reason: None,
+    };
+    let image = format::open(path, &options, &mut links).map_err(|e| e.to_string())?;
     let mut info = image.info();
     // `info` opens read-only by design: only the image's own reasons are worth showing.
-    info.read_only_reason = info.read_only_reason.and_then(|reason| {
-        let own = reason
-            .strip_prefix(INSPECT_REASON)
-            .map(|rest| rest.trim_start_matches("; ").to_string())
-            .unwrap_or(reason);
-        (!own.is_empty()).then_some(own)
-    });
+    info.read_only_reason = format::inherent_read_only_reason(info.read_only_reason);
     let disk_size = std::fs::metadata(path)
         .map(|m| m.blocks() * 512)
         .unwrap_or(0);

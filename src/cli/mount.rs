@@ -12,11 +12,10 @@ use fuser::{Config, MountOption, SessionACL};
 use super::daemon::{self, Forked, ReadyPipe};
 use super::notify::notify;
 use crate::catalog::{Catalog, FormatOpener};
-use crate::format::OpenOptions;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::FsCore;
 
-/// How often dirty metadata is written back without being asked.
+/// How often dirty metadata is written back without being asked (and the tree looked at).
 const WRITEBACK_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(clap::Args, Debug)]
@@ -121,16 +120,18 @@ pub fn run(args: MountArgs) -> Result<(), String> {
 
 fn serve(args: &MountArgs, src: &Path, mnt: &Path, pipe: Option<ReadyPipe>) -> Result<(), String> {
     daemon::block_stop_signals();
-    let options = OpenOptions {
-        read_only: args.read_only,
-        inspect: false,
-    };
-    let catalog = match Catalog::new(src, Box::new(FormatOpener { options })) {
+    // Images are opened only while in use, but a deep chain or many open files still need
+    // descriptors; FUSE's request threads need one each too.
+    match daemon::raise_fd_limit() {
+        Ok(limit) => log::debug!("descriptor limit {limit}"),
+        Err(e) => log::warn!("cannot raise the descriptor limit: {e}"),
+    }
+    let catalog = match Catalog::new(src, Box::new(FormatOpener), args.read_only) {
         Ok(catalog) => catalog,
         Err(e) => return fail(pipe, e.to_string()),
     };
-    let core = Arc::new(FsCore::new(catalog, args.read_only));
-    let served = core.catalog().scan();
+    let core = Arc::new(FsCore::new(catalog));
+    let served = core.catalog().refresh();
     log::info!("{served} image(s) below {}", src.display());
 
     let mut config = Config::default();
@@ -220,7 +221,8 @@ fn spawn_signal_handler(core: Arc<FsCore>, mnt: PathBuf, mut unmounter: fuser::S
     }
 }
 
-/// Writes back dirty metadata every few seconds until the returned sender is dropped.
+/// Writes back dirty metadata, looks at the tree again and closes idle images every few
+/// seconds until the returned sender is dropped.
 fn spawn_writeback(
     core: Arc<FsCore>,
 ) -> std::io::Result<(mpsc::Sender<()>, std::thread::JoinHandle<()>)> {
@@ -231,7 +233,7 @@ fn spawn_writeback(
             while let Err(mpsc::RecvTimeoutError::Timeout) =
                 stopped.recv_timeout(WRITEBACK_INTERVAL)
             {
-                core.flush_dirty();
+                core.housekeeping();
             }
         })?;
     Ok((stop, handle))

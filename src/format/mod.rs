@@ -91,6 +91,17 @@ pub fn is_part_of_another_image(path: &Path) -> Result<bool> {
 /// The read-only reason of an image opened by `imgfs info`, which never writes.
 pub const INSPECT_REASON: &str = "opened for inspection only";
 
+/// The reasons an image opened for inspection gives for being read-only, without the
+/// inspection itself: what would keep it read-only if it were served.
+pub fn inherent_read_only_reason(reason: Option<String>) -> Option<String> {
+    let reason = reason?;
+    let own: Vec<&str> = reason
+        .split("; ")
+        .filter(|r| *r != INSPECT_REASON)
+        .collect();
+    (!own.is_empty()).then(|| own.join("; "))
+}
+
 /// How the caller wants an image served.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
@@ -98,6 +109,8 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Inspect only: take no locks and never write (`imgfs info`).
     pub inspect: bool,
+    /// Why it is served read-only, when `read_only` is set (shown by `imgfs info` and logs).
+    pub reason: Option<String>,
 }
 
 // QEMU's permission lock bytes (FACTS.md): 100 + i announces permission i, 200 + i refuses to
@@ -127,7 +140,15 @@ pub fn open_probed(
     let top = path
         .canonicalize()
         .map_err(|e| Error::io("resolve", e).with_path(path))?;
-    open_as(path, format, options, None, &Chain::top(&top), links).map_err(|e| e.with_path(path))
+    let reason = options.reason.clone();
+    open_as(path, format, options, reason, &Chain::top(&top), links).map_err(|e| e.with_path(path))
+}
+
+/// Whether another process (QEMU) holds the image at `path` open for writing, as its lock
+/// bytes announce. An image this process serves writable answers yes too: ask only about
+/// images not served here.
+pub fn held_for_writing(path: &Path) -> Result<bool> {
+    HostFile::open(path, false)?.byte_locked_by_other(LOCK_WRITE)
 }
 
 /// Opens `path` read-only as a backing file of the images in `chain` (what `Links` implementations
@@ -151,6 +172,7 @@ pub fn open_backing_file(
     let options = OpenOptions {
         read_only: true,
         inspect,
+        reason: None,
     };
     open_as(path, format, &options, Some(reason), &below, links).map_err(|e| e.with_path(path))
 }
@@ -438,5 +460,17 @@ mod tests {
         assert_eq!(probe(b"# Disk DescriptorFile\n"), Some(Format::Vmdk));
         assert_eq!(probe(b"hello world"), None);
         assert_eq!(probe(b""), None);
+    }
+
+    #[test]
+    fn inherent_reasons_leave_out_the_inspection() {
+        let inspect = Some(INSPECT_REASON.to_string());
+        assert_eq!(inherent_read_only_reason(inspect), None);
+        let both = Some(format!("the image is marked corrupt; {INSPECT_REASON}"));
+        assert_eq!(
+            inherent_read_only_reason(both).as_deref(),
+            Some("the image is marked corrupt")
+        );
+        assert_eq!(inherent_read_only_reason(None), None);
     }
 }

@@ -1,17 +1,21 @@
-//! The filesystem's logic without FUSE: inode numbers for paths of the raw namespace, open
-//! handles holding their image, and each operation (lookup, read, write, lseek, ...) as a method
-//! that returns an errno on failure. Errors from images are logged here, once, with the path.
+//! The filesystem's logic without FUSE: inode numbers for the entries of the raw namespace,
+//! open file and directory handles, and each operation (lookup, read, write, lseek, ...) as a
+//! method that returns an errno on failure. Errors from images are logged here, once, with the
+//! path.
+//!
+//! An image's inode is bound to one version of its file, so a file replaced under its name gets
+//! a new inode, while descriptors opened on the old one (and `fstat` on them) keep seeing the
+//! old one. Inodes are dropped when the kernel forgets them. Directory listings are taken once
+//! per `opendir`, so reading a large directory in many chunks lists it once.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
-use std::os::unix::fs::MetadataExt;
-
-use crate::catalog::{Catalog, EntryKind};
+use crate::catalog::{Catalog, FileStat, ImageFile, ImageHandle, Target};
 use crate::error::{Error, ErrorKind};
 use crate::image::Image;
 
@@ -25,8 +29,13 @@ pub const ROOT_INO: u64 = 1;
 
 /// Extended attribute of the root directory that reports the daemon's pid (for `imgfs umount`).
 pub const XATTR_PID: &str = "user.imgfs.pid";
-/// Setting this extended attribute on the root directory flushes every image.
+/// Setting this extended attribute on the root directory writes every image back and closes
+/// the ones nobody has open.
 pub const XATTR_FLUSH: &str = "user.imgfs.flush";
+
+/// How long an instance nobody has open stays open (its descriptors and locks held) in case it
+/// is opened again; the periodic housekeeping closes it after that.
+pub const IDLE_LINGER: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeKind {
@@ -63,40 +72,70 @@ pub struct StatFs {
     pub frsize: u32,
 }
 
-#[derive(Clone)]
-struct Node {
-    /// Path in the source tree, relative to its root (the image file for image nodes).
-    rel_source: PathBuf,
-    kind: NodeKind,
+/// What makes two targets the same inode.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum NodeKey {
+    Dir(PathBuf),
+    Image(u64),
+    SnapshotsDir(u64),
+    Snapshot(u64, String),
 }
 
-struct Handle {
-    image: Arc<dyn Image>,
-    /// Shared so the per-request clone for error messages does not allocate.
-    source: Arc<Path>,
-    writable: bool,
+fn key_of(target: &Target) -> NodeKey {
+    match target {
+        Target::Dir(rel) => NodeKey::Dir(rel.clone()),
+        Target::Image(image) => NodeKey::Image(image.version),
+        Target::SnapshotsDir(image) => NodeKey::SnapshotsDir(image.version),
+        Target::Snapshot(image, name) => NodeKey::Snapshot(image.version, name.clone()),
+    }
+}
+
+fn kind_of(target: &Target) -> NodeKind {
+    match target {
+        Target::Dir(_) | Target::SnapshotsDir(_) => NodeKind::Dir,
+        Target::Image(_) | Target::Snapshot(..) => NodeKind::File,
+    }
+}
+
+struct Node {
+    target: Target,
+    /// References the kernel holds (lookups not yet forgotten).
+    lookups: u64,
 }
 
 #[derive(Default)]
 struct Inodes {
-    by_path: HashMap<PathBuf, u64>,
+    by_key: HashMap<NodeKey, u64>,
     nodes: HashMap<u64, Node>,
     next: u64,
 }
 
+struct Handle {
+    image: ImageHandle,
+    /// The version it was opened on (not for snapshots).
+    file: Option<Arc<ImageFile>>,
+    /// Shared so the per-request clone for error messages does not allocate.
+    source: Arc<Path>,
+}
+
+/// One directory entry as readdir reports it.
+pub type DirEntry = (u64, NodeKind, OsString);
+
 /// The mounted filesystem's state and operations.
 pub struct FsCore {
     catalog: Catalog,
-    read_only: bool,
     inodes: RwLock<Inodes>,
-    handles: RwLock<HashMap<u64, Handle>>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    listings: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_handle: AtomicU64,
 }
 
 fn log_error(what: &str, source: &Path, e: Error) -> Errno {
     let e = e.with_path(source);
     match e.kind() {
-        ErrorKind::ReadOnly | ErrorKind::OutOfRange => log::debug!("{what}: {e}"),
+        ErrorKind::ReadOnly | ErrorKind::OutOfRange | ErrorKind::Stale => {
+            log::debug!("{what}: {e}")
+        }
         _ => log::error!("{what}: {e}"),
     }
     Errno(e.errno())
@@ -106,33 +145,26 @@ fn io_errno(e: &std::io::Error) -> Errno {
     Errno(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-fn time_of(secs: i64, nsecs: i64) -> SystemTime {
-    let nanos = u32::try_from(nsecs).unwrap_or(0);
-    match u64::try_from(secs) {
-        Ok(s) => SystemTime::UNIX_EPOCH + std::time::Duration::new(s, nanos),
-        Err(_) => SystemTime::UNIX_EPOCH,
-    }
-}
-
 impl FsCore {
-    pub fn new(catalog: Catalog, read_only: bool) -> Self {
+    pub fn new(catalog: Catalog) -> Self {
         let mut inodes = Inodes {
             next: ROOT_INO + 1,
             ..Default::default()
         };
-        inodes.by_path.insert(PathBuf::new(), ROOT_INO);
+        let root = Target::Dir(PathBuf::new());
+        inodes.by_key.insert(key_of(&root), ROOT_INO);
         inodes.nodes.insert(
             ROOT_INO,
             Node {
-                rel_source: PathBuf::new(),
-                kind: NodeKind::Dir,
+                target: root,
+                lookups: 1,
             },
         );
         FsCore {
             catalog,
-            read_only,
             inodes: RwLock::new(inodes),
             handles: RwLock::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
         }
     }
@@ -141,210 +173,252 @@ impl FsCore {
         &self.catalog
     }
 
-    pub fn is_read_only(&self) -> bool {
-        self.read_only
-    }
-
-    fn node(&self, ino: u64) -> FsResult<Node> {
+    fn target(&self, ino: u64) -> FsResult<Target> {
         let inodes = self.inodes.read().unwrap_or_else(|p| p.into_inner());
-        inodes.nodes.get(&ino).cloned().ok_or(Errno(libc::ENOENT))
+        inodes
+            .nodes
+            .get(&ino)
+            .map(|n| n.target.clone())
+            .ok_or(Errno(libc::ENOENT))
     }
 
-    fn ino_for(&self, rel_source: &Path, kind: NodeKind) -> u64 {
+    /// The inode of `target`, created if needed, with one more kernel reference.
+    fn remember(&self, target: Target) -> u64 {
+        let key = key_of(&target);
         let mut inodes = self.inodes.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(&ino) = inodes.by_path.get(rel_source) {
+        if let Some(&ino) = inodes.by_key.get(&key) {
             if let Some(node) = inodes.nodes.get_mut(&ino) {
-                node.kind = kind;
+                node.lookups += 1;
+                return ino;
             }
-            return ino;
         }
         let ino = inodes.next;
         inodes.next += 1;
-        inodes.by_path.insert(rel_source.to_path_buf(), ino);
-        inodes.nodes.insert(
-            ino,
-            Node {
-                rel_source: rel_source.to_path_buf(),
-                kind,
-            },
-        );
+        inodes.by_key.insert(key, ino);
+        inodes.nodes.insert(ino, Node { target, lookups: 1 });
         ino
     }
 
-    fn handle<T>(&self, fh: u64, f: impl FnOnce(&Handle) -> T) -> FsResult<T> {
+    /// The kernel dropped `count` references to `ino`.
+    pub fn forget(&self, ino: u64, count: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut inodes = self.inodes.write().unwrap_or_else(|p| p.into_inner());
+        let Some(node) = inodes.nodes.get_mut(&ino) else {
+            return;
+        };
+        node.lookups = node.lookups.saturating_sub(count);
+        if node.lookups == 0 {
+            if let Some(node) = inodes.nodes.remove(&ino) {
+                let key = key_of(&node.target);
+                if inodes.by_key.get(&key) == Some(&ino) {
+                    inodes.by_key.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// How many inodes are known (for tests of `forget`).
+    pub fn inode_count(&self) -> usize {
+        let inodes = self.inodes.read().unwrap_or_else(|p| p.into_inner());
+        inodes.nodes.len()
+    }
+
+    fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
         let handles = self.handles.read().unwrap_or_else(|p| p.into_inner());
-        handles.get(&fh).map(f).ok_or(Errno(libc::EBADF))
+        handles.get(&fh).cloned().ok_or(Errno(libc::EBADF))
     }
 
-    /// The image behind a file node, found (and opened if needed) through the catalog.
-    fn image_of(&self, node: &Node) -> FsResult<(PathBuf, Arc<dyn Image>)> {
-        let parent = node.rel_source.parent().unwrap_or(Path::new(""));
-        let name = node.rel_source.file_name().ok_or(Errno(libc::ENOENT))?;
-        let mut raw = name.to_os_string();
-        raw.push(crate::catalog::RAW_SUFFIX);
-        let entry = self
-            .catalog
-            .lookup(parent, &raw)
-            .map_err(|e| log_error("lookup", parent, e))?;
-        match entry {
-            Some(crate::catalog::Entry {
-                source,
-                kind: EntryKind::Image(image),
-                ..
-            }) => Ok((source, image)),
-            _ => Err(Errno(libc::ENOENT)),
+    fn stat_of(&self, target: &Target) -> FsResult<FileStat> {
+        match target {
+            Target::Dir(rel) => self.catalog.dir_stat(rel).map_err(|e| Errno(e.errno())),
+            Target::Image(image) | Target::SnapshotsDir(image) | Target::Snapshot(image, _) => {
+                Ok(image.stat())
+            }
         }
     }
 
-    fn attr_for(&self, ino: u64, node: &Node, image: Option<&Arc<dyn Image>>) -> FsResult<Attr> {
-        let meta = self
-            .catalog
-            .metadata(&node.rel_source)
-            .map_err(|e| Errno(e.errno()))?;
-        let mut perm = (meta.mode() & 0o7777) as u16;
-        if node.kind == NodeKind::Dir && !meta.is_dir() {
-            // A snapshots directory shows its image file's metadata: searchable where
-            // readable, never writable.
-            perm = (perm | (perm & 0o444) >> 2) & !0o222;
-        }
-        let (size, blocks) = match image {
-            Some(image) => {
-                if self.read_only || image.read_only_reason().is_some() {
+    /// The attributes of `target` (inode `ino`); those of an open file come from its handle.
+    fn attr_of(&self, ino: u64, target: &Target, handle: Option<&Handle>) -> FsResult<Attr> {
+        let stat = self.stat_of(target)?;
+        let mut perm = stat.perm;
+        let (size, allocated) = match target {
+            Target::Dir(_) => (0, 0),
+            Target::SnapshotsDir(_) => {
+                // Shows its image file's metadata: searchable where readable, never writable.
+                perm = (perm | (perm & 0o444) >> 2) & !0o222;
+                (0, 0)
+            }
+            Target::Image(image) => {
+                let attrs = self.catalog.attributes(image);
+                if !attrs.writable {
                     perm &= !0o222;
                 }
-                (image.size(), image.allocated_bytes().div_ceil(512))
+                (attrs.size, attrs.allocated)
             }
-            None => (0, 0),
+            Target::Snapshot(image, name) => {
+                perm &= !0o222;
+                image
+                    .summary
+                    .snapshots
+                    .iter()
+                    .find(|s| s.name == *name)
+                    .map(|s| (s.size, s.allocated))
+                    .unwrap_or((0, 0))
+            }
         };
+        let (size, allocated) = match handle {
+            Some(h) => (h.image.image().size(), h.image.image().allocated_bytes()),
+            None => (size, allocated),
+        };
+        let kind = kind_of(target);
         Ok(Attr {
             ino,
-            kind: node.kind,
+            kind,
             size,
-            blocks,
+            blocks: allocated.div_ceil(512),
             perm,
-            uid: meta.uid(),
-            gid: meta.gid(),
-            nlink: if node.kind == NodeKind::Dir { 2 } else { 1 },
-            atime: time_of(meta.atime(), meta.atime_nsec()),
-            mtime: time_of(meta.mtime(), meta.mtime_nsec()),
-            ctime: time_of(meta.ctime(), meta.ctime_nsec()),
+            uid: stat.uid,
+            gid: stat.gid,
+            nlink: if kind == NodeKind::Dir { 2 } else { 1 },
+            atime: stat.atime,
+            mtime: stat.mtime,
+            ctime: stat.ctime,
         })
     }
 
-    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
-        let dir = self.node(parent)?;
-        if dir.kind != NodeKind::Dir {
-            return Err(Errno(libc::ENOTDIR));
+    fn dir_target(&self, ino: u64) -> FsResult<Target> {
+        let target = self.target(ino)?;
+        match kind_of(&target) {
+            NodeKind::Dir => Ok(target),
+            NodeKind::File => Err(Errno(libc::ENOTDIR)),
         }
+    }
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        let dir = self.dir_target(parent)?;
         let entry = self
             .catalog
-            .lookup(&dir.rel_source, name)
-            .map_err(|e| log_error("lookup", &dir.rel_source, e))?
+            .lookup(&dir, name)
+            .map_err(|e| log_error("lookup", Path::new(name), e))?
             .ok_or(Errno(libc::ENOENT))?;
-        let rel = entry
-            .source
-            .strip_prefix(self.catalog.root())
-            .map_err(|_| Errno(libc::ENOENT))?;
-        match &entry.kind {
-            EntryKind::Dir => {
-                let ino = self.ino_for(rel, NodeKind::Dir);
-                self.attr_for(
-                    ino,
-                    &Node {
-                        rel_source: rel.to_path_buf(),
-                        kind: NodeKind::Dir,
-                    },
-                    None,
-                )
-            }
-            EntryKind::Image(image) => {
-                let ino = self.ino_for(rel, NodeKind::File);
-                let node = Node {
-                    rel_source: rel.to_path_buf(),
-                    kind: NodeKind::File,
-                };
-                self.attr_for(ino, &node, Some(image))
-            }
-        }
+        let attr = self.attr_of(0, &entry.target, None)?;
+        let ino = self.remember(entry.target);
+        Ok(Attr { ino, ..attr })
     }
 
-    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
-        let node = self.node(ino)?;
-        match node.kind {
-            NodeKind::Dir => self.attr_for(ino, &node, None),
-            NodeKind::File => {
-                let (_, image) = self.image_of(&node)?;
-                self.attr_for(ino, &node, Some(&image))
-            }
-        }
+    /// The attributes of `ino`; with `fh`, those of the open file behind that handle.
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+        let target = self.target(ino)?;
+        let handle = fh.and_then(|fh| self.handle(fh).ok());
+        self.attr_of(ino, &target, handle.as_deref())
     }
 
-    /// The entries of directory `ino` as (inode, kind, name), `.` and `..` first.
-    pub fn readdir(&self, ino: u64) -> FsResult<Vec<(u64, NodeKind, std::ffi::OsString)>> {
-        let dir = self.node(ino)?;
-        if dir.kind != NodeKind::Dir {
-            return Err(Errno(libc::ENOTDIR));
-        }
+    /// Lists directory `ino` once for a directory handle; returns the handle number.
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let dir = self.dir_target(ino)?;
         let entries = self
             .catalog
-            .list(&dir.rel_source)
-            .map_err(|e| log_error("readdir", &dir.rel_source, e))?;
-        let parent_rel = dir.rel_source.parent().unwrap_or(Path::new(""));
-        let parent_ino = self.ino_for(parent_rel, NodeKind::Dir);
+            .list(&dir)
+            .map_err(|e| log_error("readdir", Path::new(""), e))?;
+        let parent_ino = match &dir {
+            Target::Dir(rel) => rel
+                .parent()
+                .and_then(|p| self.known_ino(&NodeKey::Dir(p.to_path_buf()))),
+            _ => None,
+        }
+        .unwrap_or(ROOT_INO);
         let mut out = vec![
             (ino, NodeKind::Dir, ".".into()),
             (parent_ino, NodeKind::Dir, "..".into()),
         ];
         for entry in entries {
-            let Ok(rel) = entry.source.strip_prefix(self.catalog.root()) else {
-                continue;
-            };
-            let kind = match entry.kind {
-                EntryKind::Dir => NodeKind::Dir,
-                EntryKind::Image(_) => NodeKind::File,
-            };
-            out.push((self.ino_for(rel, kind), kind, entry.name));
+            let kind = kind_of(&entry.target);
+            // The inode if the kernel knows this entry already; otherwise a number of its own
+            // (only shown as d_ino), since readdir gives the kernel no reference to forget.
+            let ino = self
+                .known_ino(&key_of(&entry.target))
+                .unwrap_or_else(|| self.reserve_ino());
+            out.push((ino, kind, entry.name));
         }
-        Ok(out)
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let mut listings = self.listings.lock().unwrap_or_else(|p| p.into_inner());
+        listings.insert(fh, Arc::new(out));
+        Ok(fh)
+    }
+
+    fn known_ino(&self, key: &NodeKey) -> Option<u64> {
+        let inodes = self.inodes.read().unwrap_or_else(|p| p.into_inner());
+        inodes.by_key.get(key).copied()
+    }
+
+    fn reserve_ino(&self) -> u64 {
+        let mut inodes = self.inodes.write().unwrap_or_else(|p| p.into_inner());
+        inodes.next += 1;
+        inodes.next - 1
+    }
+
+    /// The listing taken by `opendir`.
+    pub fn readdir(&self, fh: u64) -> FsResult<Arc<Vec<DirEntry>>> {
+        let listings = self.listings.lock().unwrap_or_else(|p| p.into_inner());
+        listings.get(&fh).cloned().ok_or(Errno(libc::EBADF))
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        let mut listings = self.listings.lock().unwrap_or_else(|p| p.into_inner());
+        listings.remove(&fh);
     }
 
     /// Opens file `ino`; `write` asks for write access. Returns the handle number.
     pub fn open(&self, ino: u64, write: bool) -> FsResult<u64> {
-        let node = self.node(ino)?;
-        if node.kind == NodeKind::Dir {
-            return Err(Errno(libc::EISDIR));
-        }
-        let (source, image) = self.image_of(&node)?;
-        if write {
-            if self.read_only {
-                return Err(Errno(libc::EROFS));
+        let target = self.target(ino)?;
+        let (image, file) = match &target {
+            Target::Dir(_) | Target::SnapshotsDir(_) => return Err(Errno(libc::EISDIR)),
+            Target::Image(file) => {
+                let image = self.catalog.open(file, write);
+                (image, Some(Arc::clone(file)))
             }
-            if let Some(reason) = image.read_only_reason() {
-                log::info!("{}: refusing write access: {reason}", source.display());
-                return Err(Errno(libc::EROFS));
+            Target::Snapshot(file, name) => {
+                if write {
+                    return Err(Errno(libc::EROFS));
+                }
+                (self.catalog.open_snapshot(file, name), None)
             }
-        }
+        };
+        let image = image.map_err(|e| {
+            let errno = e.errno();
+            match e.kind() {
+                ErrorKind::ReadOnly | ErrorKind::Stale | ErrorKind::Busy => {
+                    log::info!("refusing to open: {e}")
+                }
+                _ => log::error!("open: {e}"),
+            }
+            Errno(errno)
+        })?;
+        let source: Arc<Path> = image.served().source().into();
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let mut handles = self.handles.write().unwrap_or_else(|p| p.into_inner());
         handles.insert(
             fh,
-            Handle {
+            Arc::new(Handle {
                 image,
-                source: source.into(),
-                writable: write,
-            },
+                file,
+                source,
+            }),
         );
         Ok(fh)
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let (image, source) = self.handle(fh, |h| (h.image.clone(), h.source.clone()))?;
+        let handle = self.handle(fh)?;
+        let image = handle.image.image();
         let len = image.size().saturating_sub(offset).min(u64::from(size));
         let mut buf = vec![0u8; len as usize];
         if len > 0 {
             image
                 .read_at(&mut buf, offset)
-                .map_err(|e| log_error("read", &source, e))?;
+                .map_err(|e| log_error("read", &handle.source, e))?;
         }
         Ok(buf)
     }
@@ -352,14 +426,14 @@ impl FsCore {
     /// Writes `data` at `offset`; a write reaching past the end of the disk is cut short there,
     /// and one starting at or past the end fails with ENOSPC, as on a block device.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let (image, source, writable) =
-            self.handle(fh, |h| (h.image.clone(), h.source.clone(), h.writable))?;
-        if !writable {
+        let handle = self.handle(fh)?;
+        if !handle.image.is_writable() {
             return Err(Errno(libc::EBADF));
         }
         if data.is_empty() {
             return Ok(0);
         }
+        let image = handle.image.image();
         let room = image.size().saturating_sub(offset);
         if room == 0 {
             return Err(Errno(libc::ENOSPC));
@@ -367,16 +441,19 @@ impl FsCore {
         let len = (data.len() as u64).min(room) as usize;
         image
             .write_at(&data[..len], offset)
-            .map_err(|e| log_error("write", &source, e))?;
+            .map_err(|e| log_error("write", &handle.source, e))?;
         u32::try_from(len).map_err(|_| Errno(libc::EINVAL))
     }
 
     /// Writes back the image's metadata and syncs it (close, fsync).
     pub fn flush(&self, fh: u64) -> FsResult<()> {
-        let (image, source, writable) =
-            self.handle(fh, |h| (h.image.clone(), h.source.clone(), h.writable))?;
-        if writable {
-            image.flush().map_err(|e| log_error("flush", &source, e))?;
+        let handle = self.handle(fh)?;
+        if handle.image.is_writable() {
+            handle
+                .image
+                .image()
+                .flush()
+                .map_err(|e| log_error("flush", &handle.source, e))?;
         }
         Ok(())
     }
@@ -386,13 +463,21 @@ impl FsCore {
             let mut handles = self.handles.write().unwrap_or_else(|p| p.into_inner());
             handles.remove(&fh).ok_or(Errno(libc::EBADF))?
         };
-        if handle.writable && handle.image.is_dirty() {
-            handle
+        let mut result = Ok(());
+        let writable = handle.image.is_writable();
+        if writable && handle.image.image().is_dirty() {
+            result = handle
                 .image
+                .image()
                 .flush()
-                .map_err(|e| log_error("flush", &handle.source, e))?;
+                .map_err(|e| log_error("flush", &handle.source, e));
         }
-        Ok(())
+        let file = handle.file.clone();
+        drop(handle);
+        if let (true, Some(file)) = (writable, file) {
+            self.catalog.note_closed(&file);
+        }
+        result
     }
 
     /// Changes times (applied to the image file) and refuses size changes: images do not
@@ -404,41 +489,43 @@ impl FsCore {
         atime: Option<SystemTime>,
         mtime: Option<SystemTime>,
     ) -> FsResult<Attr> {
-        let node = self.node(ino)?;
+        let target = self.target(ino)?;
         if let Some(size) = size {
-            let current = self.getattr(ino)?.size;
+            let current = self.getattr(ino, None)?.size;
             if size != current {
                 log::info!(
-                    "{}: refusing to resize from {current} to {size} bytes: resizing images is not supported",
-                    node.rel_source.display()
+                    "refusing to resize from {current} to {size} bytes: resizing images is not \
+                     supported"
                 );
                 return Err(Errno(libc::EOPNOTSUPP));
             }
         }
         if atime.is_some() || mtime.is_some() {
-            if self.read_only {
+            if self.catalog.is_read_only() {
                 return Err(Errno(libc::EROFS));
             }
-            let source = self
-                .catalog
-                .source_path(&node.rel_source)
-                .map_err(|_| Errno(libc::ENOENT))?;
-            let file = std::fs::File::open(&source).map_err(|e| io_errno(&e))?;
-            let mut times = std::fs::FileTimes::new();
-            if let Some(t) = atime {
-                times = times.set_accessed(t);
+            match &target {
+                Target::Image(image) => self
+                    .catalog
+                    .set_times(image, atime, mtime)
+                    .map_err(|e| log_error("set times", &image.source, e))?,
+                Target::Dir(rel) => {
+                    let path = self
+                        .catalog
+                        .source_path(rel)
+                        .map_err(|_| Errno(libc::ENOENT))?;
+                    set_dir_times(&path, atime, mtime)?
+                }
+                Target::SnapshotsDir(_) | Target::Snapshot(..) => return Err(Errno(libc::EROFS)),
             }
-            if let Some(t) = mtime {
-                times = times.set_modified(t);
-            }
-            file.set_times(times).map_err(|e| io_errno(&e))?;
         }
-        self.getattr(ino)
+        self.getattr(ino, None)
     }
 
     /// SEEK_DATA / SEEK_HOLE from the image's block status.
     pub fn lseek(&self, fh: u64, offset: u64, whence: i32) -> FsResult<u64> {
-        let (image, source) = self.handle(fh, |h| (h.image.clone(), h.source.clone()))?;
+        let handle = self.handle(fh)?;
+        let image = handle.image.image();
         let size = image.size();
         let want_data = match whence {
             libc::SEEK_DATA => true,
@@ -455,7 +542,7 @@ impl FsCore {
             let len = WINDOW.min(size - at);
             let extents = image
                 .block_status(at, len)
-                .map_err(|e| log_error("lseek", &source, e))?;
+                .map_err(|e| log_error("lseek", &handle.source, e))?;
             for extent in &extents {
                 if extent.state.is_data() == want_data {
                     return Ok(extent.offset.max(offset));
@@ -484,7 +571,9 @@ impl FsCore {
 
     pub fn setxattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
         if ino == ROOT_INO && name == XATTR_FLUSH {
-            return match self.flush_all() {
+            let failed = self.flush_all();
+            self.catalog.close_idle(Duration::ZERO);
+            return match failed {
                 0 => Ok(()),
                 _ => Err(Errno(libc::EIO)),
             };
@@ -497,24 +586,46 @@ impl FsCore {
         self.flush_images(false)
     }
 
-    /// Flushes the images with pending metadata (the periodic write-back).
-    pub fn flush_dirty(&self) -> usize {
-        self.flush_images(true)
+    /// The periodic housekeeping: writes back images with pending metadata, looks at the tree
+    /// again (changed, removed and retried files), and closes images nobody has used lately.
+    pub fn housekeeping(&self) {
+        self.flush_images(true);
+        self.catalog.refresh();
+        self.catalog.close_idle(IDLE_LINGER);
     }
 
     fn flush_images(&self, only_dirty: bool) -> usize {
         let mut failed = 0;
-        for (path, image) in self.catalog.open_images() {
-            if image.read_only_reason().is_some() || (only_dirty && !image.is_dirty()) {
+        for served in self.catalog.live_instances() {
+            if served.is_retired() || (only_dirty && !served.is_dirty()) {
                 continue;
             }
-            if let Err(e) = image.flush() {
-                log::error!("flush: {}", e.with_path(&path));
+            if served.read_only_reason().is_some() && !served.is_dirty() {
+                continue;
+            }
+            if let Err(e) = served.flush() {
+                log::error!("flush: {}", e.with_path(served.source()));
                 failed += 1;
             }
         }
         failed
     }
+}
+
+fn set_dir_times(
+    path: &Path,
+    atime: Option<SystemTime>,
+    mtime: Option<SystemTime>,
+) -> FsResult<()> {
+    let dir = std::fs::File::open(path).map_err(|e| io_errno(&e))?;
+    let mut times = std::fs::FileTimes::new();
+    if let Some(t) = atime {
+        times = times.set_accessed(t);
+    }
+    if let Some(t) = mtime {
+        times = times.set_modified(t);
+    }
+    dir.set_times(times).map_err(|e| io_errno(&e))
 }
 
 fn host_statfs(path: &Path) -> FsResult<StatFs> {

@@ -406,6 +406,24 @@ pub fn daemon_pid(mnt: &Path) -> i32 {
         .unwrap()
 }
 
+/// Asks the daemon serving `mnt` to write everything back and close the images nobody has
+/// open (what `imgfs umount` does first, and the daemon does by itself after a few seconds).
+pub fn release_idle(mnt: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(mnt.as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid NUL-terminated strings and a value of the length passed.
+    let rc = unsafe {
+        libc::setxattr(
+            c_path.as_ptr(),
+            c"user.imgfs.flush".as_ptr(),
+            b"1".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
 /// Watches a process (not necessarily our child) through a pidfd, to wait for its exit
 /// without polling or sleeping.
 pub struct ExitWatch(std::os::fd::OwnedFd);

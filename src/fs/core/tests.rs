@@ -10,8 +10,8 @@ fn mounted(read_only: bool) -> (TempDir, FsCore) {
     std::fs::write(dir.path().join("disk.img"), "FAKEIMG 65536").unwrap();
     std::fs::write(dir.path().join("ro.img"), "FAKEIMG 4096 ").unwrap();
     std::fs::write(dir.path().join("sub/x.vdi"), "FAKEIMG 10000").unwrap();
-    let catalog = Catalog::new(dir.path(), Box::new(FakeOpener::default())).unwrap();
-    (dir, FsCore::new(catalog, read_only))
+    let catalog = Catalog::new(dir.path(), Box::new(FakeOpener::default()), read_only).unwrap();
+    (dir, FsCore::new(catalog))
 }
 
 fn disk_ino(core: &FsCore) -> u64 {
@@ -21,11 +21,15 @@ fn disk_ino(core: &FsCore) -> u64 {
 }
 
 fn names(core: &FsCore, ino: u64) -> Vec<String> {
-    core.readdir(ino)
+    let fh = core.opendir(ino).unwrap();
+    let names = core
+        .readdir(fh)
         .unwrap()
-        .into_iter()
+        .iter()
         .map(|(_, _, n)| n.to_string_lossy().into_owned())
-        .collect()
+        .collect();
+    core.releasedir(fh);
+    names
 }
 
 #[test]
@@ -40,7 +44,7 @@ fn lookup_readdir_and_getattr_show_virtual_sizes() {
         (attr.kind, attr.size, attr.blocks),
         (NodeKind::File, 65536, 0)
     );
-    assert_eq!(core.getattr(attr.ino).unwrap().ino, attr.ino);
+    assert_eq!(core.getattr(attr.ino, None).unwrap().ino, attr.ino);
     let sub = core.lookup(ROOT_INO, OsStr::new("sub")).unwrap();
     assert_eq!(sub.kind, NodeKind::Dir);
     assert_eq!(
@@ -71,7 +75,7 @@ fn read_write_roundtrip_clips_at_the_end_of_the_disk() {
     assert_eq!(core.read(fh, 65530, 100).unwrap().len(), 6);
     assert!(core.read(fh, 70000, 10).unwrap().is_empty());
     assert_eq!(
-        core.getattr(ino).unwrap().blocks,
+        core.getattr(ino, None).unwrap().blocks,
         16,
         "two 4 KiB blocks, in 512 B units"
     );
@@ -140,7 +144,7 @@ fn setattr_refuses_resize_but_accepts_same_size_and_times() {
 #[test]
 fn control_xattrs_report_pid_and_flush_everything() {
     let (_dir, core) = mounted(false);
-    core.readdir(ROOT_INO).unwrap();
+    names(&core, ROOT_INO);
     let pid = core.getxattr(ROOT_INO, OsStr::new(XATTR_PID)).unwrap();
     assert_eq!(pid, std::process::id().to_string().into_bytes());
     assert_eq!(
@@ -174,9 +178,13 @@ fn removed_images_disappear_but_open_handles_keep_working() {
 #[test]
 fn snapshots_are_read_only_files_in_a_directory_beside_the_image() {
     let dir = TempDir::new();
-    std::fs::write(dir.path().join("d.img"), "FAKEIMG 8192\nsnapshot s1").unwrap();
-    let catalog = Catalog::new(dir.path(), Box::new(FakeOpener::default())).unwrap();
-    let core = FsCore::new(catalog, false);
+    std::fs::write(
+        dir.path().join("d.img"),
+        "FAKEIMG 8192\nsnapshot s1\nsnapshot old.snapshots",
+    )
+    .unwrap();
+    let catalog = Catalog::new(dir.path(), Box::new(FakeOpener::default()), false).unwrap();
+    let core = FsCore::new(catalog);
     assert_eq!(
         names(&core, ROOT_INO),
         [".", "..", "d.img.raw", "d.img.snapshots"]
@@ -185,14 +193,75 @@ fn snapshots_are_read_only_files_in_a_directory_beside_the_image() {
         .lookup(ROOT_INO, OsStr::new("d.img.snapshots"))
         .unwrap();
     assert_eq!(snaps.kind, NodeKind::Dir);
-    assert_eq!(names(&core, snaps.ino), [".", "..", "s1.raw"]);
+    assert_eq!(
+        names(&core, snaps.ino),
+        [".", "..", "s1.raw", "old.snapshots.raw"]
+    );
+    let old = core
+        .lookup(snaps.ino, OsStr::new("old.snapshots.raw"))
+        .unwrap();
+    assert_eq!(core.getattr(old.ino, None).unwrap().size, 8192);
+    let fh = core.open(old.ino, false).unwrap();
+    assert_eq!(core.read(fh, 0, 2).unwrap(), [2, 2]);
     let s1 = core.lookup(snaps.ino, OsStr::new("s1.raw")).unwrap();
     assert_eq!(
         (s1.kind, s1.size, s1.perm & 0o222),
         (NodeKind::File, 8192, 0)
     );
-    assert_eq!(core.getattr(s1.ino).unwrap().size, 8192);
+    assert_eq!(core.getattr(s1.ino, None).unwrap().size, 8192);
     assert_eq!(core.open(s1.ino, true), Err(Errno(libc::EROFS)));
     let fh = core.open(s1.ino, false).unwrap();
     assert_eq!(core.read(fh, 4000, 4).unwrap(), [1, 1, 1, 1]);
+}
+
+#[test]
+fn an_open_file_keeps_its_attributes_when_its_image_moves_or_is_replaced() {
+    let (dir, core) = mounted(false);
+    let ino = disk_ino(&core);
+    let fh = core.open(ino, true).unwrap();
+    std::fs::rename(dir.path().join("disk.img"), dir.path().join("sub/moved")).unwrap();
+    // fstat (no handle) and lseek(SEEK_END) (with the handle) on the descriptor.
+    assert_eq!(core.getattr(ino, None).unwrap().size, 65536);
+    assert_eq!(core.getattr(ino, Some(fh)).unwrap().size, 65536);
+
+    std::fs::write(dir.path().join("disk.img"), "FAKEIMG 1048576").unwrap();
+    let new = core.lookup(ROOT_INO, OsStr::new("disk.img.raw")).unwrap();
+    assert_ne!(new.ino, ino, "a new file is a new inode");
+    assert_eq!(new.size, 1 << 20);
+    assert_eq!(core.getattr(ino, None).unwrap().size, 65536);
+    assert_eq!(core.write(fh, 0, b"old").unwrap(), 3);
+    assert_eq!(core.read(fh, 0, 3).unwrap(), b"old");
+    core.release(fh).unwrap();
+}
+
+#[test]
+fn forgotten_inodes_are_dropped() {
+    let (_dir, core) = mounted(false);
+    let before = core.inode_count();
+    let ino = disk_ino(&core);
+    disk_ino(&core);
+    assert_eq!(core.inode_count(), before + 1);
+    core.forget(ino, 1);
+    assert!(core.getattr(ino, None).is_ok(), "one lookup left");
+    core.forget(ino, 1);
+    assert_eq!(core.getattr(ino, None), Err(Errno(libc::ENOENT)));
+    assert_eq!(core.inode_count(), before);
+    core.forget(ROOT_INO, 100);
+    assert!(
+        core.getattr(ROOT_INO, None).is_ok(),
+        "the root is never forgotten"
+    );
+}
+
+#[test]
+fn a_directory_is_listed_once_per_opendir() {
+    let (dir, core) = mounted(false);
+    let fh = core.opendir(ROOT_INO).unwrap();
+    std::fs::write(dir.path().join("late.img"), "FAKEIMG 512").unwrap();
+    let listing = core.readdir(fh).unwrap();
+    assert_eq!(listing.len(), 5, "taken at opendir");
+    assert!(listing.iter().all(|(ino, _, _)| *ino != 0));
+    core.releasedir(fh);
+    assert_eq!(core.readdir(fh), Err(Errno(libc::EBADF)));
+    assert!(names(&core, ROOT_INO).contains(&"late.img.raw".to_string()));
 }

@@ -55,7 +55,7 @@ fn try_open(path: &Path, read_only: bool) -> Result<Arc<dyn Image>> {
     let mut links = PlainLinks::new(path.parent().unwrap(), false)?;
     let options = OpenOptions {
         read_only,
-        inspect: false,
+        ..OpenOptions::default()
     };
     format::open(path, &options, &mut links)
 }

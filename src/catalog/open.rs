@@ -1,0 +1,361 @@
+//! Opening, sharing and closing the instances behind handles. One instance per file, shared by
+//! every handle and every image above it; writable unless the mount, the file's role (a backing
+//! file), the host or the image itself says otherwise. An instance that becomes a backing file
+//! while open is written back and frozen, not reopened, so readers keep it; one nobody uses is
+//! closed after a while, so idle images hold no descriptor and no lock.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::served::{BackingUse, ImageHandle, Served};
+use super::{lock, Catalog, ImageFile};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::links::{Chain, Links};
+use crate::format::{Format, OpenOptions};
+use crate::host::activity::activity_of;
+use crate::image::Image;
+
+/// What the raw file of an image shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageAttrs {
+    pub size: u64,
+    pub allocated: u64,
+    /// Whether opening it for writing would be allowed now.
+    pub writable: bool,
+}
+
+/// What opening a handle takes.
+enum Plan {
+    Reuse(ImageHandle),
+    Open { role: Option<String> },
+    Busy(Error),
+}
+
+fn stale(image: &ImageFile) -> Error {
+    Error::new(
+        ErrorKind::Stale,
+        "the image file changed or went away; look it up again",
+    )
+    .with_path(&image.source)
+}
+
+impl Catalog {
+    /// Size, allocation and writability of `image`, from its open instance where there is one.
+    pub fn attributes(&self, image: &ImageFile) -> ImageAttrs {
+        let (live, backing) = {
+            let state = self.state();
+            let live = state.live.get(&image.id).cloned();
+            (live, state.roles.image_above(image.id).is_some())
+        };
+        let (size, allocated) = match &live {
+            Some(served) => {
+                let allocated = served.allocated_bytes();
+                image.set_allocated(allocated);
+                (served.size(), allocated)
+            }
+            None => (image.summary.size, image.allocated()),
+        };
+        let instance_allows = live.as_ref().map_or(true, |s| {
+            s.accepts_writes() || s.is_unused() || (s.is_frozen() && s.users() == 0)
+        });
+        let writable = !self.read_only
+            && !backing
+            && !image.has_ended()
+            && image.summary.inherent_read_only.is_none()
+            && image.host_writable()
+            && instance_allows;
+        ImageAttrs {
+            size,
+            allocated,
+            writable,
+        }
+    }
+
+    /// A handle on `image`, opening (or sharing) its instance; `write` asks for writing.
+    pub fn open(&self, image: &Arc<ImageFile>, write: bool) -> Result<ImageHandle> {
+        if !self.is_current(image) {
+            return Err(stale(image));
+        }
+        if write {
+            if let Some(reason) = &image.summary.inherent_read_only {
+                return Err(Error::read_only(reason.clone()).with_path(&image.source));
+            }
+        }
+        let _opening = lock(&self.opening);
+        let role = match self.plan_open(image, write)? {
+            Plan::Reuse(handle) => return Ok(handle),
+            Plan::Open { role } => role,
+            // Perhaps only images nobody has open any more (removed ones) still use it.
+            Plan::Busy(e) => match self.close_unused(Duration::ZERO) {
+                0 => return Err(e),
+                _ => match self.plan_open(image, write)? {
+                    Plan::Reuse(handle) => return Ok(handle),
+                    Plan::Open { role } => role,
+                    Plan::Busy(e) => return Err(e),
+                },
+            },
+        };
+        let options = OpenOptions {
+            read_only: role.is_some(),
+            inspect: false,
+            reason: role,
+        };
+        let instance = self.open_instance(&image.source, image.summary.format, &options)?;
+        let served = Arc::new(Served::new(instance, image.id, &image.source));
+        let mut state = self.state();
+        state.live.insert(image.id, Arc::clone(&served));
+        if write {
+            // An image above it may have appeared while it was being opened.
+            if let Some(above) = state.roles.image_above(image.id) {
+                return Err(Error::read_only(format!(
+                    "it is the backing file of {}",
+                    above.display()
+                ))
+                .with_path(&image.source));
+            }
+            if let Some(reason) = served.read_only_reason() {
+                return Err(Error::read_only(reason).with_path(&image.source));
+            }
+        }
+        Ok(served.handle(write, None))
+    }
+
+    /// Whether a handle on `image` can share its open instance, needs a new one (with the
+    /// reason it is read-only, if it is), or must wait. The caller holds the opening lock.
+    fn plan_open(&self, image: &ImageFile, write: bool) -> Result<Plan> {
+        let mut state = self.state();
+        let role = match self.read_only {
+            true => Some("served read-only by request".to_string()),
+            false => state
+                .roles
+                .image_above(image.id)
+                .map(|above| format!("it is the backing file of {}", above.display())),
+        };
+        if let (true, Some(reason)) = (write, &role) {
+            return Err(Error::read_only(reason.clone()).with_path(&image.source));
+        }
+        if let Some(live) = state.live.get(&image.id).cloned() {
+            if !write || live.accepts_writes() {
+                return Ok(Plan::Reuse(live.handle(write, None)));
+            }
+            if live.is_frozen() && live.users() == 0 {
+                live.thaw();
+                if live.accepts_writes() {
+                    return Ok(Plan::Reuse(live.handle(true, None)));
+                }
+            }
+            if !live.is_unused() {
+                let why = live.read_only_reason().unwrap_or_default();
+                return Ok(Plan::Busy(
+                    Error::busy(format!(
+                        "it is open read-only through the mount ({why}); writable once those \
+                         files are closed"
+                    ))
+                    .with_path(&image.source),
+                ));
+            }
+            // Opened read-only while it was a backing file, used by nobody now.
+            state.live.remove(&image.id);
+        }
+        if state.retired_alive(image.id) {
+            return Ok(Plan::Busy(
+                Error::busy(
+                    "the file was overwritten while open through the mount; its new content \
+                     is served once those files are closed",
+                )
+                .with_path(&image.source),
+            ));
+        }
+        Ok(Plan::Open { role })
+    }
+
+    /// A read-only handle on internal snapshot `name` of `image`.
+    pub fn open_snapshot(&self, image: &Arc<ImageFile>, name: &str) -> Result<ImageHandle> {
+        let base = self.open(image, false)?;
+        let view = base
+            .served()
+            .snapshot_view(name)
+            .map_err(|e| e.with_path(&image.source))?;
+        Ok(base.served().handle(false, Some(view)))
+    }
+
+    /// Sets the times of `image`'s file, as this process's own change of it.
+    pub fn set_times(
+        &self,
+        image: &ImageFile,
+        atime: Option<SystemTime>,
+        mtime: Option<SystemTime>,
+    ) -> Result<()> {
+        if !self.is_current(image) {
+            return Err(stale(image));
+        }
+        let file = std::fs::File::open(&image.source)
+            .map_err(|e| Error::io("open", e).with_path(&image.source))?;
+        let mut times = std::fs::FileTimes::new();
+        if let Some(t) = atime {
+            times = times.set_accessed(t);
+        }
+        if let Some(t) = mtime {
+            times = times.set_modified(t);
+        }
+        activity_of(image.id)
+            .around(|| file.set_times(times))
+            .map_err(|e| Error::io("set times", e).with_path(&image.source))?;
+        self.is_current(image);
+        Ok(())
+    }
+
+    /// After a handle on `image` closed: remember the file's state, now that our writes are
+    /// done, so that a change by someone else is told apart from ours later.
+    pub fn note_closed(&self, image: &ImageFile) {
+        self.is_current(image);
+    }
+
+    /// Every open instance (for writing them all back).
+    pub fn live_instances(&self) -> Vec<Arc<Served>> {
+        self.state().live.values().cloned().collect()
+    }
+
+    /// Closes the instances nobody has used for `idle_for` (written back first); returns how
+    /// many were closed. A backing file is closed once the images above it are.
+    pub fn close_idle(&self, idle_for: Duration) -> usize {
+        let _opening = lock(&self.opening);
+        self.close_unused(idle_for)
+    }
+
+    /// `close_idle` for a caller that holds the opening lock.
+    fn close_unused(&self, idle_for: Duration) -> usize {
+        let mut closed = 0;
+        loop {
+            let candidates: Vec<Arc<Served>> = self
+                .state()
+                .live
+                .values()
+                .filter(|s| s.is_unused() && s.idle_for() >= idle_for)
+                .cloned()
+                .collect();
+            if candidates.is_empty() {
+                return closed;
+            }
+            let mut progress = false;
+            for served in candidates {
+                if served.is_dirty() {
+                    if let Err(e) = served.flush() {
+                        // Kept open, so what it holds is written back on a later try.
+                        log::error!("write-back before closing failed: {e}");
+                        continue;
+                    }
+                }
+                let mut state = self.state();
+                let still_ours = state
+                    .live
+                    .get(&served.id())
+                    .is_some_and(|s| Arc::ptr_eq(s, &served));
+                if still_ours && served.is_unused() {
+                    state.live.remove(&served.id());
+                    closed += 1;
+                    progress = true;
+                }
+            }
+            // Closing an image above a backing file frees the backing file only now.
+            if !progress || !idle_for.is_zero() {
+                return closed;
+            }
+        }
+    }
+
+    /// Opens the instance of the image at `path`; when descriptors run out, closes the idle
+    /// instances and tries once more. The caller holds the opening lock.
+    fn open_instance(
+        &self,
+        path: &Path,
+        format: Format,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn Image>> {
+        let attempt = || {
+            let mut links = ServingLinks { catalog: self };
+            self.opener.open(path, format, options, &mut links)
+        };
+        match attempt() {
+            Err(e) if matches!(e.errno(), libc::EMFILE | libc::ENFILE) => {
+                if self.close_unused(Duration::ZERO) > 0 {
+                    attempt()
+                } else {
+                    Err(e)
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Backing files of instances being opened: each served file is shared (one instance for its
+/// raw file and every image above it), written back and frozen if it was open for writing.
+struct ServingLinks<'a> {
+    catalog: &'a Catalog,
+}
+
+impl Links for ServingLinks<'_> {
+    fn root(&self) -> &Path {
+        &self.catalog.root
+    }
+
+    fn open_backing(
+        &mut self,
+        path: &Path,
+        format: Option<Format>,
+        chain: &Chain,
+    ) -> Result<Arc<dyn Image>> {
+        chain.below(path)?;
+        let catalog = self.catalog;
+        let probed = catalog.opener.probe(path)?;
+        // A file read as another format than it has is a private instance, never shared.
+        let shared = probed.is_some() && (format.is_none() || format == probed);
+        // Probed once here; a file that is no image is read raw, as QEMU does.
+        let format = Some(format.or(probed).unwrap_or(Format::Raw));
+        if !shared {
+            return catalog
+                .opener
+                .open_backing(path, format, chain, self, false);
+        }
+        let meta = std::fs::metadata(path).map_err(|e| Error::io("stat", e).with_path(path))?;
+        let id = (meta.dev(), meta.ino());
+        let above = chain.parent_path();
+        let above = above.strip_prefix(&catalog.root).unwrap_or(above);
+        let live = {
+            let mut state = catalog.state();
+            if state.retired_alive(id) {
+                return Err(Error::busy(format!(
+                    "its backing file {} was overwritten while open through the mount",
+                    path.display()
+                )));
+            }
+            state.live.get(&id).cloned()
+        };
+        if let Some(live) = live {
+            if live.accepts_writes() {
+                if live.writers() > 0 {
+                    return Err(Error::busy(format!(
+                        "its backing file {} is open for writing through the mount",
+                        path.display()
+                    )));
+                }
+                live.flush().map_err(|e| e.with_path(path))?;
+                live.freeze(format!("it is the backing file of {}", above.display()));
+                log::info!(
+                    "{} is a backing file: served read-only from now on",
+                    path.display()
+                );
+            }
+            return Ok(Arc::new(BackingUse::new(live)));
+        }
+        let image = catalog
+            .opener
+            .open_backing(path, format, chain, self, false)?;
+        let served = Arc::new(Served::new(image, id, path));
+        catalog.state().live.insert(id, Arc::clone(&served));
+        Ok(Arc::new(BackingUse::new(served)))
+    }
+}

@@ -1,0 +1,102 @@
+//! This process's own writes to host files, counted per file (device and inode), so that the
+//! catalog can tell a change it made itself (a write through the mount moves the image file's
+//! mtime, ctime and size) from a change someone else made (an image copied over a served one).
+//!
+//! Every mutating `HostFile` call counts one write started before it reaches the file and one
+//! finished after it returns. A stat of the file taken while both counters stayed equal and
+//! unchanged reflects every write this process made up to then and none in flight.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+/// The counters of one host file.
+#[derive(Debug, Default)]
+pub struct WriteActivity {
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+/// A reading of a file's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteCount {
+    pub started: u64,
+    pub finished: u64,
+}
+
+impl WriteCount {
+    /// No write of this process is in flight.
+    pub fn is_quiet(&self) -> bool {
+        self.started == self.finished
+    }
+}
+
+impl WriteActivity {
+    /// Counts one write around `write`.
+    pub fn around<T>(&self, write: impl FnOnce() -> T) -> T {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let result = write();
+        self.finished.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+
+    fn count(&self) -> WriteCount {
+        // Finished first: a reading never shows more writes finished than started.
+        let finished = self.finished.load(Ordering::SeqCst);
+        let started = self.started.load(Ordering::SeqCst);
+        WriteCount { started, finished }
+    }
+}
+
+/// Device and inode: which file, whatever its name.
+pub type FileKey = (u64, u64);
+
+// Entries are never removed: counters must keep growing across reopenings of a file, or a
+// file closed and reopened would look unwritten. One entry per file ever written is small.
+fn registry() -> &'static Mutex<HashMap<FileKey, Arc<WriteActivity>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<FileKey, Arc<WriteActivity>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+/// The counters of file `key`, created on first use.
+pub fn activity_of(key: FileKey) -> Arc<WriteActivity> {
+    let mut map = registry().lock().unwrap_or_else(PoisonError::into_inner);
+    Arc::clone(map.entry(key).or_default())
+}
+
+/// How many writes this process has started and finished on file `key` (zero if none ever).
+pub fn own_writes(key: FileKey) -> WriteCount {
+    let map = registry().lock().unwrap_or_else(PoisonError::into_inner);
+    map.get(&key).map(|a| a.count()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_survive_reopening_and_show_writes_in_flight() {
+        let key = (u64::MAX, 42);
+        assert_eq!(own_writes(key), WriteCount::default());
+        let activity = activity_of(key);
+        let inside = activity.around(|| own_writes(key));
+        assert_eq!(
+            inside,
+            WriteCount {
+                started: 1,
+                finished: 0
+            }
+        );
+        assert!(!inside.is_quiet());
+        drop(activity);
+        let after = own_writes(key);
+        assert_eq!((after.started, after.finished), (1, 1));
+        assert!(after.is_quiet());
+        activity_of(key).around(|| ());
+        assert_eq!(
+            own_writes(key).finished,
+            2,
+            "a reopened file keeps counting"
+        );
+    }
+}
