@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 pub mod activity;
+mod own_locks;
 
 use activity::WriteActivity;
 
@@ -26,6 +27,8 @@ pub struct HostFile {
     locked: std::sync::Mutex<Vec<u64>>,
     /// Counts this process's writes to the file (for files opened writable).
     activity: Option<std::sync::Arc<WriteActivity>>,
+    /// Device and inode.
+    key: activity::FileKey,
 }
 
 impl HostFile {
@@ -35,21 +38,21 @@ impl HostFile {
             .write(writable)
             .open(path)
             .map_err(|e| Error::io("open", e).with_path(path))?;
-        let activity = if writable {
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("stat", e).with_path(path))?;
+        let key = {
             use std::os::unix::fs::MetadataExt;
-            let meta = file
-                .metadata()
-                .map_err(|e| Error::io("stat", e).with_path(path))?;
-            Some(activity::activity_of((meta.dev(), meta.ino())))
-        } else {
-            None
+            (meta.dev(), meta.ino())
         };
+        let activity = writable.then(|| activity::activity_of(key));
         Ok(HostFile {
             file,
             path: path.to_path_buf(),
             writable,
             locked: std::sync::Mutex::new(Vec::new()),
             activity,
+            key,
         })
     }
 
@@ -84,7 +87,9 @@ impl HostFile {
         self.warm_partial_pages(offset, buf.len() as u64);
         let write = || self.file.write_all_at(buf, offset);
         let written = match &self.activity {
-            Some(activity) => activity.around(write),
+            Some(activity) => activity.around(write, || {
+                self.file.metadata().map_or(0, |m| activity::ctime_ns(&m))
+            }),
             None => write(),
         };
         written.map_err(|e| {
@@ -144,6 +149,7 @@ impl HostFile {
                 .with_path(&self.path));
             }
             locked.push(byte);
+            own_locks::add(self.key, byte);
         }
         Ok(())
     }
@@ -160,6 +166,19 @@ impl HostFile {
         }
         Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
     }
+
+    /// Whether another process has announced the permission of lock `byte` on this file. Locks
+    /// this process holds through other descriptions of the file do not count.
+    pub fn byte_locked_by_another_process(&self, byte: u64) -> Result<bool> {
+        if !self.byte_locked_by_other(byte)? {
+            return Ok(false);
+        }
+        let mine = {
+            let locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
+            locked.iter().filter(|&&b| b == byte).count()
+        };
+        Ok(own_locks::holds(self.key, byte) <= mine)
+    }
 }
 
 impl Drop for HostFile {
@@ -170,6 +189,7 @@ impl Drop for HostFile {
     fn drop(&mut self) {
         let locked = self.locked.get_mut().unwrap_or_else(|p| p.into_inner());
         for &byte in locked.iter() {
+            own_locks::remove(self.key, byte);
             let mut lock = ofd_lock(libc::F_UNLCK, byte);
             // SAFETY: fcntl on a file descriptor we own, with a valid flock struct. A failure
             // leaves the lock to the close that follows.
@@ -242,6 +262,21 @@ mod tests {
         drop(holder);
         assert!(!prober.byte_locked_by_other(101).unwrap());
         drop(duplicate);
+    }
+
+    #[test]
+    fn our_own_locks_are_not_another_process() {
+        let dir = crate::testutil::TempDir::new();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 512]).unwrap();
+        let holder = HostFile::open(&path, true).unwrap();
+        holder.lock_bytes(&[101]).unwrap();
+        let second = HostFile::open(&path, true).unwrap();
+        assert!(second.byte_locked_by_other(101).unwrap());
+        assert!(!second.byte_locked_by_another_process(101).unwrap());
+        second.lock_bytes(&[101]).unwrap();
+        drop(holder);
+        assert!(!second.byte_locked_by_another_process(101).unwrap());
     }
 
     #[test]

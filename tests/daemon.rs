@@ -121,7 +121,10 @@ fn qemu_cannot_write_what_imgfs_serves_and_imgfs_skips_what_qemu_writes() {
     drop(open);
     release_idle(&mount.mnt);
     qemu_io("vdi", &served, &["write -P 0x5a 0 512"]);
-    assert_eq!(read_range(&mount.path("served.vdi.raw"), 0, 512), [0x5a; 512]);
+    assert_eq!(
+        read_range(&mount.path("served.vdi.raw"), 0, 512),
+        [0x5a; 512]
+    );
     mount.unmount();
     qemu_io("vdi", &served, &["write 0 512"]);
 }
@@ -362,4 +365,129 @@ fn allow_other_lets_other_users_in_with_the_image_files_permissions() {
         assert!(!write, "the image file is 0644: no writes by others");
         mount.unmount();
     }
+}
+
+#[test]
+fn more_images_than_descriptors_are_all_served_and_running_out_fails_one_open_only() {
+    if !can_mount() {
+        return;
+    }
+    const IMAGES: usize = 150;
+    const FD_LIMIT: u64 = 64;
+    let (dir, src) = empty_source("fd-limit");
+    let first = src.join("disk000.vdi");
+    vdi(&first, "1M");
+    qemu_io("vdi", &first, &["write -P 0x3c 0 512"]);
+    for i in 1..IMAGES {
+        std::fs::copy(&first, src.join(format!("disk{i:03}.vdi"))).unwrap();
+    }
+    let mount = Mount::with(&src, &dir.join("mnt"), &[], |cmd| {
+        let limit = libc::rlimit {
+            rlim_cur: FD_LIMIT,
+            rlim_max: FD_LIMIT,
+        };
+        // SAFETY: setrlimit is async-signal-safe and gets a valid pointer.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            });
+        }
+    });
+    let names = ls(&mount.mnt);
+    assert_eq!(names.len(), IMAGES, "every image is listed");
+    // One after the other: idle images are closed to make room.
+    for name in &names {
+        assert_eq!(
+            read_range(&mount.path(name), 0, 512),
+            vec![0x3c; 512],
+            "{name}"
+        );
+    }
+    // All at once: the opens past the daemon's limit fail, nothing else does.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for name in &names {
+        match std::fs::File::open(mount.path(name)) {
+            Ok(file) => held.push(file),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EMFILE), "{name}: {e}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0 && !held.is_empty(), "{refused} refused");
+    let mut byte = [0u8; 1];
+    for file in &held {
+        file.read_exact_at(&mut byte, 0).unwrap();
+        assert_eq!(byte, [0x3c]);
+    }
+    drop(held);
+    release_idle(&mount.mnt);
+    assert_eq!(ls(&mount.mnt).len(), IMAGES);
+    assert_eq!(read_range(&mount.path(&names[IMAGES - 1]), 0, 1), [0x3c]);
+    mount.unmount();
+}
+
+#[test]
+fn the_daemon_keeps_no_descriptor_and_no_directory_of_its_caller() {
+    if !can_mount() {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    let (dir, src) = empty_source("hygiene");
+    vdi(&src.join("a.vdi"), "1M");
+    let cwd = dir.join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    // The caller holds a lock through a descriptor its children inherit (`flock 9`-style).
+    let lock_path = dir.join("lock");
+    let lock = std::fs::File::create(&lock_path).unwrap();
+    let fd = lock.as_raw_fd();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(fd, libc::LOCK_EX) }, 0);
+    let mount = Mount::with(&src, &dir.join("mnt"), &[], |cmd| {
+        cmd.current_dir(&cwd);
+        // Inherited by `imgfs mount` only, not by what other tests start meanwhile.
+        // SAFETY: fcntl is async-signal-safe; the descriptor is open in the child.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || match libc::fcntl(fd, libc::F_SETFD, 0) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            });
+        }
+    });
+    drop(lock);
+    let again = std::fs::File::open(&lock_path).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    let rc = unsafe { libc::flock(again.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(rc, 0, "the daemon kept the caller's lock descriptor");
+    let pid = daemon_pid(&mount.mnt);
+    let daemon_cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+    assert_eq!(daemon_cwd, Path::new("/"));
+    let inherited = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .filter(|target| target.starts_with(dir.path()) && !target.ends_with("mnt.log"))
+        .count();
+    assert_eq!(inherited, 0, "no descriptor of the caller's files");
+    mount.unmount();
+}
+
+#[test]
+fn a_directory_of_ten_thousand_files_lists_every_image() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src) = empty_source("big-dir");
+    for i in 0..10_000 {
+        std::fs::write(src.join(format!("note{i:05}.txt")), b"not an image").unwrap();
+    }
+    vdi(&src.join("disk.vdi"), "1M");
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    assert_eq!(ls(&mount.mnt), ["disk.vdi.raw"]);
+    vdi(&src.join("late.vdi"), "1M");
+    assert_eq!(ls(&mount.mnt), ["disk.vdi.raw", "late.vdi.raw"]);
+    mount.unmount();
 }

@@ -35,7 +35,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::activity::own_writes;
@@ -104,19 +104,10 @@ struct State {
     roles: Roles,
     /// The open instances, one per file.
     live: HashMap<FileId, Arc<Served>>,
-    /// Instances whose file was overwritten in place, while handles keep them.
-    retired: Vec<Weak<Served>>,
     next_version: u64,
 }
 
 impl State {
-    fn retired_alive(&mut self, id: FileId) -> bool {
-        self.retired.retain(|w| w.strong_count() > 0);
-        self.retired
-            .iter()
-            .any(|w| w.upgrade().is_some_and(|s| s.id() == id))
-    }
-
     /// Drops the record of `name` in `rel`, returning the problem it had (for logging once).
     fn forget(&mut self, rel: &Path, name: &OsStr) -> Option<Problem> {
         let records = self.dirs.get_mut(rel)?;
@@ -432,7 +423,6 @@ impl Catalog {
                         "{} was overwritten while open through the mount; reopen it",
                         image.source.display()
                     ));
-                    state.retired.push(Arc::downgrade(&stale));
                 }
                 false
             }
@@ -459,8 +449,7 @@ impl Catalog {
                     "the name is too long to add {RAW_SUFFIX} to it (at most {} bytes)",
                     NAME_MAX - RAW_SUFFIX.len()
                 )));
-            } else if !self.state().live.contains_key(&identity.id) {
-                // Our own instance holds the same lock bytes; only ask when there is none.
+            } else {
                 match self.opener.held_for_writing(&path) {
                     Ok(false) => {}
                     Ok(true) => {

@@ -14,7 +14,7 @@ use super::{lock, Catalog, ImageFile};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::links::{Chain, Links};
 use crate::format::{Format, OpenOptions};
-use crate::host::activity::activity_of;
+use crate::host::activity::{activity_of, ctime_ns};
 use crate::image::Image;
 
 /// What the raw file of an image shows.
@@ -57,9 +57,11 @@ impl Catalog {
             }
             None => (image.summary.size, image.allocated()),
         };
-        let instance_allows = live.as_ref().map_or(true, |s| {
-            s.accepts_writes() || s.is_unused() || (s.is_frozen() && s.users() == 0)
-        });
+        // An instance open read-only gives way once nobody has it open: the images above it
+        // are gone from the tree (no role), so what still uses it closes when idle.
+        let instance_allows = live
+            .as_ref()
+            .map_or(true, |s| s.accepts_writes() || s.handles() == 0);
         let writable = !self.read_only
             && !backing
             && !image.has_ended()
@@ -159,15 +161,6 @@ impl Catalog {
             // Opened read-only while it was a backing file, used by nobody now.
             state.live.remove(&image.id);
         }
-        if state.retired_alive(image.id) {
-            return Ok(Plan::Busy(
-                Error::busy(
-                    "the file was overwritten while open through the mount; its new content \
-                     is served once those files are closed",
-                )
-                .with_path(&image.source),
-            ));
-        }
         Ok(Plan::Open { role })
     }
 
@@ -201,7 +194,10 @@ impl Catalog {
             times = times.set_modified(t);
         }
         activity_of(image.id)
-            .around(|| file.set_times(times))
+            .around(
+                || file.set_times(times),
+                || file.metadata().map_or(0, |m| ctime_ns(&m)),
+            )
             .map_err(|e| Error::io("set times", e).with_path(&image.source))?;
         self.is_current(image);
         Ok(())
@@ -324,16 +320,7 @@ impl Links for ServingLinks<'_> {
         let id = (meta.dev(), meta.ino());
         let above = chain.parent_path();
         let above = above.strip_prefix(&catalog.root).unwrap_or(above);
-        let live = {
-            let mut state = catalog.state();
-            if state.retired_alive(id) {
-                return Err(Error::busy(format!(
-                    "its backing file {} was overwritten while open through the mount",
-                    path.display()
-                )));
-            }
-            state.live.get(&id).cloned()
-        };
+        let live = catalog.state().live.get(&id).cloned();
         if let Some(live) = live {
             if live.accepts_writes() {
                 if live.writers() > 0 {

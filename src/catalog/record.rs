@@ -16,7 +16,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use crate::format::Format;
-use crate::host::activity::{own_writes, FileKey};
+use crate::host::activity::{ctime_ns, own_writes, FileKey};
 
 /// Which file: device and inode, whatever its name.
 pub type FileId = FileKey;
@@ -248,7 +248,10 @@ impl ImageFile {
                 seen.stat = FileStat::of(&meta);
                 return Change::Current;
             }
-            if after.started != seen.writes || before.started != seen.writes {
+            let ours = after.started != seen.writes || before.started != seen.writes;
+            // With none of ours in flight, a ctime past our last write's is someone else's.
+            let foreign_after_ours = quiet && ctime_ns(&meta) > after.ctime;
+            if ours && !foreign_after_ours {
                 // Our own writes moved it. Remember the new state only when no write of ours
                 // was in flight around the stat: then it shows all of them.
                 if quiet {
@@ -258,7 +261,7 @@ impl ImageFile {
                 }
                 return Change::Current;
             }
-            now.size == seen.identity.size && now.mtime == seen.identity.mtime
+            !ours && now.size == seen.identity.size && now.mtime == seen.identity.mtime
         };
         if !ctime_only || header_hash(&self.source) != self.summary.header_hash {
             return Change::Rewritten;
@@ -320,6 +323,14 @@ mod tests {
         assert_eq!(version.check(), Change::Current, "our write grew the file");
         drop(ours);
         assert_eq!(version.check(), Change::Current);
+
+        // Our writes, then someone else's before anyone looked: still told apart.
+        let after_ours = version_of(&path);
+        let ours = HostFile::open(&path, true).unwrap();
+        ours.write_all_at(&[4u8; 100], 0).unwrap();
+        std::fs::write(&path, vec![5u8; 20_000]).unwrap();
+        assert_eq!(after_ours.check(), Change::Rewritten);
+        drop(ours);
 
         // Someone else writes the same file in place.
         std::fs::OpenOptions::new()

@@ -145,10 +145,9 @@ pub fn open_probed(
 }
 
 /// Whether another process (QEMU) holds the image at `path` open for writing, as its lock
-/// bytes announce. An image this process serves writable answers yes too: ask only about
-/// images not served here.
+/// bytes announce.
 pub fn held_for_writing(path: &Path) -> Result<bool> {
-    HostFile::open(path, false)?.byte_locked_by_other(LOCK_WRITE)
+    HostFile::open(path, false)?.byte_locked_by_another_process(LOCK_WRITE)
 }
 
 /// Opens `path` read-only as a backing file of the images in `chain` (what `Links` implementations
@@ -411,7 +410,8 @@ fn open_vhdx_parent(
 /// inspecting, claims it with QEMU's lock bytes.
 fn open_claimed(path: &Path, writable: bool, inspect: bool) -> Result<HostFile> {
     let file = match HostFile::open(path, writable) {
-        Err(e) if writable && (e.errno() == libc::EACCES || e.errno() == libc::EROFS) => {
+        // Permissions, a read-only file system, an immutable file.
+        Err(e) if writable && matches!(e.errno(), libc::EACCES | libc::EROFS | libc::EPERM) => {
             HostFile::open(path, false)?
         }
         other => other?,
@@ -425,13 +425,13 @@ fn open_claimed(path: &Path, writable: bool, inspect: bool) -> Result<HostFile> 
 /// Refuses an image that a QEMU process writes (or will not let others write) and announces our
 /// own use through the same lock bytes, so QEMU refuses to write an image imgfs serves.
 fn claim_like_qemu(file: &HostFile) -> Result<()> {
-    if file.byte_locked_by_other(LOCK_WRITE)? {
+    if file.byte_locked_by_another_process(LOCK_WRITE)? {
         return Err(Error::busy(
             "another process (QEMU?) has the image open for writing",
         ));
     }
     if file.is_writable() {
-        if file.byte_locked_by_other(LOCK_UNSHARED_WRITE)? {
+        if file.byte_locked_by_another_process(LOCK_UNSHARED_WRITE)? {
             return Err(Error::busy(
                 "another process (QEMU?) uses the image and does not allow writers",
             ));

@@ -32,6 +32,9 @@ pub const XATTR_PID: &str = "user.imgfs.pid";
 /// Setting this extended attribute on the root directory writes every image back and closes
 /// the ones nobody has open.
 pub const XATTR_FLUSH: &str = "user.imgfs.flush";
+/// Extended attribute of the root directory that reports how many files are open through the
+/// mount (the kernel releases closed files asynchronously: this says when it has).
+pub const XATTR_OPEN_FILES: &str = "user.imgfs.open-files";
 
 /// How long an instance nobody has open stays open (its descriptors and locks held) in case it
 /// is opened again; the periodic housekeeping closes it after that.
@@ -392,6 +395,10 @@ impl FsCore {
                 ErrorKind::ReadOnly | ErrorKind::Stale | ErrorKind::Busy => {
                     log::info!("refusing to open: {e}")
                 }
+                // The daemon's limit, not the image's fault: this open fails, nothing else.
+                _ if matches!(errno, libc::EMFILE | libc::ENFILE) => {
+                    log::warn!("open: {e}; too many images open at once")
+                }
                 _ => log::error!("open: {e}"),
             }
             Errno(errno)
@@ -565,6 +572,10 @@ impl FsCore {
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
         if ino == ROOT_INO && name == XATTR_PID {
             return Ok(std::process::id().to_string().into_bytes());
+        }
+        if ino == ROOT_INO && name == XATTR_OPEN_FILES {
+            let handles = self.handles.read().unwrap_or_else(|p| p.into_inner());
+            return Ok(handles.len().to_string().into_bytes());
         }
         Err(Errno(libc::ENODATA))
     }

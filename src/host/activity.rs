@@ -3,8 +3,11 @@
 //! mtime, ctime and size) from a change someone else made (an image copied over a served one).
 //!
 //! Every mutating `HostFile` call counts one write started before it reaches the file and one
-//! finished after it returns. A stat of the file taken while both counters stayed equal and
-//! unchanged reflects every write this process made up to then and none in flight.
+//! finished after it returns, and notes the ctime the write left on the file. A stat of the
+//! file taken while both counters stayed equal and unchanged reflects every write this process
+//! made up to then and none in flight; a ctime later than the last one we left is someone
+//! else's change. (Reading the ctime back also makes the kernel stamp the next change of the
+//! file with a fine-grained time, so a change right after ours is still later than ours.)
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +18,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 pub struct WriteActivity {
     started: AtomicU64,
     finished: AtomicU64,
+    /// The latest ctime our writes left on the file, in nanoseconds since the epoch.
+    ctime: AtomicU64,
 }
 
 /// A reading of a file's counters.
@@ -22,6 +27,8 @@ pub struct WriteActivity {
 pub struct WriteCount {
     pub started: u64,
     pub finished: u64,
+    /// The latest ctime a finished write of ours left (ns since the epoch; 0 if none).
+    pub ctime: u64,
 }
 
 impl WriteCount {
@@ -32,24 +39,40 @@ impl WriteCount {
 }
 
 impl WriteActivity {
-    /// Counts one write around `write`.
-    pub fn around<T>(&self, write: impl FnOnce() -> T) -> T {
+    /// Counts one write around `write`; `ctime_after` reads the file's ctime once it is done
+    /// (nanoseconds since the epoch).
+    pub fn around<T>(&self, write: impl FnOnce() -> T, ctime_after: impl FnOnce() -> u64) -> T {
         self.started.fetch_add(1, Ordering::SeqCst);
         let result = write();
+        self.ctime.fetch_max(ctime_after(), Ordering::SeqCst);
         self.finished.fetch_add(1, Ordering::SeqCst);
         result
     }
 
     fn count(&self) -> WriteCount {
-        // Finished first: a reading never shows more writes finished than started.
+        // Finished first: a reading never shows more writes finished than started, and it
+        // shows the ctime of every write it counts as finished.
         let finished = self.finished.load(Ordering::SeqCst);
+        let ctime = self.ctime.load(Ordering::SeqCst);
         let started = self.started.load(Ordering::SeqCst);
-        WriteCount { started, finished }
+        WriteCount {
+            started,
+            finished,
+            ctime,
+        }
     }
 }
 
 /// Device and inode: which file, whatever its name.
 pub type FileKey = (u64, u64);
+
+/// A file's ctime in nanoseconds since the epoch.
+pub fn ctime_ns(meta: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let secs = u64::try_from(meta.ctime()).unwrap_or(0);
+    let nsecs = u64::try_from(meta.ctime_nsec()).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(nsecs)
+}
 
 // Entries are never removed: counters must keep growing across reopenings of a file, or a
 // file closed and reopened would look unwritten. One entry per file ever written is small.
@@ -79,24 +102,16 @@ mod tests {
         let key = (u64::MAX, 42);
         assert_eq!(own_writes(key), WriteCount::default());
         let activity = activity_of(key);
-        let inside = activity.around(|| own_writes(key));
-        assert_eq!(
-            inside,
-            WriteCount {
-                started: 1,
-                finished: 0
-            }
-        );
+        let inside = activity.around(|| own_writes(key), || 77);
+        assert_eq!((inside.started, inside.finished, inside.ctime), (1, 0, 0));
         assert!(!inside.is_quiet());
         drop(activity);
         let after = own_writes(key);
-        assert_eq!((after.started, after.finished), (1, 1));
+        assert_eq!((after.started, after.finished, after.ctime), (1, 1, 77));
         assert!(after.is_quiet());
-        activity_of(key).around(|| ());
-        assert_eq!(
-            own_writes(key).finished,
-            2,
-            "a reopened file keeps counting"
-        );
+        activity_of(key).around(|| (), || 5);
+        let reopened = own_writes(key);
+        assert_eq!(reopened.finished, 2, "a reopened file keeps counting");
+        assert_eq!(reopened.ctime, 77, "the latest ctime is kept");
     }
 }

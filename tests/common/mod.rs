@@ -301,17 +301,28 @@ pub struct Mount {
 
 impl Mount {
     pub fn new(src: &Path, mnt: &Path, extra: &[&str]) -> Self {
+        Self::with(src, mnt, extra, |_| {})
+    }
+
+    /// `new`, with the `imgfs mount` command adjusted by `configure` first (its limits, its
+    /// working directory, ...).
+    pub fn with(
+        src: &Path,
+        mnt: &Path,
+        extra: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
         std::fs::create_dir_all(mnt).unwrap();
         let log = mnt.with_extension("log");
-        let out = Command::new(IMGFS)
-            .arg("mount")
+        let mut cmd = Command::new(IMGFS);
+        cmd.arg("mount")
             .args(extra)
             .arg("--log-file")
             .arg(&log)
             .arg(src)
-            .arg(mnt)
-            .output()
-            .unwrap();
+            .arg(mnt);
+        configure(&mut cmd);
+        let out = cmd.output().unwrap();
         assert!(
             out.status.success(),
             "imgfs mount failed: {}\nlog:\n{}",
@@ -407,21 +418,41 @@ pub fn daemon_pid(mnt: &Path) -> i32 {
 }
 
 /// Asks the daemon serving `mnt` to write everything back and close the images nobody has
-/// open (what `imgfs umount` does first, and the daemon does by itself after a few seconds).
+/// open (what `imgfs umount` does first, and the daemon does by itself after a few seconds),
+/// once the kernel has released every file the test closed: it does so after `close` returns,
+/// so this waits (at most 10 s) until the daemon counts no open file.
 pub fn release_idle(mnt: &Path) {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(mnt.as_os_str().as_bytes()).unwrap();
-    // SAFETY: valid NUL-terminated strings and a value of the length passed.
-    let rc = unsafe {
-        libc::setxattr(
-            c_path.as_ptr(),
-            c"user.imgfs.flush".as_ptr(),
-            b"1".as_ptr().cast(),
-            1,
-            0,
-        )
-    };
-    assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
+    for _ in 0..1000 {
+        let mut buf = [0u8; 32];
+        // SAFETY: valid NUL-terminated strings and a buffer of the size passed.
+        let n = unsafe {
+            libc::getxattr(
+                c_path.as_ptr(),
+                c"user.imgfs.open-files".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        assert!(n > 0, "getxattr: {}", std::io::Error::last_os_error());
+        if &buf[..n as usize] == b"0" {
+            // SAFETY: valid NUL-terminated strings and a value of the length passed.
+            let rc = unsafe {
+                libc::setxattr(
+                    c_path.as_ptr(),
+                    c"user.imgfs.flush".as_ptr(),
+                    b"1".as_ptr().cast(),
+                    1,
+                    0,
+                )
+            };
+            assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("files stayed open on {}", mnt.display());
 }
 
 /// Watches a process (not necessarily our child) through a pidfd, to wait for its exit
