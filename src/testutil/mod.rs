@@ -1,5 +1,9 @@
 //! Test helpers: a temporary directory removed on drop (std has none, and one small type does
-//! not justify a crate).
+//! not justify a crate), fake images and openers for the layers above the drivers, the qemu
+//! runners and assertions every format's tests share, and pause points (`pause`) that replay
+//! a race in one chosen interleaving.
+
+pub mod pause;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
