@@ -588,4 +588,5 @@ fn opening_a_huge_sparse_image_reads_only_its_tables() {
 }
 
 mod hostile;
+mod races;
 mod write;

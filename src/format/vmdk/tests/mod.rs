@@ -5,6 +5,7 @@
 
 mod esx;
 mod hostile;
+mod races;
 mod write;
 
 use std::ffi::OsStr;
