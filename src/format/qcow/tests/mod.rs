@@ -4,6 +4,7 @@
 //! Corrupt and hostile images are in `hostile.rs`.
 
 mod hostile;
+mod races;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
