@@ -1,5 +1,9 @@
 //! Positional I/O on host files: every read and write names its offset (no shared seek
 //! position), errors carry the file's path, and QEMU-compatible image locks live here too.
+//! In tests, `fault` sits under every read, write and sync of a watched file.
+
+#[cfg(test)]
+pub mod fault;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -20,6 +24,9 @@ pub struct HostFile {
     writable: bool,
     /// The lock bytes `lock_bytes` took, released on drop.
     locked: std::sync::Mutex<Vec<u64>>,
+    /// The test's watch on this file, if it set one before the file was opened.
+    #[cfg(test)]
+    watch: Option<std::sync::Arc<fault::Watch>>,
 }
 
 impl HostFile {
@@ -34,7 +41,18 @@ impl HostFile {
             path: path.to_path_buf(),
             writable,
             locked: std::sync::Mutex::new(Vec::new()),
+            #[cfg(test)]
+            watch: fault::watch_of(path),
         })
+    }
+
+    /// Hands `request` to the test's watch on this file, which may fail it.
+    #[cfg(test)]
+    fn before(&self, request: fault::Request<'_>) -> Result<()> {
+        match &self.watch {
+            Some(watch) => watch.before(request).map_err(|e| e.with_path(&self.path)),
+            None => Ok(()),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -48,6 +66,11 @@ impl HostFile {
     /// Fills `buf` from `offset`; bytes past the end of the file read as zeros, because images
     /// may legitimately end before their last allocated block's tail (sparse host files).
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        #[cfg(test)]
+        self.before(fault::Request::Read {
+            offset,
+            len: buf.len(),
+        })?;
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -65,6 +88,8 @@ impl HostFile {
     }
 
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        #[cfg(test)]
+        self.before(fault::Request::Write { offset, data: buf })?;
         self.warm_partial_pages(offset, buf.len() as u64);
         self.file.write_all_at(buf, offset).map_err(|e| {
             Error::io("write", e)
@@ -102,6 +127,8 @@ impl HostFile {
     }
 
     pub fn sync_data(&self) -> Result<()> {
+        #[cfg(test)]
+        self.before(fault::Request::Sync)?;
         self.file
             .sync_data()
             .map_err(|e| Error::io("fdatasync", e).with_path(&self.path))
