@@ -3,6 +3,7 @@
 //! concurrent writes compared with `qemu-img compare`, write-back order and read-only images.
 //! Corrupt and hostile images are in `hostile.rs`.
 
+mod crash;
 mod hostile;
 mod races;
 

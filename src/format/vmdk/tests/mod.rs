@@ -3,6 +3,7 @@
 //! its grain directory in the footer; writes from several threads checked with `qemu-img check`
 //! and `qemu-img compare`.
 
+mod crash;
 mod esx;
 mod hostile;
 mod races;
