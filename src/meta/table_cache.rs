@@ -11,7 +11,10 @@
 //! A load that overlapped a modification (`insert_dirty` or `remove` of any key) is returned to
 //! its caller but not cached: it may hold the table as it was before the modification, and once
 //! the modified table has been written back and evicted, caching the old copy would bring stale
-//! entries back.
+//! entries back (reads would miss the new entries, and the next write-back of the table would
+//! drop them on disk). "Overlapped" runs from the miss to the insert, and the generation check
+//! and the insert are one critical section: were they two, the table could be modified,
+//! written back and evicted between them.
 //!
 //! Dirty tables (modified in memory, not yet written back) are never evicted: writing one back
 //! needs the format's write order (data synced first), which only the format knows. The cache
@@ -51,6 +54,27 @@ impl<T> Inner<T> {
         Some(Arc::clone(&slot.table))
     }
 
+    /// Caches a table read from disk, unless `key` is cached already: then that one is kept
+    /// and returned, so every user sees the same table.
+    fn insert_clean(&mut self, key: u64, table: Arc<T>, capacity: usize) -> Arc<T> {
+        if let Some(existing) = self.touch(key) {
+            return existing;
+        }
+        self.tick += 1;
+        let used = self.tick;
+        self.by_use.insert(used, key);
+        self.slots.insert(
+            key,
+            Slot {
+                table: Arc::clone(&table),
+                dirty: false,
+                used,
+            },
+        );
+        self.evict_to(capacity);
+        table
+    }
+
     fn evict_to(&mut self, capacity: usize) {
         if self.slots.len() <= capacity {
             return;
@@ -69,6 +93,11 @@ impl<T> Inner<T> {
         }
     }
 }
+
+/// The pause point between reading a missing table and caching it: where a modification,
+/// write-back and eviction of the same table by another thread must be noticed.
+#[cfg(test)]
+pub const PAUSE_LOADED: &str = "TableCache::get_or_load: table read, not yet cached";
 
 /// Counters for tests and `imgfs info`-style diagnostics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +151,8 @@ impl<T> TableCache<T> {
         found
     }
 
-    /// The table at `key`, loaded by `load` (outside the cache's lock) on a miss.
+    /// The table at `key`, loaded by `load` (outside the cache's lock) on a miss. Of two
+    /// threads loading the same table, the first to insert wins and both get its copy.
     pub fn get_or_load(&self, key: u64, load: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
         let generation = {
             let mut inner = self.lock();
@@ -134,37 +164,16 @@ impl<T> TableCache<T> {
             inner.generation
         };
         let loaded = Arc::new(load()?);
-        {
-            let mut inner = self.lock();
-            if inner.generation != generation {
-                // Someone modified a table while this one was read: prefer what is cached now,
-                // else use the copy for this caller only.
-                return Ok(inner.touch(key).unwrap_or(loaded));
-            }
-        }
-        Ok(self.insert_clean(key, loaded))
-    }
-
-    /// Caches a table read from disk, unless another thread cached `key` first: then that one
-    /// is kept and returned, so every user sees the same table.
-    pub fn insert_clean(&self, key: u64, table: Arc<T>) -> Arc<T> {
+        #[cfg(test)]
+        crate::testutil::pause::point(PAUSE_LOADED);
+        // Checked and inserted under one lock (see the module doc).
         let mut inner = self.lock();
-        if let Some(existing) = inner.touch(key) {
-            return existing;
+        if inner.generation != generation {
+            // Someone modified a table while this one was read: prefer what is cached now,
+            // else use the copy for this caller only.
+            return Ok(inner.touch(key).unwrap_or(loaded));
         }
-        inner.tick += 1;
-        let used = inner.tick;
-        inner.by_use.insert(used, key);
-        inner.slots.insert(
-            key,
-            Slot {
-                table: Arc::clone(&table),
-                dirty: false,
-                used,
-            },
-        );
-        inner.evict_to(self.capacity);
-        table
+        Ok(inner.insert_clean(key, loaded, self.capacity))
     }
 
     /// Stores a modified (or new) table at `key`, replacing what was cached, and marks it dirty.
@@ -246,19 +255,25 @@ impl<T> TableCache<T> {
 mod tests {
     use super::*;
     use crate::error::Error;
+    use crate::testutil::pause::Pause;
+
+    /// `table` cached at `key` as a table read from disk.
+    fn load<T>(cache: &TableCache<T>, key: u64, table: T) -> Arc<T> {
+        cache.get_or_load(key, || Ok(table)).unwrap()
+    }
 
     #[test]
     fn evicts_the_least_recently_used_clean_table() {
         let cache = TableCache::new(2);
-        cache.insert_clean(0, Arc::new("a"));
-        cache.insert_clean(512, Arc::new("b"));
+        load(&cache, 0, "a");
+        load(&cache, 512, "b");
         assert_eq!(cache.get(0).as_deref(), Some(&"a"), "0 is now newest");
-        cache.insert_clean(1024, Arc::new("c"));
+        load(&cache, 1024, "c");
         assert!(cache.get(512).is_none(), "512 was least recently used");
         assert!(cache.get(0).is_some() && cache.get(1024).is_some());
         let stats = cache.stats();
         assert_eq!((stats.entries, stats.dirty), (2, 0));
-        assert_eq!((stats.hits, stats.misses), (3, 1));
+        assert_eq!((stats.hits, stats.misses), (3, 4));
     }
 
     #[test]
@@ -266,7 +281,7 @@ mod tests {
         let cache = TableCache::new(1);
         let a = Arc::new(1u32);
         cache.insert_dirty(0, Arc::clone(&a));
-        cache.insert_clean(8, Arc::new(2));
+        load(&cache, 8, 2);
         assert!(cache.get(0).is_some(), "the dirty table survives eviction");
         assert!(cache.get(8).is_none(), "the clean one went instead");
         cache.insert_dirty(16, Arc::new(3));
@@ -290,20 +305,37 @@ mod tests {
     }
 
     #[test]
-    fn first_loader_wins_and_errors_cache_nothing() {
+    fn errors_cache_nothing() {
         let cache: TableCache<Vec<u8>> = TableCache::new(4);
-        let first = cache.insert_clean(0, Arc::new(vec![1]));
-        let second = cache.insert_clean(0, Arc::new(vec![2]));
-        assert!(Arc::ptr_eq(&first, &second));
         let e = cache
             .get_or_load(8, || Err(Error::corrupt("bad table")))
             .unwrap_err();
         assert!(e.to_string().contains("bad table"));
         assert!(cache.get(8).is_none());
-        let t = cache.get_or_load(8, || Ok(vec![9])).unwrap();
+        let t = load(&cache, 8, vec![9]);
         assert_eq!(*t, vec![9]);
         let again = cache.get_or_load(8, || panic!("cached")).unwrap();
         assert!(Arc::ptr_eq(&t, &again));
+    }
+
+    #[test]
+    fn of_two_loads_of_one_table_the_first_insert_wins() {
+        let cache: TableCache<Vec<u8>> = TableCache::new(4);
+        let pause = Pause::new();
+        std::thread::scope(|scope| {
+            let slow = scope.spawn(|| {
+                pause.arm(PAUSE_LOADED);
+                load(&cache, 0, vec![1])
+            });
+            pause.wait_parked();
+            let first = load(&cache, 0, vec![2]);
+            pause.release();
+            let second = slow.join().unwrap();
+            assert!(
+                Arc::ptr_eq(&first, &second),
+                "both use the copy cached first"
+            );
+        });
     }
 
     #[test]
@@ -323,5 +355,38 @@ mod tests {
         assert!(cache.get(0).is_none(), "but the stale copy is not cached");
         let fresh = cache.get_or_load(0, || Ok(vec![2])).unwrap();
         assert!(Arc::ptr_eq(&fresh, &cache.get(0).unwrap()));
+    }
+
+    /// A table read from disk, then modified, written back and evicted by another thread
+    /// before the first one caches its copy: that copy lacks the modification and must not be
+    /// cached (it used to be, when the generation check and the insert were two critical
+    /// sections and the thread stopped between them).
+    #[test]
+    fn a_load_racing_a_write_back_and_an_eviction_is_not_cached() {
+        let cache: TableCache<Vec<u8>> = TableCache::new(1);
+        let pause = Pause::new();
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                pause.arm(PAUSE_LOADED);
+                load(&cache, 0, vec![1])
+            });
+            pause.wait_parked();
+            // A writer loads the same table, changes it, writes it back; loading another
+            // table evicts it (room for one).
+            load(&cache, 0, vec![1]);
+            let newer = Arc::new(vec![2]);
+            cache.insert_dirty(0, Arc::clone(&newer));
+            cache.mark_clean(0, &newer);
+            load(&cache, 8, vec![8]);
+            assert!(cache.get(0).is_none(), "evicted");
+            pause.release();
+            assert_eq!(
+                *reader.join().unwrap(),
+                vec![1],
+                "the reader gets what it read"
+            );
+        });
+        assert!(cache.get(0).is_none(), "but the copy is not cached");
+        assert_eq!(*load(&cache, 0, vec![2]), vec![2]);
     }
 }

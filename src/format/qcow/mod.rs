@@ -47,7 +47,9 @@
 //!    across a flush, so no allocation dirties a table between the snapshot and marking clean.
 //! 2. `tables` (RwLock): L1 and the loaded L2 tables. Read-locked for lookups, write-locked to
 //!    keep a freshly read L2 table or publish an allocation; never held during I/O (an L2 table
-//!    is read from the file with no lock held, then inserted).
+//!    is read from the file with no lock held, then inserted). A table read while an
+//!    allocation changed some table is not kept (tables.rs says why); the lookup reads it
+//!    again holding `alloc`, where no allocation can overlap the read.
 //! 3. `inflated` (`LastInflated`'s mutex): the last inflated compressed cluster, held only to
 //!    clone or replace it.
 //!
@@ -78,7 +80,11 @@ pub use header::QcowHeader;
 /// from the bounded table memory) before giving up.
 const MAX_RELOADS: u32 = 8;
 use header::{Geometry, Layout};
-use tables::{Run, RunKind, TableState, Tables};
+use tables::{push_run, Run, RunKind, TableState, Tables};
+
+/// The pause point between reading a missing L2 table and keeping it.
+#[cfg(test)]
+const PAUSE_L2_READ: &str = "qcow lookup: L2 table read, not yet kept";
 
 /// State only the allocation path touches, guarded by the allocation mutex.
 struct AllocState {
@@ -212,6 +218,15 @@ impl QcowImage {
     /// Looks `[offset, offset + len)` up, loading the L2 tables it needs along the way (read
     /// with no lock held).
     fn lookup(&self, offset: u64, len: u64) -> Result<Vec<Run>> {
+        self.lookup_with(offset, len, None)
+    }
+
+    /// `lookup` for a caller holding the allocation mutex (`held` proves it).
+    fn lookup_locked(&self, offset: u64, len: u64, held: &AllocState) -> Result<Vec<Run>> {
+        self.lookup_with(offset, len, Some(held))
+    }
+
+    fn lookup_with(&self, offset: u64, len: u64, held: Option<&AllocState>) -> Result<Vec<Run>> {
         let end = offset
             .checked_add(len)
             .ok_or_else(|| Error::out_of_range(format!("{offset} + {len} overflows")))?;
@@ -242,8 +257,29 @@ impl QcowImage {
                 missing.l1_index,
                 missing.host_offset,
             )?;
-            self.write_tables()
-                .insert_l2(missing.l1_index, missing.host_offset, entries);
+            #[cfg(test)]
+            crate::testutil::pause::point(PAUSE_L2_READ);
+            let kept = self.write_tables().insert_l2(
+                missing.l1_index,
+                missing.host_offset,
+                entries,
+                missing.generation,
+            );
+            if !kept {
+                // An allocation overlapped the read. Allocations hold the mutex, so with it
+                // held the table is read again without one.
+                if held.is_some() {
+                    return Err(Error::corrupt(
+                        "internal: an L2 table changed under the allocation mutex",
+                    ));
+                }
+                let alloc = self.lock_alloc();
+                let rest = missing.resume_at;
+                for run in self.lookup_locked(rest, end - rest, &alloc)? {
+                    push_run(&mut runs, run);
+                }
+                return Ok(runs);
+            }
             at = missing.resume_at;
             last_missing = Some(missing);
         }
@@ -321,7 +357,7 @@ impl QcowImage {
         let mut alloc = self.lock_alloc();
         // Another writer may have allocated some of these clusters between our lookup and
         // taking the mutex; look again now that nobody else can.
-        for run in self.lookup(offset, payload.len() as u64)? {
+        for run in self.lookup_locked(offset, payload.len() as u64, &alloc)? {
             let part = request_part(payload, offset, run.offset, run.len)?;
             match run.kind {
                 // Its allocating write finished before it was published, so this write lands
@@ -398,7 +434,10 @@ impl QcowImage {
         self.write_tables().unpin_all();
         for l1_index in first_table..=last_table {
             self.write_tables().pin(l1_index);
-            let state = self.read_tables().table_state(l1_index)?;
+            let (state, generation) = {
+                let tables = self.read_tables();
+                (tables.table_state(l1_index)?, tables.generation())
+            };
             match state {
                 TableState::Loaded => {}
                 TableState::OnDisk(host_offset) => {
@@ -409,8 +448,15 @@ impl QcowImage {
                         l1_index,
                         host_offset,
                     )?;
-                    self.write_tables()
-                        .insert_l2(l1_index, host_offset, entries);
+                    // Only allocations change tables, and this one holds the mutex.
+                    if !self
+                        .write_tables()
+                        .insert_l2(l1_index, host_offset, entries, generation)
+                    {
+                        return Err(Error::corrupt(
+                            "internal: an L2 table changed under the allocation mutex",
+                        ));
+                    }
                 }
                 TableState::Absent => {
                     let host = alloc.next_free;

@@ -6,6 +6,12 @@
 //! runs, records allocations, and knows which 512-byte pieces of which tables they dirtied.
 //! Does no I/O except `load_l1` and `read_l2`, which the caller runs without holding the lock
 //! that guards a `Tables`.
+//!
+//! A table read with no lock held is kept only if no allocation changed any table since the
+//! lookup found it missing (`generation`). Otherwise the copy may predate an allocation into
+//! that very table which was written back and dropped from memory meanwhile: kept, it would
+//! hide the new cluster from reads, and the next write-back of the table would drop the
+//! cluster's entry on disk.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,6 +82,8 @@ pub struct MissingTable {
     pub host_offset: u64,
     /// The guest offset the lookup stopped at; everything before it is in the runs returned.
     pub resume_at: u64,
+    /// `Tables::generation` when the table was found missing, for `insert_l2`.
+    pub generation: u64,
 }
 
 /// What the L1 entry of a guest offset says about its L2 table.
@@ -109,6 +117,9 @@ pub struct Tables {
     tick: AtomicU64,
     /// Tables the allocation in progress needs (loaded, not yet published): never dropped.
     pinned: Vec<u64>,
+    /// Bumped by every change to a table's entries (`publish`, `add_l2`), so a table read
+    /// with no lock held can tell whether an allocation overlapped the read.
+    generation: u64,
 }
 
 impl Tables {
@@ -162,6 +173,7 @@ impl Tables {
             capacity,
             tick: AtomicU64::new(0),
             pinned: Vec::new(),
+            generation: 0,
         })
     }
 
@@ -203,20 +215,44 @@ impl Tables {
         Ok(entries)
     }
 
-    /// Keeps a table `read_l2` loaded, unless another thread got there first (its copy may
-    /// already carry allocations) or the L1 entry no longer names that table.
-    pub fn insert_l2(&mut self, l1_index: u64, host_offset: u64, entries: Vec<u64>) {
-        if self.l1_entry(l1_index) != Some(host_offset) || entries.len() != self.l2_len() {
-            return;
+    /// Keeps a table `read_l2` read after a lookup reported it missing at `generation`,
+    /// unless another thread got there first (its copy may already carry allocations) or the
+    /// L1 entry no longer names that table. Returns false, keeping nothing, when an allocation
+    /// changed a table since `generation`: the copy may be older than that table's last
+    /// write-back, so the caller must read it again with allocations held off.
+    pub fn insert_l2(
+        &mut self,
+        l1_index: u64,
+        host_offset: u64,
+        entries: Vec<u64>,
+        generation: u64,
+    ) -> bool {
+        if self.l1_entry(l1_index) != Some(host_offset)
+            || entries.len() != self.l2_len()
+            || self.l2.contains_key(&l1_index)
+        {
+            return true;
+        }
+        if generation != self.generation {
+            return false;
         }
         let last_used = AtomicU64::new(self.tick.fetch_add(1, Ordering::Relaxed));
-        self.l2.entry(l1_index).or_insert_with(|| L2Table {
-            host_offset,
-            dirty: DirtyChunks::new(entries.len() * ENTRY_LEN as usize, DIRTY_CHUNK),
-            entries,
-            last_used,
-        });
+        self.l2.insert(
+            l1_index,
+            L2Table {
+                host_offset,
+                dirty: DirtyChunks::new(entries.len() * ENTRY_LEN as usize, DIRTY_CHUNK),
+                entries,
+                last_used,
+            },
+        );
         self.evict(l1_index);
+        true
+    }
+
+    /// The count of table changes so far, for `insert_l2`.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Keeps table `l1_index` loaded until `unpin_all`: the allocation in progress needs it.
@@ -321,6 +357,7 @@ impl Tables {
                         l1_index: pos.l1_index,
                         host_offset,
                         resume_at: at,
+                        generation: self.generation,
                     }))
                 }
                 TableState::Loaded => {
@@ -385,6 +422,7 @@ impl Tables {
             *slot = host_offset;
         }
         self.l1_dirty.mark(index * ENTRY_LEN as usize);
+        self.generation += 1;
         Ok(())
     }
 
@@ -423,6 +461,7 @@ impl Tables {
                 }
             }
         }
+        self.generation += 1;
         Ok(())
     }
 
@@ -584,14 +623,15 @@ mod tests {
             MissingTable {
                 l1_index: 1,
                 host_offset: 0x1000,
-                resume_at: 2 << 20
+                resume_at: 2 << 20,
+                generation: 0,
             }
         );
         let mut entries = vec![0u64; 512];
         entries[0] = 0x3000;
         entries[1] = 0x4000;
         entries[3] = 0x8000_0000_0000_0000 | (0x18 << 51) | 0x2200;
-        t.insert_l2(1, 0x1000, entries);
+        assert!(t.insert_l2(1, 0x1000, entries, missing.generation));
         let mut runs = runs;
         assert_eq!(
             t.lookup(missing.resume_at, (1 << 20) + 100, &mut runs)
@@ -634,7 +674,7 @@ mod tests {
     #[test]
     fn allocations_dirty_only_what_they_touch() {
         let mut t = tables(vec![0, 0x1000, 0, 0, 0], 0x10000).unwrap();
-        t.insert_l2(1, 0x1000, vec![0; 512]);
+        assert!(t.insert_l2(1, 0x1000, vec![0; 512], 0));
         assert!(!t.is_dirty());
         t.publish((2 << 20) + 65 * CLUSTER, 0x20000, 2).unwrap();
         assert_eq!(
@@ -674,6 +714,23 @@ mod tests {
         t.mark_clean();
         assert!(!t.is_dirty());
         assert!(t.table_state(5).is_err());
+    }
+
+    #[test]
+    fn a_table_read_across_an_allocation_is_not_kept() {
+        let mut t = tables(vec![0x1000, 0x3000, 0, 0, 0], 0x10000).unwrap();
+        let (_, missing) = lookup_all(&t, 0, 1);
+        let missing = missing.unwrap();
+        // While table 0 is read, an allocation goes into table 1.
+        assert!(t.insert_l2(1, 0x3000, vec![0; 512], t.generation()));
+        t.publish(2 << 20, 0x8000, 1).unwrap();
+        assert!(!t.insert_l2(0, 0x1000, vec![0; 512], missing.generation));
+        assert_eq!(t.table_state(0).unwrap(), TableState::OnDisk(0x1000));
+        assert!(t.insert_l2(0, 0x1000, vec![0; 512], t.generation()));
+        assert_eq!(t.table_state(0).unwrap(), TableState::Loaded);
+        // A table already loaded stays as it is, whatever the generation.
+        assert!(t.insert_l2(0, 0x1000, vec![7; 512], 0));
+        assert_eq!(lookup_all(&t, 0, 1).0[0].kind, RunKind::Unallocated);
     }
 
     #[test]

@@ -587,5 +587,7 @@ fn opening_a_huge_sparse_image_reads_only_its_tables() {
     assert_eq!(status[1].offset, 3 << 40);
 }
 
+mod crash;
 mod hostile;
+mod races;
 mod write;

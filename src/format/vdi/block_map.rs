@@ -55,9 +55,11 @@ impl Run {
 /// What loading found besides the map itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scan {
-    /// The physical block index the next allocation takes:
-    /// `max(header.blocks_allocated, highest entry + 1)`, so a stale header can never make a
-    /// new block overlap an existing one.
+    /// The physical block index the next allocation takes: one past the highest entry,
+    /// whatever the header's `blocks_allocated` says. A count below that would make a new
+    /// block overlap an existing one; a count above it (a crash between the header write and
+    /// the bmap write, QEMU's and VirtualBox's order too) names unreferenced blocks only,
+    /// which are reused.
     pub next_free: u32,
     /// Set when two virtual blocks share a physical block: writing either would change the
     /// other, so the image must be served read-only.
@@ -108,7 +110,10 @@ pub struct BlockMap {
     offset_bmap: u64,
     /// Entries currently pointing at a physical block.
     allocated: u32,
-    /// The header's `blocks_allocated`, bumped by every allocation, written on flush.
+    /// One past the highest physical block an entry points at.
+    used_end: u32,
+    /// The header's `blocks_allocated`: as read until the first allocation, then `used_end`,
+    /// written on flush (the module doc of `vdi` says why).
     blocks_allocated: u32,
     /// Dirty 512-byte sectors of the on-disk bmap. The header is dirty exactly when this is
     /// non-empty, since only allocations change either.
@@ -155,6 +160,7 @@ impl BlockMap {
             geometry: Geometry::new(header),
             offset_bmap: u64::from(header.offset_bmap),
             allocated: 0,
+            used_end: 0,
             blocks_allocated: header.blocks_allocated,
             dirty: DirtyChunks::new(entries.len() * ENTRY_LEN as usize, SECTOR_SIZE as usize),
             entries,
@@ -179,11 +185,9 @@ impl BlockMap {
             self.allocated += 1;
             highest = highest.max(Some(entry));
         }
-        let next_free = match highest {
-            // entry < DISCARDED, so + 1 cannot overflow.
-            Some(h) => header.blocks_allocated.max(h + 1),
-            None => header.blocks_allocated,
-        };
+        // entry < DISCARDED, so + 1 cannot overflow.
+        self.used_end = highest.map_or(0, |h| h + 1);
+        let next_free = self.used_end;
         let count_mismatch = (self.allocated != header.blocks_allocated).then(|| {
             format!(
                 "VDI header says blocks_allocated {} but the bmap has {} allocated entries",
@@ -290,10 +294,6 @@ impl BlockMap {
             .checked_add(count)
             .filter(|&end| end <= DISCARDED)
             .ok_or_else(|| Error::out_of_range("physical block index overflows"))?;
-        let blocks_allocated = self
-            .blocks_allocated
-            .checked_add(count)
-            .ok_or_else(|| Error::out_of_range("blocks_allocated overflows"))?;
         let first = usize::try_from(first_block).unwrap_or(usize::MAX);
         let slots = first
             .checked_add(count as usize)
@@ -313,7 +313,8 @@ impl BlockMap {
             self.dirty.mark(block * ENTRY_LEN as usize);
         }
         self.allocated += count;
-        self.blocks_allocated = blocks_allocated;
+        self.used_end = self.used_end.max(last_phys);
+        self.blocks_allocated = self.used_end;
         Ok(())
     }
 
@@ -345,6 +346,18 @@ impl BlockMap {
                 let bytes = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
                 (self.offset_bmap + range.start as u64, bytes)
             })
+            .collect()
+    }
+
+    /// The on-disk bmap from its start through the last dirty sector (empty when clean), for
+    /// writing it in one piece with the header sector before it.
+    pub fn through_last_dirty(&self) -> Vec<u8> {
+        let end = self.dirty.ranges().last().map_or(0, |r| r.end);
+        self.entries
+            .get(..end / ENTRY_LEN as usize)
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|e| e.to_le_bytes())
             .collect()
     }
 
@@ -477,12 +490,18 @@ mod tests {
         assert_eq!(scan.count_mismatch, None);
 
         let (m, scan) = map(&[5, U, 0], 1, 6).unwrap();
-        assert_eq!(scan.next_free, 6, "max(blocks_allocated, highest + 1)");
+        assert_eq!(scan.next_free, 6, "past the highest entry");
         assert!(scan.count_mismatch.unwrap().contains("blocks_allocated 1"));
         assert_eq!(m.allocated(), 2);
 
-        let (_, scan) = map(&[0, U, U], 4, 4).unwrap();
-        assert_eq!(scan.next_free, 4, "a larger header count wins");
+        let (mut m, scan) = map(&[0, U, U], 4, 4).unwrap();
+        assert_eq!(
+            scan.next_free, 1,
+            "a larger header count names leaked blocks"
+        );
+        assert_eq!(m.blocks_allocated(), 4, "kept until the first allocation");
+        m.publish(1, 1, 1).unwrap();
+        assert_eq!(m.blocks_allocated(), 2, "then one past the highest block");
     }
 
     #[test]
@@ -524,8 +543,15 @@ mod tests {
             m.publish(600, 3, 1).unwrap_err().kind(),
             ErrorKind::OutOfRange
         );
+        let leading = m.through_last_dirty();
+        assert_eq!(leading.len(), 600 * 4, "through the last, partial sector");
+        assert_eq!(&leading[508..516], &[0, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(&leading[2396..], &[2, 0, 0, 0]);
         m.mark_clean();
         assert!(!m.is_dirty());
         assert!(m.dirty_sectors().is_empty());
+        assert!(m.through_last_dirty().is_empty());
+        m.publish(0, 3, 1).unwrap();
+        assert_eq!(m.through_last_dirty().len(), 512, "the first sector only");
     }
 }

@@ -13,20 +13,48 @@
 //! ```
 //!
 //! qemu-img writes the bmap at 512 and the data at the next sector after it, with 1 MiB blocks;
-//! VirtualBox uses other offsets and block sizes, all of which we accept (any power of two from
-//! 512 B to 256 MiB). Physical blocks are handed out in increasing order; a new block goes to
-//! `max(blocks_allocated, highest entry + 1)`.
+//! VirtualBox puts the bmap at 1 MiB and the data at the next MiB after it. We accept any
+//! offsets and any power-of-two block size from 512 B to 256 MiB. Physical blocks are handed
+//! out in increasing order; a new block goes one past the highest physical block in use.
+//!
+//! # `blocks_allocated`
+//!
+//! QEMU and VirtualBox put their next new block at `blocks_allocated`, trusting the header: a
+//! count below the entries makes them overwrite existing data. `qemu-img check` counts the
+//! allocated entries and calls any difference from the header's count a corruption ("allocated
+//! blocks mismatch", in either direction). imgfs writes `blocks_allocated` = one past the
+//! highest physical block in use, which keeps every allocator off existing data and, for the
+//! dense maps QEMU, VirtualBox and imgfs write, equals the count of entries. A header count
+//! above that (a crash between header and bmap, ours or theirs) is repaired by the next
+//! allocation's flush; until then only unreferenced blocks are above it, which imgfs reuses.
 //!
 //! # Metadata write order
 //!
 //! Allocating write: the whole new block (payload padded with zeros) is written at the next
 //! free physical index first; only when that succeeded is the entry published in the in-memory
-//! bmap (its sector marked dirty, `blocks_allocated` bumped). `flush` then does
-//! `fdatasync` (new data durable) -> dirty bmap sectors -> the 512-byte header -> `fdatasync`.
-//! No sync is needed between the bmap and the header: the header only carries
-//! `blocks_allocated`, and a stale value in either direction is harmless because the next free
-//! block is derived from the entries too. A crash can therefore leak a written-but-unreferenced
-//! block (reused by the next allocation), but never leaves an entry pointing at unwritten data.
+//! bmap (its sector marked dirty, `blocks_allocated` raised). `flush` then does `fdatasync`
+//! (new data durable), writes the header and the dirty entries, and does `fdatasync` again.
+//! No order of two separate writes satisfies both QEMU's allocator (count never below the
+//! entries) and `qemu-img check` (count equal to the entries) at every step, so:
+//!
+//! - bmap right after the header sector (qemu-img's layout): the header and the bmap up to the
+//!   last dirty sector go out in one write. A crash leaves the old header and entries or the
+//!   new ones, each consistent. The write rewrites clean bmap sectors below the last dirty one
+//!   with what they hold (at most the whole bmap, 4 bytes per block). Caveat: a power loss can
+//!   tear one write at page or sector granularity. One that kept a later bmap page but not
+//!   the header page leaves a count below the entries: imgfs still allocates past every entry
+//!   and its next allocation repairs the count, but QEMU opening the image in that state
+//!   would put its next block over existing data. Entries that all lie in the first host page
+//!   with the header (the first 896 blocks) are written within that page.
+//! - bmap elsewhere (VirtualBox's layout): the header with the new count, `fdatasync`, then
+//!   the dirty bmap sectors, the order QEMU and VirtualBox use (they skip the sync). A crash
+//!   between them leaves a
+//!   count above the entries: QEMU and VirtualBox still allocate clear of all data, but
+//!   `qemu-img check` reports the mismatch until the next allocation's flush repairs it. A
+//!   crash before the header or after the bmap leaves a consistent image.
+//!
+//! Either way a crash can leak a written-but-unreferenced block (reused by the next
+//! allocation), but never leaves an entry pointing at unwritten data.
 //!
 //! # Locks (taken in this order, never the reverse)
 //!
@@ -267,24 +295,43 @@ impl VdiImage {
         self.file.write_all_at(&block, host)
     }
 
+    /// Writes back the header and the dirty bmap sectors in the order the module doc gives.
     fn flush_inner(&self) -> Result<()> {
         let alloc = self.lock_alloc();
+        // With the bmap right after the header sector, one write carries both.
+        let adjacent = self.header.offset_bmap as usize == HEADER_LEN;
         let pending = {
             let map = self.read_map();
-            map.is_dirty()
-                .then(|| (map.dirty_sectors(), map.blocks_allocated()))
+            map.is_dirty().then(|| {
+                let bmap = if adjacent {
+                    vec![(u64::from(self.header.offset_bmap), map.through_last_dirty())]
+                } else {
+                    map.dirty_sectors()
+                };
+                (bmap, map.blocks_allocated())
+            })
         };
-        let Some((sectors, blocks_allocated)) = pending else {
+        let Some((bmap, blocks_allocated)) = pending else {
             drop(alloc);
             return self.file.sync_data();
         };
         self.file.sync_data()?;
-        for (at, bytes) in &sectors {
-            self.file.write_all_at(bytes, *at)?;
-        }
         let mut header = self.header.clone();
         header.blocks_allocated = blocks_allocated;
-        self.file.write_all_at(&header.to_bytes()?, 0)?;
+        let header = header.to_bytes()?;
+        if adjacent {
+            let mut bytes = header.to_vec();
+            for (_, piece) in &bmap {
+                bytes.extend_from_slice(piece);
+            }
+            self.file.write_all_at(&bytes, 0)?;
+        } else {
+            self.file.write_all_at(&header, 0)?;
+            self.file.sync_data()?;
+            for (at, bytes) in &bmap {
+                self.file.write_all_at(bytes, *at)?;
+            }
+        }
         self.file.sync_data()?;
         self.write_map().mark_clean();
         Ok(())

@@ -3,7 +3,9 @@
 //! concurrent writes compared with `qemu-img compare`, write-back order and read-only images.
 //! Corrupt and hostile images are in `hostile.rs`.
 
+mod crash;
 mod hostile;
+mod races;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

@@ -3,8 +3,10 @@
 //! its grain directory in the footer; writes from several threads checked with `qemu-img check`
 //! and `qemu-img compare`.
 
+mod crash;
 mod esx;
 mod hostile;
+mod races;
 mod write;
 
 use std::ffi::OsStr;

@@ -1,5 +1,11 @@
 //! Positional I/O on host files: every read and write names its offset (no shared seek
 //! position), errors carry the file's path, and QEMU-compatible image locks live here too.
+//! In tests, `fault` sits under every read, write and sync of a watched file.
+
+pub mod activity;
+#[cfg(test)]
+pub mod fault;
+mod own_locks;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -7,9 +13,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-
-pub mod activity;
-mod own_locks;
 
 use activity::WriteActivity;
 
@@ -29,6 +32,9 @@ pub struct HostFile {
     activity: Option<std::sync::Arc<WriteActivity>>,
     /// Device and inode.
     key: activity::FileKey,
+    /// The test's watch on this file, if it set one before the file was opened.
+    #[cfg(test)]
+    watch: Option<std::sync::Arc<fault::Watch>>,
 }
 
 impl HostFile {
@@ -53,7 +59,18 @@ impl HostFile {
             locked: std::sync::Mutex::new(Vec::new()),
             activity,
             key,
+            #[cfg(test)]
+            watch: fault::watch_of(path),
         })
+    }
+
+    /// Hands `request` to the test's watch on this file, which may fail it.
+    #[cfg(test)]
+    fn before(&self, request: fault::Request<'_>) -> Result<()> {
+        match &self.watch {
+            Some(watch) => watch.before(request).map_err(|e| e.with_path(&self.path)),
+            None => Ok(()),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -67,6 +84,11 @@ impl HostFile {
     /// Fills `buf` from `offset`; bytes past the end of the file read as zeros, because images
     /// may legitimately end before their last allocated block's tail (sparse host files).
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        #[cfg(test)]
+        self.before(fault::Request::Read {
+            offset,
+            len: buf.len(),
+        })?;
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -84,6 +106,8 @@ impl HostFile {
     }
 
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        #[cfg(test)]
+        self.before(fault::Request::Write { offset, data: buf })?;
         self.warm_partial_pages(offset, buf.len() as u64);
         let write = || self.file.write_all_at(buf, offset);
         let written = match &self.activity {
@@ -128,6 +152,8 @@ impl HostFile {
     }
 
     pub fn sync_data(&self) -> Result<()> {
+        #[cfg(test)]
+        self.before(fault::Request::Sync)?;
         self.file
             .sync_data()
             .map_err(|e| Error::io("fdatasync", e).with_path(&self.path))

@@ -10,6 +10,8 @@ use super::header::testing::{header, image_bytes, patch_u32};
 use super::header::{ImageType, DISCARDED as D, UNALLOCATED as U};
 use super::*;
 use crate::error::ErrorKind;
+mod crash;
+
 use crate::testutil::{
     assert_mutations_never_panic, assert_qemu_check_clean, exercise_image, qemu, Rng, TempDir,
 };
@@ -485,10 +487,10 @@ fn flush_of_a_clean_image_writes_nothing() {
 #[test]
 fn allocation_stops_at_blocks_in_image() {
     let dir = TempDir::new();
-    // blocks_allocated says 2 blocks exist (one leaked), so the next index would be 2 of 2.
+    // Physical block 0 is leaked below the highest entry, so the next index would be 2 of 2.
     let mut h = header(ImageType::Dynamic, 2 * 4096, 4096);
     h.blocks_allocated = 2;
-    let path = write_file(&dir, &image_bytes(&h, &[U, 0], 2));
+    let path = write_file(&dir, &image_bytes(&h, &[U, 1], 2));
     let img = open_rw(&path);
     let e = img.write_at(&[1; 512], 0).unwrap_err();
     assert_eq!(e.errno(), libc::ENOSPC, "{e}");
