@@ -57,11 +57,11 @@ impl Catalog {
             }
             None => (image.summary.size, image.allocated()),
         };
-        // An instance open read-only gives way once nobody has it open: the images above it
-        // are gone from the tree (no role), so what still uses it closes when idle.
+        // An instance open read-only gives way to a writable one unless an image above it
+        // (gone from the tree, or there would be a role) is still open.
         let instance_allows = live
             .as_ref()
-            .map_or(true, |s| s.accepts_writes() || s.handles() == 0);
+            .map_or(true, |s| s.accepts_writes() || s.users() == 0);
         let writable = !self.read_only
             && !backing
             && !image.has_ended()
@@ -83,6 +83,11 @@ impl Catalog {
         if write {
             if let Some(reason) = &image.summary.inherent_read_only {
                 return Err(Error::read_only(reason.clone()).with_path(&image.source));
+            }
+            if !image.host_writable() {
+                return Err(
+                    Error::read_only("the image file is not writable").with_path(&image.source)
+                );
             }
         }
         let _opening = lock(&self.opening);
@@ -148,17 +153,18 @@ impl Catalog {
                     return Ok(Plan::Reuse(live.handle(true, None)));
                 }
             }
-            if !live.is_unused() {
+            if live.users() > 0 {
                 let why = live.read_only_reason().unwrap_or_default();
                 return Ok(Plan::Busy(
                     Error::busy(format!(
-                        "it is open read-only through the mount ({why}); writable once those \
-                         files are closed"
+                        "an image that was above it is still open through the mount ({why}); \
+                         writable once it is closed"
                     ))
                     .with_path(&image.source),
                 ));
             }
-            // Opened read-only while it was a backing file, used by nobody now.
+            // Opened read-only (as a backing file, or while the file was not writable): a
+            // writable instance takes its place, and its readers keep the old one.
             state.live.remove(&image.id);
         }
         Ok(Plan::Open { role })
