@@ -418,6 +418,9 @@ fn more_images_than_descriptors_are_all_served_and_running_out_fails_one_open_on
         }
     }
     assert!(refused > 0 && !held.is_empty(), "{refused} refused");
+    // An image added while the daemon has no descriptor to spare is served once it has.
+    std::fs::copy(&first, src.join("late.vdi")).unwrap();
+    let _ = std::fs::read_dir(&mount.mnt).map(|d| d.count());
     let mut byte = [0u8; 1];
     for file in &held {
         file.read_exact_at(&mut byte, 0).unwrap();
@@ -425,7 +428,8 @@ fn more_images_than_descriptors_are_all_served_and_running_out_fails_one_open_on
     }
     drop(held);
     release_idle(&mount.mnt);
-    assert_eq!(ls(&mount.mnt).len(), IMAGES);
+    assert_eq!(ls(&mount.mnt).len(), IMAGES + 1);
+    assert_eq!(read_range(&mount.path("late.vdi.raw"), 0, 1), [0x3c]);
     assert_eq!(read_range(&mount.path(&names[IMAGES - 1]), 0, 1), [0x3c]);
     mount.unmount();
 }

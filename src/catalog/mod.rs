@@ -475,7 +475,10 @@ impl Catalog {
                     retry: is_transient(&e),
                 };
                 if previous.as_ref().map(|p| &p.message) != Some(&problem.message) {
-                    log::error!("not serving {}", problem.message);
+                    match problem.retry {
+                        true => log::warn!("not serving {} (retried)", problem.message),
+                        false => log::error!("not serving {}", problem.message),
+                    }
                 }
                 Record::Hidden {
                     identity,

@@ -29,7 +29,12 @@ pub struct ImageAttrs {
 /// What opening a handle takes.
 enum Plan {
     Reuse(ImageHandle),
-    Open { role: Option<String> },
+    /// Open a new instance, read-only for `role` if there is one; `replaced` is the instance it
+    /// takes the place of (dropped outside the state lock: closing it is file I/O).
+    Open {
+        role: Option<String>,
+        replaced: Option<Arc<Served>>,
+    },
     Busy(Error),
 }
 
@@ -93,13 +98,19 @@ impl Catalog {
         let _opening = lock(&self.opening);
         let role = match self.plan_open(image, write)? {
             Plan::Reuse(handle) => return Ok(handle),
-            Plan::Open { role } => role,
+            Plan::Open { role, replaced } => {
+                drop(replaced);
+                role
+            }
             // Perhaps only images nobody has open any more (removed ones) still use it.
             Plan::Busy(e) => match self.close_unused(Duration::ZERO) {
                 0 => return Err(e),
                 _ => match self.plan_open(image, write)? {
                     Plan::Reuse(handle) => return Ok(handle),
-                    Plan::Open { role } => role,
+                    Plan::Open { role, replaced } => {
+                        drop(replaced);
+                        role
+                    }
                     Plan::Busy(e) => return Err(e),
                 },
             },
@@ -165,9 +176,13 @@ impl Catalog {
             }
             // Opened read-only (as a backing file, or while the file was not writable): a
             // writable instance takes its place, and its readers keep the old one.
-            state.live.remove(&image.id);
+            let replaced = state.live.remove(&image.id);
+            return Ok(Plan::Open { role, replaced });
         }
-        Ok(Plan::Open { role })
+        Ok(Plan::Open {
+            role,
+            replaced: None,
+        })
     }
 
     /// A read-only handle on internal snapshot `name` of `image`.

@@ -133,12 +133,18 @@ pub struct FsCore {
     next_handle: AtomicU64,
 }
 
+/// Whether `e` says the daemon ran out of descriptors (its limit, not an image's fault).
+fn out_of_descriptors(e: &Error) -> bool {
+    matches!(e.errno(), libc::EMFILE | libc::ENFILE)
+}
+
 fn log_error(what: &str, source: &Path, e: Error) -> Errno {
     let e = e.with_path(source);
     match e.kind() {
         ErrorKind::ReadOnly | ErrorKind::OutOfRange | ErrorKind::Stale => {
             log::debug!("{what}: {e}")
         }
+        _ if out_of_descriptors(&e) => log::warn!("{what}: {e}; too many files open at once"),
         _ => log::error!("{what}: {e}"),
     }
     Errno(e.errno())
@@ -291,6 +297,17 @@ impl FsCore {
         })
     }
 
+    /// Runs `f`; if descriptors ran out, closes the images nobody has open and runs it again.
+    fn with_descriptors<T>(
+        &self,
+        f: impl Fn() -> crate::error::Result<T>,
+    ) -> crate::error::Result<T> {
+        match f() {
+            Err(e) if out_of_descriptors(&e) && self.catalog.close_idle(Duration::ZERO) > 0 => f(),
+            other => other,
+        }
+    }
+
     fn dir_target(&self, ino: u64) -> FsResult<Target> {
         let target = self.target(ino)?;
         match kind_of(&target) {
@@ -302,8 +319,7 @@ impl FsCore {
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let dir = self.dir_target(parent)?;
         let entry = self
-            .catalog
-            .lookup(&dir, name)
+            .with_descriptors(|| self.catalog.lookup(&dir, name))
             .map_err(|e| log_error("lookup", Path::new(name), e))?
             .ok_or(Errno(libc::ENOENT))?;
         let attr = self.attr_of(0, &entry.target, None)?;
@@ -322,8 +338,7 @@ impl FsCore {
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
         let dir = self.dir_target(ino)?;
         let entries = self
-            .catalog
-            .list(&dir)
+            .with_descriptors(|| self.catalog.list(&dir))
             .map_err(|e| log_error("readdir", Path::new(""), e))?;
         let parent_ino = match &dir {
             Target::Dir(rel) => rel
@@ -396,7 +411,7 @@ impl FsCore {
                     log::info!("refusing to open: {e}")
                 }
                 // The daemon's limit, not the image's fault: this open fails, nothing else.
-                _ if matches!(errno, libc::EMFILE | libc::ENFILE) => {
+                _ if out_of_descriptors(&e) => {
                     log::warn!("open: {e}; too many images open at once")
                 }
                 _ => log::error!("open: {e}"),
