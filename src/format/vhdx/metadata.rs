@@ -396,28 +396,7 @@ pub mod testing {
         raw
     }
 
-    /// A VHDX parent locator item with `pairs`.
-    pub fn parent_locator(pairs: &[(&str, &str)]) -> Vec<u8> {
-        let mut raw = vec![0u8; 20 + 12 * pairs.len()];
-        put_guid(&mut raw, 0, VHDX_PARENT_TYPE).unwrap();
-        raw[18..20].copy_from_slice(&(pairs.len() as u16).to_le_bytes());
-        for (i, (k, v)) in pairs.iter().enumerate() {
-            let put_str = |s: &str, raw: &mut Vec<u8>| {
-                let at = raw.len();
-                let bytes: Vec<u8> = s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
-                raw.extend(&bytes);
-                (at as u32, bytes.len() as u16)
-            };
-            let (ko, kl) = put_str(k, &mut raw);
-            let (vo, vl) = put_str(v, &mut raw);
-            let at = 20 + 12 * i;
-            raw[at..at + 4].copy_from_slice(&ko.to_le_bytes());
-            raw[at + 4..at + 8].copy_from_slice(&vo.to_le_bytes());
-            raw[at + 8..at + 10].copy_from_slice(&kl.to_le_bytes());
-            raw[at + 10..at + 12].copy_from_slice(&vl.to_le_bytes());
-        }
-        raw
-    }
+    pub use crate::format::vhdx::make::parent_locator_item as parent_locator;
 }
 
 #[cfg(test)]

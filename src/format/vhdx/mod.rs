@@ -67,6 +67,7 @@ mod bat;
 mod bitmap;
 mod header;
 mod log;
+mod make;
 mod metadata;
 mod open;
 mod overlay;
@@ -92,6 +93,7 @@ use header::{Header, Regions, HEADER_LEN, HEADER_SECTION_LEN, HEADER_SLOTS, MIB}
 use metadata::Metadata;
 use overlay::Overlay;
 
+pub use make::make_differencing;
 pub use metadata::ParentLocator;
 
 /// Where `open_inner` gets the parent of a differencing image from.

@@ -1,0 +1,343 @@
+//! One crash round: mount a fresh image, let writer threads write unique slots with an fsync
+//! every few writes, kill the daemon with SIGKILL at a chosen moment, and check the image with
+//! qemu-img and a fresh imgfs mount. A round has two crashes: one at a random moment (or while
+//! a flush is in progress), then one right after the remount, while the daemon recovers from
+//! the first (replays a VHDX log, rebuilds lazy refcounts) and starts writing again.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use crate::common::*;
+use crate::model::{self, Slot, WindowBytes};
+use crate::variants::Variant;
+
+/// When the daemon is killed.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// So many milliseconds after the writers start.
+    AfterMillis(u64),
+    /// So many microseconds after the n-th fsync starts (inside a write-back, often).
+    InFlush { nth: usize, micros: u64 },
+    /// So many microseconds after the writers start opening the image (while it recovers).
+    Early { micros: u64 },
+    /// Like `AfterMillis`, with a copy of the image renamed over it after `replace_ms`.
+    Replaced { replace_ms: u64, after_ms: u64 },
+}
+
+/// What a round adds to the variant's figures.
+pub struct Report {
+    pub leaks: u64,
+    /// Slots whose fsync returned before the kill, and slots planned, over both crashes.
+    pub fsynced: usize,
+    pub planned: usize,
+}
+
+pub fn run(variant: &Variant, seed: u64) -> Result<Report, (String, TempDir)> {
+    let dir = TempDir::new(&format!("crash-{}", variant.name));
+    match run_in(variant, seed, &dir) {
+        Ok(report) => Ok(report),
+        Err(e) => Err((e, dir)),
+    }
+}
+
+fn run_in(variant: &Variant, seed: u64, dir: &TempDir) -> Result<Report, String> {
+    let mut rng = Rng::new(seed);
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    (variant.make)(&src);
+    let untouched: Vec<(PathBuf, Vec<u8>)> = variant
+        .untouched
+        .iter()
+        .map(|name| (src.join(name), std::fs::read(src.join(name)).unwrap()))
+        .collect();
+    let mut old = read_through_imgfs(variant, &src, &dir.join("first-mnt"))?;
+    if variant.qemu_reads {
+        let theirs = qemu_windows(variant, &src.join(variant.image), dir)?;
+        if theirs != old {
+            return Err("before the round, imgfs and qemu-img read different bytes".into());
+        }
+    }
+    let kills = if variant.replaced {
+        vec![Kill::Replaced {
+            replace_ms: 2 + rng.below(40),
+            after_ms: 2 + rng.below(60),
+        }]
+    } else {
+        let first = match rng.below(2) {
+            0 => Kill::AfterMillis(5 + rng.below(200)),
+            _ => Kill::InFlush {
+                nth: 1 + rng.below(6) as usize,
+                micros: rng.below(3000),
+            },
+        };
+        vec![
+            first,
+            Kill::Early {
+                micros: rng.below(20_000),
+            },
+        ]
+    };
+    let (mut leaks, mut fsynced, mut planned) = (0, 0, 0);
+    for (phase, kill) in kills.into_iter().enumerate() {
+        let slots = model::plan_slots(&mut rng, &variant.windows, 0.4);
+        let mnt = dir.join(&format!("mnt{phase}"));
+        let replacement = dir.join("replacement.img");
+        if variant.replaced {
+            std::fs::copy(src.join(variant.image), &replacement).unwrap();
+        }
+        let durable = write_and_kill(variant, &src, &mnt, dir, &slots, kill, &mut rng);
+        fsynced += durable.iter().filter(|&&d| d).count();
+        planned += slots.len();
+        let context = |e: String| format!("crash {} ({kill:?}): {e}", phase + 1);
+        let (written, image) = match kill {
+            // The writes went to the file renamed away; the new one must be untouched.
+            Kill::Replaced { .. } => {
+                let now = std::fs::read(src.join(variant.image)).unwrap();
+                if now != std::fs::read(&replacement).unwrap() {
+                    return Err(context(
+                        "the image renamed over the served one changed".into(),
+                    ));
+                }
+                (dir.join("kept.img"), dir.join("kept.img"))
+            }
+            _ => (src.join(variant.image), src.join(variant.image)),
+        };
+        if variant.qemu_reads {
+            let (theirs, leaked) = qemu_check_and_read(variant, &image, dir).map_err(context)?;
+            leaks += leaked;
+            model::check(&variant.windows, &old, &theirs, &slots, &durable)
+                .map_err(|e| context(format!("qemu-img reads: {e}")))?;
+            if written == src.join(variant.image) {
+                let ours = read_through_imgfs(variant, &src, &dir.join("check-mnt"))?;
+                if ours != theirs {
+                    return Err(context("imgfs and qemu-img read different bytes".into()));
+                }
+            }
+            old = theirs;
+        } else {
+            let ours = read_through_imgfs(variant, &src, &dir.join("check-mnt"))?;
+            model::check(&variant.windows, &old, &ours, &slots, &durable)
+                .map_err(|e| context(format!("imgfs reads: {e}")))?;
+            old = ours;
+        }
+        for (path, bytes) in &untouched {
+            if std::fs::read(path).unwrap() != *bytes {
+                return Err(context(format!("{} changed", path.display())));
+            }
+        }
+    }
+    Ok(Report {
+        leaks,
+        fsynced,
+        planned,
+    })
+}
+
+/// Mounts `src`, writes `slots` from two or three threads (an fsync every few writes), kills
+/// the daemon as `kill` says, removes the dead mount, and returns which slots were fsync'ed.
+fn write_and_kill(
+    variant: &Variant,
+    src: &Path,
+    mnt: &Path,
+    dir: &TempDir,
+    slots: &[Slot],
+    kill: Kill,
+    rng: &mut Rng,
+) -> Vec<bool> {
+    let mount = Mount::new(src, mnt, &[]);
+    let pid = daemon_pid(&mount.mnt);
+    let exit = ExitWatch::new(pid);
+    let raw = mount.path(&format!("{}.raw", variant.image));
+    let durable: Arc<Vec<AtomicBool>> =
+        Arc::new((0..slots.len()).map(|_| AtomicBool::new(false)).collect());
+    let (syncing, fsyncs) = mpsc::channel::<()>();
+    let threads = 2 + rng.below(2) as usize;
+    let writers: Vec<_> = (0..threads)
+        .map(|t| {
+            let mine: Vec<(usize, Slot)> = slots
+                .iter()
+                .cloned()
+                .enumerate()
+                .filter(|(i, _)| i % threads == t)
+                .collect();
+            let every = 1 + rng.below(4) as usize;
+            let (raw, durable, syncing) = (raw.clone(), durable.clone(), syncing.clone());
+            std::thread::spawn(move || write_slots(&raw, &mine, every, &durable, &syncing))
+        })
+        .collect();
+    drop(syncing);
+    match kill {
+        Kill::AfterMillis(ms) => std::thread::sleep(Duration::from_millis(ms)),
+        Kill::InFlush { nth, micros } => {
+            for _ in 0..nth {
+                if fsyncs.recv_timeout(Duration::from_secs(10)).is_err() {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_micros(micros));
+        }
+        Kill::Early { micros } => std::thread::sleep(Duration::from_micros(micros)),
+        Kill::Replaced {
+            replace_ms,
+            after_ms,
+        } => {
+            std::thread::sleep(Duration::from_millis(replace_ms));
+            let image = src.join(variant.image);
+            std::fs::hard_link(&image, dir.join("kept.img")).unwrap();
+            let staged = dir.join("staged.img");
+            std::fs::copy(dir.join("replacement.img"), &staged).unwrap();
+            std::fs::rename(&staged, &image).unwrap();
+            std::thread::sleep(Duration::from_millis(after_ms));
+        }
+    }
+    // SAFETY: kill on the daemon's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    exit.wait();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    // `imgfs umount` removes the mount a dead daemon left.
+    crate::common::run(Command::new(IMGFS).arg("umount").arg(&mount.mnt));
+    mount.forget_unmounted();
+    durable.iter().map(|d| d.load(Ordering::SeqCst)).collect()
+}
+
+/// One writer: its slots in order, an fsync after every `every` writes, marking them durable
+/// once it returned; stops at the first error (the daemon is gone).
+fn write_slots(
+    raw: &Path,
+    slots: &[(usize, Slot)],
+    every: usize,
+    durable: &[AtomicBool],
+    syncing: &mpsc::Sender<()>,
+) {
+    let Ok(file) = std::fs::OpenOptions::new().write(true).open(raw) else {
+        return;
+    };
+    for chunk in slots.chunks(every) {
+        for (_, slot) in chunk {
+            if file.write_all_at(&slot.data, slot.offset).is_err() {
+                return;
+            }
+        }
+        let _ = syncing.send(());
+        if file.sync_all().is_err() {
+            return;
+        }
+        for (i, _) in chunk {
+            durable[*i].store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The windows of the image as a fresh imgfs mount of `src` reads them.
+fn read_through_imgfs(variant: &Variant, src: &Path, mnt: &Path) -> Result<WindowBytes, String> {
+    let mount = Mount::new(src, mnt, &[]);
+    let raw = mount.path(&format!("{}.raw", variant.image));
+    let file = std::fs::File::open(&raw).map_err(|e| format!("imgfs: open: {e}"))?;
+    let windows = read_windows(&file, variant)?;
+    drop(file);
+    mount.unmount();
+    Ok(windows)
+}
+
+fn read_windows(file: &std::fs::File, variant: &Variant) -> Result<WindowBytes, String> {
+    variant
+        .windows
+        .iter()
+        .map(|w| {
+            let mut buf = vec![0u8; w.len as usize];
+            file.read_exact_at(&mut buf, w.offset)
+                .map_err(|e| format!("read at {:#x}: {e}", w.offset))?;
+            Ok(buf)
+        })
+        .collect()
+}
+
+/// `qemu-img check` of a copy of the image (opened read-write first, as QEMU would use it:
+/// that replays a VHDX log and repairs lazy refcounts, and leaks are repaired and counted),
+/// then its windows as `qemu-img convert` reads them.
+fn qemu_check_and_read(
+    variant: &Variant,
+    image: &Path,
+    dir: &TempDir,
+) -> Result<(WindowBytes, u64), String> {
+    let copy_dir = dir.join("qemu-copy");
+    let _ = std::fs::remove_dir_all(&copy_dir);
+    std::fs::create_dir_all(&copy_dir).unwrap();
+    // The whole directory: extents and backing files come along.
+    for entry in std::fs::read_dir(image.parent().unwrap()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, copy_dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let copy = copy_dir.join(image.file_name().unwrap());
+    let mut leaks = 0;
+    if variant.qemu_checks {
+        // Only qcow2 and VHDX take repairs; the others are checked as they are.
+        if matches!(variant.format, "qcow2" | "vhdx") {
+            let repair = qemu_check(variant.format, &copy, true);
+            leaks = leaked_clusters(&repair.1);
+            if !matches!(repair.0, Some(0) | Some(3)) {
+                return Err(format!("qemu-img check -r leaks: {}", repair.1));
+            }
+        }
+        let check = qemu_check(variant.format, &copy, false);
+        if check.0 != Some(0) {
+            return Err(format!("qemu-img check: {}", check.1));
+        }
+    }
+    let windows = qemu_windows(variant, &copy, dir)?;
+    std::fs::remove_dir_all(&copy_dir).unwrap();
+    Ok((windows, leaks))
+}
+
+fn qemu_check(format: &str, image: &Path, repair: bool) -> (Option<i32>, String) {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["check", "-f", format]);
+    if repair {
+        cmd.args(["-r", "leaks"]);
+    }
+    let out = cmd.arg(image).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// The leaked clusters `qemu-img check` reports ("N leaked clusters were found").
+fn leaked_clusters(text: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.contains("leaked clusters"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The windows of `image` as `qemu-img convert -O raw` reads them.
+fn qemu_windows(variant: &Variant, image: &Path, dir: &TempDir) -> Result<WindowBytes, String> {
+    let out = dir.join("qemu-read.raw");
+    let status = Command::new("qemu-img")
+        .args(["convert", "-U", "-f", variant.format, "-O", "raw"])
+        .arg(image)
+        .arg(&out)
+        .output()
+        .unwrap();
+    if !status.status.success() {
+        return Err(format!(
+            "qemu-img convert: {}",
+            String::from_utf8_lossy(&status.stderr)
+        ));
+    }
+    let file = std::fs::File::open(&out).unwrap();
+    let windows = read_windows(&file, variant);
+    std::fs::remove_file(&out).unwrap();
+    windows
+}

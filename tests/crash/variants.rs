@@ -1,0 +1,281 @@
+//! The images the crash harness writes into: every writable format and sub-format, chains of
+//! images over bases, and an image replaced while mounted. Each is made fresh for a round,
+//! half pre-filled with a known pattern (qemu-img convert -n, or through a mount where QEMU
+//! cannot write the format).
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::common::*;
+use crate::model::Window;
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 64 * MIB;
+/// A disk larger than one 2 GiB extent; only windows of it are written and checked.
+const LARGE: u64 = 3072 * MIB;
+
+/// How a variant is made and checked.
+pub struct Variant {
+    pub name: &'static str,
+    /// The image's format as qemu-img names it.
+    pub format: &'static str,
+    /// Whether qemu-img reads the image (then it is the oracle for every check).
+    pub qemu_reads: bool,
+    /// Whether `qemu-img check` checks this format.
+    pub qemu_checks: bool,
+    /// The image's file name in the source tree.
+    pub image: &'static str,
+    pub windows: Vec<Window>,
+    /// Makes the image (and the files it stands on) in `src`, pre-filled.
+    pub make: fn(&Path),
+    /// Files of `src` that must never change (the bases under the image).
+    pub untouched: &'static [&'static str],
+    /// A copy of the image is renamed over it while it is being written.
+    pub replaced: bool,
+}
+
+fn whole(size: u64) -> Vec<Window> {
+    vec![Window {
+        offset: 0,
+        len: size,
+    }]
+}
+
+pub fn all() -> Vec<Variant> {
+    let plain = |name, format, image, make: fn(&Path)| Variant {
+        name,
+        format,
+        qemu_reads: true,
+        qemu_checks: true,
+        image,
+        windows: whole(SIZE),
+        make,
+        untouched: &[],
+        replaced: false,
+    };
+    vec![
+        plain("vdi-1m", "vdi", "disk.vdi", |src| {
+            create(src, "vdi", "disk.vdi", &[])
+        }),
+        Variant {
+            qemu_reads: false,
+            qemu_checks: false,
+            ..plain("vdi-4k", "vdi", "disk.vdi", make_vdi_4k)
+        },
+        plain("qcow2-64k", "qcow2", "disk.qcow2", |src| {
+            create(src, "qcow2", "disk.qcow2", &[])
+        }),
+        plain("qcow2-512", "qcow2", "disk.qcow2", |src| {
+            create(src, "qcow2", "disk.qcow2", &["-o", "cluster_size=512"])
+        }),
+        plain("qcow2-2m", "qcow2", "disk.qcow2", |src| {
+            create(src, "qcow2", "disk.qcow2", &["-o", "cluster_size=2M"])
+        }),
+        plain("qcow2-lazy", "qcow2", "disk.qcow2", |src| {
+            create(src, "qcow2", "disk.qcow2", &["-o", "lazy_refcounts=on"])
+        }),
+        plain("qcow2-extl2", "qcow2", "disk.qcow2", |src| {
+            create(src, "qcow2", "disk.qcow2", &["-o", "extended_l2=on"])
+        }),
+        Variant {
+            untouched: &["base.qcow2"],
+            ..plain("qcow2-backing", "qcow2", "top.qcow2", |src| {
+                create(src, "qcow2", "base.qcow2", &[]);
+                let backing = ["-b", "base.qcow2", "-F", "qcow2"];
+                create_empty(src, "qcow2", "top.qcow2", &backing);
+            })
+        },
+        Variant {
+            qemu_checks: false,
+            ..plain("qcow", "qcow", "disk.qcow", |src| {
+                create(src, "qcow", "disk.qcow", &[])
+            })
+        },
+        plain("vhdx-1m", "vhdx", "disk.vhdx", |src| {
+            create(src, "vhdx", "disk.vhdx", &["-o", "block_size=1M"])
+        }),
+        plain("vhdx-32m", "vhdx", "disk.vhdx", |src| {
+            create(src, "vhdx", "disk.vhdx", &["-o", "block_size=32M"])
+        }),
+        Variant {
+            qemu_reads: false,
+            qemu_checks: false,
+            untouched: &["parent.vhdx"],
+            ..plain(
+                "vhdx-differencing",
+                "vhdx",
+                "child.vhdx",
+                make_vhdx_differencing,
+            )
+        },
+        plain("vmdk-sparse", "vmdk", "disk.vmdk", |src| {
+            create(src, "vmdk", "disk.vmdk", &[])
+        }),
+        Variant {
+            windows: windows_for(LARGE),
+            ..plain("vmdk-2gb-sparse", "vmdk", "disk.vmdk", |src| {
+                let options = ["-o", "subformat=twoGbMaxExtentSparse"];
+                create_sized(src, "vmdk", "disk.vmdk", &options, LARGE);
+            })
+        },
+        plain("vmdk-flat", "vmdk", "disk.vmdk", |src| {
+            create(
+                src,
+                "vmdk",
+                "disk.vmdk",
+                &["-o", "subformat=monolithicFlat"],
+            )
+        }),
+        Variant {
+            untouched: &["parent.vmdk"],
+            ..plain("vmdk-child", "vmdk", "child.vmdk", |src| {
+                create(src, "vmdk", "parent.vmdk", &[]);
+                let backing = ["-b", "parent.vmdk", "-F", "vmdk"];
+                create_empty(src, "vmdk", "child.vmdk", &backing);
+            })
+        },
+        Variant {
+            replaced: true,
+            ..plain("vdi-replaced", "vdi", "disk.vdi", |src| {
+                create(src, "vdi", "disk.vdi", &[])
+            })
+        },
+    ]
+}
+
+/// The pattern a variant's windows start with: their first halves, the rest zeros.
+pub fn pattern_at(offset: u64) -> u8 {
+    ((offset / 512).wrapping_mul(7) ^ (offset % 251)) as u8
+}
+
+/// A sparse raw file of `size` bytes holding the pattern in the first half of each window.
+fn pattern_file(path: &Path, size: u64, windows: &[Window]) {
+    let file = std::fs::File::create(path).unwrap();
+    file.set_len(size).unwrap();
+    for window in windows {
+        let half = window.len / 2;
+        let bytes: Vec<u8> = (window.offset..window.offset + half)
+            .map(pattern_at)
+            .collect();
+        file.write_all_at(&bytes, window.offset).unwrap();
+    }
+}
+
+/// The windows a variant of `size` bytes checks (as `all` gives them).
+fn windows_for(size: u64) -> Vec<Window> {
+    let two_gib = 2048 * MIB;
+    if size > two_gib {
+        vec![
+            Window {
+                offset: 0,
+                len: 16 * MIB,
+            },
+            Window {
+                offset: two_gib - 8 * MIB,
+                len: 16 * MIB,
+            },
+        ]
+    } else {
+        whole(size)
+    }
+}
+
+fn create(src: &Path, format: &str, name: &str, options: &[&str]) {
+    create_sized(src, format, name, options, SIZE);
+}
+
+/// Creates `name` and pre-fills the first half of its windows with the pattern.
+fn create_sized(src: &Path, format: &str, name: &str, options: &[&str], size: u64) {
+    let image = src.join(name);
+    create_image(&image, format, options, size);
+    let pattern = src.with_file_name(format!("{name}.pattern"));
+    pattern_file(&pattern, size, &windows_for(size));
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-n",
+        "--target-is-zero",
+        "-f",
+        "raw",
+        "-O",
+        format,
+        path_str(&pattern),
+        path_str(&image),
+    ]);
+    std::fs::remove_file(&pattern).unwrap();
+}
+
+/// Creates `name` empty (an image over a backing file: it shows the base's pattern).
+fn create_empty(src: &Path, format: &str, name: &str, options: &[&str]) {
+    create_image(&src.join(name), format, options, SIZE);
+}
+
+fn create_image(image: &Path, format: &str, options: &[&str], size: u64) {
+    let size = size.to_string();
+    let mut args = vec!["create", "-q", "-f", format];
+    args.extend(options);
+    args.extend([path_str(image), &size]);
+    qemu_img(&args);
+}
+
+/// A dynamic VDI with 4 KiB blocks: qemu-img writes only 1 MiB blocks, so its header is
+/// rewritten by hand; pre-filled through an imgfs mount, since QEMU cannot open it.
+fn make_vdi_4k(src: &Path) {
+    let image = src.join("disk.vdi");
+    create_image(&image, "vdi", &[], SIZE);
+    let blocks = (SIZE / 4096) as u32;
+    let offset_bmap = 512u32;
+    let offset_data = (offset_bmap + blocks * 4).next_multiple_of(4096);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    let put = |at: u64, value: u32| file.write_all_at(&value.to_le_bytes(), at).unwrap();
+    put(344, offset_data);
+    put(376, 4096);
+    put(384, blocks);
+    put(388, 0);
+    file.set_len(u64::from(offset_data)).unwrap();
+    file.write_all_at(&vec![0xff; blocks as usize * 4], u64::from(offset_bmap))
+        .unwrap();
+    drop(file);
+    fill_through_a_mount(src, "disk.vdi");
+}
+
+/// A dynamic VHDX parent, pre-filled, and an empty differencing child of it (qemu-img cannot
+/// make one; imgfs's own helper links it); pre-filled through the parent, like a chain.
+fn make_vhdx_differencing(src: &Path) {
+    create(src, "vhdx", "parent.vhdx", &["-o", "block_size=1M"]);
+    let child = src.join("child.vhdx");
+    create_image(
+        &child,
+        "vhdx",
+        &["-o", "block_size=1M,block_state_zero=off"],
+        SIZE,
+    );
+    let parent = imgfs::host::HostFile::open(&src.join("parent.vhdx"), false).unwrap();
+    let linkage = imgfs::format::vhdx::data_write_guid_of(&parent).unwrap();
+    imgfs::format::vhdx::make_differencing(&child, "parent.vhdx", linkage).unwrap();
+}
+
+/// Writes the pattern into `name` through an imgfs mount of `src`.
+fn fill_through_a_mount(src: &Path, name: &str) {
+    let mnt = src.with_file_name("fill-mnt");
+    let mount = Mount::new(src, &mnt, &[]);
+    let raw = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mount.path(&format!("{name}.raw")))
+        .unwrap();
+    for window in windows_for(SIZE) {
+        let half = window.len / 2;
+        let bytes: Vec<u8> = (window.offset..window.offset + half)
+            .map(pattern_at)
+            .collect();
+        raw.write_all_at(&bytes, window.offset).unwrap();
+    }
+    raw.sync_all().unwrap();
+    drop(raw);
+    mount.unmount();
+    std::fs::remove_dir(&mnt).unwrap();
+}
