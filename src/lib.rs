@@ -9,6 +9,7 @@ pub mod fs;
 pub mod host;
 pub mod image;
 pub mod meta;
+pub mod views;
 
 #[cfg(test)]
 mod testutil;

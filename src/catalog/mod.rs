@@ -29,6 +29,7 @@ mod record;
 mod roles;
 mod served;
 mod summary;
+mod views;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -47,6 +48,7 @@ use roles::Roles;
 pub use served::{ImageHandle, Served};
 use summary::{summarize, Outcome};
 pub use summary::{FormatOpener, Opener};
+use views::snapshot_entries;
 
 /// The suffix that turns an image's file name into its raw file's name.
 pub const RAW_SUFFIX: &str = ".raw";
@@ -54,6 +56,10 @@ pub const RAW_SUFFIX: &str = ".raw";
 /// The suffix that turns an image's file name into the name of the directory that shows its
 /// internal snapshots (`disk.qcow2.snapshots/<snapshot>.raw`, read-only).
 pub const SNAPSHOTS_SUFFIX: &str = ".snapshots";
+
+/// The suffix that turns an image's file name into the name of the directory that shows the
+/// partitions of its disk (`disk.vdi.parts/p1.raw`).
+pub const PARTS_SUFFIX: &str = ".parts";
 
 /// The longest file name the kernel accepts (NAME_MAX).
 const NAME_MAX: usize = 255;
@@ -69,6 +75,10 @@ pub enum Target {
     SnapshotsDir(Arc<ImageFile>),
     /// One internal snapshot (by file name, without `.raw`).
     Snapshot(Arc<ImageFile>, String),
+    /// The directory of a disk's partitions.
+    PartsDir(Arc<ImageFile>),
+    /// One partition of a disk, by number.
+    Partition(Arc<ImageFile>, u32),
 }
 
 /// One visible entry of a directory of the raw namespace.
@@ -211,16 +221,11 @@ impl Catalog {
     pub fn list(&self, dir: &Target) -> Result<Vec<Entry>> {
         match dir {
             Target::Dir(rel) => self.list_dir(rel),
-            Target::SnapshotsDir(image) => Ok(image
-                .summary
-                .snapshots
-                .iter()
-                .map(|snapshot| Entry {
-                    name: with_suffix(OsStr::new(&snapshot.name), RAW_SUFFIX),
-                    target: Target::Snapshot(Arc::clone(image), snapshot.name.clone()),
-                })
-                .collect()),
-            Target::Image(_) | Target::Snapshot(..) => Err(Error::out_of_range("not a directory")),
+            Target::SnapshotsDir(image) => Ok(snapshot_entries(image)),
+            Target::PartsDir(image) => Ok(self.partition_entries(image)),
+            Target::Image(_) | Target::Snapshot(..) | Target::Partition(..) => {
+                Err(Error::out_of_range("not a directory"))
+            }
         }
     }
 
@@ -229,24 +234,13 @@ impl Catalog {
         if name.as_bytes().contains(&b'/') || name == "." || name == ".." {
             return Ok(None);
         }
-        match dir {
-            Target::Dir(rel) => self.lookup_in_dir(rel, name),
-            Target::SnapshotsDir(image) => {
-                let Some(stem) = name.as_bytes().strip_suffix(RAW_SUFFIX.as_bytes()) else {
-                    return Ok(None);
-                };
-                Ok(image
-                    .summary
-                    .snapshots
-                    .iter()
-                    .find(|snapshot| snapshot.name.as_bytes() == stem)
-                    .map(|snapshot| Entry {
-                        name: name.to_os_string(),
-                        target: Target::Snapshot(Arc::clone(image), snapshot.name.clone()),
-                    }))
-            }
-            Target::Image(_) | Target::Snapshot(..) => Ok(None),
-        }
+        let entries = match dir {
+            Target::Dir(rel) => return self.lookup_in_dir(rel, name),
+            Target::SnapshotsDir(image) => snapshot_entries(image),
+            Target::PartsDir(image) => self.partition_entries(image),
+            Target::Image(_) | Target::Snapshot(..) | Target::Partition(..) => return Ok(None),
+        };
+        Ok(entries.into_iter().find(|e| e.name == name))
     }
 
     fn lookup_in_dir(&self, rel: &Path, name: &OsStr) -> Result<Option<Entry>> {
@@ -267,14 +261,13 @@ impl Catalog {
                     target: Target::Image(image),
                 }));
         }
-        if let Some(stem) = bytes.strip_suffix(SNAPSHOTS_SUFFIX.as_bytes()) {
-            return Ok(self
-                .image_named(rel, &dir, OsStr::from_bytes(stem))?
-                .filter(|image| !image.summary.snapshots.is_empty())
-                .map(|image| Entry {
-                    name: name.to_os_string(),
-                    target: Target::SnapshotsDir(image),
-                }));
+        for suffix in [SNAPSHOTS_SUFFIX, PARTS_SUFFIX] {
+            if let Some(stem) = bytes.strip_suffix(suffix.as_bytes()) {
+                if let Some(image) = self.image_named(rel, &dir, OsStr::from_bytes(stem))? {
+                    let beside = self.beside(OsStr::from_bytes(stem), &image);
+                    return Ok(beside.into_iter().find(|e| e.name == name));
+                }
+            }
         }
         Ok(None)
     }
@@ -326,15 +319,10 @@ impl Catalog {
             if taken.contains(&raw) {
                 continue;
             }
-            let snapshots = with_suffix(&name, SNAPSHOTS_SUFFIX);
-            if !image.summary.snapshots.is_empty()
-                && !taken.contains(&snapshots)
-                && snapshots.len() <= NAME_MAX
-            {
-                entries.push(Entry {
-                    name: snapshots,
-                    target: Target::SnapshotsDir(Arc::clone(&image)),
-                });
+            for dir in self.beside(&name, &image) {
+                if !taken.contains(&dir.name) {
+                    entries.push(dir);
+                }
             }
             entries.push(Entry {
                 name: raw,
@@ -565,7 +553,10 @@ impl Catalog {
                         match entry.target {
                             Target::Dir(sub) => dirs.push(sub),
                             Target::Image(_) => count += 1,
-                            Target::SnapshotsDir(_) | Target::Snapshot(..) => {}
+                            Target::SnapshotsDir(_)
+                            | Target::Snapshot(..)
+                            | Target::PartsDir(_)
+                            | Target::Partition(..) => {}
                         }
                     }
                 }

@@ -185,16 +185,6 @@ impl Catalog {
         })
     }
 
-    /// A read-only handle on internal snapshot `name` of `image`.
-    pub fn open_snapshot(&self, image: &Arc<ImageFile>, name: &str) -> Result<ImageHandle> {
-        let base = self.open(image, false)?;
-        let view = base
-            .served()
-            .snapshot_view(name)
-            .map_err(|e| e.with_path(&image.source))?;
-        Ok(base.served().handle(false, Some(view)))
-    }
-
     /// Sets the times of `image`'s file, as this process's own change of it.
     pub fn set_times(
         &self,

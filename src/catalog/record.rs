@@ -12,11 +12,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use crate::format::Format;
 use crate::host::activity::{ctime_ns, own_writes, FileKey};
+use crate::views::PartitionTable;
 
 /// Which file: device and inode, whatever its name.
 pub type FileId = FileKey;
@@ -109,7 +110,12 @@ pub struct Summary {
     /// Every file below the image in its chain (backing files, parents), top down.
     pub below: Vec<FileId>,
     pub header_hash: u64,
+    /// The disk's partition table, or why it is not served.
+    pub partitions: Partitions,
 }
+
+/// A disk's partition table (`None`: it has none), or why it cannot be trusted.
+pub type Partitions = std::result::Result<Option<Arc<PartitionTable>>, String>;
 
 /// One internal snapshot of an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +162,9 @@ pub struct ImageFile {
     ended: AtomicBool,
     /// Bytes allocated in the image as last seen (the summary's, then its instances').
     allocated: AtomicU64,
+    /// The partition table as last read, and this process's writes to the file then: a write
+    /// since may have changed it (fdisk through the mount).
+    partitions: Mutex<(u64, Partitions)>,
 }
 
 impl ImageFile {
@@ -169,6 +178,7 @@ impl ImageFile {
     ) -> Self {
         let identity = FileIdentity::of(meta);
         let summary_allocated = summary.allocated;
+        let summary_partitions = summary.partitions.clone();
         ImageFile {
             rel,
             id: identity.id,
@@ -183,6 +193,7 @@ impl ImageFile {
             source,
             ended: AtomicBool::new(false),
             allocated: AtomicU64::new(summary_allocated),
+            partitions: Mutex::new((writes_before, summary_partitions)),
         }
     }
 
@@ -192,6 +203,21 @@ impl ImageFile {
 
     pub fn set_allocated(&self, bytes: u64) {
         self.allocated.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The partition table as read when this process had started `writes` writes to the file.
+    pub fn partitions(&self) -> (u64, Partitions) {
+        self.partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_partitions(&self, writes: u64, partitions: Partitions) {
+        *self
+            .partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = (writes, partitions);
     }
 
     fn seen(&self) -> MutexGuard<'_, Seen> {
@@ -291,6 +317,7 @@ mod tests {
             snapshots: Vec::new(),
             below: Vec::new(),
             header_hash: header_hash(path),
+            partitions: Ok(None),
         };
         let writes = own_writes((meta.dev(), meta.ino())).started;
         ImageFile::new(

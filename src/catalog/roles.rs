@@ -66,6 +66,7 @@ mod tests {
             snapshots: Vec::new(),
             below,
             header_hash: 0,
+            partitions: Ok(None),
         };
         ImageFile::new(rel.into(), path, version, summary, &meta, 0)
     }

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::record::{header_hash, FileId, SnapshotSummary, Summary};
+use super::record::{header_hash, FileId, Partitions, SnapshotSummary, Summary};
 use crate::error::{Error, Result};
 use crate::format::links::{Chain, Links};
 use crate::format::{self, Format, OpenOptions};
@@ -123,6 +123,41 @@ impl Links for RecordingLinks<'_> {
     }
 }
 
+/// Opens the image at `path` (as `format`) and its chain for inspection only: no locks, no
+/// writes. Returns it with the files below it in its chain.
+pub fn inspect(
+    opener: &dyn Opener,
+    root: &Path,
+    path: &Path,
+    format: Format,
+) -> Result<(Arc<dyn Image>, Vec<FileId>)> {
+    let mut links = RecordingLinks {
+        root,
+        opener,
+        below: Vec::new(),
+    };
+    let options = OpenOptions {
+        read_only: true,
+        inspect: true,
+        reason: None,
+    };
+    let image = opener.open(path, format, &options, &mut links)?;
+    Ok((image, links.below))
+}
+
+/// The partition table of the disk `image` (the file at `path`), or why it is not served
+/// (logged: the disk itself is served all the same).
+pub fn partitions_of(image: &dyn Image, path: &Path) -> Partitions {
+    match crate::views::read_table(image) {
+        Ok(table) => Ok(table.map(Arc::new)),
+        Err(e) => {
+            let e = e.with_path(path);
+            log::warn!("not serving the partitions of {e}");
+            Err(e.to_string())
+        }
+    }
+}
+
 /// Looks at the file at `path`: whether it is an image, and if so what it is and which files
 /// it stands on. Opens it (and its chain) for inspection only and closes it again.
 pub fn summarize(opener: &dyn Opener, root: &Path, path: &Path) -> Outcome {
@@ -136,18 +171,8 @@ pub fn summarize(opener: &dyn Opener, root: &Path, path: &Path) -> Outcome {
         Ok(false) => {}
         Err(e) => return Outcome::Refused(e),
     }
-    let mut links = RecordingLinks {
-        root,
-        opener,
-        below: Vec::new(),
-    };
-    let options = OpenOptions {
-        read_only: true,
-        inspect: true,
-        reason: None,
-    };
-    let image = match opener.open(path, format, &options, &mut links) {
-        Ok(image) => image,
+    let (image, below) = match inspect(opener, root, path, format) {
+        Ok(opened) => opened,
         Err(e) => return Outcome::Refused(e),
     };
     let snapshots = image
@@ -163,12 +188,13 @@ pub fn summarize(opener: &dyn Opener, root: &Path, path: &Path) -> Outcome {
         })
         .collect();
     Outcome::Image(Summary {
+        partitions: partitions_of(image.as_ref(), path),
         format,
         size: image.size(),
         allocated: image.allocated_bytes(),
         inherent_read_only: format::inherent_read_only_reason(image.read_only_reason()),
         snapshots,
-        below: links.below,
+        below,
         header_hash: header_hash(path),
     })
 }

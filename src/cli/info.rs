@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::format::links::PlainLinks;
 use crate::format::{self, OpenOptions};
 use crate::image::ImageInfo;
+use crate::views::{PartitionTable, TableKind};
 
 pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
     // Backing files must lie in `root`: by default next to the image or below, never above.
@@ -29,10 +30,17 @@ pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
         .map(|m| m.blocks() * 512)
         .unwrap_or(0);
     let name = path.display().to_string();
+    let table = match crate::views::read_table(image.as_ref()) {
+        Ok(table) => table,
+        Err(e) => {
+            eprintln!("imgfs: the partition table is not usable: {e}");
+            None
+        }
+    };
     if json {
-        println!("{}", to_json(&name, disk_size, &info));
+        println!("{}", to_json(&name, disk_size, &info, table.as_ref()));
     } else {
-        print!("{}", to_text(&name, disk_size, &info));
+        print!("{}", to_text(&name, disk_size, &info, table.as_ref()));
     }
     Ok(())
 }
@@ -52,7 +60,14 @@ fn human(bytes: u64) -> String {
     }
 }
 
-fn to_text(name: &str, disk_size: u64, info: &ImageInfo) -> String {
+fn table_kind(table: &PartitionTable) -> &'static str {
+    match table.kind {
+        TableKind::Mbr => "mbr",
+        TableKind::Gpt => "gpt",
+    }
+}
+
+fn to_text(name: &str, disk_size: u64, info: &ImageInfo, table: Option<&PartitionTable>) -> String {
     let mut out = format!("image: {name}\nfile format: {}\n", info.format);
     if !info.subformat.is_empty() {
         out += &format!("subformat: {}\n", info.subformat);
@@ -81,6 +96,26 @@ fn to_text(name: &str, disk_size: u64, info: &ImageInfo) -> String {
             out += &format!("    {key}: {value}\n");
         }
     }
+    if let Some(table) = table {
+        out += &format!("Partitions ({}):\n", table_kind(table));
+        for p in &table.partitions {
+            out += &format!(
+                "    p{}: {} at offset {} ({} bytes), type {}",
+                p.number,
+                human(p.len),
+                p.start,
+                p.len,
+                p.kind
+            );
+            if let Some(name) = &p.name {
+                out += &format!(", name {name:?}");
+            }
+            out += "\n";
+        }
+        if let Some(note) = &table.note {
+            out += &format!("    note: {note}\n");
+        }
+    }
     out
 }
 
@@ -102,7 +137,7 @@ fn json_string(s: &str) -> String {
     out
 }
 
-fn to_json(name: &str, disk_size: u64, info: &ImageInfo) -> String {
+fn to_json(name: &str, disk_size: u64, info: &ImageInfo, table: Option<&PartitionTable>) -> String {
     let mut fields = vec![
         format!("\"filename\": {}", json_string(name)),
         format!("\"format\": {}", json_string(info.format)),
@@ -129,6 +164,27 @@ fn to_json(name: &str, disk_size: u64, info: &ImageInfo) -> String {
         json_string(info.format),
         details.join(",\n")
     ));
+    if let Some(table) = table {
+        let parts: Vec<String> = table
+            .partitions
+            .iter()
+            .map(|p| {
+                let name = p.name.as_deref().map_or("null".to_string(), json_string);
+                format!(
+                    "{{\"number\": {}, \"start\": {}, \"length\": {}, \"type\": {}, \"name\": {name}}}",
+                    p.number,
+                    p.start,
+                    p.len,
+                    json_string(&p.kind)
+                )
+            })
+            .collect();
+        fields.push(format!(
+            "\"partitions\": {{\"type\": \"{}\", \"entries\": [{}]}}",
+            table_kind(table),
+            parts.join(", ")
+        ));
+    }
     format!("{{\n    {}\n}}", fields.join(",\n    "))
 }
 
@@ -150,7 +206,7 @@ mod tests {
 
     #[test]
     fn json_is_escaped_and_carries_qemu_field_names() {
-        let json = to_json("d\\isk.vdi", 4096, &sample());
+        let json = to_json("d\\isk.vdi", 4096, &sample(), None);
         assert!(json.contains("\"virtual-size\": 10485760"), "{json}");
         assert!(json.contains("\"filename\": \"d\\\\isk.vdi\""), "{json}");
         assert!(
@@ -163,12 +219,38 @@ mod tests {
 
     #[test]
     fn text_shows_sizes_humanly() {
-        let text = to_text("disk.vdi", 1536, &sample());
+        let text = to_text("disk.vdi", 1536, &sample(), None);
         assert!(
             text.contains("virtual size: 10 MiB (10485760 bytes)"),
             "{text}"
         );
         assert!(text.contains("disk size: 1.500 KiB"), "{text}");
         assert!(text.contains("    uuid: abc"), "{text}");
+    }
+
+    #[test]
+    fn partitions_are_shown_in_text_and_json() {
+        use crate::views::Partition;
+        let table = PartitionTable {
+            kind: TableKind::Gpt,
+            partitions: vec![Partition {
+                number: 2,
+                start: 1 << 20,
+                len: 4 << 20,
+                kind: "0fc63daf-8483-4772-8e79-3d69d8477de4".into(),
+                name: Some("root".into()),
+            }],
+            note: None,
+        };
+        let text = to_text("disk.vdi", 0, &sample(), Some(&table));
+        assert!(text.contains("Partitions (gpt):"), "{text}");
+        assert!(
+            text.contains("p2: 4 MiB at offset 1048576 (4194304 bytes)"),
+            "{text}"
+        );
+        assert!(text.contains("name \"root\""), "{text}");
+        let json = to_json("disk.vdi", 0, &sample(), Some(&table));
+        assert!(json.contains("\"number\": 2, \"start\": 1048576"), "{json}");
+        assert!(json.contains("\"name\": \"root\""), "{json}");
     }
 }

@@ -32,6 +32,8 @@ pub const XATTR_PID: &str = "user.imgfs.pid";
 /// Setting this extended attribute on the root directory writes every image back and closes
 /// the ones nobody has open.
 pub const XATTR_FLUSH: &str = "user.imgfs.flush";
+/// Extended attribute of a GPT partition's file holding the partition's name.
+pub const XATTR_PARTITION_NAME: &str = "user.imgfs.name";
 /// Extended attribute of the root directory that reports how many files are open through the
 /// mount (the kernel releases closed files asynchronously: this says when it has).
 pub const XATTR_OPEN_FILES: &str = "user.imgfs.open-files";
@@ -82,6 +84,8 @@ enum NodeKey {
     Image(u64),
     SnapshotsDir(u64),
     Snapshot(u64, String),
+    PartsDir(u64),
+    Partition(u64, u32),
 }
 
 fn key_of(target: &Target) -> NodeKey {
@@ -90,13 +94,15 @@ fn key_of(target: &Target) -> NodeKey {
         Target::Image(image) => NodeKey::Image(image.version),
         Target::SnapshotsDir(image) => NodeKey::SnapshotsDir(image.version),
         Target::Snapshot(image, name) => NodeKey::Snapshot(image.version, name.clone()),
+        Target::PartsDir(image) => NodeKey::PartsDir(image.version),
+        Target::Partition(image, number) => NodeKey::Partition(image.version, *number),
     }
 }
 
 fn kind_of(target: &Target) -> NodeKind {
     match target {
-        Target::Dir(_) | Target::SnapshotsDir(_) => NodeKind::Dir,
-        Target::Image(_) | Target::Snapshot(..) => NodeKind::File,
+        Target::Dir(_) | Target::SnapshotsDir(_) | Target::PartsDir(_) => NodeKind::Dir,
+        Target::Image(_) | Target::Snapshot(..) | Target::Partition(..) => NodeKind::File,
     }
 }
 
@@ -242,9 +248,11 @@ impl FsCore {
     fn stat_of(&self, target: &Target) -> FsResult<FileStat> {
         match target {
             Target::Dir(rel) => self.catalog.dir_stat(rel).map_err(|e| Errno(e.errno())),
-            Target::Image(image) | Target::SnapshotsDir(image) | Target::Snapshot(image, _) => {
-                Ok(image.stat())
-            }
+            Target::Image(image)
+            | Target::SnapshotsDir(image)
+            | Target::Snapshot(image, _)
+            | Target::PartsDir(image)
+            | Target::Partition(image, _) => Ok(image.stat()),
         }
     }
 
@@ -254,10 +262,20 @@ impl FsCore {
         let mut perm = stat.perm;
         let (size, allocated) = match target {
             Target::Dir(_) => (0, 0),
-            Target::SnapshotsDir(_) => {
-                // Shows its image file's metadata: searchable where readable, never writable.
+            Target::SnapshotsDir(_) | Target::PartsDir(_) => {
+                // Shows its image file's metadata: searchable where readable; nothing can be
+                // created in it.
                 perm = (perm | (perm & 0o444) >> 2) & !0o222;
                 (0, 0)
+            }
+            Target::Partition(image, number) => {
+                let attrs = self.catalog.attributes(image);
+                if !attrs.writable {
+                    perm &= !0o222;
+                }
+                let part = self.catalog.partition(image, *number);
+                let len = part.map_or(0, |p| p.len);
+                (len, attrs.allocated.min(len))
             }
             Target::Image(image) => {
                 let attrs = self.catalog.attributes(image);
@@ -392,7 +410,13 @@ impl FsCore {
     pub fn open(&self, ino: u64, write: bool) -> FsResult<u64> {
         let target = self.target(ino)?;
         let (image, file) = match &target {
-            Target::Dir(_) | Target::SnapshotsDir(_) => return Err(Errno(libc::EISDIR)),
+            Target::Dir(_) | Target::SnapshotsDir(_) | Target::PartsDir(_) => {
+                return Err(Errno(libc::EISDIR))
+            }
+            Target::Partition(file, number) => {
+                let image = self.catalog.open_partition(file, *number, write);
+                (image, Some(Arc::clone(file)))
+            }
             Target::Image(file) => {
                 let image = self.catalog.open(file, write);
                 (image, Some(Arc::clone(file)))
@@ -527,7 +551,7 @@ impl FsCore {
                 return Err(Errno(libc::EROFS));
             }
             match &target {
-                Target::Image(image) => self
+                Target::Image(image) | Target::Partition(image, _) => self
                     .catalog
                     .set_times(image, atime, mtime)
                     .map_err(|e| log_error("set times", &image.source, e))?,
@@ -538,7 +562,9 @@ impl FsCore {
                         .map_err(|_| Errno(libc::ENOENT))?;
                     set_dir_times(&path, atime, mtime)?
                 }
-                Target::SnapshotsDir(_) | Target::Snapshot(..) => return Err(Errno(libc::EROFS)),
+                Target::SnapshotsDir(_) | Target::Snapshot(..) | Target::PartsDir(_) => {
+                    return Err(Errno(libc::EROFS))
+                }
             }
         }
         self.getattr(ino, None)
@@ -584,7 +610,33 @@ impl FsCore {
         host_statfs(self.catalog.root())
     }
 
+    /// The extended attributes of `ino`: a GPT partition's name.
+    fn xattrs(&self, ino: u64) -> Vec<(&'static str, Vec<u8>)> {
+        match self.target(ino) {
+            Ok(Target::Partition(image, number)) => self
+                .catalog
+                .partition(&image, number)
+                .and_then(|p| p.name)
+                .map(|name| vec![(XATTR_PARTITION_NAME, name.into_bytes())])
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The names of `ino`'s extended attributes, each NUL-terminated (listxattr's format).
+    pub fn listxattr(&self, ino: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, _) in self.xattrs(ino) {
+            out.extend_from_slice(name.as_bytes());
+            out.push(0);
+        }
+        out
+    }
+
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
+        if let Some((_, value)) = self.xattrs(ino).into_iter().find(|(n, _)| *n == name) {
+            return Ok(value);
+        }
         if ino == ROOT_INO && name == XATTR_PID {
             return Ok(std::process::id().to_string().into_bytes());
         }

@@ -307,11 +307,14 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let names = self.core.listxattr(ino.0);
         if size == 0 {
-            reply.size(0);
+            reply.size(names.len() as u32);
+        } else if names.len() <= size as usize {
+            reply.data(&names);
         } else {
-            reply.data(&[]);
+            reply.error(FuseErrno::ERANGE);
         }
     }
 
