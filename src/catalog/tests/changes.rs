@@ -106,9 +106,11 @@ fn other_failures_are_retried_once_the_file_changes_even_only_its_permissions() 
 #[test]
 fn idle_instances_are_closed_and_removed_files_let_go() {
     let dir = TempDir::new();
-    std::fs::write(dir.path().join("disk.img"), "FAKEIMG 4096").unwrap();
-    std::fs::write(dir.path().join("kept.img"), "FAKEIMG 4096").unwrap();
-    let (catalog, counters) = catalog_of(dir.path(), false);
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("disk.img"), "FAKEIMG 4096").unwrap();
+    std::fs::write(src.join("kept.img"), "FAKEIMG 4096").unwrap();
+    let (catalog, counters) = catalog_of(&src, false);
     let disk = image(&catalog, "disk.img.raw").unwrap();
     let kept = image(&catalog, "kept.img.raw").unwrap();
     let kept_handle = catalog.open(&kept, false).unwrap();
@@ -121,17 +123,17 @@ fn idle_instances_are_closed_and_removed_files_let_go() {
     );
     assert_eq!(catalog.close_idle(Duration::ZERO), 1, "only the unused one");
     assert_eq!(catalog.live_instances().len(), 1);
-    // Reopened on demand.
-    drop(catalog.open(&disk, false).unwrap());
+    // Reopened on demand; moved out of the tree while open, closed once the handle is.
+    let handle = catalog.open(&disk, true).unwrap();
     assert_eq!(counters.opens.load(Ordering::Relaxed), 3);
-
-    std::fs::rename(
-        dir.path().join("disk.img"),
-        dir.path().join("../moved-away.img"),
-    )
-    .ok();
+    std::fs::rename(src.join("disk.img"), dir.path().join("moved-away.img")).unwrap();
     catalog.refresh();
+    assert!(disk.has_ended());
+    assert_eq!(catalog.close_idle(Duration::ZERO), 0, "still open");
+    handle.image().write_at(b"still", 0).unwrap();
+    drop(handle);
     assert_eq!(catalog.close_idle(Duration::ZERO), 1);
+    assert_eq!(catalog.live_instances().len(), 1);
     drop(kept_handle);
 }
 
