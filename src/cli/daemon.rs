@@ -161,15 +161,36 @@ pub fn wait_for_signal() -> libc::c_int {
     sig
 }
 
-/// Unmounts `mnt`; `lazy` detaches it even while files are open.
+/// Unmounts `mnt`; `lazy` detaches it even while files are open. Users who may not call
+/// umount(2) go through fusermount3.
 pub fn unmount(mnt: &Path, lazy: bool) -> Result<(), std::io::Error> {
     let path = c_path(mnt).map_err(std::io::Error::other)?;
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
     // SAFETY: path is a valid NUL-terminated string.
     if unsafe { libc::umount2(path.as_ptr(), flags) } != 0 {
-        return Err(std::io::Error::last_os_error());
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EPERM) {
+            return fusermount_unmount(mnt, lazy);
+        }
+        return Err(e);
     }
     Ok(())
+}
+
+/// `fusermount3 -u` (`-uz` when `lazy`): the setuid helper unmounts for users who may not.
+fn fusermount_unmount(mnt: &Path, lazy: bool) -> Result<(), std::io::Error> {
+    let output = std::process::Command::new("fusermount3")
+        .arg(if lazy { "-uz" } else { "-u" })
+        .arg("--")
+        .arg(mnt)
+        .output()?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(std::io::Error::other(format!(
+        "fusermount3 -u: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    )))
 }
 
 pub fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, std::io::Error> {

@@ -5,6 +5,7 @@ mod daemon;
 mod info;
 mod mount;
 mod notify;
+mod options;
 mod umount;
 
 use std::io::Write;
@@ -47,7 +48,7 @@ enum Command {
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(options::mount_helper_form(std::env::args_os().collect()));
     init_logging();
     let result = match cli.command {
         Command::Mount(args) => mount::run(args),

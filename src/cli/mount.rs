@@ -11,7 +11,9 @@ use fuser::{Config, MountOption, SessionACL};
 
 use super::daemon::{self, Forked, ReadyPipe};
 use super::notify::notify;
+use super::options;
 use crate::catalog::{Catalog, FormatOpener};
+use crate::fs::core::Ownership;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::FsCore;
 
@@ -37,6 +39,11 @@ pub struct MountArgs {
     /// /tmp/imgfs-UID.log].
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// Mount options, comma-separated, as in fstab: ro, allow_other, threads=N, log_file=F,
+    /// uid=N, gid=N, umask=OCTAL (owner and mode bits the raw files show), and the standard
+    /// ones mount(8) passes (rw, nodev, nosuid, noatime, nofail, ...).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
     /// The directory holding the images.
     src: PathBuf,
     /// The (empty) directory to mount on.
@@ -82,7 +89,23 @@ fn check_dirs(args: &MountArgs) -> Result<(PathBuf, PathBuf), String> {
     Ok((src, mnt))
 }
 
+/// The long flags with the `-o` options applied on top, and the ownership the raw files show.
+fn with_options(mut args: MountArgs) -> Result<(MountArgs, Ownership), String> {
+    let options = options::parse(&args.options)?;
+    args.read_only |= options.read_only;
+    args.allow_other |= options.allow_other;
+    args.threads = options.threads.unwrap_or(args.threads);
+    args.log_file = options.log_file.or(args.log_file);
+    let ownership = Ownership {
+        uid: options.uid,
+        gid: options.gid,
+        umask: options.umask.unwrap_or(0),
+    };
+    Ok((args, ownership))
+}
+
 pub fn run(args: MountArgs) -> Result<(), String> {
+    let (args, ownership) = with_options(args)?;
     let (src, mnt) = check_dirs(&args)?;
     let pipe = if args.foreground {
         None
@@ -109,7 +132,7 @@ pub fn run(args: MountArgs) -> Result<(), String> {
             Forked::Child(pipe) => Some(pipe),
         }
     };
-    match serve(&args, &src, &mnt, pipe) {
+    match serve(&args, ownership, &src, &mnt, pipe) {
         Ok(()) => Ok(()),
         Err(message) => {
             log::error!("{message}");
@@ -118,7 +141,13 @@ pub fn run(args: MountArgs) -> Result<(), String> {
     }
 }
 
-fn serve(args: &MountArgs, src: &Path, mnt: &Path, pipe: Option<ReadyPipe>) -> Result<(), String> {
+fn serve(
+    args: &MountArgs,
+    ownership: Ownership,
+    src: &Path,
+    mnt: &Path,
+    pipe: Option<ReadyPipe>,
+) -> Result<(), String> {
     daemon::block_stop_signals();
     // Images are opened only while in use, but a deep chain or many open files still need
     // descriptors; FUSE's request threads need one each too.
@@ -130,7 +159,7 @@ fn serve(args: &MountArgs, src: &Path, mnt: &Path, pipe: Option<ReadyPipe>) -> R
         Ok(catalog) => catalog,
         Err(e) => return fail(pipe, e.to_string()),
     };
-    let core = Arc::new(FsCore::new(catalog));
+    let core = Arc::new(FsCore::new(catalog).with_ownership(ownership));
     let served = core.catalog().refresh();
     log::info!("{served} image(s) below {}", src.display());
 

@@ -46,16 +46,6 @@ pub fn run(mnt: &Path) -> Result<(), String> {
                 "{shown} is busy: close files and detach loop devices (losetup -d) first; images are flushed"
             ))
         }
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            let status = std::process::Command::new("fusermount3")
-                .arg("-u")
-                .arg(mnt)
-                .status()
-                .map_err(|e| format!("fusermount3 -u {shown}: {e}"))?;
-            if !status.success() {
-                return Err(format!("fusermount3 -u {shown} failed"));
-            }
-        }
         Err(e) => return Err(format!("unmount {shown}: {e}")),
     }
     if !watch.wait(EXIT_TIMEOUT_MS) {

@@ -77,6 +77,15 @@ pub struct StatFs {
     pub frsize: u32,
 }
 
+/// The owner, group and mode bits the mount shows instead of the image files' own
+/// (`-o uid=,gid=,umask=`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ownership {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub umask: u16,
+}
+
 /// What makes two targets the same inode.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum NodeKey {
@@ -133,6 +142,7 @@ pub type DirEntry = (u64, NodeKind, OsString);
 /// The mounted filesystem's state and operations.
 pub struct FsCore {
     catalog: Catalog,
+    ownership: Ownership,
     inodes: RwLock<Inodes>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     listings: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
@@ -177,11 +187,18 @@ impl FsCore {
         );
         FsCore {
             catalog,
+            ownership: Ownership::default(),
             inodes: RwLock::new(inodes),
             handles: RwLock::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
         }
+    }
+
+    /// Shows `ownership` instead of the image files' owner, group and mode bits.
+    pub fn with_ownership(mut self, ownership: Ownership) -> Self {
+        self.ownership = ownership;
+        self
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -305,9 +322,9 @@ impl FsCore {
             kind,
             size,
             blocks: allocated.div_ceil(512),
-            perm,
-            uid: stat.uid,
-            gid: stat.gid,
+            perm: perm & !self.ownership.umask,
+            uid: self.ownership.uid.unwrap_or(stat.uid),
+            gid: self.ownership.gid.unwrap_or(stat.gid),
             nlink: if kind == NodeKind::Dir { 2 } else { 1 },
             atime: stat.atime,
             mtime: stat.mtime,

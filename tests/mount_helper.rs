@@ -1,0 +1,110 @@
+//! imgfs mounted the way FUSE file systems are: `mount -t fuse`, an fstab line (`mount -T`),
+//! `-o` options, and unmounted with plain `umount` or `fusermount3 -u`, which write everything
+//! back like `imgfs umount`.
+
+mod common;
+
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+/// The source `IMGFS#SRC` that mount.fuse3 turns into `IMGFS SRC MNT -o OPTIONS` (an
+/// installed imgfs is found by name: `mount -t fuse.imgfs SRC MNT`).
+fn helper_source(src: &Path) -> String {
+    format!("{IMGFS}#{}", src.display())
+}
+
+/// Waits until the daemon serving `mnt` has exited after an unmount started by `unmount`.
+fn unmount_and_wait(mnt: &Path, unmount: &mut Command) {
+    let exit = ExitWatch::new(daemon_pid(mnt));
+    run(unmount);
+    exit.wait();
+    assert!(!is_mount_point(mnt));
+}
+
+#[test]
+fn mount_t_fuse_takes_mount_options() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src) = empty_source("mount-t");
+    create_filled(&src, "vdi", "a.vdi", &[], "8M", &["write -P 0x42 0 4k"]);
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "fuse"])
+        .arg(helper_source(&src))
+        .arg(&mnt)
+        .args(["-o", "ro,threads=2,uid=1234,gid=4321,umask=077,nosuid,nodev"]));
+    let raw = mnt.join("a.vdi.raw");
+    let meta = std::fs::metadata(&raw).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (1234, 4321));
+    assert_eq!(meta.permissions().mode() & 0o777, 0o400, "ro and umask 077");
+    assert_eq!(read_range(&raw, 0, 4096), vec![0x42; 4096]);
+    let err = std::fs::OpenOptions::new().write(true).open(&raw).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    unmount_and_wait(&mnt, Command::new("umount").arg(&mnt));
+}
+
+#[test]
+fn an_fstab_line_mounts_and_plain_umount_writes_everything_back() {
+    if !can_mount() {
+        return;
+    }
+    for unmount in ["umount", "fusermount3"] {
+        let (dir, src) = empty_source(&format!("fstab-{unmount}"));
+        create_filled(&src, "qcow2", "disk.qcow2", &[], "16M", &[]);
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let fstab = dir.join("fstab");
+        let line = format!(
+            "{} {} fuse rw,nofail,threads=3,log_file={} 0 0\n",
+            helper_source(&src),
+            mnt.display(),
+            dir.join("imgfs.log").display()
+        );
+        std::fs::write(&fstab, line).unwrap();
+        run(Command::new("mount").arg("-T").arg(&fstab).arg(&mnt));
+        let raw = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mnt.join("disk.qcow2.raw"))
+            .unwrap();
+        // No fsync: the unmount itself must write back what only the daemon holds.
+        raw.write_all_at(&[0x77; 65536], 1 << 20).unwrap();
+        drop(raw);
+        let mut cmd = match unmount {
+            "umount" => Command::new("umount"),
+            _ => {
+                let mut cmd = Command::new("fusermount3");
+                cmd.arg("-u");
+                cmd
+            }
+        };
+        unmount_and_wait(&mnt, cmd.arg(&mnt));
+        assert_check_clean("qcow2", &src.join("disk.qcow2"));
+        qemu_io("qcow2", &src.join("disk.qcow2"), &["read -P 0x77 1M 64k"]);
+    }
+}
+
+#[test]
+fn unknown_mount_options_are_refused_by_name() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src) = empty_source("bad-option");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let out = Command::new(IMGFS)
+        .arg("mount")
+        .args(["-o", "ro,frobnicate"])
+        .arg(&src)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("\"frobnicate\""), "{text}");
+    assert!(!is_mount_point(&mnt));
+}
