@@ -1,5 +1,6 @@
-//! imgfs: serves virtual-disk images (VDI today; QCOW/QCOW2, VHDX and VMDK next) as flat raw
-//! files through FUSE. Layers, top to bottom: `cli`, `fs`, `catalog`, `format`, `meta`, `host`.
+//! imgfs: serves virtual-disk images (VDI, VHDX, VMDK, QCOW and QCOW2, with backing chains,
+//! internal snapshots and partitions) as flat raw files through FUSE. Layers, top to bottom:
+//! `cli`, `fs`, `catalog`, `views`, `format`, `meta`, `host`.
 
 pub mod catalog;
 pub mod cli;

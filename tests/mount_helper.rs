@@ -37,13 +37,19 @@ fn mount_t_fuse_takes_mount_options() {
         .args(["-t", "fuse"])
         .arg(helper_source(&src))
         .arg(&mnt)
-        .args(["-o", "ro,threads=2,uid=1234,gid=4321,umask=077,nosuid,nodev"]));
+        .args([
+            "-o",
+            "ro,threads=2,uid=1234,gid=4321,umask=077,nosuid,nodev",
+        ]));
     let raw = mnt.join("a.vdi.raw");
     let meta = std::fs::metadata(&raw).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (1234, 4321));
     assert_eq!(meta.permissions().mode() & 0o777, 0o400, "ro and umask 077");
     assert_eq!(read_range(&raw, 0, 4096), vec![0x42; 4096]);
-    let err = std::fs::OpenOptions::new().write(true).open(&raw).unwrap_err();
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
     unmount_and_wait(&mnt, Command::new("umount").arg(&mnt));
 }
@@ -107,4 +113,40 @@ fn unknown_mount_options_are_refused_by_name() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("\"frobnicate\""), "{text}");
     assert!(!is_mount_point(&mnt));
+}
+
+#[test]
+fn the_install_script_puts_everything_in_place() {
+    if std::env::var("CI").as_deref() != Ok("true") && !Path::new("target/release/imgfs").exists() {
+        eprintln!("skipping: needs a release build (scripts/test.sh makes one)");
+        return;
+    }
+    let dir = TempDir::new("install");
+    let out = Command::new("bash")
+        .arg("scripts/install.sh")
+        .env("DESTDIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "install.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in [
+        "usr/local/bin/imgfs",
+        "usr/local/share/man/man1/imgfs.1",
+        "usr/local/share/man/man1/imgfs-mount.1",
+        "usr/local/share/bash-completion/completions/imgfs",
+        "usr/local/share/zsh/site-functions/_imgfs",
+        "usr/local/share/fish/vendor_completions.d/imgfs.fish",
+        "etc/systemd/system/imgfs@.service",
+    ] {
+        let meta = std::fs::metadata(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(meta.len() > 0, "{file} is empty");
+    }
+    let helper = std::fs::read_link(dir.join("usr/sbin/mount.fuse.imgfs")).unwrap();
+    assert_eq!(helper, Path::new("/usr/local/bin/imgfs"));
+    let bash =
+        std::fs::read_to_string(dir.join("usr/local/share/bash-completion/completions/imgfs"));
+    assert!(bash.unwrap().contains("umount"));
 }

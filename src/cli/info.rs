@@ -119,73 +119,87 @@ fn to_text(name: &str, disk_size: u64, info: &ImageInfo, table: Option<&Partitio
     out
 }
 
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// `imgfs info --json`: the fields of `qemu-img info --output=json`, and imgfs's own.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct InfoJson<'a> {
+    filename: &'a str,
+    format: &'a str,
+    virtual_size: u64,
+    actual_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_size: Option<u64>,
+    allocated_size: u64,
+    subformat: &'a str,
+    read_only_reason: Option<&'a str>,
+    format_specific: FormatSpecific<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partitions: Option<PartitionsJson<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct FormatSpecific<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    data: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(serde::Serialize)]
+struct PartitionsJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    entries: Vec<PartitionJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct PartitionJson<'a> {
+    number: u32,
+    start: u64,
+    length: u64,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    name: Option<&'a str>,
 }
 
 fn to_json(name: &str, disk_size: u64, info: &ImageInfo, table: Option<&PartitionTable>) -> String {
-    let mut fields = vec![
-        format!("\"filename\": {}", json_string(name)),
-        format!("\"format\": {}", json_string(info.format)),
-        format!("\"virtual-size\": {}", info.virtual_size),
-        format!("\"actual-size\": {disk_size}"),
-    ];
-    if let Some(cluster) = info.cluster_size {
-        fields.push(format!("\"cluster-size\": {cluster}"));
-    }
-    fields.push(format!("\"allocated-size\": {}", info.allocated_bytes));
-    fields.push(format!("\"subformat\": {}", json_string(&info.subformat)));
-    let reason = info
-        .read_only_reason
-        .as_deref()
-        .map_or("null".to_string(), json_string);
-    fields.push(format!("\"read-only-reason\": {reason}"));
-    let details: Vec<String> = info
+    let data = info
         .details
         .iter()
-        .map(|(k, v)| format!("            {}: {}", json_string(k), json_string(v)))
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
         .collect();
-    fields.push(format!(
-        "\"format-specific\": {{\n        \"type\": {},\n        \"data\": {{\n{}\n        }}\n    }}",
-        json_string(info.format),
-        details.join(",\n")
-    ));
-    if let Some(table) = table {
-        let parts: Vec<String> = table
-            .partitions
-            .iter()
-            .map(|p| {
-                let name = p.name.as_deref().map_or("null".to_string(), json_string);
-                format!(
-                    "{{\"number\": {}, \"start\": {}, \"length\": {}, \"type\": {}, \"name\": {name}}}",
-                    p.number,
-                    p.start,
-                    p.len,
-                    json_string(&p.kind)
-                )
-            })
-            .collect();
-        fields.push(format!(
-            "\"partitions\": {{\"type\": \"{}\", \"entries\": [{}]}}",
-            table_kind(table),
-            parts.join(", ")
-        ));
-    }
-    format!("{{\n    {}\n}}", fields.join(",\n    "))
+    let json = InfoJson {
+        filename: name,
+        format: info.format,
+        virtual_size: info.virtual_size,
+        actual_size: disk_size,
+        cluster_size: info.cluster_size,
+        allocated_size: info.allocated_bytes,
+        subformat: &info.subformat,
+        read_only_reason: info.read_only_reason.as_deref(),
+        format_specific: FormatSpecific {
+            kind: info.format,
+            data,
+        },
+        partitions: table.map(|table| PartitionsJson {
+            kind: table_kind(table),
+            entries: table
+                .partitions
+                .iter()
+                .map(|p| PartitionJson {
+                    number: p.number,
+                    start: p.start,
+                    length: p.len,
+                    kind: &p.kind,
+                    name: p.name.as_deref(),
+                })
+                .collect(),
+            note: table.note.as_deref(),
+        }),
+    };
+    // Serialising plain strings and numbers cannot fail.
+    serde_json::to_string_pretty(&json).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -214,7 +228,9 @@ mod tests {
             "{json}"
         );
         assert!(json.contains("\"uuid\": \"abc\""), "{json}");
-        assert_eq!(json.matches('{').count(), json.matches('}').count());
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed["format-specific"]["data"]["uuid"], "abc");
+        assert_eq!(parsed["cluster-size"], 1 << 20);
     }
 
     #[test]
@@ -250,7 +266,12 @@ mod tests {
         );
         assert!(text.contains("name \"root\""), "{text}");
         let json = to_json("disk.vdi", 0, &sample(), Some(&table));
-        assert!(json.contains("\"number\": 2, \"start\": 1048576"), "{json}");
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let entry = &parsed["partitions"]["entries"][0];
+        assert_eq!(
+            (entry["number"].clone(), entry["start"].clone()),
+            (2.into(), (1 << 20).into())
+        );
         assert!(json.contains("\"name\": \"root\""), "{json}");
     }
 }

@@ -1,7 +1,9 @@
-//! The `imgfs` command line: `mount`, `umount` and `info`, parsed with clap; logging set up
-//! here so every command logs the same way.
+//! The `imgfs` command line: `mount`, `umount`, `info`, and the man page and shell
+//! completions generated from the same definitions; parsed with clap, logging set up here so
+//! every command logs the same way.
 
 mod daemon;
+mod docs;
 mod info;
 mod mount;
 mod notify;
@@ -13,27 +15,54 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+const EXAMPLES: &str = "\
+Examples:
+  imgfs mount ./images /mnt/raw        serve every image below ./images
+  ls /mnt/raw                          disk.vdi.raw  disk.vdi.parts  vm/disk.vmdk.raw ...
+  mount -o loop,ro /mnt/raw/disk.vdi.parts/p1.raw /mnt/guest
+  qemu-img convert -O qcow2 /mnt/raw/vm/disk.vmdk.raw disk.qcow2
+  imgfs umount /mnt/raw                write everything back, unmount, wait for the daemon
+  imgfs info --json ./images/disk.vdi
+
+  fstab: /srv/images /mnt/raw fuse.imgfs ro,allow_other,nofail 0 0";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "imgfs",
     version,
-    about = "Serve VDI (and soon VHDX, VMDK, QCOW/QCOW2) images as raw files through FUSE"
+    about = "Serve VDI, VHDX, VMDK, QCOW and QCOW2 images as raw files through FUSE",
+    long_about = "Serve every VDI, VHDX, VMDK, QCOW and QCOW2 image below a directory as a flat \
+        raw file, readable and writable, through FUSE: `dd`, `losetup`, `fdisk`, `mount -o \
+        loop` and `qemu-img convert` work on a guest disk without a VM. Backing chains, \
+        internal snapshots (read-only) and partitions (as files) are served too.",
+    after_help = EXAMPLES
 )]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Mount every image below SRC as a raw file below MNT.
+    /// Mount every image below SRC as a raw file below MNT (also as `imgfs SRC MNT -o OPTS`,
+    /// the form mount.fuse3 runs for `mount -t fuse.imgfs` and fstab lines).
+    #[command(after_help = "Examples:
+  imgfs mount ./images /mnt/raw
+  imgfs mount --read-only --allow-other ./evidence /mnt/raw
+  imgfs mount -o ro,uid=1000,gid=1000,umask=022 ./images /mnt/raw
+  imgfs mount --foreground ./images /mnt/raw      (for systemd: Type=notify)")]
     Mount(mount::MountArgs),
     /// Flush every image of an imgfs mount, unmount it and wait for its daemon to exit.
+    #[command(after_help = "Example:\n  imgfs umount /mnt/raw")]
     Umount {
         /// The mount point.
         mnt: PathBuf,
     },
-    /// Show what imgfs sees in an image (like `qemu-img info`).
+    /// Show what imgfs sees in an image (like `qemu-img info`): format, sizes, why it would
+    /// be read-only, backing file, snapshots, partitions.
+    #[command(after_help = "Examples:
+  imgfs info ./images/disk.vdi
+  imgfs info --json --root ./images ./images/vm/overlay.qcow2")]
     Info {
         /// Print JSON, shaped like `qemu-img info --output=json`.
         #[arg(long)]
@@ -43,6 +72,23 @@ enum Command {
         root: Option<PathBuf>,
         /// The image file.
         image: PathBuf,
+    },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  imgfs completions bash > /usr/share/bash-completion/completions/imgfs"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (imgfs.1), or write it with one page per command into DIR.
+    #[command(
+        after_help = "Examples:\n  imgfs manual | man -l -\n  imgfs manual --dir /usr/local/share/man/man1"
+    )]
+    Manual {
+        /// Write imgfs.1 and imgfs-COMMAND.1 into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -54,6 +100,8 @@ pub fn main() -> i32 {
         Command::Mount(args) => mount::run(args),
         Command::Umount { mnt } => umount::run(&mnt),
         Command::Info { json, root, image } => info::run(&image, root.as_deref(), json),
+        Command::Completions { shell } => docs::completions(shell),
+        Command::Manual { dir } => docs::manual(dir.as_deref()),
     };
     match result {
         Ok(()) => 0,

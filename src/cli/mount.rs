@@ -44,6 +44,15 @@ pub struct MountArgs {
     /// ones mount(8) passes (rw, nodev, nosuid, noatime, nofail, ...).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
+    /// What mount(8) passes to a mount helper (`-t fuse.imgfs -n -s -v`): nothing to do here.
+    #[arg(short = 't', hide = true)]
+    _type: Option<String>,
+    #[arg(short = 'n', hide = true)]
+    _no_mtab: bool,
+    #[arg(short = 's', hide = true)]
+    _sloppy: bool,
+    #[arg(short = 'v', hide = true)]
+    _verbose: bool,
     /// The directory holding the images.
     src: PathBuf,
     /// The (empty) directory to mount on.
