@@ -25,6 +25,7 @@
 //! other failures are logged once per file version and retried when the file changes.
 
 mod open;
+pub mod overlay;
 mod record;
 mod roles;
 mod served;
@@ -114,6 +115,8 @@ struct State {
     roles: Roles,
     /// The open instances, one per file.
     live: HashMap<FileId, Arc<Served>>,
+    /// In overlay mode, the raw files' instances: overlay views over the originals in `live`.
+    overlays: HashMap<FileId, Arc<Served>>,
     next_version: u64,
 }
 
@@ -137,6 +140,8 @@ pub struct Catalog {
     root: PathBuf,
     opener: Box<dyn Opener>,
     read_only: bool,
+    /// Where changes go instead of into the originals (`--overlay DIR`), if anywhere.
+    overlay_dir: Option<PathBuf>,
     state: Mutex<State>,
     /// Serialises the opening and closing of instances (file I/O), never held by lookups.
     opening: Mutex<()>,
@@ -179,6 +184,7 @@ impl Catalog {
             root,
             opener,
             read_only,
+            overlay_dir: None,
             state: Mutex::new(State::default()),
             opening: Mutex::new(()),
         })
@@ -186,6 +192,32 @@ impl Catalog {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Serves every image through an overlay in `dir` (see `overlay`): originals are never
+    /// written. `dir` must lie outside the source tree, and the catalog must not be read-only.
+    pub fn with_overlays(mut self, dir: &Path) -> Result<Self> {
+        if self.read_only {
+            return Err(Error::out_of_range(
+                "overlays and read-only serving contradict each other",
+            ));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", e).with_path(dir))?;
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| Error::io("resolve", e).with_path(dir))?;
+        if dir.starts_with(&self.root) {
+            return Err(Error::out_of_range(format!(
+                "the overlay directory {} lies inside the source tree",
+                dir.display()
+            )));
+        }
+        self.overlay_dir = Some(dir);
+        Ok(self)
+    }
+
+    pub fn overlay_dir(&self) -> Option<&Path> {
+        self.overlay_dir.as_deref()
     }
 
     pub fn is_read_only(&self) -> bool {
@@ -437,6 +469,14 @@ impl Catalog {
                     "the name is too long to add {RAW_SUFFIX} to it (at most {} bytes)",
                     NAME_MAX - RAW_SUFFIX.len()
                 )));
+            } else if let Some(why) = {
+                let format = match &outcome {
+                    Outcome::Image(summary) => summary.format.name(),
+                    _ => "",
+                };
+                self.overlay_refusal(&rel.join(name), &path, format)
+            } {
+                outcome = Outcome::Refused(Error::corrupt(why));
             } else {
                 match self.opener.held_for_writing(&path) {
                     Ok(false) => {}

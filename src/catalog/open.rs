@@ -51,9 +51,21 @@ impl Catalog {
     pub fn attributes(&self, image: &ImageFile) -> ImageAttrs {
         let (live, backing) = {
             let state = self.state();
-            let live = state.live.get(&image.id).cloned();
+            let view = state.overlays.get(&image.id);
+            let live = view.or_else(|| state.live.get(&image.id)).cloned();
             (live, state.roles.image_above(image.id).is_some())
         };
+        if self.overlay_dir.is_some() {
+            // Everything is written into overlays: the original's role and state do not matter.
+            let (size, allocated) = live.map_or((image.summary.size, image.allocated()), |s| {
+                (s.size(), s.allocated_bytes())
+            });
+            return ImageAttrs {
+                size,
+                allocated,
+                writable: !image.has_ended(),
+            };
+        }
         let (size, allocated) = match &live {
             Some(served) => {
                 let allocated = served.allocated_bytes();
@@ -84,6 +96,9 @@ impl Catalog {
     pub fn open(&self, image: &Arc<ImageFile>, write: bool) -> Result<ImageHandle> {
         if !self.is_current(image) {
             return Err(stale(image));
+        }
+        if self.overlay_dir.is_some() {
+            return self.open_overlaid(image, write);
         }
         if write {
             if let Some(reason) = &image.summary.inherent_read_only {
@@ -222,7 +237,13 @@ impl Catalog {
 
     /// Every open instance (for writing them all back).
     pub fn live_instances(&self) -> Vec<Arc<Served>> {
-        self.state().live.values().cloned().collect()
+        let state = self.state();
+        state
+            .overlays
+            .values()
+            .chain(state.live.values())
+            .cloned()
+            .collect()
     }
 
     /// Closes the instances nobody has used for `idle_for` (written back first); returns how
@@ -236,18 +257,22 @@ impl Catalog {
     fn close_unused(&self, idle_for: Duration) -> usize {
         let mut closed = 0;
         loop {
-            let candidates: Vec<Arc<Served>> = self
-                .state()
-                .live
-                .values()
-                .filter(|s| s.is_unused() && s.idle_for() >= idle_for)
-                .cloned()
-                .collect();
+            let candidates: Vec<(bool, Arc<Served>)> = {
+                let state = self.state();
+                // Overlay views first: each holds its original open.
+                let views = state.overlays.values().map(|s| (true, s));
+                let plain = state.live.values().map(|s| (false, s));
+                views
+                    .chain(plain)
+                    .filter(|(_, s)| s.is_unused() && s.idle_for() >= idle_for)
+                    .map(|(view, s)| (view, Arc::clone(s)))
+                    .collect()
+            };
             if candidates.is_empty() {
                 return closed;
             }
             let mut progress = false;
-            for served in candidates {
+            for (view, served) in candidates {
                 if served.is_dirty() {
                     if let Err(e) = served.flush() {
                         // Kept open, so what it holds is written back on a later try.
@@ -256,12 +281,16 @@ impl Catalog {
                     }
                 }
                 let mut state = self.state();
-                let still_ours = state
-                    .live
+                let map = if view {
+                    &mut state.overlays
+                } else {
+                    &mut state.live
+                };
+                let still_ours = map
                     .get(&served.id())
                     .is_some_and(|s| Arc::ptr_eq(s, &served));
                 if still_ours && served.is_unused() {
-                    state.live.remove(&served.id());
+                    map.remove(&served.id());
                     closed += 1;
                     progress = true;
                 }
@@ -275,7 +304,7 @@ impl Catalog {
 
     /// Opens the instance of the image at `path`; when descriptors run out, closes the idle
     /// instances and tries once more. The caller holds the opening lock.
-    fn open_instance(
+    pub(super) fn open_instance(
         &self,
         path: &Path,
         format: Format,

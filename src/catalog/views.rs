@@ -80,6 +80,21 @@ impl Catalog {
     /// The partition table of `image`'s disk, read again if this process wrote to the image
     /// since it was last read.
     pub fn partitions(&self, image: &ImageFile) -> Option<Arc<PartitionTable>> {
+        if let Some(dir) = &self.overlay_dir {
+            // Written into its overlay, not the file: read through the overlay view each time.
+            let (overlay, _) = super::overlay::overlay_paths(dir, &image.rel);
+            let view = self.state().overlays.get(&image.id).cloned();
+            if view.is_some() || overlay.exists() {
+                let disk = match view {
+                    Some(view) => view,
+                    None => Arc::clone(self.open_overlaid_for_reading(image)?.served()),
+                };
+                return crate::views::read_table(disk.as_ref())
+                    .ok()
+                    .flatten()
+                    .map(Arc::new);
+            }
+        }
         let writes = own_writes(image.id).started;
         let (read_at, known) = image.partitions();
         if read_at == writes {

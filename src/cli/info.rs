@@ -9,7 +9,12 @@ use crate::format::{self, OpenOptions};
 use crate::image::ImageInfo;
 use crate::views::{PartitionTable, TableKind};
 
-pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
+pub fn run(
+    path: &Path,
+    root: Option<&Path>,
+    overlay: Option<&Path>,
+    json: bool,
+) -> Result<(), String> {
     // Backing files must lie in `root`: by default next to the image or below, never above.
     let root = match (root, path.parent()) {
         (Some(root), _) => root,
@@ -26,6 +31,10 @@ pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
     let mut info = image.info();
     // `info` opens read-only by design: only the image's own reasons are worth showing.
     info.read_only_reason = format::inherent_read_only_reason(info.read_only_reason);
+    if let Some(dir) = overlay {
+        info.details
+            .push(("overlay", overlay_state(dir, root, path)));
+    }
     let disk_size = std::fs::metadata(path)
         .map(|m| m.blocks() * 512)
         .unwrap_or(0);
@@ -43,6 +52,28 @@ pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
         print!("{}", to_text(&name, disk_size, &info, table.as_ref()));
     }
     Ok(())
+}
+
+/// What the overlay directory `dir` keeps for the image at `path` (below `root`).
+fn overlay_state(dir: &Path, root: &Path, path: &Path) -> String {
+    let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let image = canonical(path);
+    let rel = image
+        .strip_prefix(canonical(root))
+        .unwrap_or(&image)
+        .to_path_buf();
+    let (overlay, _) = crate::catalog::overlay::overlay_paths(dir, &rel);
+    if !overlay.exists() {
+        return "none (no changes)".into();
+    }
+    match crate::catalog::overlay::changed_ranges(&overlay) {
+        Ok(changed) => format!(
+            "{}, {} bytes changed",
+            overlay.display(),
+            changed.iter().map(|e| e.len).sum::<u64>()
+        ),
+        Err(e) => format!("{}: {e}", overlay.display()),
+    }
 }
 
 fn human(bytes: u64) -> String {

@@ -8,6 +8,7 @@ mod info;
 mod mount;
 mod notify;
 mod options;
+mod overlay;
 mod umount;
 
 use std::io::Write;
@@ -70,9 +71,16 @@ enum Command {
         /// The directory tree backing files must lie in (default: the image's directory).
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
+        /// Also show the changes kept for the image in this overlay directory (the image's
+        /// path below it is taken relative to --root).
+        #[arg(long, value_name = "DIR")]
+        overlay: Option<PathBuf>,
         /// The image file.
         image: PathBuf,
     },
+    /// Inspect, drop or commit the changes kept by `imgfs mount --overlay DIR`.
+    #[command(subcommand)]
+    Overlay(overlay::OverlayCommand),
     /// Print a shell completion script.
     #[command(
         after_help = "Example:\n  imgfs completions bash > /usr/share/bash-completion/completions/imgfs"
@@ -99,7 +107,13 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Mount(args) => mount::run(args),
         Command::Umount { mnt } => umount::run(&mnt),
-        Command::Info { json, root, image } => info::run(&image, root.as_deref(), json),
+        Command::Info {
+            json,
+            root,
+            overlay,
+            image,
+        } => info::run(&image, root.as_deref(), overlay.as_deref(), json),
+        Command::Overlay(command) => overlay::run(command),
         Command::Completions { shell } => docs::completions(shell),
         Command::Manual { dir } => docs::manual(dir.as_deref()),
     };

@@ -39,6 +39,10 @@ pub struct MountArgs {
     /// /tmp/imgfs-UID.log].
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// Never write an original: write the changes into qcow2 overlays in DIR instead
+    /// (DIR/<path of the image>.qcow2, backed by the original; see `imgfs overlay`).
+    #[arg(long, value_name = "DIR")]
+    overlay: Option<PathBuf>,
     /// Mount options, comma-separated, as in fstab: ro, allow_other, threads=N, log_file=F,
     /// uid=N, gid=N, umask=OCTAL (owner and mode bits the raw files show), and the standard
     /// ones mount(8) passes (rw, nodev, nosuid, noatime, nofail, ...).
@@ -105,6 +109,12 @@ fn with_options(mut args: MountArgs) -> Result<(MountArgs, Ownership), String> {
     args.allow_other |= options.allow_other;
     args.threads = options.threads.unwrap_or(args.threads);
     args.log_file = options.log_file.or(args.log_file);
+    args.overlay = options.overlay.or(args.overlay);
+    if args.overlay.is_some() && args.read_only {
+        return Err(
+            "--overlay and --read-only contradict each other: overlays take the writes".into(),
+        );
+    }
     let ownership = Ownership {
         uid: options.uid,
         gid: options.gid,
@@ -164,7 +174,14 @@ fn serve(
         Ok(limit) => log::debug!("descriptor limit {limit}"),
         Err(e) => log::warn!("cannot raise the descriptor limit: {e}"),
     }
-    let catalog = match Catalog::new(src, Box::new(FormatOpener), args.read_only) {
+    let catalog =
+        Catalog::new(src, Box::new(FormatOpener), args.read_only).and_then(|c| {
+            match &args.overlay {
+                Some(dir) => c.with_overlays(dir),
+                None => Ok(c),
+            }
+        });
+    let catalog = match catalog {
         Ok(catalog) => catalog,
         Err(e) => return fail(pipe, e.to_string()),
     };

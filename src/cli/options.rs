@@ -11,6 +11,7 @@ pub struct MountOptions {
     pub allow_other: bool,
     pub threads: Option<u16>,
     pub log_file: Option<PathBuf>,
+    pub overlay: Option<PathBuf>,
     /// Owner, group and umask shown for the raw files and directories (the image files'
     /// own by default).
     pub uid: Option<u32>,
@@ -72,6 +73,7 @@ pub fn parse(lists: &[String]) -> Result<MountOptions, String> {
                 out.threads = Some(n);
             }
             ("log_file", Some(v)) if !v.is_empty() => out.log_file = Some(PathBuf::from(v)),
+            ("overlay", Some(v)) if !v.is_empty() => out.overlay = Some(PathBuf::from(v)),
             ("uid", Some(v)) => out.uid = Some(number(key, v)?),
             ("gid", Some(v)) => out.gid = Some(number(key, v)?),
             ("umask", Some(v)) => {
@@ -84,7 +86,9 @@ pub fn parse(lists: &[String]) -> Result<MountOptions, String> {
             (k, None) if ACCEPTED.contains(&k) => {}
             // systemd's and mount(8)'s own (x-systemd.automount, comment=...).
             (k, _) if k.starts_with("x-") || k == "comment" => {}
-            (k, Some(_)) if ["threads", "log_file", "uid", "gid", "umask"].contains(&k) => {
+            (k, Some(_))
+                if ["threads", "log_file", "overlay", "uid", "gid", "umask"].contains(&k) =>
+            {
                 return Err(format!("mount option {option}: bad value"))
             }
             _ => return Err(format!("unknown mount option {option:?}")),
@@ -96,7 +100,15 @@ pub fn parse(lists: &[String]) -> Result<MountOptions, String> {
 /// Rewrites the command line of `imgfs SRC MNT -o OPTS` (how mount.fuse3 runs a FUSE file
 /// system) into `imgfs mount SRC MNT -o OPTS`.
 pub fn mount_helper_form(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    const COMMANDS: &[&str] = &["mount", "umount", "info", "completions", "manual", "help"];
+    const COMMANDS: &[&str] = &[
+        "mount",
+        "umount",
+        "info",
+        "overlay",
+        "completions",
+        "manual",
+        "help",
+    ];
     let first = args.get(1).and_then(|a| a.to_str());
     let is_command = first.is_some_and(|a| COMMANDS.contains(&a) || a.starts_with('-'));
     if args.len() > 1 && !is_command {

@@ -176,6 +176,45 @@ pub fn open_backing_file(
     open_as(path, format, &options, Some(reason), &below, links).map_err(|e| e.with_path(path))
 }
 
+/// Opens the qcow2 image at `path` for writing over `backing`, an image already open: the
+/// overlays imgfs keeps for originals it must never write. Claimed with QEMU's lock bytes like
+/// any image it writes.
+pub fn open_overlay(path: &Path, backing: Backing) -> Result<Arc<dyn Image>> {
+    let opened = (|| {
+        let file = open_claimed(path, true, false)?;
+        let header = qcow2::Qcow2Header::read(&file)?;
+        if header.data_file().is_some() {
+            return Err(Error::unsupported("an overlay with an external data file"));
+        }
+        let image: Arc<dyn Image> = Arc::new(qcow2::Qcow2Image::open(
+            file,
+            header,
+            None,
+            Some(backing),
+            None,
+        )?);
+        Ok(image)
+    })();
+    opened.map_err(|e| e.with_path(path))
+}
+
+/// Opens the qcow2 image at `path` for inspection without its backing file: what it holds
+/// itself reads as data or zeros, the rest as unallocated.
+pub fn open_alone(path: &Path) -> Result<Arc<dyn Image>> {
+    let opened = (|| {
+        let file = HostFile::open(path, false)?;
+        if probe_file(path)? != Some(Format::Qcow2) {
+            return Err(Error::unsupported("not a qcow2 image"));
+        }
+        let header = qcow2::Qcow2Header::read(&file)?;
+        let reason = Some(INSPECT_REASON.to_string());
+        let image: Arc<dyn Image> =
+            Arc::new(qcow2::Qcow2Image::open(file, header, None, None, reason)?);
+        Ok(image)
+    })();
+    opened.map_err(|e| e.with_path(path))
+}
+
 /// Opens the backing file that the image at `chain.parent_path()` names, if it names one.
 /// `format_name` is its recorded backing format (e.g. the qcow2 extension), if any.
 pub fn open_backing_named(

@@ -56,7 +56,7 @@ fn run_in(variant: &Variant, seed: u64, dir: &TempDir) -> Result<Report, String>
         .collect();
     let mut old = read_through_imgfs(variant, &src, &dir.join("first-mnt"))?;
     if variant.qemu_reads {
-        let theirs = qemu_windows(variant, &src.join(variant.image), dir)?;
+        let theirs = qemu_windows(variant, &src.join(variant.image), variant.format, dir)?;
         if theirs != old {
             return Err("before the round, imgfs and qemu-img read different bytes".into());
         }
@@ -106,8 +106,15 @@ fn run_in(variant: &Variant, seed: u64, dir: &TempDir) -> Result<Report, String>
             }
             _ => (src.join(variant.image), src.join(variant.image)),
         };
+        // In overlay mode the writes are in the overlay, once the first one made it.
+        let overlay = dir.join("changes").join(format!("{}.qcow2", variant.image));
+        let (image, format) = match variant.overlay && overlay.exists() {
+            true => (overlay, "qcow2"),
+            false => (image, variant.format),
+        };
         if variant.qemu_reads {
-            let (theirs, leaked) = qemu_check_and_read(variant, &image, dir).map_err(context)?;
+            let (theirs, leaked) =
+                qemu_check_and_read(variant, &image, format, dir).map_err(context)?;
             leaks += leaked;
             model::check(&variant.windows, &old, &theirs, &slots, &durable)
                 .map_err(|e| context(format!("qemu-img reads: {e}")))?;
@@ -148,7 +155,9 @@ fn write_and_kill(
     kill: Kill,
     rng: &mut Rng,
 ) -> Vec<bool> {
-    let mount = Mount::new(src, mnt, &[]);
+    let args = mount_args(variant, src);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mount = Mount::new(src, mnt, &args);
     let pid = daemon_pid(&mount.mnt);
     let exit = ExitWatch::new(pid);
     let raw = mount.path(&format!("{}.raw", variant.image));
@@ -235,8 +244,21 @@ fn write_slots(
 }
 
 /// The windows of the image as a fresh imgfs mount of `src` reads them.
+/// The options a variant is mounted with: overlays go next to the source tree.
+fn mount_args(variant: &Variant, src: &Path) -> Vec<String> {
+    match variant.overlay {
+        true => vec![
+            "--overlay".into(),
+            src.with_file_name("changes").display().to_string(),
+        ],
+        false => Vec::new(),
+    }
+}
+
 fn read_through_imgfs(variant: &Variant, src: &Path, mnt: &Path) -> Result<WindowBytes, String> {
-    let mount = Mount::new(src, mnt, &[]);
+    let args = mount_args(variant, src);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mount = Mount::new(src, mnt, &args);
     let raw = mount.path(&format!("{}.raw", variant.image));
     let file = std::fs::File::open(&raw).map_err(|e| format!("imgfs: open: {e}"))?;
     let windows = read_windows(&file, variant)?;
@@ -264,6 +286,7 @@ fn read_windows(file: &std::fs::File, variant: &Variant) -> Result<WindowBytes, 
 fn qemu_check_and_read(
     variant: &Variant,
     image: &Path,
+    format: &str,
     dir: &TempDir,
 ) -> Result<(WindowBytes, u64), String> {
     let copy_dir = dir.join("qemu-copy");
@@ -280,19 +303,19 @@ fn qemu_check_and_read(
     let mut leaks = 0;
     if variant.qemu_checks {
         // Only qcow2 and VHDX take repairs; the others are checked as they are.
-        if matches!(variant.format, "qcow2" | "vhdx") {
-            let repair = qemu_check(variant.format, &copy, true);
+        if matches!(format, "qcow2" | "vhdx") {
+            let repair = qemu_check(format, &copy, true);
             leaks = leaked_clusters(&repair.1);
             if !matches!(repair.0, Some(0) | Some(3)) {
                 return Err(format!("qemu-img check -r leaks: {}", repair.1));
             }
         }
-        let check = qemu_check(variant.format, &copy, false);
+        let check = qemu_check(format, &copy, false);
         if check.0 != Some(0) {
             return Err(format!("qemu-img check: {}", check.1));
         }
     }
-    let windows = qemu_windows(variant, &copy, dir)?;
+    let windows = qemu_windows(variant, &copy, format, dir)?;
     std::fs::remove_dir_all(&copy_dir).unwrap();
     Ok((windows, leaks))
 }
@@ -322,10 +345,15 @@ fn leaked_clusters(text: &str) -> u64 {
 }
 
 /// The windows of `image` as `qemu-img convert -O raw` reads them.
-fn qemu_windows(variant: &Variant, image: &Path, dir: &TempDir) -> Result<WindowBytes, String> {
+fn qemu_windows(
+    variant: &Variant,
+    image: &Path,
+    format: &str,
+    dir: &TempDir,
+) -> Result<WindowBytes, String> {
     let out = dir.join("qemu-read.raw");
     let status = Command::new("qemu-img")
-        .args(["convert", "-U", "-f", variant.format, "-O", "raw"])
+        .args(["convert", "-U", "-f", format, "-O", "raw"])
         .arg(image)
         .arg(&out)
         .output()

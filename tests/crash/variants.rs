@@ -32,6 +32,8 @@ pub struct Variant {
     pub untouched: &'static [&'static str],
     /// A copy of the image is renamed over it while it is being written.
     pub replaced: bool,
+    /// Mounted with `--overlay`: the writes go into a qcow2 overlay, the image never changes.
+    pub overlay: bool,
 }
 
 fn whole(size: u64) -> Vec<Window> {
@@ -52,6 +54,7 @@ pub fn all() -> Vec<Variant> {
         make,
         untouched: &[],
         replaced: false,
+        overlay: false,
     };
     vec![
         plain("vdi-1m", "vdi", "disk.vdi", |src| {
@@ -132,6 +135,13 @@ pub fn all() -> Vec<Variant> {
                 create(src, "vmdk", "parent.vmdk", &[]);
                 let backing = ["-b", "parent.vmdk", "-F", "vmdk"];
                 create_empty(src, "vmdk", "child.vmdk", &backing);
+            })
+        },
+        Variant {
+            overlay: true,
+            untouched: &["disk.vmdk"],
+            ..plain("vmdk-overlay", "vmdk", "disk.vmdk", |src| {
+                create(src, "vmdk", "disk.vmdk", &[])
             })
         },
         Variant {

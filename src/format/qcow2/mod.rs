@@ -65,6 +65,7 @@
 
 mod alloc;
 mod cluster;
+pub mod create;
 mod header;
 mod rebuild;
 mod refcount;
