@@ -63,20 +63,7 @@ fn originals(src: &Path) -> Vec<(&'static str, &'static str, bool)> {
         "8M",
         &fill,
     );
-    let child = src.join("child.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M,block_state_zero=off",
-        path_str(&child),
-        "8M",
-    ]);
-    let parent = imgfs::host::HostFile::open(&src.join("parent.vhdx"), false).unwrap();
-    let linkage = imgfs::format::vhdx::data_write_guid_of(&parent).unwrap();
-    imgfs::format::vhdx::make_differencing(&child, "parent.vhdx", linkage).unwrap();
+    vhdx_child(src, "parent.vhdx", "child.vhdx", "8M");
     let split = ["-o", "subformat=twoGbMaxExtentSparse"];
     create_filled(src, "vmdk", "split.vmdk", &split, "8M", &fill);
     create_filled(src, "vmdk", "plain.vmdk", &[], "8M", &fill);

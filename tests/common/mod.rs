@@ -119,6 +119,25 @@ pub fn create_filled(
     qemu_io(format, &path, fills);
 }
 
+/// An empty differencing VHDX `child` in `src` over the VHDX `parent` next to it (qemu-img
+/// cannot create one: imgfs's helper links a dynamic one to the parent).
+pub fn vhdx_child(src: &Path, parent: &str, child: &str, size: &str) {
+    let path = src.join(child);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M,block_state_zero=off",
+        path_str(&path),
+        size,
+    ]);
+    let parent_file = imgfs::host::HostFile::open(&src.join(parent), false).unwrap();
+    let linkage = imgfs::format::vhdx::data_write_guid_of(&parent_file).unwrap();
+    imgfs::format::vhdx::make_differencing(&path, parent, linkage).unwrap();
+}
+
 /// The image's content as qemu-img sees it.
 pub fn qemu_raw(format: &str, image: &Path, dir: &TempDir) -> Vec<u8> {
     let out = dir.join("oracle.raw");

@@ -257,16 +257,7 @@ fn make_vdi_4k(src: &Path) {
 /// make one; imgfs's own helper links it); pre-filled through the parent, like a chain.
 fn make_vhdx_differencing(src: &Path) {
     create(src, "vhdx", "parent.vhdx", &["-o", "block_size=1M"]);
-    let child = src.join("child.vhdx");
-    create_image(
-        &child,
-        "vhdx",
-        &["-o", "block_size=1M,block_state_zero=off"],
-        SIZE,
-    );
-    let parent = imgfs::host::HostFile::open(&src.join("parent.vhdx"), false).unwrap();
-    let linkage = imgfs::format::vhdx::data_write_guid_of(&parent).unwrap();
-    imgfs::format::vhdx::make_differencing(&child, "parent.vhdx", linkage).unwrap();
+    vhdx_child(src, "parent.vhdx", "child.vhdx", &SIZE.to_string());
 }
 
 /// Writes the pattern into `name` through an imgfs mount of `src`.
