@@ -9,25 +9,38 @@ use crate::format::{self, OpenOptions};
 use crate::image::ImageInfo;
 use crate::views::{PartitionTable, TableKind};
 
-pub fn run(
-    path: &Path,
-    root: Option<&Path>,
-    overlay: Option<&Path>,
-    json: bool,
-) -> Result<(), String> {
-    // Backing files must lie in `root`: by default next to the image or below, never above.
-    let root = match (root, path.parent()) {
+/// The tree an image's backing files must lie in: `root`, else the image's own directory
+/// (below it, never above).
+pub(super) fn root_for<'a>(path: &'a Path, root: Option<&'a Path>) -> &'a Path {
+    match (root, path.parent()) {
         (Some(root), _) => root,
         (None, Some(dir)) if !dir.as_os_str().is_empty() => dir,
         (None, _) => Path::new("."),
-    };
+    }
+}
+
+/// Opens the image at `path` (and its chain, inside `root`) for inspection: no locks, no writes.
+pub(super) fn open_for_inspection(
+    path: &Path,
+    root: &Path,
+) -> Result<std::sync::Arc<dyn crate::image::Image>, String> {
     let mut links = PlainLinks::new(root, true).map_err(|e| e.to_string())?;
     let options = OpenOptions {
         read_only: true,
         inspect: true,
         reason: None,
     };
-    let image = format::open(path, &options, &mut links).map_err(|e| e.to_string())?;
+    format::open(path, &options, &mut links).map_err(|e| e.to_string())
+}
+
+pub fn run(
+    path: &Path,
+    root: Option<&Path>,
+    overlay: Option<&Path>,
+    json: bool,
+) -> Result<(), String> {
+    let root = root_for(path, root);
+    let image = open_for_inspection(path, root)?;
     let mut info = image.info();
     // `info` opens read-only by design: only the image's own reasons are worth showing.
     info.read_only_reason = format::inherent_read_only_reason(info.read_only_reason);

@@ -5,6 +5,7 @@
 mod daemon;
 mod docs;
 mod info;
+mod map;
 mod mount;
 mod notify;
 mod options;
@@ -78,6 +79,20 @@ enum Command {
         /// The image file.
         image: PathBuf,
     },
+    /// Show the allocation map of an image and its chain (like `qemu-img map`).
+    #[command(after_help = "Examples:
+  imgfs map ./images/vm/overlay.qcow2
+  imgfs map --json --root ./images ./images/vm/overlay.qcow2")]
+    Map {
+        /// Print JSON, shaped like `qemu-img map --output=json` (without host offsets).
+        #[arg(long)]
+        json: bool,
+        /// The directory tree backing files must lie in (default: the image's directory).
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// The image file.
+        image: PathBuf,
+    },
     /// Inspect, drop or commit the changes kept by `imgfs mount --overlay DIR`.
     #[command(subcommand)]
     Overlay(overlay::OverlayCommand),
@@ -113,6 +128,7 @@ pub fn main() -> i32 {
             overlay,
             image,
         } => info::run(&image, root.as_deref(), overlay.as_deref(), json),
+        Command::Map { json, root, image } => map::run(&image, root.as_deref(), json),
         Command::Overlay(command) => overlay::run(command),
         Command::Completions { shell } => docs::completions(shell),
         Command::Manual { dir } => docs::manual(dir.as_deref()),

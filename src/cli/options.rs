@@ -104,6 +104,7 @@ pub fn mount_helper_form(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsS
         "mount",
         "umount",
         "info",
+        "map",
         "overlay",
         "completions",
         "manual",
