@@ -68,7 +68,9 @@ impl HostFile {
     #[cfg(test)]
     fn before(&self, request: fault::Request<'_>) -> Result<()> {
         match &self.watch {
-            Some(watch) => watch.before(request).map_err(|e| e.with_path(&self.path)),
+            Some(watch) => watch
+                .before(request, &self.file)
+                .map_err(|e| e.with_path(&self.path)),
             None => Ok(()),
         }
     }
