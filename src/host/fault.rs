@@ -18,6 +18,9 @@
 //!     every later write is lost, including the unsynced ones the page cache would have lost.
 //!     The process itself goes on against the page cache, as a real one does until the power
 //!     is really gone, so a test can let its workload finish and then put the disk back.
+//!     `reordered` also loses the writes issued since each file's last sync before the k-th
+//!     write: the page cache writes pages back in any order, and only a sync orders them, so
+//!     a driver that relies on the order of two writes without a sync between them is caught.
 //!
 //! Watches are keyed by path, so files a driver opens by itself (VMDK extents) are covered as
 //! well as the ones a test opens. Every test works in its own temporary directory, so tests
@@ -80,8 +83,12 @@ pub enum Fault {
     /// end of its file.
     NoSpace { nth: usize },
     /// Power is lost after `after_writes` writes: the files as they are when the next write
-    /// comes are kept as the disk.
-    PowerLoss { after_writes: usize },
+    /// comes are kept as the disk; with `reordered`, the files as they were at their last
+    /// sync, with only the last of those writes applied.
+    PowerLoss {
+        after_writes: usize,
+        reordered: bool,
+    },
 }
 
 /// How many operations of each kind the watched files saw since `Watch::arm`.
@@ -144,15 +151,11 @@ impl Recording {
     pub fn after_writes(&self, k: usize) -> Vec<u8> {
         let mut bytes = self.base.clone();
         let writes = self.ops.iter().filter_map(|op| match op {
-            Op::Write { offset, data } => Some((*offset as usize, data)),
+            Op::Write { offset, data } => Some((*offset, data)),
             Op::Sync => None,
         });
         for (offset, data) in writes.take(k) {
-            let end = offset + data.len();
-            if bytes.len() < end {
-                bytes.resize(end, 0);
-            }
-            bytes[offset..end].copy_from_slice(data);
+            apply(&mut bytes, offset, data);
         }
         bytes
     }
@@ -170,6 +173,8 @@ struct State {
     /// Whether the armed fault took effect (failed an operation, or cut the power).
     fired: bool,
     disk: Option<Disk>,
+    /// Each file as of its last sync (for reordered power loss).
+    synced: Vec<Vec<u8>>,
 }
 
 /// The watch on a set of files.
@@ -215,16 +220,17 @@ pub fn watch_files(paths: &[&Path]) -> Arc<Watch> {
     watch
 }
 
-/// The watch on the file at `path`, if a test set one.
-pub(super) fn watch_of(path: &Path) -> Option<Arc<Watch>> {
+/// The watch on the file at `path` and the file's index in it, if a test set one.
+pub(super) fn watch_of(path: &Path) -> Option<(Arc<Watch>, usize)> {
     let all = watches();
     if all.is_empty() {
         return None;
     }
     let path = std::fs::canonicalize(path).ok()?;
-    all.iter()
-        .filter_map(Weak::upgrade)
-        .find(|w| w.paths.contains(&path))
+    all.iter().filter_map(Weak::upgrade).find_map(|w| {
+        let index = w.paths.iter().position(|p| *p == path)?;
+        Some((w, index))
+    })
 }
 
 impl Watch {
@@ -257,6 +263,12 @@ impl Watch {
         state.counts = Counts::default();
         state.fired = false;
         state.disk = None;
+        state.synced = match fault {
+            Some(Fault::PowerLoss {
+                reordered: true, ..
+            }) => self.paths.iter().map(|p| read(p)).collect(),
+            _ => Vec::new(),
+        };
     }
 
     /// The operations counted since `arm`.
@@ -274,9 +286,14 @@ impl Watch {
         self.state().disk.clone()
     }
 
-    /// Called by `HostFile` before each operation on a watched file (`file`); `Ok` lets it
-    /// happen, an error is what the operation fails with instead.
-    pub(super) fn before(&self, request: Request<'_>, file: &std::fs::File) -> Result<()> {
+    /// Called by `HostFile` before each operation on watched file `index` (open as `file`);
+    /// `Ok` lets it happen, an error is what the operation fails with instead.
+    pub(super) fn before(
+        &self,
+        request: Request<'_>,
+        index: usize,
+        file: &std::fs::File,
+    ) -> Result<()> {
         let mut state = self.state();
         if let Some(recording) = state.recording.as_mut() {
             match request {
@@ -309,11 +326,51 @@ impl Watch {
                 let grows = file.metadata().map_or(true, |m| end > m.len());
                 (nth == n || (nth > n && grows)).then_some(libc::ENOSPC)
             }
-            (Some(Fault::PowerLoss { after_writes }), Request::Write { .. })
-                if nth == after_writes =>
-            {
+            (
+                Some(Fault::PowerLoss {
+                    after_writes,
+                    reordered: false,
+                }),
+                Request::Write { .. },
+            ) if nth == after_writes => {
                 state.disk = Some(self.paths.iter().map(|p| (p.clone(), read(p))).collect());
                 state.fired = true;
+                None
+            }
+            (
+                Some(Fault::PowerLoss {
+                    after_writes,
+                    reordered: true,
+                }),
+                Request::Write { offset, data },
+            ) if nth + 1 == after_writes => {
+                let mut disk: Disk = self
+                    .paths
+                    .iter()
+                    .cloned()
+                    .zip(state.synced.clone())
+                    .collect();
+                if let Some((_, bytes)) = disk.get_mut(index) {
+                    apply(bytes, offset, data);
+                }
+                state.disk = Some(disk);
+                state.fired = true;
+                None
+            }
+            (
+                Some(Fault::PowerLoss {
+                    reordered: true, ..
+                }),
+                Request::Sync,
+            ) if state.disk.is_none() => {
+                // What the file holds now is durable once this sync returns (a failed sync
+                // is not injected here).
+                if let Some(path) = self.paths.get(index) {
+                    let bytes = read(path);
+                    if let Some(synced) = state.synced.get_mut(index) {
+                        *synced = bytes;
+                    }
+                }
                 None
             }
             _ => None,
@@ -335,6 +392,16 @@ impl Watch {
 
 fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).expect("read a watched file")
+}
+
+/// Writes `data` at `offset` into `bytes`, growing them where it ends past them.
+fn apply(bytes: &mut Vec<u8>, offset: u64, data: &[u8]) {
+    let offset = offset as usize;
+    let end = offset + data.len();
+    if bytes.len() < end {
+        bytes.resize(end, 0);
+    }
+    bytes[offset..end].copy_from_slice(data);
 }
 
 #[cfg(test)]
@@ -461,7 +528,10 @@ mod tests {
     fn power_loss_keeps_the_files_as_the_first_writes_left_them() {
         let dir = crate::testutil::TempDir::new();
         let (watch, a, b) = two_files(&dir);
-        watch.arm(Some(Fault::PowerLoss { after_writes: 2 }));
+        watch.arm(Some(Fault::PowerLoss {
+            after_writes: 2,
+            reordered: false,
+        }));
         a.write_all_at(b"1", 0).unwrap();
         b.write_all_at(b"2", 0).unwrap();
         a.sync_data().unwrap();
@@ -477,5 +547,26 @@ mod tests {
         let mut buf = [0u8; 2];
         a.read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(&buf, b"13");
+    }
+
+    #[test]
+    fn reordered_power_loss_keeps_the_last_synced_state_and_the_last_write_only() {
+        let dir = crate::testutil::TempDir::new();
+        let (watch, a, b) = two_files(&dir);
+        watch.arm(Some(Fault::PowerLoss {
+            after_writes: 4,
+            reordered: true,
+        }));
+        a.write_all_at(b"1", 0).unwrap();
+        a.sync_data().unwrap();
+        a.write_all_at(b"2", 1).unwrap();
+        b.write_all_at(b"3", 0).unwrap();
+        assert!(watch.disk().is_none());
+        a.write_all_at(b"4", 2).unwrap();
+        assert!(watch.fired());
+        b.write_all_at(b"5", 1).unwrap();
+        let disk = watch.disk().unwrap();
+        let contents: Vec<&[u8]> = disk.iter().map(|(_, bytes)| &bytes[..]).collect();
+        assert_eq!(contents, [&b"1a4a"[..], &b"bbbb"[..]]);
     }
 }

@@ -32,9 +32,10 @@ pub struct HostFile {
     activity: Option<std::sync::Arc<WriteActivity>>,
     /// Device and inode.
     key: activity::FileKey,
-    /// The test's watch on this file, if it set one before the file was opened.
+    /// The test's watch on this file and the file's index in it, if the test set one before
+    /// the file was opened.
     #[cfg(test)]
-    watch: Option<std::sync::Arc<fault::Watch>>,
+    watch: Option<(std::sync::Arc<fault::Watch>, usize)>,
 }
 
 impl HostFile {
@@ -68,8 +69,8 @@ impl HostFile {
     #[cfg(test)]
     fn before(&self, request: fault::Request<'_>) -> Result<()> {
         match &self.watch {
-            Some(watch) => watch
-                .before(request, &self.file)
+            Some((watch, index)) => watch
+                .before(request, *index, &self.file)
                 .map_err(|e| e.with_path(&self.path)),
             None => Ok(()),
         }
