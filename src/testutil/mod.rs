@@ -1,9 +1,11 @@
 //! Test helpers: a temporary directory removed on drop (std has none, and one small type does
 //! not justify a crate), fake images and openers for the layers above the drivers, the qemu
 //! runners and assertions every format's tests share, pause points (`pause`) that replay a
-//! race in one chosen interleaving, and the crash-consistency checks of a flush (`crash`).
+//! race in one chosen interleaving, the crash-consistency checks of a flush (`crash`), and
+//! the fault walks that fail or cut every host operation of a workload (`faults`).
 
 pub mod crash;
+pub mod faults;
 pub mod pause;
 
 use std::path::{Path, PathBuf};
