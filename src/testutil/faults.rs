@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
-use super::crash::first_difference;
+use super::crash::{assert_qemu_allocates_elsewhere, first_difference};
 use super::{assert_qemu_check_no_errors, qemu_raw_of};
 use crate::error::{ErrorKind, Result};
 use crate::host::fault::{self, Counts, Fault, OpKind, Watch};
@@ -52,6 +52,9 @@ pub enum Step {
 pub enum Oracle {
     /// `qemu-img check` (leaks allowed), then `qemu-img convert`.
     Check,
+    /// No `qemu-img check` (qcow v1 has none): `qemu-img convert`, then QEMU writes 4 KiB at
+    /// `fresh` (unallocated in every state), which must change nothing else.
+    ReadAndWrite { fresh: u64 },
 }
 
 /// A fault walk over one image.
@@ -233,11 +236,15 @@ impl Walk<'_> {
                 assert_qemu_check_no_errors(self.format, path);
                 self.read_theirs(path)
             }
+            Oracle::ReadAndWrite { .. } => self.read_theirs(path),
         };
         model.check_disk(&theirs, what);
         let ours = read_image((self.open)(path).as_ref());
         if let Some(at) = first_difference(&ours, &theirs) {
             panic!("{what}: imgfs and QEMU read the disk differently at {at:#x}");
+        }
+        if let Oracle::ReadAndWrite { fresh } = self.oracle {
+            assert_qemu_allocates_elsewhere(self.format, path, fresh, &theirs, what);
         }
     }
 
