@@ -29,6 +29,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::crash::{assert_qemu_allocates_elsewhere, first_difference};
 use super::{assert_qemu_check_no_errors, qemu_raw_of};
@@ -65,7 +66,7 @@ pub struct Walk<'a> {
     /// now before every run.
     pub files: Vec<PathBuf>,
     /// Opens the image at a path with imgfs, for writing.
-    pub open: &'a dyn Fn(&Path) -> Box<dyn Image>,
+    pub open: &'a dyn Fn(&Path) -> Arc<dyn Image>,
     pub steps: &'a [Step],
     pub oracle: Oracle,
 }

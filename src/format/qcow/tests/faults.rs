@@ -41,7 +41,7 @@ fn every_host_fault_leaves_an_image_qemu_reads_with_what_was_flushed() {
     let Some(path) = image(&dir) else {
         return;
     };
-    let open = |p: &Path| -> Box<dyn Image> { Box::new(open_rw(p, None)) };
+    let open = |p: &Path| -> Arc<dyn Image> { Arc::new(open_rw(p, None)) };
     Walk {
         format: "qcow",
         files: vec![path],

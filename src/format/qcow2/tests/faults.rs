@@ -42,10 +42,10 @@ const STEPS: &[Step] = &[
     Step::Read(3 * MIB + 512 * KIB - 512, 5000),
 ];
 
-fn open_rw(path: &Path) -> Box<dyn Image> {
+fn open_rw(path: &Path) -> Arc<dyn Image> {
     let file = HostFile::open(path, true).unwrap();
     let header = Qcow2Header::read(&file).unwrap();
-    Box::new(Qcow2Image::open(file, header, None, None, None).unwrap())
+    Arc::new(Qcow2Image::open(file, header, None, None, None).unwrap())
 }
 
 #[test]

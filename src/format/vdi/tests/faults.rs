@@ -39,7 +39,7 @@ fn every_host_fault_leaves_a_valid_image_with_what_was_flushed() {
     let Some(path) = image(&dir) else {
         return;
     };
-    let open = |p: &Path| -> Box<dyn Image> { Box::new(open_rw(p)) };
+    let open = |p: &Path| -> Arc<dyn Image> { Arc::new(open_rw(p)) };
     Walk {
         format: "vdi",
         files: vec![path],
