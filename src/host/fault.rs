@@ -165,7 +165,8 @@ impl Recording {
     }
 }
 
-/// The watched files as power loss left them: (canonical path, bytes) for each.
+/// The watched files as power loss left them: (canonical path, bytes) for each file written
+/// since the watch was armed (the others are as they were).
 pub type Disk = Vec<(PathBuf, Vec<u8>)>;
 
 /// What a watch does now, behind its mutex.
@@ -179,9 +180,11 @@ struct State {
     /// Whether the armed fault took effect (failed an operation, or cut the power).
     fired: bool,
     disk: Option<Disk>,
-    /// For reordered power loss: each file as of its last sync, and the writes (file index,
-    /// offset, data) issued since.
-    synced: Vec<Vec<u8>>,
+    /// Which files were written since arming.
+    written: Vec<bool>,
+    /// For reordered power loss: each written file as of its last sync, and the writes (file
+    /// index, offset, data) issued since.
+    synced: Vec<Option<Vec<u8>>>,
     unsynced: Vec<(usize, u64, Vec<u8>)>,
 }
 
@@ -272,12 +275,8 @@ impl Watch {
         state.counts = Counts::default();
         state.fired = false;
         state.disk = None;
-        state.synced = match fault {
-            Some(Fault::PowerLoss {
-                reordered: true, ..
-            }) => self.paths.iter().map(|p| read(p)).collect(),
-            _ => Vec::new(),
-        };
+        state.written = vec![false; self.paths.len()];
+        state.synced = vec![None; self.paths.len()];
         state.unsynced.clear();
     }
 
@@ -317,6 +316,16 @@ impl Watch {
             }
         }
         let kind = request.kind();
+        if kind == OpKind::Write && state.written.get(index) == Some(&false) {
+            // First written now: as it is, it is what it was when armed.
+            state.written[index] = true;
+            if let Some(Fault::PowerLoss {
+                reordered: true, ..
+            }) = state.fault
+            {
+                state.synced[index] = self.paths.get(index).map(|p| read(p));
+            }
+        }
         let nth = state.counts.of(kind);
         match kind {
             OpKind::Read => state.counts.reads += 1,
@@ -344,7 +353,8 @@ impl Watch {
                 }),
                 Request::Write { .. },
             ) if nth == after_writes => {
-                state.disk = Some(self.paths.iter().map(|p| (p.clone(), read(p))).collect());
+                let written = self.paths.iter().zip(&state.written).filter(|(_, &w)| w);
+                state.disk = Some(written.map(|(p, _)| (p.clone(), read(p))).collect());
                 state.fired = true;
                 None
             }
@@ -356,14 +366,15 @@ impl Watch {
                 Request::Write { offset, data },
             ) if state.disk.is_none() => {
                 if nth + 1 == after_writes {
-                    let mut disk: Disk = self
-                        .paths
-                        .iter()
-                        .cloned()
-                        .zip(state.synced.clone())
-                        .collect();
-                    if let Some((_, bytes)) = disk.get_mut(index) {
-                        apply(bytes, offset, data);
+                    let mut disk: Disk = Vec::new();
+                    for (i, (path, synced)) in self.paths.iter().zip(&state.synced).enumerate() {
+                        if let Some(bytes) = synced {
+                            let mut bytes = bytes.clone();
+                            if i == index {
+                                apply(&mut bytes, offset, data);
+                            }
+                            disk.push((path.clone(), bytes));
+                        }
                     }
                     state.disk = Some(disk);
                     state.fired = true;
@@ -383,7 +394,7 @@ impl Watch {
                     .into_iter()
                     .partition(|(i, _, _)| *i == index);
                 state.unsynced = later;
-                if let Some(synced) = state.synced.get_mut(index) {
+                if let Some(Some(synced)) = state.synced.get_mut(index) {
                     for (_, offset, data) in now {
                         apply(synced, offset, &data);
                     }

@@ -25,9 +25,7 @@
 //! exactly what that flush acknowledged where nothing was written after it), and a fresh imgfs
 //! open reads the same bytes as QEMU.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -65,6 +63,9 @@ pub struct Walk<'a> {
     /// The files of the image, the one QEMU and imgfs open first; each is put back as it is
     /// now before every run.
     pub files: Vec<PathBuf>,
+    /// Files the image reads but never writes (a parent): watched for failing reads, never
+    /// put back, and required unchanged at the end.
+    pub parents: Vec<PathBuf>,
     /// Opens the image at a path with imgfs, for writing.
     pub open: &'a dyn Fn(&Path) -> Arc<dyn Image>,
     pub steps: &'a [Step],
@@ -75,10 +76,11 @@ pub struct Walk<'a> {
 /// the outcomes checked so far.
 struct Base {
     files: Vec<(PathBuf, Vec<u8>)>,
+    parents: Vec<(PathBuf, Vec<u8>)>,
     disk: Vec<u8>,
-    /// Hashes of (files, model) already checked: many faults (a read failing anywhere in the
-    /// same lookup, say) leave the same files expected to hold the same thing.
-    checked: std::cell::RefCell<HashSet<u64>>,
+    /// Fingerprints of (files, model) already checked: many faults (a read failing anywhere
+    /// in the same lookup, say) leave the same files expected to hold the same thing.
+    checked: std::cell::RefCell<HashSet<Vec<u32>>>,
 }
 
 impl Walk<'_> {
@@ -111,7 +113,7 @@ impl Walk<'_> {
             };
             self.run(&base, &watch, fault, true);
         }
-        base.restore();
+        base.finish();
     }
 
     /// The k-th operation of `kind` failing with `errno`, for every k.
@@ -120,7 +122,7 @@ impl Walk<'_> {
         for nth in 0..counts.of(kind) {
             self.run(&base, &watch, Fault::Fail { kind, nth, errno }, true);
         }
-        base.restore();
+        base.finish();
     }
 
     /// The disk full from the k-th write on, for every k.
@@ -129,25 +131,33 @@ impl Walk<'_> {
         for nth in 0..counts.writes {
             self.run(&base, &watch, Fault::NoSpace { nth }, true);
         }
-        base.restore();
+        base.finish();
     }
 
     /// Takes the base, watches the files, and counts the operations of a run without faults
     /// (which must pass the checks too). Each walk puts the base back when it is done.
     fn prepare(&self) -> (Base, std::sync::Arc<Watch>, Counts) {
-        let files: Vec<(PathBuf, Vec<u8>)> = self
-            .files
-            .iter()
-            .map(|p| (p.clone(), std::fs::read(p).unwrap()))
-            .collect();
+        let read = |paths: &[PathBuf]| -> Vec<(PathBuf, Vec<u8>)> {
+            paths
+                .iter()
+                .map(|p| (p.clone(), std::fs::read(p).unwrap()))
+                .collect()
+        };
+        let (files, parents) = (read(&self.files), read(&self.parents));
         let disk = read_image((self.open)(&self.files[0]).as_ref());
         let base = Base {
             files,
+            parents,
             disk,
             checked: Default::default(),
         };
         base.restore();
-        let paths: Vec<&Path> = self.files.iter().map(PathBuf::as_path).collect();
+        let paths: Vec<&Path> = self
+            .files
+            .iter()
+            .chain(&self.parents)
+            .map(PathBuf::as_path)
+            .collect();
         let watch = fault::watch_files(&paths);
         let model = self.workload(&base, &watch, None, "no fault");
         let counts = watch.counts();
@@ -164,16 +174,17 @@ impl Walk<'_> {
         let disk = watch.disk();
         watch.arm(None);
         if let Some(disk) = disk {
+            // The disk lists the files written before the cut; the others are as armed.
+            base.restore();
             for (path, bytes) in disk {
                 std::fs::write(path, bytes).unwrap();
             }
         }
-        let mut hasher = DefaultHasher::new();
-        for path in &self.files {
-            std::fs::read(path).unwrap().hash(&mut hasher);
-        }
-        model.allowed.hash(&mut hasher);
-        if base.checked.borrow_mut().insert(hasher.finish()) {
+        if base
+            .checked
+            .borrow_mut()
+            .insert(fingerprint(&self.files, &model))
+        {
             self.check(&model, &what);
         }
     }
@@ -255,9 +266,38 @@ impl Walk<'_> {
 }
 
 impl Base {
+    /// The end of a walk: the files put back, the parents found untouched.
+    fn finish(&self) {
+        self.restore();
+        for (path, bytes) in &self.parents {
+            assert!(
+                std::fs::read(path).unwrap() == *bytes,
+                "{path:?} was written"
+            );
+        }
+    }
+
+    /// Puts the files back as they were, rewriting only the pieces a run changed (runs
+    /// change little of them, and each rewritten page is a page the host writes back).
     fn restore(&self) {
+        use std::os::unix::fs::FileExt;
+        const PIECE: usize = 64 << 10;
         for (path, bytes) in &self.files {
-            std::fs::write(path, bytes).unwrap();
+            let now = std::fs::read(path).unwrap();
+            if now == *bytes {
+                continue;
+            }
+            let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            for (i, (old, new)) in bytes.chunks(PIECE).zip(now.chunks(PIECE)).enumerate() {
+                if old != new {
+                    file.write_all_at(old, (i * PIECE) as u64).unwrap();
+                }
+            }
+            if now.len() < bytes.len() {
+                file.write_all_at(&bytes[now.len()..], now.len() as u64)
+                    .unwrap();
+            }
+            file.set_len(bytes.len() as u64).unwrap();
         }
     }
 }
@@ -430,6 +470,20 @@ fn add_all(values: &mut Vec<Vec<u8>>, more: &[Vec<u8>]) {
             values.push(value.clone());
         }
     }
+}
+
+/// CRC-32Cs of the files at `paths` and of what `model` allows: which runs end alike. (CRC, as
+/// it runs at memory speed in a test build where a generic hasher does not.)
+fn fingerprint(paths: &[PathBuf], model: &Model) -> Vec<u32> {
+    let mut out: Vec<u32> = paths
+        .iter()
+        .map(|p| crc32c::crc32c(&std::fs::read(p).unwrap()))
+        .collect();
+    for (index, values) in &model.allowed {
+        out.push(*index as u32);
+        out.extend(values.iter().map(|v| crc32c::crc32c(v)));
+    }
+    out
 }
 
 /// Runs `steps` on `img`, each of which must succeed.

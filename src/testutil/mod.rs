@@ -23,6 +23,21 @@ impl TempDir {
         TempDir(path)
     }
 
+    /// A temporary directory in memory (tmpfs) where the machine has one: for tests that
+    /// rewrite their images hundreds of times and never need them on a disk.
+    pub fn in_memory() -> Self {
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            return Self::new();
+        }
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = shm.join(format!("imgfs-test-{}-m{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
     pub fn path(&self) -> &Path {
         &self.0
     }

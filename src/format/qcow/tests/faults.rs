@@ -37,7 +37,7 @@ const STEPS: &[Step] = &[
 
 #[test]
 fn every_host_fault_leaves_an_image_qemu_reads_with_what_was_flushed() {
-    let dir = TempDir::new();
+    let dir = TempDir::in_memory();
     let Some(path) = image(&dir) else {
         return;
     };
@@ -45,6 +45,7 @@ fn every_host_fault_leaves_an_image_qemu_reads_with_what_was_flushed() {
     Walk {
         format: "qcow",
         files: vec![path],
+        parents: Vec::new(),
         open: &open,
         steps: STEPS,
         oracle: Oracle::ReadAndWrite { fresh: 7 * MIB },

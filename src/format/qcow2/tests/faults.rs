@@ -50,7 +50,7 @@ fn open_rw(path: &Path) -> Arc<dyn Image> {
 
 #[test]
 fn every_host_fault_leaves_a_valid_image_with_what_was_flushed() {
-    let dir = TempDir::new();
+    let dir = TempDir::in_memory();
     let Some(path) = image(&dir) else {
         return;
     };
@@ -64,6 +64,7 @@ fn every_host_fault_leaves_a_valid_image_with_what_was_flushed() {
     Walk {
         format: "qcow2",
         files: vec![path],
+        parents: Vec::new(),
         open: &open,
         steps: STEPS,
         oracle: Oracle::Check,
@@ -98,7 +99,7 @@ const SNAPSHOT_STEPS: &[Step] = &[
 
 #[test]
 fn every_host_fault_while_copying_from_a_snapshot_keeps_its_refcounts() {
-    let dir = TempDir::new();
+    let dir = TempDir::in_memory();
     let Some(path) = image_with_snapshot(&dir) else {
         return;
     };
@@ -106,6 +107,7 @@ fn every_host_fault_while_copying_from_a_snapshot_keeps_its_refcounts() {
     Walk {
         format: "qcow2",
         files: vec![path],
+        parents: Vec::new(),
         open: &open,
         steps: SNAPSHOT_STEPS,
         oracle: Oracle::Check,

@@ -35,7 +35,7 @@ const STEPS: &[Step] = &[
 
 #[test]
 fn every_host_fault_leaves_a_valid_image_with_what_was_flushed() {
-    let dir = TempDir::new();
+    let dir = TempDir::in_memory();
     let Some(path) = image(&dir) else {
         return;
     };
@@ -43,6 +43,7 @@ fn every_host_fault_leaves_a_valid_image_with_what_was_flushed() {
     Walk {
         format: "vdi",
         files: vec![path],
+        parents: Vec::new(),
         open: &open,
         steps: STEPS,
         oracle: Oracle::Check,

@@ -18,7 +18,7 @@ fn directory_at(bytes: &[u8], field: usize) -> usize {
 /// An 8 MiB monolithicSparse disk over a parent full of 0x77 (so a grain lost reads as
 /// neither its old nor its new bytes), whose only grain table is not in the directories yet
 /// (as writers other than qemu-img leave them), so the first write allocates it.
-fn monolithic(dir: &TempDir) -> Option<PathBuf> {
+fn monolithic(dir: &TempDir) -> Option<(PathBuf, PathBuf)> {
     let parent = dir.path().join("p.vmdk");
     create(&parent, "subformat=monolithicSparse", "8M")?;
     qemu_io(&parent, &["write -P 0x77 0 8M"])?;
@@ -36,7 +36,7 @@ fn monolithic(dir: &TempDir) -> Option<PathBuf> {
         bytes[at..at + 4].fill(0);
     }
     std::fs::write(&path, &bytes).unwrap();
-    Some(path)
+    Some((path, parent))
 }
 
 /// A 16 MiB disk of two 8 MiB sparse extents (qemu-img's twoGbMaxExtentSparse extents, put
@@ -81,13 +81,14 @@ const MONOLITHIC_STEPS: &[Step] = &[
 
 #[test]
 fn every_host_fault_leaves_a_valid_monolithic_disk_with_what_was_flushed() {
-    let dir = TempDir::new();
-    let Some(path) = monolithic(&dir) else {
+    let dir = TempDir::in_memory();
+    let Some((path, parent)) = monolithic(&dir) else {
         return;
     };
     Walk {
         format: "vmdk",
         files: vec![path],
+        parents: vec![parent],
         open: &open_rw,
         steps: MONOLITHIC_STEPS,
         oracle: Oracle::Check,
@@ -112,13 +113,14 @@ const SPLIT_STEPS: &[Step] = &[
 
 #[test]
 fn every_host_fault_leaves_a_valid_split_disk_with_what_was_flushed() {
-    let dir = TempDir::new();
+    let dir = TempDir::in_memory();
     let Some(files) = split(&dir) else {
         return;
     };
     Walk {
         format: "vmdk",
         files,
+        parents: Vec::new(),
         open: &open_rw,
         steps: SPLIT_STEPS,
         oracle: Oracle::Check,
