@@ -29,8 +29,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::crash::{assert_qemu_allocates_elsewhere, first_difference};
-use super::{assert_qemu_check_no_errors, qemu_raw_of};
+use super::crash::{assert_qemu_allocates_elsewhere, crash_path, first_difference};
+use super::{assert_qemu_check_no_errors, path_str, qemu, qemu_raw_of};
 use crate::error::{ErrorKind, Result};
 use crate::host::fault::{self, Counts, Fault, OpKind, Watch};
 use crate::image::Image;
@@ -48,12 +48,20 @@ pub enum Step {
 }
 
 /// How QEMU reads (and checks) an image after a fault.
-pub enum Oracle {
+pub enum Oracle<'a> {
     /// `qemu-img check` (leaks allowed), then `qemu-img convert`.
     Check,
     /// No `qemu-img check` (qcow v1 has none): `qemu-img convert`, then QEMU writes 4 KiB at
     /// `fresh` (unallocated in every state), which must change nothing else.
     ReadAndWrite { fresh: u64 },
+    /// A log QEMU replays when it opens the image read-write (VHDX): QEMU replays it on a copy
+    /// (`qemu-img check -r leaks`, which must find no errors) and reads that; imgfs replays it
+    /// into the file, after which `qemu-img check` must pass too.
+    Replay,
+    /// A log QEMU replays but an image it then refuses (a differencing VHDX): QEMU replays it
+    /// on a copy, which `replayed` must then find clean and imgfs must read like its own
+    /// replay.
+    ReplayOnly { replayed: &'a dyn Fn(&Path) -> bool },
 }
 
 /// A fault walk over one image.
@@ -69,7 +77,7 @@ pub struct Walk<'a> {
     /// Opens the image at a path with imgfs, for writing.
     pub open: &'a dyn Fn(&Path) -> Arc<dyn Image>,
     pub steps: &'a [Step],
-    pub oracle: Oracle,
+    pub oracle: Oracle<'a>,
 }
 
 /// The walk's image as it was before any run: the files, and the guest disk they hold; and
@@ -249,14 +257,44 @@ impl Walk<'_> {
                 self.read_theirs(path)
             }
             Oracle::ReadAndWrite { .. } => self.read_theirs(path),
+            Oracle::Replay => {
+                let copy = copy_beside(path);
+                let args = ["check", "-r", "leaks", "-f", self.format, path_str(&copy)];
+                let out = qemu("qemu-img", &args).unwrap();
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    out.status.success() && !text.contains("ERROR"),
+                    "{what}: QEMU's replay and check: {text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let theirs = self.read_theirs(&copy);
+                std::fs::remove_file(&copy).unwrap();
+                theirs
+            }
+            Oracle::ReplayOnly { replayed } => {
+                let copy = copy_beside(path);
+                // QEMU replays the log as it opens the image read-write, then refuses it.
+                qemu(
+                    "qemu-io",
+                    &["-f", self.format, "-c", "quit", path_str(&copy)],
+                );
+                assert!(replayed(&copy), "{what}: QEMU left the log dirty");
+                let theirs = read_image((self.open)(&copy).as_ref());
+                std::fs::remove_file(&copy).unwrap();
+                theirs
+            }
         };
         model.check_disk(&theirs, what);
         let ours = read_image((self.open)(path).as_ref());
         if let Some(at) = first_difference(&ours, &theirs) {
             panic!("{what}: imgfs and QEMU read the disk differently at {at:#x}");
         }
-        if let Oracle::ReadAndWrite { fresh } = self.oracle {
-            assert_qemu_allocates_elsewhere(self.format, path, fresh, &theirs, what);
+        match self.oracle {
+            Oracle::ReadAndWrite { fresh } => {
+                assert_qemu_allocates_elsewhere(self.format, path, fresh, &theirs, what)
+            }
+            Oracle::Replay => assert_qemu_check_no_errors(self.format, path),
+            _ => {}
         }
     }
 
@@ -484,6 +522,13 @@ fn fingerprint(paths: &[PathBuf], model: &Model) -> Vec<u32> {
         out.extend(values.iter().map(|v| crc32c::crc32c(v)));
     }
     out
+}
+
+/// A copy of the image file at `path` beside it (so relative names still resolve).
+fn copy_beside(path: &Path) -> PathBuf {
+    let copy = crash_path(path);
+    std::fs::copy(path, &copy).unwrap();
+    copy
 }
 
 /// Runs `steps` on `img`, each of which must succeed.
