@@ -158,6 +158,42 @@ mod tests {
         assert_eq!(wb.reason().unwrap(), reason);
     }
 
+    /// Keeps the log lines that name `MARKED`, from every test thread.
+    struct Capture(std::sync::Mutex<Vec<String>>);
+
+    const MARKED: &str = "write-back-log-test.img";
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            let line = format!("{} {}", record.level(), record.args());
+            if line.contains(MARKED) {
+                self.0.lock().unwrap().push(line);
+            }
+        }
+        fn flush(&self) {}
+    }
+
+    static CAPTURE: Capture = Capture(std::sync::Mutex::new(Vec::new()));
+
+    #[test]
+    fn the_reason_is_logged_once_at_error_level() {
+        // No other test installs a logger; error level keeps the others' lines cheap.
+        log::set_logger(&CAPTURE).expect("the only logger of the test binary");
+        log::set_max_level(log::LevelFilter::Error);
+        let wb = WriteBack::new();
+        let path = Path::new(MARKED);
+        for _ in 0..3 {
+            let eio = std::io::Error::from_raw_os_error(libc::EIO);
+            let _ = wb.run(path, || -> Result<()> { Err(Error::io("fdatasync", eio)) });
+        }
+        let lines = CAPTURE.0.lock().unwrap().clone();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].starts_with("ERROR write-back-log-test.img: a metadata write or sync failed (I/O error: fdatasync: Input/output error"), "{lines:?}");
+    }
+
     #[test]
     fn a_failure_without_a_host_errno_stops_with_eio() {
         let wb = WriteBack::new();
