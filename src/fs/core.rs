@@ -1,7 +1,13 @@
 //! The filesystem's logic without FUSE: inode numbers for the entries of the raw namespace,
 //! open file and directory handles, and each operation (lookup, read, write, lseek, ...) as a
 //! method that returns an errno on failure. Errors from images are logged here, once, with the
-//! path.
+//! path. An I/O error keeps the host's errno, so a full host disk reaches the writer as ENOSPC.
+//!
+//! A failed write-back leaves an image read-only and failing every later flush
+//! (`meta::write_back`). Each handle (an open file description) is told once, as Linux tells
+//! each description of a file once about a writeback error: the next flush or fsync through a
+//! handle that was open for writing then fails with the error, and later ones succeed, since
+//! the image takes no writes any more that a flush could lose.
 //!
 //! An image's inode is bound to one version of its file, so a file replaced under its name gets
 //! a new inode, while descriptors opened on the old one (and `fstat` on them) keep seeing the
@@ -134,6 +140,8 @@ struct Handle {
     file: Option<Arc<ImageFile>>,
     /// Shared so the per-request clone for error messages does not allocate.
     source: Arc<Path>,
+    /// A flush through this handle has reported the image's failed write-back.
+    write_back_reported: std::sync::atomic::AtomicBool,
 }
 
 /// One directory entry as readdir reports it.
@@ -468,6 +476,7 @@ impl FsCore {
                 image,
                 file,
                 source,
+                write_back_reported: Default::default(),
             }),
         );
         Ok(fh)
@@ -508,17 +517,25 @@ impl FsCore {
         u32::try_from(len).map_err(|_| Errno(libc::EINVAL))
     }
 
-    /// Writes back the image's metadata and syncs it (close, fsync).
+    /// Writes back the image's metadata and syncs it (close, fsync). A failed write-back is
+    /// reported once per handle (see the module doc).
     pub fn flush(&self, fh: u64) -> FsResult<()> {
         let handle = self.handle(fh)?;
-        if handle.image.is_writable() {
-            handle
-                .image
-                .image()
-                .flush()
-                .map_err(|e| log_error("flush", &handle.source, e))?;
+        if !handle.image.is_writable() {
+            return Ok(());
         }
-        Ok(())
+        let image = handle.image.image();
+        match image.flush() {
+            Ok(()) => Ok(()),
+            // The image stopped after a failed write-back and fails every flush since.
+            Err(e) if e.kind() == ErrorKind::Io && image.read_only_reason().is_some() => {
+                if handle.write_back_reported.swap(true, Ordering::AcqRel) {
+                    return Ok(());
+                }
+                Err(log_error("flush", &handle.source, e))
+            }
+            Err(e) => Err(log_error("flush", &handle.source, e)),
+        }
     }
 
     pub fn release(&self, fh: u64) -> FsResult<()> {

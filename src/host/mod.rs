@@ -32,9 +32,10 @@ pub struct HostFile {
     activity: Option<std::sync::Arc<WriteActivity>>,
     /// Device and inode.
     key: activity::FileKey,
-    /// The test's watch on this file, if it set one before the file was opened.
+    /// The test's watch on this file and the file's index in it, if the test set one before
+    /// the file was opened.
     #[cfg(test)]
-    watch: Option<std::sync::Arc<fault::Watch>>,
+    watch: Option<(std::sync::Arc<fault::Watch>, usize)>,
 }
 
 impl HostFile {
@@ -64,12 +65,15 @@ impl HostFile {
         })
     }
 
-    /// Hands `request` to the test's watch on this file, which may fail it.
+    /// Hands `request` to the test's watch on this file, which may fail it, or (`false`) let
+    /// it succeed without carrying it out.
     #[cfg(test)]
-    fn before(&self, request: fault::Request<'_>) -> Result<()> {
+    fn before(&self, request: fault::Request<'_>) -> Result<bool> {
         match &self.watch {
-            Some(watch) => watch.before(request).map_err(|e| e.with_path(&self.path)),
-            None => Ok(()),
+            Some((watch, index)) => watch
+                .before(request, *index, &self.file)
+                .map_err(|e| e.with_path(&self.path)),
+            None => Ok(true),
         }
     }
 
@@ -153,7 +157,9 @@ impl HostFile {
 
     pub fn sync_data(&self) -> Result<()> {
         #[cfg(test)]
-        self.before(fault::Request::Sync)?;
+        if !self.before(fault::Request::Sync)? {
+            return Ok(());
+        }
         self.file
             .sync_data()
             .map_err(|e| Error::io("fdatasync", e).with_path(&self.path))

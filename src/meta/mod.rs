@@ -1,8 +1,9 @@
 //! Helpers shared by the format drivers: endian-explicit field access, dirty tracking of
-//! in-memory tables that are written back on flush, the bounded table cache, and the
-//! decompression of compressed clusters.
+//! in-memory tables that are written back on flush, the bounded table cache, the
+//! decompression of compressed clusters, and what a driver does when write-back fails.
 
 pub mod bytes;
 pub mod compress;
 pub mod dirty;
 pub mod table_cache;
+pub mod write_back;

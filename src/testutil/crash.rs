@@ -58,18 +58,30 @@ impl CrashCheck<'_> {
     }
 
     /// QEMU writes 4 KiB at `fresh` into the image at `path`, which reads `before`: that must
-    /// change those bytes and nothing else (a QEMU that trusts stale metadata puts its new
-    /// cluster over existing data).
+    /// change those bytes and nothing else.
     pub fn assert_qemu_allocates_elsewhere(&self, path: &Path, before: &[u8], what: &str) {
-        let command = format!("write -P 0xe7 {} 4k", self.fresh);
-        qemu_io_on(self.format, path, &[&command]).unwrap();
-        let mut expected = before.to_vec();
-        let fresh = self.fresh as usize;
-        expected[fresh..fresh + 4096].fill(0xe7);
-        let after = self.read_theirs(path);
-        if let Some(at) = first_difference(&after, &expected) {
-            panic!("{what}: after QEMU's write at {fresh:#x}, the disk differs at {at:#x}");
-        }
+        assert_qemu_allocates_elsewhere(self.format, path, self.fresh, before, what);
+    }
+}
+
+/// QEMU writes 4 KiB at guest offset `fresh` into the `format` image at `path`, which reads
+/// `before`: that must change those bytes and nothing else (a QEMU that trusts stale metadata
+/// puts its new cluster over existing data).
+pub fn assert_qemu_allocates_elsewhere(
+    format: &str,
+    path: &Path,
+    fresh: u64,
+    before: &[u8],
+    what: &str,
+) {
+    let command = format!("write -P 0xe7 {fresh} 4k");
+    qemu_io_on(format, path, &[&command]).unwrap();
+    let mut expected = before.to_vec();
+    let fresh = fresh as usize;
+    expected[fresh..fresh + 4096].fill(0xe7);
+    let after = qemu_raw_of(path, &format!("-f {format}")).unwrap();
+    if let Some(at) = first_difference(&after, &expected) {
+        panic!("{what}: after QEMU's write at {fresh:#x}, the disk differs at {at:#x}");
     }
 }
 
@@ -104,7 +116,8 @@ pub fn assert_old_or_new(got: &[u8], old: &[u8], new: &[u8], what: &str) {
 
 const CHUNK: usize = 4096;
 
-fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+/// The first offset where `a` and `b` differ (or where the shorter one ends).
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     if a.len() != b.len() {
         return Some(a.len().min(b.len()));
     }

@@ -1,9 +1,11 @@
 //! Test helpers: a temporary directory removed on drop (std has none, and one small type does
 //! not justify a crate), fake images and openers for the layers above the drivers, the qemu
 //! runners and assertions every format's tests share, pause points (`pause`) that replay a
-//! race in one chosen interleaving, and the crash-consistency checks of a flush (`crash`).
+//! race in one chosen interleaving, the crash-consistency checks of a flush (`crash`), and
+//! the fault walks that fail or cut every host operation of a workload (`faults`).
 
 pub mod crash;
+pub mod faults;
 pub mod pause;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +18,21 @@ impl TempDir {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("imgfs-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    /// A temporary directory in memory (tmpfs) where the machine has one: for tests that
+    /// rewrite their images hundreds of times and never need them on a disk.
+    pub fn in_memory() -> Self {
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            return Self::new();
+        }
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = shm.join(format!("imgfs-test-{}-m{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create temp dir");
         TempDir(path)

@@ -39,6 +39,15 @@
 //! leaks appended clusters at worst; no L1 entry ever points at an unwritten L2 table and no L2
 //! entry at unwritten data.
 //!
+//! # Failures
+//!
+//! A failed write of new clusters fails only its request (they are published after it, and
+//! the space is taken again by the next allocation); a table reserved for them is written,
+//! zeroed, by the next flush. Any failure of a flush stops the image (`meta::write_back`): it
+//! is served read-only with the reason in `info`, and every later flush fails, since what
+//! was written since the last successful one may be lost. The file is left as a crash at that
+//! step would leave it.
+//!
 //! # Locks (taken in this order, never the reverse)
 //!
 //! 1. `alloc` (Mutex): serialises allocations and flushes; holds the next free file offset.
@@ -73,6 +82,7 @@ use crate::image::{
     Image, ImageInfo,
 };
 use crate::meta::compress::{inflate, Deflate, LastInflated};
+use crate::meta::write_back::WriteBack;
 
 pub use header::QcowHeader;
 
@@ -112,6 +122,7 @@ pub struct QcowImage {
     /// table read again after it was dropped from memory may point anywhere below it.
     end_of_data: AtomicU64,
     read_only_reason: Option<String>,
+    write_back: WriteBack,
 }
 
 impl QcowImage {
@@ -181,6 +192,7 @@ impl QcowImage {
             data_bytes: AtomicU64::new(data_bytes),
             end_of_data: AtomicU64::new(file_len),
             read_only_reason,
+            write_back: WriteBack::new(),
             header,
             file,
         })
@@ -339,6 +351,7 @@ impl QcowImage {
         if let Some(reason) = &self.read_only_reason {
             return Err(Error::read_only(reason.clone()));
         }
+        self.write_back.refuse_writes()?;
         check_range(self.size, offset, buf.len())?;
         for run in self.lookup(offset, buf.len() as u64)? {
             let part = request_part(buf, offset, run.offset, run.len)?;
@@ -611,12 +624,13 @@ impl Image for QcowImage {
     }
 
     fn flush(&self) -> Result<()> {
-        self.flush_inner()
-            .map_err(|e| e.with_path(self.file.path()))
+        let path = self.file.path();
+        self.write_back
+            .run(path, || self.flush_inner().map_err(|e| e.with_path(path)))
     }
 
     fn is_dirty(&self) -> bool {
-        self.read_tables().is_dirty()
+        !self.write_back.is_stopped() && self.read_tables().is_dirty()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -629,7 +643,7 @@ impl Image for QcowImage {
     }
 
     fn read_only_reason(&self) -> Option<String> {
-        self.read_only_reason.clone()
+        self.write_back.reason_after(&self.read_only_reason)
     }
 
     fn info(&self) -> ImageInfo {
@@ -656,7 +670,7 @@ impl Image for QcowImage {
             virtual_size: self.size,
             cluster_size: Some(self.geometry.cluster_size()),
             allocated_bytes: self.allocated_bytes(),
-            read_only_reason: self.read_only_reason.clone(),
+            read_only_reason: self.read_only_reason(),
             details,
         }
     }

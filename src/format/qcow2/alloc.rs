@@ -171,7 +171,12 @@ impl Qcow2Image {
         let plan = plan_fresh(shape, &has_block, &BTreeSet::from([index]), start)?;
         let old = alloc.refcounts.table_location();
         let counts: BTreeMap<u64, u64> = (start..plan.end).map(|c| (c, 1)).collect();
-        self.apply_plan(alloc, &plan, &counts, table)?;
+        // The new table is in memory before its blocks are written: a failure part way
+        // leaves the plan's clusters uncounted, so nothing may be allocated or flushed after.
+        let write_back = &self.shared.write_back;
+        write_back.run(file.path(), || {
+            self.apply_plan(alloc, &plan, &counts, table)
+        })?;
         if plan.table.is_some() {
             alloc.defer_free(old.0, old.1 << self.cluster_bits());
         }
@@ -266,9 +271,17 @@ impl Qcow2Image {
         Ok(block)
     }
 
-    /// Writes back everything dirty in the order the module doc gives. The caller holds the
-    /// allocation mutex (`alloc`), so nothing is dirtied meanwhile.
+    /// Writes back everything dirty in the order the module doc gives; a failure stops the
+    /// image (`meta::write_back`). The caller holds the allocation mutex (`alloc`), so
+    /// nothing is dirtied meanwhile.
     pub(super) fn flush_locked(&self, alloc: &mut AllocState) -> Result<()> {
+        let shared = &self.shared;
+        shared
+            .write_back
+            .run(shared.file.path(), || self.write_back_locked(alloc))
+    }
+
+    fn write_back_locked(&self, alloc: &mut AllocState) -> Result<()> {
         let file = &self.shared.file;
         if let Some(data) = &self.shared.data_file {
             data.sync_data()?;

@@ -49,6 +49,16 @@
 //! entry pointing at unwritten data or a refcount below the references on disk. Write-back
 //! also runs from the write path when dirty tables keep a cache over its capacity.
 //!
+//! # Failures
+//!
+//! A failed write of a new data cluster or L2 table fails only its request: the entry that
+//! would name it is set only after the write, so the cluster merely leaks (its refcount was
+//! set first). Any failure of a flush, of the first write's header changes, or of laying out
+//! a larger refcount table (whose new location is in memory before its blocks are written)
+//! stops the image (`meta::write_back`): it is served read-only with the reason in `info`,
+//! and every later flush fails, since what was written since the last successful one may be
+//! lost. The file is left as a crash at that step would leave it.
+//!
 //! # Locks (taken in this order, never the reverse)
 //!
 //! 1. `alloc` (Mutex, shared): allocation, refcounts, flush, the first write's preparation.
@@ -85,6 +95,7 @@ use crate::host::HostFile;
 use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
 use crate::meta::compress::{inflate, zstd_frame, Deflate, LastInflated};
 use crate::meta::table_cache::TableCache;
+use crate::meta::write_back::WriteBack;
 
 use alloc::AllocState;
 use cluster::{push_run, Geometry, Mapping, Run, OFFSET_MASK};
@@ -138,6 +149,8 @@ struct Shared {
     /// The most recently decompressed cluster (host offset, bytes): small sequential reads
     /// through a compressed cluster decompress it once.
     last_compressed: LastInflated,
+    /// Stopped by a failed write-back (the active image's writes, flushes and reason).
+    write_back: WriteBack,
 }
 
 /// What `Qcow2Image::open` is given.
@@ -273,6 +286,7 @@ impl Qcow2Image {
             snapshots,
             file_len: AtomicU64::new(file_len),
             last_compressed: LastInflated::default(),
+            write_back: WriteBack::new(),
             file,
             header,
         };
@@ -698,7 +712,7 @@ impl Image for Qcow2Image {
     }
 
     fn is_dirty(&self) -> bool {
-        if self.snapshot.is_some() {
+        if self.snapshot.is_some() || self.shared.write_back.is_stopped() {
             return false;
         }
         let busy = match self.shared.alloc.try_lock() {
@@ -723,7 +737,7 @@ impl Image for Qcow2Image {
     }
 
     fn read_only_reason(&self) -> Option<String> {
-        self.read_only_reason.clone()
+        self.shared.write_back.reason_after(&self.read_only_reason)
     }
 
     /// Snapshots are listed from the active disk only; a snapshot view has none of its own.
@@ -756,7 +770,7 @@ impl Image for Qcow2Image {
             virtual_size: self.size,
             cluster_size: Some(h.cluster_size()),
             allocated_bytes: self.allocated_bytes(),
-            read_only_reason: self.read_only_reason.clone(),
+            read_only_reason: self.read_only_reason(),
             details: self.details(),
         }
     }

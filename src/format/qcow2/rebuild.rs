@@ -32,23 +32,28 @@ impl Qcow2Image {
             return Ok(());
         }
         let file = &self.shared.file;
+        let write_back = &self.shared.write_back;
         if self.shared.header.version >= 3 {
             // The raw data file bit is kept true by writing guest data at guest offsets; every
             // other autoclear bit (persistent bitmaps among them) describes data imgfs does not
             // update, so it must go before the first write, as the spec requires.
             let autoclear = alloc.autoclear & AUTOCLEAR_DATA_FILE_RAW;
             if autoclear != alloc.autoclear {
-                file.write_all_at(&autoclear.to_be_bytes(), OFF_AUTOCLEAR)?;
-                file.sync_data()?;
+                write_back.run(file.path(), || {
+                    file.write_all_at(&autoclear.to_be_bytes(), OFF_AUTOCLEAR)?;
+                    file.sync_data()
+                })?;
                 alloc.autoclear = autoclear;
             }
             if alloc.incompatible & INCOMPAT_DIRTY != 0 {
                 log::info!("{}: rebuilding dirty refcounts", file.path().display());
-                self.rebuild_refcounts(alloc)?;
-                self.flush_locked(alloc)?;
                 let incompatible = alloc.incompatible & !INCOMPAT_DIRTY;
-                file.write_all_at(&incompatible.to_be_bytes(), OFF_INCOMPATIBLE)?;
-                file.sync_data()?;
+                write_back.run(file.path(), || {
+                    self.rebuild_refcounts(alloc)?;
+                    self.flush_locked(alloc)?;
+                    file.write_all_at(&incompatible.to_be_bytes(), OFF_INCOMPATIBLE)?;
+                    file.sync_data()
+                })?;
                 alloc.incompatible = incompatible;
             }
         }

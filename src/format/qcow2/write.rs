@@ -51,6 +51,7 @@ impl Qcow2Image {
         if let Some(reason) = &self.read_only_reason {
             return Err(Error::read_only(reason.clone()));
         }
+        self.shared.write_back.refuse_writes()?;
         check_range(self.size, offset, buf.len())?;
         if buf.is_empty() {
             return Ok(());
@@ -380,12 +381,16 @@ impl Qcow2Image {
                     *first &= 0x7f;
                 }
             }
-            alloc.defer_free(old, cluster_size);
         }
         for key in (new..new + cluster_size).step_by(self.shared.slice_bytes as usize) {
             self.shared.l2_cache.remove(key);
         }
         file.write_all_at(&table, new)?;
+        // Only now does the L1 entry stop using the old table: dropped earlier, a failed
+        // write would leave the entry on it and its reference dropped by the next flush.
+        if let Some(old) = old {
+            alloc.defer_free(old, cluster_size);
+        }
         {
             let mut l1 = self.l1.write().unwrap_or_else(PoisonError::into_inner);
             if let Some(slot) = l1.get_mut(index) {

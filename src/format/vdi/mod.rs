@@ -56,6 +56,15 @@
 //! Either way a crash can leak a written-but-unreferenced block (reused by the next
 //! allocation), but never leaves an entry pointing at unwritten data.
 //!
+//! # Failures
+//!
+//! A failed write of a new block fails only its request: the entry is published after the
+//! write, so nothing refers to the block (reused by the next allocation). Any failure of a
+//! flush (a sync, the header or bmap write) stops the image (`meta::write_back`): it is
+//! served read-only with the reason in `info`, and every later flush fails, since what was
+//! written since the last successful one may be lost. The file is left as a crash at that
+//! step would leave it.
+//!
 //! # Locks (taken in this order, never the reverse)
 //!
 //! 1. `alloc` (Mutex): serialises allocations and flushes; holds the next free physical block.
@@ -83,6 +92,7 @@ use crate::image::{
     check_range, push_extent, request_part, request_part_mut, split_request, Extent, ExtentState,
     Image, ImageInfo,
 };
+use crate::meta::write_back::WriteBack;
 
 use block_map::{BlockMap, Geometry, Run, RunKind};
 use header::{Header, HEADER_LEN, SIGNATURE};
@@ -108,6 +118,7 @@ pub struct VdiImage {
     alloc: Mutex<AllocState>,
     map: RwLock<BlockMap>,
     read_only_reason: Option<String>,
+    write_back: WriteBack,
 }
 
 impl VdiImage {
@@ -159,6 +170,7 @@ impl VdiImage {
             }),
             map: RwLock::new(map),
             read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+            write_back: WriteBack::new(),
             header,
             file,
         })
@@ -200,6 +212,7 @@ impl VdiImage {
         if let Some(reason) = &self.read_only_reason {
             return Err(Error::read_only(reason.clone()));
         }
+        self.write_back.refuse_writes()?;
         check_range(self.size, offset, buf.len())?;
         for run in self.lookup(offset, buf.len() as u64)? {
             let part = request_part(buf, offset, run.offset, run.len)?;
@@ -379,12 +392,13 @@ impl Image for VdiImage {
     }
 
     fn flush(&self) -> Result<()> {
-        self.flush_inner()
-            .map_err(|e| e.with_path(self.file.path()))
+        let path = self.file.path();
+        self.write_back
+            .run(path, || self.flush_inner().map_err(|e| e.with_path(path)))
     }
 
     fn is_dirty(&self) -> bool {
-        self.read_map().is_dirty()
+        !self.write_back.is_stopped() && self.read_map().is_dirty()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -397,7 +411,7 @@ impl Image for VdiImage {
     }
 
     fn read_only_reason(&self) -> Option<String> {
-        self.read_only_reason.clone()
+        self.write_back.reason_after(&self.read_only_reason)
     }
 
     fn info(&self) -> ImageInfo {
@@ -431,7 +445,7 @@ impl Image for VdiImage {
             virtual_size: self.size,
             cluster_size: Some(self.geometry.block_size()),
             allocated_bytes: u64::from(allocated) * self.geometry.block_size(),
-            read_only_reason: self.read_only_reason.clone(),
+            read_only_reason: self.read_only_reason(),
             details,
         }
     }

@@ -48,6 +48,17 @@
 //! header whose log GUID names no valid entry, which the spec would call a corrupt file, nor a
 //! bit set for a sector whose data was not synced.
 //!
+//! # Failures
+//!
+//! A failed write of a new block (a payload block, or a sector bitmap block before its entry
+//! is journalled) fails only its request: the block is published after it, and its space is
+//! taken again by the next allocation. Any failure of a flush (the log entry, a header, the
+//! sectors in place, a sync) or of a header update on the first write stops the image
+//! (`meta::write_back`): it is served read-only with the reason in `info`, and every later
+//! flush fails, since what was written since the last successful one may be lost. The file is
+//! left as a crash at that step would leave it, which the log makes safe to open: a complete
+//! entry the header names is replayed, anything else is ignored.
+//!
 //! # Locks (taken in this order, never the reverse)
 //!
 //! 1. `alloc` (Mutex): serialises allocations, sector bitmap changes, flushes and header
@@ -86,6 +97,7 @@ use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
 use crate::host::HostFile;
 use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
+use crate::meta::write_back::WriteBack;
 
 use bat::{Bat, Geometry, Run, RunKind};
 use bitmap::Bitmaps;
@@ -194,6 +206,7 @@ pub struct VhdxImage {
     /// Set once the data write GUID was renewed, so writes skip the mutex afterwards.
     data_write_guid_renewed: AtomicBool,
     read_only_reason: Option<String>,
+    write_back: WriteBack,
     /// What replaying a dirty log on open did, if there was one.
     log_replay: Option<String>,
     /// Test hook: make `flush` stop right after the log entry is durable, like a crash.
@@ -326,6 +339,7 @@ impl VhdxImage {
             bitmaps: Bitmaps::new(),
             data_write_guid_renewed: AtomicBool::new(false),
             read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+            write_back: WriteBack::new(),
             log_replay,
             meta,
             store,
@@ -585,7 +599,7 @@ impl Image for VhdxImage {
     }
 
     fn is_dirty(&self) -> bool {
-        self.read_bat().is_dirty() || self.bitmaps.is_dirty()
+        !self.write_back.is_stopped() && (self.read_bat().is_dirty() || self.bitmaps.is_dirty())
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -600,7 +614,7 @@ impl Image for VhdxImage {
     }
 
     fn read_only_reason(&self) -> Option<String> {
-        self.read_only_reason.clone()
+        self.write_back.reason_after(&self.read_only_reason)
     }
 
     fn info(&self) -> ImageInfo {
@@ -610,7 +624,7 @@ impl Image for VhdxImage {
             virtual_size: self.geometry.virtual_size,
             cluster_size: Some(self.geometry.block_size),
             allocated_bytes: self.allocated_bytes(),
-            read_only_reason: self.read_only_reason.clone(),
+            read_only_reason: self.read_only_reason(),
             details: self.details(),
         }
     }

@@ -21,6 +21,7 @@ impl VhdxImage {
         if let Some(reason) = &self.read_only_reason {
             return Err(Error::read_only(reason.clone()));
         }
+        self.write_back.refuse_writes()?;
         check_range(self.geometry.virtual_size, offset, buf.len())?;
         self.renew_data_write_guid()?;
         for run in self.lookup(offset, buf.len() as u64)? {
@@ -57,9 +58,12 @@ impl VhdxImage {
         let mut alloc = self.lock_alloc();
         if !alloc.headers.data_write_guid_renewed {
             let guid = header::new_guid()?;
-            alloc
-                .headers
-                .update(&self.store.file, |h| h.data_write_guid = guid, true)?;
+            let file = &self.store.file;
+            self.write_back.run(file.path(), || {
+                alloc
+                    .headers
+                    .update(file, |h| h.data_write_guid = guid, true)
+            })?;
             alloc.headers.data_write_guid_renewed = true;
         }
         self.data_write_guid_renewed.store(true, Ordering::Release);
@@ -288,8 +292,14 @@ impl VhdxImage {
     }
 
     /// Syncs the data, then writes the changed sector bitmap pages and BAT sectors through
-    /// the log. Caller holds the alloc mutex, so neither changes meanwhile.
+    /// the log; a failure stops the image (`meta::write_back`). Caller holds the alloc mutex,
+    /// so neither changes meanwhile.
     fn flush_locked(&self, alloc: &mut AllocState) -> Result<()> {
+        let path = self.store.file.path();
+        self.write_back.run(path, || self.write_back_locked(alloc))
+    }
+
+    fn write_back_locked(&self, alloc: &mut AllocState) -> Result<()> {
         let bat_sectors = {
             let bat = self.read_bat();
             if bat.is_dirty() {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{push_extent, Extent as Status, ExtentState};
+use crate::meta::write_back::WriteBack;
 
 use super::descriptor::{Access, ExtentType};
 use super::sparse::{Below, SparseExtent};
@@ -64,14 +65,22 @@ impl Extent {
         }
     }
 
-    pub fn write(&self, buf: &[u8], offset: u64, below: Below) -> Result<()> {
+    /// Writes `buf` at extent offset `offset`; `write_back` is the disk's, which a sparse
+    /// extent writing back from its write path reports failures to.
+    pub fn write(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        below: Below,
+        write_back: &WriteBack,
+    ) -> Result<()> {
         if let Some(reason) = self.read_only_reason() {
             return Err(Error::read_only(reason));
         }
         match &self.storage {
             Storage::Flat { file, offset: base } => file.write_all_at(buf, base + offset),
             Storage::Zero => Err(Error::read_only("ZERO extents cannot be written")),
-            Storage::Sparse(sparse) => sparse.write(buf, offset, below),
+            Storage::Sparse(sparse) => sparse.write(buf, offset, below, write_back),
         }
     }
 

@@ -38,6 +38,16 @@
 //! grains at worst; no directory entry points at an unwritten table, no table entry at an
 //! unwritten grain. The first write of a session gives the descriptor a new CID first (synced),
 //! as QEMU does, so a child made from this disk's old state notices it changed.
+//!
+//! # Failures
+//!
+//! A failed write of a new grain fails only its request: the grain is published after it and
+//! its space taken again by the next allocation (a table reserved for it is written, empty,
+//! by the next flush). Any failure of a flush (of any extent, also one a sparse extent does
+//! from its write path to bound its dirty tables) or of the descriptor's CID update stops the
+//! disk (`meta::write_back`): it is served read-only with the reason in `info`, and every
+//! later flush fails, since what was written since the last successful one may be lost. The
+//! files are left as a crash at that step would leave them.
 //! streamOptimized (compressed), version 3, COWD and seSparse extents are served read-only.
 //!
 //! # Locks (in this order, never the reverse)
@@ -74,6 +84,7 @@ use crate::image::{
     check_range, push_extent, request_part, request_part_mut, Extent as Status, ExtentState, Image,
     ImageInfo,
 };
+use crate::meta::write_back::WriteBack;
 
 pub use descriptor::{Access, Descriptor, ExtentType};
 use descriptor::{MAX_DESCRIPTOR_LEN, SECTOR_SIZE};
@@ -252,6 +263,7 @@ pub struct VmdkImage {
     cid: AtomicU32,
     cid_renewed: AtomicBool,
     read_only_reason: Option<String>,
+    write_back: WriteBack,
 }
 
 impl VmdkImage {
@@ -352,6 +364,7 @@ impl VmdkImage {
             size,
             parent,
             read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+            write_back: WriteBack::new(),
             top: top_file,
         })
     }
@@ -390,13 +403,14 @@ impl VmdkImage {
         if let Some(reason) = &self.read_only_reason {
             return Err(Error::read_only(reason.clone()));
         }
+        self.write_back.refuse_writes()?;
         check_range(self.size, offset, buf.len())?;
         self.renew_cid()?;
         for (extent, at, len) in self.pieces(offset, buf.len() as u64) {
             let part = request_part(buf, offset, at, len)?;
             let below =
                 |b: &mut [u8], o: u64| read_below(self.parent.as_ref(), b, extent.start + o);
-            extent.write(part, at - extent.start, &below)?;
+            extent.write(part, at - extent.start, &below, &self.write_back)?;
         }
         Ok(())
     }
@@ -413,8 +427,8 @@ impl VmdkImage {
         let old = self.cid();
         let cid = new_cid(old);
         let new_text = descriptor::with_cid(&text, cid)?;
-        match self.text_at {
-            TextAt::File => self.top.write_all_at(&new_text, 0)?,
+        let area = match self.text_at {
+            TextAt::File => (new_text.clone(), 0),
             TextAt::Embedded { at, room } => {
                 if new_text.len() as u64 > room {
                     return Err(Error::unsupported(
@@ -423,10 +437,13 @@ impl VmdkImage {
                 }
                 let mut area = new_text.clone();
                 area.resize(room as usize, 0);
-                self.top.write_all_at(&area, at)?;
+                (area, at)
             }
-        }
-        self.top.sync_data()?;
+        };
+        self.write_back.run(self.top.path(), || {
+            self.top.write_all_at(&area.0, area.1)?;
+            self.top.sync_data()
+        })?;
         *text = new_text;
         self.cid.store(cid, Ordering::Relaxed);
         self.cid_renewed.store(true, Ordering::Release);
@@ -571,11 +588,13 @@ impl Image for VmdkImage {
     }
 
     fn flush(&self) -> Result<()> {
-        self.flush_inner().map_err(|e| e.with_path(self.top.path()))
+        let path = self.top.path();
+        self.write_back
+            .run(path, || self.flush_inner().map_err(|e| e.with_path(path)))
     }
 
     fn is_dirty(&self) -> bool {
-        self.extents.iter().any(Extent::is_dirty)
+        !self.write_back.is_stopped() && self.extents.iter().any(Extent::is_dirty)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Status>> {
@@ -588,7 +607,7 @@ impl Image for VmdkImage {
     }
 
     fn read_only_reason(&self) -> Option<String> {
-        self.read_only_reason.clone()
+        self.write_back.reason_after(&self.read_only_reason)
     }
 
     fn info(&self) -> ImageInfo {
@@ -645,7 +664,7 @@ impl Image for VmdkImage {
             virtual_size: self.size,
             cluster_size,
             allocated_bytes: self.allocated_bytes(),
-            read_only_reason: self.read_only_reason.clone(),
+            read_only_reason: self.read_only_reason(),
             details,
         }
     }

@@ -11,6 +11,7 @@ use crate::host::HostFile;
 use crate::image::{request_part, request_part_mut};
 use crate::meta::compress::{inflate, Deflate, LastInflated};
 use crate::meta::table_cache::TableCache;
+use crate::meta::write_back::WriteBack;
 
 use super::descriptor::SECTOR_SIZE;
 use super::header::{SparseHeader, SparseKind};
@@ -280,8 +281,15 @@ impl SparseExtent {
         Ok(out)
     }
 
-    /// Writes `buf` at extent offset `offset`, allocating grains as needed.
-    pub fn write(&self, buf: &[u8], offset: u64, below: Below) -> Result<()> {
+    /// Writes `buf` at extent offset `offset`, allocating grains as needed; a write-back it
+    /// has to do on the way stops the disk (`write_back`) if it fails.
+    pub fn write(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        below: Below,
+        write_back: &WriteBack,
+    ) -> Result<()> {
         if let Some(reason) = &self.read_only_reason {
             return Err(Error::read_only(reason.clone()));
         }
@@ -289,7 +297,7 @@ impl SparseExtent {
             let part = request_part(buf, offset, run.offset, run.len)?;
             match run.grain {
                 Grain::Data(host) => self.file.write_all_at(part, host)?,
-                _ => self.write_allocating(part, run.offset, below)?,
+                _ => self.write_allocating(part, run.offset, below, write_back)?,
             }
         }
         Ok(())
@@ -297,7 +305,13 @@ impl SparseExtent {
 
     /// Writes `payload` at `offset`, a range that needed allocation at lookup time, one grain
     /// at a time under the allocation mutex.
-    fn write_allocating(&self, payload: &[u8], offset: u64, below: Below) -> Result<()> {
+    fn write_allocating(
+        &self,
+        payload: &[u8],
+        offset: u64,
+        below: Below,
+        write_back: &WriteBack,
+    ) -> Result<()> {
         let mut alloc = self.lock_alloc();
         let grain = self.layout.grain_bytes;
         let end = offset + payload.len() as u64;
@@ -309,7 +323,7 @@ impl SparseExtent {
             at += piece;
         }
         if self.tables.over_capacity() {
-            self.flush_locked(&alloc)?;
+            write_back.run(self.file.path(), || self.flush_locked(&alloc))?;
         }
         Ok(())
     }

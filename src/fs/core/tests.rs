@@ -265,3 +265,96 @@ fn a_directory_is_listed_once_per_opendir() {
     assert_eq!(core.readdir(fh), Err(Errno(libc::EBADF)));
     assert!(names(&core, ROOT_INO).contains(&"late.img.raw".to_string()));
 }
+
+const MIB: u64 = 1 << 20;
+
+/// A qemu-img VDI of 16 MiB served through a real catalog, with a fault watch on its file;
+/// `None` without qemu-img (outside CI).
+fn mounted_vdi() -> Option<(
+    TempDir,
+    FsCore,
+    std::sync::Arc<crate::host::fault::Watch>,
+    u64,
+)> {
+    let dir = TempDir::in_memory();
+    let path = dir.path().join("d.vdi");
+    let args = [
+        "create",
+        "-q",
+        "-f",
+        "vdi",
+        crate::testutil::path_str(&path),
+        "16M",
+    ];
+    let out = crate::testutil::qemu("qemu-img", &args)?;
+    assert!(out.status.success());
+    let watch = crate::host::fault::watch(&path);
+    let opener = Box::new(crate::catalog::FormatOpener);
+    let core = FsCore::new(Catalog::new(dir.path(), opener, false).unwrap());
+    let ino = core.lookup(ROOT_INO, OsStr::new("d.vdi.raw")).unwrap().ino;
+    Some((dir, core, watch, ino))
+}
+
+#[test]
+fn host_errors_reach_the_writer_with_their_errno() {
+    use crate::host::fault::{Fault, OpKind};
+    let Some((_dir, core, watch, ino)) = mounted_vdi() else {
+        return;
+    };
+    let fh = core.open(ino, true).unwrap();
+    watch.arm(Some(Fault::NoSpace { nth: 0 }));
+    assert_eq!(core.write(fh, 0, &[1; 4096]), Err(Errno(libc::ENOSPC)));
+    watch.arm(Some(Fault::Fail {
+        kind: OpKind::Write,
+        nth: 0,
+        errno: libc::EIO,
+    }));
+    assert_eq!(core.write(fh, 0, &[2; 4096]), Err(Errno(libc::EIO)));
+    watch.arm(Some(Fault::Fail {
+        kind: OpKind::Read,
+        nth: 0,
+        errno: libc::EIO,
+    }));
+    core.write(fh, MIB, &[3; 4096]).unwrap();
+    assert_eq!(core.read(fh, MIB, 4096), Err(Errno(libc::EIO)));
+    // A failed data write fails only its request.
+    assert_eq!(core.read(fh, MIB, 4096).unwrap(), [3; 4096]);
+    core.flush(fh).unwrap();
+    core.release(fh).unwrap();
+}
+
+#[test]
+fn a_failed_write_back_is_reported_once_per_open_file_and_leaves_the_image_read_only() {
+    use crate::host::fault::{Fault, OpKind};
+    let Some((_dir, core, watch, ino)) = mounted_vdi() else {
+        return;
+    };
+    let (first, second) = (core.open(ino, true).unwrap(), core.open(ino, true).unwrap());
+    let reader = core.open(ino, false).unwrap();
+    core.write(first, 0, &[1; 4096]).unwrap();
+    core.flush(first).unwrap();
+    core.write(second, 2 * MIB, &[2; 4096]).unwrap();
+    watch.arm(Some(Fault::Fail {
+        kind: OpKind::Sync,
+        nth: 0,
+        errno: libc::EIO,
+    }));
+    // Whichever handle flushes, each one that was open for writing hears of it once.
+    assert_eq!(core.flush(first), Err(Errno(libc::EIO)));
+    assert_eq!(core.flush(first), Ok(()));
+    assert_eq!(core.flush(second), Err(Errno(libc::EIO)));
+    assert_eq!(core.flush(second), Ok(()));
+    assert_eq!(core.flush(reader), Ok(()));
+    // Read-only now, with the reason; reads go on.
+    assert_eq!(core.write(first, 0, &[3; 512]), Err(Errno(libc::EROFS)));
+    assert_eq!(core.read(reader, 0, 4096).unwrap(), [1; 4096]);
+    let handle = core.handle(first).unwrap();
+    let reason = handle.image.image().info().read_only_reason.unwrap();
+    assert!(reason.contains("metadata write or sync failed"), "{reason}");
+    drop(handle);
+    // Nothing is left to write back on close.
+    for fh in [first, second, reader] {
+        core.release(fh).unwrap();
+    }
+    assert_eq!(watch.counts().syncs, 1);
+}

@@ -4,6 +4,7 @@
 //! Corrupt and hostile images are in `hostile.rs`.
 
 mod crash;
+mod faults;
 mod hostile;
 mod races;
 

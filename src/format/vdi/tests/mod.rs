@@ -11,6 +11,7 @@ use super::header::{ImageType, DISCARDED as D, UNALLOCATED as U};
 use super::*;
 use crate::error::ErrorKind;
 mod crash;
+mod faults;
 
 use crate::testutil::{
     assert_mutations_never_panic, assert_qemu_check_clean, exercise_image, qemu, Rng, TempDir,

@@ -4,6 +4,7 @@
 
 mod differencing;
 mod differencing_write;
+mod faults;
 mod hostile;
 mod log_replay;
 

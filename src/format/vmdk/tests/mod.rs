@@ -5,6 +5,7 @@
 
 mod crash;
 mod esx;
+mod faults;
 mod hostile;
 mod races;
 mod write;

@@ -1,0 +1,52 @@
+//! Host faults under a VDI workload that allocates, flushes and allocates again
+//! (`testutil::faults`): power lost after every write, every write, sync and read failing, the
+//! disk full from every write on. The image must stay valid for `qemu-img check` and keep
+//! what each successful flush acknowledged; a failed flush makes it read-only.
+
+use super::*;
+use crate::testutil::faults::{Oracle, Step, Walk};
+use crate::testutil::qemu_io_on;
+
+/// 16 blocks of 1 MiB in qemu-img's layout (bmap right after the header), blocks 0 and 5
+/// allocated by QEMU.
+fn image(dir: &TempDir) -> Option<PathBuf> {
+    let path = qemu_create(dir, &[], "16M")?;
+    qemu_io_on(
+        "vdi",
+        &path,
+        &["write -P 0x11 0 64k", "write -P 0x12 5M 4k"],
+    )?;
+    Some(path)
+}
+
+/// New blocks (one across two), writes in place, a flush, a read back, more of both, a flush.
+const STEPS: &[Step] = &[
+    Step::Write(MIB + 100, 5000, 0x21),
+    Step::Write(9 * MIB, 4096, 0x22),
+    Step::Write(100, 1000, 0x23),
+    Step::Flush,
+    Step::Read(MIB, 8192),
+    Step::Write(MIB + 200, 300, 0x31),
+    Step::Write(12 * MIB - 1000, 3000, 0x32),
+    Step::Write(5 * MIB + 4096, 512, 0x33),
+    Step::Flush,
+    Step::Read(12 * MIB - 2000, 5000),
+];
+
+#[test]
+fn every_host_fault_leaves_a_valid_image_with_what_was_flushed() {
+    let dir = TempDir::in_memory();
+    let Some(path) = image(&dir) else {
+        return;
+    };
+    let open = |p: &Path| -> Arc<dyn Image> { Arc::new(open_rw(p)) };
+    Walk {
+        format: "vdi",
+        files: vec![path],
+        parents: Vec::new(),
+        open: &open,
+        steps: STEPS,
+        oracle: Oracle::Check,
+    }
+    .all();
+}
