@@ -373,6 +373,8 @@ impl VmdkImage {
                 let from = offset.max(e.start);
                 (e, from, end.min(e.end()) - from)
             })
+            // An empty range would otherwise give an empty piece of the extent holding it.
+            .filter(|&(_, _, len)| len > 0)
     }
 
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
