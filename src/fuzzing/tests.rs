@@ -98,3 +98,22 @@ pub fn write_seed(target: &str, name: &str, files: &[Vec<u8>]) -> bool {
     assert!(outcome.opened, "seed {target}/{name} does not open");
     true
 }
+
+/// Runs the inputs named by `IMGFS_FUZZ_REPLAY=target:file[:file...]`, to debug a crash in a
+/// plain test build (logs, debugger) instead of the fuzzer.
+#[test]
+#[ignore = "debugging aid: IMGFS_FUZZ_REPLAY=target:file"]
+fn replay_named_inputs() {
+    let Ok(spec) = std::env::var("IMGFS_FUZZ_REPLAY") else {
+        return;
+    };
+    let mut parts = spec.split(':');
+    let target = parts.next().unwrap_or_default();
+    for file in parts {
+        let data = std::fs::read(file).unwrap();
+        match run(target, &data) {
+            Ok(outcome) => eprintln!("{file}: {outcome:?}"),
+            Err(v) => panic!("{file}: {v}"),
+        }
+    }
+}

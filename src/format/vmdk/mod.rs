@@ -197,7 +197,7 @@ fn embedded_descriptor(file: &HostFile) -> Result<Option<(u64, u64)>> {
     let mut head = vec![0u8; header::HEADER_LEN];
     file.read_exact_at(&mut head, 0)?;
     let header = SparseHeader::parse(&head)?;
-    let Some((at, room)) = header.descriptor_range() else {
+    let Some((at, room)) = header.descriptor_range()? else {
         return Ok(None);
     };
     let file_len = file.len()?;

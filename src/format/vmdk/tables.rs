@@ -55,7 +55,8 @@ impl Layout {
                 "the grain directory",
             ),
         ];
-        if let Some((at, len)) = header.descriptor_range() {
+        // `header` was checked against the file, so its descriptor range is valid.
+        if let Ok(Some((at, len))) = header.descriptor_range() {
             reserved.push((at, len, "the embedded descriptor"));
         }
         if header.has_redundant_gd() {
