@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{run, TARGETS};
+use super::{run, run_seed, TARGETS};
 
 fn corpus_files(kind: &str, target: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -24,7 +24,7 @@ fn replay(target: &str) {
     assert!(!seeds.is_empty(), "no seeds for {target}");
     for seed in seeds {
         let data = std::fs::read(&seed).unwrap();
-        match run(target, &data) {
+        match run_seed(target, &data) {
             Ok(outcome) => assert!(outcome.opened, "{}: did not open", seed.display()),
             Err(v) => panic!("{}: {v}", seed.display()),
         }
@@ -94,7 +94,7 @@ pub fn write_seed(target: &str, name: &str, files: &[Vec<u8>]) -> bool {
     let dir = Path::new(&dir).join(target);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(name), super::input::join(&files, &[])).unwrap();
-    let outcome = run(target, &std::fs::read(dir.join(name)).unwrap()).unwrap();
+    let outcome = run_seed(target, &std::fs::read(dir.join(name)).unwrap()).unwrap();
     assert!(outcome.opened, "seed {target}/{name} does not open");
     true
 }
