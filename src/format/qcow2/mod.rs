@@ -65,6 +65,7 @@
 
 mod alloc;
 mod cluster;
+mod guard;
 mod header;
 mod rebuild;
 mod refcount;
