@@ -341,6 +341,7 @@ impl VmdkImage {
                 }
             }
         }
+        reasons.extend(aliased_flat_extents(&extents));
         Ok(VmdkImage {
             cid: AtomicU32::new(top.descriptor.cid),
             cid_renewed: AtomicBool::new(false),
@@ -535,6 +536,43 @@ fn check_shared_files(extents: &[Extent]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Why the disk must not be written when two flat extents share bytes of one file: a write
+/// through one would change what the other reads, so no write could be read back reliably
+/// (as VDI, whose block maps may not alias either). Reading such a disk is well defined.
+fn aliased_flat_extents(extents: &[Extent]) -> Option<String> {
+    let mut flat: Vec<(usize, u64, u64, &Extent)> = extents
+        .iter()
+        .filter_map(|e| match &e.storage {
+            Storage::Flat { file, offset } => Some((
+                Arc::as_ptr(file) as usize,
+                *offset,
+                offset.saturating_add(e.len),
+                e,
+            )),
+            _ => None,
+        })
+        .collect();
+    flat.sort_by_key(|&(file, base, _, _)| (file, base));
+    let mut reach: Option<(usize, u64, &Extent)> = None;
+    for &(file, base, end, extent) in &flat {
+        match reach {
+            Some((f, r, other)) if f == file && base < r => {
+                return Some(format!(
+                    "the extents at disk offsets {:#x} and {:#x} share bytes of {}",
+                    other.start,
+                    extent.start,
+                    extent
+                        .file()
+                        .map_or_else(String::new, |f| f.path().display().to_string())
+                ));
+            }
+            Some((f, r, _)) if f == file && r >= end => {}
+            _ => reach = Some((file, end, extent)),
+        }
+    }
+    None
 }
 
 /// A random CID different from `old` and from the "no parent" value.
