@@ -4,7 +4,8 @@
 //! input := file ( FILE_SEP file ){0,2} [ OPS_SEP ops ]
 //! file  := bytes                          written as they are
 //!        | SPARSE_MAGIC len:u64 chunk*     a sparse file: `len` bytes of zeros with chunks
-//! chunk := offset:u64 size:u16 bytes       laid over them (all integers little-endian)
+//! chunk := offset:u64 size:u16 bytes       laid over them (all integers little-endian);
+//!                                          bit 63 of len: recompute the file's checksums
 //! ops   := 8-byte records, see `Op`
 //! ```
 //!
@@ -30,11 +31,17 @@ pub const MAX_OPS: usize = 32;
 /// The size of one operation record.
 pub const OP_LEN: usize = 8;
 
+/// Bit of a sparse file's length that asks for its checksums to be recomputed (`seal`).
+pub const SEAL_FLAG: u64 = 1 << 63;
+
 /// One file of the tree: its length and the chunks of non-zero content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileSpec<'a> {
     pub len: u64,
     pub chunks: Vec<(u64, &'a [u8])>,
+    /// Recompute the checksums of the file once written (VHDX), so that mutations behind
+    /// them are not all refused for their checksum.
+    pub seal: bool,
 }
 
 /// What an input asks for: up to three files and a list of operations (empty: the default
@@ -160,9 +167,11 @@ fn file_spec(data: &[u8]) -> FileSpec<'_> {
         return FileSpec {
             len: data.len() as u64,
             chunks: vec![(0, data)],
+            seal: false,
         };
     };
-    let mut len = u64_at(body, 0).unwrap_or(0).min(MAX_SPARSE_LEN);
+    let declared = u64_at(body, 0).unwrap_or(0);
+    let mut len = (declared & !SEAL_FLAG).min(MAX_SPARSE_LEN);
     let mut chunks = Vec::new();
     let mut at = 8;
     while let Some(offset) = u64_at(body, at) {
@@ -179,7 +188,11 @@ fn file_spec(data: &[u8]) -> FileSpec<'_> {
         chunks.push((offset, bytes));
         at = end;
     }
-    FileSpec { len, chunks }
+    FileSpec {
+        len,
+        chunks,
+        seal: declared & SEAL_FLAG != 0,
+    }
 }
 
 /// Parses an input; never fails, since every byte string is some tree.
@@ -204,10 +217,11 @@ pub fn parse(data: &[u8]) -> Input<'_> {
     Input { files, ops }
 }
 
-/// Encodes a file in sparse form, keeping runs of non-zero 512-byte sectors (for seeds).
+/// Encodes a file in sparse form, keeping runs of non-zero 512-byte sectors, with its
+/// checksums to be recomputed (for seeds: they are right already, mutations will not be).
 pub fn sparse(file: &[u8]) -> Vec<u8> {
     let mut out = SPARSE_MAGIC.to_vec();
-    out.extend_from_slice(&(file.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(file.len() as u64 | SEAL_FLAG).to_le_bytes());
     let sectors: Vec<&[u8]> = file.chunks(512).collect();
     let mut i = 0;
     while i < sectors.len() {
@@ -267,8 +281,10 @@ mod tests {
         assert_eq!(input.ops, ops);
         assert_eq!(input.files.len(), 2);
         assert_eq!(input.files[1].chunks, vec![(0, &b"plain"[..])]);
+        assert!(!input.files[1].seal);
         let a = &input.files[0];
         assert_eq!(a.len, 5000);
+        assert!(a.seal);
         let mut rebuilt = vec![0u8; a.len as usize];
         for (offset, bytes) in &a.chunks {
             rebuilt[*offset as usize..][..bytes.len()].copy_from_slice(bytes);

@@ -11,6 +11,7 @@
 mod check;
 mod exercise;
 pub mod input;
+mod seal;
 mod status;
 mod tree;
 

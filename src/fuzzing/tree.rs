@@ -43,6 +43,10 @@ impl Tree {
             for (offset, bytes) in &spec.chunks {
                 file.write_all_at(bytes, *offset).ok()?;
             }
+            drop(file);
+            if spec.seal {
+                super::seal::seal_vhdx(&tree.dir.join(name));
+            }
         }
         Some(tree)
     }
