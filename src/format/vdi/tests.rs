@@ -496,6 +496,24 @@ fn allocation_stops_at_blocks_in_image() {
     img.write_at(&[1; 512], 4096).unwrap();
 }
 
+/// A block map beyond the per-image table budget is refused before it is read, even when the
+/// (sparse) file is long enough to hold it.
+#[test]
+fn block_maps_beyond_the_memory_budget_are_refused() {
+    let dir = TempDir::new();
+    let blocks = (crate::meta::budget::MAX_TABLE_MEMORY / 4) as u32 + 1;
+    let h = header(ImageType::Dynamic, u64::from(blocks) * 512, 512);
+    let path = write_file(&dir, &h.to_bytes().unwrap());
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(u64::from(h.offset_data)).unwrap();
+    let e = try_open(&path).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(
+        e.to_string().contains("VDI block map would take 257 MiB"),
+        "{e}"
+    );
+}
+
 #[test]
 fn qemu_sees_what_we_wrote_and_we_see_what_qemu_wrote() {
     let dir = TempDir::new();

@@ -280,6 +280,8 @@ impl VhdxImage {
         };
         let geometry = Geometry::new(&meta);
         let load_len = Bat::load_len(&geometry, &regions.bat)?;
+        // Read whole, then decoded: both copies are in memory at once.
+        crate::meta::budget::check_table_memory("VHDX BAT", load_len.saturating_mul(2))?;
         let mut raw = vec![0u8; load_len as usize];
         store.read(&mut raw, regions.bat.start)?;
         let structures = [

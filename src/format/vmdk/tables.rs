@@ -230,6 +230,12 @@ impl Directory {
         let count = usize::try_from(header.gd_entries())
             .map_err(|_| Error::unsupported("VMDK grain directory too large for this host"))?;
         let width = layout.entry_bytes;
+        // Each copy is held decoded (8 bytes an entry); the raw bytes of one while reading it.
+        let copies: u64 = if header.has_redundant_gd() { 2 } else { 1 };
+        crate::meta::budget::check_table_memory(
+            "VMDK grain directory",
+            header.gd_entries().saturating_mul(copies * 8 + width),
+        )?;
         let read = |what: &str, at: u64| -> Result<Vec<u64>> {
             let mut raw = vec![0u8; count * width as usize];
             file.read_exact_at(&mut raw, at)?;

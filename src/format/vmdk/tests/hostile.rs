@@ -367,3 +367,30 @@ fn mutated_sparse_disks_never_panic() {
         usable
     });
 }
+
+/// Grain directories whose copies would take more than the per-image table budget are
+/// refused before they are read, however long the (sparse) file is.
+#[test]
+fn grain_directories_beyond_the_memory_budget_are_refused() {
+    use crate::format::vmdk::header::{testing::header_bytes, SparseHeader};
+    use crate::format::vmdk::sparse::SparseExtent;
+    let dir = TempDir::new();
+    let path = dir.path().join("big.vmdk");
+    // 16M directory entries of 8-sector grains and 512-entry tables, both copies in the file.
+    let entries: u64 = 16 << 20;
+    let capacity = entries * 8 * 512;
+    let gd_sectors = entries * 4 / SECTOR as u64;
+    let raw = header_bytes(1, 3, capacity, 8, 512, 1, 1 + gd_sectors);
+    std::fs::write(&path, &raw).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len((1 + 2 * gd_sectors) * SECTOR as u64).unwrap();
+    let header = SparseHeader::parse(&raw).unwrap();
+    let file = Arc::new(HostFile::open(&path, false).unwrap());
+    header.check(file.len().unwrap()).unwrap();
+    let e = SparseExtent::open(file, header, capacity).err().unwrap();
+    assert!(
+        e.to_string()
+            .contains("VMDK grain directory would take 320 MiB"),
+        "{e}"
+    );
+}
