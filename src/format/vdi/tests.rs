@@ -360,6 +360,32 @@ fn allocation_round_trip_1m_blocks() {
     allocation_round_trip(1 << 20);
 }
 
+/// Blocks larger than what is padded in memory get their zeros from a bounded buffer: the
+/// bytes around a partial write still read as zeros, in the image and after a reopen.
+#[test]
+fn partial_writes_into_large_fresh_blocks_are_padded_with_zeros() {
+    let dir = TempDir::new();
+    let block = 4 << 20;
+    let path = fixture(&dir, block, &[U, U], 0);
+    let img = open_rw(&path);
+    let at = u64::from(block) + 3 * MIB + 7;
+    img.write_at(&[0xab; 1000], at).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let img = open_rw(&path);
+    let all = read_all(&img);
+    let start = at as usize;
+    assert!(all[..start].iter().all(|&b| b == 0));
+    assert!(all[start..start + 1000].iter().all(|&b| b == 0xab));
+    assert!(all[start + 1000..].iter().all(|&b| b == 0));
+    let file_len = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(
+        file_len % u64::from(block),
+        512 + 512,
+        "the block is written whole"
+    );
+}
+
 #[test]
 fn unflushed_allocation_is_not_referenced_on_disk() {
     let dir = TempDir::new();
