@@ -1,6 +1,8 @@
 //! The memory imgfs allows one image's metadata: the tables a driver holds whole (a VDI block
-//! map, a qcow L1 table, a VHDX BAT, a VMDK grain directory) may take at most
-//! `MAX_TABLE_MEMORY` together, counted as they sit in memory while being read. Caches of the
+//! map, a qcow L1 table, a VHDX BAT and the dirty log replayed in memory, the grain
+//! directories of every VMDK extent) may take at most `MAX_TABLE_MEMORY` together, counted as
+//! they sit in memory while being read. Drivers with several such tables add them up in a
+//! `TableBudget` before reading each. Caches of the
 //! tables read on demand (L2 tables, refcount blocks, grain tables) are bounded on their own,
 //! at a few MiB each.
 //!
@@ -25,6 +27,32 @@ pub fn check_table_memory(what: &str, bytes: u64) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// What one image's tables took so far, for drivers that hold several.
+#[derive(Debug, Default)]
+pub struct TableBudget {
+    used: u64,
+}
+
+impl TableBudget {
+    /// Accounts for `bytes` more of table memory (`what` names the table), or refuses the
+    /// image if all its tables together would take more than `MAX_TABLE_MEMORY`.
+    pub fn take(&mut self, what: &str, bytes: u64) -> Result<()> {
+        let total = self.used.saturating_add(bytes);
+        if total > MAX_TABLE_MEMORY && self.used > 0 {
+            return Err(Error::unsupported(format!(
+                "the {what} would take {} MiB of memory, and the image's other tables {} MiB: \
+                 more than the {} MiB imgfs allows one image's tables",
+                bytes.div_ceil(1 << 20),
+                self.used.div_ceil(1 << 20),
+                MAX_TABLE_MEMORY >> 20
+            )));
+        }
+        check_table_memory(what, total)?;
+        self.used = total;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -85,6 +85,7 @@ use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
 use crate::host::HostFile;
 use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
+use crate::meta::budget::TableBudget;
 
 use bat::{Bat, Geometry, Run, RunKind};
 use bitmap::Bitmaps;
@@ -280,8 +281,13 @@ impl VhdxImage {
         };
         let geometry = Geometry::new(&meta);
         let load_len = Bat::load_len(&geometry, &regions.bat)?;
-        // Read whole, then decoded: both copies are in memory at once.
-        crate::meta::budget::check_table_memory("VHDX BAT", load_len.saturating_mul(2))?;
+        // A log replayed in memory stays there; the BAT is read whole, then decoded, so both
+        // copies are in memory at once.
+        let mut budget = TableBudget::default();
+        if let Some(overlay) = &store.overlay {
+            budget.take("VHDX log replayed in memory", overlay.memory())?;
+        }
+        budget.take("VHDX BAT", load_len.saturating_mul(2))?;
         let mut raw = vec![0u8; load_len as usize];
         store.read(&mut raw, regions.bat.start)?;
         let structures = [

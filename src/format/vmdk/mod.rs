@@ -74,6 +74,7 @@ use crate::image::{
     check_range, push_extent, request_part, request_part_mut, Extent as Status, ExtentState, Image,
     ImageInfo,
 };
+use crate::meta::budget::TableBudget;
 
 pub use descriptor::{Access, Descriptor, ExtentType};
 use descriptor::{MAX_DESCRIPTOR_LEN, SECTOR_SIZE};
@@ -278,6 +279,8 @@ impl VmdkImage {
         read_only_reason: Option<String>,
     ) -> Result<VmdkImage> {
         let mut extents = Vec::new();
+        // The grain directories of every extent count against one budget.
+        let mut budget = TableBudget::default();
         let create_type;
         if let Some(header) = top.sparse.clone() {
             create_type = match top.descriptor.create_type.as_str() {
@@ -286,7 +289,7 @@ impl VmdkImage {
                 other => other.to_string(),
             };
             let sectors = header.capacity;
-            let sparse = SparseExtent::open(Arc::clone(&top_file), header, sectors)?;
+            let sparse = SparseExtent::open(Arc::clone(&top_file), header, sectors, &mut budget)?;
             extents.push(Extent {
                 start: 0,
                 len: sectors * SECTOR_SIZE,
@@ -305,7 +308,7 @@ impl VmdkImage {
                         let file = files.next().ok_or_else(|| {
                             Error::out_of_range("internal: fewer extent files than extents")
                         })?;
-                        open_storage(line, file)?
+                        open_storage(line, file, &mut budget)?
                     }
                 };
                 let len = line.sectors * SECTOR_SIZE;
@@ -464,7 +467,11 @@ impl VmdkImage {
 }
 
 /// The storage of extent `line` in `file`.
-fn open_storage(line: &descriptor::ExtentLine, file: Arc<HostFile>) -> Result<Storage> {
+fn open_storage(
+    line: &descriptor::ExtentLine,
+    file: Arc<HostFile>,
+    budget: &mut TableBudget,
+) -> Result<Storage> {
     let path = file.path().to_path_buf();
     let opened = match line.kind {
         ExtentType::Flat | ExtentType::Vmfs => {
@@ -486,10 +493,10 @@ fn open_storage(line: &descriptor::ExtentLine, file: Arc<HostFile>) -> Result<St
             match &magic {
                 b"KDMV" => {
                     let header = SparseHeader::read(&file)?;
-                    SparseExtent::open(file, header, line.sectors)
+                    SparseExtent::open(file, header, line.sectors, budget)
                         .map(|s| Storage::Sparse(Box::new(s)))
                 }
-                b"COWD" => open_esx(esx::read_cowd(&file)?, file, line.sectors),
+                b"COWD" => open_esx(esx::read_cowd(&file)?, file, line.sectors, budget),
                 _ => Err(Error::corrupt(
                     "the SPARSE extent has no KDMV or COWD magic",
                 )),
@@ -497,11 +504,11 @@ fn open_storage(line: &descriptor::ExtentLine, file: Arc<HostFile>) -> Result<St
         }
         ExtentType::VmfsSparse => {
             let header = esx::read_cowd(&file)?;
-            open_esx(header, file, line.sectors)
+            open_esx(header, file, line.sectors, budget)
         }
         ExtentType::SeSparse => {
             let header = esx::read_sesparse(&file)?;
-            open_esx(header, file, line.sectors)
+            open_esx(header, file, line.sectors, budget)
         }
         ExtentType::Zero | ExtentType::VmfsRdm | ExtentType::VmfsRaw => Err(Error::unsupported(
             format!("{} extents have no file to open", line.kind.name()),
@@ -516,8 +523,13 @@ fn open_storage(line: &descriptor::ExtentLine, file: Arc<HostFile>) -> Result<St
     })
 }
 
-fn open_esx(header: SparseHeader, file: Arc<HostFile>, sectors: u64) -> Result<Storage> {
-    SparseExtent::open(file, header, sectors).map(|s| Storage::Sparse(Box::new(s)))
+fn open_esx(
+    header: SparseHeader,
+    file: Arc<HostFile>,
+    sectors: u64,
+    budget: &mut TableBudget,
+) -> Result<Storage> {
+    SparseExtent::open(file, header, sectors, budget).map(|s| Storage::Sparse(Box::new(s)))
 }
 
 /// Refuses a sparse extent whose file another extent uses too: each would allocate in it.

@@ -387,10 +387,53 @@ fn grain_directories_beyond_the_memory_budget_are_refused() {
     let header = SparseHeader::parse(&raw).unwrap();
     let file = Arc::new(HostFile::open(&path, false).unwrap());
     header.check(file.len().unwrap()).unwrap();
-    let e = SparseExtent::open(file, header, capacity).err().unwrap();
+    let mut budget = crate::meta::budget::TableBudget::default();
+    let e = SparseExtent::open(file, header, capacity, &mut budget)
+        .err()
+        .unwrap();
     assert!(
         e.to_string()
             .contains("VMDK grain directory would take 320 MiB"),
+        "{e}"
+    );
+}
+
+/// The grain directories of all extents of a disk share one budget: two extents that each fit
+/// are refused together, before the second directory is read.
+#[test]
+fn grain_directories_of_all_extents_share_the_memory_budget() {
+    use crate::format::vmdk::header::testing::header_bytes;
+    let dir = TempDir::new();
+    let extent = |name: &str, entries: u64| -> u64 {
+        let capacity = entries * 8 * 512;
+        let gd_sectors = entries * 4 / SECTOR as u64;
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            header_bytes(1, 3, capacity, 8, 512, 1, 1 + gd_sectors),
+        )
+        .unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len((1 + 2 * gd_sectors) * SECTOR as u64).unwrap();
+        capacity
+    };
+    // 20 bytes per entry (two decoded copies and the raw one): 20 MiB, then 250 MiB.
+    let small = extent("s.vmdk", 1 << 20);
+    let large = extent("l.vmdk", 12_500 << 10);
+    let path = dir.path().join("two.vmdk");
+    std::fs::write(
+        &path,
+        format!(
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+             createType=\"twoGbMaxExtentSparse\"\nRW {small} SPARSE \"s.vmdk\"\n\
+             RW {large} SPARSE \"l.vmdk\"\n"
+        ),
+    )
+    .unwrap();
+    let e = try_open(&path, true).err().unwrap();
+    assert!(
+        e.to_string()
+            .contains("and the image's other tables 20 MiB"),
         "{e}"
     );
 }
