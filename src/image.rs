@@ -151,6 +151,26 @@ fn outside_request(offset: u64, len: u64) -> Error {
     ))
 }
 
+/// Where `lseek(SEEK_DATA)` (`want_data`) or `lseek(SEEK_HOLE)` from `offset` lands, or
+/// `None` when no data follows (ENXIO). The disk's end counts as a hole. `offset` must lie
+/// inside the disk.
+pub fn seek(image: &dyn Image, offset: u64, want_data: bool) -> Result<Option<u64>> {
+    let size = image.size();
+    // Ask in windows so a huge, mostly empty disk does not build one giant extent list.
+    const WINDOW: u64 = 1 << 30;
+    let mut at = offset;
+    while at < size {
+        let len = WINDOW.min(size - at);
+        for extent in image.block_status(at, len)? {
+            if extent.state.is_data() == want_data {
+                return Ok(Some(extent.offset.max(offset)));
+            }
+        }
+        at += len;
+    }
+    Ok((!want_data).then_some(size))
+}
+
 /// Appends `extent` to `extents`, merging it with the previous one when they continue each other.
 pub fn push_extent(extents: &mut Vec<Extent>, extent: Extent) {
     if let Some(last) = extents.last_mut() {

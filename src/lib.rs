@@ -7,6 +7,8 @@ pub mod cli;
 pub mod error;
 pub mod format;
 pub mod fs;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod image;
 pub mod meta;

@@ -617,26 +617,9 @@ impl FsCore {
         if offset >= size {
             return Err(Errno(libc::ENXIO));
         }
-        // Ask in windows so a huge, mostly empty disk does not build one giant extent list.
-        const WINDOW: u64 = 1 << 30;
-        let mut at = offset;
-        while at < size {
-            let len = WINDOW.min(size - at);
-            let extents = image
-                .block_status(at, len)
-                .map_err(|e| log_error("lseek", &handle.source, e))?;
-            for extent in &extents {
-                if extent.state.is_data() == want_data {
-                    return Ok(extent.offset.max(offset));
-                }
-            }
-            at += len;
-        }
-        if want_data {
-            Err(Errno(libc::ENXIO))
-        } else {
-            Ok(size)
-        }
+        crate::image::seek(image, offset, want_data)
+            .map_err(|e| log_error("lseek", &handle.source, e))?
+            .ok_or(Errno(libc::ENXIO))
     }
 
     /// Statistics of the host file system below the source tree.

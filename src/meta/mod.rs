@@ -1,7 +1,9 @@
 //! Helpers shared by the format drivers: endian-explicit field access, dirty tracking of
-//! in-memory tables that are written back on flush, the bounded table cache, the
-//! decompression of compressed clusters, and what a driver does when write-back fails.
+//! in-memory tables that are written back on flush, the bounded table cache, the decompression
+//! of compressed clusters, the memory budget of an image's tables, and what a driver does when
+//! write-back fails.
 
+pub mod budget;
 pub mod bytes;
 pub mod compress;
 pub mod dirty;

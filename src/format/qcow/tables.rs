@@ -128,9 +128,22 @@ impl Tables {
     pub fn load_l1(file: &HostFile, header: &QcowHeader, layout: Layout) -> Result<Tables> {
         let count = usize::try_from(header.l1_entries)
             .map_err(|_| Error::unsupported("qcow L1 table too large for this host"))?;
-        let mut raw = vec![0u8; count.saturating_mul(ENTRY_LEN as usize)];
-        file.read_exact_at(&mut raw, header.l1_table_offset)?;
-        let l1 = raw.chunks_exact(ENTRY_LEN as usize).map(be_u64).collect();
+        crate::meta::budget::check_table_memory(
+            "qcow L1 table",
+            header.l1_entries.saturating_mul(ENTRY_LEN),
+        )?;
+        // Read in pieces, so that the raw bytes and the decoded table are never both whole.
+        const PIECE: usize = 64 << 10;
+        let mut l1 = Vec::with_capacity(count);
+        let mut raw = vec![0u8; PIECE];
+        let mut at = header.l1_table_offset;
+        while l1.len() < count {
+            let want = ((count - l1.len()) * ENTRY_LEN as usize).min(PIECE);
+            let piece = raw.get_mut(..want).unwrap_or_default();
+            file.read_exact_at(piece, at)?;
+            l1.extend(piece.chunks_exact(ENTRY_LEN as usize).map(be_u64));
+            at += want as u64;
+        }
         Tables::new(header.geometry(), layout, header.l1_table_offset, l1)
     }
 

@@ -39,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::meta::dirty::DirtyChunks;
 
 use super::cluster::OFFSET_MASK;
+use super::guard::MetadataGuard;
 use super::refcount::{plan_fresh, BlockSlot, FreshPlan, RefcountBlock, RefcountShape, Refcounts};
 use super::Qcow2Image;
 
@@ -62,6 +63,9 @@ pub(super) struct AllocState {
     pub autoclear: u64,
     /// The first write's header changes (and refcount rebuild) are done.
     pub prepared: bool,
+    /// Clusters holding metadata, which no allocation may hand out (guard.rs); set by the
+    /// first write's preparation.
+    pub guard: MetadataGuard,
 }
 
 impl AllocState {
@@ -74,6 +78,7 @@ impl AllocState {
             incompatible,
             autoclear,
             prepared: false,
+            guard: MetadataGuard::default(),
         }
     }
 
@@ -113,6 +118,7 @@ impl Qcow2Image {
             match alloc.refcounts.slot(file, index)? {
                 BlockSlot::At(_) => {
                     let offset = self.cluster_offset(cluster)?;
+                    alloc.guard.check(cluster, 1)?;
                     alloc.refcounts.set(file, cluster, 1)?;
                     alloc.cursor = cluster + 1;
                     return Ok(offset);
@@ -145,6 +151,7 @@ impl Qcow2Image {
             .checked_shl(bits)
             .ok_or_else(|| Error::out_of_range("refcount block index overflows"))?;
         let offset = self.cluster_offset(cluster)?;
+        alloc.guard.check(cluster, 1)?;
         let mut block = RefcountBlock::from_bytes(vec![0; 1 << self.cluster_bits()]);
         block.set(alloc.refcounts.order(), 0, 1)?;
         // On disk before anything can point at it; `slot` also wants it inside the file.
@@ -218,6 +225,14 @@ impl Qcow2Image {
     ) -> Result<()> {
         let file = &self.shared.file;
         let bits = alloc.refcounts.block_bits();
+        let region_start = plan
+            .table
+            .map(|(c, _, _)| c)
+            .or_else(|| plan.blocks.first().map(|&(_, c)| c))
+            .unwrap_or(plan.end);
+        alloc
+            .guard
+            .check(region_start, plan.end.saturating_sub(region_start))?;
         if let Some((cluster, clusters, entries)) = plan.table {
             let mut entries_vec = table;
             entries_vec.resize(entries as usize, 0);
@@ -232,11 +247,6 @@ impl Qcow2Image {
             file.write_all_at(block.as_bytes(), offset)?;
             alloc.refcounts.install_block(file, index, offset, block)?;
         }
-        let region_start = plan
-            .table
-            .map(|(c, _, _)| c)
-            .or_else(|| plan.blocks.first().map(|&(_, c)| c))
-            .unwrap_or(plan.end);
         for cluster in region_start..plan.end {
             if !new_indices.contains(&(cluster >> bits)) {
                 alloc.refcounts.set(file, cluster, 1)?;
@@ -392,6 +402,7 @@ impl Qcow2Image {
                 alloc.refcounts.set(file, cluster, count - 1)?;
                 if count == 1 {
                     alloc.cursor = alloc.cursor.min(cluster);
+                    alloc.guard.release(cluster);
                     // A freed L2 table must not be served from the cache once reused.
                     let at = cluster << bits;
                     for key in (at..at + (1 << bits)).step_by(slice_bytes as usize) {

@@ -76,6 +76,7 @@
 mod alloc;
 mod cluster;
 pub mod create;
+mod guard;
 mod header;
 mod rebuild;
 mod refcount;

@@ -1,7 +1,8 @@
 //! What the first write of a writable open does before changing anything: clear the autoclear
 //! feature bits imgfs does not maintain, and, when the dirty bit says the refcounts on disk are
 //! stale (lazy refcounts, then a crash), rebuild them from every table that references clusters
-//! and clear the dirty bit. Opening alone never modifies the file.
+//! and clear the dirty bit; then note where the metadata is (guard.rs). Opening alone never
+//! modifies the file.
 //!
 //! The rebuild counts one reference per use, as `qemu-img check` does: the header cluster, the
 //! active and every snapshot's L1 table, every L2 table each of them reaches (a table shared by
@@ -57,6 +58,7 @@ impl Qcow2Image {
                 alloc.incompatible = incompatible;
             }
         }
+        alloc.guard = self.metadata_guard(alloc)?;
         alloc.prepared = true;
         self.shared.prepared.store(true, Ordering::Release);
         Ok(())

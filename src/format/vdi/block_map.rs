@@ -124,6 +124,7 @@ impl BlockMap {
     /// Reads and validates the bmap that `header` describes from `file` (`file_len` bytes long;
     /// `header.check_layout(file_len)` must have passed, which bounds the bmap by the file).
     pub fn load(file: &HostFile, header: &Header, file_len: u64) -> Result<(BlockMap, Scan)> {
+        crate::meta::budget::check_table_memory("VDI block map", header.bmap_len())?;
         let count = header.blocks_in_image as usize;
         let mut entries = Vec::with_capacity(count);
         let mut chunk = vec![0u8; LOAD_CHUNK];

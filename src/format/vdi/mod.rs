@@ -97,6 +97,11 @@ use crate::meta::write_back::WriteBack;
 use block_map::{BlockMap, Geometry, Run, RunKind};
 use header::{Header, HEADER_LEN, SIGNATURE};
 
+/// The largest block whose zero padding is built in memory around a partial write; larger
+/// blocks (up to 256 MiB) are padded from a buffer of this size, so that concurrent writers
+/// into fresh blocks never hold a whole block each.
+const PAD_IN_MEMORY: usize = 1 << 20;
+
 /// Whether `head` (the first bytes of a file) carries the VDI signature.
 pub fn probe(head: &[u8]) -> bool {
     head.get(64..68) == Some(&SIGNATURE.to_le_bytes()[..])
@@ -300,12 +305,34 @@ impl VdiImage {
     }
 
     fn write_padded(&self, part: &[u8], head: usize, host: u64) -> Result<()> {
-        let mut block = vec![0u8; self.geometry.block_size() as usize];
+        let block_size = self.geometry.block_size() as usize;
+        let tail = block_size
+            .checked_sub(head)
+            .and_then(|rest| rest.checked_sub(part.len()))
+            .ok_or_else(|| Error::out_of_range("internal: padded write outside its block"))?;
+        if block_size > PAD_IN_MEMORY {
+            // Blocks can be 256 MiB: their zeros go out from a bounded buffer instead.
+            self.write_zeros(host, head)?;
+            self.file.write_all_at(part, host + head as u64)?;
+            return self.write_zeros(host + (head + part.len()) as u64, tail);
+        }
+        let mut block = vec![0u8; block_size];
         block
             .get_mut(head..head + part.len())
             .ok_or_else(|| Error::out_of_range("internal: padded write outside its block"))?
             .copy_from_slice(part);
         self.file.write_all_at(&block, host)
+    }
+
+    fn write_zeros(&self, mut at: u64, mut len: usize) -> Result<()> {
+        let zeros = vec![0u8; len.min(PAD_IN_MEMORY)];
+        while len > 0 {
+            let n = len.min(zeros.len());
+            self.file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+            len -= n;
+        }
+        Ok(())
     }
 
     /// Writes back the header and the dirty bmap sectors in the order the module doc gives.

@@ -43,8 +43,10 @@ const HEADER_LEN: usize = 64;
 const DESCRIPTOR_LEN: usize = 32;
 const FIRST_SECTOR_DESCRIPTORS: u64 = 126;
 const SECTOR_DESCRIPTORS: u64 = 128;
-/// Logs larger than this are refused rather than scanned: Hyper-V and QEMU use 1 MiB.
-pub const MAX_LOG_LEN: u64 = 1 << 30;
+/// Dirty logs larger than this are refused rather than scanned: Hyper-V and QEMU use 1 MiB,
+/// and the entries of the active sequence are held in memory while they are replayed (for a
+/// read-only image, as long as it is open), so the per-image table budget bounds them.
+pub const MAX_LOG_LEN: u64 = crate::meta::budget::MAX_TABLE_MEMORY;
 /// Zero descriptors may make a replay write this many zero bytes at most.
 const MAX_REPLAY_ZEROS: u64 = 4 << 30;
 /// Bounds the active-sequence scan of a hostile log (chains re-walked from every sector).
@@ -547,6 +549,19 @@ mod tests {
             .unwrap()
             .active_sequence()
             .unwrap()
+    }
+
+    /// A dirty log is held in memory while replayed: one larger than the per-image table
+    /// budget is refused before anything is read.
+    #[test]
+    fn dirty_logs_beyond_the_memory_budget_are_refused() {
+        let dir = TempDir::new();
+        let file = log_file(&dir, &[]);
+        assert!(LogReader::new(&file, 0..MAX_LOG_LEN, GUID).is_ok());
+        let e = LogReader::new(&file, 0..MAX_LOG_LEN + SECTOR, GUID)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("imgfs replays logs of up to"), "{e}");
     }
 
     #[test]

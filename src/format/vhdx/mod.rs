@@ -97,6 +97,7 @@ use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
 use crate::host::HostFile;
 use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
+use crate::meta::budget::TableBudget;
 use crate::meta::write_back::WriteBack;
 
 use bat::{Bat, Geometry, Run, RunKind};
@@ -295,6 +296,13 @@ impl VhdxImage {
         };
         let geometry = Geometry::new(&meta);
         let load_len = Bat::load_len(&geometry, &regions.bat)?;
+        // A log replayed in memory stays there; the BAT is read whole, then decoded, so both
+        // copies are in memory at once.
+        let mut budget = TableBudget::default();
+        if let Some(overlay) = &store.overlay {
+            budget.take("VHDX log replayed in memory", overlay.memory())?;
+        }
+        budget.take("VHDX BAT", load_len.saturating_mul(2))?;
         let mut raw = vec![0u8; load_len as usize];
         store.read(&mut raw, regions.bat.start)?;
         let structures = [

@@ -127,6 +127,17 @@ impl Overlay {
     pub fn end(&self) -> u64 {
         self.pieces.values().map(|p| p.end).max().unwrap_or(0)
     }
+
+    /// Bytes of memory the overlay's data takes (each shared buffer counted once).
+    pub fn memory(&self) -> u64 {
+        let mut seen = std::collections::HashSet::new();
+        self.pieces
+            .values()
+            .filter_map(|p| p.data.as_ref())
+            .filter(|d| seen.insert(Arc::as_ptr(d) as *const u8 as usize))
+            .map(|d| d.len() as u64)
+            .sum()
+    }
 }
 
 #[cfg(test)]
@@ -153,6 +164,8 @@ mod tests {
             .collect();
         assert_eq!(view(&o, &base), expect);
         assert_eq!(o.end(), 12);
+        // Two pieces of one buffer count it once.
+        assert_eq!(o.memory(), 8 + 1);
         // A read starting inside a piece sees its right bytes.
         let mut part = [0u8; 3];
         o.apply(&mut part, 8);
@@ -161,6 +174,7 @@ mod tests {
         o.zero(0, 100);
         assert_eq!(view(&o, &base), vec![0; 32]);
         assert_eq!(o.pieces.len(), 1);
+        assert_eq!(o.memory(), 0);
     }
 
     #[test]

@@ -288,15 +288,25 @@ impl SparseHeader {
         u64::from(self.gtes_per_gt) * self.entry_bytes()
     }
 
-    /// The embedded descriptor's byte range, if the header names one.
-    pub fn descriptor_range(&self) -> Option<(u64, u64)> {
+    /// The embedded descriptor's byte range, if the header names one. Called on headers not
+    /// checked yet (to tell a bare extent from a disk), so the sector counts are untrusted.
+    pub fn descriptor_range(&self) -> Result<Option<(u64, u64)>> {
         if self.descriptor_offset == 0 || self.descriptor_size == 0 {
-            return None;
+            return Ok(None);
         }
-        Some((
-            self.descriptor_offset * SECTOR_SIZE,
-            self.descriptor_size * SECTOR_SIZE,
-        ))
+        match (
+            sector_bytes(self.descriptor_offset),
+            sector_bytes(self.descriptor_size),
+        ) {
+            (Some(at), Some(len)) => Ok(Some((at, len))),
+            _ => Err(corrupt(
+                format!(
+                    "the VMDK embedded descriptor ({} sectors at sector {}) lies beyond any file",
+                    self.descriptor_size, self.descriptor_offset
+                ),
+                28,
+            )),
+        }
     }
 }
 
@@ -390,7 +400,7 @@ mod tests {
         assert_eq!(h.grain_bytes(), 65536);
         assert_eq!(h.gd_entries(), 160);
         assert!(h.has_redundant_gd() && !h.compressed() && h.unclean_shutdown);
-        assert_eq!(h.descriptor_range(), Some((512, 10240)));
+        assert_eq!(h.descriptor_range().unwrap(), Some((512, 10240)));
         h.check(0x297 * 512 + 640).unwrap();
         let e = h.check(0x297 * 512 + 639).unwrap_err();
         assert!(e.to_string().contains("beyond the end of the file"), "{e}");
@@ -417,5 +427,21 @@ mod tests {
         assert!(check(compressed).contains("compression algorithm 0"));
         assert!(SparseHeader::parse(b"COWD").is_err());
         assert!(SparseHeader::parse(b"KDMV").is_err(), "short header");
+    }
+
+    /// Found by fuzzing: the descriptor range of a header not checked yet (as the catalog
+    /// reads it to tell bare extents from disks) overflowed on a huge descriptorOffset.
+    #[test]
+    fn descriptor_ranges_of_unchecked_headers_never_overflow() {
+        for (offset, size) in [(1u64 << 55, 1u64), (1, 1 << 60), (u64::MAX, u64::MAX)] {
+            let mut raw = header_bytes(1, 3, 100, 128, 512, 1, 2);
+            raw[28..36].copy_from_slice(&offset.to_le_bytes());
+            raw[36..44].copy_from_slice(&size.to_le_bytes());
+            let e = SparseHeader::parse(&raw)
+                .unwrap()
+                .descriptor_range()
+                .unwrap_err();
+            assert!(e.to_string().contains("beyond any file"), "{e}");
+        }
     }
 }

@@ -84,6 +84,7 @@ use crate::image::{
     check_range, push_extent, request_part, request_part_mut, Extent as Status, ExtentState, Image,
     ImageInfo,
 };
+use crate::meta::budget::TableBudget;
 use crate::meta::write_back::WriteBack;
 
 pub use descriptor::{Access, Descriptor, ExtentType};
@@ -208,7 +209,7 @@ fn embedded_descriptor(file: &HostFile) -> Result<Option<(u64, u64)>> {
     let mut head = vec![0u8; header::HEADER_LEN];
     file.read_exact_at(&mut head, 0)?;
     let header = SparseHeader::parse(&head)?;
-    let Some((at, room)) = header.descriptor_range() else {
+    let Some((at, room)) = header.descriptor_range()? else {
         return Ok(None);
     };
     let file_len = file.len()?;
@@ -290,6 +291,8 @@ impl VmdkImage {
         read_only_reason: Option<String>,
     ) -> Result<VmdkImage> {
         let mut extents = Vec::new();
+        // The grain directories of every extent count against one budget.
+        let mut budget = TableBudget::default();
         let create_type;
         if let Some(header) = top.sparse.clone() {
             create_type = match top.descriptor.create_type.as_str() {
@@ -298,7 +301,7 @@ impl VmdkImage {
                 other => other.to_string(),
             };
             let sectors = header.capacity;
-            let sparse = SparseExtent::open(Arc::clone(&top_file), header, sectors)?;
+            let sparse = SparseExtent::open(Arc::clone(&top_file), header, sectors, &mut budget)?;
             extents.push(Extent {
                 start: 0,
                 len: sectors * SECTOR_SIZE,
@@ -317,7 +320,7 @@ impl VmdkImage {
                         let file = files.next().ok_or_else(|| {
                             Error::out_of_range("internal: fewer extent files than extents")
                         })?;
-                        open_storage(line, file)?
+                        open_storage(line, file, &mut budget)?
                     }
                 };
                 let len = line.sectors * SECTOR_SIZE;
@@ -353,6 +356,7 @@ impl VmdkImage {
                 }
             }
         }
+        reasons.extend(aliased_flat_extents(&extents));
         Ok(VmdkImage {
             cid: AtomicU32::new(top.descriptor.cid),
             cid_renewed: AtomicBool::new(false),
@@ -386,6 +390,8 @@ impl VmdkImage {
                 let from = offset.max(e.start);
                 (e, from, end.min(e.end()) - from)
             })
+            // An empty range would otherwise give an empty piece of the extent holding it.
+            .filter(|&(_, _, len)| len > 0)
     }
 
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -478,7 +484,11 @@ impl VmdkImage {
 }
 
 /// The storage of extent `line` in `file`.
-fn open_storage(line: &descriptor::ExtentLine, file: Arc<HostFile>) -> Result<Storage> {
+fn open_storage(
+    line: &descriptor::ExtentLine,
+    file: Arc<HostFile>,
+    budget: &mut TableBudget,
+) -> Result<Storage> {
     let path = file.path().to_path_buf();
     let opened = match line.kind {
         ExtentType::Flat | ExtentType::Vmfs => {
@@ -500,10 +510,10 @@ fn open_storage(line: &descriptor::ExtentLine, file: Arc<HostFile>) -> Result<St
             match &magic {
                 b"KDMV" => {
                     let header = SparseHeader::read(&file)?;
-                    SparseExtent::open(file, header, line.sectors)
+                    SparseExtent::open(file, header, line.sectors, budget)
                         .map(|s| Storage::Sparse(Box::new(s)))
                 }
-                b"COWD" => open_esx(esx::read_cowd(&file)?, file, line.sectors),
+                b"COWD" => open_esx(esx::read_cowd(&file)?, file, line.sectors, budget),
                 _ => Err(Error::corrupt(
                     "the SPARSE extent has no KDMV or COWD magic",
                 )),
@@ -511,11 +521,11 @@ fn open_storage(line: &descriptor::ExtentLine, file: Arc<HostFile>) -> Result<St
         }
         ExtentType::VmfsSparse => {
             let header = esx::read_cowd(&file)?;
-            open_esx(header, file, line.sectors)
+            open_esx(header, file, line.sectors, budget)
         }
         ExtentType::SeSparse => {
             let header = esx::read_sesparse(&file)?;
-            open_esx(header, file, line.sectors)
+            open_esx(header, file, line.sectors, budget)
         }
         ExtentType::Zero | ExtentType::VmfsRdm | ExtentType::VmfsRaw => Err(Error::unsupported(
             format!("{} extents have no file to open", line.kind.name()),
@@ -530,8 +540,13 @@ fn open_storage(line: &descriptor::ExtentLine, file: Arc<HostFile>) -> Result<St
     })
 }
 
-fn open_esx(header: SparseHeader, file: Arc<HostFile>, sectors: u64) -> Result<Storage> {
-    SparseExtent::open(file, header, sectors).map(|s| Storage::Sparse(Box::new(s)))
+fn open_esx(
+    header: SparseHeader,
+    file: Arc<HostFile>,
+    sectors: u64,
+    budget: &mut TableBudget,
+) -> Result<Storage> {
+    SparseExtent::open(file, header, sectors, budget).map(|s| Storage::Sparse(Box::new(s)))
 }
 
 /// Refuses a sparse extent whose file another extent uses too: each would allocate in it.
@@ -550,6 +565,43 @@ fn check_shared_files(extents: &[Extent]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Why the disk must not be written when two flat extents share bytes of one file: a write
+/// through one would change what the other reads, so no write could be read back reliably
+/// (as VDI, whose block maps may not alias either). Reading such a disk is well defined.
+fn aliased_flat_extents(extents: &[Extent]) -> Option<String> {
+    let mut flat: Vec<(usize, u64, u64, &Extent)> = extents
+        .iter()
+        .filter_map(|e| match &e.storage {
+            Storage::Flat { file, offset } => Some((
+                Arc::as_ptr(file) as usize,
+                *offset,
+                offset.saturating_add(e.len),
+                e,
+            )),
+            _ => None,
+        })
+        .collect();
+    flat.sort_by_key(|&(file, base, _, _)| (file, base));
+    let mut reach: Option<(usize, u64, &Extent)> = None;
+    for &(file, base, end, extent) in &flat {
+        match reach {
+            Some((f, r, other)) if f == file && base < r => {
+                return Some(format!(
+                    "the extents at disk offsets {:#x} and {:#x} share bytes of {}",
+                    other.start,
+                    extent.start,
+                    extent
+                        .file()
+                        .map_or_else(String::new, |f| f.path().display().to_string())
+                ));
+            }
+            Some((f, r, _)) if f == file && r >= end => {}
+            _ => reach = Some((file, end, extent)),
+        }
+    }
+    None
 }
 
 /// A random CID different from `old` and from the "no parent" value.

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::image::{request_part, request_part_mut};
+use crate::meta::budget::TableBudget;
 use crate::meta::compress::{inflate, Deflate, LastInflated};
 use crate::meta::table_cache::TableCache;
 use crate::meta::write_back::WriteBack;
@@ -64,7 +65,13 @@ pub struct SparseExtent {
 
 impl SparseExtent {
     /// Opens the sparse extent in `file` with header `header`, serving its first `sectors`.
-    pub fn open(file: Arc<HostFile>, header: SparseHeader, sectors: u64) -> Result<SparseExtent> {
+    /// Its grain directories count against the image's `budget`.
+    pub fn open(
+        file: Arc<HostFile>,
+        header: SparseHeader,
+        sectors: u64,
+        budget: &mut TableBudget,
+    ) -> Result<SparseExtent> {
         if sectors > header.capacity {
             return Err(Error::corrupt(format!(
                 "the descriptor gives the sparse extent {sectors} sectors, its header's \
@@ -74,7 +81,7 @@ impl SparseExtent {
         }
         let file_len = file.len()?;
         let layout = Layout::new(&header);
-        let directory = Directory::read(&file, &header, &layout, file_len)?;
+        let directory = Directory::read(&file, &header, &layout, file_len, budget)?;
         let mut reasons = Vec::new();
         if header.kind == SparseKind::Cowd {
             reasons.push("VMDK3 / vmfsSparse (COWD) extents are served read-only".to_string());

@@ -5,6 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::host::HostFile;
+use crate::meta::budget::TableBudget;
 use crate::meta::dirty::DirtyChunks;
 
 use super::descriptor::SECTOR_SIZE;
@@ -55,7 +56,8 @@ impl Layout {
                 "the grain directory",
             ),
         ];
-        if let Some((at, len)) = header.descriptor_range() {
+        // `header` was checked against the file, so its descriptor range is valid.
+        if let Ok(Some((at, len))) = header.descriptor_range() {
             reserved.push((at, len, "the embedded descriptor"));
         }
         if header.has_redundant_gd() {
@@ -219,16 +221,24 @@ pub struct Directory {
 }
 
 impl Directory {
-    /// Reads both directories and checks every grain table they name.
+    /// Reads both directories and checks every grain table they name; their memory counts
+    /// against the image's `budget`.
     pub fn read(
         file: &HostFile,
         header: &SparseHeader,
         layout: &Layout,
         file_len: u64,
+        budget: &mut TableBudget,
     ) -> Result<Directory> {
         let count = usize::try_from(header.gd_entries())
             .map_err(|_| Error::unsupported("VMDK grain directory too large for this host"))?;
         let width = layout.entry_bytes;
+        // Each copy is held decoded (8 bytes an entry); the raw bytes of one while reading it.
+        let copies: u64 = if header.has_redundant_gd() { 2 } else { 1 };
+        budget.take(
+            "VMDK grain directory",
+            header.gd_entries().saturating_mul(copies * 8 + width),
+        )?;
         let read = |what: &str, at: u64| -> Result<Vec<u64>> {
             let mut raw = vec![0u8; count * width as usize];
             file.read_exact_at(&mut raw, at)?;

@@ -251,3 +251,35 @@ fn exercise(img: &Qcow2Image) {
         let _ = img.refcount(host);
     }
 }
+
+/// Found by fuzzing: refcounts that call the header, L1 table and refcount structures free
+/// made the allocator put new tables and data over them. Such clusters are refused now, and
+/// the metadata stays as it was.
+#[test]
+fn refcounts_calling_metadata_free_do_not_get_it_overwritten() {
+    let dir = TempDir::new();
+    let Some(path) = small_image(&dir) else {
+        return;
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    let table_at = be64(&bytes, 48) as usize;
+    let block_at = (be64(&bytes, table_at) & OFFSET_MASK) as usize;
+    bytes[block_at..block_at + 65536].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    let file = HostFile::open(&path, true).unwrap();
+    let header = Qcow2Header::read(&file).unwrap();
+    let img = Qcow2Image::open(file, header, None, None, None).unwrap();
+    let e = img.write_at(&[7; 512], 512 << 20).unwrap_err();
+    assert!(
+        e.to_string().contains("refcount 0 but holds the header"),
+        "{e}"
+    );
+    let mut back = vec![0u8; 65536];
+    img.read_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&b| b == 0x42));
+    drop(img);
+    assert!(
+        std::fs::read(&path).unwrap()[..65536] == bytes[..65536],
+        "header untouched"
+    );
+}

@@ -363,6 +363,32 @@ fn allocation_round_trip_1m_blocks() {
     allocation_round_trip(1 << 20);
 }
 
+/// Blocks larger than what is padded in memory get their zeros from a bounded buffer: the
+/// bytes around a partial write still read as zeros, in the image and after a reopen.
+#[test]
+fn partial_writes_into_large_fresh_blocks_are_padded_with_zeros() {
+    let dir = TempDir::new();
+    let block = 4 << 20;
+    let path = fixture(&dir, block, &[U, U], 0);
+    let img = open_rw(&path);
+    let at = u64::from(block) + 3 * MIB + 7;
+    img.write_at(&[0xab; 1000], at).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let img = open_rw(&path);
+    let all = read_all(&img);
+    let start = at as usize;
+    assert!(all[..start].iter().all(|&b| b == 0));
+    assert!(all[start..start + 1000].iter().all(|&b| b == 0xab));
+    assert!(all[start + 1000..].iter().all(|&b| b == 0));
+    let file_len = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(
+        file_len % u64::from(block),
+        512 + 512,
+        "the block is written whole"
+    );
+}
+
 #[test]
 fn unflushed_allocation_is_not_referenced_on_disk() {
     let dir = TempDir::new();
@@ -497,6 +523,24 @@ fn allocation_stops_at_blocks_in_image() {
     assert_eq!(e.errno(), libc::ENOSPC, "{e}");
     assert!(!img.is_dirty());
     img.write_at(&[1; 512], 4096).unwrap();
+}
+
+/// A block map beyond the per-image table budget is refused before it is read, even when the
+/// (sparse) file is long enough to hold it.
+#[test]
+fn block_maps_beyond_the_memory_budget_are_refused() {
+    let dir = TempDir::new();
+    let blocks = (crate::meta::budget::MAX_TABLE_MEMORY / 4) as u32 + 1;
+    let h = header(ImageType::Dynamic, u64::from(blocks) * 512, 512);
+    let path = write_file(&dir, &h.to_bytes().unwrap());
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(u64::from(h.offset_data)).unwrap();
+    let e = try_open(&path).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(
+        e.to_string().contains("VDI block map would take 257 MiB"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -319,3 +319,16 @@ fn mutated_images_never_panic() {
         "opened {opened}, refused {refused}"
     );
 }
+
+/// A BAT that would take more than the per-image table budget (read whole, then decoded) is
+/// refused before it is read: 17 TiB in 1 MiB blocks needs 136 MiB of BAT.
+#[test]
+fn bats_beyond_the_memory_budget_are_refused() {
+    let dir = TempDir::new();
+    let Some(path) = create(&dir, "big.vhdx", "block_size=1M", 17 << 40) else {
+        return;
+    };
+    let e = try_open(&path).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("VHDX BAT would take"), "{e}");
+}

@@ -311,3 +311,53 @@ fn a_flush_that_crashes_after_its_log_entry_leaves_a_replayable_image() {
     );
     check(&open_rw(&for_qemu));
 }
+
+/// A fuzz seed (see `scripts/fuzz-seeds.sh`): a small dynamic image whose dirty log points
+/// a BAT entry at a block appended to the file and zeroes part of block 0, so fuzzing starts
+/// from a log that replays.
+#[test]
+#[ignore = "writes a fuzz seed; run by scripts/fuzz-seeds.sh"]
+fn fuzz_seed_dirty_log() {
+    let dir = TempDir::new();
+    let Some(path) = create(&dir, "l.vhdx", "block_size=1M", 3 * MIB) else {
+        return;
+    };
+    qemu_io(&path, &["write -P 0x5a 0 8k".to_string()]);
+    let block0 = {
+        let img = open_ro(&path);
+        match img.lookup(0, 1).unwrap()[0].kind {
+            RunKind::Data { host_offset } => host_offset,
+            other => panic!("block 0 is {other:?}"),
+        }
+    };
+    let new_block = std::fs::metadata(&path)
+        .unwrap()
+        .len()
+        .next_multiple_of(MIB);
+    write_at(&path, &[0x77; 4096], new_block);
+    let file_len = new_block + MIB;
+    let bat = bat_offset(&path);
+    let mut sector = vec![0u8; SECTOR as usize];
+    std::fs::File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut sector, bat)
+        .unwrap();
+    sector[16..24].copy_from_slice(&(new_block | 6).to_le_bytes());
+    let params = |sequence| EntryParams {
+        log_guid: LOG_GUID,
+        sequence,
+        tail: 0,
+        flushed_file_offset: file_len,
+        last_file_offset: file_len,
+    };
+    let first = build_entry(&params(5), &[(bat, sector)]).unwrap();
+    let mut second = build_entry(&params(6), &[]).unwrap();
+    add_zero_descriptor(&mut second, block0 + 4096, 2048);
+    let (header, _) = current(&path);
+    write_at(&path, &first, header.log_offset);
+    write_at(&path, &second, header.log_offset + first.len() as u64);
+    set_log_guid(&path, LOG_GUID);
+    let mut image = std::fs::read(&path).unwrap();
+    image.resize(file_len as usize, 0);
+    crate::fuzzing::tests::write_seed("vhdx", "dirty-log", &[image]);
+}

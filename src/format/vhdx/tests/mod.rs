@@ -540,3 +540,21 @@ pub fn assert_qemu_check_clean(path: &Path) {
 pub fn assert_qemu_compare_equal(_dir: &TempDir, path: &Path, expected: &[u8]) {
     crate::testutil::assert_qemu_compare_equal("vhdx", path, expected);
 }
+
+/// A fuzz seed (see `scripts/fuzz-seeds.sh`): a dynamic image with 4 KiB logical sectors, a
+/// layout QEMU does not create.
+#[test]
+#[ignore = "writes a fuzz seed; run by scripts/fuzz-seeds.sh"]
+fn fuzz_seed_4k_logical_sectors() {
+    let dir = TempDir::new();
+    let Some(path) = create(&dir, "s.vhdx", "block_size=1M", 2 * MIB) else {
+        return;
+    };
+    set_logical_sector_size(&path, 4096);
+    let img = open_rw(&path);
+    img.write_at(&[0x42; 8192], 4096).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let image = std::fs::read(&path).unwrap();
+    crate::fuzzing::tests::write_seed("vhdx", "logical-4k", &[image]);
+}

@@ -172,3 +172,18 @@ fn hostile_sesparse_and_cowd_extents_are_refused() {
     let e = case(vec![0u8; 4096], "SESPARSE");
     assert!(e.contains("not a seSparse extent"), "{e}");
 }
+
+/// Fuzz seeds (see `scripts/fuzz-seeds.sh`): a COWD and a seSparse delta disk, whose extents
+/// QEMU does not create, each named `b` by its descriptor.
+#[test]
+#[ignore = "writes fuzz seeds; run by scripts/fuzz-seeds.sh"]
+fn fuzz_seed_cowd_and_sesparse() {
+    let dir = TempDir::new();
+    let path = dir.path().join("d.vmdk");
+    descriptor(&path, "vmfsSparse", None, "RW 8192 VMFSSPARSE \"b\"");
+    let extent = cowd(8192, &[(0, 0x11), (7, 0x33), (4095, 0x44)]);
+    crate::fuzzing::tests::write_seed("vmdk", "cowd", &[std::fs::read(&path).unwrap(), extent]);
+    descriptor(&path, "seSparse", None, "RW 8192 SESPARSE \"b\"");
+    let extent = sesparse(8192, &[(0, 0x11), (2, 0x22), (1000, 0x33)], &[5]);
+    crate::fuzzing::tests::write_seed("vmdk", "sesparse", &[std::fs::read(&path).unwrap(), extent]);
+}

@@ -264,6 +264,42 @@ fn rdonly_flat_and_zero_extents_read_in_descriptor_order() {
         .expect("an RDONLY extent makes the disk read-only");
     assert!(reason.contains("RDONLY"), "{reason}");
     assert!(img.write_at(&[9u8; 10], 0).is_err());
+    // An empty range inside an extent has no extents (found by fuzzing: it had one of
+    // length 0, which made lseek's caller see a hole of no size).
+    for offset in [0, 1536, 5000, 13 * 512] {
+        assert_eq!(img.block_status(offset, 0).unwrap(), [], "at {offset}");
+    }
+    drop(img);
+    // Extents sharing bytes of a file are refused writes (found by fuzzing: a write through
+    // one changed what the other read). Neighbours in one file are fine.
+    let aliased = dir.path().join("aliased.vmdk");
+    for (extents, shared) in [
+        ("RW 4 FLAT \"a.raw\" 0\nRW 4 FLAT \"a.raw\" 3\n", true),
+        (
+            "RW 8 FLAT \"a.raw\" 0\nRW 2 FLAT \"b.raw\" 0\nRW 1 FLAT \"a.raw\" 7\n",
+            true,
+        ),
+        (
+            "RW 4 FLAT \"a.raw\" 4\nRW 4 FLAT \"a.raw\" 0\nRW 4 FLAT \"b.raw\" 0\n",
+            false,
+        ),
+    ] {
+        std::fs::write(
+            &aliased,
+            format!(
+                "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+                 createType=\"monolithicFlat\"\n{extents}"
+            ),
+        )
+        .unwrap();
+        let img = try_open(&aliased, false).unwrap();
+        let reason = img.read_only_reason().unwrap_or_default();
+        assert_eq!(
+            reason.contains("share bytes of"),
+            shared,
+            "{extents}: {reason}"
+        );
+    }
 }
 
 #[test]
@@ -330,4 +366,74 @@ fn mutated_sparse_disks_never_panic() {
         }
         usable
     });
+}
+
+/// Grain directories whose copies would take more than the per-image table budget are
+/// refused before they are read, however long the (sparse) file is.
+#[test]
+fn grain_directories_beyond_the_memory_budget_are_refused() {
+    use crate::format::vmdk::header::{testing::header_bytes, SparseHeader};
+    use crate::format::vmdk::sparse::SparseExtent;
+    let dir = TempDir::new();
+    let path = dir.path().join("big.vmdk");
+    // 16M directory entries of 8-sector grains and 512-entry tables, both copies in the file.
+    let entries: u64 = 16 << 20;
+    let capacity = entries * 8 * 512;
+    let gd_sectors = entries * 4 / SECTOR as u64;
+    let raw = header_bytes(1, 3, capacity, 8, 512, 1, 1 + gd_sectors);
+    std::fs::write(&path, &raw).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len((1 + 2 * gd_sectors) * SECTOR as u64).unwrap();
+    let header = SparseHeader::parse(&raw).unwrap();
+    let file = Arc::new(HostFile::open(&path, false).unwrap());
+    header.check(file.len().unwrap()).unwrap();
+    let mut budget = crate::meta::budget::TableBudget::default();
+    let e = SparseExtent::open(file, header, capacity, &mut budget)
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string()
+            .contains("VMDK grain directory would take 320 MiB"),
+        "{e}"
+    );
+}
+
+/// The grain directories of all extents of a disk share one budget: two extents that each fit
+/// are refused together, before the second directory is read.
+#[test]
+fn grain_directories_of_all_extents_share_the_memory_budget() {
+    use crate::format::vmdk::header::testing::header_bytes;
+    let dir = TempDir::new();
+    let extent = |name: &str, entries: u64| -> u64 {
+        let capacity = entries * 8 * 512;
+        let gd_sectors = entries * 4 / SECTOR as u64;
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            header_bytes(1, 3, capacity, 8, 512, 1, 1 + gd_sectors),
+        )
+        .unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len((1 + 2 * gd_sectors) * SECTOR as u64).unwrap();
+        capacity
+    };
+    // 20 bytes per entry (two decoded copies and the raw one): 20 MiB, then 250 MiB.
+    let small = extent("s.vmdk", 1 << 20);
+    let large = extent("l.vmdk", 12_500 << 10);
+    let path = dir.path().join("two.vmdk");
+    std::fs::write(
+        &path,
+        format!(
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+             createType=\"twoGbMaxExtentSparse\"\nRW {small} SPARSE \"s.vmdk\"\n\
+             RW {large} SPARSE \"l.vmdk\"\n"
+        ),
+    )
+    .unwrap();
+    let e = try_open(&path, true).err().unwrap();
+    assert!(
+        e.to_string()
+            .contains("and the image's other tables 20 MiB"),
+        "{e}"
+    );
 }

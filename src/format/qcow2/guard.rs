@@ -1,0 +1,195 @@
+//! The metadata guard: which host clusters hold metadata when writes start, so that the
+//! allocator never hands one out because a hostile or damaged image gives it refcount 0.
+//!
+//! The allocator trusts refcounts, as QEMU does. QEMU also refuses to write over metadata it
+//! knows about (its "cached" overlap check); this is the same protection, computed once at the
+//! first write from what is in memory then: the header cluster, the active L1 table and the L2
+//! tables it names, the refcount table and its blocks, the snapshot table and the snapshots'
+//! L1 tables. Without it, data or a new table written over, say, the L1 table corrupts the
+//! image further and reads back as something else. Clusters whose refcount drops to 0 through
+//! imgfs's own frees leave the guard, since they are free for real then.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+
+use super::alloc::AllocState;
+use super::cluster::OFFSET_MASK;
+use super::Qcow2Image;
+
+/// Disjoint ranges of host cluster numbers, `start -> (end, what they hold)`.
+#[derive(Debug, Default)]
+pub struct MetadataGuard {
+    ranges: BTreeMap<u64, (u64, &'static str)>,
+}
+
+impl MetadataGuard {
+    /// Adds clusters `[first, end)`, merging with the ranges they overlap or touch.
+    fn add(&mut self, mut first: u64, mut end: u64, mut what: &'static str) {
+        if first >= end {
+            return;
+        }
+        // The range starting at or before `first` may reach into it.
+        if let Some((&start, &(stop, name))) = self.ranges.range(..=first).next_back() {
+            if stop >= first {
+                self.ranges.remove(&start);
+                first = start;
+                end = end.max(stop);
+                what = name;
+            }
+        }
+        let later: Vec<u64> = self.ranges.range(first..=end).map(|(&s, _)| s).collect();
+        for start in later {
+            if let Some((stop, _)) = self.ranges.remove(&start) {
+                end = end.max(stop);
+            }
+        }
+        self.ranges.insert(first, (end, what));
+    }
+
+    /// Adds the clusters of bytes `[offset, offset + len)` for clusters of `1 << bits` bytes.
+    fn add_bytes(&mut self, offset: u64, len: u64, bits: u32, what: &'static str) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> bits;
+        let last = offset.saturating_add(len - 1) >> bits;
+        self.add(first, last.saturating_add(1), what);
+    }
+
+    /// What cluster `cluster` holds, if it is guarded.
+    fn holder(&self, cluster: u64) -> Option<&'static str> {
+        let (_, &(end, what)) = self.ranges.range(..=cluster).next_back()?;
+        (cluster < end).then_some(what)
+    }
+
+    /// Refuses to use clusters `[first, first + count)` if any of them holds metadata.
+    pub fn check(&self, first: u64, count: u64) -> Result<()> {
+        let end = first.saturating_add(count);
+        let hit = self.holder(first).map(|what| (first, what)).or_else(|| {
+            let (&start, &(_, what)) = self.ranges.range(first..end).next()?;
+            Some((start, what))
+        });
+        match hit {
+            None => Ok(()),
+            Some((cluster, what)) => Err(Error::corrupt(format!(
+                "host cluster {cluster:#x} has refcount 0 but holds {what}: the image's \
+                 refcounts are wrong (`qemu-img check -r all` repairs them); refusing to write \
+                 over it"
+            ))),
+        }
+    }
+
+    /// Cluster `cluster` was freed by imgfs (its refcount dropped to 0): it may be reused.
+    pub fn release(&mut self, cluster: u64) {
+        let Some((&start, &(end, what))) = self.ranges.range(..=cluster).next_back() else {
+            return;
+        };
+        if cluster >= end {
+            return;
+        }
+        self.ranges.remove(&start);
+        if start < cluster {
+            self.ranges.insert(start, (cluster, what));
+        }
+        if cluster + 1 < end {
+            self.ranges.insert(cluster + 1, (end, what));
+        }
+    }
+}
+
+impl Qcow2Image {
+    /// The guard of the metadata this image holds now (see the module doc).
+    pub(super) fn metadata_guard(&self, alloc: &mut AllocState) -> Result<MetadataGuard> {
+        let shared = &self.shared;
+        let bits = shared.geometry.cluster_bits;
+        let cluster_size = shared.geometry.cluster_size();
+        let mut guard = MetadataGuard::default();
+        guard.add_bytes(0, cluster_size, bits, "the header");
+        {
+            let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner());
+            guard.add_bytes(
+                self.l1_table_offset,
+                l1.len() as u64 * 8,
+                bits,
+                "the L1 table",
+            );
+            for &entry in l1.iter() {
+                let table = entry & OFFSET_MASK;
+                if table != 0 {
+                    guard.add_bytes(table, cluster_size, bits, "an L2 table");
+                }
+            }
+        }
+        let (table_offset, table_clusters) = alloc.refcounts.table_location();
+        guard.add_bytes(
+            table_offset,
+            table_clusters.saturating_mul(cluster_size),
+            bits,
+            "the refcount table",
+        );
+        for &entry in alloc.refcounts.table(&shared.file)? {
+            let block = entry & OFFSET_MASK;
+            if block != 0 {
+                guard.add_bytes(block, cluster_size, bits, "a refcount block");
+            }
+        }
+        if shared.header.nb_snapshots > 0 {
+            guard.add_bytes(
+                shared.header.snapshots_offset,
+                shared.snapshot_table_len,
+                bits,
+                "the snapshot table",
+            );
+        }
+        for snapshot in &shared.snapshots {
+            guard.add_bytes(
+                snapshot.l1_table_offset,
+                u64::from(snapshot.l1_size) * 8,
+                bits,
+                "a snapshot's L1 table",
+            );
+        }
+        Ok(guard)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_and_answer_for_every_cluster() {
+        let mut g = MetadataGuard::default();
+        g.add(10, 12, "a");
+        g.add(20, 21, "b");
+        g.add(11, 15, "c");
+        g.add(5, 6, "d");
+        g.add(15, 20, "e");
+        assert_eq!(g.ranges.len(), 2, "{:?}", g.ranges);
+        assert_eq!(g.holder(4), None);
+        assert_eq!(g.holder(5), Some("d"));
+        assert_eq!(g.holder(6), None);
+        assert!((10..21).all(|c| g.holder(c).is_some()));
+        assert_eq!(g.holder(21), None);
+        assert!(g.check(0, 5).is_ok());
+        assert!(g.check(0, 6).is_err(), "a run reaching into a range");
+        assert!(g.check(6, 4).is_ok());
+        let e = g.check(12, 1).unwrap_err();
+        assert!(e.to_string().contains("refcount 0 but holds"), "{e}");
+    }
+
+    #[test]
+    fn released_clusters_leave_the_guard() {
+        let mut g = MetadataGuard::default();
+        g.add_bytes(4096, 3 * 4096, 12, "t");
+        assert!(g.check(1, 3).is_err());
+        g.release(2);
+        assert!(g.check(2, 1).is_ok());
+        assert!(g.check(1, 1).is_err() && g.check(3, 1).is_err());
+        g.release(1);
+        g.release(3);
+        g.release(7);
+        assert!(g.ranges.is_empty());
+    }
+}
