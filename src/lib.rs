@@ -10,6 +10,7 @@ pub mod fs;
 pub mod host;
 pub mod image;
 pub mod meta;
+pub mod nbd;
 pub mod views;
 
 #[cfg(test)]
