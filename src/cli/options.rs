@@ -96,7 +96,15 @@ pub fn parse(lists: &[String]) -> Result<MountOptions, String> {
 /// Rewrites the command line of `imgfs SRC MNT -o OPTS` (how mount.fuse3 runs a FUSE file
 /// system) into `imgfs mount SRC MNT -o OPTS`.
 pub fn mount_helper_form(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    const COMMANDS: &[&str] = &["mount", "umount", "info", "completions", "manual", "help"];
+    const COMMANDS: &[&str] = &[
+        "mount",
+        "umount",
+        "nbd",
+        "info",
+        "completions",
+        "manual",
+        "help",
+    ];
     let first = args.get(1).and_then(|a| a.to_str());
     let is_command = first.is_some_and(|a| COMMANDS.contains(&a) || a.starts_with('-'));
     if args.len() > 1 && !is_command {
