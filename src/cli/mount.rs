@@ -248,7 +248,8 @@ fn nbd_config(args: &MountArgs) -> Result<Option<crate::nbd::ServerConfig>, Stri
     for text in &args.nbd {
         listen.extend(super::nbd::parse_listen(text)?);
     }
-    super::nbd::server_config(listen, &args.nbd_serve, 4).map(Some)
+    let workers = crate::nbd::Limits::default().workers;
+    super::nbd::server_config(listen, &args.nbd_serve, workers).map(Some)
 }
 
 fn fail(pipe: Option<ReadyPipe>, message: String) -> Result<(), String> {

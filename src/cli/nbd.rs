@@ -55,8 +55,8 @@ pub struct NbdArgs {
     /// Unix socket to listen on; may be repeated.
     #[arg(long, value_name = "PATH")]
     socket: Vec<PathBuf>,
-    /// Threads serving the requests of each connection in parallel.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// The most threads serving the requests of one connection in parallel.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
     /// Where the background daemon logs [default: $XDG_RUNTIME_DIR/imgfs.log, else
     /// /tmp/imgfs-UID.log].

@@ -1,7 +1,9 @@
 //! The transmission phase of one connection: the connection's thread reads requests (and a
 //! write's payload), worker threads serve them in parallel and each sends its whole reply
 //! through the shared `Writer`, so replies go out in the order requests finish, not the order
-//! they came in.
+//! they came in. Workers are started as requests find none idle, up to `Limits::workers`, so a
+//! connection with one request at a time costs one thread and a deep queue of reads waiting on
+//! the disk gets as many in flight as the client sends.
 //!
 //! Memory is bounded: READ and WRITE payloads are capped at `MAX_PAYLOAD`, and the payload bytes
 //! of requests in flight at `Limits::inflight_bytes` (the reader waits for workers to finish
@@ -10,6 +12,7 @@
 //! A write whose payload did not arrive in full is never applied.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
@@ -22,7 +25,7 @@ use crate::error::{Error, Result};
 /// Per-connection limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Worker threads serving the connection's requests.
+    /// The most worker threads serving the connection's requests.
     pub workers: usize,
     /// Payload bytes (read or written) of the requests in flight at once.
     pub inflight_bytes: u64,
@@ -31,7 +34,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            workers: 4,
+            workers: 16,
             inflight_bytes: 64 << 20,
         }
     }
@@ -81,7 +84,7 @@ struct Pool {
 }
 
 /// Buffers larger than this are not kept after use.
-const RETAIN: usize = 4 << 20;
+const RETAIN: usize = 2 << 20;
 
 impl Pool {
     fn take(&self, len: usize) -> Vec<u8> {
@@ -113,21 +116,28 @@ pub fn transmit(ch: &mut Channel, negotiated: &Negotiated, limits: Limits) -> Re
     };
     let (jobs, queue) = sync_channel::<Job>(workers * 2);
     let queue = Mutex::new(queue);
+    let idle = AtomicUsize::new(0);
     let writer = ch.writer().clone();
     std::thread::scope(|scope| {
-        for i in 0..workers {
-            let (queue, budget, pool, writer) = (&queue, &budget, &pool, writer.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("nbd-worker-{i}"))
-                .spawn_scoped(scope, move || {
-                    work(queue, budget, pool, &writer, negotiated)
-                });
-            if let Err(e) = spawned {
-                // Fewer workers serve the connection; with none, the queue below fails.
-                log::warn!("cannot start an NBD worker thread: {e}");
+        let mut started = 0;
+        let result = read_requests(ch, &budget, &pool, |job| {
+            // Another worker when every one is busy: the request would wait otherwise.
+            if started < workers && idle.load(Ordering::Acquire) == 0 {
+                let (queue, budget, pool, idle) = (&queue, &budget, &pool, &idle);
+                let writer = writer.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("nbd-worker-{started}"))
+                    .spawn_scoped(scope, move || {
+                        work(queue, budget, pool, idle, &writer, negotiated)
+                    });
+                match spawned {
+                    Ok(_) => started += 1,
+                    // The workers there are serve it; with none, the send below fails.
+                    Err(e) => log::warn!("cannot start an NBD worker thread: {e}"),
+                }
             }
-        }
-        let result = read_requests(ch, &budget, &pool, |job| jobs.send(job).is_ok());
+            started > 0 && jobs.send(job).is_ok()
+        });
         drop(jobs);
         result
     })
@@ -206,15 +216,16 @@ fn work(
     queue: &Mutex<Receiver<Job>>,
     budget: &Budget,
     pool: &Pool,
+    idle: &AtomicUsize,
     writer: &Writer,
     negotiated: &Negotiated,
 ) {
     let mut scratch = Vec::new();
     loop {
-        let job = match lock(queue).recv() {
-            Ok(job) => job,
-            Err(_) => return,
-        };
+        idle.fetch_add(1, Ordering::AcqRel);
+        let job = lock(queue).recv();
+        idle.fetch_sub(1, Ordering::AcqRel);
+        let Ok(job) = job else { return };
         let sent = serve_one(&job, &mut scratch, writer, negotiated);
         budget.release(job.charged);
         pool.give(job.payload);
