@@ -3,6 +3,8 @@
 # image, and print a markdown table.
 #
 #   scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N]
+#   scripts/bench.sh --nbd [--format F] [--size S] [--quick]   (NBD: imgfs, qemu-nbd, nbdkit;
+#                                                                 see scripts/bench-nbd.sh)
 #
 # Needs root (it drops the page cache and mounts FUSE file systems). Installs fio, fuse3, jq and
 # qemu-utils with apt-get when they are missing, builds imgfs in release mode, works in a fresh
@@ -26,6 +28,15 @@ set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd -P)
+
+# --nbd: the NBD export against qemu-nbd and nbdkit, a benchmark of its own.
+for arg in "$@"; do
+    if [[ $arg == --nbd ]]; then
+        args=()
+        for a in "$@"; do [[ $a == --nbd ]] || args+=("$a"); done
+        exec bash "$SCRIPT_DIR/bench-nbd.sh" "${args[@]}"
+    fi
+done
 
 usage() {
     cat <<'EOF'

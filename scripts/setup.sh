@@ -11,6 +11,12 @@ command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v losetup >/dev/null || need+=(util-linux)
 command -v sfdisk >/dev/null || need+=(fdisk)
+# NBD clients and the servers bench.sh --nbd compares with.
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v nbdcopy >/dev/null || need+=(libnbd-bin)
+command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v qemu-nbd >/dev/null || need+=(qemu-utils)
+command -v openssl >/dev/null || need+=(openssl)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: missing ${need[*]}; install them as root (apt-get install -y ${need[*]})" >&2

@@ -12,6 +12,7 @@ pub mod fuzzing;
 pub mod host;
 pub mod image;
 pub mod meta;
+pub mod nbd;
 pub mod views;
 
 #[cfg(test)]

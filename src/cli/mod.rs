@@ -7,6 +7,7 @@ mod docs;
 mod info;
 mod map;
 mod mount;
+mod nbd;
 mod notify;
 mod options;
 mod overlay;
@@ -54,6 +55,15 @@ enum Command {
   imgfs mount -o ro,uid=1000,gid=1000,umask=022 ./images /mnt/raw
   imgfs mount --foreground ./images /mnt/raw      (for systemd: Type=notify)")]
     Mount(mount::MountArgs),
+    /// Serve every image below SRC over NBD (qemu-img, nbdcopy, nbdinfo, nbd-client attach
+    /// them as `nbd://HOST/PATH`), each image an export named by its path without `.raw`.
+    #[command(after_help = "Examples:
+  imgfs nbd ./images                                   loopback, port 10809
+  imgfs nbd ./images --listen 0.0.0.0:10809 --tls-cert c.pem --tls-key k.pem
+  imgfs nbd ./images --socket /run/imgfs.sock --read-only --allow 'vm/**'
+  nbdinfo --list nbd://localhost
+  qemu-img convert -O qcow2 nbd://localhost/vm/disk.vdi copy.qcow2")]
+    Nbd(nbd::NbdArgs),
     /// Flush every image of an imgfs mount, unmount it and wait for its daemon to exit.
     #[command(after_help = "Example:\n  imgfs umount /mnt/raw")]
     Umount {
@@ -121,6 +131,7 @@ pub fn main() -> i32 {
     init_logging();
     let result = match cli.command {
         Command::Mount(args) => mount::run(args),
+        Command::Nbd(args) => nbd::run(args),
         Command::Umount { mnt } => umount::run(&mnt),
         Command::Info {
             json,

@@ -57,13 +57,19 @@ pub struct MountArgs {
     _sloppy: bool,
     #[arg(short = 'v', hide = true)]
     _verbose: bool,
+    /// Also serve the images over NBD on this address (HOST:PORT, or unix:PATH), sharing the
+    /// mount's open images; may be repeated. See `imgfs nbd` for the other options.
+    #[arg(long, value_name = "ADDR")]
+    nbd: Vec<String>,
+    #[command(flatten)]
+    nbd_serve: super::nbd::NbdServeArgs,
     /// The directory holding the images.
     src: PathBuf,
     /// The (empty) directory to mount on.
     mnt: PathBuf,
 }
 
-fn default_log_file() -> PathBuf {
+pub(super) fn default_log_file() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) => Path::new(&dir).join("imgfs.log"),
         // SAFETY: getuid has no preconditions.
@@ -126,6 +132,7 @@ fn with_options(mut args: MountArgs) -> Result<(MountArgs, Ownership), String> {
 pub fn run(args: MountArgs) -> Result<(), String> {
     let (args, ownership) = with_options(args)?;
     let (src, mnt) = check_dirs(&args)?;
+    let nbd = nbd_config(&args)?;
     let pipe = if args.foreground {
         None
     } else {
@@ -151,7 +158,7 @@ pub fn run(args: MountArgs) -> Result<(), String> {
             Forked::Child(pipe) => Some(pipe),
         }
     };
-    match serve(&args, ownership, &src, &mnt, pipe) {
+    match serve(&args, ownership, &src, &mnt, nbd, pipe) {
         Ok(()) => Ok(()),
         Err(message) => {
             log::error!("{message}");
@@ -165,6 +172,7 @@ fn serve(
     ownership: Ownership,
     src: &Path,
     mnt: &Path,
+    nbd: Option<crate::nbd::ServerConfig>,
     pipe: Option<ReadyPipe>,
 ) -> Result<(), String> {
     daemon::block_stop_signals();
@@ -215,6 +223,11 @@ fn serve(
         Ok(session) => session,
         Err(e) => return fail(pipe, format!("cannot mount on {}: {e}", mnt.display())),
     };
+    let nbd = match nbd.map(|c| super::nbd::start_server(&core, c, &args.nbd_serve, args.read_only))
+    {
+        Some(Err(e)) => return fail(pipe, e),
+        started => started.and_then(Result::ok),
+    };
     let unmounter = session.unmount_callable();
     spawn_signal_handler(core.clone(), mnt.to_path_buf(), unmounter);
     let (stop_writeback, writeback) = match spawn_writeback(core.clone()) {
@@ -229,6 +242,9 @@ fn serve(
     }
     let result = session.run();
     notify("STOPPING=1");
+    if let Some(server) = nbd {
+        server.stop();
+    }
     drop(stop_writeback);
     let _ = writeback.join();
     let failed = core.flush_all();
@@ -238,6 +254,19 @@ fn serve(
         (Ok(()), 0) => Ok(()),
         (Ok(()), n) => Err(format!("{n} image(s) failed to flush; see the log")),
     }
+}
+
+/// The NBD server `--nbd` asks for, checked before the daemon forks.
+fn nbd_config(args: &MountArgs) -> Result<Option<crate::nbd::ServerConfig>, String> {
+    if args.nbd.is_empty() {
+        return Ok(None);
+    }
+    let mut listen = Vec::new();
+    for text in &args.nbd {
+        listen.extend(super::nbd::parse_listen(text)?);
+    }
+    let workers = crate::nbd::Limits::default().workers;
+    super::nbd::server_config(listen, &args.nbd_serve, workers).map(Some)
 }
 
 fn fail(pipe: Option<ReadyPipe>, message: String) -> Result<(), String> {
@@ -278,7 +307,7 @@ fn spawn_signal_handler(core: Arc<FsCore>, mnt: PathBuf, mut unmounter: fuser::S
 
 /// Writes back dirty metadata, looks at the tree again and closes idle images every few
 /// seconds until the returned sender is dropped.
-fn spawn_writeback(
+pub(super) fn spawn_writeback(
     core: Arc<FsCore>,
 ) -> std::io::Result<(mpsc::Sender<()>, std::thread::JoinHandle<()>)> {
     let (stop, stopped) = mpsc::channel::<()>();

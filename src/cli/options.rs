@@ -103,6 +103,7 @@ pub fn mount_helper_form(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsS
     const COMMANDS: &[&str] = &[
         "mount",
         "umount",
+        "nbd",
         "info",
         "map",
         "overlay",

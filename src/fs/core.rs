@@ -149,7 +149,8 @@ pub type DirEntry = (u64, NodeKind, OsString);
 
 /// The mounted filesystem's state and operations.
 pub struct FsCore {
-    catalog: Catalog,
+    /// Shared with the NBD front end when both serve one daemon.
+    catalog: Arc<Catalog>,
     ownership: Ownership,
     inodes: RwLock<Inodes>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
@@ -194,7 +195,7 @@ impl FsCore {
             },
         );
         FsCore {
-            catalog,
+            catalog: Arc::new(catalog),
             ownership: Ownership::default(),
             inodes: RwLock::new(inodes),
             handles: RwLock::new(HashMap::new()),
@@ -211,6 +212,12 @@ impl FsCore {
 
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// The catalog, for another front end (NBD) serving the same images with the same
+    /// instances.
+    pub fn shared_catalog(&self) -> Arc<Catalog> {
+        Arc::clone(&self.catalog)
     }
 
     fn target(&self, ino: u64) -> FsResult<Target> {

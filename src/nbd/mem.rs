@@ -1,0 +1,224 @@
+//! Exports that live in memory, and a whole connection run over an in-memory socket: what the
+//! unit tests and the fuzz target drive the real handshake and request code with, without a
+//! catalog, files or network.
+//!
+//! `fuzz_session(bytes)` is the fuzz entry point: `bytes` is everything a client sends, and
+//! the server's handshake, option parsers, request parser and command handlers run on it
+//! exactly as for a network client (with one worker thread, so runs are reproducible).
+
+use std::sync::{Arc, RwLock};
+
+use super::conn::{MemSocket, Socket};
+use super::exports::{Export, ExportEntry, Exports};
+use super::handshake::HandshakeConfig;
+use super::server::{serve_connection, ConnectionContext};
+use super::transmit::Limits;
+use crate::error::{Error, Result};
+use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
+
+/// Allocation granularity of a `MemDisk`.
+const BLOCK: u64 = 4096;
+
+/// A disk in memory whose blocks are unallocated until written, so reads have holes.
+pub struct MemDisk {
+    data: RwLock<(Vec<u8>, Vec<bool>)>,
+    read_only: bool,
+}
+
+impl MemDisk {
+    pub fn new(size: usize, read_only: bool) -> Self {
+        let blocks = (size as u64).div_ceil(BLOCK) as usize;
+        MemDisk {
+            data: RwLock::new((vec![0; size], vec![false; blocks])),
+            read_only,
+        }
+    }
+
+    /// A copy of the whole disk.
+    pub fn contents(&self) -> Vec<u8> {
+        self.data.read().map(|d| d.0.clone()).unwrap_or_default()
+    }
+}
+
+impl Image for MemDisk {
+    fn size(&self) -> u64 {
+        self.data.read().map(|d| d.0.len() as u64).unwrap_or(0)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.size(), offset, buf.len())?;
+        let d = self.data.read().map_err(|_| Error::corrupt("poisoned"))?;
+        let start = offset as usize;
+        buf.copy_from_slice(&d.0[start..start + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::read_only("a read-only memory disk"));
+        }
+        check_range(self.size(), offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mut d = self.data.write().map_err(|_| Error::corrupt("poisoned"))?;
+        let start = offset as usize;
+        d.0[start..start + buf.len()].copy_from_slice(buf);
+        let first = (offset / BLOCK) as usize;
+        let last = ((offset + buf.len() as u64 - 1) / BLOCK) as usize;
+        for b in &mut d.1[first..=last] {
+            *b = true;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn is_dirty(&self) -> bool {
+        false
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let size = self.size();
+        let end = offset.saturating_add(len).min(size);
+        let d = self.data.read().map_err(|_| Error::corrupt("poisoned"))?;
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let next = ((at / BLOCK) + 1) * BLOCK;
+            let stop = next.min(end);
+            let state = match d.1.get((at / BLOCK) as usize) {
+                Some(true) => ExtentState::Data,
+                _ => ExtentState::Unallocated,
+            };
+            push_extent(
+                &mut out,
+                Extent {
+                    offset: at,
+                    len: stop - at,
+                    state,
+                    layer: 0,
+                },
+            );
+            at = stop;
+        }
+        Ok(out)
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        self.data
+            .read()
+            .map(|d| d.1.iter().filter(|b| **b).count() as u64 * BLOCK)
+            .unwrap_or(0)
+    }
+
+    fn read_only_reason(&self) -> Option<String> {
+        self.read_only.then(|| "read-only memory disk".into())
+    }
+
+    fn info(&self) -> ImageInfo {
+        ImageInfo {
+            format: "memory",
+            subformat: String::new(),
+            virtual_size: self.size(),
+            cluster_size: Some(BLOCK),
+            allocated_bytes: self.allocated_bytes(),
+            read_only_reason: self.read_only_reason(),
+            details: Vec::new(),
+        }
+    }
+}
+
+/// Named memory disks as exports.
+pub struct MemExports {
+    disks: Vec<(String, Arc<MemDisk>)>,
+}
+
+impl MemExports {
+    pub fn new(disks: Vec<(String, Arc<MemDisk>)>) -> Self {
+        MemExports { disks }
+    }
+
+    fn find(&self, name: &str) -> Option<&(String, Arc<MemDisk>)> {
+        match name {
+            "" if self.disks.len() == 1 => self.disks.first(),
+            _ => self.disks.iter().find(|(n, _)| n == name),
+        }
+    }
+}
+
+impl Exports for MemExports {
+    fn list(&self) -> Vec<ExportEntry> {
+        self.disks
+            .iter()
+            .map(|(name, disk)| ExportEntry {
+                name: name.clone(),
+                description: format!("{} bytes in memory", disk.size()),
+            })
+            .collect()
+    }
+
+    fn open(&self, name: &str) -> Result<Option<Export>> {
+        Ok(self.find(name).map(|(name, disk)| {
+            let image: Arc<dyn Image> = disk.clone();
+            let writable = image.read_only_reason().is_none();
+            Export::new(name.clone(), "in memory".into(), writable, Box::new(image))
+        }))
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        self.find(name).is_some()
+    }
+}
+
+/// A connection's context without a server around it.
+pub struct Standalone {
+    pub exports: MemExports,
+    pub handshake: HandshakeConfig,
+    pub limits: Limits,
+}
+
+impl ConnectionContext for Standalone {
+    fn exports(&self) -> &dyn Exports {
+        &self.exports
+    }
+    fn handshake(&self) -> &HandshakeConfig {
+        &self.handshake
+    }
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+}
+
+/// Runs one whole connection whose client sends `input` (delivered `piece` bytes at a time)
+/// against `context`; returns everything the server sent.
+pub fn run_connection(context: &Standalone, input: &[u8], piece: usize) -> Vec<u8> {
+    let sock = Arc::new(MemSocket::new(input.to_vec(), piece));
+    serve_connection(context, Arc::clone(&sock) as Arc<dyn Socket>, "memory");
+    sock.output()
+}
+
+/// The exports a fuzzed session sees: a small writable disk and a read-only one.
+pub fn fuzz_context() -> Standalone {
+    Standalone {
+        exports: MemExports::new(vec![
+            ("disk".into(), Arc::new(MemDisk::new(256 * 1024, false))),
+            ("ro/disk".into(), Arc::new(MemDisk::new(64 * 1024, true))),
+        ]),
+        handshake: HandshakeConfig::default(),
+        limits: Limits {
+            workers: 1,
+            inflight_bytes: 1 << 20,
+        },
+    }
+}
+
+/// The fuzz target: runs a whole client session made of `data` through the NBD server.
+/// It must return (never panic, never hang) whatever `data` is.
+pub fn fuzz_session(data: &[u8]) {
+    let context = fuzz_context();
+    // Pieces of 7 bytes make every parser see fields split across reads.
+    let _ = run_connection(&context, data, 7);
+}
