@@ -274,7 +274,14 @@ fn open_as(
                 host_reason,
             )?)
         }
-        Format::Vhd => Arc::new(vhd::VhdImage::open(file, host_reason)?),
+        Format::Vhd => {
+            let mut find_parent = |parent: &vhd::ParentRef| vhd::open_parent(parent, chain, links);
+            Arc::new(vhd::VhdImage::open_finding_parent(
+                file,
+                &mut find_parent,
+                host_reason,
+            )?)
+        }
         Format::Vmdk => {
             let file = Arc::new(file);
             let top = vmdk::VmdkTop::read(&file)?;

@@ -332,6 +332,10 @@ mod tests {
             version: 0x0001_0000,
             max_table_entries: entries,
             block_size,
+            parent_uuid: [0; 16],
+            parent_timestamp: 0,
+            parent_name: String::new(),
+            locators: Vec::new(),
         };
         Geometry::new(&header, u64::from(entries) * u64::from(block_size)).unwrap()
     }
@@ -351,6 +355,10 @@ mod tests {
             version: 0,
             max_table_entries: 2,
             block_size: 0,
+            parent_uuid: [0; 16],
+            parent_timestamp: 0,
+            parent_name: String::new(),
+            locators: Vec::new(),
         };
         for (block_size, kind) in [
             (0, ErrorKind::Corrupt),

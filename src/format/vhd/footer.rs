@@ -234,13 +234,11 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 }
 
 /// The VHD time stamp of a Unix time (0 before 2000, the maximum past 2136).
-#[cfg(test)]
 pub fn vhd_time(unix_seconds: u64) -> u32 {
     u32::try_from(unix_seconds.saturating_sub(VHD_EPOCH)).unwrap_or(u32::MAX)
 }
 
-/// Builds a footer (for tests): the fields given, reserved bytes zero, the checksum sealed.
-#[cfg(test)]
+/// Builds a footer (for `make`): the fields given, reserved bytes zero, the checksum sealed.
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     disk_type: DiskType,

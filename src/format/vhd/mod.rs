@@ -1,5 +1,5 @@
-//! Virtual PC / Hyper-V gen 1 / Azure VHD images (fixed and dynamic), served as a raw disk.
-//! Differencing disks are refused for now.
+//! Virtual PC / Hyper-V gen 1 / Azure VHD images (fixed, dynamic and differencing), served as
+//! a raw disk.
 //!
 //! # On-disk layout (all big-endian, 512-byte sectors)
 //!
@@ -18,7 +18,7 @@
 //! Virtual PC and QEMU made, `current_size` for every other creator.
 //!
 //! A BAT entry is the sector where a block's bitmap starts. A set bit means the sector is in
-//! this file; a clear one reads as zeros.
+//! this file; a clear one reads from the parent (differencing) or as zeros (dynamic).
 //!
 //! # Metadata write order
 //!
@@ -26,8 +26,11 @@
 //! - An allocating write appends consecutive blocks where the file ends, densely as QEMU lays
 //!   them out (bitmap, data, next bitmap, ...), in three steps: (1) unless an earlier
 //!   allocation made room already, the footer is written behind the new blocks and synced,
-//!   so the file reaches past them; (2) their bitmaps (all ones), their BAT entries, and the
-//!   footer one block further on (room for the next allocation), then a sync; (3) the data.
+//!   so the file reaches past them; (2) their bitmaps (all ones in a dynamic disk, all zeros
+//!   in a differencing one), their BAT entries, and the footer one block further on (room
+//!   for the next allocation), then a sync; (3) the data. A differencing disk's data is the
+//!   sectors written, widened to whole sectors with the parent's bytes, and their bits are
+//!   set in the cached bitmap afterwards.
 //! - Entries go before data because of QEMU's allocator: it puts a new block right behind the
 //!   last block the BAT names and writes only the guest's bytes into it, trusting the rest to
 //!   be zeros. A block written before it is named could be left behind by a crash and show
@@ -60,7 +63,9 @@ mod bat;
 mod bitmap;
 mod footer;
 mod header;
+mod make;
 mod open;
+mod parent;
 mod write;
 
 #[cfg(test)]
@@ -70,7 +75,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
-use crate::format::backing::{read_below, status_below};
+use crate::format::backing::{read_below, status_below, Backing};
 use crate::host::HostFile;
 use crate::image::{
     check_range, push_extent, request_part_mut, Extent, ExtentState, Image, ImageInfo,
@@ -82,6 +87,9 @@ use footer::{DiskType, Footer, SizeFrom, FOOTER_LEN, SECTOR};
 use header::DynHeader;
 use open::{open_sparse, read_footers};
 
+pub use make::{build_differencing, make_differencing, ChildSpec};
+pub use parent::{footer_of, open_parent, ParentRef};
+
 /// Whether the last 512 bytes of `file` start with the footer cookie: the only mark of a fixed
 /// VHD (the caller looked at the start of the file first).
 pub fn probe_tail(file: &HostFile) -> Result<bool> {
@@ -92,6 +100,12 @@ pub fn probe_tail(file: &HostFile) -> Result<bool> {
     let mut cookie = [0u8; 8];
     file.read_exact_at(&mut cookie, len - FOOTER_LEN as u64)?;
     Ok(&cookie == footer::COOKIE)
+}
+
+/// Where `open_inner` gets a differencing disk's parent from.
+enum ParentSource<'a> {
+    Given(Option<Backing>),
+    Find(&'a mut dyn FnMut(&ParentRef) -> Result<Backing>),
 }
 
 /// State only allocation, bitmap changes and flush touch, guarded by the allocation mutex.
@@ -122,6 +136,8 @@ pub struct VhdImage {
     size: u64,
     size_from: SizeFrom,
     sparse: Option<Sparse>,
+    parent: Option<Backing>,
+    parent_ref: Option<ParentRef>,
     read_only_reason: Option<String>,
     /// Which footer is in force, when it is not simply the last one.
     footer_note: Option<String>,
@@ -130,22 +146,39 @@ pub struct VhdImage {
 }
 
 impl VhdImage {
-    /// Opens the VHD in `file`; `read_only_reason` is set when the caller serves it read-only.
-    pub fn open(file: HostFile, read_only_reason: Option<String>) -> Result<VhdImage> {
+    /// Opens the VHD in `file`. `parent` is the opened parent of a differencing disk (without
+    /// it the disk is read-only); `read_only_reason` is set when the caller serves it read-only.
+    pub fn open(
+        file: HostFile,
+        parent: Option<Backing>,
+        read_only_reason: Option<String>,
+    ) -> Result<VhdImage> {
         let path = file.path().to_path_buf();
-        Self::open_inner(file, read_only_reason).map_err(|e| e.with_path(&path))
+        Self::open_inner(file, ParentSource::Given(parent), read_only_reason)
+            .map_err(|e| e.with_path(&path))
     }
 
-    fn open_inner(file: HostFile, read_only_reason: Option<String>) -> Result<VhdImage> {
+    /// Opens the VHD in `file`; for a differencing disk, `find_parent` gets where the child
+    /// says its parent is and opens it.
+    pub fn open_finding_parent(
+        file: HostFile,
+        find_parent: &mut dyn FnMut(&ParentRef) -> Result<Backing>,
+        read_only_reason: Option<String>,
+    ) -> Result<VhdImage> {
+        let path = file.path().to_path_buf();
+        Self::open_inner(file, ParentSource::Find(find_parent), read_only_reason)
+            .map_err(|e| e.with_path(&path))
+    }
+
+    fn open_inner(
+        file: HostFile,
+        parent: ParentSource<'_>,
+        read_only_reason: Option<String>,
+    ) -> Result<VhdImage> {
         let file_len = file.len()?;
         let found = read_footers(&file, file_len)?;
         let footer = found.footer.clone();
         let disk_type = footer.disk_type()?;
-        if disk_type == DiskType::Differencing {
-            return Err(Error::unsupported(
-                "differencing VHDs are not supported yet",
-            ));
-        }
         let (size, size_from) = footer.virtual_size()?;
         let mut reasons = Vec::new();
         match read_only_reason {
@@ -156,6 +189,8 @@ impl VhdImage {
             None => {}
         }
         let mut sparse = None;
+        let mut parent_ref = None;
+        let mut parent_image = None;
         if disk_type == DiskType::Fixed {
             let data = file_len - FOOTER_LEN as u64;
             if size > data {
@@ -165,10 +200,22 @@ impl VhdImage {
                 )));
             }
         } else {
-            let opened = open_sparse(&file, file_len, &footer, &found, size)?;
+            let opened = open_sparse(&file, file_len, &footer, &found, size, disk_type)?;
             if let Some(overlap) = &opened.overlap {
                 log::warn!("{}: {overlap}; serving it read-only", file.path().display());
                 reasons.push(overlap.clone());
+            }
+            if disk_type == DiskType::Differencing {
+                let wanted = opened.parent_ref.clone();
+                parent_image = match parent {
+                    ParentSource::Given(given) => given,
+                    ParentSource::Find(find) => Some(find(&wanted)?),
+                };
+                if parent_image.is_none() {
+                    // Sectors filled up on write would take zeros instead of the parent's.
+                    reasons.push("the parent of this differencing image is not open".into());
+                }
+                parent_ref = Some(wanted);
             }
             sparse = Some(opened.sparse);
         }
@@ -181,6 +228,8 @@ impl VhdImage {
             size,
             size_from,
             sparse,
+            parent: parent_image,
+            parent_ref,
             read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
             footer_note: found.note,
             footer,
@@ -197,13 +246,13 @@ impl VhdImage {
             let part = request_part_mut(buf, offset, run.offset, run.len)?;
             match run.kind {
                 RunKind::Data { host_offset } => self.file.read_exact_at(part, host_offset)?,
-                RunKind::Below => read_below(None, part, run.offset)?,
+                RunKind::Below => read_below(self.parent.as_ref(), part, run.offset)?,
                 RunKind::Partial { .. } => {
                     for (piece, here) in self.pieces(sparse, &run)? {
                         let part = request_part_mut(buf, offset, piece.offset, piece.len)?;
                         match here {
                             Some(host) => self.file.read_exact_at(part, host)?,
-                            None => read_below(None, part, piece.offset)?,
+                            None => read_below(self.parent.as_ref(), part, piece.offset)?,
                         }
                     }
                 }
@@ -277,7 +326,7 @@ impl VhdImage {
                 if here.is_some() {
                     push_extent(&mut extents, own(piece.offset, piece.len));
                 } else {
-                    for e in status_below(None, piece.offset, piece.len)? {
+                    for e in status_below(self.parent.as_ref(), piece.offset, piece.len)? {
                         push_extent(&mut extents, e);
                     }
                 }
@@ -338,6 +387,21 @@ impl VhdImage {
                 "blocks_allocated",
                 sparse.read_bat().allocated().to_string(),
             ));
+        }
+        if let Some(p) = &self.parent_ref {
+            details.push(("parent_uuid", uuid::Uuid::from_bytes(p.uuid).to_string()));
+            details.push(("parent_timestamp", footer::timestamp_text(p.timestamp)));
+            details.push(("parent_name", p.unicode_name.clone()));
+            for (code, path) in &p.locators {
+                let text = match path {
+                    Ok(path) => format!("{code}: {path}"),
+                    Err(why) => format!("{code}: ({why})"),
+                };
+                details.push(("parent_locator", text));
+            }
+        }
+        if let Some(parent) = &self.parent {
+            details.push(("parent", parent.path.display().to_string()));
         }
         details
     }

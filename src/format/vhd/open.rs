@@ -1,6 +1,6 @@
 //! The open-time reading of a VHD: the footer in force (the last one, or the copy at offset 0
-//! when the last is damaged), and for dynamic disks the dynamic header and the BAT, each
-//! checked against the file and the others.
+//! when the last is damaged), and for dynamic and differencing disks the dynamic header, the
+//! parent locators and the BAT, each checked against the file and the others.
 
 use std::ops::Range;
 use std::sync::{Mutex, RwLock};
@@ -8,8 +8,8 @@ use std::sync::{Mutex, RwLock};
 use super::bat::{Bat, Geometry};
 use super::bitmap::Bitmaps;
 use super::footer::{DiskType, Footer, FOOTER_LEN, SECTOR};
-use super::header::{DynHeader, HEADER_LEN};
-use super::{AllocState, Sparse};
+use super::header::{self, DynHeader, HEADER_LEN, MAX_LOCATOR_LEN};
+use super::{AllocState, ParentRef, Sparse};
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
@@ -89,15 +89,18 @@ pub(super) fn read_footers(file: &HostFile, file_len: u64) -> Result<Footers> {
 pub(super) struct OpenedSparse {
     pub sparse: Sparse,
     pub overlap: Option<String>,
+    pub parent_ref: ParentRef,
 }
 
-/// Reads the dynamic header and the BAT, and checks them against the file and each other.
+/// Reads the dynamic header, the parent locators and the BAT, and checks them against the
+/// file and each other.
 pub(super) fn open_sparse(
     file: &HostFile,
     file_len: u64,
     footer: &Footer,
     found: &Footers,
     size: u64,
+    disk_type: DiskType,
 ) -> Result<OpenedSparse> {
     let header_at = footer.data_offset;
     let header_range = span(
@@ -117,7 +120,7 @@ pub(super) fn open_sparse(
     let geometry = Geometry::new(&header, size).map_err(|e| e.at_offset(header_at))?;
     let table_len = u64::from(geometry.entries) * 4;
     let table = span(header.table_offset, table_len, file_len, "the BAT")?;
-    let metadata = vec![
+    let mut metadata = vec![
         ("the footer copy", 0..FOOTER_LEN as u64),
         ("the dynamic disk header", header_range),
         ("the BAT", table.clone()),
@@ -130,6 +133,38 @@ pub(super) fn open_sparse(
             return Err(Error::corrupt(format!("{name} overlaps {other}")));
         }
     }
+    let mut locators = Vec::new();
+    if disk_type == DiskType::Differencing {
+        for locator in &header.locators {
+            let code = locator.code_text();
+            let data = locator.data_range().and_then(|range| {
+                if locator.length > MAX_LOCATOR_LEN {
+                    return Err(Error::corrupt(format!(
+                        "its {} bytes are more than a Windows path takes",
+                        locator.length
+                    )));
+                }
+                span(range.start, locator.length.into(), file_len, "its data")
+            });
+            let path = match data {
+                Ok(range) => {
+                    let mut bytes = vec![0u8; locator.length as usize];
+                    file.read_exact_at(&mut bytes, range.start)?;
+                    metadata.push(("a parent locator", range));
+                    header::locator_path(locator.code, &bytes)
+                        .ok_or_else(|| "a platform imgfs does not follow".to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            locators.push((code, path));
+        }
+    }
+    let parent_ref = ParentRef {
+        uuid: header.parent_uuid,
+        timestamp: header.parent_timestamp,
+        unicode_name: header.parent_name.clone(),
+        locators,
+    };
     // Bounded: the table lies inside the file, and has at most bat::MAX_ENTRIES entries.
     let mut raw_table = vec![0u8; table_len as usize];
     file.read_exact_at(&mut raw_table, header.table_offset)?;
@@ -179,6 +214,7 @@ pub(super) fn open_sparse(
     Ok(OpenedSparse {
         sparse,
         overlap: scan.overlap,
+        parent_ref,
     })
 }
 

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 
 use super::bat::{Run, RunKind};
-use super::footer::{FOOTER_LEN, SECTOR};
+use super::footer::{DiskType, FOOTER_LEN, SECTOR};
 use super::{AllocState, Sparse, VhdImage};
 use crate::error::{Error, Result};
 use crate::format::backing::read_below;
@@ -134,9 +134,11 @@ impl VhdImage {
             self.file.sync_data()?;
             alloc.durable_end = end + FOOTER_LEN as u64;
         }
-        // The bitmap says every sector is here: the room reads as zeros until the data is
-        // written, for QEMU (which ignores bitmaps) and for us alike.
-        let bits = vec![0xff; geo.bitmap_size as usize];
+        let differencing = self.disk_type == DiskType::Differencing;
+        // A dynamic disk's bitmap says every sector is here: the room reads as zeros until the
+        // data is written, for QEMU (which ignores bitmaps) and for us alike. A differencing
+        // disk's says none is, and gets its bits once the data is synced (`flush`).
+        let bits = vec![if differencing { 0 } else { 0xff }; geo.bitmap_size as usize];
         for i in 0..count {
             self.file.write_all_at(&bits, start + i * span)?;
         }
@@ -150,8 +152,10 @@ impl VhdImage {
             }
             bat.mark_clean();
         }
-        for i in 0..count {
-            sparse.bitmaps.record_new(first_block + i, &bits);
+        if !differencing {
+            for i in 0..count {
+                sparse.bitmaps.record_new(first_block + i, &bits);
+            }
         }
         // The room for the next block, where QEMU would put it too (see the module doc).
         self.file.write_all_at(footer, next_room)?;
@@ -161,20 +165,36 @@ impl VhdImage {
 
         let mut done = 0usize;
         for i in 0..count {
+            let at = offset + done as u64;
             let in_block = if i == 0 { head } else { 0 };
             let take = ((geo.block_size - in_block) as usize).min(payload.len() - done);
             let piece = payload
                 .get(done..done + take)
                 .ok_or_else(|| internal("an allocation outside the payload"))?;
-            let data_at = start + i * span + geo.bitmap_size;
-            self.file.write_all_at(piece, data_at + in_block)?;
+            let block = first_block + i;
+            let bitmap_at = start + i * span;
+            let data_at = bitmap_at + geo.bitmap_size;
+            if differencing {
+                let (first, sectors) = self.whole_sectors(piece, at)?;
+                let in_block = first - block * geo.block_size;
+                self.file.write_all_at(&sectors, data_at + in_block)?;
+                let sector = in_block / SECTOR;
+                let count = sectors.len() as u64 / SECTOR;
+                sparse
+                    .bitmaps
+                    .set(block, bitmap_at, sector..sector + count, |buf, at| {
+                        self.file.read_exact_at(buf, at)
+                    })?;
+            } else {
+                self.file.write_all_at(piece, data_at + in_block)?;
+            }
             done += take;
         }
         Ok(())
     }
 
-    /// `piece` (at virtual `offset`) widened to whole sectors with the bytes below it (zeros),
-    /// and the virtual offset it then starts at.
+    /// `piece` (at virtual `offset`) widened to whole sectors with the bytes below it (the
+    /// parent's, or zeros), and the virtual offset it then starts at.
     fn whole_sectors<'a>(&self, piece: &'a [u8], offset: u64) -> Result<(u64, Cow<'a, [u8]>)> {
         let end = offset + piece.len() as u64;
         let start = offset - offset % SECTOR;
@@ -186,7 +206,7 @@ impl VhdImage {
         }
         let mut buf = vec![0u8; (stop - start) as usize];
         let len = buf.len();
-        let parent = None;
+        let parent = self.parent.as_ref();
         let sector = SECTOR as usize;
         if start != offset {
             let head = buf.get_mut(..sector).ok_or_else(|| internal("widening"))?;

@@ -31,6 +31,10 @@ fn small_image() -> Vec<u8> {
         table_offset: 1536,
         max_table_entries: BLOCKS,
         block_size: BLOCK as u32,
+        parent_uuid: [0; 16],
+        parent_timestamp: 0,
+        parent_name: "",
+        locators: &[],
     })
     .unwrap();
     let mut bytes = vec![0u8; (FIRST_BLOCK + 3 * SPAN) as usize];

@@ -5,6 +5,7 @@
 //! repaired; sectors whose bitmap bits are clear read as zeros and are filled up on write.
 
 mod crash;
+mod differencing;
 mod hostile;
 
 use std::path::{Path, PathBuf};
@@ -66,7 +67,7 @@ pub fn qemu_size(path: &Path) -> Option<Result<u64, String>> {
 }
 
 pub fn try_open(path: &Path) -> Result<VhdImage> {
-    VhdImage::open(HostFile::open(path, true)?, None)
+    VhdImage::open(HostFile::open(path, true)?, None, None)
 }
 
 pub fn open_rw(path: &Path) -> VhdImage {
@@ -75,7 +76,7 @@ pub fn open_rw(path: &Path) -> VhdImage {
 
 pub fn open_ro(path: &Path) -> VhdImage {
     let file = HostFile::open(path, false).unwrap();
-    VhdImage::open(file, Some("served read-only by request".into())).unwrap()
+    VhdImage::open(file, None, Some("served read-only by request".into())).unwrap()
 }
 
 pub fn read_all(img: &VhdImage) -> Vec<u8> {
@@ -426,7 +427,7 @@ fn read_only_images_refuse_writes_and_never_touch_the_file() {
     let e = img.write_at(&[1], 0).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ReadOnly);
     img.flush().unwrap();
-    let alone = VhdImage::open(HostFile::open(&path, false).unwrap(), None).unwrap();
+    let alone = VhdImage::open(HostFile::open(&path, false).unwrap(), None, None).unwrap();
     assert!(alone.read_only_reason().unwrap().contains("read-only"));
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }
