@@ -363,7 +363,9 @@ impl VhdImage {
                         "CHS geometry (creator {:?}, as QEMU and Virtual PC)",
                         f.creator_app_text()
                     ),
-                    SizeFrom::CurrentSize => "current_size".into(),
+                    SizeFrom::CurrentSize => {
+                        format!("current_size (creator {:?})", f.creator_app_text())
+                    }
                 },
             ),
             ("timestamp", footer::timestamp_text(f.timestamp)),

@@ -157,6 +157,13 @@ fn qemu_images_read_like_qemu_img_convert_and_have_its_size() {
             "qemu"
         };
         assert_eq!(detail(&img, "creator_app"), app);
+        let from = detail(&img, "size_from");
+        let rule = if app == "qemu" {
+            "CHS geometry"
+        } else {
+            "current_size (creator \"qem2\")"
+        };
+        assert!(from.starts_with(rule), "{name}: {from}");
         let extents = img.block_status(0, u64::MAX).unwrap();
         let data: u64 = extents
             .iter()
