@@ -2,7 +2,7 @@
 # Benchmark imgfs against qemu-storage-daemon's FUSE export, side by side, on the same kind of
 # image, and print a markdown table.
 #
-#   scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N]
+#   scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N]
 #   scripts/bench.sh --nbd [--format F] [--size S] [--quick]   (NBD: imgfs, qemu-nbd, nbdkit;
 #                                                                 see scripts/bench-nbd.sh)
 #
@@ -40,12 +40,13 @@ done
 
 usage() {
     cat <<'EOF'
-Usage: scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N]
+Usage: scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N]
 
 Compares imgfs with qemu-storage-daemon's FUSE export on a freshly made image and prints a
 markdown table (MB/s for sequential rows, IOPS for random rows). Must run as root.
 
-  --format F         image format (default vdi; vmdk is monolithicSparse, vmdk-flat monolithicFlat)
+  --format F         image format (default vdi; vhd is dynamic, vmdk monolithicSparse,
+                     vmdk-flat monolithicFlat)
   --size S           virtual disk size, e.g. 256M, 1G (default 1G; 256M with --quick)
   --quick            smaller image and 3 s fio runs instead of 10 s
   --imgfs-threads N  pass --threads N to imgfs mount (default: imgfs's own default)
@@ -95,9 +96,11 @@ case $FORMAT in
     qcow2) CREATE_OPTS=(-f qcow2); QEMU_DRIVER=qcow2; EXT=qcow2 ;;
     qcow) CREATE_OPTS=(-f qcow); QEMU_DRIVER=qcow; EXT=qcow ;;
     vhdx) CREATE_OPTS=(-f vhdx -o subformat=dynamic); QEMU_DRIVER=vhdx; EXT=vhdx ;;
+    # force_size keeps the disk at --size; without it qemu-img rounds it up to a CHS geometry.
+    vhd) CREATE_OPTS=(-f vpc -o subformat=dynamic,force_size=on); QEMU_DRIVER=vpc; EXT=vhd ;;
     vmdk) CREATE_OPTS=(-f vmdk -o subformat=monolithicSparse); QEMU_DRIVER=vmdk; EXT=vmdk ;;
     vmdk-flat) CREATE_OPTS=(-f vmdk -o subformat=monolithicFlat); QEMU_DRIVER=vmdk; EXT=vmdk ;;
-    *) die "unknown format '$FORMAT' (known: vdi qcow2 qcow vhdx vmdk vmdk-flat)" ;;
+    *) die "unknown format '$FORMAT' (known: vdi qcow2 qcow vhdx vhd vmdk vmdk-flat)" ;;
 esac
 
 SIZE_BYTES=$(numfmt --from=iec "${SIZE%iB}" 2>/dev/null) || die "cannot parse --size '$SIZE' (use e.g. 256M or 1G)"

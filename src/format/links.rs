@@ -172,6 +172,7 @@ pub fn format_named(name: &str) -> Result<Format> {
         "qcow" => Ok(Format::Qcow),
         "qcow2" => Ok(Format::Qcow2),
         "vhdx" => Ok(Format::Vhdx),
+        "vpc" | "vhd" => Ok(Format::Vhd),
         "vmdk" => Ok(Format::Vmdk),
         other => Err(Error::unsupported(format!(
             "backing format {other:?} is not one imgfs reads"
@@ -266,6 +267,7 @@ mod tests {
     fn backing_format_names_map_to_formats() {
         assert_eq!(format_named("qcow2").unwrap(), Format::Qcow2);
         assert_eq!(format_named("raw").unwrap(), Format::Raw);
+        assert_eq!(format_named("vpc").unwrap(), Format::Vhd);
         assert!(format_named("nbd").is_err());
     }
 }

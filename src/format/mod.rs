@@ -7,6 +7,7 @@ pub mod qcow;
 pub mod qcow2;
 pub mod raw;
 pub mod vdi;
+pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
@@ -28,6 +29,8 @@ pub enum Format {
     Qcow,
     Qcow2,
     Vhdx,
+    /// VHD (QEMU calls the format and its driver "vpc").
+    Vhd,
     Vmdk,
     /// Only as a backing file: raw files carry no magic, so they are never served on their own.
     Raw,
@@ -40,6 +43,7 @@ impl Format {
             Format::Qcow => "qcow",
             Format::Qcow2 => "qcow2",
             Format::Vhdx => "vhdx",
+            Format::Vhd => "vpc",
             Format::Vmdk => "vmdk",
             Format::Raw => "raw",
         }
@@ -49,7 +53,8 @@ impl Format {
 /// How many leading bytes `probe` needs to see.
 pub const PROBE_LEN: usize = 512;
 
-/// Recognises a format from the first bytes of a file.
+/// Recognises a format from the first bytes of a file (a fixed VHD needs `probe_file`'s look
+/// at the end too).
 pub fn probe(head: &[u8]) -> Option<Format> {
     if vdi::probe(head) {
         return Some(Format::Vdi);
@@ -66,17 +71,24 @@ pub fn probe(head: &[u8]) -> Option<Format> {
         }
         Some(b"KDMV") | Some(b"COWD") => Some(Format::Vmdk),
         _ if head.starts_with(b"vhdxfile") => Some(Format::Vhdx),
+        // A dynamic or differencing VHD's footer copy.
+        _ if head.starts_with(b"conectix") => Some(Format::Vhd),
         _ if head.starts_with(b"# Disk DescriptorFile") => Some(Format::Vmdk),
         _ => None,
     }
 }
 
 /// Reads the head of `path` and recognises its format; `None` for files that are not images.
+/// A file whose head matches nothing gets one more read, of its last sector: a fixed VHD has
+/// its only footer there.
 pub fn probe_file(path: &Path) -> Result<Option<Format>> {
     let file = HostFile::open(path, false)?;
     let mut head = vec![0u8; PROBE_LEN];
     file.read_exact_at(&mut head, 0)?;
-    Ok(probe(&head))
+    if let Some(format) = probe(&head) {
+        return Ok(Some(format));
+    }
+    Ok(vhd::probe_tail(&file)?.then_some(Format::Vhd))
 }
 
 /// Whether the file at `path`, which has an image's magic, is only a part of an image
@@ -301,6 +313,14 @@ fn open_as(
                 host_reason,
             )?)
         }
+        Format::Vhd => {
+            let mut find_parent = |parent: &vhd::ParentRef| vhd::open_parent(parent, chain, links);
+            Arc::new(vhd::VhdImage::open_finding_parent(
+                file,
+                &mut find_parent,
+                host_reason,
+            )?)
+        }
         Format::Vmdk => {
             let file = Arc::new(file);
             let top = vmdk::VmdkTop::read(&file)?;
@@ -496,6 +516,7 @@ mod tests {
         assert_eq!(probe(b"QFI\xfb\0\0\0\x01rest"), Some(Format::Qcow));
         assert_eq!(probe(b"KDMV...."), Some(Format::Vmdk));
         assert_eq!(probe(b"vhdxfile...."), Some(Format::Vhdx));
+        assert_eq!(probe(b"conectix...."), Some(Format::Vhd));
         assert_eq!(probe(b"# Disk DescriptorFile\n"), Some(Format::Vmdk));
         assert_eq!(probe(b"hello world"), None);
         assert_eq!(probe(b""), None);

@@ -20,6 +20,10 @@ use activity::WriteActivity;
 /// host file system read the rest.
 const HOST_PAGE: u64 = 4096;
 
+/// Writes this large or larger have their partial pages read by the host inside the write
+/// (see `warm_partial_pages`): two pages of sixteen or more.
+const WARM_LIMIT: u64 = 64 * 1024;
+
 /// An open host file that knows its own path for error messages.
 #[derive(Debug)]
 pub struct HostFile {
@@ -133,7 +137,15 @@ impl HostFile {
     /// read here, outside that lock, the reads of several writers overlap. Image layouts whose
     /// data area is not page aligned (qemu-img's VDI puts it at 0x1200) make every 4 KiB guest
     /// write such a write. Purely a hint: a failed read changes nothing.
+    ///
+    /// Large writes are left alone: they cover mostly whole pages, and a read here starts the
+    /// host's readahead over the pages they are about to overwrite. With a layout whose
+    /// partial pages fall just so (a VHD's blocks, 2 MiB + 512 bytes apart) the readahead
+    /// window kept growing until a 1 GiB sequential overwrite read the whole file first.
     fn warm_partial_pages(&self, offset: u64, len: u64) {
+        if len >= WARM_LIMIT {
+            return;
+        }
         let mut byte = [0u8; 1];
         for page in partial_pages(offset, len).into_iter().flatten() {
             let _ = self.file.read_at(&mut byte, page);

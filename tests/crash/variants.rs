@@ -111,6 +111,32 @@ pub fn all() -> Vec<Variant> {
                 make_vhdx_differencing,
             )
         },
+        // qemu-img check does not check VHD ("vpc"); convert reads it. force_size keeps the
+        // disk at SIZE instead of rounding it up to a CHS geometry.
+        Variant {
+            qemu_checks: false,
+            ..plain("vhd-dynamic", "vpc", "disk.vhd", |src| {
+                create(src, "vpc", "disk.vhd", &["-o", "force_size=on"])
+            })
+        },
+        Variant {
+            qemu_checks: false,
+            ..plain("vhd-fixed", "vpc", "disk.vhd", |src| {
+                let options = ["-o", "subformat=fixed,force_size=on"];
+                create(src, "vpc", "disk.vhd", &options)
+            })
+        },
+        Variant {
+            qemu_reads: false,
+            qemu_checks: false,
+            untouched: &["parent.vhd"],
+            ..plain(
+                "vhd-differencing",
+                "vpc",
+                "child.vhd",
+                make_vhd_differencing,
+            )
+        },
         plain("vmdk-sparse", "vmdk", "disk.vmdk", |src| {
             create(src, "vmdk", "disk.vmdk", &[])
         }),
@@ -258,6 +284,14 @@ fn make_vdi_4k(src: &Path) {
 fn make_vhdx_differencing(src: &Path) {
     create(src, "vhdx", "parent.vhdx", &["-o", "block_size=1M"]);
     vhdx_child(src, "parent.vhdx", "child.vhdx", &SIZE.to_string());
+}
+
+/// A dynamic VHD parent, pre-filled, and an empty differencing child of it (qemu-img cannot
+/// make one; imgfs's own helper does, with the locators Hyper-V writes).
+fn make_vhd_differencing(src: &Path) {
+    create(src, "vpc", "parent.vhd", &["-o", "force_size=on"]);
+    let (child, parent) = (src.join("child.vhd"), src.join("parent.vhd"));
+    imgfs::format::vhd::make_differencing(&child, &parent, "parent.vhd").unwrap();
 }
 
 /// Writes the pattern into `name` through an imgfs mount of `src`.
