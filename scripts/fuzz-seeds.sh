@@ -12,7 +12,7 @@ trap 'rm -rf "$work"' EXIT
 cargo build --quiet --example fuzz-seed
 seed_tool="$root/target/debug/examples/fuzz-seed"
 rm -rf fuzz/seeds
-mkdir -p fuzz/seeds/{vdi,qcow,qcow2,vhdx,vmdk,status}
+mkdir -p fuzz/seeds/{vdi,qcow,qcow2,vhdx,vhd,vmdk,status}
 
 # seed TARGET NAME IMAGE [FILE...]: one input from the image (and the files it names b and c).
 seed() {
@@ -47,6 +47,12 @@ seed vdi dynamic a
 fresh; create -f vdi a 1M; seed vdi empty a
 fresh; create -f vdi -o static=on a 2M; io vdi a "write -P 0x33 512 1k"
 seed vdi static a
+
+# --- VHD ---
+fresh; create -f vpc -o subformat=dynamic a 3M; io vpc a "write -P 0x11 0 4k" "write -P 0x22 2M 1k"
+seed vhd dynamic a
+fresh; create -f vpc -o subformat=fixed a 1M; io vpc a "write -P 0x33 512 1k"
+seed vhd fixed a
 
 # --- QCOW (version 1) ---
 fresh; create -f qcow a 1M; io qcow a "write -P 0x11 0 4k" "write -P 0x22 600000 3000"

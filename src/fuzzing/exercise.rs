@@ -105,7 +105,8 @@ pub fn run(format: Format, data: &[u8], trust: Trust) -> Checked<Outcome> {
             ..Outcome::default()
         },
         writes: 0,
-        strict: trust == Trust::Consistent || matches!(format, Format::Vdi | Format::Vhdx),
+        strict: trust == Trust::Consistent
+            || matches!(format, Format::Vdi | Format::Vhdx | Format::Vhd),
     };
     session.basics()?;
     session.sweep()?;

@@ -24,7 +24,7 @@ pub use exercise::{Outcome, Trust};
 use crate::format::Format;
 
 /// The fuzz targets, by the name of their directory under `fuzz/fuzz_targets` and the seeds.
-pub const TARGETS: [&str; 6] = ["vdi", "qcow", "qcow2", "vhdx", "vmdk", "status"];
+pub const TARGETS: [&str; 7] = ["vdi", "qcow", "qcow2", "vhdx", "vhd", "vmdk", "status"];
 
 /// Runs the target called `name` on `data`; `Err` for a broken invariant, or an unknown name.
 pub fn run(name: &str, data: &[u8]) -> Result<Outcome, Violation> {
@@ -43,6 +43,7 @@ fn run_trusting(name: &str, data: &[u8], trust: Trust) -> Result<Outcome, Violat
         "qcow" => Format::Qcow,
         "qcow2" => Format::Qcow2,
         "vhdx" => Format::Vhdx,
+        "vhd" => Format::Vhd,
         "vmdk" => Format::Vmdk,
         "status" => return status::run(data),
         other => return Err(Violation(format!("no fuzz target called {other:?}"))),
@@ -76,6 +77,11 @@ pub fn exercise_qcow2(data: &[u8]) -> Outcome {
 /// Opens `data` as a VHDX image and exercises it.
 pub fn exercise_vhdx(data: &[u8]) -> Outcome {
     report("vhdx", data)
+}
+
+/// Opens `data` as a VHD image and exercises it.
+pub fn exercise_vhd(data: &[u8]) -> Outcome {
+    report("vhd", data)
 }
 
 /// Opens `data` as a VMDK image (descriptor or sparse extent) and exercises it.

@@ -59,6 +59,11 @@ fn replay_vhdx() {
 }
 
 #[test]
+fn replay_vhd() {
+    replay("vhd");
+}
+
+#[test]
 fn replay_vmdk() {
     replay("vmdk");
 }
@@ -70,7 +75,10 @@ fn replay_status() {
 
 #[test]
 fn every_target_has_a_replay_test() {
-    assert_eq!(TARGETS, ["vdi", "qcow", "qcow2", "vhdx", "vmdk", "status"]);
+    assert_eq!(
+        TARGETS,
+        ["vdi", "qcow", "qcow2", "vhdx", "vhd", "vmdk", "status"]
+    );
 }
 
 /// Writes `files` (the image under test first) as the seed `name` of `target` into the

@@ -489,9 +489,9 @@ fn next(state: &mut u64) -> u64 {
     *state
 }
 
-#[test]
-fn corpus_replays_through_the_fuzz_entry_point() {
-    let seeds = [
+/// The hand-written client sessions the NBD fuzz target starts from.
+fn seed_scripts() -> [Script; 4] {
+    [
         Script::new()
             .option(OPT_LIST, &[])
             .info(OPT_INFO, "disk", &[1, 2, 3]),
@@ -508,7 +508,43 @@ fn corpus_replays_through_the_fuzz_entry_point() {
             .request(CMD_READ, 0, 1, 0, 512)
             .write(2, 0, b"no"),
         Script::new().meta(OPT_SET_META_CONTEXT, "disk", &["base:allocation"]),
-    ];
+    ]
+}
+
+/// Writes the seed sessions to `fuzz/seeds/nbd/` (run by hand: `cargo test --lib -- --ignored
+/// nbd::tests::write_fuzz_seeds`).
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/nbd");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, script) in ["list-info", "io", "export-name", "meta"]
+        .iter()
+        .zip(seed_scripts())
+    {
+        std::fs::write(dir.join(name), &script.0).unwrap();
+    }
+}
+
+#[test]
+fn the_committed_fuzz_corpora_replay_through_the_fuzz_entry_point() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut replayed = 0;
+    for kind in ["seeds", "regressions"] {
+        let Ok(entries) = std::fs::read_dir(root.join(kind).join("nbd")) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            fuzz_session(&std::fs::read(entry.path()).unwrap());
+            replayed += 1;
+        }
+    }
+    assert!(replayed >= 4, "the NBD seeds are committed");
+}
+
+#[test]
+fn corpus_replays_through_the_fuzz_entry_point() {
+    let seeds = seed_scripts();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     for seed in &seeds {
         fuzz_session(&seed.0);
