@@ -281,7 +281,14 @@ fn open_as(
         })
     };
     let image: Arc<dyn Image> = match format {
-        Format::Vdi => Arc::new(vdi::VdiImage::open(file, host_reason)?),
+        Format::Vdi => {
+            let mut find_parent = |link: &vdi::ParentLink| vdi::open_parent(link, chain, links);
+            Arc::new(vdi::VdiImage::open_finding_parent(
+                file,
+                &mut find_parent,
+                host_reason,
+            )?)
+        }
         Format::Qcow => {
             let header = qcow::QcowHeader::read(&file)?;
             // QCOW v1 records no backing format: the backing file is probed.

@@ -111,6 +111,17 @@ pub fn all() -> Vec<Variant> {
                 make_vhdx_differencing,
             )
         },
+        Variant {
+            qemu_reads: false,
+            qemu_checks: false,
+            untouched: &["parent.vdi"],
+            ..plain(
+                "vdi-differencing",
+                "vdi",
+                "child.vdi",
+                make_vdi_differencing,
+            )
+        },
         // qemu-img check does not check VHD ("vpc"); convert reads it. force_size keeps the
         // disk at SIZE instead of rounding it up to a CHS geometry.
         Variant {
@@ -284,6 +295,14 @@ fn make_vdi_4k(src: &Path) {
 fn make_vhdx_differencing(src: &Path) {
     create(src, "vhdx", "parent.vhdx", &["-o", "block_size=1M"]);
     vhdx_child(src, "parent.vhdx", "child.vhdx", &SIZE.to_string());
+}
+
+/// A dynamic VDI parent, pre-filled, and an empty differencing child of it (a VirtualBox
+/// snapshot: qemu-img cannot make or read one; imgfs's own helper links it by UUID).
+fn make_vdi_differencing(src: &Path) {
+    create(src, "vdi", "parent.vdi", &[]);
+    let (child, parent) = (src.join("child.vdi"), src.join("parent.vdi"));
+    imgfs::format::vdi::make_differencing(&child, &parent).unwrap();
 }
 
 /// A dynamic VHD parent, pre-filled, and an empty differencing child of it (qemu-img cannot

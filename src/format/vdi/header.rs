@@ -54,13 +54,15 @@ const OFF_UUID_PARENT: usize = 440;
 const TEXT_LEN: usize = 64;
 const DESCRIPTION_LEN: usize = 256;
 
-/// The VDI image types imgfs serves. Undo (3) and differencing (4) images are refused.
+/// The VDI image types imgfs serves. Undo images (3) are refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageType {
     /// Blocks are allocated on first write ("normal" in VirtualBox terms).
     Dynamic,
     /// Every block preallocated, `bmap[i] == i` when created.
     Static,
+    /// A VirtualBox snapshot: unallocated blocks read from the parent that `uuid_link` names.
+    Differencing,
 }
 
 impl ImageType {
@@ -71,9 +73,7 @@ impl ImageType {
             3 => Err(Error::unsupported(
                 "VDI image_type 3 (undo image) is not supported",
             )),
-            4 => Err(Error::unsupported(
-                "VDI image_type 4 (differencing image) is not supported yet",
-            )),
+            4 => Ok(ImageType::Differencing),
             other => Err(Error::corrupt(format!(
                 "VDI image_type {other} is not a known type"
             ))),
@@ -84,6 +84,7 @@ impl ImageType {
         match self {
             ImageType::Dynamic => 1,
             ImageType::Static => 2,
+            ImageType::Differencing => 4,
         }
     }
 
@@ -91,6 +92,7 @@ impl ImageType {
         match self {
             ImageType::Dynamic => "dynamic",
             ImageType::Static => "static",
+            ImageType::Differencing => "differencing",
         }
     }
 }
@@ -109,7 +111,12 @@ pub struct Header {
     pub blocks_in_image: u32,
     pub blocks_allocated: u32,
     pub uuid_image: Uuid,
+    /// VirtualBox's modification UUID.
     pub uuid_last_snap: Uuid,
+    /// A differencing image's parent: its `uuid_image` (VirtualBox's uuidLinkage).
+    pub uuid_link: Uuid,
+    /// The parent's `uuid_last_snap` when the child was made (uuidParentModification).
+    pub uuid_parent: Uuid,
     /// The header as read, so serialising does not clobber fields we do not interpret.
     raw: [u8; HEADER_LEN],
 }
@@ -153,24 +160,38 @@ impl Header {
             .at_offset(OFF_HEADER_SIZE as u64));
         }
 
-        // Checked before the image type so that a differencing image says what it is, whatever
-        // type number its creator used.
         let uuid_parent = Uuid::from_bytes_le(bytes16(&raw, OFF_UUID_PARENT, "uuid_parent")?);
-        if !uuid_parent.is_nil() {
-            return Err(Error::unsupported(format!(
-                "VDI differencing image (parent UUID {uuid_parent}) is not supported yet"
-            ))
-            .at_offset(OFF_UUID_PARENT as u64));
-        }
         let uuid_link = Uuid::from_bytes_le(bytes16(&raw, OFF_UUID_LINK, "uuid_link")?);
-        if !uuid_link.is_nil() {
-            return Err(Error::unsupported(format!(
-                "VDI image linked to another image (uuid_link {uuid_link}) is not supported"
-            ))
-            .at_offset(OFF_UUID_LINK as u64));
-        }
         let image_type = ImageType::from_raw(field(OFF_IMAGE_TYPE, "image_type")?)
             .map_err(|e| e.at_offset(OFF_IMAGE_TYPE as u64))?;
+        // A parent is named by uuid_link; only differencing images have one (QEMU refuses any
+        // other image that names one, and so do we).
+        match (image_type, uuid_link.is_nil()) {
+            (ImageType::Differencing, true) => {
+                return Err(Error::corrupt(
+                    "VDI differencing image with a nil uuid_link: its parent is unknown",
+                )
+                .at_offset(OFF_UUID_LINK as u64))
+            }
+            (ImageType::Differencing, false) => {}
+            (other, false) => {
+                return Err(Error::unsupported(format!(
+                    "VDI {} image linked to another image (uuid_link {uuid_link}) is not \
+                     supported",
+                    other.name()
+                ))
+                .at_offset(OFF_UUID_LINK as u64))
+            }
+            (other, true) if !uuid_parent.is_nil() => {
+                return Err(Error::unsupported(format!(
+                    "VDI {} image with a parent UUID ({uuid_parent}) but no uuid_link is not \
+                     supported",
+                    other.name()
+                ))
+                .at_offset(OFF_UUID_PARENT as u64))
+            }
+            (_, true) => {}
+        }
 
         let sector_size = field(OFF_SECTOR_SIZE, "sector_size")?;
         if u64::from(sector_size) != SECTOR_SIZE {
@@ -250,6 +271,8 @@ impl Header {
                 OFF_UUID_LAST_SNAP,
                 "uuid_last_snap",
             )?),
+            uuid_link,
+            uuid_parent,
             raw,
         })
     }
@@ -325,6 +348,8 @@ impl Header {
             OFF_UUID_LAST_SNAP,
             &self.uuid_last_snap.to_bytes_le(),
         )?;
+        put_bytes(&mut out, OFF_UUID_LINK, &self.uuid_link.to_bytes_le())?;
+        put_bytes(&mut out, OFF_UUID_PARENT, &self.uuid_parent.to_bytes_le())?;
         Ok(out)
     }
 }
@@ -359,6 +384,8 @@ pub(crate) mod testing {
             blocks_allocated: 0,
             uuid_image: Uuid::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
             uuid_last_snap: Uuid::from_u128(0x1111_2222_3333_4444_5555_6666_7777_8888),
+            uuid_link: Uuid::nil(),
+            uuid_parent: Uuid::nil(),
             raw,
         }
     }
@@ -524,8 +551,8 @@ mod tests {
         assert_err(with_u32(OFF_IMAGE_TYPE, 3), ErrorKind::Unsupported, "undo");
         assert_err(
             with_u32(OFF_IMAGE_TYPE, 4),
-            ErrorKind::Unsupported,
-            "differencing",
+            ErrorKind::Corrupt,
+            "nil uuid_link",
         );
         assert_err(
             with_u32(OFF_IMAGE_TYPE, 9),
@@ -593,20 +620,22 @@ mod tests {
     }
 
     #[test]
-    fn differencing_and_linked_images_are_unsupported() {
+    fn only_differencing_images_may_name_a_parent() {
         let mut b = header(ImageType::Dynamic, 1 << 20, 1 << 20)
             .to_bytes()
             .unwrap();
+        b[OFF_UUID_PARENT + 15] = 0xaa;
+        assert_err(Header::parse(&b), ErrorKind::Unsupported, "parent UUID");
         b[OFF_UUID_LINK] = 1;
         assert_err(Header::parse(&b), ErrorKind::Unsupported, "uuid_link");
-        b[OFF_UUID_PARENT + 15] = 0xaa;
         patch_u32(&mut b, OFF_IMAGE_TYPE, 4);
-        let e = Header::parse(&b).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Unsupported);
-        assert!(
-            e.to_string().contains("differencing image (parent UUID"),
-            "{e}"
-        );
+        let h = Header::parse(&b).unwrap();
+        assert_eq!(h.image_type, ImageType::Differencing);
+        assert_eq!(h.uuid_link.to_bytes_le()[0], 1);
+        assert_eq!(h.uuid_parent.to_bytes_le()[15], 0xaa);
+        assert_eq!(h.to_bytes().unwrap(), b);
+        b[OFF_UUID_LINK] = 0;
+        assert_err(Header::parse(&b), ErrorKind::Corrupt, "nil uuid_link");
     }
 
     #[test]

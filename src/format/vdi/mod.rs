@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! 0               header, 512 bytes (header.rs): signature 0xbeda107f at 64, version 1.1,
-//!                 image_type (1 dynamic, 2 static), offset_bmap, offset_data, disk_size,
-//!                 block_size, blocks_in_image, blocks_allocated, UUIDs
+//!                 image_type (1 dynamic, 2 static, 4 differencing), offset_bmap,
+//!                 offset_data, disk_size, block_size, blocks_in_image, blocks_allocated,
+//!                 UUIDs (image, modification, parent's image, parent's modification)
 //! offset_bmap     bmap: blocks_in_image u32 entries, one per virtual block:
 //!                 0xffffffff unallocated, 0xfffffffe discarded (both read as zeros),
 //!                 n = the data is physical block n
@@ -16,6 +17,16 @@
 //! VirtualBox puts the bmap at 1 MiB and the data at the next MiB after it. We accept any
 //! offsets and any power-of-two block size from 512 B to 256 MiB. Physical blocks are handed
 //! out in increasing order; a new block goes one past the highest physical block in use.
+//!
+//! # Differencing images (VirtualBox snapshots)
+//!
+//! A differencing image (type 4) names its parent by the parent's image UUID (`uuid_link`);
+//! `parent.rs` finds it in the source tree. Its unallocated entries (0xffffffff) read from the
+//! parent, its discarded ones (0xfffffffe) read as zeros, as in VirtualBox. A write into an
+//! unallocated block allocates it in the child whole: the parent's bytes around the payload
+//! are copied into the new block before it is published, so a published entry never hides
+//! parent data. The parent is opened read-only. The child's modification UUID is left as it
+//! is (QEMU does not change it either), so snapshots taken of it later stay linked.
 //!
 //! # `blocks_allocated`
 //!
@@ -79,6 +90,8 @@
 
 mod block_map;
 mod header;
+mod make;
+mod parent;
 
 #[cfg(test)]
 mod tests;
@@ -87,6 +100,7 @@ use std::io;
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
+use crate::format::backing::{read_below, status_below, Backing};
 use crate::host::HostFile;
 use crate::image::{
     check_range, push_extent, request_part, request_part_mut, split_request, Extent, ExtentState,
@@ -95,7 +109,9 @@ use crate::image::{
 use crate::meta::write_back::WriteBack;
 
 use block_map::{BlockMap, Geometry, Run, RunKind};
-use header::{Header, HEADER_LEN, SIGNATURE};
+use header::{Header, ImageType, HEADER_LEN, SIGNATURE};
+pub use make::make_differencing;
+pub use parent::{open_parent, ParentLink};
 
 /// The largest block whose zero padding is built in memory around a partial write; larger
 /// blocks (up to 256 MiB) are padded from a buffer of this size, so that concurrent writers
@@ -122,14 +138,37 @@ pub struct VdiImage {
     size: u64,
     alloc: Mutex<AllocState>,
     map: RwLock<BlockMap>,
+    /// The parent of a differencing image.
+    backing: Option<Backing>,
     read_only_reason: Option<String>,
     write_back: WriteBack,
 }
 
 impl VdiImage {
-    /// Opens the VDI image in `file`. `read_only_reason` is set when the caller opened the file
-    /// read-only; the image may add its own reason (duplicate bmap entries).
+    /// Opens the VDI image in `file`; a differencing image is refused, having no way to find
+    /// its parent (see `open_finding_parent`).
     pub fn open(file: HostFile, read_only_reason: Option<String>) -> Result<VdiImage> {
+        Self::open_finding_parent(
+            file,
+            &mut |link| {
+                Err(Error::unsupported(format!(
+                    "a differencing VDI needs its parent (uuid_image {}), which is only looked \
+                     up in a source tree",
+                    link.uuid
+                )))
+            },
+            read_only_reason,
+        )
+    }
+
+    /// Opens the VDI image in `file`, calling `find_parent` for the parent of a differencing
+    /// image. `read_only_reason` is set when the caller opened the file read-only; the image
+    /// may add its own reason (duplicate bmap entries).
+    pub fn open_finding_parent(
+        file: HostFile,
+        find_parent: &mut dyn FnMut(&ParentLink) -> Result<Backing>,
+        read_only_reason: Option<String>,
+    ) -> Result<VdiImage> {
         let path = file.path().to_path_buf();
         let file_len = file.len()?;
         if file_len < HEADER_LEN as u64 {
@@ -146,6 +185,16 @@ impl VdiImage {
             .map_err(|e| e.with_path(&path))?;
         let (map, scan) =
             BlockMap::load(&file, &header, file_len).map_err(|e| e.with_path(&path))?;
+        let backing = match header.image_type {
+            ImageType::Differencing => Some(
+                find_parent(&ParentLink {
+                    uuid: header.uuid_link,
+                    modification: header.uuid_parent,
+                })
+                .map_err(|e| e.with_path(&path))?,
+            ),
+            ImageType::Dynamic | ImageType::Static => None,
+        };
 
         if let Some(mismatch) = &scan.count_mismatch {
             log::warn!(
@@ -174,6 +223,7 @@ impl VdiImage {
                 next_free: scan.next_free,
             }),
             map: RwLock::new(map),
+            backing,
             read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
             write_back: WriteBack::new(),
             header,
@@ -207,7 +257,8 @@ impl VdiImage {
             let part = request_part_mut(buf, offset, run.offset, run.len)?;
             match run.kind {
                 RunKind::Data { host_offset } => self.file.read_exact_at(part, host_offset)?,
-                RunKind::Unallocated | RunKind::Discarded => part.fill(0),
+                RunKind::Unallocated => read_below(self.backing.as_ref(), part, run.offset)?,
+                RunKind::Discarded => part.fill(0),
             }
         }
         Ok(())
@@ -242,9 +293,8 @@ impl VdiImage {
                 // Its allocating write finished before it was published, so this write lands
                 // after it. Rare, so done under the mutex rather than re-queued.
                 RunKind::Data { host_offset } => self.file.write_all_at(part, host_offset)?,
-                RunKind::Unallocated | RunKind::Discarded => {
-                    self.allocate(&mut alloc, part, run.offset)?
-                }
+                RunKind::Unallocated => self.allocate(&mut alloc, part, run.offset, true)?,
+                RunKind::Discarded => self.allocate(&mut alloc, part, run.offset, false)?,
             }
         }
         Ok(())
@@ -252,7 +302,15 @@ impl VdiImage {
 
     /// Gives the unallocated virtual blocks under `[offset, offset + payload.len())` consecutive
     /// physical blocks, writes them whole, then publishes them. Caller holds the alloc mutex.
-    fn allocate(&self, alloc: &mut AllocState, payload: &[u8], offset: u64) -> Result<()> {
+    /// The rest of a partly written block is the parent's bytes when `from_below` (blocks that
+    /// were unallocated in a differencing image), else zeros.
+    fn allocate(
+        &self,
+        alloc: &mut AllocState,
+        payload: &[u8],
+        offset: u64,
+        from_below: bool,
+    ) -> Result<()> {
         let geo = self.geometry;
         let (first_block, head) = geo.split(offset);
         let count = (head + payload.len() as u64).div_ceil(geo.block_size());
@@ -274,7 +332,12 @@ impl VdiImage {
                 )
             })?;
         let host = geo.host_offset(first_phys)?;
-        self.write_new_blocks(payload, head as usize, host)?;
+        let below = from_below.then_some(self.backing.as_ref()).flatten();
+        let fill = Fill {
+            below,
+            virtual_start: offset - head,
+        };
+        self.write_new_blocks(payload, head as usize, host, fill)?;
         self.write_map()
             .publish(first_block, first_phys, end_phys - first_phys)?;
         alloc.next_free = end_phys;
@@ -282,41 +345,51 @@ impl VdiImage {
     }
 
     /// Writes fresh blocks starting at `host`: `payload` placed `head` bytes into the first one,
-    /// zeros around it. Full blocks go straight from `payload`; only partial ones are built in
+    /// `fill` around it. Full blocks go straight from `payload`; only partial ones are built in
     /// a block-sized buffer.
-    fn write_new_blocks(&self, payload: &[u8], head: usize, mut host: u64) -> Result<()> {
+    fn write_new_blocks(
+        &self,
+        payload: &[u8],
+        head: usize,
+        mut host: u64,
+        mut fill: Fill<'_>,
+    ) -> Result<()> {
         let block = self.geometry.block_size() as usize;
         let mut rest = payload;
         if head > 0 || rest.len() < block {
             let (now, later) = split_request(rest, (block - head).min(rest.len()))?;
-            self.write_padded(now, head, host)?;
+            self.write_padded(now, head, host, fill)?;
             rest = later;
             host += block as u64;
+            fill.virtual_start += block as u64;
         }
         let (full, tail) = split_request(rest, rest.len() / block * block)?;
         if !full.is_empty() {
             self.file.write_all_at(full, host)?;
             host += full.len() as u64;
+            fill.virtual_start += full.len() as u64;
         }
         if !tail.is_empty() {
-            self.write_padded(tail, 0, host)?;
+            self.write_padded(tail, 0, host, fill)?;
         }
         Ok(())
     }
 
-    fn write_padded(&self, part: &[u8], head: usize, host: u64) -> Result<()> {
+    /// Writes one fresh block at `host`: `part` at `head`, `fill` around it.
+    fn write_padded(&self, part: &[u8], head: usize, host: u64, fill: Fill<'_>) -> Result<()> {
         let block_size = self.geometry.block_size() as usize;
         let tail = block_size
             .checked_sub(head)
             .and_then(|rest| rest.checked_sub(part.len()))
             .ok_or_else(|| Error::out_of_range("internal: padded write outside its block"))?;
         if block_size > PAD_IN_MEMORY {
-            // Blocks can be 256 MiB: their zeros go out from a bounded buffer instead.
-            self.write_zeros(host, head)?;
+            // Blocks can be 256 MiB: their padding goes out through a bounded buffer instead.
+            self.write_fill(host, fill, 0, head)?;
             self.file.write_all_at(part, host + head as u64)?;
-            return self.write_zeros(host + (head + part.len()) as u64, tail);
+            return self.write_fill(host, fill, head + part.len(), tail);
         }
         let mut block = vec![0u8; block_size];
+        read_below(fill.below, &mut block, fill.virtual_start)?;
         block
             .get_mut(head..head + part.len())
             .ok_or_else(|| Error::out_of_range("internal: padded write outside its block"))?
@@ -324,13 +397,21 @@ impl VdiImage {
         self.file.write_all_at(&block, host)
     }
 
-    fn write_zeros(&self, mut at: u64, mut len: usize) -> Result<()> {
-        let zeros = vec![0u8; len.min(PAD_IN_MEMORY)];
-        while len > 0 {
-            let n = len.min(zeros.len());
-            self.file.write_all_at(&zeros[..n], at)?;
-            at += n as u64;
-            len -= n;
+    /// Writes `len` bytes of `fill` at `skip` bytes into the fresh block at `host`.
+    fn write_fill(&self, host: u64, fill: Fill<'_>, skip: usize, len: usize) -> Result<()> {
+        let mut buf = vec![0u8; len.min(PAD_IN_MEMORY)];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(buf.len());
+            let piece = buf
+                .get_mut(..n)
+                .ok_or_else(|| Error::out_of_range("internal: fill outside its buffer"))?;
+            let at = (skip + done) as u64;
+            if fill.below.is_some() {
+                read_below(fill.below, piece, fill.virtual_start + at)?;
+            }
+            self.file.write_all_at(piece, host + at)?;
+            done += n;
         }
         Ok(())
     }
@@ -387,6 +468,12 @@ impl VdiImage {
             let state = match run.kind {
                 RunKind::Data { .. } => ExtentState::Data,
                 RunKind::Discarded => ExtentState::Zero,
+                RunKind::Unallocated if self.backing.is_some() => {
+                    for extent in status_below(self.backing.as_ref(), run.offset, run.len)? {
+                        push_extent(&mut extents, extent);
+                    }
+                    continue;
+                }
                 RunKind::Unallocated => ExtentState::Unallocated,
             };
             push_extent(
@@ -401,6 +488,14 @@ impl VdiImage {
         }
         Ok(extents)
     }
+}
+
+/// What surrounds a payload in a fresh block: the parent's bytes (`below`) from virtual offset
+/// `virtual_start` (the block's start) on, or zeros.
+#[derive(Clone, Copy)]
+struct Fill<'a> {
+    below: Option<&'a Backing>,
+    virtual_start: u64,
 }
 
 impl Image for VdiImage {
@@ -455,6 +550,11 @@ impl Image for VdiImage {
             ("offset_bmap", format!("{:#x}", h.offset_bmap)),
             ("offset_data", format!("{:#x}", h.offset_data)),
         ];
+        if let Some(backing) = &self.backing {
+            details.push(("parent", backing.path.display().to_string()));
+            details.push(("parent_uuid", h.uuid_link.to_string()));
+            details.push(("parent_modification_uuid", h.uuid_parent.to_string()));
+        }
         if h.image_flags != 0 {
             details.push(("image_flags", format!("{:#x}", h.image_flags)));
         }

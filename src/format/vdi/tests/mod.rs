@@ -11,6 +11,7 @@ use super::header::{ImageType, DISCARDED as D, UNALLOCATED as U};
 use super::*;
 use crate::error::ErrorKind;
 mod crash;
+mod differencing;
 mod faults;
 
 use crate::testutil::{
@@ -247,11 +248,7 @@ fn corrupt_files_are_refused_with_the_field_and_path() {
     );
     let mut b = good.clone();
     b[440] = 0x42;
-    check(
-        &b,
-        ErrorKind::Unsupported,
-        "differencing image (parent UUID",
-    );
+    check(&b, ErrorKind::Unsupported, "parent UUID");
 }
 
 #[test]
