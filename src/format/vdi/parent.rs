@@ -7,7 +7,10 @@
 //! written after the snapshot was taken; that is logged, not refused (VirtualBox refuses, but a
 //! read of the merged disk is what the user asked for, and the log says what to distrust).
 
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use uuid::Uuid;
 
@@ -20,6 +23,51 @@ use crate::host::HostFile;
 
 /// How deep below the root the search looks; deeper trees are not VirtualBox layouts.
 const MAX_DEPTH: usize = 32;
+
+/// How many files' header UUIDs `HEADERS` remembers before it starts over.
+const MAX_REMEMBERED: usize = 1 << 16;
+
+/// A file's identity and the times and size that change when it is rewritten.
+type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
+
+/// The image and modification UUIDs of the VDIs (`None`: not a VDI) the searches have read,
+/// by file stamp, so that the search a snapshot's every open repeats stats the tree but only
+/// reads the files that changed.
+static HEADERS: Mutex<Option<HashMap<FileStamp, Option<(Uuid, Uuid)>>>> = Mutex::new(None);
+
+fn stamp(meta: &std::fs::Metadata) -> FileStamp {
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    )
+}
+
+/// The image and modification UUIDs of the file at `path` if it is a VDI, from `HEADERS`
+/// while the file is unchanged.
+fn uuids_of(path: &Path, meta: &std::fs::Metadata) -> Option<(Uuid, Uuid)> {
+    let key = stamp(meta);
+    if let Some(known) = HEADERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .and_then(|headers| headers.get(&key))
+    {
+        return *known;
+    }
+    let uuids = vdi_header(path).map(|h| (h.uuid_image, h.uuid_last_snap));
+    let mut headers = HEADERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let headers = headers.get_or_insert_with(HashMap::new);
+    if headers.len() >= MAX_REMEMBERED {
+        headers.clear();
+    }
+    headers.insert(key, uuids);
+    uuids
+}
 
 /// Who a differencing VDI's parent is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,12 +140,9 @@ fn search(dir: &Path, depth: usize, child: &Path, uuid: Uuid, found: &mut Vec<Fo
         if meta.is_dir() {
             search(&path, depth + 1, child, uuid, found);
         } else if meta.is_file() && meta.len() >= HEADER_LEN as u64 && path != child {
-            if let Some(header) = vdi_header(&path) {
-                if header.uuid_image == uuid {
-                    found.push(Found {
-                        path,
-                        modification: header.uuid_last_snap,
-                    });
+            if let Some((image, modification)) = uuids_of(&path, &meta) {
+                if image == uuid {
+                    found.push(Found { path, modification });
                 }
             }
         }
