@@ -33,7 +33,9 @@ type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
 /// The image and modification UUIDs of the VDIs (`None`: not a VDI) the searches have read,
 /// by file stamp, so that the search a snapshot's every open repeats stats the tree but only
 /// reads the files that changed.
-static HEADERS: Mutex<Option<HashMap<FileStamp, Option<(Uuid, Uuid)>>>> = Mutex::new(None);
+static HEADERS: Mutex<Option<HeaderUuids>> = Mutex::new(None);
+
+type HeaderUuids = HashMap<FileStamp, Option<(Uuid, Uuid)>>;
 
 fn stamp(meta: &std::fs::Metadata) -> FileStamp {
     (
