@@ -1,0 +1,289 @@
+//! FUSE over io_uring (Linux 6.14+, `fs/fuse/dev_uring.c`): after a FUSE_INIT reply carrying
+//! `FUSE_OVER_IO_URING`, the daemon registers ring entries on the /dev/fuse descriptor with
+//! `IORING_OP_URING_CMD` SQEs (128-byte SQEs, `IORING_SETUP_SQE128`), one queue per possible
+//! CPU, each queue with its own thread and ring here (pinned to its CPU, as libfuse does).
+//!
+//! An entry is two buffers, passed as an iovec pair in the REGISTER SQE's `addr`/`len`:
+//! - a `fuse_uring_req_header` (288 bytes): `in_out` (128; the `fuse_in_header` of a request,
+//!   the `fuse_out_header` of its reply), `op_in` (128; the opcode's fixed argument struct) and
+//!   `ring_ent_in_out` (32: flags, commit_id, payload_sz, padding, reserved);
+//! - a payload buffer of at least the connection's max payload (here 1 MiB), holding the
+//!   request's variable data and then the reply body.
+//!
+//! The 80-byte command area of the SQE holds `fuse_uring_cmd_req` (flags u64, commit_id u64,
+//! qid u16). A CQE with result 0 says a request sits in the entry's buffers; the answer goes
+//! back with `FUSE_IO_URING_CMD_COMMIT_AND_FETCH` (commit_id = the request's, from
+//! `ring_ent_in_out`), which also hands the entry back for the next request. The kernel uses
+//! the ring only once every queue has an entry registered; until then requests wait, and if a
+//! registration fails it falls back to /dev/fuse for the whole connection. FORGET and
+//! INTERRUPT still arrive on /dev/fuse, which the main thread keeps reading.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::proto::{out_header, InHeader, Reply, ZeroFs, MAX_WRITE, OUT_HEADER_LEN};
+
+const FUSE_IO_URING_CMD_REGISTER: u32 = 1;
+const FUSE_IO_URING_CMD_COMMIT_AND_FETCH: u32 = 2;
+/// `sizeof(struct fuse_uring_req_header)`.
+const HEADER_LEN: usize = 288;
+const OP_IN: usize = 128;
+const ENT_IN_OUT: usize = 256;
+const PAYLOAD_LEN: usize = MAX_WRITE as usize;
+
+/// A zeroed, page-aligned buffer that the kernel reads and writes while an SQE that names it
+/// is in flight; Rust code touches it only between that SQE's CQE and the next submission.
+struct SharedBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl SharedBuf {
+    fn new(len: usize) -> io::Result<SharedBuf> {
+        let layout = Layout::from_size_align(len, 4096)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(SharedBuf { ptr, layout })
+    }
+
+    fn iovec(&self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.ptr.as_ptr().cast(),
+            iov_len: self.layout.size(),
+        }
+    }
+
+    /// The buffer's bytes, while the kernel does not own it (between a CQE and the next SQE).
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the allocation is live and `layout.size()` bytes long; the kernel writes to it
+        // only while an SQE naming this entry is in flight, and callers take this slice only
+        // after that SQE's CQE and drop it before submitting the next one.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for SharedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// One ring entry: its two buffers, the iovec pair the REGISTER SQE points at, and how many
+/// leading bytes of the payload may be non-zero.
+struct Entry {
+    header: SharedBuf,
+    payload: SharedBuf,
+    iov: Box<[libc::iovec; 2]>,
+    dirty: usize,
+}
+
+/// The 80-byte command area of a FUSE ring SQE (`struct fuse_uring_cmd_req`).
+fn cmd_req(commit_id: u64, qid: u16) -> [u8; 80] {
+    let mut cmd = [0u8; 80];
+    cmd[8..16].copy_from_slice(&commit_id.to_le_bytes());
+    cmd[16..18].copy_from_slice(&qid.to_le_bytes());
+    cmd
+}
+
+/// A REGISTER SQE for entry `idx`: the iovec pair in `addr`, its count (2) in `len`.
+fn register_sqe(iov: &[libc::iovec; 2], qid: u16, idx: usize) -> squeue::Entry128 {
+    let sqe = opcode::UringCmd80::new(types::Fixed(0), FUSE_IO_URING_CMD_REGISTER)
+        .cmd(cmd_req(0, qid))
+        .addr(Some(iov.as_ptr() as u64))
+        .build()
+        .user_data(idx as u64);
+    // The io-uring crate has no setter for `len` on a URING_CMD, which FUSE reads as the
+    // iovec count; set it in the raw SQE (`struct io_uring_sqe`: `len` is the u32 at byte 24).
+    // SAFETY: `Entry128` is `#[repr(C)]`, a 64-byte `io_uring_sqe` followed by 64 bytes of
+    // command data, 128 bytes with no padding and no invalid bit patterns, so it may be viewed
+    // as bytes and back.
+    let mut raw: [u8; 128] = unsafe { std::mem::transmute(sqe) };
+    raw[24..28].copy_from_slice(&2u32.to_le_bytes());
+    // SAFETY: as above; only the `len` field changed.
+    unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
+}
+
+fn commit_sqe(commit_id: u64, qid: u16, idx: usize) -> squeue::Entry128 {
+    opcode::UringCmd80::new(types::Fixed(0), FUSE_IO_URING_CMD_COMMIT_AND_FETCH)
+        .cmd(cmd_req(commit_id, qid))
+        .build()
+        .user_data(idx as u64)
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write inside it; sched_setaffinity
+    // reads `size_of::<cpu_set_t>()` bytes of it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Number of queues the kernel expects: one per possible CPU (`num_possible_cpus()`).
+pub fn possible_cpus() -> io::Result<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let mut count = 0;
+    for part in text.trim().split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let parse = |s: &str| {
+            s.parse::<usize>()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        };
+        count += parse(hi)? - parse(lo)? + 1;
+    }
+    Ok(count)
+}
+
+/// What a queue thread reports once its first CQE says whether the registration held.
+pub type Registered = Result<u16, String>;
+
+/// Serves queue `qid` with `depth` entries until the connection goes away; returns how many
+/// requests it answered. Sends the outcome of the registration on `registered` as soon as it
+/// is known (the first CQE, or an error).
+pub fn serve_queue(
+    fs: Arc<ZeroFs>,
+    fuse: File,
+    qid: u16,
+    depth: usize,
+    pin: bool,
+    registered: Sender<Registered>,
+) -> io::Result<u64> {
+    let mut entries = Vec::with_capacity(depth);
+    for _ in 0..depth {
+        let header = SharedBuf::new(HEADER_LEN)?;
+        let payload = SharedBuf::new(PAYLOAD_LEN)?;
+        let iov = Box::new([header.iovec(), payload.iovec()]);
+        entries.push(Entry {
+            header,
+            payload,
+            iov,
+            dirty: 0,
+        });
+    }
+    // Declared after the entries, so dropped before them: the kernel lets go of the buffers
+    // when the ring closes.
+    let mut ring: IoUring<squeue::Entry128, cqueue::Entry> =
+        IoUring::builder().build((depth * 2) as u32)?;
+    ring.submitter().register_files(&[fuse.as_raw_fd()])?;
+    if pin {
+        pin_to_cpu(usize::from(qid))?;
+    }
+
+    for (idx, ent) in entries.iter().enumerate() {
+        let sqe = register_sqe(&ent.iov, qid, idx);
+        // SAFETY: the SQE names the entry's iovec pair and buffers, which live in `entries`
+        // until after the ring is dropped.
+        unsafe { ring.submission().push(&sqe) }
+            .map_err(|_| io::Error::other("submission queue full"))?;
+    }
+    // A failing REGISTER completes at once with an error; a good one stays pending until the
+    // first request. Give the kernel one non-blocking look.
+    ring.submit()?;
+    let mut count = 0;
+    let first = ring.completion().next();
+    if let Some(cqe) = first {
+        if cqe.result() < 0 {
+            let e = io::Error::from_raw_os_error(-cqe.result());
+            let _ = registered.send(Err(format!("queue {qid}: REGISTER failed: {e}")));
+            return Err(e);
+        }
+        // A request already; put it back for the loop below.
+        let _ = registered.send(Ok(qid));
+        handle_cqe(&fs, &mut ring, &mut entries, qid, cqe)?;
+        count += 1;
+    } else {
+        let _ = registered.send(Ok(qid));
+    }
+
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+        let cqes: Vec<cqueue::Entry> = ring.completion().collect();
+        for cqe in cqes {
+            match -cqe.result() {
+                0 => {
+                    handle_cqe(&fs, &mut ring, &mut entries, qid, cqe)?;
+                    count += 1;
+                }
+                // The connection is going away (unmount, abort).
+                libc::ENOTCONN | libc::ECANCELED | libc::ECONNABORTED => return Ok(count),
+                errno => return Err(io::Error::from_raw_os_error(errno)),
+            }
+        }
+    }
+}
+
+/// Answers the request a CQE announced and queues its COMMIT_AND_FETCH.
+fn handle_cqe(
+    fs: &ZeroFs,
+    ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
+    entries: &mut [Entry],
+    qid: u16,
+    cqe: cqueue::Entry,
+) -> io::Result<()> {
+    let idx = cqe.user_data() as usize;
+    let ent = entries
+        .get_mut(idx)
+        .ok_or_else(|| io::Error::other("CQE for an unknown entry"))?;
+    let header = ent.header.bytes();
+    let h = InHeader::parse(header).ok_or_else(|| io::Error::other("short request header"))?;
+    let commit_id = u64::from_le_bytes(field(header, ENT_IN_OUT + 8));
+    let in_payload = (u32::from_le_bytes(field(header, ENT_IN_OUT + 16)) as usize).min(PAYLOAD_LEN);
+    let mut op_in = [0u8; 128];
+    op_in.copy_from_slice(&header[OP_IN..OP_IN + 128]);
+
+    let payload = ent.payload.bytes();
+    ent.dirty = ent.dirty.max(in_payload);
+    // The request's variable part (a name: short, and absent from READ) is copied out, since
+    // the reply is written over it.
+    let data = payload[..in_payload].to_vec();
+    let (error, body) = match fs.handle(&h, &op_in, &data, payload) {
+        // Nothing to answer, but the entry has to go back to the kernel: commit an error.
+        Reply::None => (-libc::EINVAL, 0),
+        Reply::Error(errno) => (-errno, 0),
+        Reply::Bytes(n) => {
+            ent.dirty = ent.dirty.max(n);
+            (0, n)
+        }
+        Reply::Zeros(n) => {
+            // Clear only what earlier requests or replies left behind.
+            let stale = ent.dirty.min(PAYLOAD_LEN);
+            payload[..stale].fill(0);
+            ent.dirty = 0;
+            (0, n)
+        }
+    };
+    header[..OUT_HEADER_LEN].copy_from_slice(&out_header(h.unique, error, body));
+    header[ENT_IN_OUT + 16..ENT_IN_OUT + 20].copy_from_slice(&(body as u32).to_le_bytes());
+
+    let sqe = commit_sqe(commit_id, qid, idx);
+    // SAFETY: the SQE names entry `idx`, whose buffers live until after the ring is dropped;
+    // the slices taken above are not used past this point.
+    unsafe { ring.submission().push(&sqe) }.map_err(|_| io::Error::other("submission queue full"))
+}
+
+fn field<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&b[at..at + N]);
+    a
+}
