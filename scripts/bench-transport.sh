@@ -5,10 +5,13 @@
 # the two transports taking turns, and prints a markdown table of medians.
 #
 #   scripts/bench-transport.sh [--quick] [--size 1G] [--runtime 10] [--reps 3]
-#                              [--threads 4] [--depth 8]
+#                              [--threads 4] [--depth 8] [--no-pin] [--defer-taskrun]
 #
 # --threads: request threads of the /dev/fuse side (imgfs's default is 4); --depth: ring
-# entries per CPU queue of the io_uring side. --quick: 256 MiB file, 3 s fio runs.
+# entries per CPU queue of the io_uring side; --no-pin: leave the io_uring queue threads
+# unpinned (by default each runs on its queue's CPU, as in libfuse); --defer-taskrun: set the
+# rings up with IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN. --quick: 256 MiB file,
+# 3 s fio runs.
 #
 # Needs root (mount(2) and /sys/module/fuse/parameters/enable_uring, which it sets to Y for the
 # run and restores afterwards, even on error or ctrl-c) and a kernel with FUSE over io_uring
@@ -31,6 +34,7 @@ RUNTIME=10
 REPS=3
 THREADS=4
 DEPTH=8
+URING_ARGS=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) SIZE=256M RUNTIME=3; shift ;;
@@ -39,7 +43,8 @@ while [[ $# -gt 0 ]]; do
         --reps) REPS=$2; shift 2 ;;
         --threads) THREADS=$2; shift 2 ;;
         --depth) DEPTH=$2; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        --no-pin|--defer-taskrun) URING_ARGS+=("$1"); shift ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -83,11 +88,12 @@ echo Y >"$PARAM"
 start() {
     local t=$1
     mkdir -p "$WORK/$t"
-    "$BIN" --transport "$t" --size "$SIZE" --threads "$THREADS" --depth "$DEPTH" "$WORK/$t" \
+    "$BIN" --transport "$t" --size "$SIZE" --threads "$THREADS" --depth "$DEPTH" "${URING_ARGS[@]}" "$WORK/$t" \
         2>"$WORK/$t.log" &
     PID[$t]=$!
     for _ in $(seq 100); do
-        if [[ -f $WORK/$t/zero ]]; then
+        # Up once the file is there and the daemon has said which transport is live.
+        if [[ -f $WORK/$t/zero ]] && grep -q '^transport' "$WORK/$t.log"; then
             return 0
         fi
         if ! kill -0 "${PID[$t]}" 2>/dev/null; then
@@ -109,7 +115,7 @@ fi
 BYTES=$(stat -c %s "$WORK/dev/zero")
 
 # On-CPU nanoseconds of all threads of process $1.
-cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%d\n", s}'; }
+cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%.0f\n", s}'; }
 
 # measure TRANSPORT TEST -> "value cpu_seconds_per_GiB"
 measure() {
@@ -167,7 +173,7 @@ label() {
 col() { tr ' ' '\n' <<<"${1% }" | median; }
 
 echo
-echo "nproc $(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r), $(fio --version); file $SIZE, medians of $REPS, fio ${RUNTIME} s; dev: $THREADS threads; uring: $(grep -o '[0-9]* queue(s) x [0-9]* entries' "$WORK/uring.log"); load average before $LOAD_BEFORE, after $LOAD_AFTER"
+echo "nproc $(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r), $(fio --version); file $SIZE, medians of $REPS, fio ${RUNTIME} s; dev: $THREADS threads; uring: $(grep -o '[0-9]* queue(s) x [0-9]* entries' "$WORK/uring.log")${URING_ARGS[*]:+ ${URING_ARGS[*]}}; load average before $LOAD_BEFORE, after $LOAD_AFTER"
 echo
 echo "| test | /dev/fuse | io_uring | io_uring / dev | daemon CPU s/GiB, dev | daemon CPU s/GiB, io_uring |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: |"

@@ -61,6 +61,9 @@ struct Args {
     /// Do not pin each queue thread to its CPU.
     #[arg(long)]
     no_pin: bool,
+    /// Set up the rings with IORING_SETUP_SINGLE_ISSUER and IORING_SETUP_DEFER_TASKRUN.
+    #[arg(long)]
+    defer_taskrun: bool,
     /// Where to mount.
     mountpoint: PathBuf,
 }
@@ -145,11 +148,11 @@ fn start_uring(fs: &Arc<ZeroFs>, fuse: &File, args: &Args) -> io::Result<Vec<Wor
     for qid in 0..queues {
         let qid = u16::try_from(qid).map_err(io::Error::other)?;
         let (fs, fuse, tx) = (fs.clone(), fuse.try_clone()?, tx.clone());
-        let (depth, pin) = (args.depth, !args.no_pin);
+        let (depth, pin, defer) = (args.depth, !args.no_pin, args.defer_taskrun);
         let name = format!("ring queue {qid}");
         let handle = thread::Builder::new()
             .name(format!("fuse-q{qid}"))
-            .spawn(move || uring::serve_queue(fs, fuse, qid, depth, pin, tx))?;
+            .spawn(move || uring::serve_queue(fs, fuse, qid, depth, pin, defer, tx))?;
         workers.push((name, handle));
     }
     drop(tx);

@@ -163,6 +163,7 @@ pub fn serve_queue(
     qid: u16,
     depth: usize,
     pin: bool,
+    defer_taskrun: bool,
     registered: Sender<Registered>,
 ) -> io::Result<u64> {
     let mut entries = Vec::with_capacity(depth);
@@ -179,8 +180,13 @@ pub fn serve_queue(
     }
     // Declared after the entries, so dropped before them: the kernel lets go of the buffers
     // when the ring closes.
-    let mut ring: IoUring<squeue::Entry128, cqueue::Entry> =
-        IoUring::builder().build((depth * 2) as u32)?;
+    let mut builder = IoUring::<squeue::Entry128, cqueue::Entry>::builder();
+    if defer_taskrun {
+        // Only this thread submits; task work (copying a request into the entry) then runs
+        // when it waits for completions, not as an interruption.
+        builder.setup_single_issuer().setup_defer_taskrun();
+    }
+    let mut ring = builder.build((depth * 2) as u32)?;
     ring.submitter().register_files(&[fuse.as_raw_fd()])?;
     if pin {
         pin_to_cpu(usize::from(qid))?;
