@@ -15,7 +15,7 @@
 #
 # Needs root (mount(2) and /sys/module/fuse/parameters/enable_uring, which it sets to Y for the
 # run and restores afterwards, even on error or ctrl-c) and a kernel with FUSE over io_uring
-# (6.14+). Installs fio and jq with apt-get when missing. Rows:
+# (6.14+). Installs fio, jq and bc with apt-get when missing. Rows:
 #   - sequential read, dd bs=1M iflag=direct: 1 MiB O_DIRECT requests, one at a time
 #   - sequential read, dd bs=1M buffered: page-cache readahead (the file is opened without
 #     FOPEN_KEEP_CACHE, so each open starts cold); 128 KiB requests, background (async) reads
@@ -61,7 +61,7 @@ if [[ ! -e $PARAM ]]; then
     echo "$PARAM missing: this kernel ($(uname -r)) has no FUSE over io_uring" >&2
     exit 1
 fi
-for tool in fio jq; do
+for tool in fio jq bc; do
     command -v "$tool" >/dev/null || apt-get install -y "$tool" >/dev/null
 done
 
