@@ -56,6 +56,13 @@
 //! Either way a crash can leak a written-but-unreferenced block (reused by the next
 //! allocation), but never leaves an entry pointing at unwritten data.
 //!
+//! # Discard (discard.rs)
+//!
+//! Whole blocks of a dynamic image become `DISCARDED`: the entries are written first, then
+//! the highest blocks move into the holes and the count drops (bmap before header where they
+//! are apart), then the space past the count is punched. Partial blocks are written with
+//! zeros; a static image has its blocks punched in place. discard.rs gives the full order.
+//!
 //! # Failures
 //!
 //! A failed write of a new block fails only its request: the entry is published after the
@@ -78,6 +85,7 @@
 //! with no lock held, so they run in parallel with each other and with allocations.
 
 mod block_map;
+mod discard;
 mod header;
 
 #[cfg(test)]
@@ -111,6 +119,8 @@ pub fn probe(head: &[u8]) -> bool {
 struct AllocState {
     /// The physical block index the next allocation takes.
     next_free: u32,
+    /// The `blocks_allocated` the header on disk holds.
+    written_count: u32,
 }
 
 /// An open VDI image.
@@ -122,6 +132,9 @@ pub struct VdiImage {
     size: u64,
     alloc: Mutex<AllocState>,
     map: RwLock<BlockMap>,
+    /// Held shared by reads and in-place writes across lookup and I/O; taken exclusively by a
+    /// discard while it moves blocks (discard.rs), so no I/O uses a block's old place.
+    io_gate: RwLock<()>,
     read_only_reason: Option<String>,
     write_back: WriteBack,
 }
@@ -172,8 +185,10 @@ impl VdiImage {
             size: header.virtual_size(),
             alloc: Mutex::new(AllocState {
                 next_free: scan.next_free,
+                written_count: header.blocks_allocated,
             }),
             map: RwLock::new(map),
+            io_gate: RwLock::new(()),
             read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
             write_back: WriteBack::new(),
             header,
@@ -201,8 +216,13 @@ impl VdiImage {
         self.read_map().runs(offset, len)
     }
 
+    fn gate(&self) -> RwLockReadGuard<'_, ()> {
+        self.io_gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.size, offset, buf.len())?;
+        let _gate = self.gate();
         for run in self.lookup(offset, buf.len() as u64)? {
             let part = request_part_mut(buf, offset, run.offset, run.len)?;
             match run.kind {
@@ -219,14 +239,22 @@ impl VdiImage {
         }
         self.write_back.refuse_writes()?;
         check_range(self.size, offset, buf.len())?;
-        for run in self.lookup(offset, buf.len() as u64)? {
-            let part = request_part(buf, offset, run.offset, run.len)?;
-            match run.kind {
-                RunKind::Data { host_offset } => self.file.write_all_at(part, host_offset)?,
-                RunKind::Unallocated | RunKind::Discarded => {
-                    self.write_unallocated(part, run.offset)?
+        // In-place parts under the gate; the others after it is released, since allocation
+        // takes the allocation mutex, which a discard holds while it waits for the gate.
+        let mut unallocated = Vec::new();
+        {
+            let _gate = self.gate();
+            for run in self.lookup(offset, buf.len() as u64)? {
+                let part = request_part(buf, offset, run.offset, run.len)?;
+                match run.kind {
+                    RunKind::Data { host_offset } => self.file.write_all_at(part, host_offset)?,
+                    RunKind::Unallocated | RunKind::Discarded => unallocated.push(run),
                 }
             }
+        }
+        for run in unallocated {
+            let part = request_part(buf, offset, run.offset, run.len)?;
+            self.write_unallocated(part, run.offset)?;
         }
         Ok(())
     }
@@ -337,7 +365,15 @@ impl VdiImage {
 
     /// Writes back the header and the dirty bmap sectors in the order the module doc gives.
     fn flush_inner(&self) -> Result<()> {
-        let alloc = self.lock_alloc();
+        let mut alloc = self.lock_alloc();
+        self.flush_locked(&mut alloc)
+    }
+
+    /// `flush_inner` with the allocation mutex held. A count that goes down (a discard moved
+    /// blocks down, discard.rs) goes out after the entries that stopped using the blocks above
+    /// it, the reverse of the order for a count that goes up: never is the count on disk
+    /// below an entry on disk.
+    fn flush_locked(&self, alloc: &mut AllocState) -> Result<()> {
         // With the bmap right after the header sector, one write carries both.
         let adjacent = self.header.offset_bmap as usize == HEADER_LEN;
         let pending = {
@@ -352,7 +388,6 @@ impl VdiImage {
             })
         };
         let Some((bmap, blocks_allocated)) = pending else {
-            drop(alloc);
             return self.file.sync_data();
         };
         self.file.sync_data()?;
@@ -365,6 +400,12 @@ impl VdiImage {
                 bytes.extend_from_slice(piece);
             }
             self.file.write_all_at(&bytes, 0)?;
+        } else if blocks_allocated < alloc.written_count {
+            for (at, bytes) in &bmap {
+                self.file.write_all_at(bytes, *at)?;
+            }
+            self.file.sync_data()?;
+            self.file.write_all_at(&header, 0)?;
         } else {
             self.file.write_all_at(&header, 0)?;
             self.file.sync_data()?;
@@ -373,6 +414,7 @@ impl VdiImage {
             }
         }
         self.file.sync_data()?;
+        alloc.written_count = blocks_allocated;
         self.write_map().mark_clean();
         Ok(())
     }
@@ -430,6 +472,11 @@ impl Image for VdiImage {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.block_status_inner(offset, len)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_inner(offset, len)
             .map_err(|e| e.with_path(self.file.path()))
     }
 

@@ -656,3 +656,42 @@ fn mutated_images_never_panic() {
         true
     });
 }
+
+fn discard_case(image_type: &str) {
+    use crate::testutil::discard::{exercise_discard, qemu_create, DiscardCase};
+    let dir = TempDir::new();
+    let path = dir.path().join("d.vdi");
+    let options = format!(
+        "static={}",
+        if image_type == "static" { "on" } else { "off" }
+    );
+    if qemu_create("vdi", &options, &path, 12 * MIB).is_none() {
+        return;
+    }
+    let case = DiscardCase {
+        format: "vdi",
+        path: &path,
+        unit: MIB,
+        unmaps: image_type != "static",
+        check: true,
+    };
+    exercise_discard(&case, &|p| Ok(Box::new(try_open(p)?)));
+}
+
+#[test]
+fn discard_frees_blocks_and_keeps_them_dense() {
+    discard_case("dynamic");
+}
+
+#[test]
+fn discard_of_a_static_image_punches_in_place() {
+    discard_case("static");
+}
+
+#[test]
+fn discard_is_refused_read_only() {
+    let dir = TempDir::new();
+    let path = fixture(&dir, MIB as u32, &[0, U], 1);
+    let img = VdiImage::open(HostFile::open(&path, false).unwrap(), None).unwrap();
+    assert_eq!(img.discard(0, MIB).unwrap_err().kind(), ErrorKind::ReadOnly);
+}
