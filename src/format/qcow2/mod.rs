@@ -43,6 +43,10 @@
 //! clears the autoclear bits imgfs does not maintain and rebuilds dirty (lazy) refcounts;
 //! opening never modifies the file. imgfs never uses lazy refcounts itself.
 //!
+//! Discard (discard.rs) makes whole clusters unallocated, or zero clusters over a backing
+//! file; their data clusters are dropped like any replaced cluster and punched once their
+//! refcount reaches 0 in the flush. Partial clusters are written with zeros.
+//!
 //! Flush order (alloc.rs): data sync -> refcount blocks -> sync -> refcount table -> sync ->
 //! header (when the table moved) -> sync -> L2 slices -> sync -> L1 -> sync -> dropped
 //! references applied -> refcount blocks -> sync. A crash can leak clusters but never leave an
@@ -76,6 +80,7 @@
 mod alloc;
 mod cluster;
 pub mod create;
+mod discard;
 mod guard;
 mod header;
 mod rebuild;
@@ -727,6 +732,11 @@ impl Image for Qcow2Image {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.block_status_inner(offset, len)
+            .map_err(|e| e.with_path(self.shared.file.path()))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_inner(offset, len)
             .map_err(|e| e.with_path(self.shared.file.path()))
     }
 
