@@ -22,6 +22,8 @@ pub struct DiscardCase<'a> {
     pub unmaps: bool,
     /// Whether `qemu-img check` can be asked (false for formats it cannot check).
     pub check: bool,
+    /// The file holding the data, when it is not `path` (a flat VMDK extent).
+    pub data_file: Option<&'a Path>,
 }
 
 /// Allocated bytes of the file at `path` (st_blocks * 512).
@@ -32,7 +34,10 @@ pub fn allocated(path: &Path) -> u64 {
 }
 
 /// Runs the discard test on `case`; `open` opens the image writable.
-pub fn exercise_discard(case: &DiscardCase<'_>, open: &dyn Fn(&Path) -> Result<Box<dyn Image>>) {
+pub fn exercise_discard(
+    case: &DiscardCase<'_>,
+    open: &dyn Fn(&Path) -> Result<std::sync::Arc<dyn Image>>,
+) {
     let unit = case.unit;
     let img = open(case.path).unwrap();
     let size = img.size();
@@ -44,7 +49,8 @@ pub fn exercise_discard(case: &DiscardCase<'_>, open: &dyn Fn(&Path) -> Result<B
     img.write_at(&expected, 0).unwrap();
     img.flush().unwrap();
     drop(img);
-    let before = allocated(case.path);
+    let data = case.data_file.unwrap_or(case.path);
+    let before = allocated(data);
 
     let img = open(case.path).unwrap();
     // Whole clusters 1..3, a partial head and tail around cluster 5, one unaligned range
@@ -72,7 +78,7 @@ pub fn exercise_discard(case: &DiscardCase<'_>, open: &dyn Fn(&Path) -> Result<B
     img.flush().unwrap();
     drop(img);
 
-    let after = allocated(case.path);
+    let after = allocated(data);
     assert!(
         after + 2 * unit <= before,
         "{}: allocated {before} -> {after} bytes, not at least two clusters less",

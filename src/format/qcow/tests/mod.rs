@@ -614,8 +614,9 @@ fn discard_punches_mapped_clusters() {
         unit: 4096,
         unmaps: false,
         check: false,
+        data_file: None,
     };
-    exercise_discard(&case, &|p| Ok(Box::new(try_open(p, None)?)));
+    exercise_discard(&case, &|p| Ok(std::sync::Arc::new(try_open(p, None)?)));
 }
 
 #[test]

@@ -24,8 +24,9 @@ fn case(options: &str, unit: u64) {
         unit,
         unmaps: true,
         check: true,
+        data_file: None,
     };
-    exercise_discard(&case, &|p| Ok(Box::new(open_rw(p, None)?)));
+    exercise_discard(&case, &|p| Ok(std::sync::Arc::new(open_rw(p, None)?)));
 }
 
 #[test]

@@ -674,8 +674,9 @@ fn discard_case(image_type: &str) {
         unit: MIB,
         unmaps: image_type != "static",
         check: true,
+        data_file: None,
     };
-    exercise_discard(&case, &|p| Ok(Box::new(try_open(p)?)));
+    exercise_discard(&case, &|p| Ok(std::sync::Arc::new(try_open(p)?)));
 }
 
 #[test]

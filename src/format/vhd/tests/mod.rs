@@ -471,8 +471,9 @@ fn discard_case(options: &str) {
         unit: 2 * MIB,
         unmaps: false,
         check: false,
+        data_file: None,
     };
-    exercise_discard(&case, &|p| Ok(Box::new(try_open(p)?)));
+    exercise_discard(&case, &|p| Ok(std::sync::Arc::new(try_open(p)?)));
 }
 
 #[test]
