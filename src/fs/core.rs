@@ -752,5 +752,6 @@ fn host_statfs(path: &Path) -> FsResult<StatFs> {
     })
 }
 
+mod space;
 #[cfg(test)]
 mod tests;

@@ -1,4 +1,5 @@
-//! Discard for qcow2: whole guest clusters lose their data cluster; partial ones are written
+//! Discard for qcow2: whole guest clusters lose their data cluster; in partial ones the
+//! image's own data is punched in place, and what else would not read as zeros is written
 //! with zeros.
 //!
 //! A whole cluster's L2 entry becomes unallocated (0) when the image has no backing file, or
@@ -38,10 +39,13 @@ impl Qcow2Image {
         if len == 0 {
             return Ok(());
         }
+        // As before any write: the first one's header changes (autoclear bits, a refcount
+        // rebuild) go first.
+        self.prepare_for_writes(&mut self.lock_alloc())?;
         let geo = self.shared.geometry;
         let (head, (first, count), tail) = split_aligned(offset, len, geo.cluster_size());
-        zero_fill(self, head.0, head.1)?;
-        zero_fill(self, tail.0, tail.1)?;
+        self.punch_in_place(head.0, head.1)?;
+        self.punch_in_place(tail.0, tail.1)?;
         if count == 0 {
             return Ok(());
         }
@@ -52,7 +56,6 @@ impl Qcow2Image {
             return self.punch_in_place(start, whole);
         }
         let mut alloc = self.lock_alloc();
-        self.prepare_for_writes(&mut alloc)?;
         let mut index = first;
         let end = first + count;
         while index < end {
@@ -118,6 +121,9 @@ impl Qcow2Image {
     /// Discard where entries stay as they are: the image's own data is punched in place (it
     /// reads as zeros), everything else that would not read as zeros is written with zeros.
     fn punch_in_place(&self, start: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
         let mut rest = Vec::new();
         {
             let _gate = self

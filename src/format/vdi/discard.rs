@@ -1,6 +1,6 @@
 //! Discard for VDI: whole blocks of a dynamic image become `DISCARDED` (0xfffffffe) and the
-//! file gives their space back; partial blocks are written with zeros; a static image keeps
-//! every block and has the discarded range of its blocks punched (it reads as zeros).
+//! file gives their space back; the parts of partial blocks, and every block of a static
+//! image, are punched in place (they read as zeros; the host frees the pages they cover).
 //!
 //! # Keeping the blocks dense
 //!
@@ -31,7 +31,7 @@ use super::block_map::RunKind;
 use super::header::ImageType;
 use super::{AllocState, VdiImage};
 use crate::error::{Error, Result};
-use crate::image::{check_range, split_aligned, zero_fill};
+use crate::image::{check_range, split_aligned};
 
 /// Blocks are copied in pieces of at most this many bytes (blocks can be 256 MiB).
 const COPY_CHUNK: u64 = 1 << 20;
@@ -54,8 +54,9 @@ impl VdiImage {
             return self.punch_in_place(offset, len);
         }
         let (head, (first, count), tail) = split_aligned(offset, len, self.geometry.block_size());
-        zero_fill(self, head.0, head.1)?;
-        zero_fill(self, tail.0, tail.1)?;
+        // Partial blocks: zeroed in place, which frees the host pages they cover whole.
+        self.punch_in_place(head.0, head.1)?;
+        self.punch_in_place(tail.0, tail.1)?;
         if count == 0 {
             return Ok(());
         }
@@ -69,9 +70,12 @@ impl VdiImage {
         self.write_back.run(path, || self.compact(&mut alloc))
     }
 
-    /// Punches the host ranges of `[offset, offset + len)` where blocks hold it (a static
-    /// image, whose blocks stay where they are).
+    /// Punches the host ranges of `[offset, offset + len)` where blocks hold it, leaving the
+    /// blocks where they are; the rest reads as zeros already.
     fn punch_in_place(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
         let _gate = self.gate();
         for run in self.lookup(offset, len)? {
             if let RunKind::Data { host_offset } = run.kind {

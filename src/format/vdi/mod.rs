@@ -60,8 +60,8 @@
 //!
 //! Whole blocks of a dynamic image become `DISCARDED`: the entries are written first, then
 //! the highest blocks move into the holes and the count drops (bmap before header where they
-//! are apart), then the space past the count is punched. Partial blocks are written with
-//! zeros; a static image has its blocks punched in place. discard.rs gives the full order.
+//! are apart), then the space past the count is punched. Partial blocks, and a static
+//! image's blocks, are punched in place. discard.rs gives the full order.
 //!
 //! # Failures
 //!

@@ -46,7 +46,8 @@
 //!   over a parent, which they then hide), written through the log by the next flush like
 //!   any BAT change; the space of a block they held is punched at once, which is safe because
 //!   blocks are only ever appended, never reused, so a BAT on disk still naming the block
-//!   reads zeros from it. Partial blocks are written with zeros; a fixed image
+//!   reads zeros from it. The stored parts of partial blocks are punched in place, parts
+//!   read from a parent written with zeros; a fixed image
 //!   (LeaveBlockAllocated) keeps its blocks and has them punched in place.
 //!
 //! The entry is written before the header names its GUID: until then the header says the log

@@ -83,18 +83,19 @@ impl VhdxImage {
             }
             drop(alloc);
         }
+        // Partial blocks: the parts stored in this file are zeroed in place, which frees the
+        // host pages they cover whole; parts read from a parent are written with zeros.
         for (at, piece) in [head, tail] {
             if piece == 0 {
                 continue;
             }
-            if self.meta.leave_blocks_allocated {
-                for run in self.lookup(at, piece)? {
-                    if let RunKind::Data { host_offset } = run.kind {
-                        self.store.file.punch_hole(host_offset, run.len)?;
+            for run in self.lookup(at, piece)? {
+                match run.kind {
+                    RunKind::Data { host_offset } => {
+                        self.store.file.punch_hole(host_offset, run.len)?
                     }
+                    _ => zero_fill(self, run.offset, run.len)?,
                 }
-            } else {
-                zero_fill(self, at, piece)?;
             }
         }
         Ok(())
