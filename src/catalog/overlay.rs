@@ -346,6 +346,12 @@ impl Image for OverlayView {
         self.current().block_status(offset, len)
     }
 
+    /// Discards in the overlay (zero clusters over the original), which the original never
+    /// sees.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.overlay()?.discard(offset, len)
+    }
+
     fn snapshot_names(&self) -> Vec<String> {
         self.original.snapshot_names()
     }
