@@ -79,6 +79,13 @@ pub trait Image: Send + Sync {
         ))
     }
 
+    /// Grows the virtual disk to `new_size` bytes, writing the format's metadata in a safe
+    /// order (durable when it returns); the new part reads as zeros. Shrinking, and formats
+    /// or sub-formats that cannot grow, are refused as unsupported.
+    fn resize(&self, _new_size: u64) -> Result<()> {
+        Err(Error::unsupported("this format cannot be resized"))
+    }
+
     /// The file names (without `.raw`) of the internal snapshots this image holds (qcow2),
     /// distinct and usable as file names.
     fn snapshot_names(&self) -> Vec<String> {

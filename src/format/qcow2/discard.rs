@@ -32,7 +32,7 @@ impl Qcow2Image {
         }
         self.shared.write_back.refuse_writes()?;
         check_range(
-            self.size,
+            self.virtual_size(),
             offset,
             usize::try_from(len).unwrap_or(usize::MAX),
         )?;

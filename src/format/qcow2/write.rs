@@ -52,7 +52,7 @@ impl Qcow2Image {
             return Err(Error::read_only(reason.clone()));
         }
         self.shared.write_back.refuse_writes()?;
-        check_range(self.size, offset, buf.len())?;
+        check_range(self.virtual_size(), offset, buf.len())?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -302,7 +302,10 @@ impl Qcow2Image {
 
     /// Fills `part` with what lies below guest offset `guest`, zeros past the disk's end.
     fn read_below_clipped(&self, part: &mut [u8], guest: u64) -> Result<()> {
-        let inside = self.size.saturating_sub(guest).min(part.len() as u64) as usize;
+        let inside = self
+            .virtual_size()
+            .saturating_sub(guest)
+            .min(part.len() as u64) as usize;
         let (head, tail) = part.split_at_mut(inside);
         read_below(self.shared.backing.as_ref(), head, guest)?;
         tail.fill(0);

@@ -1,8 +1,14 @@
+//! Resizing a raw file (`truncate`): the image grows where its format can (`Image::resize`);
+//! shrinking, and formats that cannot grow, are refused with EOPNOTSUPP and a log line.
+//!
 //! `fallocate` on a raw file: punching holes and zeroing ranges become the image's discard
 //! (which leaves zeros and gives space back where the format can), preallocation inside the
 //! disk is a no-op (reads and writes never fail for lack of an allocated block other than by
 //! a full host disk), and everything else is refused with EOPNOTSUPP. A loop device on a raw
 //! file passes the guest's discards (`blkdiscard`, `fstrim`) here as PUNCH_HOLE.
+
+use crate::catalog::Target;
+use crate::error::ErrorKind;
 
 use super::{log_error, Errno, FsCore, FsResult};
 
@@ -32,6 +38,46 @@ fn request_of(mode: i32) -> Option<Request> {
 }
 
 impl FsCore {
+    /// Grows the image of `target` from `current` to `size` bytes (truncate, ftruncate).
+    pub(super) fn resize(&self, target: &Target, current: u64, size: u64) -> FsResult<()> {
+        let Target::Image(file) = target else {
+            log::info!("refusing to resize from {current} to {size} bytes: not a whole image");
+            return Err(Errno(libc::EOPNOTSUPP));
+        };
+        if size < current {
+            log::info!(
+                "{}: refusing to shrink from {current} to {size} bytes: data past the new end \
+                 would be lost",
+                file.source.display()
+            );
+            return Err(Errno(libc::EOPNOTSUPP));
+        }
+        let handle = self
+            .catalog
+            .open(file, true)
+            .map_err(|e| log_error("resize", &file.source, e))?;
+        let result = handle.image().resize(size);
+        drop(handle);
+        self.catalog.note_closed(file);
+        match result {
+            Ok(()) => {
+                log::info!(
+                    "{}: grown from {current} to {size} bytes",
+                    file.source.display()
+                );
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                log::info!(
+                    "{}: refusing to resize from {current} to {size} bytes: {e}",
+                    file.source.display()
+                );
+                Err(Errno(libc::EOPNOTSUPP))
+            }
+            Err(e) => Err(log_error("resize", &file.source, e)),
+        }
+    }
+
     /// `fallocate(fh, mode, offset, len)`.
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
         let handle = self.handle(fh)?;

@@ -1,6 +1,6 @@
 //! Discard through `Qcow2Image`: whole clusters become unallocated (or zero over a backing
 //! file), partial ones zeros; refcounts drop and the file's space is given back; snapshots
-//! keep their data.
+//! keep their data. Growing the image (resize.rs) inside its L1 table, and refusing the rest.
 
 use super::*;
 use crate::testutil::discard::{allocated, exercise_discard, qemu_create, DiscardCase};
@@ -139,4 +139,58 @@ fn discard_of_a_snapshot_view_is_refused() {
         view.discard(0, 4096).unwrap_err().kind(),
         ErrorKind::ReadOnly
     );
+}
+
+#[test]
+fn resize_grows_inside_the_l1_table_and_refuses_the_rest() {
+    let dir = TempDir::new();
+    let path = dir.path().join("r.qcow2");
+    if qemu_create("qcow2", "", &path, 16 * MIB).is_none() {
+        return;
+    }
+    qemu_io(&path, &["write -P 0x44 15M 1M"]).unwrap();
+    let img = open_rw(&path, None).unwrap();
+    assert_eq!(
+        img.resize(8 * MIB).unwrap_err().kind(),
+        ErrorKind::Unsupported,
+        "shrinking"
+    );
+    assert_eq!(
+        img.resize(MIB * 20 + 1).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
+    img.resize(3 << 30).unwrap();
+    assert_eq!(img.size(), 3 << 30);
+    let mut buf = vec![0u8; 2 * MIB as usize];
+    img.read_at(&mut buf, 15 * MIB).unwrap();
+    assert!(buf[..MIB as usize].iter().all(|&b| b == 0x44));
+    assert!(buf[MIB as usize..].iter().all(|&b| b == 0));
+    img.write_at(&[0x55; 4096], (3 << 30) - 4096).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let img = open_rw(&path, None).unwrap();
+    assert_eq!(img.size(), 3 << 30);
+    drop(img);
+    assert_qemu_check_clean("qcow2", &path);
+    qemu_io(
+        &path,
+        &[
+            "read -P 0x55 3145724k 4k",
+            "read -P 0 16M 1M",
+            "read -P 0x44 15M 1M",
+        ],
+    )
+    .unwrap();
+
+    // 512-byte clusters: one L1 cluster maps 2 MiB.
+    let small = dir.path().join("s.qcow2");
+    qemu_create("qcow2", "cluster_size=512", &small, MIB).unwrap();
+    let img = open_rw(&small, None).unwrap();
+    img.resize(2 * MIB).unwrap();
+    assert_eq!(
+        img.resize(4 * MIB).unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
+    drop(img);
+    assert_qemu_check_clean("qcow2", &small);
 }
