@@ -408,6 +408,27 @@ impl BlockMap {
         self.used_end
     }
 
+    /// Entries (virtual blocks) in the map.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Adds unallocated entries up to `count` once they are on disk (a resize). The map must
+    /// be clean: the dirty tracking starts over at the new length.
+    pub fn grow(&mut self, count: u32) -> Result<()> {
+        if self.is_dirty() || (count as usize) < self.entries.len() {
+            return Err(Error::out_of_range(
+                "internal: the VDI block map grows only, and only when clean",
+            ));
+        }
+        self.entries.resize(count as usize, UNALLOCATED);
+        self.dirty = DirtyChunks::new(
+            self.entries.len() * ENTRY_LEN as usize,
+            SECTOR_SIZE as usize,
+        );
+        Ok(())
+    }
+
     /// Entries pointing at a physical block.
     pub fn allocated(&self) -> u32 {
         self.allocated

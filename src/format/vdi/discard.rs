@@ -43,7 +43,7 @@ impl VdiImage {
         }
         self.write_back.refuse_writes()?;
         check_range(
-            self.size,
+            self.virtual_size(),
             offset,
             usize::try_from(len).unwrap_or(usize::MAX),
         )?;

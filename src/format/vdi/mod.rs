@@ -63,6 +63,11 @@
 //! are apart), then the space past the count is punched. Partial blocks, and a static
 //! image's blocks, are punched in place. discard.rs gives the full order.
 //!
+//! # Resize (resize.rs)
+//!
+//! A dynamic image grows where the bmap has room before the data: the new entries, a sync,
+//! then the header with the new size, a sync.
+//!
 //! # Failures
 //!
 //! A failed write of a new block fails only its request: the entry is published after the
@@ -87,11 +92,13 @@
 mod block_map;
 mod discard;
 mod header;
+mod resize;
 
 #[cfg(test)]
 mod tests;
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
@@ -121,6 +128,9 @@ struct AllocState {
     next_free: u32,
     /// The `blocks_allocated` the header on disk holds.
     written_count: u32,
+    /// The header's `blocks_in_image` and `disk_size`, which a resize grows (resize.rs).
+    blocks_in_image: u32,
+    disk_size: u64,
 }
 
 /// An open VDI image.
@@ -129,7 +139,8 @@ pub struct VdiImage {
     /// The header as opened; the live `blocks_allocated` is kept by the block map.
     header: Header,
     geometry: Geometry,
-    size: u64,
+    /// The virtual size; grows with `resize` (resize.rs).
+    size: AtomicU64,
     alloc: Mutex<AllocState>,
     map: RwLock<BlockMap>,
     /// Held shared by reads and in-place writes across lookup and I/O; taken exclusively by a
@@ -182,10 +193,12 @@ impl VdiImage {
 
         Ok(VdiImage {
             geometry: map.geometry(),
-            size: header.virtual_size(),
+            size: AtomicU64::new(header.virtual_size()),
             alloc: Mutex::new(AllocState {
                 next_free: scan.next_free,
                 written_count: header.blocks_allocated,
+                blocks_in_image: header.blocks_in_image,
+                disk_size: header.disk_size,
             }),
             map: RwLock::new(map),
             io_gate: RwLock::new(()),
@@ -201,6 +214,11 @@ impl VdiImage {
     // panic elsewhere never leaves the guarded state inconsistent.
     fn lock_alloc(&self) -> MutexGuard<'_, AllocState> {
         self.alloc.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The virtual size now (it grows with `resize`).
+    fn virtual_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_map(&self) -> RwLockReadGuard<'_, BlockMap> {
@@ -221,7 +239,7 @@ impl VdiImage {
     }
 
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.size, offset, buf.len())?;
+        check_range(self.virtual_size(), offset, buf.len())?;
         let _gate = self.gate();
         for run in self.lookup(offset, buf.len() as u64)? {
             let part = request_part_mut(buf, offset, run.offset, run.len)?;
@@ -238,7 +256,7 @@ impl VdiImage {
             return Err(Error::read_only(reason.clone()));
         }
         self.write_back.refuse_writes()?;
-        check_range(self.size, offset, buf.len())?;
+        check_range(self.virtual_size(), offset, buf.len())?;
         // In-place parts under the gate; the others after it is released, since allocation
         // takes the allocation mutex, which a discard holds while it waits for the gate.
         let mut unallocated = Vec::new();
@@ -290,13 +308,13 @@ impl VdiImage {
         let end_phys = u32::try_from(count)
             .ok()
             .and_then(|n| first_phys.checked_add(n))
-            .filter(|&end| end <= self.header.blocks_in_image)
+            .filter(|&end| end <= alloc.blocks_in_image)
             .ok_or_else(|| {
                 Error::io(
                     format!(
                         "no free VDI block: next physical block {first_phys} + {count} exceeds \
                          blocks_in_image {}",
-                        self.header.blocks_in_image
+                        alloc.blocks_in_image
                     ),
                     io::Error::from_raw_os_error(libc::ENOSPC),
                 )
@@ -392,6 +410,8 @@ impl VdiImage {
         };
         self.file.sync_data()?;
         let mut header = self.header.clone();
+        header.blocks_in_image = alloc.blocks_in_image;
+        header.disk_size = alloc.disk_size;
         header.blocks_allocated = blocks_allocated;
         let header = header.to_bytes()?;
         if adjacent {
@@ -420,7 +440,7 @@ impl VdiImage {
     }
 
     fn block_status_inner(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let len = len.min(self.size.saturating_sub(offset));
+        let len = len.min(self.virtual_size().saturating_sub(offset));
         let mut extents = Vec::new();
         if len == 0 {
             return Ok(extents);
@@ -447,7 +467,7 @@ impl VdiImage {
 
 impl Image for VdiImage {
     fn size(&self) -> u64 {
-        self.size
+        self.virtual_size()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -480,6 +500,11 @@ impl Image for VdiImage {
             .map_err(|e| e.with_path(self.file.path()))
     }
 
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.resize_inner(new_size)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
     fn allocated_bytes(&self) -> u64 {
         u64::from(self.read_map().allocated()) * self.geometry.block_size()
     }
@@ -497,7 +522,7 @@ impl Image for VdiImage {
         let mut details = vec![
             ("uuid", h.uuid_image.to_string()),
             ("uuid_last_snap", h.uuid_last_snap.to_string()),
-            ("blocks_in_image", h.blocks_in_image.to_string()),
+            ("blocks_in_image", self.read_map().len().to_string()),
             ("blocks_allocated", blocks_allocated.to_string()),
             ("offset_bmap", format!("{:#x}", h.offset_bmap)),
             ("offset_data", format!("{:#x}", h.offset_data)),
@@ -516,7 +541,7 @@ impl Image for VdiImage {
         ImageInfo {
             format: "vdi",
             subformat: h.image_type.name().to_string(),
-            virtual_size: self.size,
+            virtual_size: self.virtual_size(),
             cluster_size: Some(self.geometry.block_size()),
             allocated_bytes: u64::from(allocated) * self.geometry.block_size(),
             read_only_reason: self.read_only_reason(),

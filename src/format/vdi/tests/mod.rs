@@ -696,3 +696,37 @@ fn discard_is_refused_read_only() {
     let img = VdiImage::open(HostFile::open(&path, false).unwrap(), None).unwrap();
     assert_eq!(img.discard(0, MIB).unwrap_err().kind(), ErrorKind::ReadOnly);
 }
+
+#[test]
+fn resize_grows_where_the_bmap_has_room() {
+    let dir = TempDir::new();
+    let Some(path) = qemu_create(&dir, &[], "16M") else {
+        return;
+    };
+    let img = open_rw(&path);
+    img.write_at(&[0x21; 4096], 15 * MIB).unwrap();
+    assert_eq!(
+        img.resize(8 * MIB).unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
+    // qemu-img leaves the bmap one sector: 128 blocks.
+    assert_eq!(
+        img.resize(200 * MIB).unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
+    img.resize(100 * MIB).unwrap();
+    assert_eq!(img.size(), 100 * MIB);
+    img.write_at(&[0x22; 4096], 99 * MIB).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let img = open_rw(&path);
+    assert_eq!(img.size(), 100 * MIB);
+    let mut buf = vec![0u8; 4096];
+    img.read_at(&mut buf, 99 * MIB).unwrap();
+    assert_eq!(buf, vec![0x22; 4096]);
+    drop(img);
+    assert_qemu_check_clean("vdi", &path);
+    assert_qemu_reads(&path, 0x21, 15 * MIB, 4096);
+    assert_qemu_reads(&path, 0x22, 99 * MIB, 4096);
+    assert_qemu_reads(&path, 0, 50 * MIB, MIB);
+}
