@@ -21,9 +21,12 @@
 //!    count on disk is never below an entry on disk.
 //! 4. The blocks past the new count, referenced by nothing on disk, are punched.
 //!
-//! A crash leaves at worst a count above the entries (reported by `qemu-img check` and
-//! repaired by the next allocation's flush, as after a crash during allocation), never an
-//! entry naming another block's data.
+//! A crash between steps 1 and 3 leaves a count above the entries, with holes below it:
+//! every allocator stays clear of data, but `qemu-img check` reports the mismatch until the
+//! first flush of imgfs that writes anything moves blocks into the holes (steps 2 to 4). No
+//! order avoids that window: the hole can take another block's data only once no entry on
+//! disk names it, and the count can drop only once the block above is no longer named. A
+//! crash never leaves an entry naming another block's data.
 
 use std::sync::PoisonError;
 
@@ -85,8 +88,9 @@ impl VdiImage {
         Ok(())
     }
 
-    /// Steps 2 to 4 of the module doc. Holds the allocation mutex.
-    fn compact(&self, alloc: &mut AllocState) -> Result<()> {
+    /// Steps 2 to 4 of the module doc. Holds the allocation mutex; every hole must be
+    /// unreferenced on disk (the entries written since they were freed, or never naming them).
+    pub(super) fn compact(&self, alloc: &mut AllocState) -> Result<()> {
         let old_end = self.read_map().used_end();
         let moves = self.read_map().compaction();
         {

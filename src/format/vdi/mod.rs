@@ -384,7 +384,18 @@ impl VdiImage {
     /// Writes back the header and the dirty bmap sectors in the order the module doc gives.
     fn flush_inner(&self) -> Result<()> {
         let mut alloc = self.lock_alloc();
-        self.flush_locked(&mut alloc)
+        // Holes below the highest block (a crash between a discard's entries and its block
+        // moves) keep `qemu-img check` unhappy: the first flush that writes anything moves
+        // blocks down into them (discard.rs), which leaves the count equal to the entries.
+        let repair = {
+            let map = self.read_map();
+            map.is_dirty() && map.allocated() < map.used_end()
+        };
+        self.flush_locked(&mut alloc)?;
+        if repair {
+            self.compact(&mut alloc)?;
+        }
+        Ok(())
     }
 
     /// `flush_inner` with the allocation mutex held. A count that goes down (a discard moved
