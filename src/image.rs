@@ -69,11 +69,21 @@ pub trait Image: Send + Sync {
     /// to the disk size).
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
 
-    /// Deallocates a range where the format can express it.
+    /// Makes `[offset, offset + len)` read as zeros, giving space back where the format can:
+    /// whole clusters become unallocated or zero clusters and their host ranges are punched;
+    /// partial clusters (and formats that cannot say "zero") are zeroed in place. The range
+    /// must lie inside `size()`. Like a write, it is durable after the next `flush`.
     fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
         Err(Error::unsupported(
             "discard is not implemented for this format",
         ))
+    }
+
+    /// Grows the virtual disk to `new_size` bytes, writing the format's metadata in a safe
+    /// order (durable when it returns); the new part reads as zeros. Shrinking, and formats
+    /// or sub-formats that cannot grow, are refused as unsupported.
+    fn resize(&self, _new_size: u64) -> Result<()> {
+        Err(Error::unsupported("this format cannot be resized"))
     }
 
     /// The file names (without `.raw`) of the internal snapshots this image holds (qcow2),
@@ -171,6 +181,47 @@ pub fn seek(image: &dyn Image, offset: u64, want_data: bool) -> Result<Option<u6
     Ok((!want_data).then_some(size))
 }
 
+/// Writes zeros over the parts of `[offset, offset + len)` that do not read as zeros already
+/// (`block_status` says `Data`, in the image or a layer below), through `write_at`: the
+/// discard of partial clusters, and of clusters a format cannot mark as zero.
+pub fn zero_fill(image: &dyn Image, offset: u64, len: u64) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let mut zeros = Vec::new();
+    for extent in image.block_status(offset, len)? {
+        if !extent.state.is_data() {
+            continue;
+        }
+        let end = extent.offset.saturating_add(extent.len);
+        let mut at = extent.offset;
+        while at < end {
+            let n = CHUNK.min(end - at) as usize;
+            if zeros.len() < n {
+                zeros.resize(n, 0);
+            }
+            image.write_at(zeros.get(..n).unwrap_or_default(), at)?;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Splits `[offset, offset + len)` at the boundaries of `unit`-byte clusters (a power of
+/// two): the partial head, the whole clusters `(first index, count)`, and the partial tail,
+/// each as (offset, len) and empty where there is none.
+pub fn split_aligned(offset: u64, len: u64, unit: u64) -> ((u64, u64), (u64, u64), (u64, u64)) {
+    let end = offset.saturating_add(len);
+    let first_whole = offset.div_ceil(unit).saturating_mul(unit);
+    let last_whole = end / unit * unit;
+    if first_whole >= last_whole {
+        return ((offset, len), (0, 0), (end, 0));
+    }
+    (
+        (offset, first_whole - offset),
+        (first_whole / unit, (last_whole - first_whole) / unit),
+        (last_whole, end - last_whole),
+    )
+}
+
 /// Appends `extent` to `extents`, merging it with the previous one when they continue each other.
 pub fn push_extent(extents: &mut Vec<Extent>, extent: Extent) {
     if let Some(last) = extents.last_mut() {
@@ -208,6 +259,23 @@ mod tests {
         assert_eq!(out, [0, 9, 9, 0]);
         assert_eq!(split_request(&buf, 2).unwrap().0, [1, 2]);
         assert!(split_request(&buf, 7).is_err());
+    }
+
+    #[test]
+    fn split_aligned_finds_head_whole_clusters_and_tail() {
+        assert_eq!(split_aligned(0, 4096, 1024), ((0, 0), (0, 4), (4096, 0)));
+        assert_eq!(
+            split_aligned(100, 3000, 1024),
+            ((100, 924), (1, 2), (3072, 28))
+        );
+        assert_eq!(
+            split_aligned(100, 200, 1024),
+            ((100, 200), (0, 0), (300, 0))
+        );
+        assert_eq!(
+            split_aligned(1000, 1048, 1024),
+            ((1000, 24), (1, 1), (2048, 0))
+        );
     }
 
     #[test]

@@ -57,7 +57,7 @@ impl Catalog {
         };
         if self.overlay_dir.is_some() {
             // Everything is written into overlays: the original's role and state do not matter.
-            let (size, allocated) = live.map_or((image.summary.size, image.allocated()), |s| {
+            let (size, allocated) = live.map_or((image.size(), image.allocated()), |s| {
                 (s.size(), s.allocated_bytes())
             });
             return ImageAttrs {
@@ -70,9 +70,10 @@ impl Catalog {
             Some(served) => {
                 let allocated = served.allocated_bytes();
                 image.set_allocated(allocated);
+                image.set_size(served.size());
                 (served.size(), allocated)
             }
-            None => (image.summary.size, image.allocated()),
+            None => (image.size(), image.allocated()),
         };
         // An instance open read-only gives way to a writable one unless an image above it
         // (gone from the tree, or there would be a role) is still open.

@@ -346,6 +346,19 @@ impl Image for OverlayView {
         self.current().block_status(offset, len)
     }
 
+    /// An overlay has the original's size: resizing would need both to agree.
+    fn resize(&self, _new_size: u64) -> Result<()> {
+        Err(crate::error::Error::unsupported(
+            "an image served through an overlay cannot be resized",
+        ))
+    }
+
+    /// Discards in the overlay (zero clusters over the original), which the original never
+    /// sees.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.overlay()?.discard(offset, len)
+    }
+
     fn snapshot_names(&self) -> Vec<String> {
         self.original.snapshot_names()
     }

@@ -162,6 +162,9 @@ pub struct ImageFile {
     ended: AtomicBool,
     /// Bytes allocated in the image as last seen (the summary's, then its instances').
     allocated: AtomicU64,
+    /// The virtual size as last seen (the summary's, then its instances': a resize through
+    /// the mount changes it without the file being scanned again).
+    size: AtomicU64,
     /// The partition table as last read, and this process's writes to the file then: a write
     /// since may have changed it (fdisk through the mount).
     partitions: Mutex<(u64, Partitions)>,
@@ -178,6 +181,7 @@ impl ImageFile {
     ) -> Self {
         let identity = FileIdentity::of(meta);
         let summary_allocated = summary.allocated;
+        let summary_size = summary.size;
         let summary_partitions = summary.partitions.clone();
         ImageFile {
             rel,
@@ -193,6 +197,7 @@ impl ImageFile {
             source,
             ended: AtomicBool::new(false),
             allocated: AtomicU64::new(summary_allocated),
+            size: AtomicU64::new(summary_size),
             partitions: Mutex::new((writes_before, summary_partitions)),
         }
     }
@@ -203,6 +208,15 @@ impl ImageFile {
 
     pub fn set_allocated(&self, bytes: u64) {
         self.allocated.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The virtual size as last seen.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    pub fn set_size(&self, bytes: u64) {
+        self.size.store(bytes, Ordering::Relaxed);
     }
 
     /// The partition table as read when this process had started `writes` writes to the file.

@@ -205,6 +205,13 @@ impl Image for Served {
         self.image.discard(offset, len)
     }
 
+    fn resize(&self, new_size: u64) -> Result<()> {
+        if let Some(e) = self.refused() {
+            return Err(e);
+        }
+        self.image.resize(new_size)
+    }
+
     fn snapshot_names(&self) -> Vec<String> {
         self.image.snapshot_names()
     }

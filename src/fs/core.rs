@@ -567,8 +567,8 @@ impl FsCore {
         result
     }
 
-    /// Changes times (applied to the image file) and refuses size changes: images do not
-    /// resize yet.
+    /// Changes times (applied to the image file) and the size (the image grows, see
+    /// `resize`).
     pub fn setattr(
         &self,
         ino: u64,
@@ -580,11 +580,7 @@ impl FsCore {
         if let Some(size) = size {
             let current = self.getattr(ino, None)?.size;
             if size != current {
-                log::info!(
-                    "refusing to resize from {current} to {size} bytes: resizing images is not \
-                     supported"
-                );
-                return Err(Errno(libc::EOPNOTSUPP));
+                self.resize(&target, current, size)?;
             }
         }
         if atime.is_some() || mtime.is_some() {
@@ -752,5 +748,6 @@ fn host_statfs(path: &Path) -> FsResult<StatFs> {
     })
 }
 
+mod space;
 #[cfg(test)]
 mod tests;

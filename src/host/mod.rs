@@ -152,6 +152,74 @@ impl HostFile {
         }
     }
 
+    /// Makes `[offset, offset + len)` of the file read as zeros and gives its whole host blocks
+    /// back to the file system (`fallocate(PUNCH_HOLE | KEEP_SIZE)`): the file keeps its length,
+    /// and partial blocks at either end are zeroed by the host. Where the host file system
+    /// cannot punch holes (EOPNOTSUPP), the range is written with zeros instead, up to the end
+    /// of the file, so the result reads the same and only the space stays taken.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or_else(|| Error::out_of_range(format!("punch {offset} + {len} overflows")))?;
+        // Tests see a punch as the write of zeros it stands for, so recordings and power
+        // losses replay it like any other write.
+        #[cfg(test)]
+        if self.watch.is_some() {
+            let zeros = vec![0u8; usize::try_from(len).unwrap_or(0)];
+            self.before(fault::Request::Write {
+                offset,
+                data: &zeros,
+            })?;
+        }
+        let punch = || {
+            // SAFETY: fallocate on a file descriptor we own; it takes no pointers.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset as libc::off_t,
+                    (end - offset) as libc::off_t,
+                )
+            };
+            match rc {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        };
+        let punched = match &self.activity {
+            Some(activity) => activity.around(punch, || {
+                self.file.metadata().map_or(0, |m| activity::ctime_ns(&m))
+            }),
+            None => punch(),
+        };
+        match punched {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.write_zeros(offset, end),
+            Err(e) => Err(Error::io("punch hole", e)
+                .at_offset(offset)
+                .with_path(&self.path)),
+        }
+    }
+
+    /// Writes zeros over `[offset, end)`, clipped to the file's length (the fallback of
+    /// `punch_hole`, which never grows the file).
+    fn write_zeros(&self, offset: u64, end: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let end = end.min(self.len()?);
+        let zeros = vec![0u8; CHUNK.min(end.saturating_sub(offset)) as usize];
+        let mut at = offset;
+        while at < end {
+            let n = CHUNK.min(end - at) as usize;
+            self.write_all_at(zeros.get(..n).unwrap_or_default(), at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
     // A host file's length has no useful "is empty" counterpart for images.
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> Result<u64> {
@@ -279,6 +347,26 @@ mod tests {
         assert_eq!(partial_pages(8192, 1 << 20), [None, None]);
         assert_eq!(partial_pages(100, 0), [None, None]);
         assert_eq!(partial_pages(u64::MAX, 2), [None, None]);
+    }
+
+    #[test]
+    fn punch_hole_zeroes_the_range_keeps_the_length_and_frees_blocks() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = crate::testutil::TempDir::new();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0xabu8; 1 << 20]).unwrap();
+        let f = HostFile::open(&path, true).unwrap();
+        f.sync_data().unwrap();
+        let before = f.metadata().unwrap().blocks();
+        f.punch_hole(100, 512 << 10).unwrap();
+        f.punch_hole(2 << 20, 4096).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 1 << 20, "the length stays");
+        assert!(bytes[..100].iter().all(|&b| b == 0xab));
+        assert!(bytes[100..100 + (512 << 10)].iter().all(|&b| b == 0));
+        assert!(bytes[100 + (512 << 10)..].iter().all(|&b| b == 0xab));
+        assert!(f.metadata().unwrap().blocks() < before);
+        assert!(f.punch_hole(u64::MAX - 1, 2).is_err());
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! and block-status descriptors for `base:allocation` and `qemu:allocation-depth`.
 //!
 //! - WRITE_ZEROES skips what already reads as zeros (unallocated, zero extents), tries the
-//!   image's discard unless NO_HOLE asks otherwise (no driver implements one yet), and writes
-//!   zeros over the rest; with FAST_ZERO it fails with ENOTSUP up front when zeros would have to
-//!   be written.
+//!   image's discard unless NO_HOLE asks otherwise (a discard leaves zeros, so nothing is
+//!   left to write), and writes zeros over the rest; with FAST_ZERO it fails with ENOTSUP up
+//!   front when zeros would have to be written.
 //! - TRIM is advisory: the image's discard where it has one, nothing otherwise.
 
 use super::exports::Export;
@@ -262,7 +262,8 @@ pub fn write_zeroes(export: &Export, req: &Request) -> Served {
     }
     if req.flags & CMD_FLAG_NO_HOLE == 0 {
         match image.discard(req.offset, len) {
-            Ok(()) => data = nonzero(image, req.offset, len)?,
+            // A discard leaves zeros, also where the format keeps the clusters mapped.
+            Ok(()) => data = Vec::new(),
             Err(e) if e.kind() == ErrorKind::Unsupported => {}
             Err(e) => return Err(e.into()),
         }

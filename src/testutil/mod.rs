@@ -5,6 +5,7 @@
 //! the fault walks that fail or cut every host operation of a workload (`faults`).
 
 pub mod crash;
+pub mod discard;
 pub mod faults;
 pub mod pause;
 

@@ -101,10 +101,12 @@ fn the_model_accepts_old_or_new_sectors_only() {
         Slot {
             offset: 100,
             data: vec![2; 1000],
+            discard: false,
         },
         Slot {
             offset: 4096,
             data: vec![3; 600],
+            discard: false,
         },
     ];
     let all = apply(&windows, &old, &slots);

@@ -1,4 +1,5 @@
-//! What a crash round writes (slots of unique bytes) and what may be on the disk afterwards:
+//! What a crash round writes (slots of unique bytes, some of them discards) and what may be on
+//! the disk afterwards:
 //! fsync'ed slots exactly, every other 512-byte sector its old bytes or its new ones.
 
 use crate::common::Rng;
@@ -18,11 +19,12 @@ pub struct Window {
 }
 
 /// One write of the round: unique bytes at an offset, inside one window, sharing no sector
-/// with any other slot.
+/// with any other slot; or a discard (`fallocate` PUNCH_HOLE), whose bytes are zeros.
 #[derive(Debug, Clone)]
 pub struct Slot {
     pub offset: u64,
     pub data: Vec<u8>,
+    pub discard: bool,
 }
 
 impl Slot {
@@ -59,9 +61,16 @@ pub fn plan_slots(rng: &mut Rng, windows: &[Window], share: f64) -> Vec<Slot> {
             if last_sector_end > end {
                 break;
             }
+            // One slot in six punches a hole instead: clusters freed, blocks moved (VDI),
+            // zero entries written, while the other slots' data must stay where it is.
+            let discard = rng.below(6) == 0;
             slots.push(Slot {
                 offset,
-                data: rng.bytes(len as usize),
+                data: match discard {
+                    true => vec![0; len as usize],
+                    false => rng.bytes(len as usize),
+                },
+                discard,
             });
             at = last_sector_end;
         }

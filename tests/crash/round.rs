@@ -229,7 +229,11 @@ fn write_slots(
     };
     for chunk in slots.chunks(every) {
         for (_, slot) in chunk {
-            if file.write_all_at(&slot.data, slot.offset).is_err() {
+            let done = match slot.discard {
+                true => punch(&file, slot.offset, slot.data.len() as u64),
+                false => file.write_all_at(&slot.data, slot.offset),
+            };
+            if done.is_err() {
                 return;
             }
         }
@@ -240,6 +244,24 @@ fn write_slots(
         for (i, _) in chunk {
             durable[*i].store(true, Ordering::SeqCst);
         }
+    }
+}
+
+/// `fallocate(PUNCH_HOLE | KEEP_SIZE)`, as `fallocate -p` and a loop device's discard send it.
+fn punch(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a descriptor we own; it takes no pointers.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
     }
 }
 

@@ -39,6 +39,10 @@
 //! leaks appended clusters at worst; no L1 entry ever points at an unwritten L2 table and no L2
 //! entry at unwritten data.
 //!
+//! Discard keeps clusters mapped (the format has no zero entry, and unmapping would leak the
+//! space for good) and punches their host ranges, an in-place write of zeros that frees the
+//! host file's blocks; compressed and backed clusters are written with zeros instead.
+//!
 //! # Failures
 //!
 //! A failed write of new clusters fails only its request (they are published after it, and
@@ -78,8 +82,8 @@ use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
 use crate::host::HostFile;
 use crate::image::{
-    check_range, push_extent, request_part, request_part_mut, split_request, Extent, ExtentState,
-    Image, ImageInfo,
+    check_range, push_extent, request_part, request_part_mut, split_request, zero_fill, Extent,
+    ExtentState, Image, ImageInfo,
 };
 use crate::meta::compress::{inflate, Deflate, LastInflated};
 use crate::meta::write_back::WriteBack;
@@ -365,6 +369,33 @@ impl QcowImage {
         Ok(())
     }
 
+    /// Discard: qcow v1 cannot say "zero" and never reuses space, so clusters stay mapped and
+    /// their host ranges are punched (they read as zeros, and the host file's space is freed);
+    /// compressed clusters and backed unallocated ones are written with zeros.
+    fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
+        if let Some(reason) = &self.read_only_reason {
+            return Err(Error::read_only(reason.clone()));
+        }
+        self.write_back.refuse_writes()?;
+        check_range(
+            self.size,
+            offset,
+            usize::try_from(len).unwrap_or(usize::MAX),
+        )?;
+        let mut rest = Vec::new();
+        for run in self.lookup(offset, len)? {
+            match run.kind {
+                RunKind::Data { host_offset } => self.file.punch_hole(host_offset, run.len)?,
+                RunKind::Unallocated if self.backing.is_none() => {}
+                RunKind::Unallocated | RunKind::Compressed { .. } => rest.push(run),
+            }
+        }
+        for run in rest {
+            zero_fill(self, run.offset, run.len)?;
+        }
+        Ok(())
+    }
+
     /// Writes `payload` at guest `offset`, a range that needed allocation at lookup time.
     fn write_allocating(&self, payload: &[u8], offset: u64) -> Result<()> {
         let mut alloc = self.lock_alloc();
@@ -635,6 +666,11 @@ impl Image for QcowImage {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.block_status_inner(offset, len)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_inner(offset, len)
             .map_err(|e| e.with_path(self.file.path()))
     }
 

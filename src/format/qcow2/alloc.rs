@@ -28,7 +28,8 @@
 //! 4. Dirty L2 slices -> sync.
 //! 5. Dirty L1 pieces -> sync.
 //! 6. Queued reference drops: refcounts decremented in memory, in-flight reads and in-place
-//!    writes that may still use a freed cluster waited for (`io_gate`), blocks written -> sync.
+//!    writes that may still use a freed cluster waited for (`io_gate`), clusters whose
+//!    refcount reached 0 punched in the host file, blocks written -> sync.
 //!
 //! A crash anywhere leaves at most leaked clusters (counted but unreferenced).
 
@@ -385,6 +386,7 @@ impl Qcow2Image {
         let file = &self.shared.file;
         let bits = self.cluster_bits();
         let slice_bytes = self.shared.slice_bytes;
+        let mut freed: Vec<(u64, u64)> = Vec::new();
         for (offset, len) in std::mem::take(&mut alloc.pending_free) {
             let first = offset >> bits;
             let last = offset.saturating_add(len - 1) >> bits;
@@ -401,6 +403,10 @@ impl Qcow2Image {
                 }
                 alloc.refcounts.set(file, cluster, count - 1)?;
                 if count == 1 {
+                    match freed.last_mut() {
+                        Some((first, n)) if *first + *n == cluster => *n += 1,
+                        _ => freed.push((cluster, 1)),
+                    }
                     alloc.cursor = alloc.cursor.min(cluster);
                     alloc.guard.release(cluster);
                     // A freed L2 table must not be served from the cache once reused.
@@ -422,6 +428,11 @@ impl Qcow2Image {
         // Nor may a freed compressed cluster be served from the decompression cache (after
         // the gate: a read that finished just now may have put it there).
         self.shared.last_compressed.clear();
+        // Freed clusters give their space back to the host file system: nothing on disk
+        // refers to them any more, and nothing can allocate them while we hold the mutex.
+        for (first, n) in freed {
+            file.punch_hole(first << bits, n << bits)?;
+        }
         Ok(())
     }
 }

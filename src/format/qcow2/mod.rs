@@ -43,6 +43,13 @@
 //! clears the autoclear bits imgfs does not maintain and rebuilds dirty (lazy) refcounts;
 //! opening never modifies the file. imgfs never uses lazy refcounts itself.
 //!
+//! Discard (discard.rs) makes whole clusters unallocated, or zero clusters over a backing
+//! file; their data clusters are dropped like any replaced cluster and punched once their
+//! refcount reaches 0 in the flush. Partial clusters are written with zeros.
+//!
+//! Resize (resize.rs) grows the disk where the L1 table's clusters have room: new entries
+//! zeroed, then `l1_size`, then `size`, each synced.
+//!
 //! Flush order (alloc.rs): data sync -> refcount blocks -> sync -> refcount table -> sync ->
 //! header (when the table moved) -> sync -> L2 slices -> sync -> L1 -> sync -> dropped
 //! references applied -> refcount blocks -> sync. A crash can leak clusters but never leave an
@@ -76,10 +83,12 @@
 mod alloc;
 mod cluster;
 pub mod create;
+mod discard;
 mod guard;
 mod header;
 mod rebuild;
 mod refcount;
+mod resize;
 mod snapshot;
 mod write;
 
@@ -168,7 +177,8 @@ pub struct Qcow2Image {
     shared: Arc<Shared>,
     l1: RwLock<Vec<u64>>,
     l1_table_offset: u64,
-    size: u64,
+    /// The virtual size; grows with `resize` (resize.rs).
+    size: AtomicU64,
     /// The snapshot this view shows, `None` for the active disk.
     snapshot: Option<usize>,
     read_only_reason: Option<String>,
@@ -294,11 +304,16 @@ impl Qcow2Image {
         Ok(Qcow2Image {
             l1: RwLock::new(l1),
             l1_table_offset: shared.header.l1_table_offset,
-            size: shared.header.size,
+            size: AtomicU64::new(shared.header.size),
             snapshot: None,
             read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
             shared: Arc::new(shared),
         })
+    }
+
+    /// The virtual size now (it grows with `resize`).
+    fn virtual_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     pub fn header(&self) -> &Qcow2Header {
@@ -359,7 +374,7 @@ impl Qcow2Image {
             shared: Arc::clone(shared),
             l1: RwLock::new(l1),
             l1_table_offset: snapshot.l1_table_offset,
-            size: snapshot.disk_size,
+            size: AtomicU64::new(snapshot.disk_size),
             snapshot: Some(index),
             read_only_reason: Some(reasons.join("; ")),
         })
@@ -509,7 +524,7 @@ impl Qcow2Image {
     }
 
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.size, offset, buf.len())?;
+        check_range(self.virtual_size(), offset, buf.len())?;
         let _gate = self
             .shared
             .io_gate
@@ -582,7 +597,7 @@ impl Qcow2Image {
     }
 
     fn block_status_inner(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let len = len.min(self.size.saturating_sub(offset));
+        let len = len.min(self.virtual_size().saturating_sub(offset));
         let mut extents = Vec::new();
         if len == 0 {
             return Ok(extents);
@@ -688,7 +703,7 @@ fn allocated_blocks(file: &HostFile) -> u64 {
 
 impl Image for Qcow2Image {
     fn size(&self) -> u64 {
-        self.size
+        self.virtual_size()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -730,6 +745,16 @@ impl Image for Qcow2Image {
             .map_err(|e| e.with_path(self.shared.file.path()))
     }
 
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_inner(offset, len)
+            .map_err(|e| e.with_path(self.shared.file.path()))
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.resize_inner(new_size)
+            .map_err(|e| e.with_path(self.shared.file.path()))
+    }
+
     /// The host blocks of the image file (and its data file), metadata included: counting
     /// guest clusters exactly would mean reading every L2 table.
     fn allocated_bytes(&self) -> u64 {
@@ -768,7 +793,7 @@ impl Image for Qcow2Image {
         ImageInfo {
             format: "qcow2",
             subformat: compat.to_string(),
-            virtual_size: self.size,
+            virtual_size: self.virtual_size(),
             cluster_size: Some(h.cluster_size()),
             allocated_bytes: self.allocated_bytes(),
             read_only_reason: self.read_only_reason(),

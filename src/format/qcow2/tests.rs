@@ -588,6 +588,7 @@ fn opening_a_huge_sparse_image_reads_only_its_tables() {
 }
 
 mod crash;
+mod discard;
 mod faults;
 mod hostile;
 mod races;

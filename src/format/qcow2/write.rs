@@ -34,16 +34,16 @@ use super::{L2Slice, Qcow2Image};
 
 /// Where one L2 entry lives: the cached slice holding it and its word in the slice.
 #[derive(Debug, Clone, Copy)]
-struct EntrySlot {
+pub(super) struct EntrySlot {
     key: u64,
     word: usize,
 }
 
 /// An L2 entry as read for a write.
-struct Entry {
-    desc: ClusterDescriptor,
+pub(super) struct Entry {
+    pub desc: ClusterDescriptor,
     raw: u64,
-    slot: EntrySlot,
+    pub slot: EntrySlot,
 }
 
 impl Qcow2Image {
@@ -52,7 +52,7 @@ impl Qcow2Image {
             return Err(Error::read_only(reason.clone()));
         }
         self.shared.write_back.refuse_writes()?;
-        check_range(self.size, offset, buf.len())?;
+        check_range(self.virtual_size(), offset, buf.len())?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -150,7 +150,7 @@ impl Qcow2Image {
     }
 
     /// Entry `l2_index` of the L2 table at `l2_offset`.
-    fn read_entry(&self, l2_offset: u64, l2_index: u64) -> Result<Entry> {
+    pub(super) fn read_entry(&self, l2_offset: u64, l2_index: u64) -> Result<Entry> {
         let geo = self.shared.geometry;
         let slice_bytes = self.shared.slice_bytes;
         let entry_bytes = l2_index * geo.entry_words() as u64 * 8;
@@ -302,7 +302,10 @@ impl Qcow2Image {
 
     /// Fills `part` with what lies below guest offset `guest`, zeros past the disk's end.
     fn read_below_clipped(&self, part: &mut [u8], guest: u64) -> Result<()> {
-        let inside = self.size.saturating_sub(guest).min(part.len() as u64) as usize;
+        let inside = self
+            .virtual_size()
+            .saturating_sub(guest)
+            .min(part.len() as u64) as usize;
         let (head, tail) = part.split_at_mut(inside);
         read_below(self.shared.backing.as_ref(), head, guest)?;
         tail.fill(0);
@@ -319,7 +322,7 @@ impl Qcow2Image {
     }
 
     /// Queues the drop of the reference an entry described by `desc` held, now replaced.
-    fn drop_reference(&self, alloc: &mut AllocState, desc: &ClusterDescriptor) {
+    pub(super) fn drop_reference(&self, alloc: &mut AllocState, desc: &ClusterDescriptor) {
         let cluster_size = self.shared.geometry.cluster_size();
         let external = self.shared.data_file.is_some();
         match *desc {
@@ -339,7 +342,7 @@ impl Qcow2Image {
     }
 
     /// Stores a new L2 entry (and extended bitmap) as a dirty slice.
-    fn publish(&self, slot: EntrySlot, entry: u64, bitmap: Option<u64>) -> Result<()> {
+    pub(super) fn publish(&self, slot: EntrySlot, entry: u64, bitmap: Option<u64>) -> Result<()> {
         let slice = self.l2_slice(slot.key)?;
         let mut words = slice.words.clone();
         let missing = || Error::out_of_range("internal: L2 entry outside its slice");
@@ -354,7 +357,7 @@ impl Qcow2Image {
     }
 
     /// The L2 table of L1 entry `l1_index`, made the active image's own (see the module doc).
-    fn writable_l2(&self, alloc: &mut AllocState, l1_index: u64) -> Result<u64> {
+    pub(super) fn writable_l2(&self, alloc: &mut AllocState, l1_index: u64) -> Result<u64> {
         let entry = self.l1_entry(l1_index);
         let old = self.l2_table_offset(l1_index)?;
         if let Some(old) = old {

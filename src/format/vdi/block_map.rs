@@ -319,6 +319,141 @@ impl BlockMap {
         Ok(())
     }
 
+    /// Marks the allocated entries of virtual blocks `first..first + count` discarded; returns
+    /// how many there were. Their physical blocks become holes that `compaction` fills;
+    /// `used_end` and `blocks_allocated` stay, so every allocator stays clear of them.
+    pub fn discard(&mut self, first: u64, count: u64) -> Result<u32> {
+        let start = usize::try_from(first).unwrap_or(usize::MAX);
+        let slots = usize::try_from(count)
+            .ok()
+            .and_then(|n| start.checked_add(n))
+            .and_then(|end| self.entries.get_mut(start..end))
+            .ok_or_else(|| {
+                Error::out_of_range(format!("virtual blocks {first}+{count} out of range"))
+            })?;
+        let mut freed = 0u32;
+        let mut changed = Vec::new();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if is_allocated(*slot) {
+                *slot = DISCARDED;
+                freed += 1;
+                changed.push(start + i);
+            }
+        }
+        for block in changed {
+            self.dirty.mark(block * ENTRY_LEN as usize);
+        }
+        self.allocated -= freed;
+        Ok(freed)
+    }
+
+    /// Marks the unallocated entries among virtual blocks `[first, first + count)` discarded:
+    /// in a differencing image they read from the parent, and a discard must make them read
+    /// as zeros. Returns how many changed.
+    pub fn discard_unallocated(&mut self, first: u64, count: u64) -> Result<u32> {
+        let start = usize::try_from(first).unwrap_or(usize::MAX);
+        let slots = usize::try_from(count)
+            .ok()
+            .and_then(|n| start.checked_add(n))
+            .and_then(|end| self.entries.get_mut(start..end))
+            .ok_or_else(|| {
+                Error::out_of_range(format!("virtual blocks {first}+{count} out of range"))
+            })?;
+        let mut changed = Vec::new();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if *slot == UNALLOCATED {
+                *slot = DISCARDED;
+                changed.push(start + i);
+            }
+        }
+        for block in &changed {
+            self.dirty.mark(block * ENTRY_LEN as usize);
+        }
+        Ok(changed.len() as u32)
+    }
+
+    /// The moves that make the physical blocks dense again: each (virtual block, from, to)
+    /// moves the highest block in use into the lowest hole below it, until none is left.
+    pub fn compaction(&self) -> Vec<(u64, u32, u32)> {
+        let mut owner: Vec<Option<u64>> = vec![None; self.used_end as usize];
+        for (block, &entry) in self.entries.iter().enumerate() {
+            if let Some(slot) = owner
+                .get_mut(entry as usize)
+                .filter(|_| is_allocated(entry))
+            {
+                *slot = Some(block as u64);
+            }
+        }
+        let mut moves = Vec::new();
+        let mut low = 0usize;
+        let mut high = owner.len();
+        loop {
+            while low < high && owner.get(low).is_some_and(|o| o.is_some()) {
+                low += 1;
+            }
+            while high > low && owner.get(high - 1).is_some_and(|o| o.is_none()) {
+                high -= 1;
+            }
+            if high <= low + 1 {
+                break;
+            }
+            if let Some(Some(block)) = owner.get(high - 1).copied() {
+                moves.push((block, (high - 1) as u32, low as u32));
+            }
+            owner.swap(low, high - 1);
+        }
+        moves
+    }
+
+    /// Points the virtual blocks of `moves` (from `compaction`, their data copied) at their new
+    /// physical blocks; `used_end` and `blocks_allocated` become one past the highest block
+    /// still in use.
+    pub fn relocate(&mut self, moves: &[(u64, u32, u32)]) -> Result<()> {
+        for &(block, from, to) in moves {
+            let slot = usize::try_from(block)
+                .ok()
+                .and_then(|b| self.entries.get_mut(b))
+                .filter(|e| **e == from)
+                .ok_or_else(|| {
+                    Error::out_of_range(format!(
+                        "internal: virtual block {block} no longer at physical block {from}"
+                    ))
+                })?;
+            *slot = to;
+            self.dirty.mark(block as usize * ENTRY_LEN as usize);
+        }
+        let highest = self.entries.iter().filter(|&&e| is_allocated(e)).max();
+        self.used_end = highest.map_or(0, |h| h + 1);
+        self.blocks_allocated = self.used_end;
+        Ok(())
+    }
+
+    /// One past the highest physical block an entry points at.
+    pub fn used_end(&self) -> u32 {
+        self.used_end
+    }
+
+    /// Entries (virtual blocks) in the map.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Adds unallocated entries up to `count` once they are on disk (a resize). The map must
+    /// be clean: the dirty tracking starts over at the new length.
+    pub fn grow(&mut self, count: u32) -> Result<()> {
+        if self.is_dirty() || (count as usize) < self.entries.len() {
+            return Err(Error::out_of_range(
+                "internal: the VDI block map grows only, and only when clean",
+            ));
+        }
+        self.entries.resize(count as usize, UNALLOCATED);
+        self.dirty = DirtyChunks::new(
+            self.entries.len() * ENTRY_LEN as usize,
+            SECTOR_SIZE as usize,
+        );
+        Ok(())
+    }
+
     /// Entries pointing at a physical block.
     pub fn allocated(&self) -> u32 {
         self.allocated
@@ -503,6 +638,39 @@ mod tests {
         assert_eq!(m.blocks_allocated(), 4, "kept until the first allocation");
         m.publish(1, 1, 1).unwrap();
         assert_eq!(m.blocks_allocated(), 2, "then one past the highest block");
+    }
+
+    #[test]
+    fn discard_leaves_holes_that_compaction_fills_from_the_top() {
+        // Virtual 0..5 -> physical 0..5; discard virtual 1 and 2 (physical 1, 2).
+        let (mut m, _) = map(&[0, 1, 2, 3, 4, U], 5, 5).unwrap();
+        m.mark_clean();
+        assert_eq!(m.discard(1, 2).unwrap(), 2);
+        assert_eq!(m.discard(5, 1).unwrap(), 0, "unallocated stays");
+        assert_eq!(
+            (m.allocated(), m.blocks_allocated(), m.used_end()),
+            (3, 5, 5)
+        );
+        assert!(m.is_dirty());
+        let moves = m.compaction();
+        assert_eq!(moves, vec![(4, 4, 1), (3, 3, 2)]);
+        m.relocate(&moves).unwrap();
+        assert_eq!((m.blocks_allocated(), m.used_end()), (3, 3));
+        assert_eq!(m.runs(MIB, MIB).unwrap()[0].kind, RunKind::Discarded);
+        assert_eq!(
+            m.runs(4 * MIB, 1).unwrap()[0].kind,
+            RunKind::Data {
+                host_offset: 1024 + MIB
+            }
+        );
+        assert!(m.compaction().is_empty());
+        // A hole at the top only shrinks the end.
+        let (mut m, _) = map(&[0, 1, 2], 3, 3).unwrap();
+        m.discard(2, 1).unwrap();
+        assert!(m.compaction().is_empty());
+        m.relocate(&[]).unwrap();
+        assert_eq!(m.blocks_allocated(), 2);
+        assert!(m.relocate(&[(0, 5, 1)]).is_err());
     }
 
     #[test]

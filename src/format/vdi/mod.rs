@@ -67,6 +67,18 @@
 //! Either way a crash can leak a written-but-unreferenced block (reused by the next
 //! allocation), but never leaves an entry pointing at unwritten data.
 //!
+//! # Discard (discard.rs)
+//!
+//! Whole blocks of a dynamic image become `DISCARDED`: the entries are written first, then
+//! the highest blocks move into the holes and the count drops (bmap before header where they
+//! are apart), then the space past the count is punched. Partial blocks, and a static
+//! image's blocks, are punched in place. discard.rs gives the full order.
+//!
+//! # Resize (resize.rs)
+//!
+//! A dynamic image grows where the bmap has room before the data: the new entries, a sync,
+//! then the header with the new size, a sync.
+//!
 //! # Failures
 //!
 //! A failed write of a new block fails only its request: the entry is published after the
@@ -89,14 +101,17 @@
 //! with no lock held, so they run in parallel with each other and with allocations.
 
 mod block_map;
+mod discard;
 mod header;
 mod make;
 mod parent;
+mod resize;
 
 #[cfg(test)]
 mod tests;
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
@@ -127,6 +142,11 @@ pub fn probe(head: &[u8]) -> bool {
 struct AllocState {
     /// The physical block index the next allocation takes.
     next_free: u32,
+    /// The `blocks_allocated` the header on disk holds.
+    written_count: u32,
+    /// The header's `blocks_in_image` and `disk_size`, which a resize grows (resize.rs).
+    blocks_in_image: u32,
+    disk_size: u64,
 }
 
 /// An open VDI image.
@@ -135,11 +155,15 @@ pub struct VdiImage {
     /// The header as opened; the live `blocks_allocated` is kept by the block map.
     header: Header,
     geometry: Geometry,
-    size: u64,
+    /// The virtual size; grows with `resize` (resize.rs).
+    size: AtomicU64,
     alloc: Mutex<AllocState>,
     map: RwLock<BlockMap>,
     /// The parent of a differencing image.
     backing: Option<Backing>,
+    /// Held shared by reads and in-place writes across lookup and I/O; taken exclusively by a
+    /// discard while it moves blocks (discard.rs), so no I/O uses a block's old place.
+    io_gate: RwLock<()>,
     read_only_reason: Option<String>,
     write_back: WriteBack,
 }
@@ -218,12 +242,16 @@ impl VdiImage {
 
         Ok(VdiImage {
             geometry: map.geometry(),
-            size: header.virtual_size(),
+            size: AtomicU64::new(header.virtual_size()),
             alloc: Mutex::new(AllocState {
                 next_free: scan.next_free,
+                written_count: header.blocks_allocated,
+                blocks_in_image: header.blocks_in_image,
+                disk_size: header.disk_size,
             }),
             map: RwLock::new(map),
             backing,
+            io_gate: RwLock::new(()),
             read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
             write_back: WriteBack::new(),
             header,
@@ -236,6 +264,11 @@ impl VdiImage {
     // panic elsewhere never leaves the guarded state inconsistent.
     fn lock_alloc(&self) -> MutexGuard<'_, AllocState> {
         self.alloc.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The virtual size now (it grows with `resize`).
+    fn virtual_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_map(&self) -> RwLockReadGuard<'_, BlockMap> {
@@ -251,8 +284,13 @@ impl VdiImage {
         self.read_map().runs(offset, len)
     }
 
+    fn gate(&self) -> RwLockReadGuard<'_, ()> {
+        self.io_gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.size, offset, buf.len())?;
+        check_range(self.virtual_size(), offset, buf.len())?;
+        let _gate = self.gate();
         for run in self.lookup(offset, buf.len() as u64)? {
             let part = request_part_mut(buf, offset, run.offset, run.len)?;
             match run.kind {
@@ -269,15 +307,23 @@ impl VdiImage {
             return Err(Error::read_only(reason.clone()));
         }
         self.write_back.refuse_writes()?;
-        check_range(self.size, offset, buf.len())?;
-        for run in self.lookup(offset, buf.len() as u64)? {
-            let part = request_part(buf, offset, run.offset, run.len)?;
-            match run.kind {
-                RunKind::Data { host_offset } => self.file.write_all_at(part, host_offset)?,
-                RunKind::Unallocated | RunKind::Discarded => {
-                    self.write_unallocated(part, run.offset)?
+        check_range(self.virtual_size(), offset, buf.len())?;
+        // In-place parts under the gate; the others after it is released, since allocation
+        // takes the allocation mutex, which a discard holds while it waits for the gate.
+        let mut unallocated = Vec::new();
+        {
+            let _gate = self.gate();
+            for run in self.lookup(offset, buf.len() as u64)? {
+                let part = request_part(buf, offset, run.offset, run.len)?;
+                match run.kind {
+                    RunKind::Data { host_offset } => self.file.write_all_at(part, host_offset)?,
+                    RunKind::Unallocated | RunKind::Discarded => unallocated.push(run),
                 }
             }
+        }
+        for run in unallocated {
+            let part = request_part(buf, offset, run.offset, run.len)?;
+            self.write_unallocated(part, run.offset)?;
         }
         Ok(())
     }
@@ -320,13 +366,13 @@ impl VdiImage {
         let end_phys = u32::try_from(count)
             .ok()
             .and_then(|n| first_phys.checked_add(n))
-            .filter(|&end| end <= self.header.blocks_in_image)
+            .filter(|&end| end <= alloc.blocks_in_image)
             .ok_or_else(|| {
                 Error::io(
                     format!(
                         "no free VDI block: next physical block {first_phys} + {count} exceeds \
                          blocks_in_image {}",
-                        self.header.blocks_in_image
+                        alloc.blocks_in_image
                     ),
                     io::Error::from_raw_os_error(libc::ENOSPC),
                 )
@@ -418,7 +464,26 @@ impl VdiImage {
 
     /// Writes back the header and the dirty bmap sectors in the order the module doc gives.
     fn flush_inner(&self) -> Result<()> {
-        let alloc = self.lock_alloc();
+        let mut alloc = self.lock_alloc();
+        // Holes below the highest block (a crash between a discard's entries and its block
+        // moves) keep `qemu-img check` unhappy: the first flush that writes anything moves
+        // blocks down into them (discard.rs), which leaves the count equal to the entries.
+        let repair = {
+            let map = self.read_map();
+            map.is_dirty() && map.allocated() < map.used_end()
+        };
+        self.flush_locked(&mut alloc)?;
+        if repair {
+            self.compact(&mut alloc)?;
+        }
+        Ok(())
+    }
+
+    /// `flush_inner` with the allocation mutex held. A count that goes down (a discard moved
+    /// blocks down, discard.rs) goes out after the entries that stopped using the blocks above
+    /// it, the reverse of the order for a count that goes up: never is the count on disk
+    /// below an entry on disk.
+    fn flush_locked(&self, alloc: &mut AllocState) -> Result<()> {
         // With the bmap right after the header sector, one write carries both.
         let adjacent = self.header.offset_bmap as usize == HEADER_LEN;
         let pending = {
@@ -433,11 +498,12 @@ impl VdiImage {
             })
         };
         let Some((bmap, blocks_allocated)) = pending else {
-            drop(alloc);
             return self.file.sync_data();
         };
         self.file.sync_data()?;
         let mut header = self.header.clone();
+        header.blocks_in_image = alloc.blocks_in_image;
+        header.disk_size = alloc.disk_size;
         header.blocks_allocated = blocks_allocated;
         let header = header.to_bytes()?;
         if adjacent {
@@ -446,6 +512,12 @@ impl VdiImage {
                 bytes.extend_from_slice(piece);
             }
             self.file.write_all_at(&bytes, 0)?;
+        } else if blocks_allocated < alloc.written_count {
+            for (at, bytes) in &bmap {
+                self.file.write_all_at(bytes, *at)?;
+            }
+            self.file.sync_data()?;
+            self.file.write_all_at(&header, 0)?;
         } else {
             self.file.write_all_at(&header, 0)?;
             self.file.sync_data()?;
@@ -454,12 +526,13 @@ impl VdiImage {
             }
         }
         self.file.sync_data()?;
+        alloc.written_count = blocks_allocated;
         self.write_map().mark_clean();
         Ok(())
     }
 
     fn block_status_inner(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let len = len.min(self.size.saturating_sub(offset));
+        let len = len.min(self.virtual_size().saturating_sub(offset));
         let mut extents = Vec::new();
         if len == 0 {
             return Ok(extents);
@@ -500,7 +573,7 @@ struct Fill<'a> {
 
 impl Image for VdiImage {
     fn size(&self) -> u64 {
-        self.size
+        self.virtual_size()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -528,6 +601,16 @@ impl Image for VdiImage {
             .map_err(|e| e.with_path(self.file.path()))
     }
 
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_inner(offset, len)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.resize_inner(new_size)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
     fn allocated_bytes(&self) -> u64 {
         u64::from(self.read_map().allocated()) * self.geometry.block_size()
     }
@@ -545,7 +628,7 @@ impl Image for VdiImage {
         let mut details = vec![
             ("uuid", h.uuid_image.to_string()),
             ("uuid_last_snap", h.uuid_last_snap.to_string()),
-            ("blocks_in_image", h.blocks_in_image.to_string()),
+            ("blocks_in_image", self.read_map().len().to_string()),
             ("blocks_allocated", blocks_allocated.to_string()),
             ("offset_bmap", format!("{:#x}", h.offset_bmap)),
             ("offset_data", format!("{:#x}", h.offset_data)),
@@ -569,7 +652,7 @@ impl Image for VdiImage {
         ImageInfo {
             format: "vdi",
             subformat: h.image_type.name().to_string(),
-            virtual_size: self.size,
+            virtual_size: self.virtual_size(),
             cluster_size: Some(self.geometry.block_size()),
             allocated_bytes: u64::from(allocated) * self.geometry.block_size(),
             read_only_reason: self.read_only_reason(),

@@ -43,6 +43,10 @@
 //!   copies are written only to repair one found damaged when the image was opened (by the
 //!   first flush after a write): the footer holds no pointers.
 //!
+//! - Discard keeps blocks and bits as they are (the format has no "zero" block) and punches
+//!   the sectors the file holds, an in-place write of zeros that frees the host's space;
+//!   sectors read from a parent are written with zeros.
+//!
 //! A crash leaves bits set only for synced data, and entries only for blocks the file
 //! reaches; a torn footer at the end is replaced by the copy at offset 0 on the next open.
 
@@ -471,6 +475,11 @@ impl Image for VhdImage {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.block_status_inner(offset, len)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_inner(offset, len)
             .map_err(|e| e.with_path(self.file.path()))
     }
 

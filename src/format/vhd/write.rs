@@ -11,7 +11,7 @@ use super::footer::{DiskType, FOOTER_LEN, SECTOR};
 use super::{AllocState, Sparse, VhdImage};
 use crate::error::{Error, Result};
 use crate::format::backing::read_below;
-use crate::image::{check_range, request_part};
+use crate::image::{check_range, request_part, zero_fill};
 
 /// A BAT entry is a 32-bit sector number, and 0xffffffff means "no block".
 const MAX_SECTOR: u64 = 0xffff_fffe;
@@ -45,6 +45,41 @@ impl VhdImage {
                 }
                 RunKind::Below => self.write_locked(sparse, part, run.offset)?,
             }
+        }
+        Ok(())
+    }
+
+    /// Discard: VHD has no "zero" block, so blocks stay in the BAT and the sectors this file
+    /// holds are punched (they read as zeros and the host file's space is freed); sectors that
+    /// read from a parent are written with zeros. A fixed disk is punched where it lies.
+    pub(super) fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
+        if let Some(reason) = &self.read_only_reason {
+            return Err(Error::read_only(reason.clone()));
+        }
+        check_range(
+            self.size,
+            offset,
+            usize::try_from(len).unwrap_or(usize::MAX),
+        )?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.written.store(true, Ordering::Relaxed);
+        let Some(sparse) = &self.sparse else {
+            return self.file.punch_hole(offset, len);
+        };
+        let mut below = Vec::new();
+        for run in sparse.lookup(offset, len)? {
+            for (piece, here) in self.pieces(sparse, &run)? {
+                match here {
+                    Some(host) => self.file.punch_hole(host, piece.len)?,
+                    None if self.parent.is_some() => below.push(piece),
+                    None => {}
+                }
+            }
+        }
+        for piece in below {
+            zero_fill(self, piece.offset, piece.len)?;
         }
         Ok(())
     }

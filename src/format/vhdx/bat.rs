@@ -386,6 +386,31 @@ impl Bat {
         Ok(())
     }
 
+    /// Makes payload block `block` read as zeros (PAYLOAD_BLOCK_ZERO, no file offset), also
+    /// over a parent. Returns the file offset of the block it held, if it held one; `None`
+    /// and no change when it reads as zeros already.
+    pub fn zero(&mut self, block: u64) -> Result<Option<u64>> {
+        let geo = self.geometry;
+        let index = geo.payload_index(block);
+        let slot = usize::try_from(index)
+            .ok()
+            .filter(|_| block < geo.payload_blocks)
+            .and_then(|i| self.entries.get_mut(i))
+            .ok_or_else(|| Error::out_of_range(format!("payload block {block} beyond the BAT")))?;
+        let old = *slot;
+        let held = match (state(old), geo.differencing) {
+            (FULLY_PRESENT | PARTIALLY_PRESENT, _) => Some(host_of(old)),
+            (NOT_PRESENT, true) => None,
+            _ => return Ok(None),
+        };
+        *slot = ZERO;
+        self.dirty.mark((index * ENTRY_LEN) as usize);
+        if held.is_some() {
+            self.present_blocks = self.present_blocks.saturating_sub(1);
+        }
+        Ok(held)
+    }
+
     /// The file offset of the sector bitmap block of the chunk holding payload `block`, if
     /// it has one.
     pub fn bitmap_of(&self, block: u64) -> Result<Option<u64>> {

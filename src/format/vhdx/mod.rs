@@ -42,6 +42,14 @@
 //!   pages go first, so a block's bits are in place no later than its BAT entry (bits of a
 //!   block that is not present are ignored, and set anew when it is allocated).
 //!
+//! - Discard (write.rs): whole blocks become PAYLOAD_BLOCK_ZERO in the in-memory BAT (also
+//!   over a parent, which they then hide), written through the log by the next flush like
+//!   any BAT change; the space of a block they held is punched at once, which is safe because
+//!   blocks are only ever appended, never reused, so a BAT on disk still naming the block
+//!   reads zeros from it. The stored parts of partial blocks are punched in place, parts
+//!   read from a parent written with zeros; a fixed image
+//!   (LeaveBlockAllocated) keeps its blocks and has them punched in place.
+//!
 //! The entry is written before the header names its GUID: until then the header says the log
 //! is empty, so a crash leaves either an empty log (the new blocks leak, the BAT and bitmaps are
 //! untouched) or a complete entry that Hyper-V, QEMU and imgfs replay. A crash never leaves a
@@ -612,6 +620,11 @@ impl Image for VhdxImage {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.block_status_inner(offset, len)
+            .map_err(|e| e.with_path(self.store.file.path()))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_inner(offset, len)
             .map_err(|e| e.with_path(self.store.file.path()))
     }
 

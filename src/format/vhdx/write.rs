@@ -14,7 +14,7 @@ use super::header::{self, MIB};
 use super::{internal_range, log, run_range, AllocState, VhdxImage};
 use crate::error::{Error, Result};
 use crate::format::backing::read_below;
-use crate::image::check_range;
+use crate::image::{check_range, split_aligned, zero_fill};
 
 impl VhdxImage {
     pub(super) fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -44,6 +44,58 @@ impl VhdxImage {
                     }
                 }
                 _ => self.write_locked(part, run.offset)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Discard (module doc): whole blocks become PAYLOAD_BLOCK_ZERO through the log with the
+    /// next flush, their old space punched at once; partial blocks are written with zeros. A
+    /// fixed image keeps its blocks and has them punched in place.
+    pub(super) fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
+        if let Some(reason) = &self.read_only_reason {
+            return Err(Error::read_only(reason.clone()));
+        }
+        self.write_back.refuse_writes()?;
+        check_range(
+            self.geometry.virtual_size,
+            offset,
+            usize::try_from(len).unwrap_or(usize::MAX),
+        )?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.renew_data_write_guid()?;
+        let geo = self.geometry;
+        let (head, (first, count), tail) = if self.meta.leave_blocks_allocated {
+            ((offset, len), (0, 0), (offset + len, 0))
+        } else {
+            split_aligned(offset, len, geo.block_size)
+        };
+        if count > 0 {
+            let alloc = self.lock_alloc();
+            for block in first..first + count {
+                // Blocks are only ever appended at the end of the file, never reused: punched
+                // now, a block reads as zeros whether the BAT on disk still names it or not.
+                if let Some(host) = self.write_bat().zero(block)? {
+                    self.store.file.punch_hole(host, geo.block_size)?;
+                }
+            }
+            drop(alloc);
+        }
+        // Partial blocks: the parts stored in this file are zeroed in place, which frees the
+        // host pages they cover whole; parts read from a parent are written with zeros.
+        for (at, piece) in [head, tail] {
+            if piece == 0 {
+                continue;
+            }
+            for run in self.lookup(at, piece)? {
+                match run.kind {
+                    RunKind::Data { host_offset } => {
+                        self.store.file.punch_hole(host_offset, run.len)?
+                    }
+                    _ => zero_fill(self, run.offset, run.len)?,
+                }
             }
         }
         Ok(())

@@ -84,6 +84,29 @@ impl Extent {
         }
     }
 
+    /// Discards `[offset, offset + len)` of the extent (extent offsets); returns the extent
+    /// ranges the caller still has to write with zeros. `below_data`: a parent may show
+    /// through unallocated grains.
+    pub fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        below_data: bool,
+        write_back: &WriteBack,
+    ) -> Result<Vec<(u64, u64)>> {
+        if let Some(reason) = self.read_only_reason() {
+            return Err(Error::read_only(reason));
+        }
+        match &self.storage {
+            Storage::Flat { file, offset: base } => {
+                file.punch_hole(base + offset, len)?;
+                Ok(Vec::new())
+            }
+            Storage::Zero => Ok(Vec::new()),
+            Storage::Sparse(sparse) => sparse.discard(offset, len, below_data, write_back),
+        }
+    }
+
     /// Why this extent refuses writes, if it does.
     pub fn read_only_reason(&self) -> Option<String> {
         let line = |what: &str| Some(format!("extent at disk offset {:#x} is {what}", self.start));

@@ -39,6 +39,13 @@
 //! unwritten grain. The first write of a session gives the descriptor a new CID first (synced),
 //! as QEMU does, so a child made from this disk's old state notices it changed.
 //!
+//! Discard: a whole grain of a sparse extent becomes a zeroed grain (GTE 1) where the header
+//! has the zeroed-grain flag, else it stays mapped; its host range is punched at once, which
+//! is safe because grains are only ever appended, never reused, so a table still naming the
+//! grain on disk reads zeros from it. The table goes out with the next flush like any other.
+//! Flat extents are punched in place; partial grains, and unallocated grains over a parent
+//! where no zeroed grain can hide it, are written with zeros.
+//!
 //! # Failures
 //!
 //! A failed write of a new grain fails only its request: the grain is published after it and
@@ -81,8 +88,8 @@ use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
 use crate::host::HostFile;
 use crate::image::{
-    check_range, push_extent, request_part, request_part_mut, Extent as Status, ExtentState, Image,
-    ImageInfo,
+    check_range, push_extent, request_part, request_part_mut, zero_fill, Extent as Status,
+    ExtentState, Image, ImageInfo,
 };
 use crate::meta::budget::TableBudget;
 use crate::meta::write_back::WriteBack;
@@ -421,6 +428,36 @@ impl VmdkImage {
         Ok(())
     }
 
+    fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
+        if let Some(reason) = &self.read_only_reason {
+            return Err(Error::read_only(reason.clone()));
+        }
+        self.write_back.refuse_writes()?;
+        check_range(
+            self.size,
+            offset,
+            usize::try_from(len).unwrap_or(usize::MAX),
+        )?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.renew_cid()?;
+        let mut rest = Vec::new();
+        for (extent, at, piece) in self.pieces(offset, len) {
+            let parts = extent.discard(
+                at - extent.start,
+                piece,
+                self.parent.is_some(),
+                &self.write_back,
+            )?;
+            rest.extend(parts.into_iter().map(|(o, l)| (extent.start + o, l)));
+        }
+        for (at, piece) in rest {
+            zero_fill(self, at, piece)?;
+        }
+        Ok(())
+    }
+
     /// Gives the descriptor a new CID before the first write of this session changes the disk.
     fn renew_cid(&self) -> Result<()> {
         if self.cid_renewed.load(Ordering::Acquire) {
@@ -651,6 +688,11 @@ impl Image for VmdkImage {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Status>> {
         self.block_status_inner(offset, len)
+            .map_err(|e| e.with_path(self.top.path()))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_inner(offset, len)
             .map_err(|e| e.with_path(self.top.path()))
     }
 

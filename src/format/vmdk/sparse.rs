@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 
 use crate::error::{Error, Result};
 use crate::host::HostFile;
-use crate::image::{request_part, request_part_mut};
+use crate::image::{request_part, request_part_mut, split_aligned};
 use crate::meta::budget::TableBudget;
 use crate::meta::compress::{inflate, Deflate, LastInflated};
 use crate::meta::table_cache::TableCache;
@@ -16,7 +16,7 @@ use crate::meta::write_back::WriteBack;
 
 use super::descriptor::SECTOR_SIZE;
 use super::header::{SparseHeader, SparseKind};
-use super::tables::{to_sector, Directory, Grain, GrainTable, Layout};
+use super::tables::{to_sector, Directory, Grain, GrainTable, Layout, GTE_ZEROED};
 
 /// Budget of the grain table cache of one extent: 2 MiB of 2 KiB tables maps 64 GiB of disk at
 /// 64 KiB grains.
@@ -423,6 +423,79 @@ impl SparseExtent {
         alloc.next_free = next;
         self.file_len.fetch_max(used, Ordering::AcqRel);
         Ok(table)
+    }
+
+    /// Discards `[offset, offset + len)` of the extent (see the `vmdk` module doc): whole
+    /// grains become zeroed grains where the header allows them, else stay mapped; either way
+    /// their host range is punched. `below_data` says whether a parent may show through an
+    /// unallocated grain. Returns the ranges still to be written with zeros (partial grains,
+    /// and grains that cannot say "zero" over a parent).
+    pub fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        below_data: bool,
+        write_back: &WriteBack,
+    ) -> Result<Vec<(u64, u64)>> {
+        if let Some(reason) = &self.read_only_reason {
+            return Err(Error::read_only(reason.clone()));
+        }
+        let grain = self.layout.grain_bytes;
+        let (head, (first, count), tail) = split_aligned(offset, len, grain);
+        let mut rest: Vec<(u64, u64)> = [head, tail].into_iter().filter(|r| r.1 > 0).collect();
+        if count == 0 {
+            return Ok(rest);
+        }
+        let zeroed = self.layout.zeroed_grains;
+        let per_table = u64::from(self.header.gtes_per_gt);
+        let mut alloc = self.lock_alloc();
+        for grain_index in first..first + count {
+            let table_index = grain_index / per_table;
+            let table = self.table(table_index)?;
+            let slot = (grain_index % per_table) as usize;
+            let raw = table
+                .as_ref()
+                .and_then(|t| t.entries.get(slot).copied())
+                .unwrap_or(0);
+            let start = grain_index * grain;
+            match self.layout.decode(raw) {
+                Grain::Zero => continue,
+                Grain::Unallocated if !below_data => continue,
+                Grain::Data(host) => {
+                    // Grains are only ever appended, never reused: punched now, a grain reads
+                    // as zeros whether the table on disk still names it or not.
+                    self.file.punch_hole(host, grain)?;
+                    if !zeroed {
+                        continue;
+                    }
+                }
+                Grain::Unallocated if zeroed => {}
+                Grain::Unallocated | Grain::Compressed(_) => {
+                    rest.push((start, grain));
+                    continue;
+                }
+            }
+            let table = match table {
+                Some(table) => table,
+                None => self.allocate_table(&mut alloc, table_index)?,
+            };
+            let mut entries = table.entries.clone();
+            if let Some(e) = entries.get_mut(slot) {
+                *e = u64::from(GTE_ZEROED);
+            }
+            self.tables.insert_dirty(
+                self.key_of(table_index)?,
+                Arc::new(GrainTable {
+                    gd_index: table_index,
+                    entries,
+                }),
+            );
+        }
+        if self.tables.over_capacity() {
+            write_back.run(self.file.path(), || self.flush_locked(&alloc))?;
+        }
+        rest.sort_unstable();
+        Ok(rest)
     }
 
     pub fn is_dirty(&self) -> bool {

@@ -599,3 +599,47 @@ fn qemu_reads_our_writes_into_its_image() {
     )
     .unwrap();
 }
+
+#[test]
+fn discard_punches_mapped_clusters() {
+    use crate::testutil::discard::{exercise_discard, DiscardCase};
+    let dir = TempDir::new();
+    let path = dir.path().join("d.qcow");
+    if qemu_create(&path, "2M", None).is_none() {
+        return;
+    }
+    let case = DiscardCase {
+        format: "qcow",
+        path: &path,
+        unit: 4096,
+        unmaps: false,
+        check: false,
+        data_file: None,
+    };
+    exercise_discard(&case, &|p| Ok(std::sync::Arc::new(try_open(p, None)?)));
+}
+
+#[test]
+fn discard_over_a_backing_file_reads_zeros() {
+    let dir = TempDir::new();
+    let base = dir.path().join("base.raw");
+    let path = dir.path().join("top.qcow");
+    std::fs::write(&base, vec![0x5a; 1 << 20]).unwrap();
+    if qemu_create(&path, "1M", Some((base.to_str().unwrap(), "raw"))).is_none() {
+        return;
+    }
+    let img = open_rw(&path, Some(raw_backing(&base)));
+    img.write_at(&[0x11; 8192], 0).unwrap();
+    img.discard(4096, 64 << 10).unwrap();
+    let mut expected = vec![0x5a; 1 << 20];
+    expected[..4096].fill(0x11);
+    expected[4096..4096 + (64 << 10)].fill(0);
+    img.flush().unwrap();
+    drop(img);
+    let img = open_rw(&path, Some(raw_backing(&base)));
+    let mut got = vec![0; 1 << 20];
+    img.read_at(&mut got, 0).unwrap();
+    assert_same(&got, &expected, "after discard over a backing file");
+    drop(img);
+    assert_qemu_compare(&path, &expected);
+}

@@ -114,3 +114,36 @@ fn every_host_fault_while_copying_from_a_snapshot_keeps_its_refcounts() {
     }
     .all();
 }
+
+/// Discards over clusters shared with a snapshot (the L2 table copied, references dropped)
+/// and over the image's own new clusters (freed and punched in the flush), a partial one, then
+/// writes that reuse the freed clusters.
+const DISCARD_STEPS: &[Step] = &[
+    Step::Write(256 * KIB, 64 * KIB as usize, 0x71),
+    Step::Flush,
+    Step::Discard(0, 16 * KIB),
+    Step::Discard(256 * KIB, 32 * KIB),
+    Step::Discard(300 * KIB + 100, 1000),
+    Step::Flush,
+    Step::Write(600 * KIB, 16 * KIB as usize, 0x72),
+    Step::Flush,
+    Step::Read(0, 320 * KIB as usize),
+];
+
+#[test]
+fn every_host_fault_during_a_discard_keeps_refcounts_and_data() {
+    let dir = TempDir::in_memory();
+    let Some(path) = image_with_snapshot(&dir) else {
+        return;
+    };
+    let open = |p: &Path| open_rw(p);
+    Walk {
+        format: "qcow2",
+        files: vec![path],
+        parents: Vec::new(),
+        open: &open,
+        steps: DISCARD_STEPS,
+        oracle: Oracle::Check,
+    }
+    .all();
+}

@@ -238,3 +238,24 @@ fn fuzz_seed_differencing() {
     crate::fuzzing::tests::write_seed("vdi", "differencing", &files);
     crate::fuzzing::tests::write_seed("status", "vdi-differencing", &files);
 }
+
+#[test]
+fn a_discard_in_a_child_reads_as_zeros_not_as_the_parent() {
+    let dir = TempDir::new();
+    let parent = parent(&dir);
+    let child = child_of(&dir, &parent, "child.vdi");
+    let mut expected = expected_parent();
+    {
+        let img = open_over(&child, open_read_only(&parent), &parent);
+        // Block 0 whole (unallocated in the child), and a part of block 2.
+        img.discard(0, 4096).unwrap();
+        img.discard(2 * 4096 + 100, 50).unwrap();
+        expected[..4096].fill(0);
+        expected[2 * 4096 + 100..2 * 4096 + 150].fill(0);
+        assert_eq!(read_all(&img), expected);
+        img.flush().unwrap();
+    }
+    let img = open_over(&child, open_read_only(&parent), &parent);
+    assert_eq!(read_all(&img), expected);
+    assert_eq!(bmap_entry(&child, 512, 0), D);
+}

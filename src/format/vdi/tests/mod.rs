@@ -653,3 +653,77 @@ fn mutated_images_never_panic() {
         true
     });
 }
+
+fn discard_case(image_type: &str) {
+    use crate::testutil::discard::{exercise_discard, qemu_create, DiscardCase};
+    let dir = TempDir::new();
+    let path = dir.path().join("d.vdi");
+    let options = format!(
+        "static={}",
+        if image_type == "static" { "on" } else { "off" }
+    );
+    if qemu_create("vdi", &options, &path, 12 * MIB).is_none() {
+        return;
+    }
+    let case = DiscardCase {
+        format: "vdi",
+        path: &path,
+        unit: MIB,
+        unmaps: image_type != "static",
+        check: true,
+        data_file: None,
+    };
+    exercise_discard(&case, &|p| Ok(std::sync::Arc::new(try_open(p)?)));
+}
+
+#[test]
+fn discard_frees_blocks_and_keeps_them_dense() {
+    discard_case("dynamic");
+}
+
+#[test]
+fn discard_of_a_static_image_punches_in_place() {
+    discard_case("static");
+}
+
+#[test]
+fn discard_is_refused_read_only() {
+    let dir = TempDir::new();
+    let path = fixture(&dir, MIB as u32, &[0, U], 1);
+    let img = VdiImage::open(HostFile::open(&path, false).unwrap(), None).unwrap();
+    assert_eq!(img.discard(0, MIB).unwrap_err().kind(), ErrorKind::ReadOnly);
+}
+
+#[test]
+fn resize_grows_where_the_bmap_has_room() {
+    let dir = TempDir::new();
+    let Some(path) = qemu_create(&dir, &[], "16M") else {
+        return;
+    };
+    let img = open_rw(&path);
+    img.write_at(&[0x21; 4096], 15 * MIB).unwrap();
+    assert_eq!(
+        img.resize(8 * MIB).unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
+    // qemu-img leaves the bmap one sector: 128 blocks.
+    assert_eq!(
+        img.resize(200 * MIB).unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
+    img.resize(100 * MIB).unwrap();
+    assert_eq!(img.size(), 100 * MIB);
+    img.write_at(&[0x22; 4096], 99 * MIB).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let img = open_rw(&path);
+    assert_eq!(img.size(), 100 * MIB);
+    let mut buf = vec![0u8; 4096];
+    img.read_at(&mut buf, 99 * MIB).unwrap();
+    assert_eq!(buf, vec![0x22; 4096]);
+    drop(img);
+    assert_qemu_check_clean("vdi", &path);
+    assert_qemu_reads(&path, 0x21, 15 * MIB, 4096);
+    assert_qemu_reads(&path, 0x22, 99 * MIB, 4096);
+    assert_qemu_reads(&path, 0, 50 * MIB, MIB);
+}

@@ -458,3 +458,30 @@ fn info_shows_creator_geometry_and_layout() {
     assert_eq!(detail(&img, "blocks_allocated"), "0");
     assert_eq!(detail(&img, "uuid").len(), 36);
 }
+
+fn discard_case(options: &str) {
+    use crate::testutil::discard::{exercise_discard, DiscardCase};
+    let dir = TempDir::new();
+    let Some(path) = create(&dir, "d.vhd", options, 16 * MIB) else {
+        return;
+    };
+    let case = DiscardCase {
+        format: "vpc",
+        path: &path,
+        unit: 2 * MIB,
+        unmaps: false,
+        check: false,
+        data_file: None,
+    };
+    exercise_discard(&case, &|p| Ok(std::sync::Arc::new(try_open(p)?)));
+}
+
+#[test]
+fn discard_punches_dynamic_blocks() {
+    discard_case("");
+}
+
+#[test]
+fn discard_punches_a_fixed_disk() {
+    discard_case("subformat=fixed");
+}

@@ -276,3 +276,26 @@ fn a_flush_cut_between_log_entries_leaves_bits_only_for_blocks_not_present() {
     expected[MIB as usize + 7 * 512..MIB as usize + 8 * 512].fill(0xd3);
     assert!(read_all(&open_child(&parent, &child)) == expected);
 }
+
+#[test]
+fn discard_hides_the_parent_with_zero_blocks() {
+    let dir = TempDir::new();
+    let Some((parent, child)) = parent_and_child(&dir) else {
+        return;
+    };
+    let img = open_child(&parent, &child);
+    let mut expected = parent_bytes();
+    img.write_at(&[0xb1; 4096], MIB).unwrap();
+    // Block 1 (partly here), block 2 (all in the parent), and a partial range in block 4.
+    for (offset, len) in [(MIB, 2 * MIB), (4 * MIB + 100, 1000)] {
+        img.discard(offset, len).unwrap();
+        expected[offset as usize..(offset + len) as usize].fill(0);
+    }
+    assert!(read_all(&img) == expected);
+    img.flush().unwrap();
+    drop(img);
+    assert_eq!(payload_entry(&child, 1) & 7, 2, "PAYLOAD_BLOCK_ZERO");
+    assert_eq!(payload_entry(&child, 2) & 7, 2, "PAYLOAD_BLOCK_ZERO");
+    let img = open_child(&parent, &child);
+    assert!(read_all(&img) == expected, "after reopening");
+}

@@ -558,3 +558,30 @@ fn fuzz_seed_4k_logical_sectors() {
     let image = std::fs::read(&path).unwrap();
     crate::fuzzing::tests::write_seed("vhdx", "logical-4k", &[image]);
 }
+
+fn discard_case(options: &str) {
+    use crate::testutil::discard::{exercise_discard, DiscardCase};
+    let dir = TempDir::new();
+    let Some(path) = create(&dir, "d.vhdx", options, 16 * MIB) else {
+        return;
+    };
+    let case = DiscardCase {
+        format: "vhdx",
+        path: &path,
+        unit: MIB,
+        unmaps: !options.contains("fixed"),
+        check: true,
+        data_file: None,
+    };
+    exercise_discard(&case, &|p| Ok(Arc::new(try_open(p)?)));
+}
+
+#[test]
+fn discard_makes_blocks_zero() {
+    discard_case("block_size=1M");
+}
+
+#[test]
+fn discard_punches_a_fixed_image_in_place() {
+    discard_case("subformat=fixed,block_size=1M");
+}

@@ -332,3 +332,39 @@ fn a_stream_with_its_grain_directory_in_the_footer_reads_like_qemu() {
     assert_same(&read_all(img.as_ref()), &disk, "footer stream");
     assert_reads_like_qemu(img.as_ref(), &path, "footer stream");
 }
+
+fn discard_case(options: &str) {
+    use crate::testutil::discard::{exercise_discard, DiscardCase};
+    let dir = TempDir::new();
+    let path = dir.path().join("d.vmdk");
+    if create(&path, options, "4M").is_none() {
+        return;
+    }
+    let flat = options
+        .contains("Flat")
+        .then(|| dir.path().join("d-flat.vmdk"));
+    let case = DiscardCase {
+        format: "vmdk",
+        path: &path,
+        unit: 64 << 10,
+        unmaps: options.contains("zeroed_grain=on"),
+        check: true,
+        data_file: flat.as_deref(),
+    };
+    exercise_discard(&case, &|p| try_open(p, false));
+}
+
+#[test]
+fn discard_zeroes_grains_where_the_version_allows() {
+    discard_case("zeroed_grain=on");
+}
+
+#[test]
+fn discard_punches_grains_of_version_1() {
+    discard_case("");
+}
+
+#[test]
+fn discard_punches_a_flat_extent() {
+    discard_case("subformat=monolithicFlat");
+}
