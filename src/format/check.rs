@@ -145,12 +145,12 @@ pub fn check(
                 .transpose()?;
             super::qcow2::check(file, header, data_file, repair, progress)
         }
-        Format::Qcow | Format::Vdi | Format::Vhd | Format::Vhdx | Format::Vmdk => {
-            Err(Error::unsupported(format!(
-                "checking {} images is not implemented yet",
-                format.name()
-            )))
-        }
+        Format::Vdi => super::vdi::check(&file, repair, progress),
+        Format::Vhd => super::vhd::check(&file, repair, progress),
+        Format::Qcow | Format::Vhdx | Format::Vmdk => Err(Error::unsupported(format!(
+            "checking {} images is not implemented yet",
+            format.name()
+        ))),
         Format::Raw => Err(Error::unsupported("raw files have no metadata to check")),
     };
     report.map_err(|e| e.with_path(path))
@@ -198,23 +198,23 @@ pub fn read_inside(
     Ok(Some(bytes))
 }
 
-/// Finds overlapping ranges among `ranges` (start, len, label): the messages name both.
-pub fn overlaps(mut ranges: Vec<(u64, u64, String)>) -> Vec<String> {
-    ranges.sort_by_key(|r| r.0);
+/// Finds overlapping ranges among `ranges` (start, len, id): each overlap as (id of the later
+/// range in file order, id of the earlier range it runs into).
+pub fn overlaps(ranges: &mut [(u64, u64, u64)]) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
     let mut found = Vec::new();
-    let mut reach: Option<(u64, usize)> = None;
-    for (i, (start, len, _)) in ranges.iter().enumerate() {
+    // The range reaching furthest so far: (end, id).
+    let mut reach: Option<(u64, u64)> = None;
+    for &(start, len, id) in ranges.iter() {
         if let Some((end, owner)) = reach {
-            if *start < end {
-                if let (Some(a), Some(b)) = (ranges.get(owner), ranges.get(i)) {
-                    found.push(format!("{} overlaps {}", b.2, a.2));
-                }
+            if start < end {
+                found.push((id, owner));
             }
         }
-        let end = start.saturating_add(*len);
+        let end = start.saturating_add(len);
         match reach {
             Some((e, _)) if e >= end => {}
-            _ => reach = Some((end, i)),
+            _ => reach = Some((end, id)),
         }
     }
     found
@@ -251,9 +251,8 @@ mod tests {
 
     #[test]
     fn overlaps_name_both_ranges() {
-        let r = |s, l, n: &str| (s, l, n.to_string());
-        assert!(overlaps(vec![r(0, 10, "a"), r(10, 5, "b")]).is_empty());
-        let found = overlaps(vec![r(20, 10, "c"), r(0, 100, "a"), r(50, 10, "b")]);
-        assert_eq!(found, vec!["c overlaps a", "b overlaps a"]);
+        assert!(overlaps(&mut [(0, 10, 1), (10, 5, 2)]).is_empty());
+        let found = overlaps(&mut [(20, 10, 3), (0, 100, 1), (50, 10, 2), (200, 1, 4)]);
+        assert_eq!(found, vec![(3, 1), (2, 1)]);
     }
 }

@@ -89,6 +89,7 @@
 //! with no lock held, so they run in parallel with each other and with allocations.
 
 mod block_map;
+mod check;
 mod header;
 mod make;
 mod parent;
@@ -109,6 +110,7 @@ use crate::image::{
 use crate::meta::write_back::WriteBack;
 
 use block_map::{BlockMap, Geometry, Run, RunKind};
+pub use check::check;
 use header::{Header, ImageType, HEADER_LEN, SIGNATURE};
 pub use make::make_differencing;
 pub use parent::{open_parent, ParentLink};
