@@ -147,7 +147,8 @@ pub fn check(
         }
         Format::Vdi => super::vdi::check(&file, repair, progress),
         Format::Vhd => super::vhd::check(&file, repair, progress),
-        Format::Qcow | Format::Vhdx | Format::Vmdk => Err(Error::unsupported(format!(
+        Format::Vhdx => super::vhdx::check(file, repair, progress),
+        Format::Qcow | Format::Vmdk => Err(Error::unsupported(format!(
             "checking {} images is not implemented yet",
             format.name()
         ))),
