@@ -14,7 +14,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 
-use super::links::{Chain, PlainLinks};
+use super::links::{Chain, Links, PlainLinks};
 use super::{open_claimed, probe_file, Format, LOCK_WRITE};
 
 /// What `--repair` may change.
@@ -148,10 +148,21 @@ pub fn check(
         Format::Vdi => super::vdi::check(&file, repair, progress),
         Format::Vhd => super::vhd::check(&file, repair, progress),
         Format::Vhdx => super::vhdx::check(file, repair, progress),
-        Format::Qcow | Format::Vmdk => Err(Error::unsupported(format!(
-            "checking {} images is not implemented yet",
-            format.name()
-        ))),
+        Format::Vmdk => {
+            let links = PlainLinks::new(root, true)?;
+            let top_path = path
+                .canonicalize()
+                .map_err(|e| Error::io("resolve", e).with_path(path))?;
+            let top = super::vmdk::VmdkTop::read(&file)?;
+            let mut extents = Vec::new();
+            for name in top.extent_files() {
+                let extent = super::links::resolve(links.root(), &top_path, name, "extent")?;
+                let opened = HostFile::open(&extent, false).map_err(|e| e.with_path(&extent))?;
+                extents.push((extent, opened));
+            }
+            super::vmdk::check(&file, &top, &extents, repair, progress)
+        }
+        Format::Qcow => super::qcow::check(&file, repair, progress),
         Format::Raw => Err(Error::unsupported("raw files have no metadata to check")),
     };
     report.map_err(|e| e.with_path(path))
@@ -197,6 +208,14 @@ pub fn read_inside(
     let mut bytes = vec![0u8; usize::try_from(len).map_err(|_| Error::out_of_range("table size"))?];
     file.read_exact_at(&mut bytes, offset)?;
     Ok(Some(bytes))
+}
+
+/// An error's message without its kind ("corrupt image: "), for a finding's line.
+pub fn bare(e: &Error) -> String {
+    let text = e.to_string();
+    text.strip_prefix("corrupt image: ")
+        .unwrap_or(&text)
+        .to_string()
 }
 
 /// Finds overlapping ranges among `ranges` (start, len, id): each overlap as (id of the later
