@@ -86,7 +86,7 @@ pub fn run(path: &Path, root: Option<&Path>, repair: Option<RepairArg>, json: bo
     }
     let name = path.display().to_string();
     if json {
-        match serde_json::to_string_pretty(&to_json(&name, &report)) {
+        match json_text(&to_json(&name, &report)) {
             Ok(text) => println!("{text}"),
             Err(e) => {
                 eprintln!("imgfs: {e}");
@@ -114,6 +114,18 @@ fn to_json<'a>(name: &'a str, r: &'a CheckReport) -> CheckJson<'a> {
         fragmented_clusters: r.fragmented_clusters.unwrap_or(0),
         compressed_clusters: r.compressed_clusters.unwrap_or(0),
     }
+}
+
+/// The JSON text, indented by four spaces as qemu-img indents it.
+fn json_text(value: &CheckJson) -> Result<String, String> {
+    use serde::Serialize;
+    let mut out = Vec::new();
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, formatter);
+    value
+        .serialize(&mut serializer)
+        .map_err(|e| e.to_string())?;
+    String::from_utf8(out).map_err(|e| e.to_string())
 }
 
 /// The summary `qemu-img check` prints, word for word.
@@ -244,5 +256,10 @@ mod tests {
         assert_eq!(value["leaks-fixed"], 1);
         assert_eq!(value["total-clusters"], 8);
         assert!(value.get("leaks").is_none());
+        let text = json_text(&to_json("a.vdi", &r)).unwrap();
+        assert!(
+            text.starts_with("{\n    \"filename\": \"a.vdi\",\n"),
+            "{text}"
+        );
     }
 }
