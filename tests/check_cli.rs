@@ -229,6 +229,44 @@ fn qcow2_leaks_and_low_refcounts_match_qemu_img_and_repair() {
 }
 
 #[test]
+fn qcow2_dirty_lazy_refcounts_match_qemu_img_and_repair_clears_the_bit() {
+    let (dir, src) = empty_source("check-lazy");
+    let image = src.join("lazy.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        path_str(&image),
+        "8M",
+    ]);
+    // qemu-io aborts with the refcounts of its writes not yet written: a crashed QEMU.
+    let crashed = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "abort"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(!crashed.status.success());
+    assert_same_verdict(&image, 2);
+    let ours = json(&imgfs_check(&["--json"], &image));
+    let theirs = json(&qemu_check(&["--output=json"], &image));
+    assert_eq!(numbers(&ours), numbers(&theirs));
+    let out = imgfs_check(&["-r", "all"], &image);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("dirty bit is cleared"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(read_u64_be(&image, 72) & 1, 0, "dirty bit cleared");
+    assert_eq!(qemu_check(&[], &image).status.code(), Some(0));
+    qemu_io("qcow2", &image, &["read -P 1 0 1M"]);
+    drop(dir);
+}
+
+#[test]
 fn qcow2_tables_past_the_end_are_corruptions() {
     let (dir, src) = empty_source("check-qcow2-past");
     create_filled(&src, "qcow2", "a.qcow2", &[], "64M", &["write -P 1 0 1M"]);

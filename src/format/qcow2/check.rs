@@ -18,7 +18,8 @@
 //! too low. Neither runs when a table that references clusters could not be read (its
 //! references are unknown, so a cluster that looks leaked may be in use), nor on an image with
 //! persistent bitmaps for `--repair all` (the rebuild does not count them). COPIED flags and
-//! bad entries are not repaired. After a repair the image is checked again.
+//! bad entries are not repaired. After a repair the image is checked again, and a dirty bit
+//! (lazy refcounts, then a crash) is cleared once the refcounts are right, as QEMU does.
 
 use std::collections::HashMap;
 
@@ -28,11 +29,13 @@ use crate::format::{Format, INSPECT_REASON};
 use crate::host::HostFile;
 
 use super::cluster::{ClusterDescriptor, COPIED, OFFSET_MASK};
-use super::header::Qcow2Header;
+use super::header::{Qcow2Header, INCOMPAT_DIRTY};
 use super::rebuild::{Counts, Seen};
 use super::refcount::RefcountBlock;
 use super::{read_l1, Qcow2Image};
 
+/// Where the header keeps the incompatible feature bits.
+const OFF_INCOMPATIBLE: u64 = 72;
 /// Refcount table entries: bits 9..=63 are the block's offset.
 const TABLE_OFFSET_MASK: u64 = !0x1ff;
 /// Progress is reported every this many clusters of the comparison.
@@ -53,11 +56,14 @@ pub fn check(
     let Some(repair) = repair else {
         return Ok(report);
     };
-    if !image.repair(&mut report, repair, pass)? {
-        return Ok(report);
+    if image.repair(&mut report, repair, pass)? {
+        let (after, _) = image.check_pass(progress)?;
+        report = report.then_rechecked(after);
     }
-    let (after, _) = image.check_pass(progress)?;
-    Ok(report.then_rechecked(after))
+    if report.corruptions == 0 && report.check_errors == 0 {
+        image.mark_clean(&mut report)?;
+    }
+    Ok(report)
 }
 
 /// What a pass found about each cluster, kept for the repair.
@@ -294,6 +300,24 @@ impl Qcow2Image {
         self.flush_locked(&mut alloc)?;
         report.leaks_fixed += leaks.len() as u64;
         Ok(true)
+    }
+
+    /// Clears the dirty bit (lazy refcounts after a crash) of an image whose refcounts were
+    /// just found or made right, as QEMU does after a repair.
+    fn mark_clean(&self, report: &mut CheckReport) -> Result<()> {
+        let mut alloc = self.lock_alloc();
+        if alloc.incompatible & INCOMPAT_DIRTY == 0 {
+            return Ok(());
+        }
+        let incompatible = alloc.incompatible & !INCOMPAT_DIRTY;
+        let file = &self.shared.file;
+        file.write_all_at(&incompatible.to_be_bytes(), OFF_INCOMPATIBLE)?;
+        file.sync_data()?;
+        alloc.incompatible = incompatible;
+        report
+            .messages
+            .push("Repairing: the refcounts are consistent, the dirty bit is cleared".into());
+        Ok(())
     }
 
     /// The stored refcounts, read straight from the file.
