@@ -128,6 +128,9 @@ fn clean_images_of_every_format_are_clean() {
     qemu_io("qcow2", &src.join("b.qcow2"), &["write -P 3 0 1M"]);
     let ext = ["-o", "extended_l2=on,cluster_size=128k"];
     create_filled(&src, "qcow2", "c.qcow2", &ext, "8M", &fills);
+    create_filled(&src, "qcow2", "bm.qcow2", &[], "8M", &[]);
+    qemu_img(&["bitmap", "--add", path_str(&src.join("bm.qcow2")), "b0"]);
+    qemu_io("qcow2", &src.join("bm.qcow2"), &fills);
     create_filled(&src, "vdi", "d.vdi", &[], "8M", &fills);
     create_filled(
         &src,
@@ -141,7 +144,7 @@ fn clean_images_of_every_format_are_clean() {
     let split = ["-o", "subformat=twoGbMaxExtentSparse"];
     create_filled(&src, "vmdk", "g.vmdk", &split, "8M", &fills);
     for name in [
-        "a.qcow2", "b.qcow2", "c.qcow2", "d.vdi", "e.vhdx", "f.vmdk", "g.vmdk",
+        "a.qcow2", "b.qcow2", "c.qcow2", "bm.qcow2", "d.vdi", "e.vhdx", "f.vmdk", "g.vmdk",
     ] {
         let image = src.join(name);
         assert_same_verdict(&image, 0);

@@ -357,17 +357,19 @@ impl Qcow2Image {
         else {
             return Ok(());
         };
-        let field = |at: usize, len: usize| -> Option<u64> {
-            let bytes = dir.get(at..at.checked_add(len)?)?;
+        // A big-endian field of `len` bytes at `at + skip` in the directory.
+        let field = |at: usize, skip: usize, len: usize| -> Option<u64> {
+            let start = at.checked_add(skip)?;
+            let bytes = dir.get(start..start.checked_add(len)?)?;
             Some(bytes.iter().fold(0u64, |v, &b| (v << 8) | u64::from(b)))
         };
         let mut at = 0usize;
         for _ in 0..bitmaps.nb_bitmaps {
             let (Some(table_offset), Some(table_size), Some(name), Some(extra)) = (
-                field(at, 8),
-                field(at + 8, 4),
-                field(at + 18, 2),
-                field(at + 20, 4),
+                field(at, 0, 8),
+                field(at, 8, 4),
+                field(at, 18, 2),
+                field(at, 20, 4),
             ) else {
                 counts.problem("ERROR the bitmap directory is truncated".into())?;
                 break;
