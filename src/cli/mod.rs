@@ -91,8 +91,8 @@ enum Command {
         image: PathBuf,
     },
     /// Check an image's metadata for corruptions and leaks (like `qemu-img check`), and
-    /// repair what is safe to repair. Exit status: 0 clean, 1 the check failed, 2 corrupt,
-    /// 3 leaked clusters only, 63 a format or feature that cannot be checked.
+    /// repair what is safe to repair. Exit status: 0 clean, 1 the check failed or the image
+    /// could not be opened, 2 corrupt, 3 leaked clusters only.
     #[command(after_help = "Examples:
   imgfs check ./images/disk.qcow2
   imgfs check --json ./images/disk.vdi
