@@ -97,8 +97,12 @@ impl Qcow2Image {
 
         let l1 = self.l1.read().map(|l1| l1.clone()).unwrap_or_default();
         let snapshot_l1s: u64 = shared.snapshots.iter().map(|s| u64::from(s.l1_size)).sum();
+        // Progress in units of clusters: an L1 entry weighs the L2 entries it names, which is
+        // where the counting spends its time; each refcount compared weighs one.
+        let per_l1 = 1u64 << shared.geometry.l2_bits;
         let total = (l1.len() as u64)
             .saturating_add(snapshot_l1s)
+            .saturating_mul(per_l1)
             .saturating_add(nb_clusters);
         let mut done = 0u64;
 
@@ -108,7 +112,7 @@ impl Qcow2Image {
         let mut copied_errors = Vec::new();
         self.count_l1(&mut counts, &l1, &mut |seen| {
             if let Seen::L1 { index, entry } = seen {
-                done += 1;
+                done = done.saturating_add(per_l1);
                 progress(done, total);
                 stats.next_contiguous = 0;
                 let l2 = entry & OFFSET_MASK;
@@ -148,7 +152,7 @@ impl Qcow2Image {
             counts.add(snapshot.l1_table_offset, u64::from(snapshot.l1_size) * 8)?;
             self.count_l1(&mut counts, &l1, &mut |seen| {
                 if let Seen::L1 { .. } = seen {
-                    done += 1;
+                    done = done.saturating_add(per_l1);
                     progress(done, total);
                 }
             })?;
