@@ -367,6 +367,37 @@ fn vmdk_directory_mismatch_and_vhd_vhdx_bat_past_the_end() {
     drop(dir);
 }
 
+#[test]
+fn vhd_footer_copy_is_repaired_and_qcow_v1_shared_clusters_are_found() {
+    let (dir, src) = empty_source("check-vhd-qcow");
+    create_filled(&src, "vpc", "a.vhd", &[], "8M", &["write -P 1 0 1M"]);
+    let vhd = src.join("a.vhd");
+    // One byte of the footer copy at offset 0 changes: its checksum no longer matches.
+    patch(&vhd, 100, &[0x55]);
+    let out = imgfs_check(&[], &vhd);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("footer copy"), "{}", text(&out));
+    let out = imgfs_check(&["-r", "leaks"], &vhd);
+    assert_eq!(out.status.code(), Some(2), "only --repair all rewrites it");
+    let out = imgfs_check(&["-r", "all"], &vhd);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(imgfs_check(&[], &vhd).status.code(), Some(0));
+    qemu_io("vpc", &vhd, &["read -P 1 0 1M"]);
+
+    create_filled(&src, "qcow", "b.qcow", &[], "8M", &["write -P 1 0 64k"]);
+    let qcow = src.join("b.qcow");
+    // The second cluster of the first L2 table names the first cluster's place again.
+    let l1 = read_u64_be(&qcow, 40);
+    let l2 = read_u64_be(&qcow, l1);
+    let first = read_u64_be(&qcow, l2);
+    patch(&qcow, l2 + 8, &first.to_be_bytes());
+    let out = imgfs_check(&["--json"], &qcow);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(json(&out)["corruptions"], 1);
+    assert!(text(&out).contains("share file space"), "{}", text(&out));
+    drop(dir);
+}
+
 /// The file offset of a VHDX's BAT region, from the first region table.
 fn vhdx_bat_offset(path: &Path) -> u64 {
     const BAT: [u8; 16] = [
