@@ -62,6 +62,11 @@ pub fn run(path: &Path, root: Option<&Path>, repair: Option<RepairArg>, json: bo
         RepairArg::Leaks => Repair::Leaks,
         RepairArg::All => Repair::All,
     });
+    // The drivers' info lines at open ("refcounts are dirty; they will be rebuilt before a
+    // write") speak of serving the image, not of checking it; warnings still show.
+    if std::env::var_os("RUST_LOG").is_none() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
     let progress = ProgressLine::new();
     let result = check::check(path, root_for(path, root), repair, &|done, total| {
         progress.show(done, total)

@@ -18,8 +18,9 @@
 //! too low. Neither runs when a table that references clusters could not be read (its
 //! references are unknown, so a cluster that looks leaked may be in use), nor on an image with
 //! persistent bitmaps for `--repair all` (the rebuild does not count them). COPIED flags and
-//! bad entries are not repaired. After a repair the image is checked again, and a dirty bit
-//! (lazy refcounts, then a crash) is cleared once the refcounts are right, as QEMU does.
+//! bad entries are not repaired. After a repair the image is checked again, and the dirty bit
+//! (lazy refcounts, then a crash) and the corrupt bit are cleared once it is consistent, as
+//! QEMU does.
 
 use std::collections::HashMap;
 
@@ -29,7 +30,7 @@ use crate::format::{Format, INSPECT_REASON};
 use crate::host::HostFile;
 
 use super::cluster::{ClusterDescriptor, COPIED, OFFSET_MASK};
-use super::header::{Qcow2Header, INCOMPAT_DIRTY};
+use super::header::{Qcow2Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::rebuild::{Counts, Seen};
 use super::refcount::RefcountBlock;
 use super::{read_l1, Qcow2Image};
@@ -306,21 +307,28 @@ impl Qcow2Image {
         Ok(true)
     }
 
-    /// Clears the dirty bit (lazy refcounts after a crash) of an image whose refcounts were
-    /// just found or made right, as QEMU does after a repair.
+    /// Clears the dirty bit (lazy refcounts after a crash) and the corrupt bit (set by QEMU
+    /// when it found metadata it could not trust) of an image that was just found, or made,
+    /// consistent, as QEMU does after a repair.
     fn mark_clean(&self, report: &mut CheckReport) -> Result<()> {
         let mut alloc = self.lock_alloc();
-        if alloc.incompatible & INCOMPAT_DIRTY == 0 {
+        let bits = alloc.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+        if bits == 0 {
             return Ok(());
         }
-        let incompatible = alloc.incompatible & !INCOMPAT_DIRTY;
+        let incompatible = alloc.incompatible & !bits;
         let file = &self.shared.file;
         file.write_all_at(&incompatible.to_be_bytes(), OFF_INCOMPATIBLE)?;
         file.sync_data()?;
         alloc.incompatible = incompatible;
-        report
-            .messages
-            .push("Repairing: the refcounts are consistent, the dirty bit is cleared".into());
+        let which = match (bits & INCOMPAT_DIRTY != 0, bits & INCOMPAT_CORRUPT != 0) {
+            (true, true) => "the dirty and corrupt bits are",
+            (true, false) => "the dirty bit is",
+            _ => "the corrupt bit is",
+        };
+        report.messages.push(format!(
+            "Repairing: the image is consistent, {which} cleared"
+        ));
         Ok(())
     }
 
