@@ -19,9 +19,10 @@ const PROGRESS_AFTER: Duration = Duration::from_secs(1);
 /// What `--repair` accepts, as `qemu-img check -r` spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RepairArg {
-    /// Give back leaked clusters (qcow2), correct blocks_allocated (VDI).
+    /// Give back leaked clusters (qcow2), correct blocks_allocated (VDI), replay a VHDX's
+    /// dirty log.
     Leaks,
-    /// Also repair the corruptions that can be repaired safely.
+    /// Also rebuild qcow2 refcounts that are too low and rewrite a damaged VHD footer copy.
     All,
 }
 
