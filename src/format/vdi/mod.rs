@@ -110,10 +110,11 @@ use crate::image::{
 use crate::meta::write_back::WriteBack;
 
 use block_map::{BlockMap, Geometry, Run, RunKind};
-pub use check::check;
 use header::{Header, ImageType, HEADER_LEN, SIGNATURE};
 pub use make::make_differencing;
 pub use parent::{open_parent, ParentLink};
+// Apart from the other re-exports, which other branches change.
+pub use check::check;
 
 /// The largest block whose zero padding is built in memory around a partial write; larger
 /// blocks (up to 256 MiB) are padded from a buffer of this size, so that concurrent writers
