@@ -54,7 +54,16 @@ mod tests {
         let dir = crate::testutil::TempDir::new();
         manual(Some(dir.path())).unwrap();
         let main = std::fs::read_to_string(dir.path().join("imgfs.1")).unwrap();
-        for command in ["mount", "umount", "nbd", "info", "completions", "manual"] {
+        for command in [
+            "mount",
+            "umount",
+            "nbd",
+            "info",
+            "check",
+            "map",
+            "completions",
+            "manual",
+        ] {
             assert!(main.contains(command), "{command}");
             assert!(dir.path().join(format!("imgfs-{command}.1")).exists());
         }

@@ -105,6 +105,7 @@ pub fn mount_helper_form(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsS
         "umount",
         "nbd",
         "info",
+        "check",
         "map",
         "overlay",
         "completions",

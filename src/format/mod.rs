@@ -2,6 +2,7 @@
 //! its file name) and opens it with the right driver, access mode and QEMU-compatible locks.
 
 pub mod backing;
+pub mod check;
 pub mod links;
 pub mod qcow;
 pub mod qcow2;

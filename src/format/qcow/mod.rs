@@ -69,6 +69,7 @@
 //! Reads and in-place writes take the read lock just for the lookup and do their I/O with no
 //! lock held, so they run in parallel with each other and with allocations.
 
+mod check;
 mod header;
 mod tables;
 
@@ -88,6 +89,7 @@ use crate::image::{
 use crate::meta::compress::{inflate, Deflate, LastInflated};
 use crate::meta::write_back::WriteBack;
 
+pub use check::check;
 pub use header::QcowHeader;
 
 /// How often a lookup reads the same L2 table again (because other readers' loads dropped it

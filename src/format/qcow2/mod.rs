@@ -81,6 +81,7 @@
 //! 5. `last_compressed` (Mutex): the most recently decompressed cluster; held for a swap only.
 
 mod alloc;
+mod check;
 mod cluster;
 pub mod create;
 mod discard;
@@ -111,6 +112,7 @@ use alloc::AllocState;
 use cluster::{push_run, Geometry, Mapping, Run, OFFSET_MASK};
 use refcount::Refcounts;
 
+pub use check::check;
 pub use header::{CompressionType, FeatureKind, Qcow2Header};
 pub use snapshot::SnapshotInfo;
 

@@ -11,6 +11,10 @@
 //! clusters (and a larger table when needed) go to fresh clusters after everything counted.
 //! The new refcounts are written by a full flush while the dirty bit is still set; only then is
 //! the bit cleared, so a crash in between leaves an image QEMU rebuilds again.
+//!
+//! `imgfs check` (check.rs) counts with the same code, in recording mode: where the rebuild
+//! refuses an image (a table past the end of the file, an unaligned entry), the check notes
+//! the problem in qemu-img's words and goes on counting.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -65,7 +69,7 @@ impl Qcow2Image {
     }
 
     /// Recomputes every refcount from the tables and installs them (dirty, for the flush).
-    fn rebuild_refcounts(&self, alloc: &mut AllocState) -> Result<()> {
+    pub(super) fn rebuild_refcounts(&self, alloc: &mut AllocState) -> Result<()> {
         let shared = &self.shared;
         let file = &shared.file;
         if shared.header.bitmaps.is_some() {
@@ -75,19 +79,15 @@ impl Qcow2Image {
         }
         let cluster_size = shared.geometry.cluster_size();
         let file_clusters = file.len()?.div_ceil(cluster_size);
-        let mut counts = Counts {
-            map: BTreeMap::new(),
-            bits: shared.geometry.cluster_bits,
-            file_clusters,
-        };
+        let mut counts = Counts::new(shared.geometry.cluster_bits, file_clusters, false);
         counts.add(0, cluster_size)?;
         let l1 = self.l1.read().map(|l1| l1.clone()).unwrap_or_default();
         counts.add(self.l1_table_offset, l1.len() as u64 * 8)?;
-        self.count_l1(&mut counts, &l1)?;
+        self.count_l1(&mut counts, &l1, &mut |_| {})?;
         for snapshot in &shared.snapshots {
             let l1 = read_l1(file, snapshot.l1_table_offset, snapshot.l1_size)?;
             counts.add(snapshot.l1_table_offset, u64::from(snapshot.l1_size) * 8)?;
-            self.count_l1(&mut counts, &l1)?;
+            self.count_l1(&mut counts, &l1, &mut |_| {})?;
         }
         if shared.header.nb_snapshots > 0 {
             counts.add(shared.header.snapshots_offset, shared.snapshot_table_len)?;
@@ -172,24 +172,35 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Counts the L2 tables `l1` names and the clusters their entries use.
-    fn count_l1(&self, counts: &mut Counts, l1: &[u64]) -> Result<()> {
+    /// Counts the L2 tables `l1` names and the clusters their entries use, telling `seen`
+    /// about each L1 entry and each L2 entry that decodes.
+    pub(super) fn count_l1(
+        &self,
+        counts: &mut Counts,
+        l1: &[u64],
+        seen: &mut dyn FnMut(Seen),
+    ) -> Result<()> {
         let shared = &self.shared;
         let geo = shared.geometry;
         let cluster_size = geo.cluster_size();
         let external = shared.data_file.is_some();
         let mut table = vec![0u8; cluster_size as usize];
         for (index, &entry) in l1.iter().enumerate() {
+            seen(Seen::L1 { index, entry });
             let l2 = entry & OFFSET_MASK;
             if l2 == 0 {
                 continue;
             }
             if l2 % cluster_size != 0 {
-                return Err(Error::corrupt(format!(
-                    "L1 entry {index} points to an L2 table at {l2:#x}, not cluster aligned"
-                )));
+                counts.problem(format!(
+                    "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
+                ))?;
+                continue;
             }
-            counts.add(l2, cluster_size)?;
+            // A table past the end of the file has nothing to read (check mode goes on).
+            if !counts.add(l2, cluster_size)? {
+                continue;
+            }
             shared.file.read_exact_at(&mut table, l2)?;
             let words: Vec<u64> = table
                 .chunks_exact(8)
@@ -198,12 +209,18 @@ impl Qcow2Image {
             for (at, pair) in words.chunks_exact(geo.entry_words()).enumerate() {
                 let entry = pair.first().copied().unwrap_or(0);
                 let bitmap = pair.get(1).copied().unwrap_or(0);
-                let desc = geo
-                    .decode(entry, bitmap)
-                    .map_err(|e| e.at_offset(l2 + (at * pair.len() * 8) as u64))?;
+                let desc = match geo.decode(entry, bitmap) {
+                    Ok(desc) => desc,
+                    Err(e) if counts.recording() => {
+                        counts.problem(decode_problem(entry, cluster_size, &e))?;
+                        continue;
+                    }
+                    Err(e) => return Err(e.at_offset(l2 + (at * pair.len() * 8) as u64)),
+                };
+                seen(Seen::L2 { entry, desc });
                 match desc {
                     ClusterDescriptor::Compressed { host_offset, len } => {
-                        counts.add(host_offset, len)?
+                        counts.add(host_offset, len)?;
                     }
                     ClusterDescriptor::Normal { host_cluster, .. }
                     | ClusterDescriptor::Zero {
@@ -212,7 +229,9 @@ impl Qcow2Image {
                     | ClusterDescriptor::Subclusters {
                         host_cluster: Some(host_cluster),
                         ..
-                    } if !external => counts.add(host_cluster, cluster_size)?,
+                    } if !external => {
+                        counts.add(host_cluster, cluster_size)?;
+                    }
                     _ => {}
                 }
             }
@@ -221,30 +240,93 @@ impl Qcow2Image {
     }
 }
 
-/// References per host cluster, refusing clusters past the end of the file.
-struct Counts {
-    map: BTreeMap<u64, u64>,
+/// What `count_l1` reports to its caller besides the counts.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Seen {
+    /// An L1 entry (every one, in order, so a check can show its progress).
+    L1 { index: usize, entry: u64 },
+    /// An L2 entry that decoded, with its raw value.
+    L2 { entry: u64, desc: ClusterDescriptor },
+}
+
+/// qemu-img check's line for an L2 entry that does not decode.
+fn decode_problem(entry: u64, cluster_size: u64, e: &Error) -> String {
+    let offset = entry & OFFSET_MASK;
+    if entry & super::cluster::COMPRESSED == 0 && offset % cluster_size != 0 {
+        format!("ERROR offset={offset:x}: Cluster is not properly aligned; L2 entry corrupted.")
+    } else {
+        format!("ERROR L2 entry {entry:#018x}: {e}")
+    }
+}
+
+/// References per host cluster. Clusters past the end of the file are refused, or in
+/// recording mode (`imgfs check`) noted as problems and left uncounted.
+pub(super) struct Counts {
+    pub map: BTreeMap<u64, u64>,
     bits: u32,
     file_clusters: u64,
+    /// The problems found, when recording instead of refusing.
+    problems: Option<Vec<String>>,
 }
 
 impl Counts {
-    fn add(&mut self, offset: u64, len: u64) -> Result<()> {
+    pub fn new(bits: u32, file_clusters: u64, recording: bool) -> Self {
+        Counts {
+            map: BTreeMap::new(),
+            bits,
+            file_clusters,
+            problems: recording.then(Vec::new),
+        }
+    }
+
+    pub fn recording(&self) -> bool {
+        self.problems.is_some()
+    }
+
+    /// Notes a problem when recording; otherwise it is the error that refuses the image.
+    pub fn problem(&mut self, message: String) -> Result<()> {
+        match &mut self.problems {
+            Some(problems) => {
+                problems.push(message);
+                Ok(())
+            }
+            None => Err(Error::corrupt(message)),
+        }
+    }
+
+    /// The problems noted so far (recording mode), taken out.
+    pub fn take_problems(&mut self) -> Vec<String> {
+        self.problems
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Counts one reference to each cluster of `[offset, offset + len)`; false when the range
+    /// lies past the end of the file and was noted instead.
+    pub fn add(&mut self, offset: u64, len: u64) -> Result<bool> {
         if len == 0 {
-            return Ok(());
+            return Ok(true);
         }
         let first = offset >> self.bits;
         let last = offset.saturating_add(len - 1) >> self.bits;
         if last >= self.file_clusters {
-            return Err(Error::corrupt(format!(
-                "a table or cluster at {offset:#x} ({len} bytes) lies past the end of the file"
-            )));
+            self.problem(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one \
+                 cluster or more: offset {offset:#x} size {len:#x}"
+            ))?;
+            return Ok(false);
         }
         for cluster in first..=last {
             let count = self.map.entry(cluster).or_default();
             *count = count.saturating_add(1);
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// The references counted for `cluster`.
+    pub fn get(&self, cluster: u64) -> u64 {
+        self.map.get(&cluster).copied().unwrap_or(0)
     }
 
     fn remove_one(&mut self, cluster: u64) {

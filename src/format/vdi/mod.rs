@@ -101,6 +101,7 @@
 //! with no lock held, so they run in parallel with each other and with allocations.
 
 mod block_map;
+mod check;
 mod discard;
 mod header;
 mod make;
@@ -127,6 +128,8 @@ use block_map::{BlockMap, Geometry, Run, RunKind};
 use header::{Header, ImageType, HEADER_LEN, SIGNATURE};
 pub use make::make_differencing;
 pub use parent::{open_parent, ParentLink};
+// Apart from the other re-exports, which other branches change.
+pub use check::check;
 
 /// The largest block whose zero padding is built in memory around a partial write; larger
 /// blocks (up to 256 MiB) are padded from a buffer of this size, so that concurrent writers

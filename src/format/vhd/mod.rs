@@ -65,6 +65,7 @@
 
 mod bat;
 mod bitmap;
+mod check;
 mod footer;
 mod header;
 mod make;
@@ -91,6 +92,7 @@ use footer::{DiskType, Footer, SizeFrom, FOOTER_LEN, SECTOR};
 use header::DynHeader;
 use open::{open_sparse, read_footers};
 
+pub use check::check;
 pub use make::{build_differencing, make_differencing, ChildSpec};
 pub use parent::{footer_of, open_parent, ParentRef};
 

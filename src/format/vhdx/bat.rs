@@ -39,11 +39,11 @@ pub const BAT_SECTOR: u64 = 4096;
 /// A sector bitmap block is always 1 MiB: 2^23 bits, one per logical sector of a chunk.
 const BITMAP_BLOCK: u64 = MIB;
 
-fn state(entry: u64) -> u64 {
+pub(super) fn state(entry: u64) -> u64 {
     entry & STATE_MASK
 }
 
-fn host_of(entry: u64) -> u64 {
+pub(super) fn host_of(entry: u64) -> u64 {
     (entry >> OFFSET_SHIFT) << 20
 }
 
@@ -489,7 +489,7 @@ fn continues(last: &Run, next: &Run) -> bool {
 
 /// Checks a present block's file range: after the header section, starting inside the file,
 /// overlapping no structure. Returns the range or why it is bad.
-fn check_block(
+pub(super) fn check_block(
     entry: u64,
     len: u64,
     structures: &[(&str, Range<u64>)],

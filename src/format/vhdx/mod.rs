@@ -84,6 +84,7 @@
 
 mod bat;
 mod bitmap;
+mod check;
 mod header;
 mod log;
 mod make;
@@ -114,6 +115,7 @@ use header::{Header, Regions, HEADER_LEN, HEADER_SECTION_LEN, HEADER_SLOTS, MIB}
 use metadata::Metadata;
 use overlay::Overlay;
 
+pub use check::check;
 pub use make::make_differencing;
 pub use metadata::ParentLocator;
 

@@ -69,6 +69,7 @@
 //! Reads and in-place writes take the directory read lock only to look up an entry and do
 //! their I/O with no lock held. Extents are independent: each has its own locks.
 
+mod check;
 mod descriptor;
 mod esx;
 mod extent;
@@ -94,6 +95,7 @@ use crate::image::{
 use crate::meta::budget::TableBudget;
 use crate::meta::write_back::WriteBack;
 
+pub use check::check;
 pub use descriptor::{Access, Descriptor, ExtentType};
 use descriptor::{MAX_DESCRIPTOR_LEN, SECTOR_SIZE};
 use extent::{Extent, Storage};

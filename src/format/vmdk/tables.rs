@@ -379,7 +379,7 @@ impl Directory {
 }
 
 /// Little-endian entries of `width` (4 or 8) bytes.
-fn decode_entries(raw: &[u8], width: u64) -> Vec<u64> {
+pub(super) fn decode_entries(raw: &[u8], width: u64) -> Vec<u64> {
     raw.chunks_exact(width as usize)
         .map(|c| match c.len() {
             8 => u64::from_le_bytes(c.try_into().unwrap_or_default()),

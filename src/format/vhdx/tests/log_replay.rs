@@ -361,3 +361,25 @@ fn fuzz_seed_dirty_log() {
     image.resize(file_len as usize, 0);
     crate::fuzzing::tests::write_seed("vhdx", "dirty-log", &[image]);
 }
+
+#[test]
+fn check_reports_a_dirty_log_and_its_repair_replays_it() {
+    use crate::format::check::Repair;
+    let dir = TempDir::new();
+    let Some((path, _)) = dirty_image(&dir) else {
+        return;
+    };
+    let file = HostFile::open(&path, false).unwrap();
+    let report = super::super::check(file, None, &|_, _| {}).unwrap();
+    // qemu-img check refuses such an image read-only: an error, exit 1.
+    assert_eq!(report.exit_code(), 1, "{:?}", report.messages);
+    assert_eq!(report.corruptions, 0, "the BAT as replayed is sound");
+    let file = HostFile::open(&path, true).unwrap();
+    let report = super::super::check(file, Some(Repair::All), &|_, _| {}).unwrap();
+    assert_eq!((report.exit_code(), report.corruptions_fixed), (0, 1));
+    assert!(header_in(&path, 0).unwrap().log_guid.is_nil());
+    let file = HostFile::open(&path, false).unwrap();
+    let report = super::super::check(file, None, &|_, _| {}).unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.messages);
+    assert_qemu_check_clean(&path);
+}
