@@ -67,3 +67,35 @@ fn every_host_fault_leaves_a_differencing_image_both_replay_alike() {
     }
     .all();
 }
+
+/// New blocks, a flush, whole blocks discarded (BAT entries to PAYLOAD_BLOCK_ZERO, blocks
+/// punched) and a partial one, new blocks again, a flush.
+const DISCARD_STEPS: &[Step] = &[
+    Step::Write(MIB, 3 * MIB as usize, 0x41),
+    Step::Flush,
+    Step::Discard(MIB, 2 * MIB),
+    Step::Discard(3 * MIB + 100, 1000),
+    Step::Read(0, 4 * MIB as usize),
+    Step::Write(6 * MIB, 4096, 0x42),
+    Step::Flush,
+    Step::Read(MIB, 6 * MIB as usize),
+];
+
+#[test]
+fn every_host_fault_during_a_discard_leaves_an_image_both_replay_alike() {
+    let dir = TempDir::in_memory();
+    let Some(path) = create(&dir, "d.vhdx", "block_size=1M,log_size=1M", 8 * MIB) else {
+        return;
+    };
+    qemu_io(&path, &["write -P 0x11 0 64k".into()]);
+    let open = |p: &Path| -> Arc<dyn Image> { Arc::new(open_rw(p)) };
+    Walk {
+        format: "vhdx",
+        files: vec![path],
+        parents: Vec::new(),
+        open: &open,
+        steps: DISCARD_STEPS,
+        oracle: Oracle::Replay,
+    }
+    .all();
+}
