@@ -153,6 +153,8 @@ fn an_image_above_a_file_open_for_writing_waits_until_the_writer_closes() {
     assert_eq!(ls(&mount.mnt), ["base.qcow2.raw"], "the new image waits");
     writer.write_all_at(&[0x55; 4096], 4096).unwrap();
     drop(writer);
+    // The kernel sends RELEASE after close() returns: wait until the daemon has seen it.
+    release_idle(&mount.mnt);
     assert_eq!(ls(&mount.mnt), ["base.qcow2.raw", "top.qcow2.raw"]);
     assert_eq!(mode(&base) & 0o222, 0, "a backing file now");
     assert_refuses_writes(&base);
