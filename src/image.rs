@@ -121,6 +121,22 @@ pub fn check_range(size: u64, offset: u64, len: usize) -> Result<()> {
     Ok(())
 }
 
+/// `check_range` for a length given as `u64` (discards are not bounded by a buffer).
+pub fn check_span(size: u64, offset: u64, len: u64) -> Result<()> {
+    check_range(size, offset, usize::try_from(len).unwrap_or(usize::MAX))
+}
+
+/// Whether a resize from `current` to `new_size` bytes changes anything; shrinking is refused
+/// (it would drop the data past the new end).
+pub fn check_growth(current: u64, new_size: u64) -> Result<bool> {
+    if new_size < current {
+        return Err(Error::unsupported(format!(
+            "shrinking from {current} to {new_size} bytes would drop data"
+        )));
+    }
+    Ok(new_size > current)
+}
+
 /// The part of a request buffer, which starts at virtual offset `base`, that covers
 /// `[offset, offset + len)`; an internal error (never a panic) if it lies outside the buffer.
 pub fn request_part(buf: &[u8], base: u64, offset: u64, len: u64) -> Result<&[u8]> {

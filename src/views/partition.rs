@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::image::{check_range, Extent, Image, ImageInfo};
+use crate::image::{check_range, check_span, Extent, Image, ImageInfo};
 
 pub struct PartitionView {
     disk: Arc<dyn Image>,
@@ -57,7 +57,7 @@ impl Image for PartitionView {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(self.len, offset, usize::try_from(len).unwrap_or(usize::MAX))?;
+        check_span(self.len, offset, len)?;
         self.disk.discard(self.start + offset, len)
     }
 

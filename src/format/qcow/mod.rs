@@ -83,8 +83,8 @@ use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
 use crate::host::HostFile;
 use crate::image::{
-    check_range, push_extent, request_part, request_part_mut, split_request, zero_fill, Extent,
-    ExtentState, Image, ImageInfo,
+    check_range, check_span, push_extent, request_part, request_part_mut, split_request, zero_fill,
+    Extent, ExtentState, Image, ImageInfo,
 };
 use crate::meta::compress::{inflate, Deflate, LastInflated};
 use crate::meta::write_back::WriteBack;
@@ -379,11 +379,7 @@ impl QcowImage {
             return Err(Error::read_only(reason.clone()));
         }
         self.write_back.refuse_writes()?;
-        check_range(
-            self.size,
-            offset,
-            usize::try_from(len).unwrap_or(usize::MAX),
-        )?;
+        check_span(self.size, offset, len)?;
         let mut rest = Vec::new();
         for run in self.lookup(offset, len)? {
             match run.kind {

@@ -23,7 +23,7 @@
 use super::cluster::{ClusterDescriptor, Mapping, ZERO_FLAG};
 use super::Qcow2Image;
 use crate::error::{Error, Result};
-use crate::image::{check_range, split_aligned, zero_fill};
+use crate::image::{check_span, split_aligned, zero_fill};
 
 impl Qcow2Image {
     pub(super) fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
@@ -31,11 +31,7 @@ impl Qcow2Image {
             return Err(Error::read_only(reason.clone()));
         }
         self.shared.write_back.refuse_writes()?;
-        check_range(
-            self.virtual_size(),
-            offset,
-            usize::try_from(len).unwrap_or(usize::MAX),
-        )?;
+        check_span(self.virtual_size(), offset, len)?;
         if len == 0 {
             return Ok(());
         }

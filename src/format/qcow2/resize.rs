@@ -20,6 +20,7 @@ use std::sync::PoisonError;
 use super::header::MAX_L1_BYTES;
 use super::Qcow2Image;
 use crate::error::{Error, Result};
+use crate::image::check_growth;
 use crate::meta::dirty::DirtyChunks;
 
 /// Header offsets of `size` (u64) and `l1_size` (u32).
@@ -33,13 +34,8 @@ impl Qcow2Image {
         }
         self.shared.write_back.refuse_writes()?;
         let current = self.virtual_size();
-        if new_size == current {
+        if !check_growth(current, new_size)? {
             return Ok(());
-        }
-        if new_size < current {
-            return Err(Error::unsupported(format!(
-                "shrinking from {current} to {new_size} bytes would drop data"
-            )));
         }
         if new_size % 512 != 0 || new_size > i64::MAX as u64 {
             return Err(Error::out_of_range(format!(

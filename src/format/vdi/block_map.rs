@@ -323,26 +323,7 @@ impl BlockMap {
     /// how many there were. Their physical blocks become holes that `compaction` fills;
     /// `used_end` and `blocks_allocated` stay, so every allocator stays clear of them.
     pub fn discard(&mut self, first: u64, count: u64) -> Result<u32> {
-        let start = usize::try_from(first).unwrap_or(usize::MAX);
-        let slots = usize::try_from(count)
-            .ok()
-            .and_then(|n| start.checked_add(n))
-            .and_then(|end| self.entries.get_mut(start..end))
-            .ok_or_else(|| {
-                Error::out_of_range(format!("virtual blocks {first}+{count} out of range"))
-            })?;
-        let mut freed = 0u32;
-        let mut changed = Vec::new();
-        for (i, slot) in slots.iter_mut().enumerate() {
-            if is_allocated(*slot) {
-                *slot = DISCARDED;
-                freed += 1;
-                changed.push(start + i);
-            }
-        }
-        for block in changed {
-            self.dirty.mark(block * ENTRY_LEN as usize);
-        }
+        let freed = self.mark_discarded(first, count, is_allocated)?;
         self.allocated -= freed;
         Ok(freed)
     }
@@ -351,6 +332,12 @@ impl BlockMap {
     /// in a differencing image they read from the parent, and a discard must make them read
     /// as zeros. Returns how many changed.
     pub fn discard_unallocated(&mut self, first: u64, count: u64) -> Result<u32> {
+        self.mark_discarded(first, count, |entry| entry == UNALLOCATED)
+    }
+
+    /// Sets the entries among virtual blocks `[first, first + count)` for which `which` holds
+    /// to `DISCARDED`, marking their sectors dirty; returns how many changed.
+    fn mark_discarded(&mut self, first: u64, count: u64, which: fn(u32) -> bool) -> Result<u32> {
         let start = usize::try_from(first).unwrap_or(usize::MAX);
         let slots = usize::try_from(count)
             .ok()
@@ -361,7 +348,7 @@ impl BlockMap {
             })?;
         let mut changed = Vec::new();
         for (i, slot) in slots.iter_mut().enumerate() {
-            if *slot == UNALLOCATED {
+            if which(*slot) {
                 *slot = DISCARDED;
                 changed.push(start + i);
             }

@@ -34,7 +34,7 @@ use super::block_map::RunKind;
 use super::header::ImageType;
 use super::{AllocState, VdiImage};
 use crate::error::{Error, Result};
-use crate::image::{check_range, split_aligned, zero_fill};
+use crate::image::{check_span, split_aligned, zero_fill};
 
 /// Blocks are copied in pieces of at most this many bytes (blocks can be 256 MiB).
 const COPY_CHUNK: u64 = 1 << 20;
@@ -45,11 +45,7 @@ impl VdiImage {
             return Err(Error::read_only(reason.clone()));
         }
         self.write_back.refuse_writes()?;
-        check_range(
-            self.virtual_size(),
-            offset,
-            usize::try_from(len).unwrap_or(usize::MAX),
-        )?;
+        check_span(self.virtual_size(), offset, len)?;
         if len == 0 {
             return Ok(());
         }

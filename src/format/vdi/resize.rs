@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use super::header::{ImageType, SECTOR_SIZE, UNALLOCATED};
 use super::VdiImage;
 use crate::error::{Error, Result};
+use crate::image::check_growth;
 
 impl VdiImage {
     pub(super) fn resize_inner(&self, new_size: u64) -> Result<()> {
@@ -27,13 +28,8 @@ impl VdiImage {
         }
         self.write_back.refuse_writes()?;
         let current = self.virtual_size();
-        if new_size == current {
+        if !check_growth(current, new_size)? {
             return Ok(());
-        }
-        if new_size < current {
-            return Err(Error::unsupported(format!(
-                "shrinking from {current} to {new_size} bytes would drop data"
-            )));
         }
         if new_size % SECTOR_SIZE != 0 {
             return Err(Error::out_of_range(format!(

@@ -11,7 +11,7 @@ use super::footer::{DiskType, FOOTER_LEN, SECTOR};
 use super::{AllocState, Sparse, VhdImage};
 use crate::error::{Error, Result};
 use crate::format::backing::read_below;
-use crate::image::{check_range, request_part, zero_fill};
+use crate::image::{check_range, check_span, request_part, zero_fill};
 
 /// A BAT entry is a 32-bit sector number, and 0xffffffff means "no block".
 const MAX_SECTOR: u64 = 0xffff_fffe;
@@ -56,11 +56,7 @@ impl VhdImage {
         if let Some(reason) = &self.read_only_reason {
             return Err(Error::read_only(reason.clone()));
         }
-        check_range(
-            self.size,
-            offset,
-            usize::try_from(len).unwrap_or(usize::MAX),
-        )?;
+        check_span(self.size, offset, len)?;
         if len == 0 {
             return Ok(());
         }

@@ -14,7 +14,7 @@ use super::header::{self, MIB};
 use super::{internal_range, log, run_range, AllocState, VhdxImage};
 use crate::error::{Error, Result};
 use crate::format::backing::read_below;
-use crate::image::{check_range, split_aligned, zero_fill};
+use crate::image::{check_range, check_span, split_aligned, zero_fill};
 
 impl VhdxImage {
     pub(super) fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -57,11 +57,7 @@ impl VhdxImage {
             return Err(Error::read_only(reason.clone()));
         }
         self.write_back.refuse_writes()?;
-        check_range(
-            self.geometry.virtual_size,
-            offset,
-            usize::try_from(len).unwrap_or(usize::MAX),
-        )?;
+        check_span(self.geometry.virtual_size, offset, len)?;
         if len == 0 {
             return Ok(());
         }

@@ -89,8 +89,8 @@ use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
 use crate::host::HostFile;
 use crate::image::{
-    check_range, push_extent, request_part, request_part_mut, zero_fill, Extent as Status,
-    ExtentState, Image, ImageInfo,
+    check_range, check_span, push_extent, request_part, request_part_mut, zero_fill,
+    Extent as Status, ExtentState, Image, ImageInfo,
 };
 use crate::meta::budget::TableBudget;
 use crate::meta::write_back::WriteBack;
@@ -435,11 +435,7 @@ impl VmdkImage {
             return Err(Error::read_only(reason.clone()));
         }
         self.write_back.refuse_writes()?;
-        check_range(
-            self.size,
-            offset,
-            usize::try_from(len).unwrap_or(usize::MAX),
-        )?;
+        check_span(self.size, offset, len)?;
         if len == 0 {
             return Ok(());
         }
