@@ -25,6 +25,13 @@ impl Backing {
     }
 }
 
+/// Where a driver's open gets a differencing image's parent from: given already opened, or
+/// found by a callback from what the child says about it (`R`: its locator or UUIDs).
+pub enum ParentSource<'a, R> {
+    Given(Option<Backing>),
+    Find(&'a mut dyn FnMut(&R) -> Result<Backing>),
+}
+
 /// Fills `buf` with what lies below an image at virtual `offset`: the backing image's bytes,
 /// zeros where there is no backing image or past its end (a backing file may be shorter than
 /// the image above it).

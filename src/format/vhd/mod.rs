@@ -80,7 +80,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
-use crate::format::backing::{read_below, status_below, Backing};
+use crate::format::backing::{read_below, status_below, Backing, ParentSource};
 use crate::host::HostFile;
 use crate::image::{
     check_range, push_extent, request_part_mut, Extent, ExtentState, Image, ImageInfo,
@@ -106,12 +106,6 @@ pub fn probe_tail(file: &HostFile) -> Result<bool> {
     let mut cookie = [0u8; 8];
     file.read_exact_at(&mut cookie, len - FOOTER_LEN as u64)?;
     Ok(&cookie == footer::COOKIE)
-}
-
-/// Where `open_inner` gets a differencing disk's parent from.
-enum ParentSource<'a> {
-    Given(Option<Backing>),
-    Find(&'a mut dyn FnMut(&ParentRef) -> Result<Backing>),
 }
 
 /// State only allocation, bitmap changes and flush touch, guarded by the allocation mutex.
@@ -178,7 +172,7 @@ impl VhdImage {
 
     fn open_inner(
         file: HostFile,
-        parent: ParentSource<'_>,
+        parent: ParentSource<'_, ParentRef>,
         read_only_reason: Option<String>,
     ) -> Result<VhdImage> {
         let file_len = file.len()?;

@@ -103,7 +103,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockW
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::format::backing::{read_below, status_below, Backing};
+use crate::format::backing::{read_below, status_below, Backing, ParentSource};
 use crate::host::HostFile;
 use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
 use crate::meta::budget::TableBudget;
@@ -118,12 +118,6 @@ use overlay::Overlay;
 pub use check::check;
 pub use make::make_differencing;
 pub use metadata::ParentLocator;
-
-/// Where `open_inner` gets the parent of a differencing image from.
-enum ParentSource<'a> {
-    Given(Option<Backing>),
-    Find(&'a mut dyn FnMut(&ParentLocator) -> Result<Backing>),
-}
 
 /// The data write GUID of the VHDX image in `file` (its current header's), without opening
 /// the rest: what a child's parent_linkage names. A log replay never changes it.
@@ -256,7 +250,7 @@ impl VhdxImage {
 
     fn open_inner(
         file: HostFile,
-        parent: ParentSource<'_>,
+        parent: ParentSource<'_, ParentLocator>,
         read_only_reason: Option<String>,
     ) -> Result<VhdxImage> {
         let file_len = file.len()?;
