@@ -12,6 +12,10 @@ pub enum ExtentState {
     Zero,
     /// Nothing allocated anywhere in the chain: reads as zeros.
     Unallocated,
+    /// Allocated in the image, but stored over a hole of the host file, so it reads as zeros:
+    /// a discarded cluster of a format that cannot say "zero" (qcow v1, VHD, VMDK version 1,
+    /// flat extents), the unwritten part of a fixed image. QEMU calls this data and zero.
+    StoredZeros,
 }
 
 impl ExtentState {

@@ -26,7 +26,7 @@ impl MapEntry {
             depth: e.layer,
             present: e.state != ExtentState::Unallocated,
             zero: e.state != ExtentState::Data,
-            data: e.state == ExtentState::Data,
+            data: matches!(e.state, ExtentState::Data | ExtentState::StoredZeros),
         }
     }
 }
@@ -52,10 +52,11 @@ pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
     }
     println!("{:<20}{:<20}{:<8}state", "Offset", "Length", "Depth");
     for e in &entries {
-        let state = match (e.data, e.present) {
-            (true, _) => "data",
-            (false, true) => "zero",
-            (false, false) => "unallocated",
+        let state = match (e.data, e.zero, e.present) {
+            (true, false, _) => "data",
+            (true, true, _) => "data, zero",
+            (false, _, true) => "zero",
+            (false, _, false) => "unallocated",
         };
         println!("{:<#20x}{:<#20x}{:<8}{state}", e.start, e.length, e.depth);
     }

@@ -171,7 +171,7 @@ fn diff(dir: &Path, image: &Path, json: bool) -> Result<(), String> {
             .map(|e| Range {
                 start: e.offset,
                 length: e.len,
-                zero: e.state == ExtentState::Zero,
+                zero: !e.state.is_data(),
             })
             .collect();
         println!(
@@ -182,11 +182,7 @@ fn diff(dir: &Path, image: &Path, json: bool) -> Result<(), String> {
     }
     println!("{:<20}{:<20}changed to", "Offset", "Length");
     for e in &extents {
-        let what = if e.state == ExtentState::Zero {
-            "zeros"
-        } else {
-            "data"
-        };
+        let what = if !e.state.is_data() { "zeros" } else { "data" };
         println!("{:<#20x}{:<#20x}{what}", e.offset, e.len);
     }
     println!("{} bytes changed", changed_bytes(&extents));
@@ -251,7 +247,7 @@ fn commit(dir: &Path, image: &Path) -> Result<(), String> {
             let len = CHUNK.min(extent.offset + extent.len - at) as usize;
             let piece = &mut buf[..len];
             match extent.state {
-                ExtentState::Zero => piece.fill(0),
+                ExtentState::Zero | ExtentState::StoredZeros => piece.fill(0),
                 _ => changes.read_at(piece, at).map_err(|e| e.to_string())?,
             }
             target.write_at(piece, at).map_err(|e| e.to_string())?;

@@ -229,6 +229,59 @@ impl HostFile {
             .map_err(|e| Error::io("stat", e).with_path(&self.path))
     }
 
+    /// Bytes the host file system holds for the file (`st_blocks`), or 0 when it cannot say.
+    pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file
+            .metadata()
+            .map_or(0, |m| m.blocks().saturating_mul(512))
+    }
+
+    /// The runs of `[offset, offset + len)` that hold data in the host file, in order, as
+    /// `(offset, len)`; the rest are holes (punched or never written) that read as zeros.
+    /// Where the host file system cannot tell (`lseek` fails other than with ENXIO), the whole
+    /// rest of the range counts as data, which is never wrong, only less sparse.
+    pub fn data_runs(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let end = offset.saturating_add(len).min(i64::MAX as u64);
+        let mut runs = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let data = match self.seek(at, libc::SEEK_DATA) {
+                Ok(Some(data)) if data < end => data,
+                Ok(_) => break,
+                Err(()) => {
+                    runs.push((at, end - at));
+                    break;
+                }
+            };
+            let hole = match self.seek(data, libc::SEEK_HOLE) {
+                Ok(Some(hole)) => hole.clamp(data, end),
+                Ok(None) | Err(()) => end,
+            };
+            runs.push((data, hole - data));
+            if hole <= data {
+                break;
+            }
+            at = hole;
+        }
+        runs
+    }
+
+    /// `lseek(offset, whence)`: `Ok(None)` for ENXIO (no data past `offset`), `Err` for any
+    /// other failure.
+    fn seek(&self, offset: u64, whence: libc::c_int) -> std::result::Result<Option<u64>, ()> {
+        // SAFETY: lseek on a file descriptor we own; it takes no pointers. The descriptor's
+        // shared position is never used for I/O here (every read and write is positional).
+        let at = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        match u64::try_from(at) {
+            Ok(at) => Ok(Some(at)),
+            Err(_) if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => {
+                Ok(None)
+            }
+            Err(_) => Err(()),
+        }
+    }
+
     pub fn metadata(&self) -> Result<std::fs::Metadata> {
         self.file
             .metadata()

@@ -279,10 +279,12 @@ pub fn write_zeroes(export: &Export, req: &Request) -> Served {
     fua(export, req)
 }
 
-/// The `base:allocation` flags of an extent: anything that is not data reads as zeros.
+/// The `base:allocation` flags of an extent: anything that is not data reads as zeros; zeros
+/// stored in the image are not a hole (as qemu-nbd reports them).
 fn allocation_flags(e: &Extent) -> u32 {
     match e.state {
         ExtentState::Data => 0,
+        ExtentState::StoredZeros => STATE_ZERO,
         ExtentState::Zero | ExtentState::Unallocated => STATE_HOLE | STATE_ZERO,
     }
 }
@@ -292,7 +294,9 @@ fn allocation_flags(e: &Extent) -> u32 {
 fn depth_flags(e: &Extent) -> u32 {
     match e.state {
         ExtentState::Unallocated => 0,
-        ExtentState::Data | ExtentState::Zero => e.layer.saturating_add(1),
+        ExtentState::Data | ExtentState::Zero | ExtentState::StoredZeros => {
+            e.layer.saturating_add(1)
+        }
     }
 }
 

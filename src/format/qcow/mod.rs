@@ -81,6 +81,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 
 use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
+use crate::format::host_holes::push_stored;
 use crate::host::HostFile;
 use crate::image::{
     check_range, check_span, push_extent, request_part, request_part_mut, split_request, zero_fill,
@@ -512,7 +513,6 @@ impl QcowImage {
                     self.write_tables().add_l2(l1_index, host)?;
                     alloc.next_free = next_free;
                     self.end_of_data.fetch_max(next_free, Ordering::Release);
-                    self.end_of_data.fetch_max(next_free, Ordering::Release);
                 }
             }
         }
@@ -596,7 +596,10 @@ impl QcowImage {
         }
         for run in self.lookup(offset, len)? {
             match run.kind {
-                RunKind::Data { .. } | RunKind::Compressed { .. } => push_extent(
+                RunKind::Data { host_offset } => {
+                    push_stored(&mut extents, &self.file, run.offset, host_offset, run.len)?
+                }
+                RunKind::Compressed { .. } => push_extent(
                     &mut extents,
                     Extent {
                         offset: run.offset,
@@ -672,8 +675,16 @@ impl Image for QcowImage {
             .map_err(|e| e.with_path(self.file.path()))
     }
 
+    /// Discarded clusters stay mapped with their host range punched, so the host file's own
+    /// count, less the metadata, is the smaller one after a discard.
     fn allocated_bytes(&self) -> u64 {
-        self.data_bytes.load(Ordering::Relaxed)
+        let data = self.data_bytes.load(Ordering::Relaxed);
+        // Everything in the file that is not data is metadata, which is never punched.
+        let metadata = self
+            .end_of_data
+            .load(Ordering::Acquire)
+            .saturating_sub(data);
+        data.min(self.file.allocated_bytes().saturating_sub(metadata))
     }
 
     fn read_only_reason(&self) -> Option<String> {

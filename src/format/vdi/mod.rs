@@ -117,6 +117,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockW
 
 use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
+use crate::format::host_holes::push_stored;
 use crate::host::HostFile;
 use crate::image::{
     check_range, push_extent, request_part, request_part_mut, split_request, Extent, ExtentState,
@@ -542,6 +543,11 @@ impl VdiImage {
         }
         for run in self.lookup(offset, len)? {
             let state = match run.kind {
+                // A static image keeps discarded blocks and has them punched in place.
+                RunKind::Data { host_offset } if self.header.image_type == ImageType::Static => {
+                    push_stored(&mut extents, &self.file, run.offset, host_offset, run.len)?;
+                    continue;
+                }
                 RunKind::Data { .. } => ExtentState::Data,
                 RunKind::Discarded => ExtentState::Zero,
                 RunKind::Unallocated if self.backing.is_some() => {
@@ -615,7 +621,12 @@ impl Image for VdiImage {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        u64::from(self.read_map().allocated()) * self.geometry.block_size()
+        let mapped = u64::from(self.read_map().allocated()) * self.geometry.block_size();
+        match self.header.image_type {
+            // Discarded blocks of a static image stay mapped, punched.
+            ImageType::Static => mapped.min(self.file.allocated_bytes()),
+            _ => mapped,
+        }
     }
 
     fn read_only_reason(&self) -> Option<String> {

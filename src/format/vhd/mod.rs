@@ -81,10 +81,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockW
 
 use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing, ParentSource};
+use crate::format::host_holes::push_stored;
 use crate::host::HostFile;
-use crate::image::{
-    check_range, push_extent, request_part_mut, Extent, ExtentState, Image, ImageInfo,
-};
+use crate::image::{check_range, push_extent, request_part_mut, Extent, Image, ImageInfo};
 
 use bat::{Bat, Geometry, Run, RunKind};
 use bitmap::Bitmaps;
@@ -311,20 +310,14 @@ impl VhdImage {
         if len == 0 {
             return Ok(extents);
         }
-        let own = |offset, len| Extent {
-            offset,
-            len,
-            state: ExtentState::Data,
-            layer: 0,
-        };
         let Some(sparse) = &self.sparse else {
-            extents.push(own(offset, len));
+            push_stored(&mut extents, &self.file, offset, offset, len)?;
             return Ok(extents);
         };
         for run in sparse.lookup(offset, len)? {
             for (piece, here) in self.pieces(sparse, &run)? {
-                if here.is_some() {
-                    push_extent(&mut extents, own(piece.offset, piece.len));
+                if let Some(host) = here {
+                    push_stored(&mut extents, &self.file, piece.offset, host, piece.len)?;
                 } else {
                     for e in status_below(self.parent.as_ref(), piece.offset, piece.len)? {
                         push_extent(&mut extents, e);
@@ -479,14 +472,17 @@ impl Image for VhdImage {
             .map_err(|e| e.with_path(self.file.path()))
     }
 
+    /// Discarded blocks stay in the BAT with their data punched (and a fixed image may be a
+    /// sparse file), so the host file's own count is the smaller one then.
     fn allocated_bytes(&self) -> u64 {
-        match &self.sparse {
+        let mapped = match &self.sparse {
             Some(s) => s
                 .read_bat()
                 .allocated()
                 .saturating_mul(s.geometry.block_size),
             None => self.size,
-        }
+        };
+        mapped.min(self.file.allocated_bytes())
     }
 
     fn read_only_reason(&self) -> Option<String> {

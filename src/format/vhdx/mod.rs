@@ -104,6 +104,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing, ParentSource};
+use crate::format::host_holes::push_stored;
 use crate::host::HostFile;
 use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
 use crate::meta::budget::TableBudget;
@@ -475,6 +476,11 @@ impl VhdxImage {
         };
         for run in self.lookup(offset, len)? {
             match run.kind {
+                // A fixed image keeps discarded blocks and has them punched in place.
+                RunKind::Data { host_offset } if self.meta.leave_blocks_allocated => {
+                    let file = &self.store.file;
+                    push_stored(&mut extents, file, run.offset, host_offset, run.len)?
+                }
                 RunKind::Data { .. } => push_extent(&mut extents, own(&run, ExtentState::Data)),
                 RunKind::Zero => push_extent(&mut extents, own(&run, ExtentState::Zero)),
                 RunKind::Unallocated => {
@@ -625,9 +631,15 @@ impl Image for VhdxImage {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.read_bat()
+        let present = self
+            .read_bat()
             .present_blocks()
-            .saturating_mul(self.geometry.block_size)
+            .saturating_mul(self.geometry.block_size);
+        match self.meta.leave_blocks_allocated {
+            // Discarded blocks of a fixed image stay present, punched.
+            true => present.min(self.store.file.allocated_bytes()),
+            false => present,
+        }
     }
 
     fn read_only_reason(&self) -> Option<String> {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::format::host_holes::push_stored;
 use crate::host::HostFile;
 use crate::image::{push_extent, Extent as Status, ExtentState};
 use crate::meta::write_back::WriteBack;
@@ -122,28 +123,32 @@ impl Extent {
     /// The state of `[offset, offset + len)` of the extent in disk coordinates, with
     /// unallocated runs for the caller to look up below.
     pub fn status(&self, offset: u64, len: u64, out: &mut Vec<Status>) -> Result<()> {
-        let mut put = |at: u64, len: u64, state| {
-            push_extent(
-                out,
-                Status {
-                    offset: self.start + at,
-                    len,
-                    state,
-                    layer: 0,
-                },
-            )
+        let at = |state, from: u64, len| Status {
+            offset: self.start + from,
+            len,
+            state,
+            layer: 0,
         };
+        // Discarded data that stays mapped (flat extents, version 1 grains) is punched in the
+        // host file and reads as zeros.
         match &self.storage {
-            Storage::Flat { .. } => put(offset, len, ExtentState::Data),
-            Storage::Zero => put(offset, len, ExtentState::Zero),
+            Storage::Flat { file, offset: base } => {
+                push_stored(out, file, self.start + offset, base + offset, len)?
+            }
+            Storage::Zero => push_extent(out, at(ExtentState::Zero, offset, len)),
             Storage::Sparse(sparse) => {
                 for run in sparse.lookup(offset, len)? {
                     let state = match run.grain {
-                        Grain::Data(_) | Grain::Compressed(_) => ExtentState::Data,
+                        Grain::Data(host) => {
+                            let disk = self.start + run.offset;
+                            push_stored(out, sparse.file(), disk, host, run.len)?;
+                            continue;
+                        }
+                        Grain::Compressed(_) => ExtentState::Data,
                         Grain::Zero => ExtentState::Zero,
                         Grain::Unallocated => ExtentState::Unallocated,
                     };
-                    put(run.offset, run.len, state);
+                    push_extent(out, at(state, run.offset, run.len));
                 }
             }
         }
@@ -164,9 +169,12 @@ impl Extent {
 
     pub fn allocated_bytes(&self) -> u64 {
         match &self.storage {
-            Storage::Flat { .. } => self.len,
+            // Discards punch flat extents and version 1 grains without unmapping them.
+            Storage::Flat { file, .. } => self.len.min(file.allocated_bytes()),
             Storage::Zero => 0,
-            Storage::Sparse(sparse) => sparse.allocated_bytes(),
+            Storage::Sparse(sparse) => sparse
+                .allocated_bytes()
+                .min(sparse.file().allocated_bytes()),
         }
     }
 

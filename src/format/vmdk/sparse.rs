@@ -465,6 +465,11 @@ impl SparseExtent {
                     // Grains are only ever appended, never reused: punched now, a grain reads
                     // as zeros whether the table on disk still names it or not.
                     self.file.punch_hole(host, grain)?;
+                    let _ =
+                        self.allocated
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+                                Some(a.saturating_sub(grain))
+                            });
                     if !zeroed {
                         continue;
                     }

@@ -612,7 +612,6 @@ fn discard_punches_mapped_clusters() {
         format: "qcow",
         path: &path,
         unit: 4096,
-        unmaps: false,
         check: false,
         data_file: None,
     };

@@ -22,7 +22,6 @@ fn case(options: &str, unit: u64) {
         format: "qcow2",
         path: &path,
         unit,
-        unmaps: true,
         check: true,
         data_file: None,
     };

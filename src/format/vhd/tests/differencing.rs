@@ -76,7 +76,7 @@ fn children_read_through_to_the_parent_and_write_only_the_sectors_written() {
     img.write_at(&[0xc2; 8192], 4 * MIB - 4096).unwrap();
     expected[4 * MIB as usize - 4096..4 * MIB as usize + 4096].fill(0xc2);
     assert!(read_all(&img) == expected, "before flush");
-    assert_eq!(img.allocated_bytes(), 3 * 2 * MIB);
+    assert_eq!(mapped_bytes(&img), 3 * 2 * MIB);
     let tables = table_offset(&img);
     img.flush().unwrap();
     drop(img);

@@ -569,7 +569,6 @@ fn discard_case(options: &str) {
         format: "vhdx",
         path: &path,
         unit: MIB,
-        unmaps: !options.contains("fixed"),
         check: true,
         data_file: None,
     };

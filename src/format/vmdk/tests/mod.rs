@@ -347,7 +347,6 @@ fn discard_case(options: &str) {
         format: "vmdk",
         path: &path,
         unit: 64 << 10,
-        unmaps: options.contains("zeroed_grain=on"),
         check: true,
         data_file: flat.as_deref(),
     };
