@@ -7,13 +7,16 @@ use crate::error::Result;
 use crate::host::HostFile;
 use crate::image::{push_extent, Extent, ExtentState};
 
-/// Data runs shorter than this are read to see whether they are zeros: a punch frees whole
-/// host pages only, and zeroes the parts of pages at either end of its range, which the host
-/// still reports as data.
-const SHORT_RUN: u64 = 4096;
+/// The host's page: a punch frees whole pages only, and zeroes the parts of the pages at
+/// either end of its range, which the host still reports as data.
+const PAGE: u64 = 4096;
 
 /// Appends `[offset, offset + len)` of the disk, stored from `host` on in `file`, to
-/// `extents`: data where the host file holds data, zeros where it has holes.
+/// `extents`: data where the host file holds data, zeros where it has holes. The page at an
+/// edge of a data run that meets a hole is read, and its zero bytes next to the hole (the
+/// rest of a page a punch zeroed, in whole sectors of the disk) count as zeros too. The host
+/// is asked about a page more on either side than the range covers, so the answer for a byte
+/// does not depend on the range it is asked in.
 pub fn push_stored(
     extents: &mut Vec<Extent>,
     file: &HostFile,
@@ -21,38 +24,61 @@ pub fn push_stored(
     host: u64,
     len: u64,
 ) -> Result<()> {
-    let mut put = |at: u64, len: u64, state| {
-        if len > 0 {
+    let end = host.saturating_add(len);
+    let lo = (host / PAGE * PAGE).saturating_sub(PAGE);
+    let hi = end.div_ceil(PAGE).saturating_mul(PAGE).saturating_add(PAGE);
+    // Host offset h is disk offset h + offset - host; `skew` makes sector rounding in disk
+    // terms possible on host offsets.
+    let skew = (offset % 512 + 512 - host % 512) % 512;
+    let sector_down = |h: u64| h - (h + skew) % 512;
+    let sector_up = |h: u64| h + (512 - (h + skew) % 512) % 512;
+    let mut page = [0u8; PAGE as usize];
+    let mut put = |from: u64, to: u64, state| {
+        let (from, to) = (from.max(host), to.min(end));
+        if to > from {
             push_extent(
                 extents,
                 Extent {
-                    offset: offset + at,
-                    len,
+                    offset: offset + (from - host),
+                    len: to - from,
                     state,
                     layer: 0,
                 },
             );
         }
     };
-    let mut done = 0;
-    let mut short = [0u8; SHORT_RUN as usize];
-    for (data, n) in file.data_runs(host, len) {
-        let at = data - host;
-        put(done, at - done, ExtentState::StoredZeros);
-        let state = match short.get_mut(..n as usize) {
-            Some(bytes) if n < SHORT_RUN => {
-                file.read_exact_at(bytes, data)?;
-                match bytes.iter().all(|&b| b == 0) {
-                    true => ExtentState::StoredZeros,
-                    false => ExtentState::Data,
-                }
-            }
-            _ => ExtentState::Data,
-        };
-        put(at, n, state);
-        done = at + n;
+    let mut done = host;
+    for (data, n) in file.data_runs(lo, hi - lo) {
+        let (mut start, mut stop) = (data, data + n);
+        if start > lo {
+            // After a hole: zeros at the start of the run's first page.
+            let piece = (stop - start).min(PAGE - start % PAGE);
+            let bytes = page.get_mut(..piece as usize).unwrap_or_default();
+            file.read_exact_at(bytes, start)?;
+            let zeros = bytes.iter().take_while(|&&b| b == 0).count() as u64;
+            start = match zeros == piece {
+                true => start + piece,
+                false => sector_down(start + zeros).max(start),
+            };
+        }
+        if stop < hi && stop > start {
+            // Before a hole: zeros at the end of the run's last page.
+            let piece = (stop - start).min((stop - 1) % PAGE + 1);
+            let bytes = page.get_mut(..piece as usize).unwrap_or_default();
+            file.read_exact_at(bytes, stop - piece)?;
+            let zeros = bytes.iter().rev().take_while(|&&b| b == 0).count() as u64;
+            stop = match zeros == piece {
+                true => stop - piece,
+                false => sector_up(stop - zeros).min(stop),
+            };
+        }
+        if stop > start && stop > host && start < end {
+            put(done, start, ExtentState::StoredZeros);
+            put(start, stop, ExtentState::Data);
+            done = stop.max(host);
+        }
     }
-    put(done, len - done, ExtentState::StoredZeros);
+    put(done, end, ExtentState::StoredZeros);
     Ok(())
 }
 
@@ -95,6 +121,19 @@ mod tests {
         push_stored(&mut extents, &file, 0, (2 << 20) + 1000, 64 << 10).unwrap();
         assert_eq!(extents.len(), 1, "{extents:?}");
         assert_eq!(extents[0].state, ExtentState::StoredZeros);
+        // Mapped off the host's page grid (a VDI's blocks): the zeroed page parts on either
+        // side of the punch are zeros, in whole sectors.
+        extents.clear();
+        push_stored(&mut extents, &file, 0, (2 << 20) + 488, 128 << 10).unwrap();
+        let got: Vec<_> = extents.iter().map(|e| (e.offset, e.len, e.state)).collect();
+        assert_eq!(
+            got,
+            [
+                (0, 512, ExtentState::Data),
+                (512, 64 << 10, ExtentState::StoredZeros),
+                (512 + (64 << 10), (64 << 10) - 512, ExtentState::Data),
+            ]
+        );
         extents.clear();
         push_stored(&mut extents, &file, 0, (2 << 20) + 990, 20).unwrap();
         assert_eq!(extents.len(), 1, "{extents:?}");
