@@ -3,6 +3,8 @@
 //! answers range lookups as runs coalesced by host contiguity, records allocations and knows
 //! which 512-byte sectors of the on-disk bmap they dirtied. Does no I/O except loading.
 
+use std::ops::Range;
+
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::meta::dirty::DirtyChunks;
@@ -319,13 +321,46 @@ impl BlockMap {
         Ok(())
     }
 
-    /// Marks the allocated entries of virtual blocks `first..first + count` discarded; returns
-    /// how many there were. Their physical blocks become holes that `compaction` fills;
-    /// `used_end` and `blocks_allocated` stay, so every allocator stays clear of them.
-    pub fn discard(&mut self, first: u64, count: u64) -> Result<u32> {
-        let freed = self.mark_discarded(first, count, is_allocated)?;
-        self.allocated -= freed;
-        Ok(freed)
+    /// Releases the allocated blocks among virtual blocks `[first, first + count)` whose
+    /// physical blocks are the highest in use, so the blocks stay dense with nothing moved:
+    /// their entries become `DISCARDED`, and `used_end` and `blocks_allocated` drop to one
+    /// past the highest block still in use. Returns the physical blocks released, `None` when
+    /// the highest block in use is not in the range.
+    pub fn release_top(&mut self, first: u64, count: u64) -> Result<Option<Range<u32>>> {
+        let start = usize::try_from(first).unwrap_or(usize::MAX);
+        let slots = usize::try_from(count)
+            .ok()
+            .and_then(|n| start.checked_add(n))
+            .and_then(|end| self.entries.get_mut(start..end))
+            .ok_or_else(|| {
+                Error::out_of_range(format!("virtual blocks {first}+{count} out of range"))
+            })?;
+        let mut phys: Vec<u32> = slots.iter().copied().filter(|&e| is_allocated(e)).collect();
+        phys.sort_unstable();
+        let mut cut = self.used_end;
+        while cut > 0 && phys.last() == Some(&(cut - 1)) {
+            phys.pop();
+            cut -= 1;
+        }
+        if cut == self.used_end {
+            return Ok(None);
+        }
+        let mut released = Vec::new();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if is_allocated(*slot) && *slot >= cut {
+                *slot = DISCARDED;
+                released.push(start + i);
+            }
+        }
+        for block in &released {
+            self.dirty.mark(block * ENTRY_LEN as usize);
+        }
+        self.allocated -= released.len() as u32;
+        let old_end = self.used_end;
+        let highest = self.entries.iter().filter(|&&e| is_allocated(e)).max();
+        self.used_end = highest.map_or(0, |h| h + 1);
+        self.blocks_allocated = self.used_end;
+        Ok(Some(self.used_end..old_end))
     }
 
     /// Marks the unallocated entries among virtual blocks `[first, first + count)` discarded:
@@ -628,17 +663,39 @@ mod tests {
     }
 
     #[test]
-    fn discard_leaves_holes_that_compaction_fills_from_the_top() {
-        // Virtual 0..5 -> physical 0..5; discard virtual 1 and 2 (physical 1, 2).
-        let (mut m, _) = map(&[0, 1, 2, 3, 4, U], 5, 5).unwrap();
+    fn only_the_highest_blocks_are_released() {
+        // Virtual 0..5 -> physical 0..5 (virtual 3 and 4 swapped).
+        let (mut m, _) = map(&[0, 1, 2, 4, 3, U], 5, 5).unwrap();
         m.mark_clean();
-        assert_eq!(m.discard(1, 2).unwrap(), 2);
-        assert_eq!(m.discard(5, 1).unwrap(), 0, "unallocated stays");
+        // Virtual 1 and 2 are in the middle of the file: nothing is released.
+        assert_eq!(m.release_top(1, 2).unwrap(), None);
+        assert!(!m.is_dirty());
+        // Virtual 3 holds the highest block, virtual 4 the one below: both go.
+        assert_eq!(m.release_top(3, 3).unwrap(), Some(3..5));
+        assert_eq!(
+            (m.allocated(), m.blocks_allocated(), m.used_end()),
+            (3, 3, 3)
+        );
+        assert!(m.is_dirty());
+        assert_eq!(m.runs(3 * MIB, 1).unwrap()[0].kind, RunKind::Discarded);
+        assert_eq!(m.runs(5 * MIB, 1).unwrap()[0].kind, RunKind::Unallocated);
+        assert_eq!(
+            m.runs(2 * MIB, 1).unwrap()[0].kind,
+            RunKind::Data {
+                host_offset: 1024 + 2 * MIB
+            }
+        );
+        assert!(m.release_top(9, 1).is_err());
+    }
+
+    #[test]
+    fn compaction_fills_holes_from_the_top() {
+        // Holes at physical 1 and 2 (a VirtualBox discard, or a crash of an older imgfs).
+        let (mut m, _) = map(&[0, D, D, 3, 4, U], 5, 5).unwrap();
         assert_eq!(
             (m.allocated(), m.blocks_allocated(), m.used_end()),
             (3, 5, 5)
         );
-        assert!(m.is_dirty());
         let moves = m.compaction();
         assert_eq!(moves, vec![(4, 4, 1), (3, 3, 2)]);
         m.relocate(&moves).unwrap();
@@ -652,8 +709,7 @@ mod tests {
         );
         assert!(m.compaction().is_empty());
         // A hole at the top only shrinks the end.
-        let (mut m, _) = map(&[0, 1, 2], 3, 3).unwrap();
-        m.discard(2, 1).unwrap();
+        let (mut m, _) = map(&[0, 1, D], 3, 3).unwrap();
         assert!(m.compaction().is_empty());
         m.relocate(&[]).unwrap();
         assert_eq!(m.blocks_allocated(), 2);

@@ -1,32 +1,35 @@
-//! Discard for VDI: whole blocks of a dynamic image become `DISCARDED` (0xfffffffe) and the
-//! file gives their space back; the parts of partial blocks, and every block of a static
-//! image, are punched in place (they read as zeros; the host frees the pages they cover).
+//! Discard for VDI: whole blocks of a dynamic image give their space back, and the parts of
+//! partial blocks, and every block of a static image, are punched in place (they read as
+//! zeros; the host frees the pages they cover).
 //!
-//! # Keeping the blocks dense
+//! # Keeping the image consistent at every step
 //!
 //! QEMU and VirtualBox put a new block at `blocks_allocated`, and `qemu-img check` wants that
 //! count equal to the allocated entries (vdi module doc), so a block freed in the middle of
-//! the file cannot just be left as a hole: the highest block in use moves into it, as
-//! VirtualBox's own discard does, and the count drops. In this order, under the allocation
-//! mutex:
+//! the file cannot be left as an unreferenced hole; VirtualBox moves the highest block into
+//! it. That needs the freed entry on disk before the hole can take another block's data, and
+//! the count can drop only once the block above is no longer named: between the two, the
+//! count is above the entries and `qemu-img check` reports a corruption. No write order
+//! avoids that window, so imgfs does not move blocks for a discard:
 //!
-//! 1. The entries become `DISCARDED` in memory; a flush writes them (the count unchanged, so
-//!    above the entries: every allocator stays clear of the holes) and syncs. From now on no
-//!    entry on disk names a hole.
-//! 2. With the gate taken exclusively (no read or in-place write in flight or starting), the
-//!    highest blocks in use are copied into the lowest holes, then synced. A crash here leaves
-//!    copies in unreferenced holes.
-//! 3. The moved entries and the lower count are written: with the bmap right after the header
-//!    in one write; elsewhere the bmap first, a sync, then the header (`flush_locked`), so the
-//!    count on disk is never below an entry on disk.
-//! 4. The blocks past the new count, referenced by nothing on disk, are punched.
+//! - Blocks that are the highest in use (a discard at the end of what was written, or of a
+//!   whole disk) are released, when the bmap lies right after the header (qemu-img's
+//!   layout): under the allocation mutex, with the gate taken exclusively (no read or
+//!   in-place write in flight), the entries become `DISCARDED` and the count drops to one past
+//!   the highest block left; the header and the bmap through the last changed entry go out in
+//!   one write (a crash leaves the old state or the new one, each consistent), a sync, and
+//!   then the released blocks, referenced by nothing on disk, are punched.
+//! - Every other whole block stays mapped and is punched in place: it reads as zeros, its
+//!   space goes back to the host file system, SEEK_HOLE and `st_blocks` follow
+//!   (`format::host_holes`), and the entries never change, so no crash can leave them
+//!   inconsistent.
+//! - In a differencing image, unallocated blocks become `DISCARDED` so the parent no longer
+//!   shows through (the count does not change), written by a flush.
 //!
-//! A crash between steps 1 and 3 leaves a count above the entries, with holes below it:
-//! every allocator stays clear of data, but `qemu-img check` reports the mismatch until the
-//! first flush of imgfs that writes anything moves blocks into the holes (steps 2 to 4). No
-//! order avoids that window: the hole can take another block's data only once no entry on
-//! disk names it, and the count can drop only once the block above is no longer named. A
-//! crash never leaves an entry naming another block's data.
+//! Holes an image already has below its highest block (a VirtualBox discard, a crash of an
+//! older imgfs) are filled by `compact` at the first flush that writes anything: their
+//! entries are on disk already, so moving the highest blocks down into them and writing the
+//! moved entries with the lower count keeps every step consistent.
 
 use std::sync::PoisonError;
 
@@ -73,18 +76,27 @@ impl VdiImage {
         } else {
             0
         };
-        if self.write_map().discard(first, count)? == 0 {
-            if masked > 0 {
-                let path = self.file.path();
-                self.write_back
-                    .run(path, || self.flush_locked(&mut alloc))?;
-            }
-            return Ok(());
+        let released = if self.bmap_follows_header() {
+            let _exclusive = self.io_gate.write().unwrap_or_else(PoisonError::into_inner);
+            self.write_map().release_top(first, count)?
+        } else {
+            None
+        };
+        if masked > 0 || released.is_some() {
+            self.write_back.run(self.file.path(), || {
+                self.flush_locked(&mut alloc)?;
+                let Some(blocks) = &released else {
+                    return Ok(());
+                };
+                alloc.next_free = blocks.start;
+                let start = self.geometry.host_offset(blocks.start)?;
+                let end = self.geometry.host_offset(blocks.end)?;
+                self.file.punch_hole(start, end - start)
+            })?;
         }
-        let path = self.file.path();
-        self.write_back
-            .run(path, || self.flush_locked(&mut alloc))?;
-        self.write_back.run(path, || self.compact(&mut alloc))
+        drop(alloc);
+        let block = self.geometry.block_size();
+        self.punch_in_place(first * block, count * block)
     }
 
     /// Punches the host ranges of `[offset, offset + len)` where blocks hold it, leaving the
@@ -102,8 +114,8 @@ impl VdiImage {
         Ok(())
     }
 
-    /// Steps 2 to 4 of the module doc. Holds the allocation mutex; every hole must be
-    /// unreferenced on disk (the entries written since they were freed, or never naming them).
+    /// Moves the highest blocks down into holes below them (module doc). Holds the
+    /// allocation mutex; every hole must be unreferenced on disk.
     pub(super) fn compact(&self, alloc: &mut AllocState) -> Result<()> {
         let old_end = self.read_map().used_end();
         let moves = self.read_map().compaction();

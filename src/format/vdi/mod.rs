@@ -69,10 +69,10 @@
 //!
 //! # Discard (discard.rs)
 //!
-//! Whole blocks of a dynamic image become `DISCARDED`: the entries are written first, then
-//! the highest blocks move into the holes and the count drops (bmap before header where they
-//! are apart), then the space past the count is punched. Partial blocks, and a static
-//! image's blocks, are punched in place. discard.rs gives the full order.
+//! Whole blocks that are the highest in use are released (`DISCARDED`, the count lowered, in
+//! the one write of header and bmap of qemu-img's layout); every other block is punched in
+//! place and stays mapped, reading as zeros: moving blocks into holes cannot be done without
+//! a window in which `qemu-img check` fails. discard.rs gives the full order.
 //!
 //! # Resize (resize.rs)
 //!
@@ -469,9 +469,9 @@ impl VdiImage {
     /// Writes back the header and the dirty bmap sectors in the order the module doc gives.
     fn flush_inner(&self) -> Result<()> {
         let mut alloc = self.lock_alloc();
-        // Holes below the highest block (a crash between a discard's entries and its block
-        // moves) keep `qemu-img check` unhappy: the first flush that writes anything moves
-        // blocks down into them (discard.rs), which leaves the count equal to the entries.
+        // Holes below the highest block (a VirtualBox discard, a crash of an older imgfs)
+        // keep `qemu-img check` unhappy: the first flush that writes anything moves blocks
+        // down into them (discard.rs), which leaves the count equal to the entries.
         let repair = {
             let map = self.read_map();
             map.is_dirty() && map.allocated() < map.used_end()
@@ -483,13 +483,18 @@ impl VdiImage {
         Ok(())
     }
 
+    /// Whether the bmap starts right after the header sector (qemu-img's layout), so that one
+    /// write carries the header and the entries.
+    fn bmap_follows_header(&self) -> bool {
+        self.header.offset_bmap as usize == HEADER_LEN
+    }
+
     /// `flush_inner` with the allocation mutex held. A count that goes down (a discard moved
     /// blocks down, discard.rs) goes out after the entries that stopped using the blocks above
     /// it, the reverse of the order for a count that goes up: never is the count on disk
     /// below an entry on disk.
     fn flush_locked(&self, alloc: &mut AllocState) -> Result<()> {
-        // With the bmap right after the header sector, one write carries both.
-        let adjacent = self.header.offset_bmap as usize == HEADER_LEN;
+        let adjacent = self.bmap_follows_header();
         let pending = {
             let map = self.read_map();
             map.is_dirty().then(|| {
@@ -543,12 +548,11 @@ impl VdiImage {
         }
         for run in self.lookup(offset, len)? {
             let state = match run.kind {
-                // A static image keeps discarded blocks and has them punched in place.
-                RunKind::Data { host_offset } if self.header.image_type == ImageType::Static => {
+                // Discarded blocks mostly stay mapped, punched in place (discard.rs).
+                RunKind::Data { host_offset } => {
                     push_stored(&mut extents, &self.file, run.offset, host_offset, run.len)?;
                     continue;
                 }
-                RunKind::Data { .. } => ExtentState::Data,
                 RunKind::Discarded => ExtentState::Zero,
                 RunKind::Unallocated if self.backing.is_some() => {
                     for extent in status_below(self.backing.as_ref(), run.offset, run.len)? {
@@ -612,6 +616,7 @@ impl Image for VdiImage {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.discard_inner(offset, len)
+            .and_then(|()| self.file.sync_data())
             .map_err(|e| e.with_path(self.file.path()))
     }
 
@@ -621,12 +626,9 @@ impl Image for VdiImage {
     }
 
     fn allocated_bytes(&self) -> u64 {
+        // Most discarded blocks stay mapped, punched (discard.rs).
         let mapped = u64::from(self.read_map().allocated()) * self.geometry.block_size();
-        match self.header.image_type {
-            // Discarded blocks of a static image stay mapped, punched.
-            ImageType::Static => mapped.min(self.file.allocated_bytes()),
-            _ => mapped,
-        }
+        mapped.min(self.file.allocated_bytes())
     }
 
     fn read_only_reason(&self) -> Option<String> {
