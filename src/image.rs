@@ -76,7 +76,9 @@ pub trait Image: Send + Sync {
     /// Makes `[offset, offset + len)` read as zeros, giving space back where the format can:
     /// whole clusters become unallocated or zero clusters and their host ranges are punched;
     /// partial clusters (and formats that cannot say "zero") are zeroed in place. The range
-    /// must lie inside `size()`. Like a write, it is durable after the next `flush`.
+    /// must lie inside `size()`. Like a write, it is durable after the next `flush`; what it
+    /// punched is synced before it returns, so that no later write into the range can reach
+    /// the disk without the punch under it.
     fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
         Err(Error::unsupported(
             "discard is not implemented for this format",

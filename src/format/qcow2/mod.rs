@@ -749,6 +749,7 @@ impl Image for Qcow2Image {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.discard_inner(offset, len)
+            .and_then(|()| self.data_file().sync_data())
             .map_err(|e| e.with_path(self.shared.file.path()))
     }
 

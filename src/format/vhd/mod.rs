@@ -469,6 +469,7 @@ impl Image for VhdImage {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.discard_inner(offset, len)
+            .and_then(|()| self.file.sync_data())
             .map_err(|e| e.with_path(self.file.path()))
     }
 

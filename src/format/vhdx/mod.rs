@@ -627,6 +627,7 @@ impl Image for VhdxImage {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.discard_inner(offset, len)
+            .and_then(|()| self.store.file.sync_data())
             .map_err(|e| e.with_path(self.store.file.path()))
     }
 

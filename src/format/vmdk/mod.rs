@@ -691,6 +691,13 @@ impl Image for VmdkImage {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.discard_inner(offset, len)
+            .and_then(|()| {
+                self.extents
+                    .iter()
+                    .filter_map(Extent::file)
+                    .filter(|f| f.is_writable())
+                    .try_for_each(|f| f.sync_data())
+            })
             .map_err(|e| e.with_path(self.top.path()))
     }
 

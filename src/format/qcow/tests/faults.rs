@@ -52,3 +52,38 @@ fn every_host_fault_leaves_an_image_qemu_reads_with_what_was_flushed() {
     }
     .all();
 }
+
+/// New clusters, a flush; discards of whole clusters (punched, left mapped) and of a part of
+/// one, of a compressed cluster and of clusters never written; writes into a punched cluster
+/// and a new one, a flush.
+const DISCARD_STEPS: &[Step] = &[
+    Step::Write(2 * MIB, 64 << 10, 0x41),
+    Step::Flush,
+    Step::Discard(2 * MIB + 4096, 8192),
+    Step::Discard(2 * MIB + 20_000, 1000),
+    Step::Discard(0, 4096),
+    Step::Discard(5 * MIB, 8192),
+    Step::Read(2 * MIB, 64 << 10),
+    Step::Write(2 * MIB + 4096, 100, 0x42),
+    Step::Write(3 * MIB, 4096, 0x43),
+    Step::Flush,
+    Step::Read(0, 4 * MIB as usize),
+];
+
+#[test]
+fn every_host_fault_during_a_discard_leaves_an_image_qemu_reads() {
+    let dir = TempDir::in_memory();
+    let Some(path) = image(&dir) else {
+        return;
+    };
+    let open = |p: &Path| -> Arc<dyn Image> { Arc::new(open_rw(p, None)) };
+    Walk {
+        format: "qcow",
+        files: vec![path],
+        parents: Vec::new(),
+        open: &open,
+        steps: DISCARD_STEPS,
+        oracle: Oracle::ReadAndWrite { fresh: 7 * MIB },
+    }
+    .all();
+}

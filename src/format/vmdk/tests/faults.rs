@@ -127,3 +127,37 @@ fn every_host_fault_leaves_a_valid_split_disk_with_what_was_flushed() {
     }
     .all();
 }
+
+/// New grains, a flush; discards of whole grains in both extents (version 1: punched, left
+/// mapped), of a part of one and of grains never written; writes into a punched grain and a
+/// new one, a flush.
+const DISCARD_STEPS: &[Step] = &[
+    Step::Write(MIB, 256 << 10, 0x41),
+    Step::Flush,
+    Step::Discard(MIB + (64 << 10), 128 << 10),
+    Step::Discard(MIB + 1000, 2000),
+    Step::Discard(9 * MIB - (64 << 10), 128 << 10),
+    Step::Discard(6 * MIB, 64 << 10),
+    Step::Read(MIB, 256 << 10),
+    Step::Write(MIB + (64 << 10) + 100, 100, 0x42),
+    Step::Write(13 * MIB, 4096, 0x43),
+    Step::Flush,
+    Step::Read(0, 2 * MIB as usize),
+];
+
+#[test]
+fn every_host_fault_during_a_discard_leaves_a_valid_disk() {
+    let dir = TempDir::in_memory();
+    let Some(files) = split(&dir) else {
+        return;
+    };
+    Walk {
+        format: "vmdk",
+        files,
+        parents: Vec::new(),
+        open: &open_rw,
+        steps: DISCARD_STEPS,
+        oracle: Oracle::Check,
+    }
+    .all();
+}
