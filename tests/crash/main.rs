@@ -33,9 +33,10 @@ fn a_daemon_killed_at_any_moment_loses_no_fsynced_write() {
     });
     println!("crash harness: seed {seed}, {rounds} round(s) per variant");
     let mut table = vec![
-        "| variant | rounds | failures | fsync'ed / planned writes | leaked clusters | checked by |"
+        "| variant | rounds | failures | fsync'ed / planned writes | resizes kept / tried \
+         | leaked clusters | checked by |"
             .to_string(),
-        "| --- | ---: | ---: | ---: | ---: | --- |".to_string(),
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |".to_string(),
     ];
     let mut failures = Vec::new();
     for (v, variant) in variants::all().iter().enumerate() {
@@ -43,6 +44,7 @@ fn a_daemon_killed_at_any_moment_loses_no_fsynced_write() {
             continue;
         }
         let (mut failed, mut leaks, mut fsynced, mut planned) = (0, 0, 0, 0);
+        let (mut resizes, mut grown) = (0, 0);
         for r in 0..rounds {
             let round_seed = seed ^ ((v as u64) << 48) ^ r.wrapping_mul(0x9e37_79b9_7f4a_7c15);
             match round::run(variant, round_seed) {
@@ -50,6 +52,8 @@ fn a_daemon_killed_at_any_moment_loses_no_fsynced_write() {
                     leaks += report.leaks;
                     fsynced += report.fsynced;
                     planned += report.planned;
+                    resizes += report.resizes;
+                    grown += report.grown;
                 }
                 Err((e, dir)) => {
                     failed += 1;
@@ -67,8 +71,12 @@ fn a_daemon_killed_at_any_moment_loses_no_fsynced_write() {
             (true, false) => "qemu-img convert, imgfs",
             _ => "imgfs (qemu-img cannot open it)",
         };
+        let resized = match variant.grows {
+            true => format!("{grown} / {resizes}"),
+            false => "-".into(),
+        };
         let row = format!(
-            "| {} | {rounds} | {failed} | {fsynced} / {planned} | {leaks} | {oracle} |",
+            "| {} | {rounds} | {failed} | {fsynced} / {planned} | {resized} | {leaks} | {oracle} |",
             variant.name
         );
         println!("{row}");

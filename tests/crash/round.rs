@@ -34,6 +34,16 @@ pub struct Report {
     /// Slots whose fsync returned before the kill, and slots planned, over both crashes.
     pub fsynced: usize,
     pub planned: usize,
+    /// Resizes tried during a crash, and how many the image kept.
+    pub resizes: usize,
+    pub grown: usize,
+}
+
+/// A resize tried while the writers wrote: the disk's size before, and the one asked for.
+#[derive(Debug, Clone, Copy)]
+struct Growth {
+    before: u64,
+    target: u64,
 }
 
 pub fn run(variant: &Variant, seed: u64) -> Result<Report, (String, TempDir)> {
@@ -54,7 +64,7 @@ fn run_in(variant: &Variant, seed: u64, dir: &TempDir) -> Result<Report, String>
         .iter()
         .map(|name| (src.join(name), std::fs::read(src.join(name)).unwrap()))
         .collect();
-    let mut old = read_through_imgfs(variant, &src, &dir.join("first-mnt"))?;
+    let (mut old, _) = read_through_imgfs(variant, &src, &dir.join("first-mnt"))?;
     if variant.qemu_reads {
         let theirs = qemu_windows(variant, &src.join(variant.image), variant.format, dir)?;
         if theirs != old {
@@ -81,7 +91,7 @@ fn run_in(variant: &Variant, seed: u64, dir: &TempDir) -> Result<Report, String>
             },
         ]
     };
-    let (mut leaks, mut fsynced, mut planned) = (0, 0, 0);
+    let (mut leaks, mut fsynced, mut planned, mut resizes, mut grown) = (0, 0, 0, 0, 0);
     for (phase, kill) in kills.into_iter().enumerate() {
         let slots = model::plan_slots(&mut rng, &variant.windows, 0.4);
         let mnt = dir.join(&format!("mnt{phase}"));
@@ -89,7 +99,7 @@ fn run_in(variant: &Variant, seed: u64, dir: &TempDir) -> Result<Report, String>
         if variant.replaced {
             std::fs::copy(src.join(variant.image), &replacement).unwrap();
         }
-        let durable = write_and_kill(variant, &src, &mnt, dir, &slots, kill, &mut rng);
+        let (durable, growth) = write_and_kill(variant, &src, &mnt, dir, &slots, kill, &mut rng);
         fsynced += durable.iter().filter(|&&d| d).count();
         planned += slots.len();
         let context = |e: String| format!("crash {} ({kill:?}): {e}", phase + 1);
@@ -119,16 +129,30 @@ fn run_in(variant: &Variant, seed: u64, dir: &TempDir) -> Result<Report, String>
             model::check(&variant.windows, &old, &theirs, &slots, &durable)
                 .map_err(|e| context(format!("qemu-img reads: {e}")))?;
             if written == src.join(variant.image) {
-                let ours = read_through_imgfs(variant, &src, &dir.join("check-mnt"))?;
+                let (ours, size) = read_through_imgfs(variant, &src, &dir.join("check-mnt"))?;
                 if ours != theirs {
                     return Err(context("imgfs and qemu-img read different bytes".into()));
+                }
+                if let Some(growth) = growth {
+                    let theirs = qemu_virtual_size(&image, format).map_err(context)?;
+                    if theirs != size {
+                        return Err(context(format!(
+                            "after {growth:?}: imgfs serves {size} bytes, qemu-img says {theirs}"
+                        )));
+                    }
+                    resizes += 1;
+                    grown += usize::from(check_growth(growth, size).map_err(context)?);
                 }
             }
             old = theirs;
         } else {
-            let ours = read_through_imgfs(variant, &src, &dir.join("check-mnt"))?;
+            let (ours, size) = read_through_imgfs(variant, &src, &dir.join("check-mnt"))?;
             model::check(&variant.windows, &old, &ours, &slots, &durable)
                 .map_err(|e| context(format!("imgfs reads: {e}")))?;
+            if let Some(growth) = growth {
+                resizes += 1;
+                grown += usize::from(check_growth(growth, size).map_err(context)?);
+            }
             old = ours;
         }
         for (path, bytes) in &untouched {
@@ -141,11 +165,42 @@ fn run_in(variant: &Variant, seed: u64, dir: &TempDir) -> Result<Report, String>
         leaks,
         fsynced,
         planned,
+        resizes,
+        grown,
     })
 }
 
-/// Mounts `src`, writes `slots` from two or three threads (an fsync every few writes), kills
-/// the daemon as `kill` says, removes the dead mount, and returns which slots were fsync'ed.
+/// The size after a crash during `growth` must be the old one or the new one; whether the
+/// disk grew.
+fn check_growth(growth: Growth, size: u64) -> Result<bool, String> {
+    match size {
+        s if s == growth.target => Ok(true),
+        s if s == growth.before => Ok(false),
+        s => Err(format!("after {growth:?} the disk has {s} bytes")),
+    }
+}
+
+/// The virtual size `qemu-img info` reports for `image`.
+fn qemu_virtual_size(image: &Path, format: &str) -> Result<u64, String> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", "-f", format])
+        .arg(image)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "qemu-img info: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    info["virtual-size"]
+        .as_u64()
+        .ok_or_else(|| "qemu-img info: no virtual-size".to_string())
+}
+
+/// Mounts `src`, writes `slots` from two or three threads (an fsync every few writes), in
+/// some rounds grows the disk from another thread meanwhile, kills the daemon as `kill` says,
+/// removes the dead mount, and returns which slots were fsync'ed and the growth tried.
 fn write_and_kill(
     variant: &Variant,
     src: &Path,
@@ -154,7 +209,7 @@ fn write_and_kill(
     slots: &[Slot],
     kill: Kill,
     rng: &mut Rng,
-) -> Vec<bool> {
+) -> (Vec<bool>, Option<Growth>) {
     let args = mount_args(variant, src);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mount = Mount::new(src, mnt, &args);
@@ -179,6 +234,22 @@ fn write_and_kill(
         })
         .collect();
     drop(syncing);
+    let grower = (variant.grows && rng.below(2) == 0).then(|| {
+        let before = std::fs::metadata(&raw).map_or(0, |m| m.len());
+        let growth = Growth {
+            before,
+            target: before + (1 + rng.below(4)) * (1 << 20),
+        };
+        let (raw, delay) = (raw.clone(), rng.below(40));
+        let thread = std::thread::spawn(move || {
+            // At a random moment among the writes, as the kill's is.
+            std::thread::sleep(Duration::from_millis(delay));
+            if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&raw) {
+                let _ = file.set_len(growth.target);
+            }
+        });
+        (growth, thread)
+    });
     match kill {
         Kill::AfterMillis(ms) => std::thread::sleep(Duration::from_millis(ms)),
         Kill::InFlush { nth, micros } => {
@@ -209,10 +280,15 @@ fn write_and_kill(
     for writer in writers {
         writer.join().unwrap();
     }
+    let growth = grower.map(|(growth, thread)| {
+        thread.join().unwrap();
+        growth
+    });
     // `imgfs umount` removes the mount a dead daemon left.
     crate::common::run(Command::new(IMGFS).arg("umount").arg(&mount.mnt));
     mount.forget_unmounted();
-    durable.iter().map(|d| d.load(Ordering::SeqCst)).collect()
+    let durable = durable.iter().map(|d| d.load(Ordering::SeqCst)).collect();
+    (durable, growth)
 }
 
 /// One writer: its slots in order, an fsync after every `every` writes, marking them durable
@@ -265,7 +341,6 @@ fn punch(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
     }
 }
 
-/// The windows of the image as a fresh imgfs mount of `src` reads them.
 /// The options a variant is mounted with: overlays go next to the source tree.
 fn mount_args(variant: &Variant, src: &Path) -> Vec<String> {
     match variant.overlay {
@@ -277,16 +352,26 @@ fn mount_args(variant: &Variant, src: &Path) -> Vec<String> {
     }
 }
 
-fn read_through_imgfs(variant: &Variant, src: &Path, mnt: &Path) -> Result<WindowBytes, String> {
+/// The windows of the image and the size of its disk, as a fresh imgfs mount of `src` reads
+/// them.
+fn read_through_imgfs(
+    variant: &Variant,
+    src: &Path,
+    mnt: &Path,
+) -> Result<(WindowBytes, u64), String> {
     let args = mount_args(variant, src);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mount = Mount::new(src, mnt, &args);
     let raw = mount.path(&format!("{}.raw", variant.image));
     let file = std::fs::File::open(&raw).map_err(|e| format!("imgfs: open: {e}"))?;
     let windows = read_windows(&file, variant)?;
+    let size = file
+        .metadata()
+        .map_err(|e| format!("imgfs: stat: {e}"))?
+        .len();
     drop(file);
     mount.unmount();
-    Ok(windows)
+    Ok((windows, size))
 }
 
 fn read_windows(file: &std::fs::File, variant: &Variant) -> Result<WindowBytes, String> {

@@ -34,6 +34,9 @@ pub struct Variant {
     pub replaced: bool,
     /// Mounted with `--overlay`: the writes go into a qcow2 overlay, the image never changes.
     pub overlay: bool,
+    /// The disk can grow: in some rounds a thread grows the raw file (`truncate`) while the
+    /// writers write, and the size after the crash must be the old one or the new one.
+    pub grows: bool,
 }
 
 fn whole(size: u64) -> Vec<Window> {
@@ -55,33 +58,38 @@ pub fn all() -> Vec<Variant> {
         untouched: &[],
         replaced: false,
         overlay: false,
+        grows: false,
     };
+    // The variants whose format grows, with room in their tables for the growth (a qcow2
+    // L1 table of 512-byte clusters has none).
+    let growing = |v: Variant| Variant { grows: true, ..v };
     vec![
-        plain("vdi-1m", "vdi", "disk.vdi", |src| {
+        growing(plain("vdi-1m", "vdi", "disk.vdi", |src| {
             create(src, "vdi", "disk.vdi", &[])
-        }),
+        })),
         Variant {
             qemu_reads: false,
             qemu_checks: false,
             ..plain("vdi-4k", "vdi", "disk.vdi", make_vdi_4k)
         },
-        plain("qcow2-64k", "qcow2", "disk.qcow2", |src| {
+        growing(plain("qcow2-64k", "qcow2", "disk.qcow2", |src| {
             create(src, "qcow2", "disk.qcow2", &[])
-        }),
+        })),
         plain("qcow2-512", "qcow2", "disk.qcow2", |src| {
             create(src, "qcow2", "disk.qcow2", &["-o", "cluster_size=512"])
         }),
-        plain("qcow2-2m", "qcow2", "disk.qcow2", |src| {
+        growing(plain("qcow2-2m", "qcow2", "disk.qcow2", |src| {
             create(src, "qcow2", "disk.qcow2", &["-o", "cluster_size=2M"])
-        }),
-        plain("qcow2-lazy", "qcow2", "disk.qcow2", |src| {
+        })),
+        growing(plain("qcow2-lazy", "qcow2", "disk.qcow2", |src| {
             create(src, "qcow2", "disk.qcow2", &["-o", "lazy_refcounts=on"])
-        }),
-        plain("qcow2-extl2", "qcow2", "disk.qcow2", |src| {
+        })),
+        growing(plain("qcow2-extl2", "qcow2", "disk.qcow2", |src| {
             create(src, "qcow2", "disk.qcow2", &["-o", "extended_l2=on"])
-        }),
+        })),
         Variant {
             untouched: &["base.qcow2"],
+            grows: true,
             ..plain("qcow2-backing", "qcow2", "top.qcow2", |src| {
                 create(src, "qcow2", "base.qcow2", &[]);
                 let backing = ["-b", "base.qcow2", "-F", "qcow2"];
