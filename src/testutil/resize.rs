@@ -47,6 +47,11 @@ impl ResizeWalk<'_> {
     /// and power lost after each write (in order, and reordered).
     pub fn all(&self) {
         let base = std::fs::read(&self.path).unwrap();
+        let parents: Vec<Vec<u8>> = self
+            .parents
+            .iter()
+            .map(|p| std::fs::read(p).unwrap())
+            .collect();
         let disk = read_image((self.open)(&self.path).as_ref());
         let paths: Vec<&Path> = std::iter::once(self.path.as_path())
             .chain(self.parents.iter().map(PathBuf::as_path))
@@ -82,8 +87,11 @@ impl ResizeWalk<'_> {
             }
         }
         restore(&self.path, &base);
-        for parent in &self.parents {
-            assert!(parent.exists(), "{parent:?} is gone");
+        for (path, bytes) in self.parents.iter().zip(parents) {
+            assert!(
+                std::fs::read(path).unwrap() == bytes,
+                "{path:?} was written"
+            );
         }
     }
 
