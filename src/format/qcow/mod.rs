@@ -57,7 +57,8 @@
 //!
 //! # Locks (taken in this order, never the reverse)
 //!
-//! 1. `alloc` (Mutex): serialises allocations and flushes; holds the next free file offset.
+//! 1. `alloc` (Mutex): serialises allocations, flushes and resizes; holds the next free file
+//!    offset.
 //!    Held across the data write of new clusters, so two writers never allocate the same guest
 //!    cluster twice (the second one looks again under the mutex and finds it allocated), and
 //!    across a flush, so no allocation dirties a table between the snapshot and marking clean.
@@ -68,6 +69,8 @@
 //!    again holding `alloc`, where no allocation can overlap the read.
 //! 3. `inflated` (`LastInflated`'s mutex): the last inflated compressed cluster, held only to
 //!    clone or replace it.
+//! 4. `layout` (RwLock): held only to copy the layout, or for a resize to lengthen its L1
+//!    table.
 //!
 //! Reads and in-place writes take the read lock just for the lookup and do their I/O with no
 //! lock held, so they run in parallel with each other and with allocations.

@@ -56,13 +56,16 @@
 
 //! # Locks (taken in this order, never the reverse)
 //!
-//! 1. `alloc` (Mutex): serialises allocations, bitmap changes and flushes; holds the offset
-//!    where the next block goes. Held across the data write of a new block or of sectors whose
-//!    bits it sets, so no block is allocated twice and no two writers fill up the same sector.
-//! 2. `bat` (RwLock): the BAT. Read-locked for lookups, write-locked to publish a block or mark
-//!    the table clean; never held during I/O.
+//! 1. `alloc` (Mutex): serialises allocations, bitmap changes, flushes and resizes; holds the
+//!    offset where the next block goes. Held across the data write of a new block or of
+//!    sectors whose bits it sets, so no block is allocated twice and no two writers fill up the
+//!    same sector.
+//! 2. `bat` (RwLock): the BAT. Read-locked for lookups, write-locked to publish a block, mark
+//!    the table clean or grow it; never held during I/O.
 //! 3. The bitmap cache's own lock (`meta::table_cache`), never held during I/O; the per-block
-//!    "full" flags are atomics.
+//!    "full" flags are atomics in a vector behind an RwLock, write-locked only by a resize to
+//!    add flags.
+//! 4. `footer` (RwLock): held only to copy the footer, or for a resize to replace it.
 //!
 //! Reads and writes of present sectors take the BAT read lock for the lookup only (and the
 //! cache's for a bitmap), and do their I/O with no lock held.

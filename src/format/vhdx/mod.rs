@@ -72,8 +72,8 @@
 //!
 //! # Locks (taken in this order, never the reverse)
 //!
-//! 1. `alloc` (Mutex): serialises allocations, sector bitmap changes, flushes and header
-//!    updates; holds the headers and the file offset of the next block. Held across the data
+//! 1. `alloc` (Mutex): serialises allocations, sector bitmap changes, flushes, header updates
+//!    and resizes; holds the headers and the file offset of the next block. Held across the data
 //!    write of a new block or of sectors whose bits it sets, so no block is ever allocated
 //!    twice and no two writers fill up the same sector from the parent.
 //! 2. `bat` (RwLock): the BAT. Read-locked for lookups, write-locked to publish a block or mark
