@@ -2,12 +2,14 @@
 //! not justify a crate), fake images and openers for the layers above the drivers, the qemu
 //! runners and assertions every format's tests share, pause points (`pause`) that replay a
 //! race in one chosen interleaving, the crash-consistency checks of a flush (`crash`), and
-//! the fault walks that fail or cut every host operation of a workload (`faults`).
+//! the fault walks that fail or cut every host operation of a workload (`faults`) or of a
+//! resize (`resize`).
 
 pub mod crash;
 pub mod discard;
 pub mod faults;
 pub mod pause;
+pub mod resize;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -28,7 +28,7 @@ const MAX_L2_BITS: u8 = 16 - 3;
 const MAX_BACKING_NAME: u32 = 1023;
 /// The L1 table is held in memory whole. 2^25 entries (256 MiB) cover 64 TiB with either
 /// geometry qemu-img writes (2 MiB per L1 entry); a larger table is a hostile header.
-const MAX_L1_ENTRIES: u64 = 1 << 25;
+pub const MAX_L1_ENTRIES: u64 = 1 << 25;
 
 // Field offsets, named once so parsing and error messages agree.
 const OFF_MAGIC: usize = 0;
@@ -370,6 +370,15 @@ impl Layout {
     pub fn grown_to(self, file_len: u64) -> Layout {
         Layout {
             file_len: self.file_len.max(file_len),
+            ..self
+        }
+    }
+
+    /// The same layout with an L1 table of `len` bytes (a resize grew it).
+    pub fn with_l1_len(self, len: u64) -> Layout {
+        let [header, name, (l1_start, _)] = self.reserved;
+        Layout {
+            reserved: [header, name, (l1_start, l1_start.saturating_add(len))],
             ..self
         }
     }

@@ -43,6 +43,9 @@
 //! space for good) and punches their host ranges, an in-place write of zeros that frees the
 //! host file's blocks; compressed and backed clusters are written with zeros instead.
 //!
+//! Resize (resize.rs) grows the disk where the L1 table has room before the first table or
+//! cluster: the new L1 entries (zeros), a sync, then the header's `size`, a sync.
+//!
 //! # Failures
 //!
 //! A failed write of new clusters fails only its request (they are published after it, and
@@ -54,7 +57,8 @@
 //!
 //! # Locks (taken in this order, never the reverse)
 //!
-//! 1. `alloc` (Mutex): serialises allocations and flushes; holds the next free file offset.
+//! 1. `alloc` (Mutex): serialises allocations, flushes and resizes; holds the next free file
+//!    offset.
 //!    Held across the data write of new clusters, so two writers never allocate the same guest
 //!    cluster twice (the second one looks again under the mutex and finds it allocated), and
 //!    across a flush, so no allocation dirties a table between the snapshot and marking clean.
@@ -65,12 +69,15 @@
 //!    again holding `alloc`, where no allocation can overlap the read.
 //! 3. `inflated` (`LastInflated`'s mutex): the last inflated compressed cluster, held only to
 //!    clone or replace it.
+//! 4. `layout` (RwLock): held only to copy the layout, or for a resize to lengthen its L1
+//!    table.
 //!
 //! Reads and in-place writes take the read lock just for the lookup and do their I/O with no
 //! lock held, so they run in parallel with each other and with allocations.
 
 mod check;
 mod header;
+mod resize;
 mod tables;
 
 #[cfg(test)]
@@ -115,8 +122,10 @@ pub struct QcowImage {
     file: HostFile,
     header: QcowHeader,
     geometry: Geometry,
-    layout: Layout,
-    size: u64,
+    /// The file ranges the header claims; the L1 table's grows with `resize` (resize.rs).
+    layout: RwLock<Layout>,
+    /// The virtual size; grows with `resize` (resize.rs).
+    size: AtomicU64,
     backing: Option<Backing>,
     alloc: Mutex<AllocState>,
     tables: RwLock<Tables>,
@@ -189,9 +198,9 @@ impl QcowImage {
         }
         let read_only_reason = (!reasons.is_empty()).then(|| reasons.join("; "));
         Ok(QcowImage {
-            size: header.virtual_size(),
+            size: AtomicU64::new(header.virtual_size()),
             geometry,
-            layout,
+            layout: RwLock::new(layout),
             backing,
             alloc: Mutex::new(AllocState { next_free }),
             tables: RwLock::new(tables),
@@ -219,7 +228,14 @@ impl QcowImage {
     /// The layout that tables read now are checked against: the file grown by our allocations.
     fn current_layout(&self) -> Layout {
         self.layout
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
             .grown_to(self.end_of_data.load(Ordering::Acquire))
+    }
+
+    /// The virtual size now (it grows with `resize`).
+    fn virtual_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     /// Test hook: how many L2 tables stay in memory, and how many are loaded now.
@@ -340,7 +356,7 @@ impl QcowImage {
     }
 
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.size, offset, buf.len())?;
+        check_range(self.virtual_size(), offset, buf.len())?;
         for run in self.lookup(offset, buf.len() as u64)? {
             let part = request_part_mut(buf, offset, run.offset, run.len)?;
             match run.kind {
@@ -359,7 +375,7 @@ impl QcowImage {
             return Err(Error::read_only(reason.clone()));
         }
         self.write_back.refuse_writes()?;
-        check_range(self.size, offset, buf.len())?;
+        check_range(self.virtual_size(), offset, buf.len())?;
         for run in self.lookup(offset, buf.len() as u64)? {
             let part = request_part(buf, offset, run.offset, run.len)?;
             match run.kind {
@@ -380,7 +396,7 @@ impl QcowImage {
             return Err(Error::read_only(reason.clone()));
         }
         self.write_back.refuse_writes()?;
-        check_span(self.size, offset, len)?;
+        check_span(self.virtual_size(), offset, len)?;
         let mut rest = Vec::new();
         for run in self.lookup(offset, len)? {
             match run.kind {
@@ -552,7 +568,10 @@ impl QcowImage {
     fn write_merged(&self, part: &[u8], head: usize, guest: u64, host: u64) -> Result<()> {
         let mut cluster = vec![0u8; self.geometry.cluster_size() as usize];
         // Past the end of the disk the cluster stays zero, whatever the backing file holds.
-        let inside = self.size.saturating_sub(guest).min(cluster.len() as u64) as usize;
+        let inside = self
+            .virtual_size()
+            .saturating_sub(guest)
+            .min(cluster.len() as u64) as usize;
         read_below(
             self.backing.as_ref(),
             cluster.get_mut(..inside).unwrap_or_default(),
@@ -564,6 +583,12 @@ impl QcowImage {
 
     fn flush_inner(&self) -> Result<()> {
         let alloc = self.lock_alloc();
+        self.flush_locked(&alloc)
+    }
+
+    /// The write-back of `flush_inner`, for a caller holding the allocation mutex (`_held`
+    /// proves it), so no allocation dirties a table between the snapshot and marking clean.
+    fn flush_locked(&self, _held: &AllocState) -> Result<()> {
         let (l2_pieces, l1_pieces) = {
             let tables = self.read_tables();
             (tables.dirty_l2(), tables.dirty_l1())
@@ -584,12 +609,11 @@ impl QcowImage {
         }
         self.file.sync_data()?;
         self.write_tables().mark_clean();
-        drop(alloc);
         Ok(())
     }
 
     fn block_status_inner(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let len = len.min(self.size.saturating_sub(offset));
+        let len = len.min(self.virtual_size().saturating_sub(offset));
         let mut extents = Vec::new();
         if len == 0 {
             return Ok(extents);
@@ -642,7 +666,7 @@ fn merge(cluster: &mut [u8], part: &[u8], head: usize) -> Result<()> {
 
 impl Image for QcowImage {
     fn size(&self) -> u64 {
-        self.size
+        self.virtual_size()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -676,6 +700,11 @@ impl Image for QcowImage {
             .map_err(|e| e.with_path(self.file.path()))
     }
 
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.resize_inner(new_size)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
     /// Discarded clusters stay mapped with their host range punched, so the host file's own
     /// count, less the metadata, is the smaller one after a discard.
     fn allocated_bytes(&self) -> u64 {
@@ -703,7 +732,7 @@ impl Image for QcowImage {
         }
         details.extend([
             ("l1_table_offset", format!("{:#x}", h.l1_table_offset)),
-            ("l1 entries", h.l1_entries.to_string()),
+            ("l1 entries", self.read_tables().l1().len().to_string()),
             ("l2 entries", self.geometry.l2_entries().to_string()),
             ("l2 tables", self.read_tables().l2_tables().to_string()),
         ]);
@@ -713,7 +742,7 @@ impl Image for QcowImage {
         ImageInfo {
             format: "qcow",
             subformat: String::new(),
-            virtual_size: self.size,
+            virtual_size: self.virtual_size(),
             cluster_size: Some(self.geometry.cluster_size()),
             allocated_bytes: self.allocated_bytes(),
             read_only_reason: self.read_only_reason(),

@@ -548,6 +548,20 @@ impl Tables {
     pub fn l2_tables(&self) -> u64 {
         self.l1.iter().filter(|&&e| e != 0).count() as u64
     }
+
+    pub fn l1(&self) -> &[u64] {
+        &self.l1
+    }
+
+    /// Grows a clean L1 table to `count` entries without tables (zeros on disk already).
+    pub fn grow_l1(&mut self, count: usize) -> Result<()> {
+        if !self.l1_dirty.is_empty() || count < self.l1.len() {
+            return Err(Error::out_of_range("internal: L1 grows only when clean"));
+        }
+        self.l1.resize(count, 0);
+        self.l1_dirty = DirtyChunks::new(count * ENTRY_LEN as usize, DIRTY_CHUNK);
+        Ok(())
+    }
 }
 
 fn be_u64(bytes: &[u8]) -> u64 {

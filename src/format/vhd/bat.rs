@@ -287,6 +287,34 @@ impl Bat {
         Ok(())
     }
 
+    /// Entries in the table.
+    pub fn len(&self) -> u32 {
+        self.geometry.entries
+    }
+
+    /// The lowest file offset at or after `from` where a block of the file starts.
+    pub fn first_block_from(&self, from: u64) -> Option<u64> {
+        let starts = self.entries.iter().filter(|&&e| e != UNUSED);
+        starts
+            .map(|&e| u64::from(e) * SECTOR)
+            .filter(|&at| at >= from)
+            .min()
+    }
+
+    /// Takes the geometry of a grown disk (a resize): its new entries hold no block, as they
+    /// do on disk already. The table must be clean; its dirty tracking starts over.
+    pub fn grow(&mut self, geometry: Geometry) -> Result<()> {
+        if self.is_dirty() || geometry.entries < self.geometry.entries {
+            return Err(Error::out_of_range(
+                "internal: the VHD BAT grows only, and only when clean",
+            ));
+        }
+        self.entries.resize(geometry.entries as usize, UNUSED);
+        self.dirty = DirtyChunks::new(self.entries.len() * 4, SECTOR as usize);
+        self.geometry = geometry;
+        Ok(())
+    }
+
     /// Blocks in the file.
     pub fn allocated(&self) -> u64 {
         self.allocated

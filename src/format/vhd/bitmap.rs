@@ -10,7 +10,7 @@
 //! bitmaps stay in the cache, dirty, until a flush has written them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::error::{Error, Result};
 use crate::meta::table_cache::TableCache;
@@ -52,8 +52,9 @@ pub struct Bitmaps {
     size: usize,
     /// Sectors per block: the bits that count.
     sectors: u64,
-    /// Per block: its bitmap is known to have every bit set.
-    full: Box<[AtomicBool]>,
+    /// Per block: its bitmap is known to have every bit set. Grows with a resize (taken
+    /// after the BAT's lock where both are held).
+    full: RwLock<Vec<AtomicBool>>,
     cache: TableCache<Vec<u8>>,
 }
 
@@ -63,24 +64,33 @@ impl Bitmaps {
         Bitmaps {
             size: size as usize,
             sectors,
-            full: (0..blocks).map(|_| AtomicBool::new(false)).collect(),
+            full: RwLock::new((0..blocks).map(|_| AtomicBool::new(false)).collect()),
             cache: TableCache::new(capacity),
         }
     }
 
-    fn flag(&self, block: u64) -> Option<&AtomicBool> {
-        usize::try_from(block).ok().and_then(|b| self.full.get(b))
+    /// Runs `f` on the flag of `block`, if there is one.
+    fn with_flag<T>(&self, block: u64, f: impl FnOnce(&AtomicBool) -> T) -> Option<T> {
+        let full = self.full.read().unwrap_or_else(PoisonError::into_inner);
+        usize::try_from(block).ok().and_then(|b| full.get(b)).map(f)
     }
 
     /// Whether the block's bitmap is known to have every bit set.
     pub fn is_full(&self, block: u64) -> bool {
-        self.flag(block).is_some_and(|f| f.load(Ordering::Acquire))
+        self.with_flag(block, |f| f.load(Ordering::Acquire)) == Some(true)
     }
 
     /// Records that the block's bitmap has every bit set.
     fn mark_full(&self, block: u64) {
-        if let Some(f) = self.flag(block) {
-            f.store(true, Ordering::Release);
+        self.with_flag(block, |f| f.store(true, Ordering::Release));
+    }
+
+    /// Adds flags for the blocks a resize added, up to `blocks`.
+    pub fn grow(&self, blocks: u32) {
+        let mut full = self.full.write().unwrap_or_else(PoisonError::into_inner);
+        let blocks = blocks as usize;
+        if full.len() < blocks {
+            full.resize_with(blocks, || AtomicBool::new(false));
         }
     }
 

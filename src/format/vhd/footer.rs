@@ -3,7 +3,8 @@
 //! it (the rule that decides between the geometry and `current_size`).
 //!
 //! The footer is written back only as the bytes it was read from (when it moves behind a new
-//! block, or repairs a damaged copy), so fields imgfs does not interpret survive unchanged.
+//! block, or repairs a damaged copy), so fields imgfs does not interpret survive unchanged; a
+//! resize changes `current_size`, the geometry and the checksum, nothing else.
 
 use crate::error::{Error, Result};
 use crate::meta::bytes::{u16_be, u32_be, u64_be};
@@ -192,6 +193,24 @@ impl Footer {
         Ok((sectors * SECTOR, from))
     }
 
+    /// This footer with another `current_size` and CHS geometry (a resize), resealed; every
+    /// other byte as read.
+    pub fn resized(&self, current_size: u64, chs: (u16, u8, u8)) -> Result<Footer> {
+        let mut raw = self.raw;
+        raw[OFF_CURRENT_SIZE..OFF_CURRENT_SIZE + 8].copy_from_slice(&current_size.to_be_bytes());
+        raw[OFF_CYLINDERS..OFF_CYLINDERS + 2].copy_from_slice(&chs.0.to_be_bytes());
+        raw[OFF_HEADS] = chs.1;
+        raw[OFF_SECTORS] = chs.2;
+        let sum = checksum(&raw, OFF_CHECKSUM);
+        raw[OFF_CHECKSUM..OFF_CHECKSUM + 4].copy_from_slice(&sum.to_be_bytes());
+        Footer::parse(&raw)
+    }
+
+    /// Whether the geometry is the maximum one, which sizes the disk by `current_size`.
+    pub fn has_max_geometry(&self) -> bool {
+        self.geometry_sectors() == MAX_GEOMETRY
+    }
+
     /// The creator application as text ("qemu", "win ", ...), unprintable bytes escaped.
     pub fn creator_app_text(&self) -> String {
         ascii(&self.creator_app)
@@ -200,6 +219,32 @@ impl Footer {
     pub fn creator_os_text(&self) -> String {
         ascii(&self.creator_os)
     }
+}
+
+/// The CHS geometry of a disk of `sectors` sectors, by the algorithm of the VHD specification
+/// (appendix "CHS Calculation", as QEMU and Hyper-V compute it): the product rounds `sectors`
+/// down, and is the maximum geometry from 65535 * 16 * 255 sectors on.
+pub fn chs_for(sectors: u64) -> (u16, u8, u8) {
+    let total = sectors.min(MAX_GEOMETRY);
+    let (secs, heads, cyls_times_heads) = if total >= 65_535 * 16 * 63 {
+        (255, 16, total / 255)
+    } else {
+        let per17 = total / 17;
+        let heads = per17.div_ceil(1024).max(4);
+        if per17 >= heads * 1024 || heads > 16 {
+            let per31 = total / 31;
+            if per31 >= 16 * 1024 {
+                (63, 16, total / 63)
+            } else {
+                (31, 16, per31)
+            }
+        } else {
+            (17, heads, per17)
+        }
+    };
+    // Bounded: heads <= 16, secs <= 255, cylinders <= 65535 since total <= MAX_GEOMETRY.
+    let cyls = (cyls_times_heads / heads).min(65_535);
+    (cyls as u16, heads as u8, secs as u8)
 }
 
 fn ascii(bytes: &[u8]) -> String {

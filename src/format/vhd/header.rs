@@ -123,6 +123,19 @@ impl DynHeader {
     }
 }
 
+/// The raw header `raw` (checked by `DynHeader::parse`) with another max table entries,
+/// resealed; every other byte as read.
+pub fn with_max_entries(raw: &[u8], entries: u32) -> Result<[u8; HEADER_LEN]> {
+    let mut out: [u8; HEADER_LEN] = raw
+        .get(..HEADER_LEN)
+        .and_then(|r| r.try_into().ok())
+        .ok_or_else(|| Error::corrupt("the dynamic disk header is shorter than 1024 bytes"))?;
+    out[OFF_MAX_ENTRIES..OFF_MAX_ENTRIES + 4].copy_from_slice(&entries.to_be_bytes());
+    let sum = checksum(&out, OFF_CHECKSUM);
+    out[OFF_CHECKSUM..OFF_CHECKSUM + 4].copy_from_slice(&sum.to_be_bytes());
+    Ok(out)
+}
+
 /// The text of UTF-16 `units` up to the first NUL; unpaired surrogates become U+FFFD.
 pub fn utf16_until_nul(units: impl Iterator<Item = u16>) -> String {
     char::decode_utf16(units.take_while(|&u| u != 0))

@@ -46,19 +46,26 @@
 //! - Discard keeps blocks and bits as they are (the format has no "zero" block) and punches
 //!   the sectors the file holds, an in-place write of zeros that frees the host's space;
 //!   sectors read from a parent are written with zeros.
+//! - Resize (resize.rs) grows a dynamic or differencing disk where the BAT's last sector has
+//!   room: the new (unused) entries, a sync, the dynamic header's `max_table_entries`, a
+//!   sync, the footer at the end (new size and geometry), a sync, the copy at offset 0, a
+//!   sync.
 //!
 //! A crash leaves bits set only for synced data, and entries only for blocks the file
 //! reaches; a torn footer at the end is replaced by the copy at offset 0 on the next open.
 
 //! # Locks (taken in this order, never the reverse)
 //!
-//! 1. `alloc` (Mutex): serialises allocations, bitmap changes and flushes; holds the offset
-//!    where the next block goes. Held across the data write of a new block or of sectors whose
-//!    bits it sets, so no block is allocated twice and no two writers fill up the same sector.
-//! 2. `bat` (RwLock): the BAT. Read-locked for lookups, write-locked to publish a block or mark
-//!    the table clean; never held during I/O.
+//! 1. `alloc` (Mutex): serialises allocations, bitmap changes, flushes and resizes; holds the
+//!    offset where the next block goes. Held across the data write of a new block or of
+//!    sectors whose bits it sets, so no block is allocated twice and no two writers fill up the
+//!    same sector.
+//! 2. `bat` (RwLock): the BAT. Read-locked for lookups, write-locked to publish a block, mark
+//!    the table clean or grow it; never held during I/O.
 //! 3. The bitmap cache's own lock (`meta::table_cache`), never held during I/O; the per-block
-//!    "full" flags are atomics.
+//!    "full" flags are atomics in a vector behind an RwLock, write-locked only by a resize to
+//!    add flags.
+//! 4. `footer` (RwLock): held only to copy the footer, or for a resize to replace it.
 //!
 //! Reads and writes of present sectors take the BAT read lock for the lookup only (and the
 //! cache's for a bitmap), and do their I/O with no lock held.
@@ -71,12 +78,13 @@ mod header;
 mod make;
 mod open;
 mod parent;
+mod resize;
 mod write;
 
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
@@ -120,7 +128,10 @@ struct AllocState {
 
 /// What dynamic and differencing disks have on top of a fixed one.
 struct Sparse {
+    /// The dynamic header as opened (a resize grows `max_table_entries`: the BAT's length).
     header: DynHeader,
+    /// As opened: a resize changes the disk's `entries` and `virtual_size` (the BAT's copy is
+    /// current), never its block and bitmap sizes.
     geometry: Geometry,
     alloc: Mutex<AllocState>,
     bat: RwLock<Bat>,
@@ -130,9 +141,11 @@ struct Sparse {
 /// An open VHD image.
 pub struct VhdImage {
     file: HostFile,
-    footer: Footer,
+    /// The footer in force; a resize replaces it (taken inside the allocation mutex).
+    footer: RwLock<Footer>,
     disk_type: DiskType,
-    size: u64,
+    /// The virtual size; grows with `resize` (resize.rs).
+    size: AtomicU64,
     size_from: SizeFrom,
     sparse: Option<Sparse>,
     parent: Option<Backing>,
@@ -224,20 +237,33 @@ impl VhdImage {
         Ok(VhdImage {
             file,
             disk_type,
-            size,
+            size: AtomicU64::new(size),
             size_from,
             sparse,
             parent: parent_image,
             parent_ref,
             read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
             footer_note: found.note,
-            footer,
+            footer: RwLock::new(footer),
             written: AtomicBool::new(false),
         })
     }
 
+    /// The virtual size now (it grows with `resize`).
+    fn virtual_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// A copy of the footer in force.
+    fn current_footer(&self) -> Footer {
+        self.footer
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.size, offset, buf.len())?;
+        check_range(self.virtual_size(), offset, buf.len())?;
         let Some(sparse) = &self.sparse else {
             return self.file.read_exact_at(buf, offset);
         };
@@ -305,7 +331,7 @@ impl VhdImage {
     }
 
     fn block_status_inner(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let len = len.min(self.size.saturating_sub(offset));
+        let len = len.min(self.virtual_size().saturating_sub(offset));
         let mut extents = Vec::new();
         if len == 0 {
             return Ok(extents);
@@ -329,7 +355,7 @@ impl VhdImage {
     }
 
     fn details(&self) -> Vec<(&'static str, String)> {
-        let f = &self.footer;
+        let f = &self.current_footer();
         let mut details = vec![
             ("creator_app", f.creator_app_text()),
             (
@@ -376,7 +402,11 @@ impl VhdImage {
             details.push(("block_size", sparse.geometry.block_size.to_string()));
             details.push((
                 "bat",
-                format!("{} entries at {:#x}", h.max_table_entries, h.table_offset),
+                format!(
+                    "{} entries at {:#x}",
+                    sparse.read_bat().len(),
+                    h.table_offset
+                ),
             ));
             details.push((
                 "blocks_allocated",
@@ -435,7 +465,7 @@ impl Sparse {
 
 impl Image for VhdImage {
     fn size(&self) -> u64 {
-        self.size
+        self.virtual_size()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -473,6 +503,11 @@ impl Image for VhdImage {
             .map_err(|e| e.with_path(self.file.path()))
     }
 
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.resize_inner(new_size)
+            .map_err(|e| e.with_path(self.file.path()))
+    }
+
     /// Discarded blocks stay in the BAT with their data punched (and a fixed image may be a
     /// sparse file), so the host file's own count is the smaller one then.
     fn allocated_bytes(&self) -> u64 {
@@ -481,7 +516,7 @@ impl Image for VhdImage {
                 .read_bat()
                 .allocated()
                 .saturating_mul(s.geometry.block_size),
-            None => self.size,
+            None => self.virtual_size(),
         };
         mapped.min(self.file.allocated_bytes())
     }
@@ -494,7 +529,7 @@ impl Image for VhdImage {
         ImageInfo {
             format: "vpc",
             subformat: self.disk_type.name().to_string(),
-            virtual_size: self.size,
+            virtual_size: self.virtual_size(),
             cluster_size: self.sparse.as_ref().map(|s| s.geometry.block_size),
             allocated_bytes: self.allocated_bytes(),
             read_only_reason: self.read_only_reason.clone(),

@@ -21,7 +21,7 @@ impl VhdImage {
         if let Some(reason) = &self.read_only_reason {
             return Err(Error::read_only(reason.clone()));
         }
-        check_range(self.size, offset, buf.len())?;
+        check_range(self.virtual_size(), offset, buf.len())?;
         if !self.written.load(Ordering::Relaxed) {
             self.written.store(true, Ordering::Relaxed);
         }
@@ -56,7 +56,7 @@ impl VhdImage {
         if let Some(reason) = &self.read_only_reason {
             return Err(Error::read_only(reason.clone()));
         }
-        check_span(self.size, offset, len)?;
+        check_span(self.virtual_size(), offset, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -157,11 +157,11 @@ impl VhdImage {
         // Taken before anything is written: a failure leaves leaked room, never a later block
         // over bytes that were written.
         alloc.next_free = end;
-        let footer = self.footer.bytes();
+        let footer = *self.current_footer().bytes();
         if alloc.durable_end < end + FOOTER_LEN as u64 {
             // The footer behind the new blocks makes the file long enough for them: no entry
             // may name a block the file does not reach.
-            self.file.write_all_at(footer, end)?;
+            self.file.write_all_at(&footer, end)?;
             self.file.sync_data()?;
             alloc.durable_end = end + FOOTER_LEN as u64;
         }
@@ -189,7 +189,7 @@ impl VhdImage {
             }
         }
         // The room for the next block, where QEMU would put it too (see the module doc).
-        self.file.write_all_at(footer, next_room)?;
+        self.file.write_all_at(&footer, next_room)?;
         self.file.sync_data()?;
         alloc.durable_end = next_room + FOOTER_LEN as u64;
         alloc.repair_end = false;
@@ -264,6 +264,11 @@ impl VhdImage {
             return self.file.sync_data();
         };
         let mut alloc = sparse.lock_alloc();
+        self.flush_locked(sparse, &mut alloc)
+    }
+
+    /// The write-back of `flush_inner`, for a caller holding the allocation mutex.
+    pub(super) fn flush_locked(&self, sparse: &Sparse, alloc: &mut AllocState) -> Result<()> {
         let tables = {
             let bat = sparse.read_bat();
             if bat.is_dirty() {
@@ -291,12 +296,12 @@ impl VhdImage {
             }
         }
         if repair {
+            let footer = self.current_footer();
             if alloc.repair_end {
-                self.file
-                    .write_all_at(self.footer.bytes(), alloc.next_free)?;
+                self.file.write_all_at(footer.bytes(), alloc.next_free)?;
             }
             if alloc.repair_copy {
-                self.file.write_all_at(self.footer.bytes(), 0)?;
+                self.file.write_all_at(footer.bytes(), 0)?;
             }
             self.file.sync_data()?;
             alloc.repair_end = false;

@@ -442,6 +442,50 @@ impl Bat {
         Ok(())
     }
 
+    /// Bytes of the BAT region held in memory.
+    pub fn loaded_len(&self) -> u64 {
+        self.entries.len() as u64 * ENTRY_LEN
+    }
+
+    /// Takes the geometry of a grown disk (a resize), and `tail`, the region's bytes from
+    /// `loaded_len` to the grown disk's `load_len`. Every entry past the old payload blocks
+    /// but the sector bitmap entries of a differencing disk's old chunks becomes NOT_PRESENT
+    /// (marked dirty where it was not). The table must be clean.
+    pub fn grow(&mut self, geometry: Geometry, tail: &[u8]) -> Result<()> {
+        let old = self.geometry;
+        let total = self.entries.len() + tail.len() / ENTRY_LEN as usize;
+        if self.is_dirty()
+            || geometry.payload_blocks < old.payload_blocks
+            || (total as u64) < geometry.needed_entries()
+        {
+            return Err(Error::out_of_range(
+                "internal: the BAT grows only, when clean",
+            ));
+        }
+        let decode = |c: &[u8]| u64::from_le_bytes(c.try_into().unwrap_or_default());
+        self.entries
+            .extend(tail.chunks_exact(ENTRY_LEN as usize).map(decode));
+        self.dirty = DirtyChunks::new(total * ENTRY_LEN as usize, BAT_SECTOR as usize);
+        let (span, old_chunks) = (
+            old.chunk_ratio + 1,
+            old.payload_blocks.div_ceil(old.chunk_ratio),
+        );
+        for index in old.payload_index(old.payload_blocks)..geometry.needed_entries() {
+            let old_bitmap = index % span == old.chunk_ratio && index / span < old_chunks;
+            let slot = usize::try_from(index)
+                .ok()
+                .and_then(|i| self.entries.get_mut(i));
+            if let Some(slot) = slot.filter(|s| **s != NOT_PRESENT) {
+                if !(old_bitmap && old.differencing) {
+                    *slot = NOT_PRESENT;
+                    self.dirty.mark((index * ENTRY_LEN) as usize);
+                }
+            }
+        }
+        self.geometry = geometry;
+        Ok(())
+    }
+
     /// Payload blocks stored in the file.
     pub fn present_blocks(&self) -> u64 {
         self.present_blocks

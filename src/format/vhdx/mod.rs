@@ -49,6 +49,9 @@
 //!   reads zeros from it. The stored parts of partial blocks are punched in place, parts
 //!   read from a parent written with zeros; a fixed image
 //!   (LeaveBlockAllocated) keeps its blocks and has them punched in place.
+//! - Resize (resize.rs): a dynamic or differencing image grows where the BAT region has room
+//!   for the entries; the new entries (zeroed) and the Virtual Disk Size item go through the
+//!   log like any BAT change, the size last.
 //!
 //! The entry is written before the header names its GUID: until then the header says the log
 //! is empty, so a crash leaves either an empty log (the new blocks leak, the BAT and bitmaps are
@@ -69,8 +72,8 @@
 //!
 //! # Locks (taken in this order, never the reverse)
 //!
-//! 1. `alloc` (Mutex): serialises allocations, sector bitmap changes, flushes and header
-//!    updates; holds the headers and the file offset of the next block. Held across the data
+//! 1. `alloc` (Mutex): serialises allocations, sector bitmap changes, flushes, header updates
+//!    and resizes; holds the headers and the file offset of the next block. Held across the data
 //!    write of a new block or of sectors whose bits it sets, so no block is ever allocated
 //!    twice and no two writers fill up the same sector from the parent.
 //! 2. `bat` (RwLock): the BAT. Read-locked for lookups, write-locked to publish a block or mark
@@ -91,13 +94,14 @@ mod make;
 mod metadata;
 mod open;
 mod overlay;
+mod resize;
 mod write;
 
 #[cfg(test)]
 mod tests;
 
 use std::ops::Range;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use uuid::Uuid;
@@ -200,8 +204,13 @@ struct AllocState {
 /// An open VHDX image.
 pub struct VhdxImage {
     store: Store,
+    /// As opened: a resize changes the virtual size (`size`) and nothing else in it.
     meta: Metadata,
+    /// As opened: a resize changes `virtual_size` and `payload_blocks` (`size` and the BAT's
+    /// copy are current), never the block and sector sizes this is read for.
     geometry: Geometry,
+    /// The virtual size; grows with `resize` (resize.rs).
+    size: AtomicU64,
     regions: Regions,
     log: Range<u64>,
     parent: Option<Backing>,
@@ -343,6 +352,7 @@ impl VhdxImage {
             .checked_next_multiple_of(MIB)
             .ok_or_else(|| Error::corrupt("the file is too large to grow"))?;
         Ok(VhdxImage {
+            size: AtomicU64::new(geometry.virtual_size),
             geometry,
             regions,
             log,
@@ -391,8 +401,13 @@ impl VhdxImage {
         self.read_bat().runs(offset, len)
     }
 
+    /// The virtual size now (it grows with `resize`).
+    fn virtual_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(self.geometry.virtual_size, offset, buf.len())?;
+        check_range(self.virtual_size(), offset, buf.len())?;
         for run in self.lookup(offset, buf.len() as u64)? {
             let part = buf
                 .get_mut(run_range(&run, offset))
@@ -463,7 +478,7 @@ impl VhdxImage {
     }
 
     fn block_status_inner(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let len = len.min(self.geometry.virtual_size.saturating_sub(offset));
+        let len = len.min(self.virtual_size().saturating_sub(offset));
         let mut extents = Vec::new();
         if len == 0 {
             return Ok(extents);
@@ -598,7 +613,7 @@ fn internal_range(run: &Run) -> Error {
 
 impl Image for VhdxImage {
     fn size(&self) -> u64 {
-        self.geometry.virtual_size
+        self.virtual_size()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -631,6 +646,11 @@ impl Image for VhdxImage {
             .map_err(|e| e.with_path(self.store.file.path()))
     }
 
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.resize_inner(new_size)
+            .map_err(|e| e.with_path(self.store.file.path()))
+    }
+
     fn allocated_bytes(&self) -> u64 {
         let present = self
             .read_bat()
@@ -651,7 +671,7 @@ impl Image for VhdxImage {
         ImageInfo {
             format: "vhdx",
             subformat: self.subformat().to_string(),
-            virtual_size: self.geometry.virtual_size,
+            virtual_size: self.virtual_size(),
             cluster_size: Some(self.geometry.block_size),
             allocated_bytes: self.allocated_bytes(),
             read_only_reason: self.read_only_reason(),

@@ -22,7 +22,7 @@ impl VhdxImage {
             return Err(Error::read_only(reason.clone()));
         }
         self.write_back.refuse_writes()?;
-        check_range(self.geometry.virtual_size, offset, buf.len())?;
+        check_range(self.virtual_size(), offset, buf.len())?;
         self.renew_data_write_guid()?;
         for run in self.lookup(offset, buf.len() as u64)? {
             let part = buf
@@ -57,7 +57,7 @@ impl VhdxImage {
             return Err(Error::read_only(reason.clone()));
         }
         self.write_back.refuse_writes()?;
-        check_span(self.geometry.virtual_size, offset, len)?;
+        check_span(self.virtual_size(), offset, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -99,7 +99,7 @@ impl VhdxImage {
 
     /// Renews the data write GUID in both headers before the first change of guest data, so
     /// differencing children of this image can tell it changed.
-    fn renew_data_write_guid(&self) -> Result<()> {
+    pub(super) fn renew_data_write_guid(&self) -> Result<()> {
         if self.data_write_guid_renewed.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -342,7 +342,7 @@ impl VhdxImage {
     /// Syncs the data, then writes the changed sector bitmap pages and BAT sectors through
     /// the log; a failure stops the image (`meta::write_back`). Caller holds the alloc mutex,
     /// so neither changes meanwhile.
-    fn flush_locked(&self, alloc: &mut AllocState) -> Result<()> {
+    pub(super) fn flush_locked(&self, alloc: &mut AllocState) -> Result<()> {
         let path = self.store.file.path();
         self.write_back.run(path, || self.write_back_locked(alloc))
     }
@@ -365,13 +365,7 @@ impl VhdxImage {
         // Bitmap pages first: when the changes need several log entries, a block's bits are
         // in place no later than the entry that makes it partially present.
         let sectors: Vec<(u64, Vec<u8>)> = pages.into_iter().chain(bat_sectors).collect();
-        let per_entry = log::max_sectors_per_entry(self.log.end - self.log.start).max(1) as usize;
-        #[cfg(test)]
-        let per_entry = match self.entry_sector_cap.load(Ordering::Relaxed) {
-            0 => per_entry,
-            cap => per_entry.min(cap),
-        };
-        for batch in sectors.chunks(per_entry) {
+        for batch in sectors.chunks(self.sectors_per_entry()) {
             self.journal(alloc, batch)?;
         }
         self.write_bat().mark_clean();
@@ -379,9 +373,20 @@ impl VhdxImage {
         Ok(())
     }
 
+    /// How many 4 KiB sectors one log entry carries.
+    pub(super) fn sectors_per_entry(&self) -> usize {
+        let per_entry = log::max_sectors_per_entry(self.log.end - self.log.start).max(1) as usize;
+        #[cfg(test)]
+        let per_entry = match self.entry_sector_cap.load(Ordering::Relaxed) {
+            0 => per_entry,
+            cap => per_entry.min(cap),
+        };
+        per_entry
+    }
+
     /// Writes `sectors` (file offset, 4 KiB) to their place through the log, in the order the
     /// module doc gives. Caller holds the alloc mutex.
-    fn journal(&self, alloc: &mut AllocState, sectors: &[(u64, Vec<u8>)]) -> Result<()> {
+    pub(super) fn journal(&self, alloc: &mut AllocState, sectors: &[(u64, Vec<u8>)]) -> Result<()> {
         let file = &self.store.file;
         let file_len = file.len()?;
         let log_guid = header::new_guid()?;

@@ -7,6 +7,7 @@ mod crash;
 mod faults;
 mod hostile;
 mod races;
+mod resize;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

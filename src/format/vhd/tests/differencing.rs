@@ -10,7 +10,7 @@ use crate::format::{self as formats, OpenOptions};
 
 /// An 8 MiB dynamic parent `p.vhd` full of 0x70 (0x71 in its second MiB, the rest of the
 /// disk zeros past 6 MiB) and an empty child `c.vhd` of it.
-fn parent_and_child(dir: &TempDir) -> Option<(PathBuf, PathBuf)> {
+pub fn parent_and_child(dir: &TempDir) -> Option<(PathBuf, PathBuf)> {
     let parent = create(dir, "p.vhd", "force_size=on", 8 * MIB)?;
     qemu_io(&parent, &["write -P 0x70 0 6M", "write -P 0x71 1M 1M"]);
     let child = dir.path().join("c.vhd");
@@ -18,14 +18,14 @@ fn parent_and_child(dir: &TempDir) -> Option<(PathBuf, PathBuf)> {
     Some((parent, child))
 }
 
-fn parent_bytes() -> Vec<u8> {
+pub fn parent_bytes() -> Vec<u8> {
     let mut all = vec![0x70u8; 6 * MIB as usize];
     all[MIB as usize..2 * MIB as usize].fill(0x71);
     all.resize(8 * MIB as usize, 0);
     all
 }
 
-fn open_child(parent: &Path, child: &Path) -> VhdImage {
+pub fn open_child(parent: &Path, child: &Path) -> VhdImage {
     let backing = Backing::new(Arc::new(open_ro(parent)), parent);
     VhdImage::open(HostFile::open(child, true).unwrap(), Some(backing), None).unwrap()
 }

@@ -7,6 +7,7 @@
 mod crash;
 mod differencing;
 mod hostile;
+mod resize;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};

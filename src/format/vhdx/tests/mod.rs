@@ -7,6 +7,7 @@ mod differencing_write;
 mod faults;
 mod hostile;
 mod log_replay;
+mod resize;
 
 use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
