@@ -61,7 +61,8 @@ pub fn all() -> Vec<Variant> {
         grows: false,
     };
     // The variants whose format grows, with room in their tables for the growth (a qcow2
-    // L1 table of 512-byte clusters has none).
+    // L1 table of 512-byte clusters has none). Not VHD: a crash between its two footer
+    // writes leaves QEMU and imgfs reading different sizes until imgfs's next write (README).
     let growing = |v: Variant| Variant { grows: true, ..v };
     vec![
         growing(plain("vdi-1m", "vdi", "disk.vdi", |src| {
@@ -98,16 +99,17 @@ pub fn all() -> Vec<Variant> {
         },
         Variant {
             qemu_checks: false,
+            grows: true,
             ..plain("qcow", "qcow", "disk.qcow", |src| {
                 create(src, "qcow", "disk.qcow", &[])
             })
         },
-        plain("vhdx-1m", "vhdx", "disk.vhdx", |src| {
+        growing(plain("vhdx-1m", "vhdx", "disk.vhdx", |src| {
             create(src, "vhdx", "disk.vhdx", &["-o", "block_size=1M"])
-        }),
-        plain("vhdx-32m", "vhdx", "disk.vhdx", |src| {
+        })),
+        growing(plain("vhdx-32m", "vhdx", "disk.vhdx", |src| {
             create(src, "vhdx", "disk.vhdx", &["-o", "block_size=32M"])
-        }),
+        })),
         Variant {
             qemu_reads: false,
             qemu_checks: false,
