@@ -53,6 +53,13 @@
 //!
 //! A crash leaves bits set only for synced data, and entries only for blocks the file
 //! reaches; a torn footer at the end is replaced by the copy at offset 0 on the next open.
+//!
+//! # Failures
+//!
+//! A failed write of a new block's bitmap, or of data, fails only its request. A failed
+//! write or sync from the BAT entries on, and any failure of a flush or a resize, stops the
+//! disk (`meta::write_back`): it is served read-only with the reason in `info`, and every
+//! later flush fails. The file is left as a crash at that step would leave it.
 
 //! # Locks (taken in this order, never the reverse)
 //!
@@ -92,6 +99,7 @@ use crate::format::backing::{read_below, status_below, Backing, ParentSource};
 use crate::format::host_holes::push_stored;
 use crate::host::HostFile;
 use crate::image::{check_range, push_extent, request_part_mut, Extent, Image, ImageInfo};
+use crate::meta::write_back::WriteBack;
 
 use bat::{Bat, Geometry, Run, RunKind};
 use bitmap::Bitmaps;
@@ -155,6 +163,8 @@ pub struct VhdImage {
     footer_note: Option<String>,
     /// Set by the first write, which lets a flush repair damaged footer copies.
     written: AtomicBool,
+    /// Stops the disk for writes after a failed metadata write or sync (`meta::write_back`).
+    write_back: WriteBack,
 }
 
 impl VhdImage {
@@ -246,6 +256,7 @@ impl VhdImage {
             footer_note: found.note,
             footer: RwLock::new(footer),
             written: AtomicBool::new(false),
+            write_back: WriteBack::new(),
         })
     }
 
@@ -479,14 +490,18 @@ impl Image for VhdImage {
     }
 
     fn flush(&self) -> Result<()> {
-        self.flush_inner()
-            .map_err(|e| e.with_path(self.file.path()))
+        let path = self.file.path();
+        self.write_back
+            .run(path, || self.flush_inner().map_err(|e| e.with_path(path)))
     }
 
     fn is_dirty(&self) -> bool {
         let Some(sparse) = &self.sparse else {
             return false;
         };
+        if self.write_back.is_stopped() {
+            return false;
+        }
         // One lock at a time: the BAT guard is gone before `repair_pending` takes the mutex.
         let bat_dirty = sparse.read_bat().is_dirty();
         bat_dirty || sparse.bitmaps.is_dirty() || self.repair_pending(sparse)
@@ -522,7 +537,7 @@ impl Image for VhdImage {
     }
 
     fn read_only_reason(&self) -> Option<String> {
-        self.read_only_reason.clone()
+        self.write_back.reason_after(&self.read_only_reason)
     }
 
     fn info(&self) -> ImageInfo {
@@ -532,7 +547,7 @@ impl Image for VhdImage {
             virtual_size: self.virtual_size(),
             cluster_size: self.sparse.as_ref().map(|s| s.geometry.block_size),
             allocated_bytes: self.allocated_bytes(),
-            read_only_reason: self.read_only_reason.clone(),
+            read_only_reason: self.read_only_reason(),
             details: self.details(),
         }
     }

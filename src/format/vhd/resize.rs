@@ -47,6 +47,7 @@ impl VhdImage {
         if let Some(reason) = &self.read_only_reason {
             return Err(Error::read_only(reason.clone()));
         }
+        self.write_back.refuse_writes()?;
         if !check_growth(self.virtual_size(), new_size)? {
             return Ok(());
         }
@@ -69,7 +70,9 @@ impl VhdImage {
             .map_err(|_| Error::out_of_range(format!("{new_size} bytes is too large a VHD")))?;
         // Damaged footers are repaired by the flush after the first write: a resize is one.
         self.written.store(true, Ordering::Relaxed);
-        self.flush_locked(sparse, &mut alloc)?;
+        let path = self.file.path();
+        self.write_back
+            .run(path, || self.flush_locked(sparse, &mut alloc))?;
         let file_len = self.file.len()?;
         let end_at = file_len
             .checked_sub(FOOTER_LEN as u64)
@@ -92,30 +95,33 @@ impl VhdImage {
             self.file.read_exact_at(&mut stale, alloc.next_free)?;
             stale == *old.bytes()
         };
-        if entries > have {
-            let table = sparse.header.table_offset;
-            let fill = vec![0xffu8; (entries - have) as usize * 4];
-            self.file.write_all_at(&fill, table + u64::from(have) * 4)?;
-            self.file.sync_data()?;
-            let mut raw = [0u8; HEADER_LEN];
-            self.file.read_exact_at(&mut raw, old.data_offset)?;
-            let on_disk = DynHeader::parse(&raw)?;
-            if on_disk.max_table_entries != have || on_disk.table_offset != table {
-                return Err(Error::corrupt(
-                    "the dynamic disk header changed under the driver",
-                ));
+        self.write_back.run(path, || {
+            if entries > have {
+                let table = sparse.header.table_offset;
+                let fill = vec![0xffu8; (entries - have) as usize * 4];
+                self.file.write_all_at(&fill, table + u64::from(have) * 4)?;
+                self.file.sync_data()?;
+                let mut raw = [0u8; HEADER_LEN];
+                self.file.read_exact_at(&mut raw, old.data_offset)?;
+                let on_disk = DynHeader::parse(&raw)?;
+                if on_disk.max_table_entries != have || on_disk.table_offset != table {
+                    return Err(Error::corrupt(
+                        "the dynamic disk header changed under the driver",
+                    ));
+                }
+                let raw = header::with_max_entries(&raw, entries)?;
+                self.file.write_all_at(&raw, old.data_offset)?;
+                self.file.sync_data()?;
             }
-            let raw = header::with_max_entries(&raw, entries)?;
-            self.file.write_all_at(&raw, old.data_offset)?;
+            self.file.write_all_at(footer.bytes(), end_at)?;
+            if placeholder {
+                self.file.write_all_at(footer.bytes(), alloc.next_free)?;
+            }
             self.file.sync_data()?;
-        }
-        self.file.write_all_at(footer.bytes(), end_at)?;
-        if placeholder {
-            self.file.write_all_at(footer.bytes(), alloc.next_free)?;
-        }
-        self.file.sync_data()?;
-        self.file.write_all_at(footer.bytes(), 0)?;
-        self.file.sync_data()?;
+            self.file.write_all_at(footer.bytes(), 0)?;
+            self.file.sync_data()?;
+            Ok(())
+        })?;
 
         if entries > have {
             let geometry = Geometry {

@@ -21,6 +21,7 @@ impl VhdImage {
         if let Some(reason) = &self.read_only_reason {
             return Err(Error::read_only(reason.clone()));
         }
+        self.write_back.refuse_writes()?;
         check_range(self.virtual_size(), offset, buf.len())?;
         if !self.written.load(Ordering::Relaxed) {
             self.written.store(true, Ordering::Relaxed);
@@ -56,6 +57,7 @@ impl VhdImage {
         if let Some(reason) = &self.read_only_reason {
             return Err(Error::read_only(reason.clone()));
         }
+        self.write_back.refuse_writes()?;
         check_span(self.virtual_size(), offset, len)?;
         if len == 0 {
             return Ok(());
@@ -162,7 +164,9 @@ impl VhdImage {
             // The footer behind the new blocks makes the file long enough for them: no entry
             // may name a block the file does not reach.
             self.file.write_all_at(&footer, end)?;
-            self.file.sync_data()?;
+            // A failed sync may have lost earlier writes that flushes acknowledged nothing of.
+            self.write_back
+                .run(self.file.path(), || self.file.sync_data())?;
             alloc.durable_end = end + FOOTER_LEN as u64;
         }
         let differencing = self.disk_type == DiskType::Differencing;
@@ -173,24 +177,28 @@ impl VhdImage {
         for i in 0..count {
             self.file.write_all_at(&bits, start + i * span)?;
         }
-        {
-            let mut bat = sparse.write_bat();
-            for i in 0..count {
-                bat.publish(first_block + i, start + i * span)?;
+        // From the entries on, a failure leaves the disk naming what may not be there: it stops
+        // the disk for writes (`meta::write_back`).
+        self.write_back.run(self.file.path(), || {
+            {
+                let mut bat = sparse.write_bat();
+                for i in 0..count {
+                    bat.publish(first_block + i, start + i * span)?;
+                }
+                for (at, bytes) in bat.dirty_sectors() {
+                    self.file.write_all_at(&bytes, at)?;
+                }
+                bat.mark_clean();
             }
-            for (at, bytes) in bat.dirty_sectors() {
-                self.file.write_all_at(&bytes, at)?;
+            if !differencing {
+                for i in 0..count {
+                    sparse.bitmaps.record_new(first_block + i, &bits);
+                }
             }
-            bat.mark_clean();
-        }
-        if !differencing {
-            for i in 0..count {
-                sparse.bitmaps.record_new(first_block + i, &bits);
-            }
-        }
-        // The room for the next block, where QEMU would put it too (see the module doc).
-        self.file.write_all_at(&footer, next_room)?;
-        self.file.sync_data()?;
+            // The room for the next block, where QEMU would put it too (see the module doc).
+            self.file.write_all_at(&footer, next_room)?;
+            self.file.sync_data()
+        })?;
         alloc.durable_end = next_room + FOOTER_LEN as u64;
         alloc.repair_end = false;
 

@@ -193,3 +193,27 @@ fn resize_grows_inside_the_l1_table_and_refuses_the_rest() {
     drop(img);
     assert_qemu_check_clean("qcow2", &small);
 }
+
+#[test]
+fn every_host_fault_during_a_resize_leaves_the_old_or_the_new_image() {
+    use crate::testutil::resize::{Oracle, ResizeWalk};
+    let dir = TempDir::in_memory();
+    // 4 KiB clusters: an L2 table covers 2 MiB, so growing from 16 to 64 MiB takes 24 new L1
+    // entries in the table's cluster.
+    let path = dir.path().join("f.qcow2");
+    if qemu_create("qcow2", "cluster_size=4096", &path, 16 * MIB).is_none() {
+        return;
+    }
+    qemu_io(&path, &["write -P 0x44 15M 1M"]).unwrap();
+    let open =
+        |p: &Path| -> std::sync::Arc<dyn Image> { std::sync::Arc::new(open_rw(p, None).unwrap()) };
+    ResizeWalk {
+        format: "qcow2",
+        path,
+        parents: Vec::new(),
+        open: &open,
+        new_size: 64 * MIB,
+        oracle: Oracle::Check,
+    }
+    .all();
+}

@@ -732,3 +732,27 @@ fn resize_grows_where_the_bmap_has_room() {
     assert_qemu_reads(&path, 0x22, 99 * MIB, 4096);
     assert_qemu_reads(&path, 0, 50 * MIB, MIB);
 }
+
+#[test]
+fn every_host_fault_during_a_resize_leaves_the_old_or_the_new_image() {
+    use crate::testutil::resize::{Oracle, ResizeWalk};
+    let dir = TempDir::in_memory();
+    let Some(path) = qemu_create(&dir, &[], "16M") else {
+        return;
+    };
+    let img = open_rw(&path);
+    img.write_at(&[0x21; 4096], 15 * MIB).unwrap();
+    img.write_at(&[0x23; 100], 3 * MIB + 7).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let open = |p: &Path| -> Arc<dyn Image> { Arc::new(open_rw(p)) };
+    ResizeWalk {
+        format: "vdi",
+        path,
+        parents: Vec::new(),
+        open: &open,
+        new_size: 100 * MIB,
+        oracle: Oracle::Check,
+    }
+    .all();
+}

@@ -6,6 +6,7 @@
 
 mod crash;
 mod differencing;
+mod faults;
 mod hostile;
 mod resize;
 
