@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up imgfs, generates a demo directory of images (VDI dynamic, static, nested, one with an
 # ext4 file system; a qcow2 chain with an internal snapshot; a compressed qcow; a dynamic VHDX;
-# a split VMDK over a parent) and mounts it. Usage: scripts/demo.sh [IMAGES_DIR [MOUNT_DIR]]
+# a dynamic VHD; a split VMDK over a parent) and mounts it. Usage: scripts/demo.sh [IMAGES_DIR [MOUNT_DIR]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -45,6 +45,11 @@ if [ ! -e "$images/vmware/child.vmdk" ]; then
     qemu-img create -q -f vmdk -b base.vmdk -F vmdk "$images/vmware/child.vmdk"
     qemu-io -f vmdk -c "write -P 0x66 0 1M" "$images/vmware/child.vmdk" >/dev/null
 fi
+if [ ! -e "$images/hyperv/old.vhd" ]; then
+    mkdir -p "$images/hyperv"
+    qemu-img create -q -f vpc -o subformat=dynamic,force_size=on "$images/hyperv/old.vhd" 64M
+    qemu-io -f vpc -c "write -P 0x77 4M 4M" "$images/hyperv/old.vhd" >/dev/null
+fi
 mkdir -p "$mnt"
 if mountpoint -q "$mnt"; then
     echo "$mnt is already mounted"
@@ -61,5 +66,8 @@ imgfs serves $images on $mnt. Try:
   qemu-img convert -U -O raw $images/disk.vdi /tmp/disk.raw && cmp /tmp/disk.raw $mnt/disk.vdi.raw && echo same
   losetup -P --show -f $mnt/guest.vdi.raw      # then mount /dev/loopNp1 somewhere, or:
   mkdir -p /tmp/guest && mount -o loop,offset=1048576 $mnt/guest.vdi.raw /tmp/guest
+  fallocate -p -o 4M -l 4M $mnt/hyperv/old.vhd.raw && du -h $images/hyperv/old.vhd   # space given back
+  truncate -s 128M $mnt/hyperv/disk.vhdx.raw && qemu-img info -U $images/hyperv/disk.vhdx
+  $imgfs check $images/disk.vdi
   $imgfs umount $mnt
 MSG

@@ -132,15 +132,33 @@ pub fn check_span(size: u64, offset: u64, len: u64) -> Result<()> {
     check_range(size, offset, usize::try_from(len).unwrap_or(usize::MAX))
 }
 
-/// Whether a resize from `current` to `new_size` bytes changes anything; shrinking is refused
-/// (it would drop the data past the new end).
-pub fn check_growth(current: u64, new_size: u64) -> Result<bool> {
+/// The checks every resize starts with: refused for an image served read-only (`read_only`
+/// says why) and when shrinking (it would drop the data past the new end); `new_size` must be
+/// a whole number of the format's `sector`s. Returns whether the size changes.
+pub fn check_resize(
+    read_only: &Option<String>,
+    current: u64,
+    new_size: u64,
+    sector: u64,
+    format: &str,
+) -> Result<bool> {
+    if let Some(reason) = read_only {
+        return Err(Error::read_only(reason.clone()));
+    }
     if new_size < current {
         return Err(Error::unsupported(format!(
             "shrinking from {current} to {new_size} bytes would drop data"
         )));
     }
-    Ok(new_size > current)
+    if new_size == current {
+        return Ok(false);
+    }
+    if new_size % sector.max(1) != 0 {
+        return Err(Error::out_of_range(format!(
+            "a {format} size must be a multiple of {sector} bytes, not {new_size}"
+        )));
+    }
+    Ok(true)
 }
 
 /// The part of a request buffer, which starts at virtual offset `base`, that covers

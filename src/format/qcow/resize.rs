@@ -25,7 +25,7 @@ use super::header::{MAX_L1_ENTRIES, SECTOR_SIZE};
 use super::tables::Tables;
 use super::{AllocState, QcowImage};
 use crate::error::{Error, ErrorKind, Result};
-use crate::image::check_growth;
+use crate::image::check_resize;
 use crate::meta::budget::check_table_memory;
 
 /// Header offset of `size` (u64).
@@ -34,17 +34,10 @@ const ENTRY_LEN: u64 = 8;
 
 impl QcowImage {
     pub(super) fn resize_inner(&self, new_size: u64) -> Result<()> {
-        if let Some(reason) = &self.read_only_reason {
-            return Err(Error::read_only(reason.clone()));
-        }
         self.write_back.refuse_writes()?;
-        if !check_growth(self.virtual_size(), new_size)? {
+        let current = self.virtual_size();
+        if !check_resize(&self.read_only_reason, current, new_size, SECTOR_SIZE, "qcow")? {
             return Ok(());
-        }
-        if new_size % SECTOR_SIZE != 0 {
-            return Err(Error::out_of_range(format!(
-                "a qcow size must be a multiple of {SECTOR_SIZE} bytes, not {new_size}"
-            )));
         }
         let l1_shift = self.geometry.cluster_size().trailing_zeros()
             + self.geometry.l2_entries().trailing_zeros();

@@ -20,7 +20,7 @@ use std::sync::PoisonError;
 use super::header::MAX_L1_BYTES;
 use super::Qcow2Image;
 use crate::error::{Error, Result};
-use crate::image::check_growth;
+use crate::image::check_resize;
 use crate::meta::dirty::DirtyChunks;
 
 /// Header offsets of `size` (u64) and `l1_size` (u32).
@@ -29,17 +29,14 @@ const OFF_L1_SIZE: u64 = 36;
 
 impl Qcow2Image {
     pub(super) fn resize_inner(&self, new_size: u64) -> Result<()> {
-        if let Some(reason) = &self.read_only_reason {
-            return Err(Error::read_only(reason.clone()));
-        }
         self.shared.write_back.refuse_writes()?;
         let current = self.virtual_size();
-        if !check_growth(current, new_size)? {
+        if !check_resize(&self.read_only_reason, current, new_size, 512, "qcow2")? {
             return Ok(());
         }
-        if new_size % 512 != 0 || new_size > i64::MAX as u64 {
+        if new_size > i64::MAX as u64 {
             return Err(Error::out_of_range(format!(
-                "a qcow2 size must be a multiple of 512 bytes, not {new_size}"
+                "{new_size} bytes is too large a qcow2 disk"
             )));
         }
         if self.shared.data_file.is_some() {

@@ -327,22 +327,16 @@ impl BlockMap {
     /// past the highest block still in use. Returns the physical blocks released, `None` when
     /// the highest block in use is not in the range.
     pub fn release_top(&mut self, first: u64, count: u64) -> Result<Option<Range<u32>>> {
-        let start = usize::try_from(first).unwrap_or(usize::MAX);
-        let slots = usize::try_from(count)
-            .ok()
-            .and_then(|n| start.checked_add(n))
-            .and_then(|end| self.entries.get_mut(start..end))
-            .ok_or_else(|| {
-                Error::out_of_range(format!("virtual blocks {first}+{count} out of range"))
-            })?;
+        let old_end = self.used_end;
+        let (start, slots) = self.slots_mut(first, count)?;
         let mut phys: Vec<u32> = slots.iter().copied().filter(|&e| is_allocated(e)).collect();
         phys.sort_unstable();
-        let mut cut = self.used_end;
+        let mut cut = old_end;
         while cut > 0 && phys.last() == Some(&(cut - 1)) {
             phys.pop();
             cut -= 1;
         }
-        if cut == self.used_end {
+        if cut == old_end {
             return Ok(None);
         }
         let mut released = Vec::new();
@@ -356,11 +350,23 @@ impl BlockMap {
             self.dirty.mark(block * ENTRY_LEN as usize);
         }
         self.allocated -= released.len() as u32;
-        let old_end = self.used_end;
         let highest = self.entries.iter().filter(|&&e| is_allocated(e)).max();
         self.used_end = highest.map_or(0, |h| h + 1);
         self.blocks_allocated = self.used_end;
         Ok(Some(self.used_end..old_end))
+    }
+
+    /// The entries of virtual blocks `[first, first + count)`, and the index of the first.
+    fn slots_mut(&mut self, first: u64, count: u64) -> Result<(usize, &mut [u32])> {
+        let start = usize::try_from(first).unwrap_or(usize::MAX);
+        let slots = usize::try_from(count)
+            .ok()
+            .and_then(|n| start.checked_add(n))
+            .and_then(|end| self.entries.get_mut(start..end))
+            .ok_or_else(|| {
+                Error::out_of_range(format!("virtual blocks {first}+{count} out of range"))
+            })?;
+        Ok((start, slots))
     }
 
     /// Marks the unallocated entries among virtual blocks `[first, first + count)` discarded:
@@ -373,14 +379,7 @@ impl BlockMap {
     /// Sets the entries among virtual blocks `[first, first + count)` for which `which` holds
     /// to `DISCARDED`, marking their sectors dirty; returns how many changed.
     fn mark_discarded(&mut self, first: u64, count: u64, which: fn(u32) -> bool) -> Result<u32> {
-        let start = usize::try_from(first).unwrap_or(usize::MAX);
-        let slots = usize::try_from(count)
-            .ok()
-            .and_then(|n| start.checked_add(n))
-            .and_then(|end| self.entries.get_mut(start..end))
-            .ok_or_else(|| {
-                Error::out_of_range(format!("virtual blocks {first}+{count} out of range"))
-            })?;
+        let (start, slots) = self.slots_mut(first, count)?;
         let mut changed = Vec::new();
         for (i, slot) in slots.iter_mut().enumerate() {
             if which(*slot) {

@@ -19,22 +19,14 @@ use std::sync::atomic::Ordering;
 use super::header::{ImageType, SECTOR_SIZE, UNALLOCATED};
 use super::VdiImage;
 use crate::error::{Error, Result};
-use crate::image::check_growth;
+use crate::image::check_resize;
 
 impl VdiImage {
     pub(super) fn resize_inner(&self, new_size: u64) -> Result<()> {
-        if let Some(reason) = &self.read_only_reason {
-            return Err(Error::read_only(reason.clone()));
-        }
         self.write_back.refuse_writes()?;
         let current = self.virtual_size();
-        if !check_growth(current, new_size)? {
+        if !check_resize(&self.read_only_reason, current, new_size, SECTOR_SIZE, "VDI")? {
             return Ok(());
-        }
-        if new_size % SECTOR_SIZE != 0 {
-            return Err(Error::out_of_range(format!(
-                "a VDI size must be a multiple of {SECTOR_SIZE} bytes, not {new_size}"
-            )));
         }
         if self.header.image_type == ImageType::Static {
             return Err(Error::unsupported(

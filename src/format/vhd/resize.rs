@@ -40,21 +40,14 @@ use super::footer::{chs_for, Footer, SizeFrom, FOOTER_LEN, SECTOR};
 use super::header::{self, DynHeader, HEADER_LEN};
 use super::{AllocState, Sparse, VhdImage};
 use crate::error::{Error, Result};
-use crate::image::check_growth;
+use crate::image::check_resize;
 
 impl VhdImage {
     pub(super) fn resize_inner(&self, new_size: u64) -> Result<()> {
-        if let Some(reason) = &self.read_only_reason {
-            return Err(Error::read_only(reason.clone()));
-        }
         self.write_back.refuse_writes()?;
-        if !check_growth(self.virtual_size(), new_size)? {
+        let current = self.virtual_size();
+        if !check_resize(&self.read_only_reason, current, new_size, SECTOR, "VHD")? {
             return Ok(());
-        }
-        if new_size % SECTOR != 0 {
-            return Err(Error::out_of_range(format!(
-                "a VHD size must be a multiple of {SECTOR} bytes, not {new_size}"
-            )));
         }
         let Some(sparse) = &self.sparse else {
             return Err(Error::unsupported(

@@ -31,24 +31,15 @@ use super::log::SECTOR;
 use super::metadata::{self, MAX_VIRTUAL_SIZE, VIRTUAL_DISK_SIZE};
 use super::VhdxImage;
 use crate::error::{Error, Result};
-use crate::image::check_growth;
+use crate::image::check_resize;
 use crate::meta::budget::check_table_memory;
 
 impl VhdxImage {
     pub(super) fn resize_inner(&self, new_size: u64) -> Result<()> {
-        if let Some(reason) = &self.read_only_reason {
-            return Err(Error::read_only(reason.clone()));
-        }
         self.write_back.refuse_writes()?;
-        if !check_growth(self.virtual_size(), new_size)? {
+        let (current, sector) = (self.virtual_size(), self.geometry.logical_sector);
+        if !check_resize(&self.read_only_reason, current, new_size, sector, "VHDX")? {
             return Ok(());
-        }
-        let sector = self.geometry.logical_sector;
-        if new_size % sector != 0 {
-            return Err(Error::out_of_range(format!(
-                "a VHDX size must be a multiple of its {sector}-byte logical sector, not \
-                 {new_size}"
-            )));
         }
         if new_size > MAX_VIRTUAL_SIZE {
             return Err(Error::unsupported(format!(
