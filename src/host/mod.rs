@@ -245,6 +245,7 @@ impl HostFile {
         let end = offset.saturating_add(len).min(i64::MAX as u64);
         let mut runs = Vec::new();
         let mut at = offset;
+        let mut retries = 0;
         while at < end {
             let data = match self.seek(at, libc::SEEK_DATA) {
                 Ok(Some(data)) if data < end => data,
@@ -258,10 +259,18 @@ impl HostFile {
                 Ok(Some(hole)) => hole.clamp(data, end),
                 Ok(None) | Err(()) => end,
             };
-            runs.push((data, hole - data));
-            if hole <= data {
-                break;
+            if hole == data {
+                // Punched between the two calls (a discard of a neighbouring range on another
+                // thread): ask again from there, and call the rest data if it keeps changing.
+                retries += 1;
+                if retries > 8 {
+                    runs.push((data, end - data));
+                    break;
+                }
+                at = data;
+                continue;
             }
+            runs.push((data, hole - data));
             at = hole;
         }
         runs

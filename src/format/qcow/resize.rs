@@ -36,7 +36,13 @@ impl QcowImage {
     pub(super) fn resize_inner(&self, new_size: u64) -> Result<()> {
         self.write_back.refuse_writes()?;
         let current = self.virtual_size();
-        if !check_resize(&self.read_only_reason, current, new_size, SECTOR_SIZE, "qcow")? {
+        if !check_resize(
+            &self.read_only_reason,
+            current,
+            new_size,
+            SECTOR_SIZE,
+            "qcow",
+        )? {
             return Ok(());
         }
         let l1_shift = self.geometry.cluster_size().trailing_zeros()

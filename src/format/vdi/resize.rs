@@ -25,7 +25,13 @@ impl VdiImage {
     pub(super) fn resize_inner(&self, new_size: u64) -> Result<()> {
         self.write_back.refuse_writes()?;
         let current = self.virtual_size();
-        if !check_resize(&self.read_only_reason, current, new_size, SECTOR_SIZE, "VDI")? {
+        if !check_resize(
+            &self.read_only_reason,
+            current,
+            new_size,
+            SECTOR_SIZE,
+            "VDI",
+        )? {
             return Ok(());
         }
         if self.header.image_type == ImageType::Static {
