@@ -96,7 +96,6 @@ mod write;
 #[cfg(test)]
 mod tests;
 
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -699,10 +698,6 @@ fn read_l1(file: &HostFile, offset: u64, entries: u32) -> Result<Vec<u64>> {
         .collect())
 }
 
-fn allocated_blocks(file: &HostFile) -> u64 {
-    file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
-}
-
 impl Image for Qcow2Image {
     fn size(&self) -> u64 {
         self.virtual_size()
@@ -761,8 +756,8 @@ impl Image for Qcow2Image {
     /// The host blocks of the image file (and its data file), metadata included: counting
     /// guest clusters exactly would mean reading every L2 table.
     fn allocated_bytes(&self) -> u64 {
-        let data = self.shared.data_file.as_ref().map_or(0, allocated_blocks);
-        allocated_blocks(&self.shared.file) + data
+        let data = self.shared.data_file.as_ref();
+        self.shared.file.allocated_bytes() + data.map_or(0, |f| f.allocated_bytes())
     }
 
     fn read_only_reason(&self) -> Option<String> {
