@@ -33,6 +33,9 @@ pub struct Extent {
     pub state: ExtentState,
     /// Which image of a backing chain holds the data: 0 is the image itself.
     pub layer: u32,
+    /// Where the range's first byte is stored in that layer's file (or extent or data file),
+    /// for ranges stored there as they are (not compressed): `qemu-img map`'s offset.
+    pub host: Option<u64>,
 }
 
 /// What `imgfs info` shows about an image.
@@ -262,12 +265,19 @@ pub fn split_aligned(offset: u64, len: u64, unit: u64) -> ((u64, u64), (u64, u64
     )
 }
 
-/// Appends `extent` to `extents`, merging it with the previous one when they continue each other.
+/// Appends `extent` to `extents`, merging it with the previous one when they continue each
+/// other, on the disk and where they are stored.
 pub fn push_extent(extents: &mut Vec<Extent>, extent: Extent) {
     if let Some(last) = extents.last_mut() {
+        let stored_on = match (last.host, extent.host) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.checked_add(last.len) == Some(b),
+            _ => false,
+        };
         if last.state == extent.state
             && last.layer == extent.layer
             && last.offset + last.len == extent.offset
+            && stored_on
         {
             last.len += extent.len;
             return;
@@ -326,6 +336,7 @@ mod tests {
             len,
             state,
             layer: 0,
+            host: None,
         };
         push_extent(&mut v, e(0, 10, ExtentState::Data));
         push_extent(&mut v, e(10, 5, ExtentState::Data));
@@ -333,6 +344,25 @@ mod tests {
         assert_eq!(
             v,
             vec![e(0, 15, ExtentState::Data), e(15, 5, ExtentState::Zero)]
+        );
+        // Stored apart in the file: not one extent.
+        let stored = |offset, host| Extent {
+            host: Some(host),
+            ..e(offset, 10, ExtentState::Data)
+        };
+        let mut v = Vec::new();
+        push_extent(&mut v, stored(0, 100));
+        push_extent(&mut v, stored(10, 110));
+        push_extent(&mut v, stored(20, 500));
+        assert_eq!(
+            v,
+            vec![
+                Extent {
+                    len: 20,
+                    ..stored(0, 100)
+                },
+                stored(20, 500)
+            ]
         );
     }
 }

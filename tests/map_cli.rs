@@ -1,4 +1,5 @@
-//! `imgfs map` against `qemu-img map`: the same data ranges (and chain depths) for every format.
+//! `imgfs map` against `qemu-img map`: the same data ranges, chain depths and host offsets for
+//! every format.
 
 mod common;
 
@@ -8,15 +9,38 @@ use common::*;
 
 /// The ranges holding data, merged where they touch, with their depth: (start, end, depth).
 fn data_ranges(json: &[u8]) -> Vec<(u64, u64, u64)> {
-    let entries: Vec<serde_json::Value> = serde_json::from_slice(json).unwrap();
     let mut out: Vec<(u64, u64, u64)> = Vec::new();
+    for (start, end, depth, _) in stored_ranges(json) {
+        match out.last_mut() {
+            Some(last) if last.1 == start && last.2 == depth => last.1 = end,
+            _ => out.push((start, end, depth)),
+        }
+    }
+    out
+}
+
+/// The ranges holding data with where they are stored, merged where they touch on the disk
+/// and in the file: (start, end, depth, offset).
+fn stored_ranges(json: &[u8]) -> Vec<(u64, u64, u64, Option<u64>)> {
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(json).unwrap();
+    let mut out: Vec<(u64, u64, u64, Option<u64>)> = Vec::new();
     for e in entries.iter().filter(|e| e["data"] == true) {
         let start = e["start"].as_u64().unwrap();
         let end = start + e["length"].as_u64().unwrap();
         let depth = e["depth"].as_u64().unwrap();
+        let offset = e["offset"].as_u64();
         match out.last_mut() {
-            Some(last) if last.1 == start && last.2 == depth => last.1 = end,
-            _ => out.push((start, end, depth)),
+            Some(last)
+                if last.1 == start
+                    && last.2 == depth
+                    && last
+                        .3
+                        .zip(offset)
+                        .is_some_and(|(a, b)| a + (start - last.0) == b) =>
+            {
+                last.1 = end
+            }
+            _ => out.push((start, end, depth, offset)),
         }
     }
     out
@@ -57,14 +81,16 @@ fn imgfs_map_finds_the_data_qemu_img_map_finds() {
         let image = src.join(name);
         let ours = run(Command::new(IMGFS).args(["map", "--json"]).arg(&image));
         let theirs = qemu_img(&["map", "--output=json", path_str(&image)]);
+        // The same ranges, stored at the same offsets of the same layer's file.
         assert_eq!(
-            data_ranges(&ours.stdout),
-            data_ranges(&theirs.stdout),
+            stored_ranges(&ours.stdout),
+            stored_ranges(&theirs.stdout),
             "{name}"
         );
     }
     let human = run(Command::new(IMGFS).arg("map").arg(src.join("top.qcow2")));
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains("0x400000") && text.contains("data"), "{text}");
+    assert!(text.contains("Mapped to"), "{text}");
     drop(dir);
 }

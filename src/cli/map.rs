@@ -7,7 +7,8 @@ use std::path::Path;
 use super::info::{open_for_inspection, root_for};
 use crate::image::{push_extent, Extent, ExtentState};
 
-/// One range, with `qemu-img map --output=json`'s fields (host offsets are not reported).
+/// One range, with `qemu-img map --output=json`'s fields: `offset` is where it is stored in
+/// its layer's file (or VMDK extent, or qcow2 data file), for data stored as it is.
 #[derive(Debug, PartialEq, Eq, serde::Serialize)]
 struct MapEntry {
     start: u64,
@@ -16,17 +17,21 @@ struct MapEntry {
     present: bool,
     zero: bool,
     data: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
 }
 
 impl MapEntry {
     fn of(e: &Extent) -> Self {
+        let data = matches!(e.state, ExtentState::Data | ExtentState::StoredZeros);
         MapEntry {
             start: e.offset,
             length: e.len,
             depth: e.layer,
             present: e.state != ExtentState::Unallocated,
             zero: e.state != ExtentState::Data,
-            data: matches!(e.state, ExtentState::Data | ExtentState::StoredZeros),
+            data,
+            offset: e.host.filter(|_| data),
         }
     }
 }
@@ -50,7 +55,10 @@ pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
         println!("{text}");
         return Ok(());
     }
-    println!("{:<20}{:<20}{:<8}state", "Offset", "Length", "Depth");
+    println!(
+        "{:<20}{:<20}{:<8}{:<14}Mapped to",
+        "Offset", "Length", "Depth", "State"
+    );
     for e in &entries {
         let state = match (e.data, e.zero, e.present) {
             (true, false, _) => "data",
@@ -58,7 +66,11 @@ pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
             (false, _, true) => "zero",
             (false, _, false) => "unallocated",
         };
-        println!("{:<#20x}{:<#20x}{:<8}{state}", e.start, e.length, e.depth);
+        let mapped = e.offset.map(|o| format!("{o:#x}")).unwrap_or_default();
+        println!(
+            "{:<#20x}{:<#20x}{:<8}{state:<14}{mapped}",
+            e.start, e.length, e.depth
+        );
     }
     Ok(())
 }
@@ -74,12 +86,16 @@ mod tests {
             len: 512,
             state,
             layer,
+            host: Some(4096),
         };
         let data = MapEntry::of(&e(ExtentState::Data, 1));
         assert!(data.present && data.data && !data.zero && data.depth == 1);
+        assert_eq!(data.offset, Some(4096));
+        let stored = MapEntry::of(&e(ExtentState::StoredZeros, 0));
+        assert!(stored.present && stored.data && stored.zero && stored.offset.is_some());
         let zero = MapEntry::of(&e(ExtentState::Zero, 0));
         assert!(zero.present && zero.zero && !zero.data);
         let hole = MapEntry::of(&e(ExtentState::Unallocated, 0));
-        assert!(!hole.present && hole.zero && !hole.data);
+        assert!(!hole.present && hole.zero && !hole.data && hole.offset.is_none());
     }
 }

@@ -78,6 +78,7 @@ pub fn status_below(backing: Option<&Backing>, offset: u64, len: u64) -> Result<
                 len: end - covered,
                 state: ExtentState::Unallocated,
                 layer: 0,
+                host: None,
             },
         );
     }

@@ -43,6 +43,7 @@ pub fn push_stored(
                     len: to - from,
                     state,
                     layer: 0,
+                    host: Some(from),
                 },
             );
         }

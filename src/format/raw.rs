@@ -56,6 +56,7 @@ impl Image for RawImage {
             len: end - offset,
             state: ExtentState::Data,
             layer: 0,
+            host: Some(offset),
         }])
     }
 

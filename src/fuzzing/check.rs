@@ -249,6 +249,7 @@ mod tests {
             len,
             state,
             layer: 0,
+            host: None,
         }
     }
 

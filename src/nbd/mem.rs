@@ -100,6 +100,7 @@ impl Image for MemDisk {
                     len: stop - at,
                     state,
                     layer: 0,
+                    host: None,
                 },
             );
             at = stop;

@@ -137,6 +137,7 @@ impl crate::image::Image for MemImage {
                     len: next - at,
                     state,
                     layer: 0,
+                    host: None,
                 },
             );
             at = next;

@@ -630,6 +630,7 @@ impl QcowImage {
                         len: run.len,
                         state: ExtentState::Data,
                         layer: 0,
+                        host: None,
                     },
                 ),
                 RunKind::Unallocated => {

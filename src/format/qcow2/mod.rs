@@ -604,7 +604,7 @@ impl Qcow2Image {
             return Ok(extents);
         }
         for run in self.lookup(offset, len)? {
-            let state = match run.mapping {
+            let (state, host) = match run.mapping {
                 Mapping::Unallocated => {
                     let below = status_below(self.shared.backing.as_ref(), run.offset, run.len)?;
                     for extent in below {
@@ -612,8 +612,9 @@ impl Qcow2Image {
                     }
                     continue;
                 }
-                Mapping::Zero => ExtentState::Zero,
-                Mapping::Data { .. } | Mapping::Compressed { .. } => ExtentState::Data,
+                Mapping::Zero => (ExtentState::Zero, None),
+                Mapping::Data { host_offset } => (ExtentState::Data, Some(host_offset)),
+                Mapping::Compressed { .. } => (ExtentState::Data, None),
             };
             push_extent(
                 &mut extents,
@@ -622,6 +623,7 @@ impl Qcow2Image {
                     len: run.len,
                     state,
                     layer: 0,
+                    host,
                 },
             );
         }

@@ -159,11 +159,20 @@ fn zero_clusters_hide_data_and_report_zero() {
     let img = open(&path);
     assert_reads_like_qemu(&img, &path, "", "zero clusters");
     let status = img.block_status(0, MIB).unwrap();
+    // Data clusters say where they are stored; zero and unallocated ones do not.
+    for extent in &status {
+        assert_eq!(extent.host.is_some(), extent.state == ExtentState::Data);
+    }
+    let status: Vec<Extent> = status
+        .into_iter()
+        .map(|e| Extent { host: None, ..e })
+        .collect();
     let e = |offset, len, state| Extent {
         offset,
         len,
         state,
         layer: 0,
+        host: None,
     };
     assert_eq!(
         status,

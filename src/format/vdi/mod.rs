@@ -569,6 +569,7 @@ impl VdiImage {
                     len: run.len,
                     state,
                     layer: 0,
+                    host: None,
                 },
             );
         }

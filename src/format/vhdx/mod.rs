@@ -483,11 +483,12 @@ impl VhdxImage {
         if len == 0 {
             return Ok(extents);
         }
-        let own = |run: &Run, state| Extent {
+        let own = |run: &Run, state, host| Extent {
             offset: run.offset,
             len: run.len,
             state,
             layer: 0,
+            host,
         };
         for run in self.lookup(offset, len)? {
             match run.kind {
@@ -496,10 +497,13 @@ impl VhdxImage {
                     let file = &self.store.file;
                     push_stored(&mut extents, file, run.offset, host_offset, run.len)?
                 }
-                RunKind::Data { .. } => push_extent(&mut extents, own(&run, ExtentState::Data)),
-                RunKind::Zero => push_extent(&mut extents, own(&run, ExtentState::Zero)),
+                RunKind::Data { host_offset } => push_extent(
+                    &mut extents,
+                    own(&run, ExtentState::Data, Some(host_offset)),
+                ),
+                RunKind::Zero => push_extent(&mut extents, own(&run, ExtentState::Zero, None)),
                 RunKind::Unallocated => {
-                    push_extent(&mut extents, own(&run, ExtentState::Unallocated))
+                    push_extent(&mut extents, own(&run, ExtentState::Unallocated, None))
                 }
                 RunKind::Below => {
                     for e in status_below(self.parent.as_ref(), run.offset, run.len)? {
@@ -508,8 +512,8 @@ impl VhdxImage {
                 }
                 RunKind::Partial { .. } => {
                     for (piece, here) in self.partial_pieces(&run)? {
-                        if here.is_some() {
-                            push_extent(&mut extents, own(&piece, ExtentState::Data));
+                        if let Some(host) = here {
+                            push_extent(&mut extents, own(&piece, ExtentState::Data, Some(host)));
                         } else {
                             for e in status_below(self.parent.as_ref(), piece.offset, piece.len)? {
                                 push_extent(&mut extents, e);

@@ -128,6 +128,7 @@ impl Extent {
             len,
             state,
             layer: 0,
+            host: None,
         };
         // Discarded data that stays mapped (flat extents, version 1 grains) is punched in the
         // host file and reads as zeros.

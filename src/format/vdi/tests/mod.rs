@@ -101,8 +101,20 @@ fn extent(offset: u64, len: u64, state: ExtentState) -> Extent {
         len,
         state,
         layer: 0,
+        host: None,
     }
 }
+
+/// An extent stored at `host` in the image file.
+fn stored(offset: u64, len: u64, state: ExtentState, host: u64) -> Extent {
+    Extent {
+        host: Some(host),
+        ..extent(offset, len, state)
+    }
+}
+
+/// The fixture's `offset_data` (`header`): where physical block 0 starts.
+const FIXTURE_DATA: u64 = 1024;
 
 #[test]
 fn qemu_dynamic_image_opens_empty() {
@@ -147,19 +159,26 @@ fn qemu_static_image_is_data_and_written_in_place() {
         return;
     };
     let len_before = std::fs::metadata(&path).unwrap().len();
+    // The blocks fill the file after the header and bmap.
+    let data_at = len_before - 4 * MIB;
     let img = open_rw(&path);
     assert_eq!(img.info().subformat, "static");
     // qemu-img leaves the blocks of a static image as a hole in the file: stored, but zeros.
     assert_eq!(
         img.block_status(0, 4 * MIB).unwrap(),
-        [extent(0, 4 * MIB, ExtentState::StoredZeros)]
+        [stored(0, 4 * MIB, ExtentState::StoredZeros, data_at)]
     );
     assert!(img.allocated_bytes() < MIB, "{}", img.allocated_bytes());
     img.write_at(&[0xab; 8192], 3 * MIB - 4096).unwrap();
     assert!(!img.is_dirty(), "no allocation, no metadata");
     assert_eq!(
         img.block_status(3 * MIB - 4096, 8192).unwrap(),
-        [extent(3 * MIB - 4096, 8192, ExtentState::Data)]
+        [stored(
+            3 * MIB - 4096,
+            8192,
+            ExtentState::Data,
+            data_at + 3 * MIB - 4096
+        )]
     );
     assert!(img.allocated_bytes() >= 8192);
     img.flush().unwrap();
@@ -299,7 +318,8 @@ fn reads_follow_the_map_and_block_status_merges() {
         [
             extent(100, 4096 - 100, ExtentState::Unallocated),
             extent(4096, 4096, ExtentState::Zero),
-            extent(2 * 4096, 3 * 4096, ExtentState::Data),
+            stored(2 * 4096, 2 * 4096, ExtentState::Data, FIXTURE_DATA + 4096),
+            stored(4 * 4096, 4096, ExtentState::Data, FIXTURE_DATA),
             extent(5 * 4096, 4096, ExtentState::Unallocated),
         ]
     );
