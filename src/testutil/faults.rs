@@ -270,14 +270,7 @@ impl Walk<'_> {
             Oracle::ReadAndWrite { .. } => self.read_theirs(path),
             Oracle::Replay => {
                 let copy = copy_beside(path);
-                let args = ["check", "-r", "leaks", "-f", self.format, path_str(&copy)];
-                let out = qemu("qemu-img", &args).unwrap();
-                let text = String::from_utf8_lossy(&out.stdout);
-                assert!(
-                    out.status.success() && !text.contains("ERROR"),
-                    "{what}: QEMU's replay and check: {text}{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                assert_qemu_replays(self.format, &copy, what);
                 let theirs = self.read_theirs(&copy);
                 std::fs::remove_file(&copy).unwrap();
                 theirs
@@ -559,6 +552,19 @@ pub fn read_image(img: &dyn Image) -> Vec<u8> {
     let mut buf = vec![0u8; img.size() as usize];
     img.read_at(&mut buf, 0).unwrap();
     buf
+}
+
+/// QEMU replays the log of the image at `copy` (`qemu-img check -r leaks` opens it read-write)
+/// and then finds no errors in it.
+pub fn assert_qemu_replays(format: &str, copy: &Path, what: &str) {
+    let args = ["check", "-r", "leaks", "-f", format, path_str(copy)];
+    let out = qemu("qemu-img", &args).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("ERROR"),
+        "{what}: QEMU's replay and check: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[cfg(test)]

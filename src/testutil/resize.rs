@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::crash::{crash_path, first_difference};
-use super::faults::read_image;
+use super::faults::{assert_qemu_replays, read_image};
 use super::{assert_qemu_check_no_errors, path_str, qemu, qemu_raw_of};
 use crate::host::fault::{self, Fault, OpKind, Watch};
 use crate::image::Image;
@@ -154,14 +154,7 @@ impl ResizeWalk<'_> {
             Oracle::Replay => {
                 let copy = crash_path(&self.path);
                 std::fs::copy(&self.path, &copy).unwrap();
-                let args = ["check", "-r", "leaks", "-f", self.format, path_str(&copy)];
-                let out = qemu("qemu-img", &args).unwrap();
-                let text = String::from_utf8_lossy(&out.stdout);
-                assert!(
-                    out.status.success() && !text.contains("ERROR"),
-                    "{what}: QEMU's replay and check: {text}{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                assert_qemu_replays(self.format, &copy, what);
                 let theirs = self.qemu_view(&copy, what);
                 std::fs::remove_file(&copy).unwrap();
                 theirs
