@@ -24,22 +24,30 @@ pub struct MetadataGuard {
 }
 
 impl MetadataGuard {
-    /// Adds clusters `[first, end)`, merging with the ranges they overlap or touch.
+    /// Adds clusters `[first, end)`, merging with the ranges they overlap, and with those they
+    /// touch that hold the same thing (so each range keeps naming what it holds).
     fn add(&mut self, mut first: u64, mut end: u64, mut what: &'static str) {
         if first >= end {
             return;
         }
         // The range starting at or before `first` may reach into it.
         if let Some((&start, &(stop, name))) = self.ranges.range(..=first).next_back() {
-            if stop >= first {
+            if stop > first || (stop == first && name == what) {
                 self.ranges.remove(&start);
                 first = start;
                 end = end.max(stop);
                 what = name;
             }
         }
-        let later: Vec<u64> = self.ranges.range(first..=end).map(|(&s, _)| s).collect();
-        for start in later {
+        let later: Vec<(u64, &'static str)> = self
+            .ranges
+            .range(first..=end)
+            .map(|(&s, &(_, name))| (s, name))
+            .collect();
+        for (start, name) in later {
+            if start == end && name != what {
+                continue;
+            }
             if let Some((stop, _)) = self.ranges.remove(&start) {
                 end = end.max(stop);
             }
@@ -99,28 +107,23 @@ impl MetadataGuard {
 }
 
 impl Qcow2Image {
-    /// The guard of the metadata this image holds now (see the module doc).
+    /// The guard of the metadata this image holds now (see the module doc). An L2 table or a
+    /// refcount block that lies on the header, an L1 table, the refcount table or the snapshot
+    /// table is refused as corrupt: writing its entries would rewrite that structure (QEMU's
+    /// overlap check refuses the same writes).
     pub(super) fn metadata_guard(&self, alloc: &mut AllocState) -> Result<MetadataGuard> {
         let shared = &self.shared;
         let bits = shared.geometry.cluster_bits;
         let cluster_size = shared.geometry.cluster_size();
         let mut guard = MetadataGuard::default();
         guard.add_bytes(0, cluster_size, bits, "the header");
-        {
-            let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner());
-            guard.add_bytes(
-                self.l1_table_offset,
-                l1.len() as u64 * 8,
-                bits,
-                "the L1 table",
-            );
-            for &entry in l1.iter() {
-                let table = entry & OFFSET_MASK;
-                if table != 0 {
-                    guard.add_bytes(table, cluster_size, bits, "an L2 table");
-                }
-            }
-        }
+        let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner()).clone();
+        guard.add_bytes(
+            self.l1_table_offset,
+            l1.len() as u64 * 8,
+            bits,
+            "the L1 table",
+        );
         let (table_offset, table_clusters) = alloc.refcounts.table_location();
         guard.add_bytes(
             table_offset,
@@ -128,12 +131,6 @@ impl Qcow2Image {
             bits,
             "the refcount table",
         );
-        for &entry in alloc.refcounts.table(&shared.file)? {
-            let block = entry & OFFSET_MASK;
-            if block != 0 {
-                guard.add_bytes(block, cluster_size, bits, "a refcount block");
-            }
-        }
         if shared.header.nb_snapshots > 0 {
             guard.add_bytes(
                 shared.header.snapshots_offset,
@@ -149,6 +146,27 @@ impl Qcow2Image {
                 bits,
                 "a snapshot's L1 table",
             );
+        }
+        let mut tables = Vec::new();
+        for &entry in alloc.refcounts.table(&shared.file)? {
+            tables.push((entry & OFFSET_MASK, "a refcount block"));
+        }
+        for &entry in l1.iter() {
+            tables.push((entry & OFFSET_MASK, "an L2 table"));
+        }
+        // An L2 table may be named twice (shared, copied on write); nothing else may overlap.
+        let mut l2_tables = std::collections::BTreeSet::new();
+        for (offset, what) in tables.into_iter().filter(|&(offset, _)| offset != 0) {
+            if what == "an L2 table" && !l2_tables.insert(offset) {
+                continue;
+            }
+            if let Some(held) = guard.holder(offset >> bits) {
+                return Err(Error::corrupt(format!(
+                    "{what} at {offset:#x} lies on {held}: writing it would rewrite that, so \
+                     writes are refused (`qemu-img check` reports the image)"
+                )));
+            }
+            guard.add_bytes(offset, cluster_size, bits, what);
         }
         Ok(guard)
     }
@@ -166,12 +184,18 @@ mod tests {
         g.add(11, 15, "c");
         g.add(5, 6, "d");
         g.add(15, 20, "e");
-        assert_eq!(g.ranges.len(), 2, "{:?}", g.ranges);
+        // Overlapping ranges merge; touching ones keep naming what they hold.
+        assert_eq!(g.ranges.len(), 4, "{:?}", g.ranges);
+        assert_eq!(g.holder(14), Some("a"));
+        assert_eq!(g.holder(15), Some("e"));
+        assert_eq!(g.holder(20), Some("b"));
+        g.add(21, 23, "b");
+        assert_eq!(g.ranges.len(), 4, "same holder, touching: merged");
         assert_eq!(g.holder(4), None);
         assert_eq!(g.holder(5), Some("d"));
         assert_eq!(g.holder(6), None);
-        assert!((10..21).all(|c| g.holder(c).is_some()));
-        assert_eq!(g.holder(21), None);
+        assert!((10..23).all(|c| g.holder(c).is_some()));
+        assert_eq!(g.holder(23), None);
         assert!(g.check(0, 5).is_ok());
         assert!(g.check(0, 6).is_err(), "a run reaching into a range");
         assert!(g.check(6, 4).is_ok());

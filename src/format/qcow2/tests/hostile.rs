@@ -283,3 +283,33 @@ fn refcounts_calling_metadata_free_do_not_get_it_overwritten() {
         "header untouched"
     );
 }
+
+/// Found by fuzzing: an L1 entry naming the L1 table itself as an L2 table made a write put
+/// L2 entries over the L1 table, so the image read differently once reopened. Writes to such
+/// an image are refused now, and the tables stay as they were.
+#[test]
+fn an_l2_table_on_the_l1_table_refuses_writes() {
+    let dir = TempDir::new();
+    let Some(path) = small_image(&dir) else {
+        return;
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    let l1_at = be64(&bytes, 40) as usize;
+    // The second L1 entry (guest 512 MiB and up) names the L1 table, COPIED set.
+    bytes[l1_at + 8..l1_at + 16].copy_from_slice(&((l1_at as u64) | 1 << 63).to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let file = HostFile::open(&path, true).unwrap();
+    let header = Qcow2Header::read(&file).unwrap();
+    let img = Qcow2Image::open(file, header, None, None, None).unwrap();
+    let e = img.write_at(&[7; 512], 512 << 20).unwrap_err();
+    assert!(
+        e.to_string().contains("an L2 table at") && e.to_string().contains("the L1 table"),
+        "{e}"
+    );
+    assert!(img.write_at(&[7; 512], 0).is_err(), "no write at all");
+    drop(img);
+    assert!(
+        std::fs::read(&path).unwrap() == bytes,
+        "the file is untouched"
+    );
+}
