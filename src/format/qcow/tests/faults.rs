@@ -35,8 +35,8 @@ const STEPS: &[Step] = &[
     Step::Read(6 * MIB - 4096, 8192),
 ];
 
-#[test]
-fn every_host_fault_leaves_an_image_qemu_reads_with_what_was_flushed() {
+/// Walks every host fault over `steps` on a fresh copy of `image`, QEMU reading and writing.
+fn walk(steps: &[Step]) {
     let dir = TempDir::in_memory();
     let Some(path) = image(&dir) else {
         return;
@@ -47,10 +47,15 @@ fn every_host_fault_leaves_an_image_qemu_reads_with_what_was_flushed() {
         files: vec![path],
         parents: Vec::new(),
         open: &open,
-        steps: STEPS,
+        steps,
         oracle: Oracle::ReadAndWrite { fresh: 7 * MIB },
     }
     .all();
+}
+
+#[test]
+fn every_host_fault_leaves_an_image_qemu_reads_with_what_was_flushed() {
+    walk(STEPS);
 }
 
 /// New clusters, a flush; discards of whole clusters (punched, left mapped) and of a part of
@@ -72,18 +77,5 @@ const DISCARD_STEPS: &[Step] = &[
 
 #[test]
 fn every_host_fault_during_a_discard_leaves_an_image_qemu_reads() {
-    let dir = TempDir::in_memory();
-    let Some(path) = image(&dir) else {
-        return;
-    };
-    let open = |p: &Path| -> Arc<dyn Image> { Arc::new(open_rw(p, None)) };
-    Walk {
-        format: "qcow",
-        files: vec![path],
-        parents: Vec::new(),
-        open: &open,
-        steps: DISCARD_STEPS,
-        oracle: Oracle::ReadAndWrite { fresh: 7 * MIB },
-    }
-    .all();
+    walk(DISCARD_STEPS);
 }

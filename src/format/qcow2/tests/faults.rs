@@ -48,6 +48,24 @@ fn open_rw(path: &Path) -> Arc<dyn Image> {
     Arc::new(Qcow2Image::open(file, header, None, None, None).unwrap())
 }
 
+/// Walks every host fault over `steps` on an image with an internal snapshot.
+fn walk_with_snapshot(steps: &[Step]) {
+    let dir = TempDir::in_memory();
+    let Some(path) = image_with_snapshot(&dir) else {
+        return;
+    };
+    let open = |p: &Path| open_rw(p);
+    Walk {
+        format: "qcow2",
+        files: vec![path],
+        parents: Vec::new(),
+        open: &open,
+        steps,
+        oracle: Oracle::Check,
+    }
+    .all();
+}
+
 #[test]
 fn every_host_fault_leaves_a_valid_image_with_what_was_flushed() {
     let dir = TempDir::in_memory();
@@ -99,20 +117,7 @@ const SNAPSHOT_STEPS: &[Step] = &[
 
 #[test]
 fn every_host_fault_while_copying_from_a_snapshot_keeps_its_refcounts() {
-    let dir = TempDir::in_memory();
-    let Some(path) = image_with_snapshot(&dir) else {
-        return;
-    };
-    let open = |p: &Path| open_rw(p);
-    Walk {
-        format: "qcow2",
-        files: vec![path],
-        parents: Vec::new(),
-        open: &open,
-        steps: SNAPSHOT_STEPS,
-        oracle: Oracle::Check,
-    }
-    .all();
+    walk_with_snapshot(SNAPSHOT_STEPS);
 }
 
 /// Discards over clusters shared with a snapshot (the L2 table copied, references dropped)
@@ -132,18 +137,5 @@ const DISCARD_STEPS: &[Step] = &[
 
 #[test]
 fn every_host_fault_during_a_discard_keeps_refcounts_and_data() {
-    let dir = TempDir::in_memory();
-    let Some(path) = image_with_snapshot(&dir) else {
-        return;
-    };
-    let open = |p: &Path| open_rw(p);
-    Walk {
-        format: "qcow2",
-        files: vec![path],
-        parents: Vec::new(),
-        open: &open,
-        steps: DISCARD_STEPS,
-        oracle: Oracle::Check,
-    }
-    .all();
+    walk_with_snapshot(DISCARD_STEPS);
 }

@@ -79,6 +79,23 @@ const MONOLITHIC_STEPS: &[Step] = &[
     Step::Read(3 * MIB - 2000, 5000),
 ];
 
+/// Walks every host fault over `steps` on the split disk, checked by qemu-img.
+fn walk_split(steps: &[Step]) {
+    let dir = TempDir::in_memory();
+    let Some(files) = split(&dir) else {
+        return;
+    };
+    Walk {
+        format: "vmdk",
+        files,
+        parents: Vec::new(),
+        open: &open_rw,
+        steps,
+        oracle: Oracle::Check,
+    }
+    .all();
+}
+
 #[test]
 fn every_host_fault_leaves_a_valid_monolithic_disk_with_what_was_flushed() {
     let dir = TempDir::in_memory();
@@ -113,19 +130,7 @@ const SPLIT_STEPS: &[Step] = &[
 
 #[test]
 fn every_host_fault_leaves_a_valid_split_disk_with_what_was_flushed() {
-    let dir = TempDir::in_memory();
-    let Some(files) = split(&dir) else {
-        return;
-    };
-    Walk {
-        format: "vmdk",
-        files,
-        parents: Vec::new(),
-        open: &open_rw,
-        steps: SPLIT_STEPS,
-        oracle: Oracle::Check,
-    }
-    .all();
+    walk_split(SPLIT_STEPS);
 }
 
 /// New grains, a flush; discards of whole grains in both extents (version 1: punched, left
@@ -147,17 +152,5 @@ const DISCARD_STEPS: &[Step] = &[
 
 #[test]
 fn every_host_fault_during_a_discard_leaves_a_valid_disk() {
-    let dir = TempDir::in_memory();
-    let Some(files) = split(&dir) else {
-        return;
-    };
-    Walk {
-        format: "vmdk",
-        files,
-        parents: Vec::new(),
-        open: &open_rw,
-        steps: DISCARD_STEPS,
-        oracle: Oracle::Check,
-    }
-    .all();
+    walk_split(DISCARD_STEPS);
 }
