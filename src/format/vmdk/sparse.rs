@@ -98,7 +98,7 @@ impl SparseExtent {
                     .to_string(),
             );
         }
-        if let Some(overlap) = directory.overlapping_tables(layout.gt_bytes) {
+        if let Some(overlap) = directory.overlap.clone() {
             log::warn!("{}: {overlap}; serving it read-only", file.path().display());
             reasons.push(overlap);
         }

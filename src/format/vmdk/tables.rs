@@ -19,6 +19,8 @@ const GTE_ZEROED_U64: u64 = GTE_ZEROED as u64;
 const ENTRY_LEN: u64 = 4;
 /// seSparse directory entries name a grain table by number under this tag.
 const SE_TABLE_TAG: u64 = 0x1000_0000_0000_0000;
+/// Directories are read in pieces of this many bytes.
+const DIRECTORY_PIECE: u64 = 1 << 20;
 
 /// What one grain table entry says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +220,34 @@ pub struct Directory {
     pub primary: Vec<u64>,
     pub redundant: Option<Vec<u64>>,
     dirty: DirtyChunks,
+    /// Two grain tables found overlapping each other (or a primary and a redundant one) when
+    /// the directories were read. Writes through one would then change the other: the extent
+    /// is served read-only.
+    pub overlap: Option<String>,
+}
+
+/// Which directory entry names a grain table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct TableName {
+    redundant: bool,
+    index: u64,
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let copy = if self.redundant { "redundant " } else { "" };
+        write!(f, "{copy}grain table {}", self.index)
+    }
+}
+
+/// Names two of the grain tables at `tables` (byte offset, name) that overlap.
+fn find_overlap(mut tables: Vec<(u64, TableName)>, gt_bytes: u64) -> Option<String> {
+    tables.sort_unstable();
+    tables.windows(2).find_map(|pair| {
+        let [(a_at, a), (b_at, b)] = [pair[0], pair[1]];
+        (a_at.saturating_add(gt_bytes) > b_at)
+            .then(|| format!("{a} and {b} overlap at {b_at:#x} in the file"))
+    })
 }
 
 impl Directory {
@@ -239,23 +269,41 @@ impl Directory {
             "VMDK grain directory",
             header.gd_entries().saturating_mul(copies * 8 + width),
         )?;
-        let read = |what: &str, at: u64| -> Result<Vec<u64>> {
-            let mut raw = vec![0u8; count * width as usize];
-            file.read_exact_at(&mut raw, at)?;
-            let mut tables = Vec::with_capacity(count);
-            for (index, raw_entry) in decode_entries(&raw, width).into_iter().enumerate() {
-                let entry_at = at + index as u64 * width;
-                let table = layout
-                    .table_offset(raw_entry)
-                    .map_err(|e| e.at_offset(entry_at))?
-                    .unwrap_or(0);
-                if table != 0 {
-                    let what = format_args!("{what}grain table {index}");
+        // Non-zero entries of both copies, for the overlap check.
+        let mut named: Vec<(u64, TableName)> = Vec::new();
+        let mut read = |redundant: bool, at: u64| -> Result<Vec<u64>> {
+            let copy = if redundant { "redundant " } else { "" };
+            let mut tables = vec![0u64; count];
+            // Past the end of the file a directory reads as zeros, and a hostile header can
+            // claim millions of entries there: only the part inside the file is read, in
+            // pieces, and the zeroed vector costs no memory where nothing is stored.
+            let in_file = file_len.saturating_sub(at).min(count as u64 * width) / width;
+            let per_piece = (DIRECTORY_PIECE / width).max(1);
+            let mut raw = vec![0u8; (in_file.min(per_piece) * width) as usize];
+            let mut first = 0;
+            while first < in_file {
+                let piece = &mut raw[..((in_file - first).min(per_piece) * width) as usize];
+                file.read_exact_at(piece, at + first * width)?;
+                for (offset, raw_entry) in nonzero_entries(piece, width) {
+                    let index = first + offset as u64;
+                    let entry_at = at + index * width;
+                    let table = layout
+                        .table_offset(raw_entry)
+                        .map_err(|e| e.at_offset(entry_at))?
+                        .unwrap_or(0);
+                    if table == 0 {
+                        continue;
+                    }
+                    let what = format_args!("{copy}grain table {index}");
                     layout
                         .check(&what, table, layout.gt_bytes, file_len)
                         .map_err(|e| e.at_offset(entry_at))?;
+                    if let Some(slot) = tables.get_mut(index as usize) {
+                        *slot = table;
+                        named.push((table, TableName { redundant, index }));
+                    }
                 }
-                tables.push(table);
+                first += per_piece;
             }
             Ok(tables)
         };
@@ -263,14 +311,15 @@ impl Directory {
         let rgd_at = header
             .has_redundant_gd()
             .then(|| header.rgd_offset * SECTOR_SIZE);
-        let primary = read("", gd_at)?;
-        let redundant = rgd_at.map(|at| read("redundant ", at)).transpose()?;
+        let primary = read(false, gd_at)?;
+        let redundant = rgd_at.map(|at| read(true, at)).transpose()?;
         Ok(Directory {
             gd_at,
             rgd_at,
             dirty: DirtyChunks::new(count * ENTRY_LEN as usize, SECTOR_SIZE as usize),
             primary,
             redundant,
+            overlap: find_overlap(named, layout.gt_bytes),
         })
     }
 
@@ -314,31 +363,6 @@ impl Directory {
         Ok(())
     }
 
-    /// Names two grain tables that overlap each other (or a primary and a redundant one).
-    /// Writes through one would then change the other: the extent is served read-only.
-    pub fn overlapping_tables(&self, gt_bytes: u64) -> Option<String> {
-        let mut all: Vec<(u64, String)> = Vec::new();
-        for (copy, table) in [
-            ("", Some(&self.primary)),
-            ("redundant ", self.redundant.as_ref()),
-        ] {
-            for (index, &at) in table.into_iter().flatten().enumerate() {
-                if at != 0 {
-                    all.push((at, format!("{copy}grain table {index}")));
-                }
-            }
-        }
-        all.sort_unstable();
-        all.windows(2).find_map(|pair| {
-            (pair[0].0.saturating_add(gt_bytes) > pair[1].0).then(|| {
-                format!(
-                    "{} and {} overlap at {:#x} in the file",
-                    pair[0].1, pair[1].1, pair[1].0
-                )
-            })
-        })
-    }
-
     pub fn is_dirty(&self) -> bool {
         !self.dirty.is_empty()
     }
@@ -380,12 +404,34 @@ impl Directory {
 
 /// Little-endian entries of `width` (4 or 8) bytes.
 pub(super) fn decode_entries(raw: &[u8], width: u64) -> Vec<u64> {
-    raw.chunks_exact(width as usize)
-        .map(|c| match c.len() {
-            8 => u64::from_le_bytes(c.try_into().unwrap_or_default()),
-            _ => u64::from(u32::from_le_bytes(c.try_into().unwrap_or_default())),
+    raw.chunks_exact(width as usize).map(decode_entry).collect()
+}
+
+/// The non-zero entries of `width` (4 or 8) bytes in `raw`, by index. Directories are mostly
+/// zeros, so they are skipped 16 bytes at a time.
+fn nonzero_entries(raw: &[u8], width: u64) -> impl Iterator<Item = (usize, u64)> + '_ {
+    const BLOCK: usize = 16;
+    let width = width as usize;
+    raw.chunks(BLOCK)
+        .enumerate()
+        .filter(|(_, block)| {
+            <[u8; BLOCK]>::try_from(*block).map_or(true, |b| u128::from_ne_bytes(b) != 0)
         })
-        .collect()
+        .flat_map(move |(block_index, block)| {
+            block
+                .chunks_exact(width)
+                .enumerate()
+                .map(move |(i, entry)| (block_index * BLOCK / width + i, decode_entry(entry)))
+        })
+        .filter(|&(_, entry)| entry != 0)
+}
+
+/// One little-endian entry of 4 or 8 bytes.
+fn decode_entry(raw: &[u8]) -> u64 {
+    match raw.len() {
+        8 => u64::from_le_bytes(raw.try_into().unwrap_or_default()),
+        _ => u64::from(u32::from_le_bytes(raw.try_into().unwrap_or_default())),
+    }
 }
 
 /// A byte offset as a 32-bit sector number, the only kind of offset the tables can hold.
@@ -457,6 +503,7 @@ mod tests {
             primary: vec![0; 200],
             redundant: Some(vec![0u64; 200]),
             dirty: DirtyChunks::new(800, 512),
+            overlap: None,
         };
         assert_eq!(d.table_at(3).unwrap(), None);
         assert!(d.table_at(200).is_err());
@@ -473,9 +520,29 @@ mod tests {
         );
         d.mark_clean();
         assert!(!d.is_dirty());
-        assert_eq!(d.overlapping_tables(2048), None);
-        d.set(131, 0x10400, None).unwrap();
-        assert!(d.overlapping_tables(2048).unwrap().contains("overlap"));
         assert!(to_sector(1 << 41).is_err());
+    }
+
+    #[test]
+    fn only_nonzero_entries_are_visited_and_overlaps_are_named() {
+        let mut raw = vec![0u8; 100];
+        raw[20..24].copy_from_slice(&7u32.to_le_bytes());
+        raw[96..100].copy_from_slice(&9u32.to_le_bytes());
+        assert_eq!(
+            nonzero_entries(&raw, 4).collect::<Vec<_>>(),
+            [(5, 7), (24, 9)]
+        );
+        assert_eq!(
+            nonzero_entries(&raw[..96], 8).collect::<Vec<_>>(),
+            [(2, 7 << 32)]
+        );
+        let name = |redundant, index| TableName { redundant, index };
+        let apart = vec![(0x10000, name(false, 3)), (0x10800, name(true, 3))];
+        assert_eq!(find_overlap(apart, 2048), None);
+        let overlapping = vec![(0x10400, name(false, 131)), (0x10000, name(true, 130))];
+        assert_eq!(
+            find_overlap(overlapping, 2048).as_deref(),
+            Some("redundant grain table 130 and grain table 131 overlap at 0x10400 in the file")
+        );
     }
 }
