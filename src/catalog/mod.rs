@@ -118,6 +118,9 @@ struct State {
     /// In overlay mode, the raw files' instances: overlay views over the originals in `live`.
     overlays: HashMap<FileId, Arc<Served>>,
     next_version: u64,
+    /// Images whose write-back failed since the catalog was made, as "path: error": what was
+    /// written to them since their last successful flush may be lost (`imgfs umount` says so).
+    lost_write_backs: Vec<String>,
 }
 
 impl State {

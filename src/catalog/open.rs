@@ -14,7 +14,7 @@ use super::{lock, Catalog, ImageFile};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::links::{Chain, Links};
 use crate::format::{Format, OpenOptions};
-use crate::host::activity::{activity_of, ctime_ns};
+use crate::host::activity::{activity_of, FileState};
 use crate::image::Image;
 
 /// What the raw file of an image shows.
@@ -223,7 +223,7 @@ impl Catalog {
         activity_of(image.id)
             .around(
                 || file.set_times(times),
-                || file.metadata().map_or(0, |m| ctime_ns(&m)),
+                || file.metadata().ok().map(|m| FileState::of(&m)),
             )
             .map_err(|e| Error::io("set times", e).with_path(&image.source))?;
         self.is_current(image);
@@ -254,6 +254,51 @@ impl Catalog {
         self.close_unused(idle_for)
     }
 
+    /// Writes back what `served` holds before it is closed; `false` keeps it open, so that
+    /// it is written back on a later try. An instance whose write-back stopped earlier (its
+    /// flush fails, and nothing is left dirty) is closed, and its loss remembered.
+    fn written_back_for_closing(&self, served: &Served) -> bool {
+        if served.is_retired() || (!served.is_dirty() && served.read_only_reason().is_none()) {
+            return true;
+        }
+        match served.flush() {
+            Ok(()) => true,
+            Err(e) if served.is_dirty() => {
+                log::error!("write-back before closing failed: {e}");
+                false
+            }
+            Err(e) => {
+                self.note_lost_write_back(served.source(), &e);
+                true
+            }
+        }
+    }
+
+    /// Remembers that the write-back of the image at `source` failed with `e` (once a path).
+    pub fn note_lost_write_back(&self, source: &Path, e: &Error) {
+        let mut state = self.state();
+        let path = source.display().to_string();
+        let known = state.lost_write_backs.iter().any(|entry| {
+            entry
+                .strip_prefix(&path)
+                .is_some_and(|r| r.starts_with(": "))
+        });
+        if !known {
+            let text = e.to_string();
+            let entry = if text.starts_with(&path) {
+                text
+            } else {
+                format!("{path}: {text}")
+            };
+            state.lost_write_backs.push(entry);
+        }
+    }
+
+    /// The images whose write-back failed since the catalog was made, as "path: error".
+    pub fn lost_write_backs(&self) -> Vec<String> {
+        self.state().lost_write_backs.clone()
+    }
+
     /// `close_idle` for a caller that holds the opening lock.
     fn close_unused(&self, idle_for: Duration) -> usize {
         let mut closed = 0;
@@ -274,12 +319,8 @@ impl Catalog {
             }
             let mut progress = false;
             for (view, served) in candidates {
-                if served.is_dirty() {
-                    if let Err(e) = served.flush() {
-                        // Kept open, so what it holds is written back on a later try.
-                        log::error!("write-back before closing failed: {e}");
-                        continue;
-                    }
+                if !self.written_back_for_closing(&served) {
+                    continue;
                 }
                 let mut state = self.state();
                 let map = if view {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use crate::format::Format;
-use crate::host::activity::{ctime_ns, own_writes, FileKey};
+use crate::host::activity::{ctime_ns, mtime_ns, own_writes, FileKey};
 use crate::views::PartitionTable;
 
 /// Which file: device and inode, whatever its name.
@@ -282,7 +282,7 @@ impl ImageFile {
             return Change::Replaced;
         }
         let quiet = before == after && after.is_quiet();
-        let ctime_only = {
+        let (ctime_only, ours) = {
             let mut seen = self.seen();
             if now == seen.identity {
                 seen.stat = FileStat::of(&meta);
@@ -290,7 +290,7 @@ impl ImageFile {
             }
             let ours = after.started != seen.writes || before.started != seen.writes;
             // With none of ours in flight, a ctime past our last write's is someone else's.
-            let foreign_after_ours = quiet && ctime_ns(&meta) > after.ctime;
+            let foreign_after_ours = quiet && ctime_ns(&meta) > after.last.ctime;
             if ours && !foreign_after_ours {
                 // Our own writes moved it. Remember the new state only when no write of ours
                 // was in flight around the stat: then it shows all of them.
@@ -301,14 +301,25 @@ impl ImageFile {
                 }
                 return Change::Current;
             }
-            !ours && now.size == seen.identity.size && now.mtime == seen.identity.mtime
+            // Someone else changed the file: its metadata only if it left the size and mtime
+            // as our last write (or, with no write of ours since, as last seen) left them.
+            let ctime_only = if ours {
+                now.size == after.last.size && mtime_ns(&meta) == after.last.mtime
+            } else {
+                now.size == seen.identity.size && now.mtime == seen.identity.mtime
+            };
+            (ctime_only, ours)
         };
-        if !ctime_only || header_hash(&self.source) != self.summary.header_hash {
+        // Our writes may have changed the header since it was hashed; a content rewrite that
+        // keeps both the size and the nanosecond mtime our last write left is not credible.
+        if !ctime_only || (!ours && header_hash(&self.source) != self.summary.header_hash) {
             return Change::Rewritten;
         }
-        // Permissions, owner or links changed; the content did not.
+        // Permissions, owner, links or attributes changed; the content did not. (With writes
+        // of ours among the change, none was in flight: `quiet` held.)
         let mut seen = self.seen();
         seen.identity = now;
+        seen.writes = after.started;
         seen.stat = FileStat::of(&meta);
         seen.host_writable = host_writable(&self.source);
         Change::Current
@@ -387,6 +398,32 @@ mod tests {
             Change::Replaced,
             "an ended version stays ended"
         );
+    }
+
+    #[test]
+    fn a_metadata_change_after_our_writes_keeps_the_version() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![1u8; 8192]).unwrap();
+        let version = version_of(&path);
+        let ours = HostFile::open(&path, true).unwrap();
+        ours.write_all_at(&[2u8; 100], 10_000).unwrap();
+        // A backup tool's hard link, a chmod: only the ctime moves past our write's.
+        std::fs::hard_link(&path, dir.path().join("link")).unwrap();
+        assert_eq!(version.check(), Change::Current, "a new link");
+        ours.write_all_at(&[3u8; 100], 0).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(version.check(), Change::Current, "a chmod after our write");
+        assert_eq!(version.stat().perm, 0o600);
+        // Someone else's write after ours moves the mtime: a new version.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&[4u8; 10], 0)
+            .unwrap();
+        assert_eq!(version.check(), Change::Rewritten);
     }
 
     #[test]

@@ -197,20 +197,32 @@ pub fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, std::io::Error> {
     let path = c_path(path).map_err(std::io::Error::other)?;
     let name = CString::new(name).map_err(std::io::Error::other)?;
     let mut buf = vec![0u8; 256];
-    // SAFETY: valid strings and a buffer of the size we pass.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
+    loop {
+        // SAFETY: valid strings and a buffer of the size we pass.
+        let n = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(buf);
+        }
+        let e = std::io::Error::last_os_error();
+        // The value outgrew the buffer: ask its size, then try again with that much room.
+        if e.raw_os_error() != Some(libc::ERANGE) {
+            return Err(e);
+        }
+        // SAFETY: valid strings; a null buffer of size 0 asks for the value's size.
+        let size = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        if size < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        buf = vec![0u8; size as usize];
     }
-    buf.truncate(n as usize);
-    Ok(buf)
 }
 
 pub fn setxattr(path: &Path, name: &str, value: &[u8]) -> Result<(), std::io::Error> {

@@ -249,10 +249,19 @@ fn serve(
     let _ = writeback.join();
     let failed = core.flush_all();
     log::info!("unmounted {}", mnt.display());
-    match (result, failed) {
+    // Said once more at the end, so that the exit status and the last lines of the log tell
+    // a service manager or a script what may be lost.
+    let lost = core.lost_write_backs();
+    for entry in &lost {
+        log::error!("write-back failed while mounted: {entry}");
+    }
+    match (result, failed.max(lost.len())) {
         (Err(e), _) => Err(format!("FUSE session ended with an error: {e}")),
         (Ok(()), 0) => Ok(()),
-        (Ok(()), n) => Err(format!("{n} image(s) failed to flush; see the log")),
+        (Ok(()), n) => Err(format!(
+            "the write-back of {n} image(s) failed, so what was written to them since their \
+             last successful flush may be lost; see the log"
+        )),
     }
 }
 

@@ -1,11 +1,12 @@
 //! `imgfs umount MNT`: asks the daemon to flush every image (an extended attribute on the mount
 //! root), unmounts, and waits until the daemon has exited, so that when it returns the images are
-//! complete, closed and unlocked for qemu-img.
+//! complete, closed and unlocked for qemu-img. It fails, after unmounting, when the write-back
+//! of an image failed at any time while it was mounted.
 
 use std::path::Path;
 
 use super::daemon::{self, ProcessWatch};
-use crate::fs::core::{XATTR_FLUSH, XATTR_PID};
+use crate::fs::core::{XATTR_FLUSH, XATTR_LOST_WRITE_BACKS, XATTR_PID};
 
 /// How long to wait for the daemon to finish after the unmount.
 const EXIT_TIMEOUT_MS: i32 = 120_000;
@@ -28,10 +29,23 @@ pub fn run(mnt: &Path) -> Result<(), String> {
         .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
         .ok_or_else(|| format!("{shown} is not an imgfs mount (or its daemon does not answer)"))?;
     let watch = ProcessWatch::new(pid).map_err(|e| format!("cannot watch daemon {pid}: {e}"))?;
+    // A failed write-back stops its image for good (no later flush can make what it held
+    // durable), so staying mounted would not help: unmount, and say what may be lost.
+    let mut lost = Vec::new();
     match daemon::setxattr(mnt, XATTR_FLUSH, b"1") {
         Ok(()) => {}
         // The kernel refuses xattr changes on a read-only mount: there is nothing to flush.
         Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+            let listed = daemon::getxattr(mnt, XATTR_LOST_WRITE_BACKS).unwrap_or_default();
+            lost = String::from_utf8_lossy(&listed)
+                .lines()
+                .map(str::to_string)
+                .collect();
+            if lost.is_empty() {
+                lost.push(format!("flushing failed ({e}); see the daemon's log"));
+            }
+        }
         Err(e) => {
             return Err(format!(
                 "flushing the images of {shown} failed ({e}); they stay mounted, \
@@ -51,6 +65,14 @@ pub fn run(mnt: &Path) -> Result<(), String> {
     if !watch.wait(EXIT_TIMEOUT_MS) {
         return Err(format!(
             "{shown} is unmounted but daemon {pid} has not exited yet"
+        ));
+    }
+    if !lost.is_empty() {
+        return Err(format!(
+            "{shown} is unmounted, but the write-back of these images failed, so what was \
+             written to them since their last successful flush may be lost (they are as \
+             after a crash: check them with `imgfs check`):\n  {}",
+            lost.join("\n  ")
         ));
     }
     Ok(())

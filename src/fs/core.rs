@@ -38,6 +38,10 @@ pub const XATTR_PID: &str = "user.imgfs.pid";
 /// Setting this extended attribute on the root directory writes every image back and closes
 /// the ones nobody has open.
 pub const XATTR_FLUSH: &str = "user.imgfs.flush";
+/// Extended attribute of the root directory that lists the images whose write-back failed
+/// since the mount, one "path: error" a line (empty when none): what was written to them since
+/// their last successful flush may be lost.
+pub const XATTR_LOST_WRITE_BACKS: &str = "user.imgfs.lost-write-backs";
 /// Extended attribute of a GPT partition's file holding the partition's name.
 pub const XATTR_PARTITION_NAME: &str = "user.imgfs.name";
 /// Extended attribute of the root directory that reports how many files are open through the
@@ -660,6 +664,9 @@ impl FsCore {
         if ino == ROOT_INO && name == XATTR_PID {
             return Ok(std::process::id().to_string().into_bytes());
         }
+        if ino == ROOT_INO && name == XATTR_LOST_WRITE_BACKS {
+            return Ok(lost_write_backs_value(&self.lost_write_backs()));
+        }
         if ino == ROOT_INO && name == XATTR_OPEN_FILES {
             let handles = self.handles.read().unwrap_or_else(|p| p.into_inner());
             return Ok(handles.len().to_string().into_bytes());
@@ -671,10 +678,10 @@ impl FsCore {
         if ino == ROOT_INO && name == XATTR_FLUSH {
             let failed = self.flush_all();
             self.catalog.close_idle(Duration::ZERO);
-            return match failed {
-                0 => Ok(()),
-                _ => Err(Errno(libc::EIO)),
-            };
+            if failed > 0 || !self.lost_write_backs().is_empty() {
+                return Err(Errno(libc::EIO));
+            }
+            return Ok(());
         }
         Err(Errno(libc::ENOTSUP))
     }
@@ -682,6 +689,11 @@ impl FsCore {
     /// Flushes every open image; returns how many failed (each failure is logged).
     pub fn flush_all(&self) -> usize {
         self.flush_images(false)
+    }
+
+    /// The images whose write-back failed since the mount, as "path: error".
+    pub fn lost_write_backs(&self) -> Vec<String> {
+        self.catalog.lost_write_backs()
     }
 
     /// The periodic housekeeping: writes back images with pending metadata, looks at the tree
@@ -698,16 +710,34 @@ impl FsCore {
             if served.is_retired() || (only_dirty && !served.is_dirty()) {
                 continue;
             }
-            if served.read_only_reason().is_some() && !served.is_dirty() {
-                continue;
-            }
+            // Read-only instances have nothing to write, but the flush of one whose
+            // write-back stopped fails: that is news `imgfs umount` must give.
             if let Err(e) = served.flush() {
-                log::error!("flush: {}", e.with_path(served.source()));
+                let e = e.with_path(served.source());
+                log::error!("flush: {e}");
+                if !served.is_dirty() {
+                    self.catalog.note_lost_write_back(served.source(), &e);
+                }
                 failed += 1;
             }
         }
         failed
     }
+}
+
+/// The list of lost write-backs as an xattr value, cut to what Linux lets one hold.
+fn lost_write_backs_value(lost: &[String]) -> Vec<u8> {
+    const MAX: usize = 60 << 10;
+    let mut value = String::new();
+    for (shown, entry) in lost.iter().enumerate() {
+        if value.len() + entry.len() + 1 > MAX {
+            value.push_str(&format!("... and {} more", lost.len() - shown));
+            break;
+        }
+        value.push_str(entry);
+        value.push('\n');
+    }
+    value.into_bytes()
 }
 
 fn set_dir_times(

@@ -3,23 +3,43 @@
 //! mtime, ctime and size) from a change someone else made (an image copied over a served one).
 //!
 //! Every mutating `HostFile` call counts one write started before it reaches the file and one
-//! finished after it returns, and notes the ctime the write left on the file. A stat of the
-//! file taken while both counters stayed equal and unchanged reflects every write this process
-//! made up to then and none in flight; a ctime later than the last one we left is someone
-//! else's change. (Reading the ctime back also makes the kernel stamp the next change of the
-//! file with a fine-grained time, so a change right after ours is still later than ours.)
+//! finished after it returns, and notes the ctime, mtime and size the write left on the file.
+//! A stat of the file taken while both counters stayed equal and unchanged reflects every write
+//! this process made up to then and none in flight; a ctime later than the last one we left is
+//! someone else's change, and one that left our mtime and size changed only the file's
+//! metadata (a `chattr`, a new hard link, an ACL). (Reading the ctime back also makes the
+//! kernel stamp the next change of the file with a fine-grained time, so a change right after
+//! ours is still later than ours.)
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+/// What a write left on the file: its times in nanoseconds since the epoch, and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FileState {
+    pub ctime: u64,
+    pub mtime: u64,
+    pub size: u64,
+}
+
+impl FileState {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        FileState {
+            ctime: ctime_ns(meta),
+            mtime: mtime_ns(meta),
+            size: meta.len(),
+        }
+    }
+}
 
 /// The counters of one host file.
 #[derive(Debug, Default)]
 pub struct WriteActivity {
     started: AtomicU64,
     finished: AtomicU64,
-    /// The latest ctime our writes left on the file, in nanoseconds since the epoch.
-    ctime: AtomicU64,
+    /// What the write with the latest ctime left on the file.
+    last: Mutex<FileState>,
 }
 
 /// A reading of a file's counters.
@@ -27,8 +47,8 @@ pub struct WriteActivity {
 pub struct WriteCount {
     pub started: u64,
     pub finished: u64,
-    /// The latest ctime a finished write of ours left (ns since the epoch; 0 if none).
-    pub ctime: u64,
+    /// What the finished write of ours with the latest ctime left (all 0 if none).
+    pub last: FileState,
 }
 
 impl WriteCount {
@@ -39,26 +59,35 @@ impl WriteCount {
 }
 
 impl WriteActivity {
-    /// Counts one write around `write`; `ctime_after` reads the file's ctime once it is done
-    /// (nanoseconds since the epoch).
-    pub fn around<T>(&self, write: impl FnOnce() -> T, ctime_after: impl FnOnce() -> u64) -> T {
+    /// Counts one write around `write`; `state_after` reads what it left on the file once it
+    /// is done (`None` if the file cannot be asked).
+    pub fn around<T>(
+        &self,
+        write: impl FnOnce() -> T,
+        state_after: impl FnOnce() -> Option<FileState>,
+    ) -> T {
         self.started.fetch_add(1, Ordering::SeqCst);
         let result = write();
-        self.ctime.fetch_max(ctime_after(), Ordering::SeqCst);
+        if let Some(state) = state_after() {
+            let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+            if state.ctime >= last.ctime {
+                *last = state;
+            }
+        }
         self.finished.fetch_add(1, Ordering::SeqCst);
         result
     }
 
     fn count(&self) -> WriteCount {
         // Finished first: a reading never shows more writes finished than started, and it
-        // shows the ctime of every write it counts as finished.
+        // shows the state of every write it counts as finished.
         let finished = self.finished.load(Ordering::SeqCst);
-        let ctime = self.ctime.load(Ordering::SeqCst);
+        let last = *self.last.lock().unwrap_or_else(PoisonError::into_inner);
         let started = self.started.load(Ordering::SeqCst);
         WriteCount {
             started,
             finished,
-            ctime,
+            last,
         }
     }
 }
@@ -71,6 +100,14 @@ pub fn ctime_ns(meta: &std::fs::Metadata) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let secs = u64::try_from(meta.ctime()).unwrap_or(0);
     let nsecs = u64::try_from(meta.ctime_nsec()).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(nsecs)
+}
+
+/// A file's mtime in nanoseconds since the epoch.
+pub fn mtime_ns(meta: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let secs = u64::try_from(meta.mtime()).unwrap_or(0);
+    let nsecs = u64::try_from(meta.mtime_nsec()).unwrap_or(0);
     secs.saturating_mul(1_000_000_000).saturating_add(nsecs)
 }
 
@@ -100,18 +137,35 @@ mod tests {
     #[test]
     fn counts_survive_reopening_and_show_writes_in_flight() {
         let key = (u64::MAX, 42);
+        let state = |ctime, size| {
+            Some(FileState {
+                ctime,
+                mtime: ctime,
+                size,
+            })
+        };
         assert_eq!(own_writes(key), WriteCount::default());
         let activity = activity_of(key);
-        let inside = activity.around(|| own_writes(key), || 77);
-        assert_eq!((inside.started, inside.finished, inside.ctime), (1, 0, 0));
+        let inside = activity.around(|| own_writes(key), || state(77, 4096));
+        assert_eq!(
+            (inside.started, inside.finished, inside.last.ctime),
+            (1, 0, 0)
+        );
         assert!(!inside.is_quiet());
         drop(activity);
         let after = own_writes(key);
-        assert_eq!((after.started, after.finished, after.ctime), (1, 1, 77));
+        assert_eq!((after.started, after.finished), (1, 1));
+        assert_eq!(after.last, state(77, 4096).unwrap());
         assert!(after.is_quiet());
-        activity_of(key).around(|| (), || 5);
+        activity_of(key).around(|| (), || state(5, 512));
         let reopened = own_writes(key);
         assert_eq!(reopened.finished, 2, "a reopened file keeps counting");
-        assert_eq!(reopened.ctime, 77, "the latest ctime is kept");
+        assert_eq!(
+            reopened.last,
+            state(77, 4096).unwrap(),
+            "the state of the latest ctime is kept"
+        );
+        activity_of(key).around(|| (), || None);
+        assert_eq!(own_writes(key).finished, 3, "counted without a state");
     }
 }

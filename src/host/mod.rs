@@ -120,7 +120,10 @@ impl HostFile {
         let write = || self.file.write_all_at(buf, offset);
         let written = match &self.activity {
             Some(activity) => activity.around(write, || {
-                self.file.metadata().map_or(0, |m| activity::ctime_ns(&m))
+                self.file
+                    .metadata()
+                    .ok()
+                    .map(|m| activity::FileState::of(&m))
             }),
             None => write(),
         };
@@ -192,7 +195,10 @@ impl HostFile {
         };
         let punched = match &self.activity {
             Some(activity) => activity.around(punch, || {
-                self.file.metadata().map_or(0, |m| activity::ctime_ns(&m))
+                self.file
+                    .metadata()
+                    .ok()
+                    .map(|m| activity::FileState::of(&m))
             }),
             None => punch(),
         };

@@ -357,4 +357,41 @@ fn a_failed_write_back_is_reported_once_per_open_file_and_leaves_the_image_read_
         core.release(fh).unwrap();
     }
     assert_eq!(watch.counts().syncs, 1);
+    // The loss is remembered after the instance is closed, for `imgfs umount` to report.
+    assert_eq!(core.catalog.close_idle(Duration::ZERO), 1);
+    assert_eq!(
+        core.setxattr(ROOT_INO, OsStr::new(XATTR_FLUSH)),
+        Err(Errno(libc::EIO))
+    );
+    let lost = core
+        .getxattr(ROOT_INO, OsStr::new(XATTR_LOST_WRITE_BACKS))
+        .unwrap();
+    let lost = String::from_utf8(lost).unwrap();
+    assert_eq!(lost.lines().count(), 1, "{lost}");
+    assert!(
+        lost.contains("d.vdi: ") && lost.contains("Input/output error"),
+        "{lost}"
+    );
+    // Opened again, the image is writable and flushes, but the loss stays reported.
+    let fh = core.open(ino, true).unwrap();
+    core.write(fh, 0, &[4; 512]).unwrap();
+    core.flush(fh).unwrap();
+    core.release(fh).unwrap();
+    assert_eq!(
+        core.setxattr(ROOT_INO, OsStr::new(XATTR_FLUSH)),
+        Err(Errno(libc::EIO))
+    );
+}
+
+#[test]
+fn the_flush_xattr_succeeds_and_lists_no_loss_when_every_write_back_worked() {
+    let Some((_dir, core, _watch, ino)) = mounted_vdi() else {
+        return;
+    };
+    let fh = core.open(ino, true).unwrap();
+    core.write(fh, 0, &[1; 4096]).unwrap();
+    core.release(fh).unwrap();
+    core.setxattr(ROOT_INO, OsStr::new(XATTR_FLUSH)).unwrap();
+    let lost = core.getxattr(ROOT_INO, OsStr::new(XATTR_LOST_WRITE_BACKS));
+    assert_eq!(lost, Ok(Vec::new()));
 }
