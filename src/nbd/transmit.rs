@@ -120,6 +120,7 @@ pub fn transmit(ch: &mut Channel, negotiated: &Negotiated, limits: Limits) -> Re
     let writer = ch.writer().clone();
     std::thread::scope(|scope| {
         let mut started = 0;
+        let mut threads = Vec::new();
         let result = read_requests(ch, &budget, &pool, |job| {
             // Another worker when every one is busy: the request would wait otherwise.
             if started < workers && idle.load(Ordering::Acquire) == 0 {
@@ -131,7 +132,10 @@ pub fn transmit(ch: &mut Channel, negotiated: &Negotiated, limits: Limits) -> Re
                         work(queue, budget, pool, idle, &writer, negotiated)
                     });
                 match spawned {
-                    Ok(_) => started += 1,
+                    Ok(thread) => {
+                        threads.push(thread);
+                        started += 1;
+                    }
                     // The workers there are serve it; with none, the send below fails.
                     Err(e) => log::warn!("cannot start an NBD worker thread: {e}"),
                 }
@@ -139,6 +143,12 @@ pub fn transmit(ch: &mut Channel, negotiated: &Negotiated, limits: Limits) -> Re
             started > 0 && jobs.send(job).is_ok()
         });
         drop(jobs);
+        // The scope would wait only for the workers' closures; joining waits until their
+        // threads are gone too, thread-local destructors included, so a connection leaves
+        // nothing running behind it (LeakSanitizer counted a worker still exiting as a leak).
+        for thread in threads {
+            let _ = thread.join();
+        }
         result
     })
 }
