@@ -1,4 +1,4 @@
-//! imgfs: serves virtual-disk images (VDI, VHDX, VMDK, QCOW and QCOW2, with backing chains,
+//! imgfs: serves virtual-disk images (VDI, VHD, VHDX, VMDK, QCOW and QCOW2, with backing chains,
 //! internal snapshots and partitions) as flat raw files through FUSE. Layers, top to bottom:
 //! `cli`, `fs`, `catalog`, `views`, `format`, `meta`, `host`.
 

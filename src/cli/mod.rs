@@ -34,8 +34,8 @@ Examples:
 #[command(
     name = "imgfs",
     version,
-    about = "Serve VDI, VHDX, VMDK, QCOW and QCOW2 images as raw files through FUSE",
-    long_about = "Serve every VDI, VHDX, VMDK, QCOW and QCOW2 image below a directory as a flat \
+    about = "Serve VDI, VHD, VHDX, VMDK, QCOW and QCOW2 images as raw files through FUSE",
+    long_about = "Serve every VDI, VHD, VHDX, VMDK, QCOW and QCOW2 image below a directory as a flat \
         raw file, readable and writable, through FUSE: `dd`, `losetup`, `fdisk`, `mount -o \
         loop` and `qemu-img convert` work on a guest disk without a VM. Backing chains, \
         internal snapshots (read-only) and partitions (as files) are served too.",
@@ -65,7 +65,8 @@ enum Command {
   nbdinfo --list nbd://localhost
   qemu-img convert -O qcow2 nbd://localhost/vm/disk.vdi copy.qcow2")]
     Nbd(nbd::NbdArgs),
-    /// Flush every image of an imgfs mount, unmount it and wait for its daemon to exit.
+    /// Flush every image of an imgfs mount, unmount it and wait for its daemon to exit. Exit
+    /// status 1, after unmounting, names the images whose write-back failed while mounted.
     #[command(after_help = "Example:\n  imgfs umount /mnt/raw")]
     Umount {
         /// The mount point.
