@@ -33,13 +33,14 @@
 //!
 //! A crash anywhere leaves at most leaked clusters (counted but unreferenced).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{MutexGuard, PoisonError};
 
 use crate::error::{Error, Result};
 use crate::meta::dirty::DirtyChunks;
 
 use super::cluster::OFFSET_MASK;
+use super::counts::ClusterCounts;
 use super::guard::MetadataGuard;
 use super::refcount::{plan_fresh, BlockSlot, FreshPlan, RefcountBlock, RefcountShape, Refcounts};
 use super::Qcow2Image;
@@ -178,7 +179,7 @@ impl Qcow2Image {
         let shape = self.refcount_shape(alloc, table.len() as u64);
         let plan = plan_fresh(shape, &has_block, &BTreeSet::from([index]), start)?;
         let old = alloc.refcounts.table_location();
-        let counts: BTreeMap<u64, u64> = (start..plan.end).map(|c| (c, 1)).collect();
+        let counts: ClusterCounts = (start..plan.end).collect();
         // The new table is in memory before its blocks are written: a failure part way
         // leaves the plan's clusters uncounted, so nothing may be allocated or flushed after.
         let write_back = &self.shared.write_back;
@@ -221,7 +222,7 @@ impl Qcow2Image {
         &self,
         alloc: &mut AllocState,
         plan: &FreshPlan,
-        counts: &BTreeMap<u64, u64>,
+        counts: &ClusterCounts,
         table: Vec<u64>,
     ) -> Result<()> {
         let file = &self.shared.file;
@@ -265,12 +266,12 @@ impl Qcow2Image {
         &self,
         alloc: &AllocState,
         index: u64,
-        counts: &BTreeMap<u64, u64>,
+        counts: &ClusterCounts,
     ) -> Result<RefcountBlock> {
         let bits = alloc.refcounts.block_bits();
         let first = index << bits;
         let mut block = RefcountBlock::from_bytes(vec![0; 1 << self.cluster_bits()]);
-        for (&cluster, &count) in counts.range(first..first.saturating_add(1 << bits)) {
+        for (cluster, count) in counts.in_range(first..first.saturating_add(1 << bits)) {
             if count > alloc.refcounts.max_value() {
                 return Err(Error::corrupt(format!(
                     "cluster {cluster} has {count} references, more than {}-bit refcounts hold",

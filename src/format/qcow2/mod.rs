@@ -83,6 +83,7 @@
 mod alloc;
 mod check;
 mod cluster;
+mod counts;
 pub mod create;
 mod discard;
 mod guard;

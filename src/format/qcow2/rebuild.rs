@@ -16,13 +16,14 @@
 //! refuses an image (a table past the end of the file, an unaligned entry), the check notes
 //! the problem in qemu-img's words and goes on counting.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
 use crate::error::{Error, Result};
 
 use super::alloc::AllocState;
 use super::cluster::{ClusterDescriptor, OFFSET_MASK};
+use super::counts::ClusterCounts;
 use super::header::{AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY};
 use super::refcount::plan_fresh;
 use super::{read_l1, Qcow2Image};
@@ -115,16 +116,11 @@ impl Qcow2Image {
         };
         let need: BTreeSet<u64> = counts
             .map
-            .keys()
-            .map(|c| c >> bits)
+            .iter()
+            .map(|(c, _)| c >> bits)
             .filter(|&i| !has_block(i))
             .collect();
-        let start = counts
-            .map
-            .keys()
-            .last()
-            .map_or(0, |c| c + 1)
-            .max(file_clusters);
+        let start = counts.map.last().map_or(0, |c| c + 1).max(file_clusters);
         let shape = self.refcount_shape(alloc, table.len() as u64);
         let plan = plan_fresh(shape, &has_block, &need, start)?;
         if plan.table.is_some() {
@@ -135,7 +131,7 @@ impl Qcow2Image {
             }
         }
         for cluster in start..plan.end {
-            *counts.map.entry(cluster).or_default() += 1;
+            counts.map.add_one(cluster);
         }
         let old_blocks: Vec<(u64, u64)> = table
             .iter()
@@ -262,7 +258,7 @@ fn decode_problem(entry: u64, cluster_size: u64, e: &Error) -> String {
 /// References per host cluster. Clusters past the end of the file are refused, or in
 /// recording mode (`imgfs check`) noted as problems and left uncounted.
 pub(super) struct Counts {
-    pub map: BTreeMap<u64, u64>,
+    pub map: ClusterCounts,
     bits: u32,
     file_clusters: u64,
     /// The problems found, when recording instead of refusing.
@@ -272,7 +268,7 @@ pub(super) struct Counts {
 impl Counts {
     pub fn new(bits: u32, file_clusters: u64, recording: bool) -> Self {
         Counts {
-            map: BTreeMap::new(),
+            map: ClusterCounts::new(),
             bits,
             file_clusters,
             problems: recording.then(Vec::new),
@@ -318,23 +314,17 @@ impl Counts {
             return Ok(false);
         }
         for cluster in first..=last {
-            let count = self.map.entry(cluster).or_default();
-            *count = count.saturating_add(1);
+            self.map.add_one(cluster);
         }
         Ok(true)
     }
 
     /// The references counted for `cluster`.
     pub fn get(&self, cluster: u64) -> u64 {
-        self.map.get(&cluster).copied().unwrap_or(0)
+        self.map.get(cluster)
     }
 
     fn remove_one(&mut self, cluster: u64) {
-        if let Some(count) = self.map.get_mut(&cluster) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                self.map.remove(&cluster);
-            }
-        }
+        self.map.remove_one(cluster);
     }
 }
