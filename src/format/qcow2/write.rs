@@ -32,6 +32,17 @@ use super::alloc::AllocState;
 use super::cluster::{ClusterDescriptor, COPIED, OFFSET_MASK, SUBCLUSTERS};
 use super::{L2Slice, Qcow2Image};
 
+/// At most this many whole clusters are gathered into one host write (32 MiB with 64 KiB
+/// clusters), so that a large request does not hold many allocated clusters unpublished.
+const MAX_RUN_CLUSTERS: usize = 512;
+
+/// New host clusters, contiguous from `host`, and the entries that will point at them.
+#[derive(Default)]
+struct FreshRun {
+    host: u64,
+    clusters: Vec<(Entry, u64)>,
+}
+
 /// Where one L2 entry lives: the cached slice holding it and its word in the slice.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct EntrySlot {
@@ -214,6 +225,14 @@ impl Qcow2Image {
         let mut pos = offset;
         let mut rest = payload;
         while !rest.is_empty() {
+            if geo.split(pos).in_cluster == 0 {
+                let whole = self.write_fresh_clusters_locked(&mut alloc, rest, pos)?;
+                if whole > 0 {
+                    rest = rest.get(whole..).unwrap_or_default();
+                    pos += whole as u64;
+                    continue;
+                }
+            }
             let len = ((geo.cluster_size() - geo.split(pos).in_cluster) as usize).min(rest.len());
             let (now, later) = rest.split_at(len);
             self.write_cluster_locked(&mut alloc, now, pos)?;
@@ -224,6 +243,102 @@ impl Qcow2Image {
             self.flush_locked(&mut alloc)?;
         }
         Ok(())
+    }
+
+    /// Writes the whole clusters at the start of `payload` (guest `pos` is cluster aligned)
+    /// that go to a new host cluster anyway, as `write_cluster_locked` would, but a run of
+    /// physically contiguous new clusters with one host write, its entries published after
+    /// it. Returns the bytes written: 0 when the first cluster needs the per-cluster path.
+    /// Holds the allocation mutex.
+    fn write_fresh_clusters_locked(
+        &self,
+        alloc: &mut AllocState,
+        payload: &[u8],
+        pos: u64,
+    ) -> Result<usize> {
+        let geo = self.shared.geometry;
+        if geo.extended_l2 {
+            return Ok(0);
+        }
+        let cluster_size = geo.cluster_size() as usize;
+        let mut done = 0;
+        let mut run = FreshRun::default();
+        while done + (run.clusters.len() + 1) * cluster_size <= payload.len()
+            && run.clusters.len() < MAX_RUN_CLUSTERS
+        {
+            let guest = pos + (done + run.clusters.len() * cluster_size) as u64;
+            let next = self.fresh_cluster(alloc, guest);
+            let next = match next {
+                Ok(Some(next)) => next,
+                Ok(None) => break,
+                // What the run allocated is written and published first: a failure leaves
+                // no cluster counted that nothing points at.
+                Err(e) => {
+                    self.write_run(alloc, payload.get(done..).unwrap_or_default(), &mut run)?;
+                    return Err(e);
+                }
+            };
+            let contiguous = run.clusters.len() as u64 * cluster_size as u64;
+            if !run.clusters.is_empty() && next.1 != run.host + contiguous {
+                done += self.write_run(alloc, payload.get(done..).unwrap_or_default(), &mut run)?;
+            }
+            if run.clusters.is_empty() {
+                run.host = next.1;
+            }
+            run.clusters.push(next);
+        }
+        done += self.write_run(alloc, payload.get(done..).unwrap_or_default(), &mut run)?;
+        Ok(done)
+    }
+
+    /// The L2 entry of guest cluster `guest` and a new host cluster for it, if a whole-cluster
+    /// write there takes a new one (`None`: written in place, or by subclusters).
+    fn fresh_cluster(&self, alloc: &mut AllocState, guest: u64) -> Result<Option<(Entry, u64)>> {
+        let at = self.shared.geometry.split(guest);
+        let l2_offset = self.writable_l2(alloc, at.l1_index)?;
+        let entry = self.read_entry(l2_offset, at.l2_index)?;
+        let in_place = match entry.desc {
+            ClusterDescriptor::Normal { copied, .. } => copied,
+            ClusterDescriptor::Zero {
+                preallocated: Some(_),
+            } => entry.raw & COPIED != 0,
+            ClusterDescriptor::Subclusters { .. } => true,
+            _ => false,
+        };
+        if in_place {
+            return Ok(None);
+        }
+        let host = self.alloc_data_cluster(alloc, guest)?;
+        Ok(Some((entry, host)))
+    }
+
+    /// Writes `run`'s clusters from the start of `payload` with one host write, then
+    /// publishes their entries and queues the drop of what they replaced; empties the run
+    /// and returns the bytes written.
+    fn write_run(
+        &self,
+        alloc: &mut AllocState,
+        payload: &[u8],
+        run: &mut FreshRun,
+    ) -> Result<usize> {
+        if run.clusters.is_empty() {
+            return Ok(0);
+        }
+        let bytes = run.clusters.len() * self.shared.geometry.cluster_size() as usize;
+        let data = payload
+            .get(..bytes)
+            .ok_or_else(|| Error::out_of_range("internal: cluster run past its payload"))?;
+        self.data_file().write_all_at(data, run.host)?;
+        let updates: Vec<(EntrySlot, u64)> = run
+            .clusters
+            .iter()
+            .map(|(entry, host)| (entry.slot, host | COPIED))
+            .collect();
+        self.publish_all(&updates)?;
+        for (entry, _) in run.clusters.drain(..) {
+            self.drop_reference(alloc, &entry.desc);
+        }
+        Ok(bytes)
     }
 
     /// Writes `payload` at guest `pos`, all inside one cluster. Holds the allocation mutex.
@@ -339,6 +454,23 @@ impl Qcow2Image {
             } if !external => alloc.defer_free(host_cluster, cluster_size),
             _ => {}
         }
+    }
+
+    /// Stores new L2 entries (no extended bitmaps), each slice copied once for the entries in
+    /// it that follow one another.
+    fn publish_all(&self, updates: &[(EntrySlot, u64)]) -> Result<()> {
+        let missing = || Error::out_of_range("internal: L2 entry outside its slice");
+        for group in updates.chunk_by(|a, b| a.0.key == b.0.key) {
+            let key = group[0].0.key;
+            let mut words = self.l2_slice(key)?.words.clone();
+            for &(slot, entry) in group {
+                *words.get_mut(slot.word).ok_or_else(missing)? = entry;
+            }
+            self.shared
+                .l2_cache
+                .insert_dirty(key, Arc::new(L2Slice { words }));
+        }
+        Ok(())
     }
 
     /// Stores a new L2 entry (and extended bitmap) as a dirty slice.

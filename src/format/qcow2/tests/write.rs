@@ -517,3 +517,40 @@ fn assert_check_clean(path: &Path) {
 fn assert_compare_equal(path: &Path, expected: &[u8]) {
     crate::testutil::assert_qemu_compare_equal("qcow2", path, expected);
 }
+
+/// A large write into a fresh image goes out as runs of contiguous new clusters, one host
+/// write each: a new L2 table between them (the run across an L2 table's reach) and a
+/// cluster written in place (already the image's own) split runs, and everything reads back
+/// and checks clean.
+#[test]
+fn whole_clusters_are_written_in_contiguous_runs() {
+    let dir = TempDir::new();
+    let path = dir.path().join("runs.qcow2");
+    // 4 KiB clusters: one L2 table covers 2 MiB.
+    let create = format!("create -q -f qcow2 -o cluster_size=4k {} {SIZE}", p(&path));
+    if run("qemu-img", &create).is_none() {
+        return;
+    }
+    qemu_io(&path, &["write -P 0x31 1M 4k"]).unwrap();
+    let mut expected = qemu_raw(&path, "").unwrap();
+    let watch = crate::host::fault::watch(&path);
+    let img = open_rw(&path, None);
+    img.write_at(&[0; 1], 0).unwrap();
+    let writes_before = watch.counts().writes;
+    // 3 MiB + 100 bytes from 512 KiB + 100: a partial cluster at each end, 767 whole ones.
+    let data: Vec<u8> = (0..3 * MIB + 100).map(|i| (i % 253) as u8 + 1).collect();
+    let at = 512 * KIB + 100;
+    img.write_at(&data, at).unwrap();
+    let writes = watch.counts().writes - writes_before;
+    expected[at as usize..(at + data.len() as u64) as usize].copy_from_slice(&data);
+    expected[0] = 0;
+    assert!(
+        writes < 40,
+        "{writes} host writes for 769 clusters: whole clusters not gathered into runs"
+    );
+    assert_same(&read_all(&img), &expected, "before the flush");
+    img.flush().unwrap();
+    drop(img);
+    assert_check_clean(&path);
+    assert_compare_equal(&path, &expected);
+}
