@@ -324,6 +324,14 @@ impl SparseExtent {
         let end = offset + payload.len() as u64;
         let mut at = offset;
         while at < end {
+            if at % grain == 0 && end - at >= grain {
+                let rest = request_part(payload, offset, at, end - at)?;
+                let whole = self.write_fresh_grains(&mut alloc, rest, at)?;
+                if whole > 0 {
+                    at += whole;
+                    continue;
+                }
+            }
             let piece = (grain - at % grain).min(end - at);
             let part = request_part(payload, offset, at, piece)?;
             self.allocate_grain(&mut alloc, part, at, below)?;
@@ -333,6 +341,65 @@ impl SparseExtent {
             write_back.run(self.file.path(), || self.flush_locked(&alloc))?;
         }
         Ok(())
+    }
+
+    /// Writes the whole grains at the start of `payload` (extent offset `offset`, grain
+    /// aligned) that are unallocated or zeroed and share one grain table as new grains at the
+    /// end of the file, with one host write, and only then points their entries at them.
+    /// Returns the bytes written: 0 when the first grain needs `allocate_grain`.
+    fn write_fresh_grains(
+        &self,
+        alloc: &mut AllocState,
+        payload: &[u8],
+        offset: u64,
+    ) -> Result<u64> {
+        let grain = self.layout.grain_bytes;
+        let per_table = u64::from(self.header.gtes_per_gt);
+        let first = offset / grain;
+        let table_index = first / per_table;
+        let table = match self.table(table_index)? {
+            Some(table) => table,
+            None => self.allocate_table(alloc, table_index)?,
+        };
+        let slot = (first % per_table) as usize;
+        let most = (payload.len() as u64 / grain)
+            .min(per_table - slot as u64)
+            .min(MAX_RUN_BYTES / grain)
+            .max(1) as usize;
+        let count = table
+            .entries
+            .iter()
+            .skip(slot)
+            .take(most)
+            .take_while(|&&raw| matches!(self.layout.decode(raw), Grain::Unallocated | Grain::Zero))
+            .count();
+        if count == 0 {
+            return Ok(0);
+        }
+        let bytes = count as u64 * grain;
+        let data = payload
+            .get(..bytes as usize)
+            .ok_or_else(|| Error::out_of_range("internal: grains past their payload"))?;
+        let host = alloc.next_free;
+        let next = reserve(host, bytes)?;
+        // Every grain's sector number must fit a table entry.
+        to_sector(next - grain)?;
+        self.file.write_all_at(data, host)?;
+        alloc.next_free = next;
+        self.file_len.fetch_max(next, Ordering::AcqRel);
+        self.allocated.fetch_add(bytes, Ordering::Relaxed);
+        let mut entries = table.entries.clone();
+        for (i, entry) in entries.iter_mut().skip(slot).take(count).enumerate() {
+            *entry = u64::from(to_sector(host + i as u64 * grain)?);
+        }
+        self.tables.insert_dirty(
+            self.key_of(table_index)?,
+            Arc::new(GrainTable {
+                gd_index: table_index,
+                entries,
+            }),
+        );
+        Ok(bytes)
     }
 
     /// Stores `part` at `offset` (inside one grain), allocating the grain and its grain table
@@ -550,6 +617,9 @@ impl SparseExtent {
         Ok(())
     }
 }
+
+/// At most this many bytes of whole new grains go out in one host write.
+const MAX_RUN_BYTES: u64 = 32 << 20;
 
 /// The end of `len` bytes reserved at `host`, refusing offsets that overflow.
 fn reserve(host: u64, len: u64) -> Result<u64> {

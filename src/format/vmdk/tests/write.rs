@@ -196,6 +196,40 @@ fn a_crash_before_flush_leaves_the_old_disk_intact() {
     assert_compare_equal(&path, &expected);
 }
 
+/// A large write into fresh grains goes out with few host writes: whole unallocated or zeroed
+/// grains of one grain table become one run at the end of the file; a grain already allocated
+/// (written in place) and the next grain table split runs. Everything reads back and checks.
+#[test]
+fn whole_grains_are_written_in_runs() {
+    let dir = TempDir::new();
+    let path = dir.path().join("runs.vmdk");
+    if create(&path, "zeroed_grain=on", "40M").is_none() {
+        return;
+    }
+    // A grain table covers 32 MiB of 64 KiB grains.
+    qemu_io(&path, &["write -z 31M 64k", "write -P 0x31 33M 64k"]).unwrap();
+    let Some(mut expected) = qemu_raw(&path) else {
+        return;
+    };
+    let watch = crate::host::fault::watch(&path);
+    let img = try_open(&path, false).unwrap();
+    let at = 30 * MIB + 100;
+    let data = Rng(0x5eed_7777).bytes(6 * MIB as usize);
+    let writes_before = watch.counts().writes;
+    img.write_at(&data, at).unwrap();
+    let writes = watch.counts().writes - writes_before;
+    assert!(
+        writes < 20,
+        "{writes} host writes for 97 grains: whole grains not gathered into runs"
+    );
+    expected[at as usize..at as usize + data.len()].copy_from_slice(&data);
+    assert!(read_all(img.as_ref()) == expected, "read-back differs");
+    img.flush().unwrap();
+    drop(img);
+    assert_check_clean(&path);
+    assert_compare_equal(&path, &expected);
+}
+
 fn assert_check_clean(path: &Path) {
     crate::testutil::assert_qemu_check_clean("vmdk", path);
 }
