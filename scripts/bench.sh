@@ -11,12 +11,16 @@
 # mktemp directory (under $TMPDIR, default /tmp) and removes it again, even on error or ctrl-c.
 #
 # What is measured (each row against imgfs, then against qemu-storage-daemon, in the same run):
-#   - sequential read:  dd if=RAW of=/dev/null bs=1M, page cache dropped first
+#   - sequential read:  dd if=RAW of=/dev/null bs=1M, buffered and with iflag=direct, page
+#     cache dropped first
 #   - sequential write: dd if=/dev/zero of=RAW bs=1M conv=notrunc,fsync (the way users write
 #     a raw disk), into blocks that are already allocated (overwrite); the same with
 #     oflag=direct (one synchronous 1 MiB request at a time: pure per-request latency); and a
-#     last row into a fresh, empty image (every block gets allocated on the way).
+#     row into a fresh, empty image (every block gets allocated on the way).
 #     MB/s = 10^6 bytes/s over the whole dd run, fsync included; median of 3 runs.
+#   - sequential first write with fio: rw=write bs=1M end_fsync=1 ioengine=psync, one job, the
+#     whole image, into a fresh, empty image each run (MB/s from fio's write bw_bytes, which
+#     includes the final fsync); median of 3 runs.
 #   - random 4k read/write: fio, ioengine=psync (so iodepth 1 per job), direct=1, numjobs 1
 #     and 4, time_based, group_reporting, JSON output parsed with jq; plus 4 jobs reading the
 #     unallocated blocks of an empty image (no host I/O: the FUSE round trip alone)
@@ -235,15 +239,16 @@ trap 'exit 143' TERM
 trap 'exit 129' HUP
 
 avail_kb=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
-need_kb=$((2 * (1 + SEQ_REPS) * SIZE_BYTES / 1024 + 256 * 1024))
+need_kb=$((2 * (1 + 2 * SEQ_REPS) * SIZE_BYTES / 1024 + 256 * 1024))
 ((avail_kb >= need_kb)) || die "need $((need_kb / 1024)) MiB free below ${TMPDIR:-/tmp}, have $((avail_kb / 1024)) MiB (set TMPDIR elsewhere)"
 
 # ---------------------------------------------------------------- images
 # bench.EXT: fully written (every block allocated), for the read and overwrite rows.
-# allocN.EXT: empty, one for each run of the "first write (allocation)" row.
+# allocN.EXT: empty, one for each run of the dd "first write (allocation)" row;
+# fioallocN.EXT: the same for the fio first write row.
 # Each daemon gets its own copies.
 ALLOC_IMAGES=()
-for ((i = 1; i <= SEQ_REPS; i++)); do ALLOC_IMAGES+=("alloc$i"); done
+for ((i = 1; i <= SEQ_REPS; i++)); do ALLOC_IMAGES+=("alloc$i" "fioalloc$i"); done
 IMAGES=(bench "${ALLOC_IMAGES[@]}")
 log "creating a $SIZE $FORMAT image and filling it with data"
 qemu-img create -q "${CREATE_OPTS[@]}" "$SRC/bench.$EXT" "$SIZE_BYTES"
@@ -353,15 +358,32 @@ fio_iops() {
     jq -r '.jobs[0].read.iops + .jobs[0].write.iops | floor' "$json"
 }
 
+# fio_write_mbs FILE -> MB/s (10^6 bytes) of one sequential pass of 1 MiB writes over the whole
+# file, final fsync included (fio counts the end_fsync in the job's runtime).
+fio_write_mbs() {
+    local json=$WORK/fio.json
+    rm -f "$json"
+    timeout -k 5 600 fio --name=bench --filename="$1" --rw=write --bs=1M --ioengine=psync \
+        --iodepth=1 --numjobs=1 --size="$SIZE_BYTES" --end_fsync=1 --invalidate=0 --fallocate=none \
+        --output-format=json --output="$json" >/dev/null || return 1
+    jq -e --argjson size "$SIZE_BYTES" '.jobs[0].error == 0 and .jobs[0].write.io_bytes == $size' "$json" >/dev/null || {
+        echo "fio wrote $(jq -r '.jobs[0].write.io_bytes' "$json") bytes, expected $SIZE_BYTES" >&2
+        return 1
+    }
+    jq -r '.jobs[0].write.bw_bytes / 1e6 * 10 | floor / 10' "$json"
+}
+
 # measure TEST FILE -> the number for the table. The caller drops the page cache first (here
 # it would run in a subshell). Not run under set -e (it is called from an if), so every step
 # checks its own status.
 measure() {
     local t0 t1
     case $1 in
-        seqread)
+        seqread | seqreaddirect)
+            local iflags=fullblock
+            [[ $1 == seqreaddirect ]] && iflags=fullblock,direct
             t0=$(now_ns)
-            timeout -k 5 600 dd if="$2" of=/dev/null bs=1M count="$SIZE_MB" iflag=fullblock 2>"$WORK/dd.err" || { cat "$WORK/dd.err" >&2; return 1; }
+            timeout -k 5 600 dd if="$2" of=/dev/null bs=1M count="$SIZE_MB" iflag="$iflags" 2>"$WORK/dd.err" || { cat "$WORK/dd.err" >&2; return 1; }
             t1=$(now_ns)
             dd_check_bytes || return 1
             dd_rate "$t0" "$t1"
@@ -379,17 +401,19 @@ measure() {
         randread4 | holeread4) fio_iops randread 4 "$2" ;;
         randwrite1) fio_iops randwrite 1 "$2" ;;
         randwrite4) fio_iops randwrite 4 "$2" ;;
+        allocfio) fio_write_mbs "$2" ;;
         *) return 1 ;;
     esac
 }
 
-# Reads first, while the image still holds the 0x5a pattern; then overwrites; the last two rows
-# use the separate empty images. holeread4 reads unallocated blocks, so neither daemon touches
+# Reads first, while the image still holds the 0x5a pattern; then overwrites; the last three
+# rows use the separate empty images. holeread4 reads unallocated blocks, so neither daemon touches
 # the host file: it measures what the FUSE round trip itself costs, the ceiling for randread4.
-TESTS=(seqread randread1 randread4 seqwrite seqwritedirect randwrite1 randwrite4 holeread4 allocwrite)
+TESTS=(seqread seqreaddirect randread1 randread4 seqwrite seqwritedirect randwrite1 randwrite4 holeread4 allocwrite allocfio)
 label() {
     case $1 in
-        seqread) echo "sequential read, dd bs=1M (MB/s)" ;;
+        seqread) echo "sequential read, buffered, dd bs=1M (MB/s)" ;;
+        seqreaddirect) echo "sequential read, O_DIRECT, dd bs=1M iflag=direct (MB/s)" ;;
         randread1) echo "random read 4k, fio numjobs=1 (IOPS)" ;;
         randread4) echo "random read 4k, fio numjobs=4 (IOPS)" ;;
         seqwrite) echo "sequential overwrite, dd bs=1M conv=fsync (MB/s)" ;;
@@ -398,15 +422,16 @@ label() {
         randwrite4) echo "random overwrite 4k, fio numjobs=4 (IOPS)" ;;
         holeread4) echo "random read 4k of unallocated blocks (no host I/O), fio numjobs=4 (IOPS)" ;;
         allocwrite) echo "sequential first write into empty image, dd bs=1M conv=fsync (MB/s)" ;;
+        allocfio) echo "sequential first write into empty image, fio bs=1M end_fsync=1 (MB/s)" ;;
     esac
 }
 
-# The dd rows are short and noisy, so they run SEQ_REPS times, imgfs and qsd taking turns, and
-# the table shows the median (the allocation row writes into a fresh empty image each time).
-# The fio rows run once, for RUNTIME seconds.
+# The sequential rows are short and noisy, so they run SEQ_REPS times, imgfs and qsd taking
+# turns, and the table shows the median (the allocation rows write into a fresh empty image
+# each time). The random fio rows run once, for RUNTIME seconds.
 reps_of() {
     case $1 in
-        seqread | seqwrite | seqwritedirect | allocwrite) echo "$SEQ_REPS" ;;
+        seqread | seqreaddirect | seqwrite | seqwritedirect | allocwrite | allocfio) echo "$SEQ_REPS" ;;
         *) echo 1 ;;
     esac
 }
@@ -425,6 +450,7 @@ for test in "${TESTS[@]}"; do
         for side in imgfs qsd; do
             image=bench
             [[ $test == allocwrite ]] && image=alloc$rep
+            [[ $test == allocfio ]] && image=fioalloc$rep
             [[ $test == holeread4 ]] && image=alloc1
             if [[ $side == imgfs ]]; then
                 if [[ $IMGFS_STATUS != ok ]]; then
@@ -465,7 +491,7 @@ fi
 
 echo
 echo "machine: nproc $(nproc), ${cpu:-unknown CPU}, ${mem_gib} GiB RAM, kernel $(uname -r), QEMU $qemu_version, $(fio --version), images on $fs_type"
-echo "run: $FORMAT $SIZE image ($SIZE_BYTES bytes), dd rows: median of $SEQ_REPS, fio ${RUNTIME}s (+${RAMP}s ramp) psync direct=1 bs=4k, page cache drop: $DROP_CACHES, imgfs $imgfs_rev threads=${IMGFS_THREADS:-default}"
+echo "run: $FORMAT $SIZE image ($SIZE_BYTES bytes), sequential rows: median of $SEQ_REPS, fio ${RUNTIME}s (+${RAMP}s ramp) psync direct=1 bs=4k, page cache drop: $DROP_CACHES, imgfs $imgfs_rev threads=${IMGFS_THREADS:-default}"
 echo "qsd: $QSD_OPTS"
 echo
 echo "| test | imgfs | qemu-storage-daemon | imgfs/qemu ratio |"
