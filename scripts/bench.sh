@@ -24,6 +24,9 @@
 #   - random 4k read/write: fio, ioengine=psync (so iodepth 1 per job), direct=1, numjobs 1
 #     and 4, time_based, group_reporting, JSON output parsed with jq; plus 4 jobs reading the
 #     unallocated blocks of an empty image (no host I/O: the FUSE round trip alone)
+# A last column does the same on a plain raw file with no FUSE in between, the limit: reads read
+# a raw copy of the image (qemu-img convert -O raw), overwrites write into it, first writes go
+# into a fresh sparse file (truncate) each run, and the unallocated-block row reads a sparse file.
 # Both daemons serve their own copy of the image (the images are locked QEMU-style, so one file
 # must never be served by both at once); both read and write their image through the host page
 # cache. imgfs opens the raw file with direct I/O (FOPEN_DIRECT_IO, 1 MiB requests), so the
@@ -159,8 +162,9 @@ SRC=$WORK/imgfs-src      # images imgfs serves
 MNT=$WORK/imgfs-mnt      # imgfs mount point
 QSD=$WORK/qsd            # images qsd serves, and its export files
 QSD_PID_FILE=$QSD/qsd.pid
+FILES=$WORK/file         # the plain raw files of the "file" column
 IMGFS_LOG=$WORK/imgfs.log
-mkdir -p "$SRC" "$MNT" "$QSD"
+mkdir -p "$SRC" "$MNT" "$QSD" "$FILES"
 
 # Is PATH a mount point? Reads mountinfo, so it also sees a dead FUSE mount ("Transport endpoint
 # is not connected") that stat-based checks choke on.
@@ -239,7 +243,8 @@ trap 'exit 143' TERM
 trap 'exit 129' HUP
 
 avail_kb=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
-need_kb=$((2 * (1 + 2 * SEQ_REPS) * SIZE_BYTES / 1024 + 256 * 1024))
+# Both daemons' bench and filled alloc images, the raw copy and the fresh raw file.
+need_kb=$(((2 * (1 + 2 * SEQ_REPS) + 2) * SIZE_BYTES / 1024 + 256 * 1024))
 ((avail_kb >= need_kb)) || die "need $((need_kb / 1024)) MiB free below ${TMPDIR:-/tmp}, have $((avail_kb / 1024)) MiB (set TMPDIR elsewhere)"
 
 # ---------------------------------------------------------------- images
@@ -266,6 +271,10 @@ for name in "${ALLOC_IMAGES[@]}"; do
     qemu-img create -q "${CREATE_OPTS[@]}" "$QSD/$name.$EXT" "$SIZE_BYTES"
 done
 for name in "${IMAGES[@]}"; do touch "$QSD/$name.raw"; done
+# The file column: the image's data as a raw file, and a sparse file for the unallocated row.
+qemu-img convert -f "$QEMU_DRIVER" -O raw "$SRC/bench.$EXT" "$FILES/bench.raw"
+(($(stat -c %s "$FILES/bench.raw") == SIZE_BYTES)) || die "qemu-img convert made a raw file of the wrong size"
+truncate -s "$SIZE_BYTES" "$FILES/hole.raw"
 
 # ---------------------------------------------------------------- start both daemons
 IMGFS_STATUS=ok
@@ -440,28 +449,40 @@ median() {
     tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
+SIDES=(imgfs qsd file)
 declare -A RESULT VALUES
 ERRORS=()
 for test in "${TESTS[@]}"; do
     reps=$(reps_of "$test")
-    VALUES[imgfs]=
-    VALUES[qsd]=
+    for side in "${SIDES[@]}"; do VALUES[$side]=; done
     for ((rep = 1; rep <= reps; rep++)); do
-        for side in imgfs qsd; do
+        for side in "${SIDES[@]}"; do
             image=bench
             [[ $test == allocwrite ]] && image=alloc$rep
             [[ $test == allocfio ]] && image=fioalloc$rep
             [[ $test == holeread4 ]] && image=alloc1
-            if [[ $side == imgfs ]]; then
-                if [[ $IMGFS_STATUS != ok ]]; then
-                    RESULT[$test.$side]="not served"
-                    continue
-                fi
-                target=$MNT/$image.$EXT.raw
-            else
-                target=$QSD/$image.raw
-            fi
             [[ ${RESULT[$test.$side]:-} == error ]] && continue
+            case $side in
+                imgfs)
+                    if [[ $IMGFS_STATUS != ok ]]; then
+                        RESULT[$test.$side]="not served"
+                        continue
+                    fi
+                    target=$MNT/$image.$EXT.raw
+                    ;;
+                qsd) target=$QSD/$image.raw ;;
+                file)
+                    case $test in
+                        holeread4) target=$FILES/hole.raw ;;
+                        allocwrite | allocfio)
+                            target=$FILES/fresh.raw
+                            rm -f "$target"
+                            truncate -s "$SIZE_BYTES" "$target"
+                            ;;
+                        *) target=$FILES/bench.raw ;;
+                    esac
+                    ;;
+            esac
             suffix=
             ((reps > 1)) && suffix=" ($rep/$reps)"
             log "$(label "$test"): $side$suffix"
@@ -493,19 +514,23 @@ echo
 echo "machine: nproc $(nproc), ${cpu:-unknown CPU}, ${mem_gib} GiB RAM, kernel $(uname -r), QEMU $qemu_version, $(fio --version), images on $fs_type"
 echo "run: $FORMAT $SIZE image ($SIZE_BYTES bytes), sequential rows: median of $SEQ_REPS, fio ${RUNTIME}s (+${RAMP}s ramp) psync direct=1 bs=4k, page cache drop: $DROP_CACHES, imgfs $imgfs_rev threads=${IMGFS_THREADS:-default}"
 echo "qsd: $QSD_OPTS"
+echo "file: the same operations on a plain raw file on the host file system, no FUSE in between"
 echo
-echo "| test | imgfs | qemu-storage-daemon | imgfs/qemu ratio |"
-echo "| --- | ---: | ---: | ---: |"
-for test in "${TESTS[@]}"; do
-    a=${RESULT[$test.imgfs]}
-    b=${RESULT[$test.qsd]}
-    if [[ $a =~ ^[0-9.]+$ && $b =~ ^[0-9.]+$ ]]; then
-        ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+# ratio A B -> A/B with two decimals, or an en dash when either is not a number
+ratio() {
+    if [[ $1 =~ ^[0-9.]+$ && $2 =~ ^[0-9.]+$ ]]; then
+        awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "–" }'
     else
-        ratio=-
+        echo "–"
     fi
-    [[ $a == "not served" ]] && a="imgfs: not served"
-    echo "| $(label "$test") | $a | $b | $ratio |"
+}
+echo "| test | imgfs | qemu-storage-daemon | file | imgfs/qsd | imgfs/file |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+for test in "${TESTS[@]}"; do
+    a=${RESULT[$test.imgfs]:-–}
+    b=${RESULT[$test.qsd]:-–}
+    f=${RESULT[$test.file]:-–}
+    echo "| $(label "$test") | $a | $b | $f | $(ratio "$a" "$b") | $(ratio "$a" "$f") |"
 done
 if [[ $IMGFS_STATUS != ok ]]; then
     echo
