@@ -109,6 +109,14 @@ case $FORMAT in
     vmdk-flat) CREATE_OPTS=(-f vmdk -o subformat=monolithicFlat); QEMU_DRIVER=vmdk; EXT=vmdk ;;
     *) die "unknown format '$FORMAT' (known: vdi qcow2 qcow vhdx vhd vmdk vmdk-flat)" ;;
 esac
+# The libyal mounter users would pick instead (libfuse 2, read-only, one image per mount point,
+# served as MOUNTPOINT/<name>1); vdi and vhdx have none.
+case $FORMAT in
+    qcow | qcow2) LIBYAL=qcowmount; LIBYAL_FILE=qcow1 ;;
+    vhd) LIBYAL=vhdimount; LIBYAL_FILE=vhdi1 ;;
+    vmdk | vmdk-flat) LIBYAL=vmdkmount; LIBYAL_FILE=vmdk1 ;;
+    *) LIBYAL=; LIBYAL_FILE= ;;
+esac
 
 SIZE_BYTES=$(numfmt --from=iec "${SIZE%iB}" 2>/dev/null) || die "cannot parse --size '$SIZE' (use e.g. 256M or 1G)"
 MIB=$((1024 * 1024))
@@ -140,6 +148,19 @@ if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# The libyal mounters (Debian's libqcow-utils, libvhdi-utils, libvmdk-utils). Not fatal: without
+# them the libyal column says "not served".
+ly_missing=()
+command -v qcowmount >/dev/null 2>&1 || ly_missing+=(libqcow-utils)
+command -v vhdimount >/dev/null 2>&1 || ly_missing+=(libvhdi-utils)
+command -v vmdkmount >/dev/null 2>&1 || ly_missing+=(libvmdk-utils)
+if ((${#ly_missing[@]})); then
+    log "installing ${ly_missing[*]}"
+    if ! { ((${#missing[@]})) || apt-get update -qq; } ||
+        ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${ly_missing[@]}" >/dev/null; then
+        warn "could not install ${ly_missing[*]}; the libyal column stays empty"
+    fi
+fi
 if [[ ! -e /dev/fuse ]]; then
     modprobe fuse 2>/dev/null || true
     [[ -e /dev/fuse ]] || die "/dev/fuse is missing (modprobe fuse failed)"
@@ -163,8 +184,11 @@ MNT=$WORK/imgfs-mnt      # imgfs mount point
 QSD=$WORK/qsd            # images qsd serves, and its export files
 QSD_PID_FILE=$QSD/qsd.pid
 FILES=$WORK/file         # the plain raw files of the "file" column
+LY=$WORK/libyal          # images the libyal mounter serves, NAME.EXT on mount point NAME.mnt
+LIBYAL_IMAGES=(bench alloc1)
+declare -A LIBYAL_PIDS   # NAME -> pid of the mounter process serving it
 IMGFS_LOG=$WORK/imgfs.log
-mkdir -p "$SRC" "$MNT" "$QSD" "$FILES"
+mkdir -p "$SRC" "$MNT" "$QSD" "$FILES" "$LY"
 
 # Is PATH a mount point? Reads mountinfo, so it also sees a dead FUSE mount ("Transport endpoint
 # is not connected") that stat-based checks choke on.
@@ -211,6 +235,44 @@ stop_qsd() {
     done
 }
 
+# libyal_pid_of IMAGE MOUNTPOINT -> pid of the libyal mounter this script started on them (after
+# mounting it forks, and the child serves: find it by its exact command line).
+libyal_pid_of() {
+    local dir cmd
+    for dir in /proc/[0-9]*; do
+        [[ $(cat "$dir/comm" 2>/dev/null) == "$LIBYAL" ]] || continue
+        cmd=$(tr '\0' ' ' 2>/dev/null <"$dir/cmdline") || continue
+        if [[ $cmd == "$LIBYAL $1 $2 " ]]; then
+            echo "${dir#/proc/}"
+            return 0
+        fi
+    done
+    return 1
+}
+
+stop_libyal() {
+    local name mnt pid i
+    [[ -n $LIBYAL ]] || return 0
+    for name in "${LIBYAL_IMAGES[@]}"; do
+        mnt=$LY/$name.mnt
+        pid=${LIBYAL_PIDS[$name]:-}
+        [[ -n $pid ]] || pid=$(libyal_pid_of "$LY/$name.$EXT" "$mnt") || pid=
+        if is_mounted "$mnt"; then
+            fusermount3 -u "$mnt" 2>/dev/null || umount "$mnt" 2>/dev/null ||
+                fusermount3 -u -z "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
+        fi
+        unset "LIBYAL_PIDS[$name]"
+        [[ -n $pid ]] || continue
+        # Unmounted, it leaves its FUSE loop and exits.
+        for ((i = 0; i < 100; i++)); do
+            [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$LIBYAL" ]] || continue 2
+            sleep 0.1
+        done
+        warn "$LIBYAL ($pid) did not exit within 10 s of its unmount; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+}
+
 stop_imgfs() {
     if is_mounted "$MNT"; then
         if ! timeout 120 "$IMGFS" umount "$MNT"; then
@@ -226,6 +288,7 @@ cleanup() {
     set +e
     stop_imgfs
     stop_qsd
+    stop_libyal
     if ((rc != 0)) && [[ -s $IMGFS_LOG ]]; then
         warn "last lines of the imgfs log:"
         tail -n 20 "$IMGFS_LOG" >&2
@@ -243,8 +306,8 @@ trap 'exit 143' TERM
 trap 'exit 129' HUP
 
 avail_kb=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
-# Both daemons' bench and filled alloc images, the raw copy and the fresh raw file.
-need_kb=$(((2 * (1 + 2 * SEQ_REPS) + 2) * SIZE_BYTES / 1024 + 256 * 1024))
+# Both daemons' bench and filled alloc images, the libyal copy, the raw copy and the fresh raw file.
+need_kb=$(((2 * (1 + 2 * SEQ_REPS) + 3) * SIZE_BYTES / 1024 + 256 * 1024))
 ((avail_kb >= need_kb)) || die "need $((need_kb / 1024)) MiB free below ${TMPDIR:-/tmp}, have $((avail_kb / 1024)) MiB (set TMPDIR elsewhere)"
 
 # ---------------------------------------------------------------- images
@@ -271,6 +334,11 @@ for name in "${ALLOC_IMAGES[@]}"; do
     qemu-img create -q "${CREATE_OPTS[@]}" "$QSD/$name.$EXT" "$SIZE_BYTES"
 done
 for name in "${IMAGES[@]}"; do touch "$QSD/$name.raw"; done
+# The libyal mounter's own copies: the data for the read rows, an empty image for holeread4.
+if [[ -n $LIBYAL ]]; then
+    cp "$SRC"/bench[.-]* "$LY/"
+    qemu-img create -q "${CREATE_OPTS[@]}" "$LY/alloc1.$EXT" "$SIZE_BYTES"
+fi
 # The file column: the image's data as a raw file, and a sparse file for the unallocated row.
 qemu-img convert -f "$QEMU_DRIVER" -O raw "$SRC/bench.$EXT" "$FILES/bench.raw"
 (($(stat -c %s "$FILES/bench.raw") == SIZE_BYTES)) || die "qemu-img convert made a raw file of the wrong size"
@@ -326,6 +394,48 @@ if ! qsd_start io_uring 2>"$WORK/qsd.err"; then
     qsd_start threads || die "qemu-storage-daemon did not start"
 fi
 qsd_pid >/dev/null || die "qemu-storage-daemon did not leave a pid file"
+
+# libyal_start NAME: mount $LY/NAME.EXT on $LY/NAME.mnt the way its manual says (`TOOL IMAGE
+# MOUNTPOINT`: it mounts, then daemonizes). On failure LIBYAL_ERR says why.
+libyal_start() {
+    local name=$1 img=$LY/$1.$EXT mnt=$LY/$1.mnt out=$WORK/libyal-$1.out pid got
+    mkdir -p "$mnt"
+    if ! timeout -k 5 60 "$LIBYAL" "$img" "$mnt" >"$out" 2>&1; then
+        # Drop its version banner, keep the error.
+        LIBYAL_ERR="$LIBYAL $name.$EXT failed: $(grep -v -e "^$LIBYAL [0-9]*\$" -e '^$' "$out" | head -c 300 | tr '\n' ' ')"
+        return 1
+    fi
+    if ! is_mounted "$mnt" || [[ ! -f $mnt/$LIBYAL_FILE ]]; then
+        LIBYAL_ERR="$LIBYAL $name.$EXT: no $LIBYAL_FILE on its mount point (it shows: $(find "$mnt" -mindepth 1 -maxdepth 1 -printf '%f ' 2>&1))"
+        return 1
+    fi
+    got=$(stat -c %s "$mnt/$LIBYAL_FILE")
+    if ((got != SIZE_BYTES)); then
+        LIBYAL_ERR="$LIBYAL serves $name.$EXT with size $got, expected $SIZE_BYTES"
+        return 1
+    fi
+    if ! pid=$(libyal_pid_of "$img" "$mnt"); then
+        LIBYAL_ERR="$LIBYAL $name.$EXT: mounted, but no $LIBYAL process serves it"
+        return 1
+    fi
+    LIBYAL_PIDS[$name]=$pid
+}
+LIBYAL_STATUS=ok
+LIBYAL_VERSION=
+if [[ -z $LIBYAL ]]; then
+    LIBYAL_STATUS="none"
+elif ! command -v "$LIBYAL" >/dev/null 2>&1; then
+    LIBYAL_STATUS="$LIBYAL is not installed"
+else
+    LIBYAL_VERSION=$("$LIBYAL" -V 2>/dev/null | head -n 1)
+    log "starting $LIBYAL"
+    for name in "${LIBYAL_IMAGES[@]}"; do
+        if ! libyal_start "$name"; then
+            warn "$LIBYAL_ERR"
+            if [[ $LIBYAL_STATUS == ok ]]; then LIBYAL_STATUS=$LIBYAL_ERR; fi
+        fi
+    done
+fi
 
 # ---------------------------------------------------------------- measurements
 DROP_CACHES=ok
@@ -415,6 +525,13 @@ measure() {
     esac
 }
 
+is_read_test() {
+    case $1 in
+        seqread | seqreaddirect | randread1 | randread4 | holeread4) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
 # Reads first, while the image still holds the 0x5a pattern; then overwrites; the last three
 # rows use the separate empty images. holeread4 reads unallocated blocks, so neither daemon touches
 # the host file: it measures what the FUSE round trip itself costs, the ceiling for randread4.
@@ -449,7 +566,7 @@ median() {
     tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
-SIDES=(imgfs qsd file)
+SIDES=(imgfs qsd libyal file)
 declare -A RESULT VALUES
 ERRORS=()
 for test in "${TESTS[@]}"; do
@@ -471,6 +588,18 @@ for test in "${TESTS[@]}"; do
                     target=$MNT/$image.$EXT.raw
                     ;;
                 qsd) target=$QSD/$image.raw ;;
+                libyal)
+                    # Read-only: it takes part in the read rows only.
+                    if [[ -z $LIBYAL ]] || ! is_read_test "$test"; then
+                        RESULT[$test.$side]="–"
+                        continue
+                    fi
+                    if [[ -z ${LIBYAL_PIDS[$image]:-} ]]; then
+                        RESULT[$test.$side]="not served"
+                        continue
+                    fi
+                    target=$LY/$image.mnt/$LIBYAL_FILE
+                    ;;
                 file)
                     case $test in
                         holeread4) target=$FILES/hole.raw ;;
@@ -514,6 +643,9 @@ echo
 echo "machine: nproc $(nproc), ${cpu:-unknown CPU}, ${mem_gib} GiB RAM, kernel $(uname -r), QEMU $qemu_version, $(fio --version), images on $fs_type"
 echo "run: $FORMAT $SIZE image ($SIZE_BYTES bytes), sequential rows: median of $SEQ_REPS, fio ${RUNTIME}s (+${RAMP}s ramp) psync direct=1 bs=4k, page cache drop: $DROP_CACHES, imgfs $imgfs_rev threads=${IMGFS_THREADS:-default}"
 echo "qsd: $QSD_OPTS"
+if [[ -n $LIBYAL ]]; then
+    echo "libyal: ${LIBYAL_VERSION:-$LIBYAL}, \`$LIBYAL IMAGE MOUNTPOINT\` (libfuse 2, daemonizes, one thread), read rows only"
+fi
 echo "file: the same operations on a plain raw file on the host file system, no FUSE in between"
 echo
 # ratio A B -> A/B with two decimals, or an en dash when either is not a number
@@ -524,17 +656,22 @@ ratio() {
         echo "–"
     fi
 }
-echo "| test | imgfs | qemu-storage-daemon | file | imgfs/qsd | imgfs/file |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+echo "| test | imgfs | qemu-storage-daemon | ${LIBYAL:-libyal (none for $FORMAT)} | file | imgfs/qsd | imgfs/${LIBYAL:-libyal} | imgfs/file |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 for test in "${TESTS[@]}"; do
     a=${RESULT[$test.imgfs]:-–}
     b=${RESULT[$test.qsd]:-–}
+    l=${RESULT[$test.libyal]:-–}
     f=${RESULT[$test.file]:-–}
-    echo "| $(label "$test") | $a | $b | $f | $(ratio "$a" "$b") | $(ratio "$a" "$f") |"
+    echo "| $(label "$test") | $a | $b | $l | $f | $(ratio "$a" "$b") | $(ratio "$a" "$l") | $(ratio "$a" "$f") |"
 done
 if [[ $IMGFS_STATUS != ok ]]; then
     echo
     echo "imgfs: $IMGFS_STATUS"
+fi
+if [[ -n $LIBYAL && $LIBYAL_STATUS != ok ]]; then
+    echo
+    echo "$LIBYAL: $LIBYAL_STATUS"
 fi
 
 # ---------------------------------------------------------------- opening a 1 TiB image
