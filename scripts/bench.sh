@@ -136,6 +136,7 @@ missing=()
 command -v fio >/dev/null 2>&1 || missing+=(fio)
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+command -v getfattr >/dev/null 2>&1 || missing+=(attr)
 [[ -x /usr/bin/time ]] || missing+=(time)
 for tool in qemu-img qemu-io qemu-storage-daemon; do
     if ! command -v "$tool" >/dev/null 2>&1; then
@@ -366,6 +367,15 @@ else
     done
 fi
 [[ $IMGFS_STATUS == ok ]] || warn "$IMGFS_STATUS"
+# The daemon's pid, for its CPU time: the mount root answers it as an extended attribute.
+IMGFS_PID=
+if [[ $IMGFS_STATUS == ok ]]; then
+    IMGFS_PID=$(getfattr -n user.imgfs.pid --only-values "$MNT" 2>/dev/null) || IMGFS_PID=
+    if [[ ! $IMGFS_PID =~ ^[0-9]+$ || ! -r /proc/$IMGFS_PID/stat ]]; then
+        warn "cannot read the imgfs daemon's pid (user.imgfs.pid on $MNT); no CPU figures for imgfs"
+        IMGFS_PID=
+    fi
+fi
 
 # qemu-storage-daemon (QEMU 10.0 has no multi-threaded or io_uring FUSE export yet; its FUSE
 # options are only mountpoint, writable, growable and allow-other). Best of what was tried on a
@@ -393,7 +403,7 @@ if ! qsd_start io_uring 2>"$WORK/qsd.err"; then
     stop_qsd
     qsd_start threads || die "qemu-storage-daemon did not start"
 fi
-qsd_pid >/dev/null || die "qemu-storage-daemon did not leave a pid file"
+QSD_PID=$(qsd_pid) || die "qemu-storage-daemon did not leave a pid file"
 
 # libyal_start NAME: mount $LY/NAME.EXT on $LY/NAME.mnt the way its manual says (`TOOL IMAGE
 # MOUNTPOINT`: it mounts, then daemonizes). On failure LIBYAL_ERR says why.
@@ -449,6 +459,44 @@ drop_caches() {
 
 now_ns() { date +%s%N; }
 
+# Daemon CPU time per GiB moved. measure() gets the serving process's pid (empty for the file
+# column), reads its CPU time before and after the operation into $WORK/cpu0, and leaves the
+# seconds per GiB (2^30 bytes) in $WORK/cpu.
+CLK_TCK=$(getconf CLK_TCK)
+# cpu_ticks PID -> utime + stime of the process, all its threads, in clock ticks (fields 14 and
+# 15 of /proc/PID/stat, counted here after the ")" that closes the command name)
+cpu_ticks() {
+    local stat fields
+    stat=$(<"/proc/$1/stat") || return 1
+    read -r -a fields <<<"${stat##*) }"
+    echo $((fields[11] + fields[12]))
+}
+cpu_mark() {
+    [[ -z $1 ]] || cpu_ticks "$1" >"$WORK/cpu0"
+}
+# cpu_done PID BYTES
+cpu_done() {
+    local t0 t1
+    [[ -n $1 && -s $WORK/cpu0 ]] || return 0
+    t0=$(<"$WORK/cpu0")
+    t1=$(cpu_ticks "$1") || return 0
+    awk -v t="$((t1 - t0))" -v hz="$CLK_TCK" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", t / hz / (b / 1073741824) }' >"$WORK/cpu"
+}
+# cpu_mark_after_ramp TIMEOUT_PID DAEMON_PID: fio's ramp time moves data that its report leaves
+# out, so the CPU count starts when the ramp ends: RAMP seconds after fio (the child of timeout)
+# has forked its job processes, which takes it a few hundred ms from its start.
+cpu_mark_after_ramp() {
+    local i fio
+    for ((i = 0; i < 3000; i++)); do
+        kill -0 "$1" 2>/dev/null || return 0
+        fio=$(pgrep -o -P "$1")
+        if [[ -n $fio ]] && pgrep -P "$fio" >/dev/null; then break; fi
+        sleep 0.01
+    done
+    sleep "$RAMP"
+    cpu_mark "$2"
+}
+
 # The last dd must have moved the whole image (its stats line starts with the byte count).
 dd_check_bytes() {
     local bytes
@@ -464,24 +512,34 @@ dd_rate() {
     awk -v b="$SIZE_BYTES" -v t0="$1" -v t1="$2" 'BEGIN { printf "%.1f", b / ((t1 - t0) / 1e9) / 1e6 }'
 }
 
-# fio_iops RW NUMJOBS FILE -> IOPS
+# fio_iops RW NUMJOBS FILE PID -> IOPS
 fio_iops() {
-    local json=$WORK/fio.json
+    local json=$WORK/fio.json fio_pid sampler='' rc=0
     rm -f "$json"
     timeout -k 5 $((RUNTIME + RAMP + 120)) fio --name=bench --filename="$3" --rw="$1" --bs=4k \
         --direct=1 --ioengine=psync --iodepth=1 --numjobs="$2" --group_reporting \
         --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --size="$SIZE_BYTES" \
         --norandommap --randrepeat=0 --invalidate=0 --fallocate=none \
-        --output-format=json --output="$json" >/dev/null || return 1
+        --output-format=json --output="$json" >/dev/null &
+    fio_pid=$!
+    if [[ -n $4 ]]; then
+        cpu_mark_after_ramp "$fio_pid" "$4" &
+        sampler=$!
+    fi
+    wait "$fio_pid" || rc=$?
+    if [[ -n $sampler ]]; then wait "$sampler" || true; fi
+    ((rc == 0)) || return 1
     jq -e '.jobs[0].error == 0' "$json" >/dev/null || return 1
+    cpu_done "$4" "$(jq -r '.jobs[0].read.io_bytes + .jobs[0].write.io_bytes' "$json")"
     jq -r '.jobs[0].read.iops + .jobs[0].write.iops | floor' "$json"
 }
 
-# fio_write_mbs FILE -> MB/s (10^6 bytes) of one sequential pass of 1 MiB writes over the whole
-# file, final fsync included (fio counts the end_fsync in the job's runtime).
+# fio_write_mbs FILE PID -> MB/s (10^6 bytes) of one sequential pass of 1 MiB writes over the
+# whole file, final fsync included (fio counts the end_fsync in the job's runtime).
 fio_write_mbs() {
     local json=$WORK/fio.json
     rm -f "$json"
+    cpu_mark "$2"
     timeout -k 5 600 fio --name=bench --filename="$1" --rw=write --bs=1M --ioengine=psync \
         --iodepth=1 --numjobs=1 --size="$SIZE_BYTES" --end_fsync=1 --invalidate=0 --fallocate=none \
         --output-format=json --output="$json" >/dev/null || return 1
@@ -489,10 +547,12 @@ fio_write_mbs() {
         echo "fio wrote $(jq -r '.jobs[0].write.io_bytes' "$json") bytes, expected $SIZE_BYTES" >&2
         return 1
     }
-    jq -r '.jobs[0].write.bw_bytes / 1e6 * 10 | floor / 10' "$json"
+    cpu_done "$2" "$(jq -r '.jobs[0].read.io_bytes + .jobs[0].write.io_bytes' "$json")"
+    jq -r '.jobs[0].write.bw_bytes' "$json" | awk '{ printf "%.1f", $1 / 1e6 }'
 }
 
-# measure TEST FILE -> the number for the table. The caller drops the page cache first (here
+# measure TEST FILE PID -> the number for the table (and the daemon PID's CPU s/GiB in
+# $WORK/cpu; no PID, no CPU figure). The caller drops the page cache first (here
 # it would run in a subshell). Not run under set -e (it is called from an if), so every step
 # checks its own status.
 measure() {
@@ -501,26 +561,30 @@ measure() {
         seqread | seqreaddirect)
             local iflags=fullblock
             [[ $1 == seqreaddirect ]] && iflags=fullblock,direct
+            cpu_mark "$3"
             t0=$(now_ns)
             timeout -k 5 600 dd if="$2" of=/dev/null bs=1M count="$SIZE_MB" iflag="$iflags" 2>"$WORK/dd.err" || { cat "$WORK/dd.err" >&2; return 1; }
             t1=$(now_ns)
+            cpu_done "$3" "$SIZE_BYTES"
             dd_check_bytes || return 1
             dd_rate "$t0" "$t1"
             ;;
         seqwrite | allocwrite | seqwritedirect)
             local flags=()
             [[ $1 == seqwritedirect ]] && flags=(oflag=direct)
+            cpu_mark "$3"
             t0=$(now_ns)
             timeout -k 5 600 dd if=/dev/zero of="$2" bs=1M count="$SIZE_MB" conv=notrunc,fsync "${flags[@]}" 2>"$WORK/dd.err" || { cat "$WORK/dd.err" >&2; return 1; }
             t1=$(now_ns)
+            cpu_done "$3" "$SIZE_BYTES"
             dd_check_bytes || return 1
             dd_rate "$t0" "$t1"
             ;;
-        randread1) fio_iops randread 1 "$2" ;;
-        randread4 | holeread4) fio_iops randread 4 "$2" ;;
-        randwrite1) fio_iops randwrite 1 "$2" ;;
-        randwrite4) fio_iops randwrite 4 "$2" ;;
-        allocfio) fio_write_mbs "$2" ;;
+        randread1) fio_iops randread 1 "$2" "$3" ;;
+        randread4 | holeread4) fio_iops randread 4 "$2" "$3" ;;
+        randwrite1) fio_iops randwrite 1 "$2" "$3" ;;
+        randwrite4) fio_iops randwrite 4 "$2" "$3" ;;
+        allocfio) fio_write_mbs "$2" "$3" ;;
         *) return 1 ;;
     esac
 }
@@ -562,16 +626,20 @@ reps_of() {
     esac
 }
 
+# median [FORMAT] < "v1 v2 ..." (FORMAT for the mean of the middle two; default %.1f)
 median() {
-    tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+    tr ' ' '\n' | grep . | sort -g | awk -v fmt="${1:-%.1f}" '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf fmt, (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
 SIDES=(imgfs qsd libyal file)
-declare -A RESULT VALUES
+declare -A RESULT VALUES CPU CPUS
 ERRORS=()
 for test in "${TESTS[@]}"; do
     reps=$(reps_of "$test")
-    for side in "${SIDES[@]}"; do VALUES[$side]=; done
+    for side in "${SIDES[@]}"; do
+        VALUES[$side]=
+        CPUS[$side]=
+    done
     for ((rep = 1; rep <= reps; rep++)); do
         for side in "${SIDES[@]}"; do
             image=bench
@@ -579,6 +647,7 @@ for test in "${TESTS[@]}"; do
             [[ $test == allocfio ]] && image=fioalloc$rep
             [[ $test == holeread4 ]] && image=alloc1
             [[ ${RESULT[$test.$side]:-} == error ]] && continue
+            pid=
             case $side in
                 imgfs)
                     if [[ $IMGFS_STATUS != ok ]]; then
@@ -586,8 +655,12 @@ for test in "${TESTS[@]}"; do
                         continue
                     fi
                     target=$MNT/$image.$EXT.raw
+                    pid=$IMGFS_PID
                     ;;
-                qsd) target=$QSD/$image.raw ;;
+                qsd)
+                    target=$QSD/$image.raw
+                    pid=$QSD_PID
+                    ;;
                 libyal)
                     # Read-only: it takes part in the read rows only.
                     if [[ -z $LIBYAL ]] || ! is_read_test "$test"; then
@@ -599,6 +672,7 @@ for test in "${TESTS[@]}"; do
                         continue
                     fi
                     target=$LY/$image.mnt/$LIBYAL_FILE
+                    pid=${LIBYAL_PIDS[$image]}
                     ;;
                 file)
                     case $test in
@@ -617,9 +691,14 @@ for test in "${TESTS[@]}"; do
             log "$(label "$test"): $side$suffix"
             err=$WORK/err
             drop_caches
-            if value=$(measure "$test" "$target" 2>"$err") && [[ -n $value ]]; then
+            rm -f "$WORK/cpu" "$WORK/cpu0"
+            if value=$(measure "$test" "$target" "$pid" 2>"$err") && [[ -n $value ]]; then
                 VALUES[$side]+="$value "
                 RESULT[$test.$side]=$(median <<<"${VALUES[$side]}")
+                if [[ -s $WORK/cpu ]]; then
+                    CPUS[$side]+="$(<"$WORK/cpu") "
+                    CPU[$test.$side]=$(median %.3f <<<"${CPUS[$side]}")
+                fi
             else
                 RESULT[$test.$side]=error
                 ERRORS+=("$side, $(label "$test"): $(head -c 400 "$err" | tr '\n' ' ')")
@@ -647,6 +726,7 @@ if [[ -n $LIBYAL ]]; then
     echo "libyal: ${LIBYAL_VERSION:-$LIBYAL}, \`$LIBYAL IMAGE MOUNTPOINT\` (libfuse 2, daemonizes, one thread), read rows only"
 fi
 echo "file: the same operations on a plain raw file on the host file system, no FUSE in between"
+echo "CPU s/GiB: the serving process's user+system CPU time (all threads) per GiB moved, median like the values; fio rows count after the ramp"
 echo
 # ratio A B -> A/B with two decimals, or an en dash when either is not a number
 ratio() {
@@ -656,14 +736,14 @@ ratio() {
         echo "–"
     fi
 }
-echo "| test | imgfs | qemu-storage-daemon | ${LIBYAL:-libyal (none for $FORMAT)} | file | imgfs/qsd | imgfs/${LIBYAL:-libyal} | imgfs/file |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| test | imgfs | qemu-storage-daemon | ${LIBYAL:-libyal (none for $FORMAT)} | file | imgfs/qsd | imgfs/${LIBYAL:-libyal} | imgfs/file | CPU s/GiB imgfs | CPU s/GiB qsd | CPU s/GiB ${LIBYAL:-libyal} |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 for test in "${TESTS[@]}"; do
     a=${RESULT[$test.imgfs]:-–}
     b=${RESULT[$test.qsd]:-–}
     l=${RESULT[$test.libyal]:-–}
     f=${RESULT[$test.file]:-–}
-    echo "| $(label "$test") | $a | $b | $l | $f | $(ratio "$a" "$b") | $(ratio "$a" "$l") | $(ratio "$a" "$f") |"
+    echo "| $(label "$test") | $a | $b | $l | $f | $(ratio "$a" "$b") | $(ratio "$a" "$l") | $(ratio "$a" "$f") | ${CPU[$test.imgfs]:-–} | ${CPU[$test.qsd]:-–} | ${CPU[$test.libyal]:-–} |"
 done
 if [[ $IMGFS_STATUS != ok ]]; then
     echo
