@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Benchmark imgfs against qemu-storage-daemon's FUSE export, side by side, on the same kind of
-# image, and print a markdown table.
+# Benchmark imgfs against the FUSE servers users would pick instead, side by side in one run, on
+# the same kind of image, and print a markdown table:
+#   - qemu-storage-daemon's FUSE export (every format, every row);
+#   - the libyal mounter for the format: qcowmount (qcow, qcow2), vhdimount (dynamic VHD),
+#     vmdkmount (VMDK), from Debian's libqcow-utils, libvhdi-utils, libvmdk-utils. They are
+#     read-only, so they take part in the read rows only; vdi and vhdx have none;
+#   - "file": the same operation on a plain raw file with no FUSE in between, the limit.
 #
 #   scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N]
 #   scripts/bench.sh --nbd [--format F] [--size S] [--quick]   (NBD: imgfs, qemu-nbd, nbdkit;
 #                                                                 see scripts/bench-nbd.sh)
 #
-# Needs root (it drops the page cache and mounts FUSE file systems). Installs fio, fuse3, jq and
-# qemu-utils with apt-get when they are missing, builds imgfs in release mode, works in a fresh
-# mktemp directory (under $TMPDIR, default /tmp) and removes it again, even on error or ctrl-c.
+# Needs root (it drops the page cache and mounts FUSE file systems). Installs fio, fuse3, jq,
+# attr, qemu-utils and the libyal tools with apt-get when they are missing, builds imgfs in
+# release mode, works in a fresh mktemp directory (under $TMPDIR, default /tmp) and removes it
+# again, even on error or ctrl-c.
 #
-# What is measured (each row against imgfs, then against qemu-storage-daemon, in the same run):
-#   - sequential read:  dd if=RAW of=/dev/null bs=1M, buffered and with iflag=direct, page
-#     cache dropped first
+# What is measured (each row on imgfs, qemu-storage-daemon, the libyal mounter and the file,
+# taking turns in that order within each repetition; page cache dropped before every run):
+#   - sequential read: dd if=RAW of=/dev/null bs=1M, buffered and with iflag=direct
 #   - sequential write: dd if=/dev/zero of=RAW bs=1M conv=notrunc,fsync (the way users write
 #     a raw disk), into blocks that are already allocated (overwrite); the same with
 #     oflag=direct (one synchronous 1 MiB request at a time: pure per-request latency); and a
@@ -24,13 +30,18 @@
 #   - random 4k read/write: fio, ioengine=psync (so iodepth 1 per job), direct=1, numjobs 1
 #     and 4, time_based, group_reporting, JSON output parsed with jq; plus 4 jobs reading the
 #     unallocated blocks of an empty image (no host I/O: the FUSE round trip alone)
-# A last column does the same on a plain raw file with no FUSE in between, the limit: reads read
-# a raw copy of the image (qemu-img convert -O raw), overwrites write into it, first writes go
-# into a fresh sparse file (truncate) each run, and the unallocated-block row reads a sparse file.
-# Both daemons serve their own copy of the image (the images are locked QEMU-style, so one file
-# must never be served by both at once); both read and write their image through the host page
-# cache. imgfs opens the raw file with direct I/O (FOPEN_DIRECT_IO, 1 MiB requests), so the
-# FUSE side has no page cache of its own.
+#   - next to each row, imgfs's ratio to every other column, and the CPU time (user+system, all
+#     threads, from /proc/PID/stat) of the imgfs daemon, qemu-storage-daemon and the libyal
+#     mounter per GiB moved (dd: the image size; fio: its read+write io_bytes, counted after
+#     the ramp); median over the repetitions like the values.
+# Every server serves its own copy of the image (the images are locked QEMU-style, so one file
+# must never be served by both at once); all of them read and write their image through the
+# host page cache. imgfs opens the raw file with direct I/O (FOPEN_DIRECT_IO, 1 MiB requests),
+# so the FUSE side has no page cache of its own.
+# The file column reads a raw copy of the image (qemu-img convert -O raw), overwrites it, writes
+# the first-write rows into a fresh sparse file (truncate) each run and reads a sparse file for
+# the unallocated row. Its O_DIRECT and direct=1 rows go to the host disk, where the servers read
+# their image file through the host page cache: on those rows the file can be the slower side.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
@@ -49,8 +60,11 @@ usage() {
     cat <<'EOF'
 Usage: scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N]
 
-Compares imgfs with qemu-storage-daemon's FUSE export on a freshly made image and prints a
-markdown table (MB/s for sequential rows, IOPS for random rows). Must run as root.
+Compares imgfs with qemu-storage-daemon's FUSE export, the libyal mounter for the format
+(qcowmount, vhdimount, vmdkmount; read rows only) and the plain raw file without FUSE, on a
+freshly made image, and prints a markdown table: MB/s for sequential rows, IOPS for random
+rows, imgfs's ratio to each other column, and the servers' CPU seconds per GiB moved. Must run
+as root.
 
   --format F         image format (default vdi; vhd is dynamic, vmdk monolithicSparse,
                      vmdk-flat monolithicFlat)
@@ -94,10 +108,12 @@ else
     RUNTIME=10
 fi
 RAMP=1
-SEQ_REPS=3 # runs of each dd row; the table shows the median
+SEQ_REPS=3 # runs of each sequential row; the table shows the median
 
 # Format -> how qemu-img creates it, the qemu block driver that opens it (qsd, qemu-io) and the
-# file name extension imgfs recognises. Add new formats here.
+# file name extension imgfs recognises. Add new formats here. (The commas in -o are qemu-img's
+# option list, not array separators.)
+# shellcheck disable=SC2054
 case $FORMAT in
     vdi) CREATE_OPTS=(-f vdi -o static=off); QEMU_DRIVER=vdi; EXT=vdi ;;
     qcow2) CREATE_OPTS=(-f qcow2); QEMU_DRIVER=qcow2; EXT=qcow2 ;;
@@ -616,8 +632,8 @@ label() {
     esac
 }
 
-# The sequential rows are short and noisy, so they run SEQ_REPS times, imgfs and qsd taking
-# turns, and the table shows the median (the allocation rows write into a fresh empty image
+# The sequential rows are short and noisy, so they run SEQ_REPS times, the sides taking turns
+# (imgfs, qsd, libyal, file), and the table shows the median (the allocation rows write into a fresh empty image
 # each time). The random fio rows run once, for RUNTIME seconds.
 reps_of() {
     case $1 in
