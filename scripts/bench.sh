@@ -318,6 +318,8 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
+# set -e ends the run without a word; say where.
+trap 'warn "failed (status $?) at line $LINENO: $BASH_COMMAND"' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
@@ -453,7 +455,8 @@ if [[ -z $LIBYAL ]]; then
 elif ! command -v "$LIBYAL" >/dev/null 2>&1; then
     LIBYAL_STATUS="$LIBYAL is not installed"
 else
-    LIBYAL_VERSION=$("$LIBYAL" -V 2>/dev/null | head -n 1)
+    # awk reads all of it: with head, the tool could die of SIGPIPE and pipefail end the run.
+    LIBYAL_VERSION=$("$LIBYAL" -V 2>/dev/null | awk 'NR == 1') || LIBYAL_VERSION=
     log "starting $LIBYAL"
     for name in "${LIBYAL_IMAGES[@]}"; do
         if ! libyal_start "$name"; then
@@ -725,7 +728,7 @@ for test in "${TESTS[@]}"; do
 done
 
 # ---------------------------------------------------------------- report
-qemu_version=$(qemu-storage-daemon --version | head -n 1 | awk '{ print $3 }')
+qemu_version=$(qemu-storage-daemon --version | awk 'NR == 1 { print $3 }')
 fs_type=$(df -PT "$WORK" | awk 'NR == 2 { print $2 }')
 mem_gib=$(awk '/^MemTotal:/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)
 cpu=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
