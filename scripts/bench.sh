@@ -770,7 +770,7 @@ if [[ $IMGFS_STATUS != ok ]]; then
 fi
 if [[ -n $LIBYAL && $LIBYAL_STATUS != ok ]]; then
     echo
-    echo "$LIBYAL: $LIBYAL_STATUS"
+    echo "$LIBYAL_STATUS"
 fi
 
 # ---------------------------------------------------------------- opening a 1 TiB image
