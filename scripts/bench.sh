@@ -1,29 +1,47 @@
 #!/usr/bin/env bash
-# Benchmark imgfs against qemu-storage-daemon's FUSE export, side by side, on the same kind of
-# image, and print a markdown table.
+# Benchmark imgfs against the FUSE servers users would pick instead, side by side in one run, on
+# the same kind of image, and print a markdown table:
+#   - qemu-storage-daemon's FUSE export (every format, every row);
+#   - the libyal mounter for the format: qcowmount (qcow, qcow2), vhdimount (dynamic VHD),
+#     vmdkmount (VMDK), from Debian's libqcow-utils, libvhdi-utils, libvmdk-utils. They are
+#     read-only, so they take part in the read rows only; vdi and vhdx have none;
+#   - "file": the same operation on a plain raw file with no FUSE in between, the limit.
 #
 #   scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N]
 #   scripts/bench.sh --nbd [--format F] [--size S] [--quick]   (NBD: imgfs, qemu-nbd, nbdkit;
 #                                                                 see scripts/bench-nbd.sh)
 #
-# Needs root (it drops the page cache and mounts FUSE file systems). Installs fio, fuse3, jq and
-# qemu-utils with apt-get when they are missing, builds imgfs in release mode, works in a fresh
-# mktemp directory (under $TMPDIR, default /tmp) and removes it again, even on error or ctrl-c.
+# Needs root (it drops the page cache and mounts FUSE file systems). Installs fio, fuse3, jq,
+# attr, qemu-utils and the libyal tools with apt-get when they are missing, builds imgfs in
+# release mode, works in a fresh mktemp directory (under $TMPDIR, default /tmp) and removes it
+# again, even on error or ctrl-c.
 #
-# What is measured (each row against imgfs, then against qemu-storage-daemon, in the same run):
-#   - sequential read:  dd if=RAW of=/dev/null bs=1M, page cache dropped first
+# What is measured (each row on imgfs, qemu-storage-daemon, the libyal mounter and the file,
+# taking turns in that order within each repetition; page cache dropped before every run):
+#   - sequential read: dd if=RAW of=/dev/null bs=1M, buffered and with iflag=direct
 #   - sequential write: dd if=/dev/zero of=RAW bs=1M conv=notrunc,fsync (the way users write
 #     a raw disk), into blocks that are already allocated (overwrite); the same with
 #     oflag=direct (one synchronous 1 MiB request at a time: pure per-request latency); and a
-#     last row into a fresh, empty image (every block gets allocated on the way).
+#     row into a fresh, empty image (every block gets allocated on the way).
 #     MB/s = 10^6 bytes/s over the whole dd run, fsync included; median of 3 runs.
+#   - sequential first write with fio: rw=write bs=1M end_fsync=1 ioengine=psync, one job, the
+#     whole image, into a fresh, empty image each run (MB/s from fio's write bw_bytes, which
+#     includes the final fsync); median of 3 runs.
 #   - random 4k read/write: fio, ioengine=psync (so iodepth 1 per job), direct=1, numjobs 1
 #     and 4, time_based, group_reporting, JSON output parsed with jq; plus 4 jobs reading the
 #     unallocated blocks of an empty image (no host I/O: the FUSE round trip alone)
-# Both daemons serve their own copy of the image (the images are locked QEMU-style, so one file
-# must never be served by both at once); both read and write their image through the host page
-# cache. imgfs opens the raw file with direct I/O (FOPEN_DIRECT_IO, 1 MiB requests), so the
-# FUSE side has no page cache of its own.
+#   - next to each row, imgfs's ratio to every other column, and the CPU time (user+system, all
+#     threads, from /proc/PID/stat) of the imgfs daemon, qemu-storage-daemon and the libyal
+#     mounter per GiB moved (dd: the image size; fio: its read+write io_bytes, counted after
+#     the ramp); median over the repetitions like the values.
+# Every server serves its own copy of the image (the images are locked QEMU-style, so one file
+# must never be served by both at once); all of them read and write their image through the
+# host page cache. imgfs opens the raw file with direct I/O (FOPEN_DIRECT_IO, 1 MiB requests),
+# so the FUSE side has no page cache of its own.
+# The file column reads a raw copy of the image (qemu-img convert -O raw), overwrites it, writes
+# the first-write rows into a fresh sparse file (truncate) each run and reads a sparse file for
+# the unallocated row. Its O_DIRECT and direct=1 rows go to the host disk, where the servers read
+# their image file through the host page cache: on those rows the file can be the slower side.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
@@ -42,8 +60,11 @@ usage() {
     cat <<'EOF'
 Usage: scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N]
 
-Compares imgfs with qemu-storage-daemon's FUSE export on a freshly made image and prints a
-markdown table (MB/s for sequential rows, IOPS for random rows). Must run as root.
+Compares imgfs with qemu-storage-daemon's FUSE export, the libyal mounter for the format
+(qcowmount, vhdimount, vmdkmount; read rows only) and the plain raw file without FUSE, on a
+freshly made image, and prints a markdown table: MB/s for sequential rows, IOPS for random
+rows, imgfs's ratio to each other column, and the servers' CPU seconds per GiB moved. Must run
+as root.
 
   --format F         image format (default vdi; vhd is dynamic, vmdk monolithicSparse,
                      vmdk-flat monolithicFlat)
@@ -87,10 +108,12 @@ else
     RUNTIME=10
 fi
 RAMP=1
-SEQ_REPS=3 # runs of each dd row; the table shows the median
+SEQ_REPS=3 # runs of each sequential row; the table shows the median
 
 # Format -> how qemu-img creates it, the qemu block driver that opens it (qsd, qemu-io) and the
-# file name extension imgfs recognises. Add new formats here.
+# file name extension imgfs recognises. Add new formats here. (The commas in -o are qemu-img's
+# option list, not array separators.)
+# shellcheck disable=SC2054
 case $FORMAT in
     vdi) CREATE_OPTS=(-f vdi -o static=off); QEMU_DRIVER=vdi; EXT=vdi ;;
     qcow2) CREATE_OPTS=(-f qcow2); QEMU_DRIVER=qcow2; EXT=qcow2 ;;
@@ -101,6 +124,14 @@ case $FORMAT in
     vmdk) CREATE_OPTS=(-f vmdk -o subformat=monolithicSparse); QEMU_DRIVER=vmdk; EXT=vmdk ;;
     vmdk-flat) CREATE_OPTS=(-f vmdk -o subformat=monolithicFlat); QEMU_DRIVER=vmdk; EXT=vmdk ;;
     *) die "unknown format '$FORMAT' (known: vdi qcow2 qcow vhdx vhd vmdk vmdk-flat)" ;;
+esac
+# The libyal mounter users would pick instead (libfuse 2, read-only, one image per mount point,
+# served as MOUNTPOINT/<name>1); vdi and vhdx have none.
+case $FORMAT in
+    qcow | qcow2) LIBYAL=qcowmount; LIBYAL_FILE=qcow1 ;;
+    vhd) LIBYAL=vhdimount; LIBYAL_FILE=vhdi1 ;;
+    vmdk | vmdk-flat) LIBYAL=vmdkmount; LIBYAL_FILE=vmdk1 ;;
+    *) LIBYAL=; LIBYAL_FILE= ;;
 esac
 
 SIZE_BYTES=$(numfmt --from=iec "${SIZE%iB}" 2>/dev/null) || die "cannot parse --size '$SIZE' (use e.g. 256M or 1G)"
@@ -121,6 +152,7 @@ missing=()
 command -v fio >/dev/null 2>&1 || missing+=(fio)
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+command -v getfattr >/dev/null 2>&1 || missing+=(attr)
 [[ -x /usr/bin/time ]] || missing+=(time)
 for tool in qemu-img qemu-io qemu-storage-daemon; do
     if ! command -v "$tool" >/dev/null 2>&1; then
@@ -132,6 +164,19 @@ if ((${#missing[@]})); then
     log "installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# The libyal mounters (Debian's libqcow-utils, libvhdi-utils, libvmdk-utils). Not fatal: without
+# them the libyal column says "not served".
+ly_missing=()
+command -v qcowmount >/dev/null 2>&1 || ly_missing+=(libqcow-utils)
+command -v vhdimount >/dev/null 2>&1 || ly_missing+=(libvhdi-utils)
+command -v vmdkmount >/dev/null 2>&1 || ly_missing+=(libvmdk-utils)
+if ((${#ly_missing[@]})); then
+    log "installing ${ly_missing[*]}"
+    if ! { ((${#missing[@]})) || apt-get update -qq; } ||
+        ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${ly_missing[@]}" >/dev/null; then
+        warn "could not install ${ly_missing[*]}; the libyal column stays empty"
+    fi
 fi
 if [[ ! -e /dev/fuse ]]; then
     modprobe fuse 2>/dev/null || true
@@ -155,8 +200,12 @@ SRC=$WORK/imgfs-src      # images imgfs serves
 MNT=$WORK/imgfs-mnt      # imgfs mount point
 QSD=$WORK/qsd            # images qsd serves, and its export files
 QSD_PID_FILE=$QSD/qsd.pid
+FILES=$WORK/file         # the plain raw files of the "file" column
+LY=$WORK/libyal          # images the libyal mounter serves, NAME.EXT on mount point NAME.mnt
+LIBYAL_IMAGES=(bench alloc1)
+declare -A LIBYAL_PIDS   # NAME -> pid of the mounter process serving it
 IMGFS_LOG=$WORK/imgfs.log
-mkdir -p "$SRC" "$MNT" "$QSD"
+mkdir -p "$SRC" "$MNT" "$QSD" "$FILES" "$LY"
 
 # Is PATH a mount point? Reads mountinfo, so it also sees a dead FUSE mount ("Transport endpoint
 # is not connected") that stat-based checks choke on.
@@ -203,6 +252,44 @@ stop_qsd() {
     done
 }
 
+# libyal_pid_of IMAGE MOUNTPOINT -> pid of the libyal mounter this script started on them (after
+# mounting it forks, and the child serves: find it by its exact command line).
+libyal_pid_of() {
+    local dir cmd
+    for dir in /proc/[0-9]*; do
+        [[ $(cat "$dir/comm" 2>/dev/null) == "$LIBYAL" ]] || continue
+        cmd=$(tr '\0' ' ' 2>/dev/null <"$dir/cmdline") || continue
+        if [[ $cmd == "$LIBYAL $1 $2 " ]]; then
+            echo "${dir#/proc/}"
+            return 0
+        fi
+    done
+    return 1
+}
+
+stop_libyal() {
+    local name mnt pid i
+    [[ -n $LIBYAL ]] || return 0
+    for name in "${LIBYAL_IMAGES[@]}"; do
+        mnt=$LY/$name.mnt
+        pid=${LIBYAL_PIDS[$name]:-}
+        [[ -n $pid ]] || pid=$(libyal_pid_of "$LY/$name.$EXT" "$mnt") || pid=
+        if is_mounted "$mnt"; then
+            fusermount3 -u "$mnt" 2>/dev/null || umount "$mnt" 2>/dev/null ||
+                fusermount3 -u -z "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
+        fi
+        unset "LIBYAL_PIDS[$name]"
+        [[ -n $pid ]] || continue
+        # Unmounted, it leaves its FUSE loop and exits.
+        for ((i = 0; i < 100; i++)); do
+            [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$LIBYAL" ]] || continue 2
+            sleep 0.1
+        done
+        warn "$LIBYAL ($pid) did not exit within 10 s of its unmount; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+}
+
 stop_imgfs() {
     if is_mounted "$MNT"; then
         if ! timeout 120 "$IMGFS" umount "$MNT"; then
@@ -218,6 +305,7 @@ cleanup() {
     set +e
     stop_imgfs
     stop_qsd
+    stop_libyal
     if ((rc != 0)) && [[ -s $IMGFS_LOG ]]; then
         warn "last lines of the imgfs log:"
         tail -n 20 "$IMGFS_LOG" >&2
@@ -230,20 +318,24 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
+# set -e ends the run without a word; say where.
+trap 'warn "failed (status $?) at line $LINENO: $BASH_COMMAND"' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
 
 avail_kb=$(df -Pk "$WORK" | awk 'NR == 2 { print $4 }')
-need_kb=$((2 * (1 + SEQ_REPS) * SIZE_BYTES / 1024 + 256 * 1024))
+# Both daemons' bench and filled alloc images, the libyal copy, the raw copy and the fresh raw file.
+need_kb=$(((2 * (1 + 2 * SEQ_REPS) + 3) * SIZE_BYTES / 1024 + 256 * 1024))
 ((avail_kb >= need_kb)) || die "need $((need_kb / 1024)) MiB free below ${TMPDIR:-/tmp}, have $((avail_kb / 1024)) MiB (set TMPDIR elsewhere)"
 
 # ---------------------------------------------------------------- images
 # bench.EXT: fully written (every block allocated), for the read and overwrite rows.
-# allocN.EXT: empty, one for each run of the "first write (allocation)" row.
+# allocN.EXT: empty, one for each run of the dd "first write (allocation)" row;
+# fioallocN.EXT: the same for the fio first write row.
 # Each daemon gets its own copies.
 ALLOC_IMAGES=()
-for ((i = 1; i <= SEQ_REPS; i++)); do ALLOC_IMAGES+=("alloc$i"); done
+for ((i = 1; i <= SEQ_REPS; i++)); do ALLOC_IMAGES+=("alloc$i" "fioalloc$i"); done
 IMAGES=(bench "${ALLOC_IMAGES[@]}")
 log "creating a $SIZE $FORMAT image and filling it with data"
 qemu-img create -q "${CREATE_OPTS[@]}" "$SRC/bench.$EXT" "$SIZE_BYTES"
@@ -261,6 +353,15 @@ for name in "${ALLOC_IMAGES[@]}"; do
     qemu-img create -q "${CREATE_OPTS[@]}" "$QSD/$name.$EXT" "$SIZE_BYTES"
 done
 for name in "${IMAGES[@]}"; do touch "$QSD/$name.raw"; done
+# The libyal mounter's own copies: the data for the read rows, an empty image for holeread4.
+if [[ -n $LIBYAL ]]; then
+    cp "$SRC"/bench[.-]* "$LY/"
+    qemu-img create -q "${CREATE_OPTS[@]}" "$LY/alloc1.$EXT" "$SIZE_BYTES"
+fi
+# The file column: the image's data as a raw file, and a sparse file for the unallocated row.
+qemu-img convert -f "$QEMU_DRIVER" -O raw "$SRC/bench.$EXT" "$FILES/bench.raw"
+(($(stat -c %s "$FILES/bench.raw") == SIZE_BYTES)) || die "qemu-img convert made a raw file of the wrong size"
+truncate -s "$SIZE_BYTES" "$FILES/hole.raw"
 
 # ---------------------------------------------------------------- start both daemons
 IMGFS_STATUS=ok
@@ -284,6 +385,15 @@ else
     done
 fi
 [[ $IMGFS_STATUS == ok ]] || warn "$IMGFS_STATUS"
+# The daemon's pid, for its CPU time: the mount root answers it as an extended attribute.
+IMGFS_PID=
+if [[ $IMGFS_STATUS == ok ]]; then
+    IMGFS_PID=$(getfattr -n user.imgfs.pid --only-values "$MNT" 2>/dev/null) || IMGFS_PID=
+    if [[ ! $IMGFS_PID =~ ^[0-9]+$ || ! -r /proc/$IMGFS_PID/stat ]]; then
+        warn "cannot read the imgfs daemon's pid (user.imgfs.pid on $MNT); no CPU figures for imgfs"
+        IMGFS_PID=
+    fi
+fi
 
 # qemu-storage-daemon (QEMU 10.0 has no multi-threaded or io_uring FUSE export yet; its FUSE
 # options are only mountpoint, writable, growable and allow-other). Best of what was tried on a
@@ -311,7 +421,50 @@ if ! qsd_start io_uring 2>"$WORK/qsd.err"; then
     stop_qsd
     qsd_start threads || die "qemu-storage-daemon did not start"
 fi
-qsd_pid >/dev/null || die "qemu-storage-daemon did not leave a pid file"
+QSD_PID=$(qsd_pid) || die "qemu-storage-daemon did not leave a pid file"
+
+# libyal_start NAME: mount $LY/NAME.EXT on $LY/NAME.mnt the way its manual says (`TOOL IMAGE
+# MOUNTPOINT`: it mounts, then daemonizes). On failure LIBYAL_ERR says why.
+libyal_start() {
+    local name=$1 img=$LY/$1.$EXT mnt=$LY/$1.mnt out=$WORK/libyal-$1.out pid got
+    mkdir -p "$mnt"
+    if ! timeout -k 5 60 "$LIBYAL" "$img" "$mnt" >"$out" 2>&1; then
+        # Drop its version banner, keep the error.
+        LIBYAL_ERR="$LIBYAL $name.$EXT failed: $(grep -v -e "^$LIBYAL [0-9]*\$" -e '^$' "$out" | head -c 300 | tr '\n' ' ')"
+        return 1
+    fi
+    if ! is_mounted "$mnt" || [[ ! -f $mnt/$LIBYAL_FILE ]]; then
+        LIBYAL_ERR="$LIBYAL $name.$EXT: no $LIBYAL_FILE on its mount point (it shows: $(find "$mnt" -mindepth 1 -maxdepth 1 -printf '%f ' 2>&1))"
+        return 1
+    fi
+    got=$(stat -c %s "$mnt/$LIBYAL_FILE")
+    if ((got != SIZE_BYTES)); then
+        LIBYAL_ERR="$LIBYAL serves $name.$EXT with size $got, expected $SIZE_BYTES"
+        return 1
+    fi
+    if ! pid=$(libyal_pid_of "$img" "$mnt"); then
+        LIBYAL_ERR="$LIBYAL $name.$EXT: mounted, but no $LIBYAL process serves it"
+        return 1
+    fi
+    LIBYAL_PIDS[$name]=$pid
+}
+LIBYAL_STATUS=ok
+LIBYAL_VERSION=
+if [[ -z $LIBYAL ]]; then
+    LIBYAL_STATUS="none"
+elif ! command -v "$LIBYAL" >/dev/null 2>&1; then
+    LIBYAL_STATUS="$LIBYAL is not installed"
+else
+    # awk reads all of it: with head, the tool could die of SIGPIPE and pipefail end the run.
+    LIBYAL_VERSION=$("$LIBYAL" -V 2>/dev/null | awk 'NR == 1') || LIBYAL_VERSION=
+    log "starting $LIBYAL"
+    for name in "${LIBYAL_IMAGES[@]}"; do
+        if ! libyal_start "$name"; then
+            warn "$LIBYAL_ERR"
+            if [[ $LIBYAL_STATUS == ok ]]; then LIBYAL_STATUS=$LIBYAL_ERR; fi
+        fi
+    done
+fi
 
 # ---------------------------------------------------------------- measurements
 DROP_CACHES=ok
@@ -324,6 +477,44 @@ drop_caches() {
 }
 
 now_ns() { date +%s%N; }
+
+# Daemon CPU time per GiB moved. measure() gets the serving process's pid (empty for the file
+# column), reads its CPU time before and after the operation into $WORK/cpu0, and leaves the
+# seconds per GiB (2^30 bytes) in $WORK/cpu.
+CLK_TCK=$(getconf CLK_TCK)
+# cpu_ticks PID -> utime + stime of the process, all its threads, in clock ticks (fields 14 and
+# 15 of /proc/PID/stat, counted here after the ")" that closes the command name)
+cpu_ticks() {
+    local stat fields
+    stat=$(<"/proc/$1/stat") || return 1
+    read -r -a fields <<<"${stat##*) }"
+    echo $((fields[11] + fields[12]))
+}
+cpu_mark() {
+    [[ -z $1 ]] || cpu_ticks "$1" >"$WORK/cpu0"
+}
+# cpu_done PID BYTES
+cpu_done() {
+    local t0 t1
+    [[ -n $1 && -s $WORK/cpu0 ]] || return 0
+    t0=$(<"$WORK/cpu0")
+    t1=$(cpu_ticks "$1") || return 0
+    awk -v t="$((t1 - t0))" -v hz="$CLK_TCK" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", t / hz / (b / 1073741824) }' >"$WORK/cpu"
+}
+# cpu_mark_after_ramp TIMEOUT_PID DAEMON_PID: fio's ramp time moves data that its report leaves
+# out, so the CPU count starts when the ramp ends: RAMP seconds after fio (the child of timeout)
+# has forked its job processes, which takes it a few hundred ms from its start.
+cpu_mark_after_ramp() {
+    local i fio
+    for ((i = 0; i < 3000; i++)); do
+        kill -0 "$1" 2>/dev/null || return 0
+        fio=$(pgrep -o -P "$1")
+        if [[ -n $fio ]] && pgrep -P "$fio" >/dev/null; then break; fi
+        sleep 0.01
+    done
+    sleep "$RAMP"
+    cpu_mark "$2"
+}
 
 # The last dd must have moved the whole image (its stats line starts with the byte count).
 dd_check_bytes() {
@@ -340,56 +531,98 @@ dd_rate() {
     awk -v b="$SIZE_BYTES" -v t0="$1" -v t1="$2" 'BEGIN { printf "%.1f", b / ((t1 - t0) / 1e9) / 1e6 }'
 }
 
-# fio_iops RW NUMJOBS FILE -> IOPS
+# fio_iops RW NUMJOBS FILE PID -> IOPS
 fio_iops() {
-    local json=$WORK/fio.json
+    local json=$WORK/fio.json fio_pid sampler='' rc=0
     rm -f "$json"
     timeout -k 5 $((RUNTIME + RAMP + 120)) fio --name=bench --filename="$3" --rw="$1" --bs=4k \
         --direct=1 --ioengine=psync --iodepth=1 --numjobs="$2" --group_reporting \
         --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --size="$SIZE_BYTES" \
         --norandommap --randrepeat=0 --invalidate=0 --fallocate=none \
-        --output-format=json --output="$json" >/dev/null || return 1
+        --output-format=json --output="$json" >/dev/null &
+    fio_pid=$!
+    if [[ -n $4 ]]; then
+        cpu_mark_after_ramp "$fio_pid" "$4" &
+        sampler=$!
+    fi
+    wait "$fio_pid" || rc=$?
+    if [[ -n $sampler ]]; then wait "$sampler" || true; fi
+    ((rc == 0)) || return 1
     jq -e '.jobs[0].error == 0' "$json" >/dev/null || return 1
+    cpu_done "$4" "$(jq -r '.jobs[0].read.io_bytes + .jobs[0].write.io_bytes' "$json")"
     jq -r '.jobs[0].read.iops + .jobs[0].write.iops | floor' "$json"
 }
 
-# measure TEST FILE -> the number for the table. The caller drops the page cache first (here
+# fio_write_mbs FILE PID -> MB/s (10^6 bytes) of one sequential pass of 1 MiB writes over the
+# whole file, final fsync included (fio counts the end_fsync in the job's runtime).
+fio_write_mbs() {
+    local json=$WORK/fio.json
+    rm -f "$json"
+    cpu_mark "$2"
+    timeout -k 5 600 fio --name=bench --filename="$1" --rw=write --bs=1M --ioengine=psync \
+        --iodepth=1 --numjobs=1 --size="$SIZE_BYTES" --end_fsync=1 --invalidate=0 --fallocate=none \
+        --output-format=json --output="$json" >/dev/null || return 1
+    jq -e --argjson size "$SIZE_BYTES" '.jobs[0].error == 0 and .jobs[0].write.io_bytes == $size' "$json" >/dev/null || {
+        echo "fio wrote $(jq -r '.jobs[0].write.io_bytes' "$json") bytes, expected $SIZE_BYTES" >&2
+        return 1
+    }
+    cpu_done "$2" "$(jq -r '.jobs[0].read.io_bytes + .jobs[0].write.io_bytes' "$json")"
+    jq -r '.jobs[0].write.bw_bytes' "$json" | awk '{ printf "%.1f", $1 / 1e6 }'
+}
+
+# measure TEST FILE PID -> the number for the table (and the daemon PID's CPU s/GiB in
+# $WORK/cpu; no PID, no CPU figure). The caller drops the page cache first (here
 # it would run in a subshell). Not run under set -e (it is called from an if), so every step
 # checks its own status.
 measure() {
     local t0 t1
     case $1 in
-        seqread)
+        seqread | seqreaddirect)
+            local iflags=fullblock
+            [[ $1 == seqreaddirect ]] && iflags=fullblock,direct
+            cpu_mark "$3"
             t0=$(now_ns)
-            timeout -k 5 600 dd if="$2" of=/dev/null bs=1M count="$SIZE_MB" iflag=fullblock 2>"$WORK/dd.err" || { cat "$WORK/dd.err" >&2; return 1; }
+            timeout -k 5 600 dd if="$2" of=/dev/null bs=1M count="$SIZE_MB" iflag="$iflags" 2>"$WORK/dd.err" || { cat "$WORK/dd.err" >&2; return 1; }
             t1=$(now_ns)
+            cpu_done "$3" "$SIZE_BYTES"
             dd_check_bytes || return 1
             dd_rate "$t0" "$t1"
             ;;
         seqwrite | allocwrite | seqwritedirect)
             local flags=()
             [[ $1 == seqwritedirect ]] && flags=(oflag=direct)
+            cpu_mark "$3"
             t0=$(now_ns)
             timeout -k 5 600 dd if=/dev/zero of="$2" bs=1M count="$SIZE_MB" conv=notrunc,fsync "${flags[@]}" 2>"$WORK/dd.err" || { cat "$WORK/dd.err" >&2; return 1; }
             t1=$(now_ns)
+            cpu_done "$3" "$SIZE_BYTES"
             dd_check_bytes || return 1
             dd_rate "$t0" "$t1"
             ;;
-        randread1) fio_iops randread 1 "$2" ;;
-        randread4 | holeread4) fio_iops randread 4 "$2" ;;
-        randwrite1) fio_iops randwrite 1 "$2" ;;
-        randwrite4) fio_iops randwrite 4 "$2" ;;
+        randread1) fio_iops randread 1 "$2" "$3" ;;
+        randread4 | holeread4) fio_iops randread 4 "$2" "$3" ;;
+        randwrite1) fio_iops randwrite 1 "$2" "$3" ;;
+        randwrite4) fio_iops randwrite 4 "$2" "$3" ;;
+        allocfio) fio_write_mbs "$2" "$3" ;;
         *) return 1 ;;
     esac
 }
 
-# Reads first, while the image still holds the 0x5a pattern; then overwrites; the last two rows
-# use the separate empty images. holeread4 reads unallocated blocks, so neither daemon touches
+is_read_test() {
+    case $1 in
+        seqread | seqreaddirect | randread1 | randread4 | holeread4) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# Reads first, while the image still holds the 0x5a pattern; then overwrites; the last three
+# rows use the separate empty images. holeread4 reads unallocated blocks, so neither daemon touches
 # the host file: it measures what the FUSE round trip itself costs, the ceiling for randread4.
-TESTS=(seqread randread1 randread4 seqwrite seqwritedirect randwrite1 randwrite4 holeread4 allocwrite)
+TESTS=(seqread seqreaddirect randread1 randread4 seqwrite seqwritedirect randwrite1 randwrite4 holeread4 allocwrite allocfio)
 label() {
     case $1 in
-        seqread) echo "sequential read, dd bs=1M (MB/s)" ;;
+        seqread) echo "sequential read, buffered, dd bs=1M (MB/s)" ;;
+        seqreaddirect) echo "sequential read, O_DIRECT, dd bs=1M iflag=direct (MB/s)" ;;
         randread1) echo "random read 4k, fio numjobs=1 (IOPS)" ;;
         randread4) echo "random read 4k, fio numjobs=4 (IOPS)" ;;
         seqwrite) echo "sequential overwrite, dd bs=1M conv=fsync (MB/s)" ;;
@@ -398,52 +631,93 @@ label() {
         randwrite4) echo "random overwrite 4k, fio numjobs=4 (IOPS)" ;;
         holeread4) echo "random read 4k of unallocated blocks (no host I/O), fio numjobs=4 (IOPS)" ;;
         allocwrite) echo "sequential first write into empty image, dd bs=1M conv=fsync (MB/s)" ;;
+        allocfio) echo "sequential first write into empty image, fio bs=1M end_fsync=1 (MB/s)" ;;
     esac
 }
 
-# The dd rows are short and noisy, so they run SEQ_REPS times, imgfs and qsd taking turns, and
-# the table shows the median (the allocation row writes into a fresh empty image each time).
-# The fio rows run once, for RUNTIME seconds.
+# The sequential rows are short and noisy, so they run SEQ_REPS times, the sides taking turns
+# (imgfs, qsd, libyal, file), and the table shows the median (the allocation rows write into a fresh empty image
+# each time). The random fio rows run once, for RUNTIME seconds.
 reps_of() {
     case $1 in
-        seqread | seqwrite | seqwritedirect | allocwrite) echo "$SEQ_REPS" ;;
+        seqread | seqreaddirect | seqwrite | seqwritedirect | allocwrite | allocfio) echo "$SEQ_REPS" ;;
         *) echo 1 ;;
     esac
 }
 
+# median [FORMAT] < "v1 v2 ..." (FORMAT for the mean of the middle two; default %.1f)
 median() {
-    tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+    tr ' ' '\n' | grep . | sort -g | awk -v fmt="${1:-%.1f}" '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf fmt, (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
-declare -A RESULT VALUES
+SIDES=(imgfs qsd libyal file)
+declare -A RESULT VALUES CPU CPUS
 ERRORS=()
 for test in "${TESTS[@]}"; do
     reps=$(reps_of "$test")
-    VALUES[imgfs]=
-    VALUES[qsd]=
+    for side in "${SIDES[@]}"; do
+        VALUES[$side]=
+        CPUS[$side]=
+    done
     for ((rep = 1; rep <= reps; rep++)); do
-        for side in imgfs qsd; do
+        for side in "${SIDES[@]}"; do
             image=bench
             [[ $test == allocwrite ]] && image=alloc$rep
+            [[ $test == allocfio ]] && image=fioalloc$rep
             [[ $test == holeread4 ]] && image=alloc1
-            if [[ $side == imgfs ]]; then
-                if [[ $IMGFS_STATUS != ok ]]; then
-                    RESULT[$test.$side]="not served"
-                    continue
-                fi
-                target=$MNT/$image.$EXT.raw
-            else
-                target=$QSD/$image.raw
-            fi
             [[ ${RESULT[$test.$side]:-} == error ]] && continue
+            pid=
+            case $side in
+                imgfs)
+                    if [[ $IMGFS_STATUS != ok ]]; then
+                        RESULT[$test.$side]="not served"
+                        continue
+                    fi
+                    target=$MNT/$image.$EXT.raw
+                    pid=$IMGFS_PID
+                    ;;
+                qsd)
+                    target=$QSD/$image.raw
+                    pid=$QSD_PID
+                    ;;
+                libyal)
+                    # Read-only: it takes part in the read rows only.
+                    if [[ -z $LIBYAL ]] || ! is_read_test "$test"; then
+                        RESULT[$test.$side]="–"
+                        continue
+                    fi
+                    if [[ -z ${LIBYAL_PIDS[$image]:-} ]]; then
+                        RESULT[$test.$side]="not served"
+                        continue
+                    fi
+                    target=$LY/$image.mnt/$LIBYAL_FILE
+                    pid=${LIBYAL_PIDS[$image]}
+                    ;;
+                file)
+                    case $test in
+                        holeread4) target=$FILES/hole.raw ;;
+                        allocwrite | allocfio)
+                            target=$FILES/fresh.raw
+                            rm -f "$target"
+                            truncate -s "$SIZE_BYTES" "$target"
+                            ;;
+                        *) target=$FILES/bench.raw ;;
+                    esac
+                    ;;
+            esac
             suffix=
             ((reps > 1)) && suffix=" ($rep/$reps)"
             log "$(label "$test"): $side$suffix"
             err=$WORK/err
             drop_caches
-            if value=$(measure "$test" "$target" 2>"$err") && [[ -n $value ]]; then
+            rm -f "$WORK/cpu" "$WORK/cpu0"
+            if value=$(measure "$test" "$target" "$pid" 2>"$err") && [[ -n $value ]]; then
                 VALUES[$side]+="$value "
                 RESULT[$test.$side]=$(median <<<"${VALUES[$side]}")
+                if [[ -s $WORK/cpu ]]; then
+                    CPUS[$side]+="$(<"$WORK/cpu") "
+                    CPU[$test.$side]=$(median %.3f <<<"${CPUS[$side]}")
+                fi
             else
                 RESULT[$test.$side]=error
                 ERRORS+=("$side, $(label "$test"): $(head -c 400 "$err" | tr '\n' ' ')")
@@ -454,7 +728,7 @@ for test in "${TESTS[@]}"; do
 done
 
 # ---------------------------------------------------------------- report
-qemu_version=$(qemu-storage-daemon --version | head -n 1 | awk '{ print $3 }')
+qemu_version=$(qemu-storage-daemon --version | awk 'NR == 1 { print $3 }')
 fs_type=$(df -PT "$WORK" | awk 'NR == 2 { print $2 }')
 mem_gib=$(awk '/^MemTotal:/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)
 cpu=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
@@ -465,25 +739,38 @@ fi
 
 echo
 echo "machine: nproc $(nproc), ${cpu:-unknown CPU}, ${mem_gib} GiB RAM, kernel $(uname -r), QEMU $qemu_version, $(fio --version), images on $fs_type"
-echo "run: $FORMAT $SIZE image ($SIZE_BYTES bytes), dd rows: median of $SEQ_REPS, fio ${RUNTIME}s (+${RAMP}s ramp) psync direct=1 bs=4k, page cache drop: $DROP_CACHES, imgfs $imgfs_rev threads=${IMGFS_THREADS:-default}"
+echo "run: $FORMAT $SIZE image ($SIZE_BYTES bytes), sequential rows: median of $SEQ_REPS, fio ${RUNTIME}s (+${RAMP}s ramp) psync direct=1 bs=4k, page cache drop: $DROP_CACHES, imgfs $imgfs_rev threads=${IMGFS_THREADS:-default}"
 echo "qsd: $QSD_OPTS"
+if [[ -n $LIBYAL ]]; then
+    echo "libyal: ${LIBYAL_VERSION:-$LIBYAL}, \`$LIBYAL IMAGE MOUNTPOINT\` (libfuse 2, daemonizes, one thread), read rows only"
+fi
+echo "file: the same operations on a plain raw file on the host file system, no FUSE in between"
+echo "CPU s/GiB: the serving process's user+system CPU time (all threads) per GiB moved, median like the values; fio rows count after the ramp"
 echo
-echo "| test | imgfs | qemu-storage-daemon | imgfs/qemu ratio |"
-echo "| --- | ---: | ---: | ---: |"
-for test in "${TESTS[@]}"; do
-    a=${RESULT[$test.imgfs]}
-    b=${RESULT[$test.qsd]}
-    if [[ $a =~ ^[0-9.]+$ && $b =~ ^[0-9.]+$ ]]; then
-        ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+# ratio A B -> A/B with two decimals, or an en dash when either is not a number
+ratio() {
+    if [[ $1 =~ ^[0-9.]+$ && $2 =~ ^[0-9.]+$ ]]; then
+        awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "–" }'
     else
-        ratio=-
+        echo "–"
     fi
-    [[ $a == "not served" ]] && a="imgfs: not served"
-    echo "| $(label "$test") | $a | $b | $ratio |"
+}
+echo "| test | imgfs | qemu-storage-daemon | ${LIBYAL:-libyal (none for $FORMAT)} | file | imgfs/qsd | imgfs/${LIBYAL:-libyal} | imgfs/file | CPU s/GiB imgfs | CPU s/GiB qsd | CPU s/GiB ${LIBYAL:-libyal} |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+for test in "${TESTS[@]}"; do
+    a=${RESULT[$test.imgfs]:-–}
+    b=${RESULT[$test.qsd]:-–}
+    l=${RESULT[$test.libyal]:-–}
+    f=${RESULT[$test.file]:-–}
+    echo "| $(label "$test") | $a | $b | $l | $f | $(ratio "$a" "$b") | $(ratio "$a" "$l") | $(ratio "$a" "$f") | ${CPU[$test.imgfs]:-–} | ${CPU[$test.qsd]:-–} | ${CPU[$test.libyal]:-–} |"
 done
 if [[ $IMGFS_STATUS != ok ]]; then
     echo
     echo "imgfs: $IMGFS_STATUS"
+fi
+if [[ -n $LIBYAL && $LIBYAL_STATUS != ok ]]; then
+    echo
+    echo "$LIBYAL_STATUS"
 fi
 
 # ---------------------------------------------------------------- opening a 1 TiB image
