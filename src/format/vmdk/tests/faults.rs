@@ -66,7 +66,7 @@ fn open_rw(path: &Path) -> Arc<dyn Image> {
 }
 
 /// A new grain table and grains (one write across two), a flush; writes in place, new grains
-/// beside them, a flush.
+/// beside them (three whole ones in one host write), a flush.
 const MONOLITHIC_STEPS: &[Step] = &[
     Step::Write(MIB + 100, 5000, 0x21),
     Step::Write(3 * MIB - 1000, 3000, 0x22),
@@ -74,9 +74,11 @@ const MONOLITHIC_STEPS: &[Step] = &[
     Step::Read(MIB, 8192),
     Step::Write(MIB + 5100, 3000, 0x31),
     Step::Write(5 * MIB, 70_000, 0x32),
+    Step::Write(6 * MIB - 100, 200_000, 0x34),
     Step::Write(100, 1000, 0x33),
     Step::Flush,
     Step::Read(3 * MIB - 2000, 5000),
+    Step::Read(6 * MIB - 200, 200_200),
 ];
 
 /// Walks every host fault over `steps` on the split disk, checked by qemu-img.
