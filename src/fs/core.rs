@@ -494,16 +494,29 @@ impl FsCore {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let mut buf = Vec::new();
+        let len = self.read_into(fh, offset, size, &mut buf)?;
+        buf.truncate(len);
+        Ok(buf)
+    }
+
+    /// `read` into `buf`, which is grown as needed and never cleared: the reply is its first
+    /// bytes, as many as returned. A caller keeps one buffer for all its reads, so a read
+    /// costs no allocation and no zeroing (every driver sets every byte it is asked for: the
+    /// fuzz targets read into poisoned buffers to hold them to it).
+    pub fn read_into(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> FsResult<usize> {
         let handle = self.handle(fh)?;
         let image = handle.image.image();
-        let len = image.size().saturating_sub(offset).min(u64::from(size));
-        let mut buf = vec![0u8; len as usize];
-        if len > 0 {
+        let len = image.size().saturating_sub(offset).min(u64::from(size)) as usize;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        if let Some(part) = buf.get_mut(..len).filter(|part| !part.is_empty()) {
             image
-                .read_at(&mut buf, offset)
+                .read_at(part, offset)
                 .map_err(|e| log_error("read", &handle.source, e))?;
         }
-        Ok(buf)
+        Ok(len)
     }
 
     /// Writes `data` at `offset`; a write reaching past the end of the disk is cut short there,

@@ -18,6 +18,12 @@ use super::core::{Attr, Errno, FsCore, NodeKind};
 /// How long the kernel may cache attributes and names; short, because the source tree can
 /// change under us.
 const TTL: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// Each request thread reads into one buffer, kept from request to request (at most the
+    /// largest read, 1 MiB): no allocation and no zeroing per read.
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 /// The largest read or write the kernel sends in one request.
 pub const MAX_REQUEST: u32 = 1 << 20;
 
@@ -174,10 +180,10 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.core.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
+        READ_BUFFER.with_borrow_mut(|buf| match self.core.read_into(fh.0, offset, size, buf) {
+            Ok(len) => reply.data(buf.get(..len).unwrap_or_default()),
             Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 
     fn write(

@@ -7,6 +7,9 @@ use crate::image::{Extent, ExtentState, Image};
 
 /// Block status is asked in windows of this size, as `lseek` does.
 pub const STATUS_WINDOW: u64 = 1 << 30;
+/// What a buffer holds before a read into it that must set every byte (the FUSE request
+/// threads reuse their read buffers).
+pub const POISON: u8 = 0xa5;
 /// How much of a range a seek skipped is read back to check that it is zeros.
 const SEEK_VERIFY: u64 = 64 << 10;
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::check::{
     extents_cover, first_difference, holes_read_as_zeros, seek_agrees, violation, Checked, Model,
-    STATUS_WINDOW,
+    POISON, STATUS_WINDOW,
 };
 use super::input::{self, Op, OpKind, FLAG_ALIGN, FLAG_FROM_END, FLAG_LONG, FLAG_SEEK_DATA};
 use super::tree::Tree;
@@ -229,6 +229,14 @@ impl Session {
         }
         if read.is_err() {
             return Ok(None);
+        }
+        // The request threads reuse their buffers: every byte asked for must be set.
+        let mut used = vec![POISON; len as usize];
+        if image.read_at(&mut used, offset).is_ok() && used != buf {
+            return Err(violation(format!(
+                "{when}: a read of {len} bytes at {offset} into a used buffer differs from one \
+                 into a zeroed buffer"
+            )));
         }
         if let Ok(extents) = image.block_status(offset, len) {
             extents_cover(&extents, offset, len, size)?;

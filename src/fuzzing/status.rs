@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::check::{extents_cover, holes_read_as_zeros, seek_agrees, violation, Checked};
+use super::check::{extents_cover, holes_read_as_zeros, seek_agrees, violation, Checked, POISON};
 use super::exercise::Outcome;
 use super::input::{self, Op, OpKind, FLAG_FROM_END, FLAG_LONG, FLAG_SEEK_DATA, FLAG_UNCLIPPED};
 use super::tree::Tree;
@@ -236,11 +236,22 @@ fn read_through_core(core: &FsCore, fh: u64, image: &dyn Image, offset: u64, len
             got.len()
         )));
     }
-    let mut direct = vec![0u8; got.len()];
+    // The request threads reuse their buffers: every byte asked for must be set, whatever
+    // the buffer held.
+    let mut direct = vec![POISON; got.len()];
     if !got.is_empty() && image.read_at(&mut direct, offset).is_ok() && direct != got {
         return Err(violation(format!(
-            "reads at {offset} through the core and from the image differ"
+            "reads at {offset} through the core and from the image (into a used buffer) \
+             differ"
         )));
+    }
+    let mut reused = vec![POISON; got.len() + 7];
+    if let Ok(n) = core.read_into(fh, offset, len as u32, &mut reused) {
+        if reused.get(..n) != Some(&got[..]) {
+            return Err(violation(format!(
+                "a read at {offset} into a used buffer differs from one into a fresh buffer"
+            )));
+        }
     }
     if let Ok(extents) = image.block_status(offset, want) {
         extents_cover(&extents, offset, want, size)?;
