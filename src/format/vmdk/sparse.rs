@@ -355,13 +355,7 @@ impl SparseExtent {
     ) -> Result<u64> {
         let grain = self.layout.grain_bytes;
         let per_table = u64::from(self.header.gtes_per_gt);
-        let first = offset / grain;
-        let table_index = first / per_table;
-        let table = match self.table(table_index)? {
-            Some(table) => table,
-            None => self.allocate_table(alloc, table_index)?,
-        };
-        let slot = (first % per_table) as usize;
+        let (table_index, table, slot) = self.table_of_grain(alloc, offset / grain)?;
         let most = (payload.len() as u64 / grain)
             .min(per_table - slot as u64)
             .min(MAX_RUN_BYTES / grain)
@@ -380,14 +374,47 @@ impl SparseExtent {
         let data = payload
             .get(..bytes as usize)
             .ok_or_else(|| Error::out_of_range("internal: grains past their payload"))?;
+        self.append_grains(alloc, data, table_index, &table, slot)?;
+        Ok(bytes)
+    }
+
+    /// The grain table of grain `grain_index` (made if it is missing), its index, and the
+    /// grain's slot in it.
+    fn table_of_grain(
+        &self,
+        alloc: &mut AllocState,
+        grain_index: u64,
+    ) -> Result<(u64, Arc<GrainTable>, usize)> {
+        let per_table = u64::from(self.header.gtes_per_gt);
+        let table_index = grain_index / per_table;
+        let table = match self.table(table_index)? {
+            Some(table) => table,
+            None => self.allocate_table(alloc, table_index)?,
+        };
+        Ok((table_index, table, (grain_index % per_table) as usize))
+    }
+
+    /// Writes `data`, whole grains, at the end of the file, then points the entries from
+    /// `slot` of grain table `table_index` (`table`) at them.
+    fn append_grains(
+        &self,
+        alloc: &mut AllocState,
+        data: &[u8],
+        table_index: u64,
+        table: &GrainTable,
+        slot: usize,
+    ) -> Result<()> {
+        let grain = self.layout.grain_bytes;
         let host = alloc.next_free;
-        let next = reserve(host, bytes)?;
+        let next = reserve(host, data.len() as u64)?;
         // Every grain's sector number must fit a table entry.
-        to_sector(next - grain)?;
+        to_sector(next.saturating_sub(grain))?;
         self.file.write_all_at(data, host)?;
         alloc.next_free = next;
         self.file_len.fetch_max(next, Ordering::AcqRel);
-        self.allocated.fetch_add(bytes, Ordering::Relaxed);
+        self.allocated
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let count = data.len() / grain as usize;
         let mut entries = table.entries.clone();
         for (i, entry) in entries.iter_mut().skip(slot).take(count).enumerate() {
             *entry = u64::from(to_sector(host + i as u64 * grain)?);
@@ -399,7 +426,7 @@ impl SparseExtent {
                 entries,
             }),
         );
-        Ok(bytes)
+        Ok(())
     }
 
     /// Stores `part` at `offset` (inside one grain), allocating the grain and its grain table
@@ -412,14 +439,8 @@ impl SparseExtent {
         below: Below,
     ) -> Result<()> {
         let grain = self.layout.grain_bytes;
-        let per_table = u64::from(self.header.gtes_per_gt);
         let grain_index = offset / grain;
-        let table_index = grain_index / per_table;
-        let table = match self.table(table_index)? {
-            Some(table) => table,
-            None => self.allocate_table(alloc, table_index)?,
-        };
-        let slot = (grain_index % per_table) as usize;
+        let (table_index, table, slot) = self.table_of_grain(alloc, grain_index)?;
         let raw = table.entries.get(slot).copied().unwrap_or(0);
         let grain_start = grain_index * grain;
         let head = (offset - grain_start) as usize;
@@ -440,25 +461,7 @@ impl SparseExtent {
         data.get_mut(head..head + part.len())
             .ok_or_else(|| Error::out_of_range("internal: write outside the grain"))?
             .copy_from_slice(part);
-        let host = alloc.next_free;
-        let sector = to_sector(host)?;
-        let next = reserve(host, grain)?;
-        self.file.write_all_at(&data, host)?;
-        alloc.next_free = next;
-        self.file_len.fetch_max(next, Ordering::AcqRel);
-        self.allocated.fetch_add(grain, Ordering::Relaxed);
-        let mut entries = table.entries.clone();
-        if let Some(e) = entries.get_mut(slot) {
-            *e = u64::from(sector);
-        }
-        self.tables.insert_dirty(
-            self.key_of(table_index)?,
-            Arc::new(GrainTable {
-                gd_index: table_index,
-                entries,
-            }),
-        );
-        Ok(())
+        self.append_grains(alloc, &data, table_index, &table, slot)
     }
 
     fn key_of(&self, table_index: u64) -> Result<u64> {
