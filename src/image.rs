@@ -209,17 +209,20 @@ fn outside_request(offset: u64, len: u64) -> Error {
 /// inside the disk.
 pub fn seek(image: &dyn Image, offset: u64, want_data: bool) -> Result<Option<u64>> {
     let size = image.size();
-    // Ask in windows so a huge, mostly empty disk does not build one giant extent list.
-    const WINDOW: u64 = 1 << 30;
+    // Ask in windows so a huge, mostly empty disk does not build one giant extent list; each
+    // window that finds nothing is twice the one before, so that crossing an empty disk of
+    // any size (a hostile header's exabytes) takes a few dozen questions.
+    let mut window: u64 = 1 << 30;
     let mut at = offset;
     while at < size {
-        let len = WINDOW.min(size - at);
+        let len = window.min(size - at);
         for extent in image.block_status(at, len)? {
             if extent.state.is_data() == want_data {
                 return Ok(Some(extent.offset.max(offset)));
             }
         }
         at += len;
+        window = window.saturating_mul(2);
     }
     Ok((!want_data).then_some(size))
 }

@@ -406,6 +406,11 @@ impl Qcow2Image {
 
     /// The L2 table offset of L1 entry `l1_index`, `None` where no L2 table is allocated
     /// (including indices past the end of a snapshot's shorter L1 table).
+    /// The entries of the L1 table.
+    fn l1_len(&self) -> usize {
+        self.l1.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
     fn l2_table_offset(&self, l1_index: u64) -> Result<Option<u64>> {
         let entry = {
             let l1 = self.l1.read().unwrap_or_else(PoisonError::into_inner);
@@ -464,9 +469,12 @@ impl Qcow2Image {
             let at = geo.split(pos);
             let run = match self.l2_table_offset(at.l1_index)? {
                 None => {
+                    // Past the L1 table nothing is allocated: one run to the end, so that a
+                    // disk far larger than its table (a hostile snapshot) costs nothing.
+                    let past_table = at.l1_index >= self.l1_len() as u64;
                     let table_end = (at.l1_index + 1)
                         .checked_shl(geo.l2_coverage_bits())
-                        .filter(|&e| e > pos)
+                        .filter(|&e| e > pos && !past_table)
                         .unwrap_or(end);
                     Run {
                         offset: pos,
