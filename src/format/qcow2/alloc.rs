@@ -50,14 +50,26 @@ const OFF_REFCOUNT_TABLE: u64 = 48;
 /// QEMU's cap on the refcount table (8 MiB), in entries.
 const MAX_REFCOUNT_TABLE_ENTRIES: u64 = (8 << 20) / 8;
 
+/// What held a reference that is dropped: it decides whether a cluster guarded as metadata
+/// may become free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Referrer {
+    /// An L2 entry (guest data). If the cluster holds metadata the image still uses, the
+    /// entry aliased it in a hostile or damaged image: the metadata's own reference stays.
+    Data,
+    /// The structure itself (an old refcount table, an L2 table replaced on copy): it is
+    /// free for real once its count reaches 0.
+    Metadata,
+}
+
 /// Everything the allocation path changes, behind the allocation mutex.
 pub(super) struct AllocState {
     pub refcounts: Refcounts,
     /// Cluster number where the search for a free cluster starts.
     pub cursor: u64,
     /// Byte ranges of the image file whose clusters each lose one reference after the next
-    /// flush wrote the entries that dropped it.
-    pub pending_free: Vec<(u64, u64)>,
+    /// flush wrote the entries that dropped it, and what held the reference.
+    pub pending_free: Vec<(u64, u64, Referrer)>,
     /// Dirty 512-byte pieces of the active L1 table.
     pub l1_dirty: DirtyChunks,
     /// The header's feature fields as they are on disk now (version 3).
@@ -85,9 +97,9 @@ impl AllocState {
     }
 
     /// Queues the drop of one reference to each cluster `[offset, offset + len)` touches.
-    pub fn defer_free(&mut self, offset: u64, len: u64) {
+    pub fn defer_free(&mut self, offset: u64, len: u64, referrer: Referrer) {
         if len > 0 {
-            self.pending_free.push((offset, len));
+            self.pending_free.push((offset, len, referrer));
         }
     }
 
@@ -187,7 +199,7 @@ impl Qcow2Image {
             self.apply_plan(alloc, &plan, &counts, table)
         })?;
         if plan.table.is_some() {
-            alloc.defer_free(old.0, old.1 << self.cluster_bits());
+            alloc.defer_free(old.0, old.1 << self.cluster_bits(), Referrer::Metadata);
         }
         alloc.cursor = plan.end;
         log::debug!(
@@ -388,11 +400,22 @@ impl Qcow2Image {
         let bits = self.cluster_bits();
         let slice_bytes = self.shared.slice_bytes;
         let mut freed: Vec<(u64, u64)> = Vec::new();
-        for (offset, len) in std::mem::take(&mut alloc.pending_free) {
+        for (offset, len, referrer) in std::mem::take(&mut alloc.pending_free) {
             let first = offset >> bits;
             let last = offset.saturating_add(len - 1) >> bits;
             for cluster in first..=last {
                 let count = alloc.refcounts.get(file, cluster)?;
+                if let (1, Referrer::Data, Some(held)) =
+                    (count, referrer, alloc.guard.holder(cluster))
+                {
+                    // Freeing it would hand the structure out, or punch a hole in it.
+                    log::warn!(
+                        "{}: an L2 entry named cluster {cluster:#x}, which holds {held}; its \
+                         refcount stays 1 for that",
+                        file.path().display()
+                    );
+                    continue;
+                }
                 if count == 0 {
                     // A reference the refcounts never counted: the image was inconsistent
                     // already; keeping it at 0 loses nothing.

@@ -6,8 +6,10 @@
 //! first write from what is in memory then: the header cluster, the active L1 table and the L2
 //! tables it names, the refcount table and its blocks, the snapshot table and the snapshots'
 //! L1 tables. Without it, data or a new table written over, say, the L1 table corrupts the
-//! image further and reads back as something else. Clusters whose refcount drops to 0 through
-//! imgfs's own frees leave the guard, since they are free for real then.
+//! image further and reads back as something else. A structure imgfs itself frees (an L2 table
+//! replaced on copy, an old refcount table) leaves the guard once its refcount drops to 0. An
+//! L2 entry naming a guarded cluster does not free it when the entry is overwritten: that
+//! reference was the damage, and the structure's own reference stays.
 
 use std::collections::BTreeMap;
 
@@ -66,7 +68,7 @@ impl MetadataGuard {
     }
 
     /// What cluster `cluster` holds, if it is guarded.
-    fn holder(&self, cluster: u64) -> Option<&'static str> {
+    pub fn holder(&self, cluster: u64) -> Option<&'static str> {
         let (_, &(end, what)) = self.ranges.range(..=cluster).next_back()?;
         (cluster < end).then_some(what)
     }

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::format::backing::read_below;
 use crate::image::check_range;
 
-use super::alloc::AllocState;
+use super::alloc::{AllocState, Referrer};
 use super::cluster::{ClusterDescriptor, COPIED, OFFSET_MASK, SUBCLUSTERS};
 use super::{L2Slice, Qcow2Image};
 
@@ -442,7 +442,7 @@ impl Qcow2Image {
         let external = self.shared.data_file.is_some();
         match *desc {
             ClusterDescriptor::Compressed { host_offset, len } => {
-                alloc.defer_free(host_offset, len)
+                alloc.defer_free(host_offset, len, Referrer::Data)
             }
             ClusterDescriptor::Normal { host_cluster, .. }
             | ClusterDescriptor::Zero {
@@ -451,7 +451,7 @@ impl Qcow2Image {
             | ClusterDescriptor::Subclusters {
                 host_cluster: Some(host_cluster),
                 ..
-            } if !external => alloc.defer_free(host_cluster, cluster_size),
+            } if !external => alloc.defer_free(host_cluster, cluster_size, Referrer::Data),
             _ => {}
         }
     }
@@ -524,7 +524,7 @@ impl Qcow2Image {
         // Only now does the L1 entry stop using the old table: dropped earlier, a failed
         // write would leave the entry on it and its reference dropped by the next flush.
         if let Some(old) = old {
-            alloc.defer_free(old, cluster_size);
+            alloc.defer_free(old, cluster_size, Referrer::Metadata);
         }
         {
             let mut l1 = self.l1.write().unwrap_or_else(PoisonError::into_inner);

@@ -313,3 +313,41 @@ fn an_l2_table_on_the_l1_table_refuses_writes() {
         "the file is untouched"
     );
 }
+
+/// Found by fuzzing: an L2 entry naming the L1 table as data (COPIED clear, so a write copies
+/// it) dropped the L1 table's only reference when the write replaced the entry; the flush then
+/// freed the L1 table and punched a hole in it, and the image read as empty once reopened. The
+/// L1 table keeps its reference now.
+#[test]
+fn overwriting_an_entry_that_names_the_l1_table_keeps_the_table() {
+    let dir = TempDir::new();
+    let Some(path) = small_image(&dir) else {
+        return;
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    let l1_at = be64(&bytes, 40);
+    let l2_at = (be64(&bytes, l1_at as usize) & OFFSET_MASK) as usize;
+    // Guest cluster 1 (64 KiB) reads the L1 table.
+    bytes[l2_at + 8..l2_at + 16].copy_from_slice(&l1_at.to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let writable = || {
+        let file = HostFile::open(&path, true).unwrap();
+        let header = Qcow2Header::read(&file).unwrap();
+        Qcow2Image::open(file, header, None, None, None).unwrap()
+    };
+    let img = writable();
+    img.write_at(&[7; 4096], 64 * KIB).unwrap();
+    img.flush().unwrap();
+    assert_eq!(
+        img.refcount(l1_at).unwrap(),
+        1,
+        "the L1 table's own reference"
+    );
+    drop(img);
+    let img = open(&path);
+    let mut back = vec![0u8; 4096];
+    img.read_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&b| b == 0x42), "data before the entry");
+    img.read_at(&mut back, 64 * KIB).unwrap();
+    assert!(back.iter().all(|&b| b == 7), "the write");
+}
