@@ -30,7 +30,8 @@ pub struct ImageAttrs {
 enum Plan {
     Reuse(ImageHandle),
     /// Open a new instance, read-only for `role` if there is one; `replaced` is the instance it
-    /// takes the place of (dropped outside the state lock: closing it is file I/O).
+    /// takes the place of, whose remaining readers read through the new one (dropped outside
+    /// the state lock: closing it is file I/O).
     Open {
         role: Option<String>,
         replaced: Option<Arc<Served>>,
@@ -112,21 +113,15 @@ impl Catalog {
             }
         }
         let _opening = lock(&self.opening);
-        let role = match self.plan_open(image, write)? {
+        let (role, replaced) = match self.plan_open(image, write)? {
             Plan::Reuse(handle) => return Ok(handle),
-            Plan::Open { role, replaced } => {
-                drop(replaced);
-                role
-            }
+            Plan::Open { role, replaced } => (role, replaced),
             // Perhaps only images nobody has open any more (removed ones) still use it.
             Plan::Busy(e) => match self.close_unused(Duration::ZERO) {
                 0 => return Err(e),
                 _ => match self.plan_open(image, write)? {
                     Plan::Reuse(handle) => return Ok(handle),
-                    Plan::Open { role, replaced } => {
-                        drop(replaced);
-                        role
-                    }
+                    Plan::Open { role, replaced } => (role, replaced),
                     Plan::Busy(e) => return Err(e),
                 },
             },
@@ -138,6 +133,9 @@ impl Catalog {
         };
         let instance = self.open_instance(&image.source, image.summary.format, &options)?;
         let served = Arc::new(Served::new(instance, image.id, &image.source));
+        if let Some(replaced) = replaced {
+            replaced.succeed_by(&served);
+        }
         let mut state = self.state();
         state.live.insert(image.id, Arc::clone(&served));
         if write {
@@ -191,7 +189,7 @@ impl Catalog {
                 ));
             }
             // Opened read-only (as a backing file, or while the file was not writable): a
-            // writable instance takes its place, and its readers keep the old one.
+            // writable instance takes its place, and its readers read through that.
             let replaced = state.live.remove(&image.id);
             return Ok(Plan::Open { role, replaced });
         }

@@ -4,7 +4,9 @@
 //! images above it that read through it) so the catalog can decide from real use, not from
 //! reference counts, when an instance may become read-only, be closed, or be replaced. It can be
 //! frozen (no more writes: it became a backing file) or retired (its file was overwritten in
-//! place: every request fails, and nothing it holds in memory is ever written back).
+//! place: every request fails, and nothing it holds in memory is ever written back). A
+//! read-only instance replaced by a writable one while handles still read through it forwards
+//! their reads to its successor, so they see what is written through the new one.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +37,9 @@ pub struct Served {
     last_used: Mutex<Instant>,
     /// Internal snapshots opened so far, kept as long as the instance.
     snapshots: Mutex<HashMap<String, Arc<dyn Image>>>,
+    /// The instance that took this one's place; its handles count there too, so that it is
+    /// not closed while they read through it.
+    successor: Mutex<Option<Arc<Served>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -54,6 +59,28 @@ impl Served {
             users: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
             snapshots: Mutex::new(HashMap::new()),
+            successor: Mutex::new(None),
+        }
+    }
+
+    /// `next` takes this instance's place: reads of the handles still on this one go there
+    /// from now on, and count as its handles until they close.
+    pub fn succeed_by(&self, next: &Arc<Served>) {
+        let mut successor = lock(&self.successor);
+        next.handles.fetch_add(self.handles(), Ordering::AcqRel);
+        *successor = Some(Arc::clone(next));
+    }
+
+    fn successor(&self) -> Option<Arc<Served>> {
+        lock(&self.successor).clone()
+    }
+
+    /// One handle on this instance (or forwarded to it) closed.
+    fn release_handle(&self) {
+        let successor = lock(&self.successor);
+        self.handles.fetch_sub(1, Ordering::AcqRel);
+        if let Some(next) = successor.as_ref() {
+            next.release_handle();
         }
     }
 
@@ -169,10 +196,16 @@ impl Served {
 
 impl Image for Served {
     fn size(&self) -> u64 {
-        self.image.size()
+        match self.successor() {
+            Some(next) => next.size(),
+            None => self.image.size(),
+        }
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if let Some(next) = self.successor() {
+            return next.read_at(buf, offset);
+        }
         self.check_live()?;
         self.image.read_at(buf, offset)
     }
@@ -186,7 +219,11 @@ impl Image for Served {
 
     fn flush(&self) -> Result<()> {
         self.check_live()?;
-        self.image.flush()
+        self.image.flush()?;
+        match self.successor() {
+            Some(next) => next.flush(),
+            None => Ok(()),
+        }
     }
 
     fn is_dirty(&self) -> bool {
@@ -194,6 +231,9 @@ impl Image for Served {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        if let Some(next) = self.successor() {
+            return next.block_status(offset, len);
+        }
         self.check_live()?;
         self.image.block_status(offset, len)
     }
@@ -221,7 +261,10 @@ impl Image for Served {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.image.allocated_bytes()
+        match self.successor() {
+            Some(next) => next.allocated_bytes(),
+            None => self.image.allocated_bytes(),
+        }
     }
 
     fn read_only_reason(&self) -> Option<String> {
@@ -280,7 +323,7 @@ impl Drop for ImageHandle {
         if self.writable {
             self.served.writers.fetch_sub(1, Ordering::AcqRel);
         }
-        self.served.handles.fetch_sub(1, Ordering::AcqRel);
+        self.served.release_handle();
     }
 }
 

@@ -120,6 +120,31 @@ fn a_backing_file_is_writable_again_once_the_images_above_are_gone() {
     assert!(catalog.attributes(&base).writable);
 }
 
+/// A reader of a backing file, still open when the file becomes writable again, reads what is
+/// written through the new writable instance, not the old instance's view.
+#[test]
+fn a_reader_of_a_replaced_instance_sees_the_new_writes() {
+    let (dir, catalog, _) = chain_tree();
+    let base = image(&catalog, "base.img.raw").unwrap();
+    let top_handle = catalog.open(&top(&catalog), false).unwrap();
+    let base_reader = catalog.open(&base, false).unwrap();
+    std::fs::remove_file(dir.path().join("sub/top.img")).unwrap();
+    assert!(ls(&catalog, "sub").is_empty());
+    drop(top_handle);
+    let writer = catalog.open(&base, true).unwrap();
+    assert!(!Arc::ptr_eq(writer.served(), base_reader.served()));
+    writer.image().write_at(b"now", 0).unwrap();
+    let mut back = [0u8; 3];
+    base_reader.image().read_at(&mut back, 0).unwrap();
+    assert_eq!(&back, b"now");
+    // The reader counts on the new instance, which is not closed while it reads.
+    drop(writer);
+    assert_eq!(catalog.close_idle(Duration::ZERO), 0);
+    assert_eq!(base_reader.served().handles(), 1);
+    drop(base_reader);
+    assert_eq!(catalog.close_idle(Duration::ZERO), 1);
+}
+
 #[test]
 fn a_backing_file_outside_the_tree_keeps_only_that_image_out() {
     let dir = TempDir::new();
