@@ -199,7 +199,7 @@ impl SparseHeader {
         if self.has_redundant_gd() {
             directories.push(("redundant grain directory", self.rgd_offset, 48));
         }
-        for (what, sector, field) in directories {
+        for (what, sector, field) in directories.iter().copied() {
             let start = sector_bytes(sector)
                 .filter(|&s| s >= SECTOR_SIZE)
                 .ok_or_else(|| {
@@ -239,6 +239,20 @@ impl SparseHeader {
                     ),
                     28,
                 ));
+            }
+            // Renewing the CID rewrites the descriptor: it must not hold a directory.
+            let (desc_start, desc_end) = (self.descriptor_offset, end.unwrap_or(0) / SECTOR_SIZE);
+            for (what, sector, _) in &directories {
+                let gd_end = sector.saturating_add(gd_bytes.div_ceil(SECTOR_SIZE));
+                if *sector < desc_end && desc_start < gd_end {
+                    return Err(corrupt(
+                        format!(
+                            "the VMDK embedded descriptor (sectors {desc_start}..{desc_end}) \
+                             overlaps the {what} at sector {sector}"
+                        ),
+                        36,
+                    ));
+                }
             }
         }
         Ok(())

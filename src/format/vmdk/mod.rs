@@ -476,8 +476,12 @@ impl VmdkImage {
                         "the embedded VMDK descriptor has no room for a new CID",
                     ));
                 }
+                // Only the text and its terminating NUL: the rest of the room is zeros in a
+                // consistent image, and a hostile one may keep its grain directory there.
                 let mut area = new_text.clone();
-                area.resize(room as usize, 0);
+                if (area.len() as u64) < room {
+                    area.push(0);
+                }
                 (area, at)
             }
         };

@@ -437,3 +437,48 @@ fn grain_directories_of_all_extents_share_the_memory_budget() {
         "{e}"
     );
 }
+
+/// Found by fuzzing: an embedded descriptor whose room (descriptorSize) reached over the grain
+/// directories. Each write session renewed the CID by writing the whole room, text padded with
+/// zeros, which wiped the directories: what the session before had written read as zeros once
+/// reopened. Such a header is refused now, and the CID is renewed by writing the text alone.
+#[test]
+fn a_descriptor_room_over_a_directory_is_refused_and_the_cid_rewrites_only_the_text() {
+    let Some((_dir, path, bytes)) = small_sparse() else {
+        return;
+    };
+    // qemu-img's layout: descriptor in sectors 1..21, redundant directory at 21, primary at 26.
+    assert_eq!((le_u64(&bytes, 28), le_u64(&bytes, 36)), (1, 20));
+    assert_eq!((le_u64(&bytes, 48), le_u64(&bytes, 56)), (21, 26));
+    let mut over = bytes.clone();
+    over[36..44].copy_from_slice(&21u64.to_le_bytes());
+    let e = error_after(&path, &over);
+    assert!(
+        e.contains("embedded descriptor (sectors 1..22) overlaps the redundant grain directory"),
+        "{e}"
+    );
+
+    // Bytes after the text's NUL in the room are not the descriptor's: a CID renewal keeps them.
+    let mut junk = bytes.clone();
+    let room = &mut junk[SECTOR..21 * SECTOR];
+    let text_end = room.iter().position(|&b| b == 0).unwrap();
+    room[text_end + 1..].fill(0xee);
+    std::fs::write(&path, &junk).unwrap();
+    let writes: [(u64, u8); 2] = [(0, 0x33), (900 << 10, 0x55)];
+    for (at, fill) in writes {
+        let img = try_open(&path, false).unwrap();
+        img.write_at(&[fill; 4096], at).unwrap();
+        img.flush().unwrap();
+    }
+    let after = std::fs::read(&path).unwrap();
+    assert_ne!(after[..21 * SECTOR], junk[..21 * SECTOR], "the CID changed");
+    assert!(after[SECTOR + text_end + 1..21 * SECTOR]
+        .iter()
+        .all(|&b| b == 0xee));
+    let img = try_open(&path, true).unwrap();
+    for (at, fill) in writes {
+        let mut back = vec![0u8; 4096];
+        img.read_at(&mut back, at).unwrap();
+        assert!(back.iter().all(|&b| b == fill), "the write at {at}");
+    }
+}
