@@ -37,6 +37,13 @@ fn open(path: &Path) -> Qcow2Image {
     try_open_with(path, None).unwrap()
 }
 
+/// Opens `path` for writing, without a backing file or data file.
+fn open_writable(path: &Path) -> Qcow2Image {
+    let file = HostFile::open(path, true).unwrap();
+    let header = Qcow2Header::read(&file).unwrap();
+    Qcow2Image::open(file, header, None, None, None).unwrap()
+}
+
 fn read_all(img: &dyn Image) -> Vec<u8> {
     let mut buf = vec![0u8; img.size() as usize];
     img.read_at(&mut buf, 0).unwrap();

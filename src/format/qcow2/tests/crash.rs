@@ -20,9 +20,7 @@ fn every_write_of_a_flush_leaves_an_image_qemu_accepts() {
     }
     qemu_io(&path, &["write -P 0x11 0 64k", "write -c -P 0x12 5M 4k"]).unwrap();
     let watch = fault::watch(&path);
-    let file = HostFile::open(&path, true).unwrap();
-    let header = Qcow2Header::read(&file).unwrap();
-    let img = Qcow2Image::open(file, header, None, None, None).unwrap();
+    let img = open_writable(&path);
     let write = |offset: u64, len: usize, byte: u8| {
         img.write_at(&vec![byte; len], offset).unwrap();
     };

@@ -266,9 +266,7 @@ fn refcounts_calling_metadata_free_do_not_get_it_overwritten() {
     let block_at = (be64(&bytes, table_at) & OFFSET_MASK) as usize;
     bytes[block_at..block_at + 65536].fill(0);
     std::fs::write(&path, &bytes).unwrap();
-    let file = HostFile::open(&path, true).unwrap();
-    let header = Qcow2Header::read(&file).unwrap();
-    let img = Qcow2Image::open(file, header, None, None, None).unwrap();
+    let img = open_writable(&path);
     let e = img.write_at(&[7; 512], 512 << 20).unwrap_err();
     assert!(
         e.to_string().contains("refcount 0 but holds the header"),
@@ -298,9 +296,7 @@ fn an_l2_table_on_the_l1_table_refuses_writes() {
     // The second L1 entry (guest 512 MiB and up) names the L1 table, COPIED set.
     bytes[l1_at + 8..l1_at + 16].copy_from_slice(&((l1_at as u64) | 1 << 63).to_be_bytes());
     std::fs::write(&path, &bytes).unwrap();
-    let file = HostFile::open(&path, true).unwrap();
-    let header = Qcow2Header::read(&file).unwrap();
-    let img = Qcow2Image::open(file, header, None, None, None).unwrap();
+    let img = open_writable(&path);
     let e = img.write_at(&[7; 512], 512 << 20).unwrap_err();
     assert!(
         e.to_string().contains("an L2 table at") && e.to_string().contains("the L1 table"),
@@ -330,12 +326,7 @@ fn overwriting_an_entry_that_names_the_l1_table_keeps_the_table() {
     // Guest cluster 1 (64 KiB) reads the L1 table.
     bytes[l2_at + 8..l2_at + 16].copy_from_slice(&l1_at.to_be_bytes());
     std::fs::write(&path, &bytes).unwrap();
-    let writable = || {
-        let file = HostFile::open(&path, true).unwrap();
-        let header = Qcow2Header::read(&file).unwrap();
-        Qcow2Image::open(file, header, None, None, None).unwrap()
-    };
-    let img = writable();
+    let img = open_writable(&path);
     img.write_at(&[7; 4096], 64 * KIB).unwrap();
     img.flush().unwrap();
     assert_eq!(
