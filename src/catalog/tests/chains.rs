@@ -98,14 +98,21 @@ fn an_image_above_a_file_open_for_writing_waits_until_it_is_closed() {
     drop(top_handle);
 }
 
-#[test]
-fn a_backing_file_is_writable_again_once_the_images_above_are_gone() {
+/// `chain_tree` with `top.img` open and removed from the tree, and a reader of `base.img`:
+/// (dir, catalog, base, top handle, base reader).
+fn top_removed_while_open() -> (TempDir, Catalog, Arc<ImageFile>, ImageHandle, ImageHandle) {
     let (dir, catalog, _) = chain_tree();
     let base = image(&catalog, "base.img.raw").unwrap();
     let top_handle = catalog.open(&top(&catalog), false).unwrap();
     let base_reader = catalog.open(&base, false).unwrap();
     std::fs::remove_file(dir.path().join("sub/top.img")).unwrap();
     assert!(ls(&catalog, "sub").is_empty());
+    (dir, catalog, base, top_handle, base_reader)
+}
+
+#[test]
+fn a_backing_file_is_writable_again_once_the_images_above_are_gone() {
+    let (_dir, catalog, base, top_handle, base_reader) = top_removed_while_open();
     // The removed image is still open: its backing file must not change under it.
     assert!(!catalog.attributes(&base).writable);
     assert_eq!(
@@ -124,12 +131,7 @@ fn a_backing_file_is_writable_again_once_the_images_above_are_gone() {
 /// written through the new writable instance, not the old instance's view.
 #[test]
 fn a_reader_of_a_replaced_instance_sees_the_new_writes() {
-    let (dir, catalog, _) = chain_tree();
-    let base = image(&catalog, "base.img.raw").unwrap();
-    let top_handle = catalog.open(&top(&catalog), false).unwrap();
-    let base_reader = catalog.open(&base, false).unwrap();
-    std::fs::remove_file(dir.path().join("sub/top.img")).unwrap();
-    assert!(ls(&catalog, "sub").is_empty());
+    let (_dir, catalog, base, top_handle, base_reader) = top_removed_while_open();
     drop(top_handle);
     let writer = catalog.open(&base, true).unwrap();
     assert!(!Arc::ptr_eq(writer.served(), base_reader.served()));
