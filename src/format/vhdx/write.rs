@@ -16,6 +16,10 @@ use crate::error::{Error, Result};
 use crate::format::backing::read_below;
 use crate::image::{check_range, check_span, split_aligned, zero_fill};
 
+/// Zeros written at the end of a new block past the end of the file, to extend the file over
+/// it: one host page.
+const TAIL_BYTES: u64 = 4096;
+
 impl VhdxImage {
     pub(super) fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         if let Some(reason) = &self.read_only_reason {
@@ -296,6 +300,9 @@ impl VhdxImage {
     /// Writes a new block of `block_size` bytes at `host`: `piece` at `skip` bytes into it,
     /// zeros around it. Written in pieces of at most 1 MiB to bound the buffer.
     fn write_new_block(&self, host: u64, block_size: u64, skip: u64, piece: &[u8]) -> Result<()> {
+        if host >= self.store.file.len()? {
+            return self.write_block_past_end(host, block_size, skip, piece);
+        }
         let piece_range = skip..skip + piece.len() as u64;
         let mut chunk = vec![0u8; MIB.min(block_size) as usize];
         let mut at = 0u64;
@@ -327,6 +334,33 @@ impl VhdxImage {
                 self.store.file.write_all_at(buf, host + at)?;
             }
             at += len;
+        }
+        Ok(())
+    }
+
+    /// `write_new_block` for a block that starts at or past the end of the file, where
+    /// everything not written is a hole that reads as zeros: the payload, then zeros for the
+    /// block's last bytes so that the file covers the block. A sequential stream into a fresh
+    /// image then writes each byte once, not a block of zeros first.
+    fn write_block_past_end(
+        &self,
+        host: u64,
+        block_size: u64,
+        skip: u64,
+        piece: &[u8],
+    ) -> Result<()> {
+        let file = &self.store.file;
+        if !piece.is_empty() {
+            file.write_all_at(piece, host + skip)?;
+        }
+        let end = host + block_size;
+        let piece_end = host + skip + piece.len() as u64;
+        if piece_end < end {
+            let tail_start = piece_end.max(end.saturating_sub(TAIL_BYTES));
+            file.write_all_at(
+                &[0u8; TAIL_BYTES as usize][..(end - tail_start) as usize],
+                tail_start,
+            )?;
         }
         Ok(())
     }

@@ -366,6 +366,48 @@ fn writes_allocate_blocks_that_qemu_reads_back() {
     assert!(h.log_guid.is_nil(), "the log is clean after a flush");
 }
 
+/// A sequential stream into a fresh image writes each byte once: a new block at the end of
+/// the file is a hole that reads as zeros, not a block of zeros written before the data.
+#[test]
+fn a_sequential_stream_into_a_fresh_image_writes_its_bytes_once() {
+    let dir = TempDir::new();
+    let size = 64 * MIB;
+    let Some(path) = create(&dir, "s.vhdx", "block_size=8M", size) else {
+        return;
+    };
+    let watch = crate::host::fault::watch(&path);
+    let img = open_rw(&path);
+    img.write_at(&[1], 63 * MIB).unwrap(); // the GUID renewal, and one block at the end
+    watch.start();
+    let data: Vec<u8> = (0..20 * MIB as usize)
+        .map(|i| (i % 251) as u8 + 1)
+        .collect();
+    for (i, piece) in data.chunks(MIB as usize).enumerate() {
+        img.write_at(piece, 3 * MIB + i as u64 * MIB).unwrap();
+    }
+    let written: usize = watch
+        .stop()
+        .ops()
+        .iter()
+        .map(|op| match op {
+            crate::host::fault::Op::Write { data, .. } => data.len(),
+            crate::host::fault::Op::Sync => 0,
+        })
+        .sum();
+    assert!(
+        (written as u64) < 20 * MIB + 64 * 1024,
+        "{written} bytes written for 20 MiB of data"
+    );
+    img.flush().unwrap();
+    let mut expected = vec![0u8; size as usize];
+    expected[63 * MIB as usize] = 1;
+    expected[3 * MIB as usize..23 * MIB as usize].copy_from_slice(&data);
+    assert_eq!(read_all(&img), expected, "before the reopen");
+    drop(img);
+    assert_qemu_check_clean(&path);
+    assert_qemu_compare_equal(&dir, &path, &expected);
+}
+
 #[test]
 fn first_write_renews_the_guids_in_both_headers() {
     let dir = TempDir::new();
