@@ -41,7 +41,6 @@ use crate::meta::dirty::DirtyChunks;
 
 use super::cluster::OFFSET_MASK;
 use super::counts::ClusterCounts;
-use super::guard::MetadataGuard;
 use super::refcount::{plan_fresh, BlockSlot, FreshPlan, RefcountBlock, RefcountShape, Refcounts};
 use super::Qcow2Image;
 
@@ -77,9 +76,6 @@ pub(super) struct AllocState {
     pub autoclear: u64,
     /// The first write's header changes (and refcount rebuild) are done.
     pub prepared: bool,
-    /// Clusters holding metadata, which no allocation may hand out (guard.rs); set by the
-    /// first write's preparation.
-    pub guard: MetadataGuard,
 }
 
 impl AllocState {
@@ -92,7 +88,6 @@ impl AllocState {
             incompatible,
             autoclear,
             prepared: false,
-            guard: MetadataGuard::default(),
         }
     }
 
@@ -132,7 +127,7 @@ impl Qcow2Image {
             match alloc.refcounts.slot(file, index)? {
                 BlockSlot::At(_) => {
                     let offset = self.cluster_offset(cluster)?;
-                    alloc.guard.check(cluster, 1)?;
+                    self.guard().check(cluster, 1)?;
                     alloc.refcounts.set(file, cluster, 1)?;
                     alloc.cursor = cluster + 1;
                     return Ok(offset);
@@ -165,11 +160,12 @@ impl Qcow2Image {
             .checked_shl(bits)
             .ok_or_else(|| Error::out_of_range("refcount block index overflows"))?;
         let offset = self.cluster_offset(cluster)?;
-        alloc.guard.check(cluster, 1)?;
+        self.guard().check(cluster, 1)?;
         let mut block = RefcountBlock::from_bytes(vec![0; 1 << self.cluster_bits()]);
         block.set(alloc.refcounts.order(), 0, 1)?;
         // On disk before anything can point at it; `slot` also wants it inside the file.
         file.write_all_at(block.as_bytes(), offset)?;
+        self.guard_mut().hold(cluster, 1, "a refcount block");
         alloc.refcounts.install_block(file, index, offset, block)
     }
 
@@ -244,8 +240,7 @@ impl Qcow2Image {
             .map(|(c, _, _)| c)
             .or_else(|| plan.blocks.first().map(|&(_, c)| c))
             .unwrap_or(plan.end);
-        alloc
-            .guard
+        self.guard()
             .check(region_start, plan.end.saturating_sub(region_start))?;
         if let Some((cluster, clusters, entries)) = plan.table {
             let mut entries_vec = table;
@@ -253,6 +248,8 @@ impl Qcow2Image {
             let offset = self.cluster_offset(cluster)?;
             alloc.refcounts.install_table(offset, clusters, entries_vec);
             self.note_table_location(alloc);
+            self.guard_mut()
+                .hold(cluster, clusters, "the refcount table");
         }
         let new_indices: BTreeSet<u64> = plan.blocks.iter().map(|&(i, _)| i).collect();
         for &(index, cluster) in &plan.blocks {
@@ -260,6 +257,7 @@ impl Qcow2Image {
             let offset = self.cluster_offset(cluster)?;
             file.write_all_at(block.as_bytes(), offset)?;
             alloc.refcounts.install_block(file, index, offset, block)?;
+            self.guard_mut().hold(cluster, 1, "a refcount block");
         }
         for cluster in region_start..plan.end {
             if !new_indices.contains(&(cluster >> bits)) {
@@ -406,7 +404,7 @@ impl Qcow2Image {
             for cluster in first..=last {
                 let count = alloc.refcounts.get(file, cluster)?;
                 if let (1, Referrer::Data, Some(held)) =
-                    (count, referrer, alloc.guard.holder(cluster))
+                    (count, referrer, self.guard().holder(cluster))
                 {
                     // Freeing it would hand the structure out, or punch a hole in it.
                     log::warn!(
@@ -432,7 +430,7 @@ impl Qcow2Image {
                         _ => freed.push((cluster, 1)),
                     }
                     alloc.cursor = alloc.cursor.min(cluster);
-                    alloc.guard.release(cluster);
+                    self.guard_mut().release(cluster);
                     // A freed L2 table must not be served from the cache once reused.
                     let at = cluster << bits;
                     for key in (at..at + (1 << bits)).step_by(slice_bytes as usize) {

@@ -155,11 +155,22 @@ impl Qcow2Image {
                 return Ok(false);
             };
             let entry = self.read_entry(l2_offset, at.l2_index)?;
-            let own = match entry.desc {
-                ClusterDescriptor::Normal { copied, .. } => copied,
-                ClusterDescriptor::Subclusters { copied, .. } => copied,
-                _ => false,
+            let (own, host) = match entry.desc {
+                ClusterDescriptor::Normal {
+                    copied,
+                    host_cluster,
+                } => (copied, Some(host_cluster)),
+                ClusterDescriptor::Subclusters {
+                    copied,
+                    host_cluster,
+                    ..
+                } => (copied, host_cluster),
+                _ => (false, None),
             };
+            // A hole punched in metadata a hostile entry names would change it on disk only.
+            if let (true, Some(host)) = (own, host) {
+                self.check_data_target(host)?;
+            }
             if !own {
                 return Ok(false);
             }

@@ -1,17 +1,21 @@
-//! The metadata guard: which host clusters hold metadata when writes start, so that the
-//! allocator never hands one out because a hostile or damaged image gives it refcount 0.
+//! The metadata guard: which host clusters hold metadata, so that the allocator never hands
+//! one out because a hostile or damaged image gives it refcount 0, and no guest data is written
+//! over one because a hostile L2 entry names it.
 //!
 //! The allocator trusts refcounts, as QEMU does. QEMU also refuses to write over metadata it
-//! knows about (its "cached" overlap check); this is the same protection, computed once at the
-//! first write from what is in memory then: the header cluster, the active L1 table and the L2
+//! knows about (its "cached" overlap check); this is the same protection, computed at the
+//! first write from what is in memory then (the header cluster, the active L1 table and the L2
 //! tables it names, the refcount table and its blocks, the snapshot table and the snapshots'
-//! L1 tables. Without it, data or a new table written over, say, the L1 table corrupts the
-//! image further and reads back as something else. A structure imgfs itself frees (an L2 table
-//! replaced on copy, an old refcount table) leaves the guard once its refcount drops to 0. An
-//! L2 entry naming a guarded cluster does not free it when the entry is overwritten: that
-//! reference was the damage, and the structure's own reference stays.
+//! L1 tables) and kept up to date with the L2 tables and refcount structures imgfs writes
+//! later. Without it, data or a new table written over, say, the L1 table corrupts the image
+//! further and reads back as something else; data written in place over an L2 table changes it
+//! on disk behind its cached copy. A structure imgfs itself frees (an L2 table replaced on
+//! copy, an old refcount table) leaves the guard once its refcount drops to 0. An L2 entry
+//! naming a guarded cluster does not free it when the entry is overwritten: that reference was
+//! the damage, and the structure's own reference stays.
 
 use std::collections::BTreeMap;
+use std::sync::{PoisonError, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
 
@@ -90,6 +94,11 @@ impl MetadataGuard {
         }
     }
 
+    /// Clusters `[first, first + count)` now hold `what`, new metadata imgfs wrote.
+    pub fn hold(&mut self, first: u64, count: u64, what: &'static str) {
+        self.add(first, first.saturating_add(count), what);
+    }
+
     /// Cluster `cluster` was freed by imgfs (its refcount dropped to 0): it may be reused.
     pub fn release(&mut self, cluster: u64) {
         let Some((&start, &(end, what))) = self.ranges.range(..=cluster).next_back() else {
@@ -109,6 +118,20 @@ impl MetadataGuard {
 }
 
 impl Qcow2Image {
+    pub(super) fn guard(&self) -> RwLockReadGuard<'_, MetadataGuard> {
+        self.shared
+            .guard
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn guard_mut(&self) -> RwLockWriteGuard<'_, MetadataGuard> {
+        self.shared
+            .guard
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The guard of the metadata this image holds now (see the module doc). An L2 table or a
     /// refcount block that lies on the header, an L1 table, the refcount table or the snapshot
     /// table is refused as corrupt: writing its entries would rewrite that structure (QEMU's

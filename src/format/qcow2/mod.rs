@@ -153,6 +153,9 @@ struct Shared {
     io_gate: RwLock<()>,
     /// The first write's preparation is done (a fast path around the allocation mutex).
     prepared: AtomicBool,
+    /// Clusters holding metadata (guard.rs), which no allocation hands out and no data write
+    /// goes over. Taken after the allocation mutex, never before it.
+    guard: RwLock<guard::MetadataGuard>,
     /// The live refcount table's (offset, clusters), for checks made without the allocation
     /// mutex; set by the allocator whenever the table moves.
     refcount_table_at: (AtomicU64, AtomicU64),
@@ -286,6 +289,7 @@ impl Qcow2Image {
         let shared = Shared {
             alloc: Mutex::new(alloc),
             io_gate: RwLock::new(()),
+            guard: RwLock::default(),
             prepared: AtomicBool::new(false),
             refcount_table_at: (
                 AtomicU64::new(header.refcount_table_offset),

@@ -63,7 +63,7 @@ impl Qcow2Image {
                 alloc.incompatible = incompatible;
             }
         }
-        alloc.guard = self.metadata_guard(alloc)?;
+        *self.guard_mut() = self.metadata_guard(alloc)?;
         alloc.prepared = true;
         self.shared.prepared.store(true, Ordering::Release);
         Ok(())

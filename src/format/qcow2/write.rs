@@ -184,9 +184,10 @@ impl Qcow2Image {
         })
     }
 
-    /// Refuses to write guest data over the image's own header, L1 or refcount table, or past
-    /// the end of the file: an entry pointing there is corrupt (or hostile).
-    fn check_data_target(&self, host: u64) -> Result<()> {
+    /// Refuses to write guest data over the image's own header, L1 or refcount table, any
+    /// metadata the guard holds, or past the end of the file: an entry pointing there is
+    /// corrupt (or hostile).
+    pub(super) fn check_data_target(&self, host: u64) -> Result<()> {
         if self.shared.data_file.is_some() {
             return Ok(());
         }
@@ -204,6 +205,15 @@ impl Qcow2Image {
             return Err(Error::corrupt(format!(
                 "an L2 entry points to host offset {host:#x}, over the image's metadata or \
                  past the end of the file"
+            )));
+        }
+        // Data written there would change a table behind its cached copy.
+        if let Some(what) = self
+            .guard()
+            .holder(host >> self.shared.geometry.cluster_bits)
+        {
+            return Err(Error::corrupt(format!(
+                "an L2 entry points to host offset {host:#x}, which holds {what}"
             )));
         }
         Ok(())
@@ -521,6 +531,8 @@ impl Qcow2Image {
             self.shared.l2_cache.remove(key);
         }
         file.write_all_at(&table, new)?;
+        self.guard_mut()
+            .hold(new >> geo.cluster_bits, 1, "an L2 table");
         // Only now does the L1 entry stop using the old table: dropped earlier, a failed
         // write would leave the entry on it and its reference dropped by the next flush.
         if let Some(old) = old {

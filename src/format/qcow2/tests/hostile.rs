@@ -342,3 +342,41 @@ fn overwriting_an_entry_that_names_the_l1_table_keeps_the_table() {
     img.read_at(&mut back, 64 * KIB).unwrap();
     assert!(back.iter().all(|&b| b == 7), "the write");
 }
+
+/// Found by fuzzing: an L2 entry (COPIED set) naming an L2 table as its data cluster let a
+/// write go in place over the table, changing it on disk behind its cached copy: the image
+/// read differently once reopened. Writes and punching discards through such an entry are
+/// refused, and the table stays as it was.
+#[test]
+fn data_in_place_over_an_l2_table_is_refused() {
+    let dir = TempDir::new();
+    let Some(path) = small_image(&dir) else {
+        return;
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    let l1_at = be64(&bytes, 40) as usize;
+    let l2_at = be64(&bytes, l1_at) & OFFSET_MASK;
+    // Guest cluster 1 (64 KiB) is "stored" in the L2 table itself.
+    let slot = l2_at as usize + 8;
+    bytes[slot..slot + 8].copy_from_slice(&(l2_at | 1 << 63).to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let img = open_writable(&path);
+    for e in [
+        img.write_at(&[7; 512], 64 * KIB).unwrap_err(),
+        // Part of a cluster is punched in place; a whole one just loses its entry.
+        img.discard(64 * KIB + 512, 512).unwrap_err(),
+    ] {
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("which holds an L2 table"), "{e}");
+    }
+    img.write_at(&[9; 512], 0).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let after = std::fs::read(&path).unwrap();
+    let table = l2_at as usize..l2_at as usize + 65536;
+    assert_eq!(after[table.clone()], bytes[table], "the L2 table is untouched");
+    let img = open(&path);
+    let mut back = vec![0u8; 1024];
+    img.read_at(&mut back, 0).unwrap();
+    assert!(back[..512].iter().all(|&b| b == 9) && back[512..].iter().all(|&b| b == 0x42));
+}
