@@ -53,6 +53,15 @@ pub struct ImageInfo {
     pub details: Vec<(&'static str, String)>,
 }
 
+/// An internal snapshot as a directory lists it: its file name (without `.raw`), disk size
+/// and allocated bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    pub name: String,
+    pub size: u64,
+    pub allocated: u64,
+}
+
 /// A virtual disk. Methods take `&self` because FUSE requests arrive on several threads;
 /// implementations keep their state behind their own locks.
 pub trait Image: Send + Sync {
@@ -106,6 +115,22 @@ pub trait Image: Send + Sync {
         Err(Error::unsupported(format!(
             "the image has no internal snapshot called {name:?}"
         )))
+    }
+
+    /// The internal snapshots that can be opened, with their sizes. By default each is opened;
+    /// a format whose table gives the sizes answers from it.
+    fn snapshot_entries(&self) -> Vec<SnapshotEntry> {
+        self.snapshot_names()
+            .into_iter()
+            .filter_map(|name| {
+                let view = self.snapshot(&name).ok()?;
+                Some(SnapshotEntry {
+                    size: view.size(),
+                    allocated: view.allocated_bytes(),
+                    name,
+                })
+            })
+            .collect()
     }
 
     /// Bytes of guest data allocated in the image file (feeds `st_blocks`).

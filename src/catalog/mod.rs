@@ -49,7 +49,7 @@ use roles::Roles;
 pub use served::{ImageHandle, Served};
 use summary::{summarize, Outcome};
 pub use summary::{FormatOpener, Opener};
-use views::snapshot_entries;
+use views::{snapshot_entries, snapshot_entry};
 
 /// The suffix that turns an image's file name into its raw file's name.
 pub const RAW_SUFFIX: &str = ".raw";
@@ -271,7 +271,7 @@ impl Catalog {
         }
         let entries = match dir {
             Target::Dir(rel) => return self.lookup_in_dir(rel, name),
-            Target::SnapshotsDir(image) => snapshot_entries(image),
+            Target::SnapshotsDir(image) => return Ok(snapshot_entry(image, name)),
             Target::PartsDir(image) => self.partition_entries(image),
             Target::Image(_) | Target::Snapshot(..) | Target::Partition(..) => return Ok(None),
         };

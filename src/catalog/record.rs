@@ -105,7 +105,7 @@ pub struct Summary {
     pub allocated: u64,
     /// Why the image itself must be served read-only (a corrupt bit, a read-only sub-format).
     pub inherent_read_only: Option<String>,
-    /// Internal snapshots, by file name (without `.raw`).
+    /// Internal snapshots, sorted by file name (without `.raw`).
     pub snapshots: Vec<SnapshotSummary>,
     /// Every file below the image in its chain (backing files, parents), top down.
     pub below: Vec<FileId>,
@@ -114,16 +114,23 @@ pub struct Summary {
     pub partitions: Partitions,
 }
 
+impl Summary {
+    /// The internal snapshot served as `name` (without `.raw`). A hostile table may hold
+    /// 65,536 of them, so this is a binary search, not a scan.
+    pub fn snapshot(&self, name: &str) -> Option<&SnapshotSummary> {
+        let at = self
+            .snapshots
+            .binary_search_by(|s| s.name.as_str().cmp(name))
+            .ok()?;
+        self.snapshots.get(at)
+    }
+}
+
 /// A disk's partition table (`None`: it has none), or why it cannot be trusted.
 pub type Partitions = std::result::Result<Option<Arc<PartitionTable>>, String>;
 
 /// One internal snapshot of an image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotSummary {
-    pub name: String,
-    pub size: u64,
-    pub allocated: u64,
-}
+pub type SnapshotSummary = crate::image::SnapshotEntry;
 
 /// The last state of a version seen at its path.
 #[derive(Debug)]

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::record::{header_hash, FileId, Partitions, SnapshotSummary, Summary};
+use super::record::{header_hash, FileId, Partitions, Summary};
 use crate::error::{Error, Result};
 use crate::format::links::{Chain, Links};
 use crate::format::{self, Format, OpenOptions};
@@ -175,18 +175,8 @@ pub fn summarize(opener: &dyn Opener, root: &Path, path: &Path) -> Outcome {
         Ok(opened) => opened,
         Err(e) => return Outcome::Refused(e),
     };
-    let snapshots = image
-        .snapshot_names()
-        .into_iter()
-        .filter_map(|name| {
-            let view = image.snapshot(&name).ok()?;
-            Some(SnapshotSummary {
-                size: view.size(),
-                allocated: view.allocated_bytes(),
-                name,
-            })
-        })
-        .collect();
+    let mut snapshots = image.snapshot_entries();
+    snapshots.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     Outcome::Image(Summary {
         partitions: partitions_of(image.as_ref(), path),
         format,

@@ -33,6 +33,16 @@ pub fn snapshot_entries(image: &Arc<ImageFile>) -> Vec<Entry> {
         .collect()
 }
 
+/// The entry called `name` (`<snapshot>.raw`) of `image`'s snapshots directory.
+pub fn snapshot_entry(image: &Arc<ImageFile>, name: &OsStr) -> Option<Entry> {
+    let snapshot = name.to_str()?.strip_suffix(RAW_SUFFIX)?;
+    let found = image.summary.snapshot(snapshot)?;
+    Some(Entry {
+        name: name.to_os_string(),
+        target: Target::Snapshot(Arc::clone(image), found.name.clone()),
+    })
+}
+
 /// The file name of partition `number` in a parts directory.
 fn partition_name(number: u32) -> String {
     format!("p{number}{RAW_SUFFIX}")

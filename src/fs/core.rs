@@ -324,9 +324,7 @@ impl FsCore {
                 perm &= !0o222;
                 image
                     .summary
-                    .snapshots
-                    .iter()
-                    .find(|s| s.name == *name)
+                    .snapshot(name)
                     .map(|s| (s.size, s.allocated))
                     .unwrap_or((0, 0))
             }

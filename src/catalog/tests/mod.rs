@@ -188,7 +188,7 @@ fn internal_snapshots_appear_read_only_in_a_snapshots_directory() {
     assert!(matches!(snaps, Target::SnapshotsDir(_)));
     assert_eq!(
         names(&catalog.list(&snaps).unwrap()),
-        ["one.raw", "old.snapshots.raw"]
+        ["old.snapshots.raw", "one.raw"]
     );
     assert_eq!(
         counters.opens.load(Ordering::Relaxed),

@@ -104,7 +104,9 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
 use crate::host::HostFile;
-use crate::image::{check_range, push_extent, Extent, ExtentState, Image, ImageInfo};
+use crate::image::{
+    check_range, push_extent, Extent, ExtentState, Image, ImageInfo, SnapshotEntry,
+};
 use crate::meta::compress::{inflate, zstd_frame, Deflate, LastInflated};
 use crate::meta::table_cache::TableCache;
 use crate::meta::write_back::WriteBack;
@@ -143,6 +145,9 @@ struct Shared {
     l2_cache: TableCache<L2Slice>,
     backing: Option<Backing>,
     snapshots: Vec<SnapshotInfo>,
+    /// The file name each snapshot is served under (`snapshot::file_names`), and the reverse.
+    snapshot_files: Vec<String>,
+    snapshot_by_file: std::collections::HashMap<String, usize>,
     /// Bytes of the snapshot table (counted when refcounts are rebuilt).
     snapshot_table_len: u64,
     /// The allocator, refcounts and write-back state (alloc.rs).
@@ -286,6 +291,7 @@ impl Qcow2Image {
             header.incompatible_features,
             header.autoclear_features,
         );
+        let snapshot_files = snapshot::file_names(&snapshots);
         let shared = Shared {
             alloc: Mutex::new(alloc),
             io_gate: RwLock::new(()),
@@ -301,6 +307,12 @@ impl Qcow2Image {
             slice_bytes,
             l2_cache: TableCache::new((l2_cache_bytes / slice_bytes) as usize),
             backing,
+            snapshot_by_file: snapshot_files
+                .iter()
+                .enumerate()
+                .map(|(index, name)| (name.clone(), index))
+                .collect(),
+            snapshot_files,
             snapshots,
             file_len: AtomicU64::new(file_len),
             last_compressed: LastInflated::default(),
@@ -330,61 +342,6 @@ impl Qcow2Image {
     /// The image's internal snapshots, in table order.
     pub fn snapshots(&self) -> &[SnapshotInfo] {
         &self.shared.snapshots
-    }
-
-    /// A read-only view of internal snapshot `index`: its own L1 table over the same file,
-    /// L2 cache and backing image.
-    pub fn snapshot_image(&self, index: usize) -> Result<Qcow2Image> {
-        self.snapshot_image_inner(index)
-            .map_err(|e| e.with_path(self.shared.file.path()))
-    }
-
-    fn snapshot_image_inner(&self, index: usize) -> Result<Qcow2Image> {
-        let shared = &self.shared;
-        let snapshot = shared.snapshots.get(index).ok_or_else(|| {
-            Error::out_of_range(format!(
-                "snapshot {index} does not exist (the image has {})",
-                shared.snapshots.len()
-            ))
-        })?;
-        let what = format!("snapshot {:?} ({index})", snapshot.name);
-        let l1_bytes = u64::from(snapshot.l1_size) * 8;
-        if l1_bytes > header::MAX_L1_BYTES {
-            return Err(Error::corrupt(format!(
-                "{what}: l1_size {} is larger than the 32 MiB table QEMU allows",
-                snapshot.l1_size
-            ))
-            .at_offset(snapshot.entry_offset + 8));
-        }
-        if snapshot.l1_size > 0 {
-            header::check_table(
-                &format!("{what} l1_table_offset"),
-                snapshot.entry_offset,
-                snapshot.l1_table_offset,
-                l1_bytes,
-                shared.header.cluster_size(),
-                shared.file.len()?,
-            )?;
-        }
-        if snapshot.disk_size > i64::MAX as u64 {
-            return Err(Error::corrupt(format!(
-                "{what}: disk size {} is too large",
-                snapshot.disk_size
-            )));
-        }
-        let l1 = read_l1(&shared.file, snapshot.l1_table_offset, snapshot.l1_size)?;
-        let mut reasons = vec![SNAPSHOT_REASON.to_string()];
-        if shared.header.is_corrupt() {
-            reasons.push(CORRUPT_REASON.to_string());
-        }
-        Ok(Qcow2Image {
-            shared: Arc::clone(shared),
-            l1: RwLock::new(l1),
-            l1_table_offset: snapshot.l1_table_offset,
-            size: AtomicU64::new(snapshot.disk_size),
-            snapshot: Some(index),
-            read_only_reason: Some(reasons.join("; ")),
-        })
     }
 
     /// The refcount of the host cluster holding image file offset `host_offset` (0 for clusters
@@ -726,18 +683,37 @@ impl Image for Qcow2Image {
     /// Snapshots are listed from the active disk only; a snapshot view has none of its own.
     fn snapshot_names(&self) -> Vec<String> {
         match self.snapshot {
-            None => snapshot::file_names(&self.shared.snapshots),
+            None => self.shared.snapshot_files.clone(),
             Some(_) => Vec::new(),
         }
     }
 
     fn snapshot(&self, name: &str) -> Result<Arc<dyn Image>> {
         let index = self
-            .snapshot_names()
-            .iter()
-            .position(|n| n == name)
+            .shared
+            .snapshot_by_file
+            .get(name)
+            .filter(|_| self.snapshot.is_none())
             .ok_or_else(|| Error::out_of_range(format!("no internal snapshot called {name:?}")))?;
-        Ok(Arc::new(self.snapshot_image(index)?))
+        Ok(Arc::new(self.snapshot_image(*index)?))
+    }
+
+    /// From the snapshot table alone: opening each view would read every snapshot's L1 table.
+    fn snapshot_entries(&self) -> Vec<SnapshotEntry> {
+        let names = self.snapshot_names();
+        let allocated = self.allocated_bytes();
+        names
+            .into_iter()
+            .enumerate()
+            .filter(|(index, _)| self.check_snapshot(*index).is_ok())
+            .filter_map(|(index, name)| {
+                Some(SnapshotEntry {
+                    size: self.shared.snapshots.get(index)?.disk_size,
+                    allocated,
+                    name,
+                })
+            })
+            .collect()
     }
 
     fn info(&self) -> ImageInfo {

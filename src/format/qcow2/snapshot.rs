@@ -10,13 +10,21 @@
 //!     then the id string, the name, padding to a multiple of 8
 //! ```
 //!
+//! Each snapshot is served read-only as a view of its own L1 table over the image's file.
+//!
 //! The table is read in growing chunks while it is parsed, never by a size taken from the
 //! file: it is capped at QEMU's limit (1 KiB per snapshot on average, 64 MiB in all) and at
 //! the end of the file.
 
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
 use crate::error::{Error, Result};
 use crate::host::HostFile;
 use crate::meta::bytes::{u16_be, u32_be, u64_be};
+
+use super::{header, read_l1, Qcow2Image, CORRUPT_REASON, SNAPSHOT_REASON};
 
 const ENTRY_HEADER_LEN: usize = 40;
 /// QEMU refuses entries with more extra data than this.
@@ -79,19 +87,33 @@ impl TableReader<'_> {
 }
 
 /// The file name (without `.raw`) under which each snapshot is served: its name where that
-/// is a usable file name and no other snapshot has it, `snapshot-<id>` otherwise (ids are
-/// unique; names need not be, and may hold `/`).
+/// is a usable file name and no other snapshot has it, `snapshot-<id>` otherwise, and
+/// `snapshot-#<index in the table>` where ids repeat (a hostile table; `#` in ids is replaced,
+/// so the three forms never meet). Linear in the table: it may hold 65,536 snapshots.
 pub fn file_names(snapshots: &[SnapshotInfo]) -> Vec<String> {
     let usable =
         |name: &str| !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0']);
-    let by_name = |name: &str| snapshots.iter().filter(|s| s.name == name).count();
+    let id_name = |s: &SnapshotInfo| s.id.replace(['/', '\0', '#'], "_");
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    for s in snapshots {
+        *names.entry(s.name.as_str()).or_default() += 1;
+        *ids.entry(id_name(s)).or_default() += 1;
+    }
     snapshots
         .iter()
-        .map(|s| {
-            if usable(&s.name) && by_name(&s.name) == 1 && !s.name.starts_with("snapshot-") {
+        .enumerate()
+        .map(|(index, s)| {
+            let id = id_name(s);
+            if usable(&s.name)
+                && names.get(s.name.as_str()) == Some(&1)
+                && !s.name.starts_with("snapshot-")
+            {
                 s.name.clone()
+            } else if ids.get(&id) == Some(&1) {
+                format!("snapshot-{id}")
             } else {
-                format!("snapshot-{}", s.id.replace(['/', '\0'], "_"))
+                format!("snapshot-#{index}")
             }
         })
         .collect()
@@ -182,6 +204,70 @@ fn parse_entry(
     ))
 }
 
+impl Qcow2Image {
+    /// A read-only view of internal snapshot `index`: its own L1 table over the same file,
+    /// L2 cache and backing image.
+    pub fn snapshot_image(&self, index: usize) -> Result<Qcow2Image> {
+        self.snapshot_image_inner(index)
+            .map_err(|e| e.with_path(self.shared.file.path()))
+    }
+
+    fn snapshot_image_inner(&self, index: usize) -> Result<Qcow2Image> {
+        let snapshot = self.check_snapshot(index)?;
+        let shared = &self.shared;
+        let l1 = read_l1(&shared.file, snapshot.l1_table_offset, snapshot.l1_size)?;
+        let mut reasons = vec![SNAPSHOT_REASON.to_string()];
+        if shared.header.is_corrupt() {
+            reasons.push(CORRUPT_REASON.to_string());
+        }
+        Ok(Qcow2Image {
+            shared: Arc::clone(shared),
+            l1: RwLock::new(l1),
+            l1_table_offset: snapshot.l1_table_offset,
+            size: AtomicU64::new(snapshot.disk_size),
+            snapshot: Some(index),
+            read_only_reason: Some(reasons.join("; ")),
+        })
+    }
+
+    /// Snapshot `index`'s entry, if its L1 table and disk size can be used.
+    pub(super) fn check_snapshot(&self, index: usize) -> Result<&SnapshotInfo> {
+        let shared = &self.shared;
+        let snapshot = shared.snapshots.get(index).ok_or_else(|| {
+            Error::out_of_range(format!(
+                "snapshot {index} does not exist (the image has {})",
+                shared.snapshots.len()
+            ))
+        })?;
+        let what = format!("snapshot {:?} ({index})", snapshot.name);
+        let l1_bytes = u64::from(snapshot.l1_size) * 8;
+        if l1_bytes > header::MAX_L1_BYTES {
+            return Err(Error::corrupt(format!(
+                "{what}: l1_size {} is larger than the 32 MiB table QEMU allows",
+                snapshot.l1_size
+            ))
+            .at_offset(snapshot.entry_offset + 8));
+        }
+        if snapshot.l1_size > 0 {
+            header::check_table(
+                &format!("{what} l1_table_offset"),
+                snapshot.entry_offset,
+                snapshot.l1_table_offset,
+                l1_bytes,
+                shared.header.cluster_size(),
+                shared.file.len()?,
+            )?;
+        }
+        if snapshot.disk_size > i64::MAX as u64 {
+            return Err(Error::corrupt(format!(
+                "{what}: disk size {} is too large",
+                snapshot.disk_size
+            )));
+        }
+        Ok(snapshot)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +297,11 @@ mod tests {
             snapshot("5", ""),
             snapshot("6", ".."),
             snapshot("7", "snapshot-1"),
+            snapshot("8", "x"),
+            snapshot("8", "y"),
+            snapshot("a#b", ""),
+            snapshot("9", "z"),
+            snapshot("9", "z"),
         ]);
         assert_eq!(
             names,
@@ -221,7 +312,12 @@ mod tests {
                 "snapshot-4",
                 "snapshot-5",
                 "snapshot-6",
-                "snapshot-7"
+                "snapshot-7",
+                "x",
+                "y",
+                "snapshot-a_b",
+                "snapshot-#10",
+                "snapshot-#11"
             ]
         );
     }

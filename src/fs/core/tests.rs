@@ -195,7 +195,7 @@ fn snapshots_are_read_only_files_in_a_directory_beside_the_image() {
     assert_eq!(snaps.kind, NodeKind::Dir);
     assert_eq!(
         names(&core, snaps.ino),
-        [".", "..", "s1.raw", "old.snapshots.raw"]
+        [".", "..", "old.snapshots.raw", "s1.raw"]
     );
     let old = core
         .lookup(snaps.ino, OsStr::new("old.snapshots.raw"))

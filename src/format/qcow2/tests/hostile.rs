@@ -374,9 +374,43 @@ fn data_in_place_over_an_l2_table_is_refused() {
     drop(img);
     let after = std::fs::read(&path).unwrap();
     let table = l2_at as usize..l2_at as usize + 65536;
-    assert_eq!(after[table.clone()], bytes[table], "the L2 table is untouched");
+    assert_eq!(
+        after[table.clone()],
+        bytes[table],
+        "the L2 table is untouched"
+    );
     let img = open(&path);
     let mut back = vec![0u8; 1024];
     img.read_at(&mut back, 0).unwrap();
     assert!(back[..512].iter().all(|&b| b == 9) && back[512..].iter().all(|&b| b == 0x42));
+}
+
+/// Found by fuzzing: a table of 65,536 blank snapshots (the most a header may claim). Naming
+/// them compared every pair, and listing them opened each, which took minutes; every name is
+/// now found in one pass, ids that repeat fall back to the table index, and the listing comes
+/// from the table alone.
+#[test]
+fn a_table_of_65536_blank_snapshots_gets_distinct_names_in_one_pass() {
+    let dir = TempDir::new();
+    let Some(path) = small_image(&dir) else {
+        return;
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    let table_at = bytes.len().next_multiple_of(65536);
+    bytes.resize(table_at + 65536 * 40, 0);
+    put_u32(&mut bytes, 60, 65536);
+    put_u64(&mut bytes, 64, table_at as u64);
+    std::fs::write(&path, &bytes).unwrap();
+    let img = open(&path);
+    let names = img.snapshot_names();
+    assert_eq!(names.len(), 65536);
+    let distinct: std::collections::HashSet<&String> = names.iter().collect();
+    assert_eq!(distinct.len(), 65536);
+    assert_eq!(names[65535], "snapshot-#65535");
+    let entries = img.snapshot_entries();
+    assert_eq!(entries.len(), 65536);
+    assert_eq!(entries[7].name, "snapshot-#7");
+    let view = img.snapshot("snapshot-#65535").unwrap();
+    assert!(view.snapshot_names().is_empty());
+    assert!(img.snapshot("snapshot-#65536").is_err());
 }
