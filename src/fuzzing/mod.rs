@@ -45,7 +45,7 @@ fn run_trusting(name: &str, data: &[u8], trust: Trust) -> Result<Outcome, Violat
         "vhdx" => Format::Vhdx,
         "vhd" => Format::Vhd,
         "vmdk" => Format::Vmdk,
-        "status" => return status::run(data),
+        "status" => return status::run(data, trust),
         other => return Err(Violation(format!("no fuzz target called {other:?}"))),
     };
     exercise::run(format, data, trust)
