@@ -52,6 +52,9 @@ impl Qcow2Image {
                 alloc.autoclear = autoclear;
             }
             if alloc.incompatible & INCOMPAT_DIRTY != 0 {
+                // Metadata that overlaps (a refcount block on an L2 table) is refused before
+                // the rebuild writes every refcount block over whatever shares its cluster.
+                self.metadata_guard(alloc)?;
                 log::info!("{}: rebuilding dirty refcounts", file.path().display());
                 let incompatible = alloc.incompatible & !INCOMPAT_DIRTY;
                 write_back.run(file.path(), || {

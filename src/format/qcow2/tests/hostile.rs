@@ -414,3 +414,33 @@ fn a_table_of_65536_blank_snapshots_gets_distinct_names_in_one_pass() {
     assert!(view.snapshot_names().is_empty());
     assert!(img.snapshot("snapshot-#65536").is_err());
 }
+
+/// Found by fuzzing: a dirty image whose refcount table names its L2 table as a refcount
+/// block. The refcount rebuild of the first write wrote that block (all zeros) over the L2
+/// table, and the image read as empty once reopened. Overlapping metadata is now refused
+/// before the rebuild, as it was after it.
+#[test]
+fn a_dirty_image_with_a_refcount_block_on_its_l2_table_is_not_rebuilt() {
+    let dir = TempDir::new();
+    let Some(path) = small_image(&dir) else {
+        return;
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    let l1_at = be64(&bytes, 40) as usize;
+    let l2_at = be64(&bytes, l1_at) & OFFSET_MASK;
+    let table_at = be64(&bytes, 48) as usize;
+    put_u64(&mut bytes, table_at + 8, l2_at);
+    put_u64(&mut bytes, 72, header::INCOMPAT_DIRTY);
+    std::fs::write(&path, &bytes).unwrap();
+    let img = open_writable(&path);
+    let e = img.write_at(&[7; 512], 0).unwrap_err();
+    assert!(e.to_string().contains("lies on a refcount block"), "{e}");
+    drop(img);
+    let after = std::fs::read(&path).unwrap();
+    let table = l2_at as usize..l2_at as usize + 65536;
+    assert_eq!(
+        after[table.clone()],
+        bytes[table],
+        "the L2 table is untouched"
+    );
+}
