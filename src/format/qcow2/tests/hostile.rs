@@ -350,12 +350,9 @@ fn overwriting_an_entry_that_names_the_l1_table_keeps_the_table() {
 #[test]
 fn data_in_place_over_an_l2_table_is_refused() {
     let dir = TempDir::new();
-    let Some(path) = small_image(&dir) else {
+    let Some((path, mut bytes, l2_at)) = image_and_l2_table(&dir) else {
         return;
     };
-    let mut bytes = std::fs::read(&path).unwrap();
-    let l1_at = be64(&bytes, 40) as usize;
-    let l2_at = be64(&bytes, l1_at) & OFFSET_MASK;
     // Guest cluster 1 (64 KiB) is "stored" in the L2 table itself.
     let slot = l2_at as usize + 8;
     bytes[slot..slot + 8].copy_from_slice(&(l2_at | 1 << 63).to_be_bytes());
@@ -372,13 +369,7 @@ fn data_in_place_over_an_l2_table_is_refused() {
     img.write_at(&[9; 512], 0).unwrap();
     img.flush().unwrap();
     drop(img);
-    let after = std::fs::read(&path).unwrap();
-    let table = l2_at as usize..l2_at as usize + 65536;
-    assert_eq!(
-        after[table.clone()],
-        bytes[table],
-        "the L2 table is untouched"
-    );
+    assert_l2_table_untouched(&path, &bytes, l2_at);
     let img = open(&path);
     let mut back = vec![0u8; 1024];
     img.read_at(&mut back, 0).unwrap();
@@ -422,12 +413,9 @@ fn a_table_of_65536_blank_snapshots_gets_distinct_names_in_one_pass() {
 #[test]
 fn a_dirty_image_with_a_refcount_block_on_its_l2_table_is_not_rebuilt() {
     let dir = TempDir::new();
-    let Some(path) = small_image(&dir) else {
+    let Some((path, mut bytes, l2_at)) = image_and_l2_table(&dir) else {
         return;
     };
-    let mut bytes = std::fs::read(&path).unwrap();
-    let l1_at = be64(&bytes, 40) as usize;
-    let l2_at = be64(&bytes, l1_at) & OFFSET_MASK;
     let table_at = be64(&bytes, 48) as usize;
     put_u64(&mut bytes, table_at + 8, l2_at);
     put_u64(&mut bytes, 72, header::INCOMPAT_DIRTY);
@@ -436,7 +424,21 @@ fn a_dirty_image_with_a_refcount_block_on_its_l2_table_is_not_rebuilt() {
     let e = img.write_at(&[7; 512], 0).unwrap_err();
     assert!(e.to_string().contains("lies on a refcount block"), "{e}");
     drop(img);
-    let after = std::fs::read(&path).unwrap();
+    assert_l2_table_untouched(&path, &bytes, l2_at);
+}
+
+/// `small_image` with its bytes and the offset of its (only) L2 table.
+fn image_and_l2_table(dir: &TempDir) -> Option<(PathBuf, Vec<u8>, u64)> {
+    let path = small_image(dir)?;
+    let bytes = std::fs::read(&path).unwrap();
+    let l1_at = be64(&bytes, 40) as usize;
+    let l2_at = be64(&bytes, l1_at) & OFFSET_MASK;
+    Some((path, bytes, l2_at))
+}
+
+/// The L2 table at `l2_at` in the file at `path` is what it is in `bytes`.
+fn assert_l2_table_untouched(path: &Path, bytes: &[u8], l2_at: u64) {
+    let after = std::fs::read(path).unwrap();
     let table = l2_at as usize..l2_at as usize + 65536;
     assert_eq!(
         after[table.clone()],
