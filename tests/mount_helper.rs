@@ -19,7 +19,7 @@ fn helper_source(src: &Path) -> String {
 /// Waits until the daemon serving `mnt` has exited after an unmount started by `unmount`.
 fn unmount_and_wait(mnt: &Path, unmount: &mut Command) {
     let exit = ExitWatch::new(daemon_pid(mnt));
-    run(unmount);
+    run_while_busy(unmount);
     exit.wait();
     assert!(!is_mount_point(mnt));
 }

@@ -74,6 +74,10 @@ pub fn source_with_image(
 /// Runs a command and panics with its output unless it succeeds.
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert_succeeded(cmd, out)
+}
+
+fn assert_succeeded(cmd: &Command, out: Output) -> Output {
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}{}",
@@ -82,6 +86,29 @@ pub fn run(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Runs an unmount command, again while it says the mount is busy (at most 50 times, 100 ms
+/// apart), and returns its last output. A child another test thread forks holds a copy of every
+/// open descriptor until it execs, so a file this test has closed can keep the mount busy for a
+/// moment under load.
+pub fn output_while_busy(cmd: &mut Command) -> Output {
+    let mut tries = 1;
+    loop {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+        if out.status.success() || !busy || tries == 50 {
+            return out;
+        }
+        tries += 1;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// `run` for an unmount command: see `output_while_busy`.
+pub fn run_while_busy(cmd: &mut Command) -> Output {
+    let out = output_while_busy(cmd);
+    assert_succeeded(cmd, out)
 }
 
 pub fn qemu_img(args: &[&str]) -> Output {
@@ -370,11 +397,7 @@ impl Mount {
 
     /// `imgfs umount`, which returns once every image is written back and closed.
     pub fn unmount(mut self) {
-        let out = Command::new(IMGFS)
-            .arg("umount")
-            .arg(&self.mnt)
-            .output()
-            .unwrap();
+        let out = output_while_busy(Command::new(IMGFS).arg("umount").arg(&self.mnt));
         // Only a successful unmount relieves `drop` of its fallback.
         self.mounted = !out.status.success();
         assert!(
