@@ -6,6 +6,7 @@ mod common;
 
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
+use std::process::Command;
 
 use common::*;
 
@@ -193,4 +194,39 @@ fn a_backing_file_is_writable_again_once_its_images_above_are_gone() {
         &src.join("chain/base.qcow2"),
         &["read -P 0x77 0 512"],
     );
+}
+
+#[test]
+fn info_on_a_raw_file_shows_its_image_and_why_it_is_read_only() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src) = chain_source("info-raw");
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    let info = |args: &[&str], raw: &str| {
+        let out = run(Command::new(IMGFS)
+            .arg("info")
+            .args(args)
+            .arg(mount.path(raw)));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let base = info(&[], "chain/base.qcow2.raw");
+    let source = src.join("chain/base.qcow2");
+    assert!(
+        base.contains(&format!("image: {}\n", source.display())),
+        "{base}"
+    );
+    assert!(
+        base.contains("read-only: it is the backing file of "),
+        "{base}"
+    );
+    // Its backing file lies above its directory: found in the mount's source tree.
+    let deep = info(&["--json"], "other/deep.qcow2.raw");
+    assert!(deep.contains("\"virtual-size\": 8388608"), "{deep}");
+    assert!(deep.contains("base.qcow2"), "{deep}");
+    assert!(
+        deep.contains("\"read-only-reason\": null"),
+        "writable: {deep}"
+    );
+    mount.unmount();
 }

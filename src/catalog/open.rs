@@ -50,48 +50,69 @@ fn stale(image: &ImageFile) -> Error {
 impl Catalog {
     /// Size, allocation and writability of `image`, from its open instance where there is one.
     pub fn attributes(&self, image: &ImageFile) -> ImageAttrs {
-        let (live, backing) = {
-            let state = self.state();
-            let view = state.overlays.get(&image.id);
-            let live = view.or_else(|| state.live.get(&image.id)).cloned();
-            (live, state.roles.image_above(image.id).is_some())
-        };
-        if self.overlay_dir.is_some() {
-            // Everything is written into overlays: the original's role and state do not matter.
-            let (size, allocated) = live.map_or((image.size(), image.allocated()), |s| {
-                (s.size(), s.allocated_bytes())
-            });
-            return ImageAttrs {
-                size,
-                allocated,
-                writable: !image.has_ended(),
-            };
-        }
+        let live = self.live_or_overlay(image);
         let (size, allocated) = match &live {
             Some(served) => {
                 let allocated = served.allocated_bytes();
-                image.set_allocated(allocated);
-                image.set_size(served.size());
+                if self.overlay_dir.is_none() {
+                    image.set_allocated(allocated);
+                    image.set_size(served.size());
+                }
                 (served.size(), allocated)
             }
             None => (image.size(), image.allocated()),
         };
-        // An instance open read-only gives way to a writable one unless an image above it
-        // (gone from the tree, or there would be a role) is still open.
-        let instance_allows = live
-            .as_ref()
-            .map_or(true, |s| s.accepts_writes() || s.users() == 0);
-        let writable = !self.read_only
-            && !backing
-            && !image.has_ended()
-            && image.summary.inherent_read_only.is_none()
-            && image.host_writable()
-            && instance_allows;
         ImageAttrs {
             size,
             allocated,
-            writable,
+            writable: self.read_only_reason(image).is_none(),
         }
+    }
+
+    /// Why opening `image` for writing would be refused now, or `None` when it would not.
+    pub fn read_only_reason(&self, image: &ImageFile) -> Option<String> {
+        if image.has_ended() {
+            return Some("the image file changed or went away".to_string());
+        }
+        if self.overlay_dir.is_some() {
+            // Everything is written into overlays: the original's role and state do not matter.
+            return None;
+        }
+        if self.read_only {
+            return Some("served read-only by request".to_string());
+        }
+        let (live, above) = {
+            let state = self.state();
+            let above = state.roles.image_above(image.id).map(Path::to_path_buf);
+            (state.live.get(&image.id).cloned(), above)
+        };
+        if let Some(above) = above {
+            return Some(format!("it is the backing file of {}", above.display()));
+        }
+        if let Some(reason) = &image.summary.inherent_read_only {
+            return Some(reason.clone());
+        }
+        if !image.host_writable() {
+            return Some("the image file is not writable".to_string());
+        }
+        // An instance open read-only gives way to a writable one unless an image above it
+        // (gone from the tree, or there would be a role) is still open, or the instance
+        // itself stopped writing (a failed write-back) and a file on it is still open.
+        let in_use = |s: &Served| s.users() > 0 || (s.stopped_writing() && s.handles() > 0);
+        match live {
+            Some(served) if !served.accepts_writes() && in_use(&served) => Some(
+                served
+                    .read_only_reason()
+                    .unwrap_or_else(|| "its open instance is read-only".to_string()),
+            ),
+            _ => None,
+        }
+    }
+
+    fn live_or_overlay(&self, image: &ImageFile) -> Option<Arc<Served>> {
+        let state = self.state();
+        let view = state.overlays.get(&image.id);
+        view.or_else(|| state.live.get(&image.id)).cloned()
     }
 
     /// A handle on `image`, opening (or sharing) its instance; `write` asks for writing.
@@ -177,6 +198,13 @@ impl Catalog {
                 if live.accepts_writes() {
                     return Ok(Plan::Reuse(live.handle(true, None)));
                 }
+            }
+            if live.stopped_writing() && live.handles() > 0 {
+                let why = live.read_only_reason().unwrap_or_default();
+                return Err(Error::read_only(format!(
+                    "{why}; writable again once every file on it is closed"
+                ))
+                .with_path(&image.source));
             }
             if live.users() > 0 {
                 let why = live.read_only_reason().unwrap_or_default();

@@ -37,6 +37,9 @@ pub struct Served {
     last_used: Mutex<Instant>,
     /// Internal snapshots opened so far, kept as long as the instance.
     snapshots: Mutex<HashMap<String, Arc<dyn Image>>>,
+    /// Whether it took writes when it was opened (one that refuses them later was stopped
+    /// by a failure).
+    opened_writable: bool,
     /// The instance that took this one's place; its handles count there too, so that it is
     /// not closed while they read through it.
     successor: Mutex<Option<Arc<Served>>>,
@@ -49,6 +52,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Served {
     pub fn new(image: Arc<dyn Image>, id: FileId, source: &Path) -> Self {
         Served {
+            opened_writable: image.read_only_reason().is_none(),
             image,
             id,
             source: source.to_path_buf(),
@@ -95,6 +99,14 @@ impl Served {
     /// Whether a write may go through this instance now.
     pub fn accepts_writes(&self) -> bool {
         self.mode.load(Ordering::Acquire) == OPEN && self.image.read_only_reason().is_none()
+    }
+
+    /// Whether it was opened writable and a failure (a failed write-back) stopped its writes
+    /// since: its tables in memory may be ahead of the file.
+    pub fn stopped_writing(&self) -> bool {
+        self.opened_writable
+            && self.mode.load(Ordering::Acquire) == OPEN
+            && self.image.read_only_reason().is_some()
     }
 
     pub fn is_frozen(&self) -> bool {

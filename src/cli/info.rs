@@ -1,8 +1,13 @@
 //! `imgfs info [--json] IMAGE`: what imgfs sees in one image, as text or as JSON shaped like
 //! `qemu-img info --output=json` (with imgfs's extra fields).
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use super::daemon;
+use crate::fs::core::{XATTR_PID, XATTR_READ_ONLY_REASON, XATTR_SOURCE};
 
 use crate::format::links::PlainLinks;
 use crate::format::{self, OpenOptions};
@@ -39,11 +44,21 @@ pub fn run(
     overlay: Option<&Path>,
     json: bool,
 ) -> Result<(), String> {
+    // A raw file of an imgfs mount stands for its image: show that one, with the daemon's
+    // reason it is read-only now (a failed write-back, a backing file's role) if it is.
+    let served = served_image(path);
+    let (path, root) = match &served {
+        Some(served) => (served.source.as_path(), root.or(served.root.as_deref())),
+        None => (path, root),
+    };
     let root = root_for(path, root);
     let image = open_for_inspection(path, root)?;
     let mut info = image.info();
-    // `info` opens read-only by design: only the image's own reasons are worth showing.
-    info.read_only_reason = format::inherent_read_only_reason(info.read_only_reason);
+    info.read_only_reason = match &served {
+        Some(served) => served.read_only_reason.clone(),
+        // `info` opens read-only by design: only the image's own reasons are worth showing.
+        None => format::inherent_read_only_reason(info.read_only_reason),
+    };
     if let Some(dir) = overlay {
         info.details
             .push(("overlay", overlay_state(dir, root, path)));
@@ -65,6 +80,43 @@ pub fn run(
         print!("{}", to_text(&name, disk_size, &info, table.as_ref()));
     }
     Ok(())
+}
+
+/// What a running daemon says about the raw file at `path` of its mount.
+struct ServedImage {
+    /// The image file it shows.
+    source: PathBuf,
+    /// The source tree of the mount, where the image's backing files must lie.
+    root: Option<PathBuf>,
+    read_only_reason: Option<String>,
+}
+
+/// The image the raw file at `path` shows, if `path` is a raw file of an imgfs mount.
+fn served_image(path: &Path) -> Option<ServedImage> {
+    let xattr_path = |path: &Path, name| {
+        daemon::getxattr(path, name)
+            .ok()
+            .map(|bytes| PathBuf::from(OsString::from_vec(bytes)))
+    };
+    if !path.is_file() {
+        return None;
+    }
+    let source = xattr_path(path, XATTR_SOURCE)?;
+    let read_only_reason = daemon::getxattr(path, XATTR_READ_ONLY_REASON)
+        .ok()
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+    // The mount's root is the directory that answers with the daemon's pid.
+    let absolute = std::fs::canonicalize(path).ok()?;
+    let root = absolute
+        .ancestors()
+        .skip(1)
+        .find(|dir| daemon::getxattr(dir, XATTR_PID).is_ok())
+        .and_then(|mnt| xattr_path(mnt, XATTR_SOURCE));
+    Some(ServedImage {
+        source,
+        root,
+        read_only_reason,
+    })
 }
 
 /// What the overlay directory `dir` keeps for the image at `path` (below `root`).

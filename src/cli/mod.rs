@@ -76,7 +76,8 @@ enum Command {
     /// be read-only, backing file, snapshots, partitions.
     #[command(after_help = "Examples:
   imgfs info ./images/disk.vdi
-  imgfs info --json --root ./images ./images/vm/overlay.qcow2")]
+  imgfs info --json --root ./images ./images/vm/overlay.qcow2
+  imgfs info /mnt/raw/vm/disk.vdi.raw     (the image a mount serves, and why it is read-only now)")]
     Info {
         /// Print JSON, shaped like `qemu-img info --output=json`.
         #[arg(long)]
@@ -88,7 +89,8 @@ enum Command {
         /// path below it is taken relative to --root).
         #[arg(long, value_name = "DIR")]
         overlay: Option<PathBuf>,
-        /// The image file.
+        /// The image file, or a raw file of a running imgfs mount (its image, with the
+        /// daemon's reason it is read-only).
         image: PathBuf,
     },
     /// Check an image's metadata for corruptions and leaks (like `qemu-img check`), and

@@ -33,20 +33,10 @@ pub type FsResult<T> = Result<T, Errno>;
 
 pub const ROOT_INO: u64 = 1;
 
-/// Extended attribute of the root directory that reports the daemon's pid (for `imgfs umount`).
-pub const XATTR_PID: &str = "user.imgfs.pid";
-/// Setting this extended attribute on the root directory writes every image back and closes
-/// the ones nobody has open.
-pub const XATTR_FLUSH: &str = "user.imgfs.flush";
-/// Extended attribute of the root directory that lists the images whose write-back failed
-/// since the mount, one "path: error" a line (empty when none): what was written to them since
-/// their last successful flush may be lost.
-pub const XATTR_LOST_WRITE_BACKS: &str = "user.imgfs.lost-write-backs";
-/// Extended attribute of a GPT partition's file holding the partition's name.
-pub const XATTR_PARTITION_NAME: &str = "user.imgfs.name";
-/// Extended attribute of the root directory that reports how many files are open through the
-/// mount (the kernel releases closed files asynchronously: this says when it has).
-pub const XATTR_OPEN_FILES: &str = "user.imgfs.open-files";
+pub use xattr::{
+    XATTR_FLUSH, XATTR_LOST_WRITE_BACKS, XATTR_OPEN_FILES, XATTR_PARTITION_NAME, XATTR_PID,
+    XATTR_READ_ONLY_REASON, XATTR_SOURCE,
+};
 
 /// How long an instance nobody has open stays open (its descriptors and locks held) in case it
 /// is opened again; the periodic housekeeping closes it after that.
@@ -645,58 +635,6 @@ impl FsCore {
         host_statfs(self.catalog.root())
     }
 
-    /// The extended attributes of `ino`: a GPT partition's name.
-    fn xattrs(&self, ino: u64) -> Vec<(&'static str, Vec<u8>)> {
-        match self.target(ino) {
-            Ok(Target::Partition(image, number)) => self
-                .catalog
-                .partition(&image, number)
-                .and_then(|p| p.name)
-                .map(|name| vec![(XATTR_PARTITION_NAME, name.into_bytes())])
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        }
-    }
-
-    /// The names of `ino`'s extended attributes, each NUL-terminated (listxattr's format).
-    pub fn listxattr(&self, ino: u64) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (name, _) in self.xattrs(ino) {
-            out.extend_from_slice(name.as_bytes());
-            out.push(0);
-        }
-        out
-    }
-
-    pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
-        if let Some((_, value)) = self.xattrs(ino).into_iter().find(|(n, _)| *n == name) {
-            return Ok(value);
-        }
-        if ino == ROOT_INO && name == XATTR_PID {
-            return Ok(std::process::id().to_string().into_bytes());
-        }
-        if ino == ROOT_INO && name == XATTR_LOST_WRITE_BACKS {
-            return Ok(lost_write_backs_value(&self.lost_write_backs()));
-        }
-        if ino == ROOT_INO && name == XATTR_OPEN_FILES {
-            let handles = self.handles.read().unwrap_or_else(|p| p.into_inner());
-            return Ok(handles.len().to_string().into_bytes());
-        }
-        Err(Errno(libc::ENODATA))
-    }
-
-    pub fn setxattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
-        if ino == ROOT_INO && name == XATTR_FLUSH {
-            let failed = self.flush_all();
-            self.catalog.close_idle(Duration::ZERO);
-            if failed > 0 || !self.lost_write_backs().is_empty() {
-                return Err(Errno(libc::EIO));
-            }
-            return Ok(());
-        }
-        Err(Errno(libc::ENOTSUP))
-    }
-
     /// Flushes every open image; returns how many failed (each failure is logged).
     pub fn flush_all(&self) -> usize {
         self.flush_images(false)
@@ -734,21 +672,6 @@ impl FsCore {
         }
         failed
     }
-}
-
-/// The list of lost write-backs as an xattr value, cut to what Linux lets one hold.
-fn lost_write_backs_value(lost: &[String]) -> Vec<u8> {
-    const MAX: usize = 60 << 10;
-    let mut value = String::new();
-    for (shown, entry) in lost.iter().enumerate() {
-        if value.len() + entry.len() + 1 > MAX {
-            value.push_str(&format!("... and {} more", lost.len() - shown));
-            break;
-        }
-        value.push_str(entry);
-        value.push('\n');
-    }
-    value.into_bytes()
 }
 
 fn set_dir_times(
@@ -792,3 +715,4 @@ fn host_statfs(path: &Path) -> FsResult<StatFs> {
 mod space;
 #[cfg(test)]
 mod tests;
+mod xattr;

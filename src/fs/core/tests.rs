@@ -142,7 +142,17 @@ fn setattr_refuses_resize_but_accepts_same_size_and_times() {
 }
 
 #[test]
+fn a_raw_file_of_a_read_only_mount_says_why_it_is_read_only() {
+    let (_dir, core) = mounted(true);
+    let reason = core
+        .getxattr(disk_ino(&core), OsStr::new(XATTR_READ_ONLY_REASON))
+        .unwrap();
+    assert_eq!(reason, b"served read-only by request");
+}
+
+#[test]
 fn control_xattrs_report_pid_and_flush_everything() {
+    use std::os::unix::ffi::OsStrExt;
     let (_dir, core) = mounted(false);
     names(&core, ROOT_INO);
     let pid = core.getxattr(ROOT_INO, OsStr::new(XATTR_PID)).unwrap();
@@ -150,6 +160,20 @@ fn control_xattrs_report_pid_and_flush_everything() {
     assert_eq!(
         core.getxattr(ROOT_INO, OsStr::new("user.other")),
         Err(Errno(libc::ENODATA))
+    );
+    // The root and each raw file name what they show of the source tree.
+    let source = core.getxattr(ROOT_INO, OsStr::new(XATTR_SOURCE)).unwrap();
+    assert_eq!(source, core.catalog.root().as_os_str().as_bytes());
+    let ino = disk_ino(&core);
+    let source = core.getxattr(ino, OsStr::new(XATTR_SOURCE)).unwrap();
+    assert_eq!(
+        source,
+        core.catalog.root().join("disk.img").as_os_str().as_bytes()
+    );
+    assert_eq!(
+        core.getxattr(ino, OsStr::new(XATTR_READ_ONLY_REASON)),
+        Err(Errno(libc::ENODATA)),
+        "a writable image has no reason"
     );
     core.setxattr(ROOT_INO, OsStr::new(XATTR_FLUSH)).unwrap();
     assert_eq!(
@@ -331,6 +355,8 @@ fn a_failed_write_back_is_reported_once_per_open_file_and_leaves_the_image_read_
     };
     let (first, second) = (core.open(ino, true).unwrap(), core.open(ino, true).unwrap());
     let reader = core.open(ino, false).unwrap();
+    let reason_xattr = OsStr::new(XATTR_READ_ONLY_REASON);
+    assert_eq!(core.getxattr(ino, reason_xattr), Err(Errno(libc::ENODATA)));
     core.write(first, 0, &[1; 4096]).unwrap();
     core.flush(first).unwrap();
     core.write(second, 2 * MIB, &[2; 4096]).unwrap();
@@ -352,6 +378,14 @@ fn a_failed_write_back_is_reported_once_per_open_file_and_leaves_the_image_read_
     let reason = handle.image.image().info().read_only_reason.unwrap();
     assert!(reason.contains("metadata write or sync failed"), "{reason}");
     drop(handle);
+    // No new writer builds on it while a file on it is open.
+    assert_eq!(core.open(ino, true), Err(Errno(libc::EROFS)));
+    // `imgfs info` on the raw file shows it too, through the attribute.
+    let shown = core.getxattr(ino, reason_xattr).unwrap();
+    assert_eq!(String::from_utf8(shown).unwrap(), reason);
+    assert!(String::from_utf8(core.listxattr(ino))
+        .unwrap()
+        .contains(XATTR_READ_ONLY_REASON));
     // Nothing is left to write back on close.
     for fh in [first, second, reader] {
         core.release(fh).unwrap();
