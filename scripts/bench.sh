@@ -774,35 +774,9 @@ if [[ -n $LIBYAL && $LIBYAL_STATUS != ok ]]; then
 fi
 
 # ---------------------------------------------------------------- opening a 1 TiB image
-# The formats with two-level tables must open by reading the header and the L1 table only, with
-# no scan of L2 tables or refcounts: time and peak memory of `imgfs info` against `qemu-img
-# info` on a 1 TiB image with 64 MiB of data spread over it (64 L2 tables in use).
 if [[ $FORMAT == qcow2 || $FORMAT == qcow ]]; then
-    big=$WORK/big.$EXT
     log "opening a 1 TiB $FORMAT image"
-    qemu-img create -q "${CREATE_OPTS[@]}" "$big" 1T
-    spread=()
-    for ((i = 0; i < 64; i++)); do spread+=(-c "write -q -P 0x5a $((i * 16 * 1024 * MIB)) 1M"); done
-    qemu-io -f "$QEMU_DRIVER" "${spread[@]}" "$big" >/dev/null
-    # open_cost TOOL... -> "median_ms max_rss_kib" over 5 runs
-    open_cost() {
-        local times=() rss=0 t0 t1 kib
-        for ((rep = 0; rep < 5; rep++)); do
-            t0=$(now_ns)
-            kib=$(/usr/bin/time -f %M "$@" 2>&1 >/dev/null | tail -n 1)
-            t1=$(now_ns)
-            times+=($(((t1 - t0) / 1000000)))
-            ((kib > rss)) && rss=$kib
-        done
-        echo "$(printf '%s\n' "${times[@]}" | median) $rss"
-    }
-    read -r imgfs_ms imgfs_kib < <(open_cost "$IMGFS" info "$big")
-    read -r qemu_ms qemu_kib < <(open_cost qemu-img info -U "$big")
-    echo
-    echo "| open a 1 TiB $FORMAT image (info, median of 5) | imgfs | qemu-img | imgfs/qemu ratio |"
-    echo "| --- | ---: | ---: | ---: |"
-    echo "| time (ms) | $imgfs_ms | $qemu_ms | $(awk -v a="$imgfs_ms" -v b="$qemu_ms" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }') |"
-    echo "| peak memory (MiB) | $((imgfs_kib / 1024)) | $((qemu_kib / 1024)) | $(awk -v a="$imgfs_kib" -v b="$qemu_kib" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }') |"
+    bash "$SCRIPT_DIR/bench-open.sh" "$FORMAT" "$IMGFS" "$WORK"
 fi
 
 if ((${#ERRORS[@]})); then
