@@ -62,6 +62,7 @@ cat <<MSG
 imgfs serves $images on $mnt. Try:
   $imgfs info $images/disk.vdi
   $imgfs info $images/chain/overlay.qcow2
+  $imgfs info $mnt/chain/base.qcow2.raw            # what the mount serves, and why read-only
   qemu-img convert -U -O raw $images/chain/overlay.qcow2 /tmp/overlay.raw && cmp /tmp/overlay.raw $mnt/chain/overlay.qcow2.raw && echo same
   qemu-img convert -U -O raw $images/disk.vdi /tmp/disk.raw && cmp /tmp/disk.raw $mnt/disk.vdi.raw && echo same
   losetup -P --show -f $mnt/guest.vdi.raw      # then mount /dev/loopNp1 somewhere, or:
