@@ -5,7 +5,7 @@
 //! closed after a while, so idle images hold no descriptor and no lock.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -47,11 +47,16 @@ fn stale(image: &ImageFile) -> Error {
     .with_path(&image.source)
 }
 
+/// Why an image is read-only while `above` (relative to the root) stands on it.
+fn backing_reason(above: &Path) -> String {
+    format!("it is the backing file of {}", above.display())
+}
+
 impl Catalog {
     /// Size, allocation and writability of `image`, from its open instance where there is one.
     pub fn attributes(&self, image: &ImageFile) -> ImageAttrs {
-        let live = self.live_or_overlay(image);
-        let (size, allocated) = match &live {
+        let (live, view, above) = self.standing(image);
+        let (size, allocated) = match view.as_ref().or(live.as_ref()) {
             Some(served) => {
                 let allocated = served.allocated_bytes();
                 if self.overlay_dir.is_none() {
@@ -65,12 +70,36 @@ impl Catalog {
         ImageAttrs {
             size,
             allocated,
-            writable: self.read_only_reason(image).is_none(),
+            writable: self.reason_from(image, live, above).is_none(),
         }
     }
 
     /// Why opening `image` for writing would be refused now, or `None` when it would not.
     pub fn read_only_reason(&self, image: &ImageFile) -> Option<String> {
+        let (live, _, above) = self.standing(image);
+        self.reason_from(image, live, above)
+    }
+
+    /// `image`'s open instance, its overlay view, and the image above it, under one lock.
+    fn standing(
+        &self,
+        image: &ImageFile,
+    ) -> (Option<Arc<Served>>, Option<Arc<Served>>, Option<PathBuf>) {
+        let state = self.state();
+        (
+            state.live.get(&image.id).cloned(),
+            state.overlays.get(&image.id).cloned(),
+            state.roles.image_above(image.id).map(Path::to_path_buf),
+        )
+    }
+
+    /// Why `image` is read-only, given its open instance and the image above it.
+    fn reason_from(
+        &self,
+        image: &ImageFile,
+        live: Option<Arc<Served>>,
+        above: Option<PathBuf>,
+    ) -> Option<String> {
         if image.has_ended() {
             return Some("the image file changed or went away".to_string());
         }
@@ -78,16 +107,8 @@ impl Catalog {
             // Everything is written into overlays: the original's role and state do not matter.
             return None;
         }
-        if self.read_only {
-            return Some("served read-only by request".to_string());
-        }
-        let (live, above) = {
-            let state = self.state();
-            let above = state.roles.image_above(image.id).map(Path::to_path_buf);
-            (state.live.get(&image.id).cloned(), above)
-        };
-        if let Some(above) = above {
-            return Some(format!("it is the backing file of {}", above.display()));
+        if let Some(role) = self.role_reason(above.as_deref()) {
+            return Some(role);
         }
         if let Some(reason) = &image.summary.inherent_read_only {
             return Some(reason.clone());
@@ -109,10 +130,12 @@ impl Catalog {
         }
     }
 
-    fn live_or_overlay(&self, image: &ImageFile) -> Option<Arc<Served>> {
-        let state = self.state();
-        let view = state.overlays.get(&image.id);
-        view.or_else(|| state.live.get(&image.id)).cloned()
+    /// Why an image with `above` over it (if any) is served read-only whatever its state.
+    fn role_reason(&self, above: Option<&Path>) -> Option<String> {
+        match self.read_only {
+            true => Some("served read-only by request".to_string()),
+            false => above.map(backing_reason),
+        }
     }
 
     /// A handle on `image`, opening (or sharing) its instance; `write` asks for writing.
@@ -162,11 +185,7 @@ impl Catalog {
         if write {
             // An image above it may have appeared while it was being opened.
             if let Some(above) = state.roles.image_above(image.id) {
-                return Err(Error::read_only(format!(
-                    "it is the backing file of {}",
-                    above.display()
-                ))
-                .with_path(&image.source));
+                return Err(Error::read_only(backing_reason(above)).with_path(&image.source));
             }
             if let Some(reason) = served.read_only_reason() {
                 return Err(Error::read_only(reason).with_path(&image.source));
@@ -179,13 +198,7 @@ impl Catalog {
     /// reason it is read-only, if it is), or must wait. The caller holds the opening lock.
     fn plan_open(&self, image: &ImageFile, write: bool) -> Result<Plan> {
         let mut state = self.state();
-        let role = match self.read_only {
-            true => Some("served read-only by request".to_string()),
-            false => state
-                .roles
-                .image_above(image.id)
-                .map(|above| format!("it is the backing file of {}", above.display())),
-        };
+        let role = self.role_reason(state.roles.image_above(image.id));
         if let (true, Some(reason)) = (write, &role) {
             return Err(Error::read_only(reason.clone()).with_path(&image.source));
         }
@@ -438,7 +451,7 @@ impl Links for ServingLinks<'_> {
                     )));
                 }
                 live.flush().map_err(|e| e.with_path(path))?;
-                live.freeze(format!("it is the backing file of {}", above.display()));
+                live.freeze(backing_reason(above));
                 log::info!(
                     "{} is a backing file: served read-only from now on",
                     path.display()
