@@ -114,12 +114,11 @@ fn encrypted_images_are_refused() {
 #[test]
 fn corrupt_bit_serves_read_only_with_the_reason() {
     let dir = TempDir::new();
-    let Some(path) = small_image(&dir) else {
+    let Some(path) = patched_small_image(&dir, |bytes| {
+        put_u64(bytes, 72, header::INCOMPAT_CORRUPT);
+    }) else {
         return;
     };
-    let mut bytes = std::fs::read(&path).unwrap();
-    put_u64(&mut bytes, 72, header::INCOMPAT_CORRUPT);
-    std::fs::write(&path, &bytes).unwrap();
     let file = HostFile::open(&path, false).unwrap();
     let header = Qcow2Header::read(&file).unwrap();
     let img = Qcow2Image::open(file, header, None, None, Some("by request".into())).unwrap();
@@ -383,15 +382,14 @@ fn data_in_place_over_an_l2_table_is_refused() {
 #[test]
 fn a_table_of_65536_blank_snapshots_gets_distinct_names_in_one_pass() {
     let dir = TempDir::new();
-    let Some(path) = small_image(&dir) else {
+    let Some(path) = patched_small_image(&dir, |bytes| {
+        let table_at = bytes.len().next_multiple_of(65536);
+        bytes.resize(table_at + 65536 * 40, 0);
+        put_u32(bytes, 60, 65536);
+        put_u64(bytes, 64, table_at as u64);
+    }) else {
         return;
     };
-    let mut bytes = std::fs::read(&path).unwrap();
-    let table_at = bytes.len().next_multiple_of(65536);
-    bytes.resize(table_at + 65536 * 40, 0);
-    put_u32(&mut bytes, 60, 65536);
-    put_u64(&mut bytes, 64, table_at as u64);
-    std::fs::write(&path, &bytes).unwrap();
     let img = open(&path);
     let names = img.snapshot_names();
     assert_eq!(names.len(), 65536);
@@ -434,6 +432,15 @@ fn image_and_l2_table(dir: &TempDir) -> Option<(PathBuf, Vec<u8>, u64)> {
     let l1_at = be64(&bytes, 40) as usize;
     let l2_at = be64(&bytes, l1_at) & OFFSET_MASK;
     Some((path, bytes, l2_at))
+}
+
+/// A small image (`small_image`) with its bytes changed by `patch`.
+fn patched_small_image(dir: &TempDir, patch: impl FnOnce(&mut Vec<u8>)) -> Option<PathBuf> {
+    let path = small_image(dir)?;
+    let mut bytes = std::fs::read(&path).unwrap();
+    patch(&mut bytes);
+    std::fs::write(&path, &bytes).unwrap();
+    Some(path)
 }
 
 /// The L2 table at `l2_at` in the file at `path` is what it is in `bytes`.
