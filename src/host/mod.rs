@@ -7,10 +7,12 @@ pub mod activity;
 pub mod fault;
 mod own_locks;
 
+use std::cell::Cell;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -24,6 +26,61 @@ const HOST_PAGE: u64 = 4096;
 /// (see `warm_partial_pages`): two pages of sixteen or more.
 const WARM_LIMIT: u64 = 64 * 1024;
 
+thread_local! {
+    /// Set while this thread's host reads may only be served from the page cache.
+    static CACHE_ONLY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with this thread's host reads limited to the host page cache: a read that would
+/// wait for the disk fails at once (with an I/O error) instead. Nothing else changes: writes,
+/// syncs and reads on other threads behave as always. The NBD server answers a read on the
+/// thread that received it this way, and leaves it to a worker thread when the disk is needed.
+pub fn from_cache_only<T>(f: impl FnOnce() -> T) -> T {
+    let before = CACHE_ONLY.replace(true);
+    let result = f();
+    CACHE_ONLY.set(before);
+    result
+}
+
+/// Whether this thread is inside `from_cache_only`.
+pub fn cache_only() -> bool {
+    CACHE_ONLY.get()
+}
+
+/// `pread` that fails with `WouldBlock` where the bytes are not in the host page cache.
+/// `refused` is set once the file's file system refuses such reads (EOPNOTSUPP): later ones
+/// then fail at once instead of costing a system call that cannot succeed.
+fn read_cached_at(
+    file: &File,
+    refused: &AtomicBool,
+    buf: &mut [u8],
+    offset: u64,
+) -> std::io::Result<usize> {
+    if refused.load(Ordering::Relaxed) {
+        return Err(std::io::ErrorKind::WouldBlock.into());
+    }
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: one iovec naming `buf`, which is valid and writable for its whole length while
+    // the call runs; the descriptor is the open file's own.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+    match usize::try_from(n) {
+        Ok(n) => Ok(n),
+        Err(_) => {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                refused.store(true, Ordering::Relaxed);
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            Err(e)
+        }
+    }
+}
+
 /// An open host file that knows its own path for error messages.
 #[derive(Debug)]
 pub struct HostFile {
@@ -36,6 +93,8 @@ pub struct HostFile {
     activity: Option<std::sync::Arc<WriteActivity>>,
     /// Device and inode.
     key: activity::FileKey,
+    /// The file system refused a read limited to the page cache (`from_cache_only`).
+    nowait_refused: AtomicBool,
     /// The test's watch on this file and the file's index in it, if the test set one before
     /// the file was opened.
     #[cfg(test)]
@@ -64,6 +123,7 @@ impl HostFile {
             locked: std::sync::Mutex::new(Vec::new()),
             activity,
             key,
+            nowait_refused: AtomicBool::new(false),
             #[cfg(test)]
             watch: fault::watch_of(path),
         })
@@ -97,10 +157,15 @@ impl HostFile {
             offset,
             len: buf.len(),
         })?;
+        let cache_only = CACHE_ONLY.get();
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done as u64;
-            match self.file.read_at(&mut buf[done..], at) {
+            let read = match cache_only {
+                true => read_cached_at(&self.file, &self.nowait_refused, &mut buf[done..], at),
+                false => self.file.read_at(&mut buf[done..], at),
+            };
+            match read {
                 Ok(0) => {
                     buf[done..].fill(0);
                     return Ok(());
@@ -415,6 +480,42 @@ mod tests {
         assert_eq!(partial_pages(8192, 1 << 20), [None, None]);
         assert_eq!(partial_pages(100, 0), [None, None]);
         assert_eq!(partial_pages(u64::MAX, 2), [None, None]);
+    }
+
+    #[test]
+    fn reads_from_the_cache_only_return_the_bytes_or_fail_and_change_nothing() {
+        let dir = crate::testutil::TempDir::new();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 241) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = HostFile::open(&path, false).unwrap();
+        let mut whole = vec![0u8; data.len()];
+        f.read_exact_at(&mut whole, 0).unwrap();
+        assert!(!cache_only());
+        // Just read, so in the page cache: where the file system takes RWF_NOWAIT reads, they
+        // return the bytes, and the tail past the end reads as zeros as always.
+        let mut buf = vec![1u8; 8192];
+        let cached = from_cache_only(|| {
+            assert!(cache_only());
+            f.read_exact_at(&mut buf, data.len() as u64 - 4096)
+        });
+        assert!(!cache_only());
+        if cached.is_ok() {
+            assert!(buf[..4096] == data[data.len() - 4096..]);
+            assert!(buf[4096..].iter().all(|&b| b == 0));
+        }
+        // Dropped from the cache, a read needing the disk fails at once (or, where the file
+        // system keeps the pages, succeeds); either way the next ordinary read is whole.
+        f.sync_data().unwrap();
+        // SAFETY: advice about a descriptor we own; no pointers.
+        unsafe { libc::posix_fadvise(f.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let mut middle = vec![0u8; 1 << 20];
+        if from_cache_only(|| f.read_exact_at(&mut middle, 1 << 20)).is_ok() {
+            assert!(middle == data[1 << 20..2 << 20]);
+        }
+        middle.fill(0);
+        f.read_exact_at(&mut middle, 1 << 20).unwrap();
+        assert!(middle == data[1 << 20..2 << 20]);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! the server's handshake, option parsers, request parser and command handlers run on it
 //! exactly as for a network client (with one worker thread, so runs are reproducible).
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::conn::{MemSocket, Socket};
@@ -23,6 +24,11 @@ const BLOCK: u64 = 4096;
 pub struct MemDisk {
     data: RwLock<(Vec<u8>, Vec<bool>)>,
     read_only: bool,
+    /// Reads act as if their bytes were not in the host page cache: inside
+    /// `host::from_cache_only` they fail, so a worker thread serves them.
+    uncached: AtomicBool,
+    /// Reads answered inside `host::from_cache_only`.
+    cached_reads: AtomicUsize,
 }
 
 impl MemDisk {
@@ -31,7 +37,21 @@ impl MemDisk {
         MemDisk {
             data: RwLock::new((vec![0; size], vec![false; blocks])),
             read_only,
+            uncached: AtomicBool::new(false),
+            cached_reads: AtomicUsize::new(0),
         }
+    }
+
+    /// Makes every read need "the disk", so that worker threads serve reads in the order
+    /// they serve writes (tests whose requests depend on each other's effects).
+    pub fn uncached(self) -> Self {
+        self.uncached.store(true, Ordering::Relaxed);
+        self
+    }
+
+    /// How many reads were answered from "the page cache" (inside `host::from_cache_only`).
+    pub fn cached_reads(&self) -> usize {
+        self.cached_reads.load(Ordering::Relaxed)
     }
 
     /// A copy of the whole disk.
@@ -47,6 +67,12 @@ impl Image for MemDisk {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.size(), offset, buf.len())?;
+        if crate::host::cache_only() {
+            if self.uncached.load(Ordering::Relaxed) {
+                return Err(Error::io("read", std::io::ErrorKind::WouldBlock.into()));
+            }
+            self.cached_reads.fetch_add(1, Ordering::Relaxed);
+        }
         let d = self.data.read().map_err(|_| Error::corrupt("poisoned"))?;
         let start = offset as usize;
         buf.copy_from_slice(&d.0[start..start + buf.len()]);
@@ -201,11 +227,16 @@ pub fn run_connection(context: &Standalone, input: &[u8], piece: usize) -> Vec<u
     sock.output()
 }
 
-/// The exports a fuzzed session sees: a small writable disk and a read-only one.
+/// The exports a fuzzed session sees: a small writable disk and a read-only one. Reads of the
+/// writable one go to the worker, in order with its writes (so runs are reproducible); the
+/// read-only one's are answered from "the page cache" on the connection's thread.
 pub fn fuzz_context() -> Standalone {
     Standalone {
         exports: MemExports::new(vec![
-            ("disk".into(), Arc::new(MemDisk::new(256 * 1024, false))),
+            (
+                "disk".into(),
+                Arc::new(MemDisk::new(256 * 1024, false).uncached()),
+            ),
             ("ro/disk".into(), Arc::new(MemDisk::new(64 * 1024, true))),
         ]),
         handshake: HandshakeConfig::default(),

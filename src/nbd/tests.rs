@@ -277,10 +277,11 @@ fn handshake_lists_informs_and_goes() {
 
 #[test]
 fn commands_read_write_zero_and_report_status() {
-    let disk = Arc::new(MemDisk::new(1 << 20, false));
+    // The requests below depend on each other's effects, which only one worker orders (so
+    // reads go to it too, not to the connection's thread): a real client waits for the
+    // replies it depends on.
+    let disk = Arc::new(MemDisk::new(1 << 20, false).uncached());
     let mut ctx = context(vec![("d", disk.clone())]);
-    // The requests below depend on each other's effects, which only one worker orders: a real
-    // client waits for the replies it depends on.
     ctx.limits.workers = 1;
     let pattern: Vec<u8> = (0..20000u32).map(|i| (i % 251) as u8 + 1).collect();
     let script = Script::new()
@@ -325,6 +326,65 @@ fn commands_read_write_zero_and_report_status() {
     let mut after = expected.clone();
     after[8192..12288].fill(0);
     assert!(disk.contents()[..65536] == after[..]);
+}
+
+#[test]
+fn reads_from_the_page_cache_and_from_workers_answer_the_same() {
+    let pattern: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8 + 1).collect();
+    let filled = |disk: MemDisk| {
+        disk.write_at(&pattern[..70_000], 4096).unwrap();
+        disk.write_at(&pattern[..200_000], 300_000).unwrap();
+        Arc::new(disk)
+    };
+    let cached = filled(MemDisk::new(1 << 20, false));
+    let uncached = filled(MemDisk::new(1 << 20, false).uncached());
+    // Small and large reads, over data, holes and both; with structured replies and without.
+    let reads = [
+        (0, 4096),
+        (4000, 200),
+        (0, 131_072),
+        (8192, 131_073),
+        (290_000, 20_000),
+        (299_999, 512),
+        (0, 1 << 20),
+        (900_000, 65536),
+    ];
+    let mut answers = Vec::new();
+    for disk in [&cached, &uncached] {
+        for structured in [true, false] {
+            let ctx = context(vec![("d", Arc::clone(disk))]);
+            let mut script = match structured {
+                true => Script::new().structured_go("d"),
+                false => Script::new().option(OPT_EXPORT_NAME, b"d"),
+            };
+            for (cookie, &(offset, len)) in (1u64..).zip(&reads) {
+                script = script.request(CMD_READ, 0, cookie, offset, len);
+            }
+            let out = run_connection(&ctx, &script.disc().0, 13);
+            let lengths = (1u64..).zip(reads.iter().map(|&(_, len)| len as usize));
+            let out = match structured {
+                true => out,
+                // The export-name reply is size and flags only (NO_ZEROES).
+                false => [&out[..18], &out[28..]].concat(),
+            };
+            let p = parse(&out, &lengths.collect());
+            let bytes: Vec<Vec<u8>> = (1..=reads.len() as u64)
+                .map(|cookie| p.answers[&cookie].bytes())
+                .collect();
+            answers.push(bytes);
+        }
+    }
+    let contents = cached.contents();
+    for (i, &(offset, len)) in reads.iter().enumerate() {
+        let expected = &contents[offset as usize..offset as usize + len as usize];
+        for run in &answers {
+            assert!(run[i] == expected, "read {i} at {offset} (+{len})");
+        }
+    }
+    // The cached disk answered the small reads on the connection's thread (two runs of five);
+    // the other one never could, so its workers served everything.
+    assert_eq!(cached.cached_reads(), 10);
+    assert_eq!(uncached.cached_reads(), 0);
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! through the shared `Writer`, so replies go out in the order requests finish, not the order
 //! they came in. Workers are started as requests find none idle, up to `Limits::workers`, so a
 //! connection with one request at a time costs one thread and a deep queue of reads waiting on
-//! the disk gets as many in flight as the client sends.
+//! the disk gets as many in flight as the client sends. A small read whose bytes are all in the
+//! host page cache is answered by the connection's thread itself, without waking a worker.
 //!
 //! Memory is bounded: READ and WRITE payloads are capped at `MAX_PAYLOAD`, and the payload bytes
 //! of requests in flight at `Limits::inflight_bytes` (the reader waits for workers to finish
@@ -118,10 +119,20 @@ pub fn transmit(ch: &mut Channel, negotiated: &Negotiated, limits: Limits) -> Re
     let queue = Mutex::new(queue);
     let idle = AtomicUsize::new(0);
     let writer = ch.writer().clone();
+    let mut scratch = Vec::new();
     std::thread::scope(|scope| {
         let mut started = 0;
         let mut threads = Vec::new();
         let result = read_requests(ch, &budget, &pool, |job| {
+            if let Some(sent) = read_from_cache(&job.req, &mut scratch, &writer, negotiated) {
+                budget.release(job.charged);
+                if let Err(e) = sent {
+                    // As in `work`: the reader wakes up to a closed socket and ends.
+                    log::debug!("sending a reply failed: {e}");
+                    writer.close();
+                }
+                return true;
+            }
             // Another worker when every one is busy: the request would wait otherwise.
             if started < workers && idle.load(Ordering::Acquire) == 0 {
                 let (queue, budget, pool, idle) = (&queue, &budget, &pool, &idle);
@@ -328,26 +339,77 @@ fn read(
 ) -> io::Result<()> {
     let export = &negotiated.export;
     let structured = negotiated.structured;
-    if let Err(failure) = serve::check_read(export, req) {
-        failure.log(&export.name, req);
-        return send_failure(writer, structured, req.cookie, &failure);
+    let filled = serve::check_read(export, req).and_then(|()| fill_read(req, scratch, negotiated));
+    match filled {
+        Ok(segments) => send_read(req, scratch, &segments, writer, structured),
+        Err(failure) => {
+            failure.log(&export.name, req);
+            send_failure(writer, structured, req.cookie, &failure)
+        }
     }
+}
+
+/// Reads up to this size may be answered by the receiving thread (see `read_from_cache`):
+/// a larger copy would hold up the requests behind it longer than a worker takes to wake.
+const INLINE_READ: u32 = 128 * 1024;
+
+/// Answers a small read on the thread that received it when the host page cache holds all it
+/// needs: a worker woken for it would cost a context switch each way, more than the copy.
+/// `None` when nothing was sent (the read needs the disk, or failed in any way): a worker then
+/// serves it as usual, and reports the failure if there is one.
+fn read_from_cache(
+    req: &Request,
+    scratch: &mut Vec<u8>,
+    writer: &Writer,
+    negotiated: &Negotiated,
+) -> Option<io::Result<()>> {
+    if req.kind != CMD_READ || req.flags != 0 || req.len > INLINE_READ {
+        return None;
+    }
+    serve::check_read(&negotiated.export, req).ok()?;
+    let segments = crate::host::from_cache_only(|| fill_read(req, scratch, negotiated)).ok()?;
+    Some(send_read(
+        req,
+        scratch,
+        &segments,
+        writer,
+        negotiated.structured,
+    ))
+}
+
+/// Reads the data of a checked read into `scratch[HEAD..]`: which parts are data and which are
+/// holes (only with structured replies), and the data parts' bytes.
+fn fill_read(
+    req: &Request,
+    scratch: &mut Vec<u8>,
+    negotiated: &Negotiated,
+) -> Result<Vec<Segment>, Failure> {
+    let image = negotiated.export.image();
     let len = req.len as usize;
     if scratch.len() < HEAD + len {
         scratch.resize(HEAD + len, 0);
     }
-    let segments = match structured {
-        true => serve::plan_read(export.image(), req.offset, len),
+    let segments = match negotiated.structured {
+        true => serve::plan_read(image, req.offset, len),
         false => vec![Segment {
             start: 0,
             len,
             hole: false,
         }],
     };
-    if let Err(failure) = serve::fill(export.image(), req.offset, &segments, &mut scratch[HEAD..]) {
-        failure.log(&export.name, req);
-        return send_failure(writer, structured, req.cookie, &failure);
-    }
+    serve::fill(image, req.offset, &segments, &mut scratch[HEAD..])?;
+    Ok(segments)
+}
+
+/// Sends a filled read's reply: the data behind its header in one write where it is one piece.
+fn send_read(
+    req: &Request,
+    scratch: &mut [u8],
+    segments: &[Segment],
+    writer: &Writer,
+    structured: bool,
+) -> io::Result<()> {
+    let len = req.len as usize;
     if !structured {
         scratch[HEAD - 16..HEAD].copy_from_slice(&simple_reply(0, req.cookie));
         return writer.send(&[&scratch[HEAD - 16..HEAD + len]]);
@@ -360,7 +422,7 @@ fn read(
             0,
         )]);
     }
-    if let [only] = segments.as_slice() {
+    if let [only] = segments {
         if !only.hole {
             let head = &mut scratch[HEAD - 28..HEAD];
             head[..20].copy_from_slice(&chunk_header(
@@ -404,7 +466,7 @@ fn read(
         heads.push(head);
     }
     let mut parts: Vec<&[u8]> = Vec::with_capacity(segments.len() * 2);
-    for (head, s) in heads.iter().zip(&segments) {
+    for (head, s) in heads.iter().zip(segments) {
         parts.push(head);
         if !s.hole {
             parts.push(data.get(s.start..s.start + s.len).unwrap_or_default());
