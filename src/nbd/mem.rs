@@ -29,6 +29,10 @@ pub struct MemDisk {
     uncached: AtomicBool,
     /// Reads answered inside `host::from_cache_only`.
     cached_reads: AtomicUsize,
+    /// Writes made on a connection's worker threads (not on the connection's own thread).
+    worker_writes: AtomicUsize,
+    /// How long each write takes, as a slow disk would.
+    write_time: std::time::Duration,
 }
 
 impl MemDisk {
@@ -39,7 +43,20 @@ impl MemDisk {
             read_only,
             uncached: AtomicBool::new(false),
             cached_reads: AtomicUsize::new(0),
+            worker_writes: AtomicUsize::new(0),
+            write_time: std::time::Duration::ZERO,
         }
+    }
+
+    /// Makes every write take `time`.
+    pub fn slow_writes(mut self, time: std::time::Duration) -> Self {
+        self.write_time = time;
+        self
+    }
+
+    /// How many writes were made on worker threads.
+    pub fn worker_writes(&self) -> usize {
+        self.worker_writes.load(Ordering::Relaxed)
     }
 
     /// Makes every read need "the disk", so that worker threads serve reads in the order
@@ -84,6 +101,13 @@ impl Image for MemDisk {
             return Err(Error::read_only("a read-only memory disk"));
         }
         check_range(self.size(), offset, buf.len())?;
+        let thread = std::thread::current();
+        if thread.name().is_some_and(|n| n.starts_with("nbd-worker")) {
+            self.worker_writes.fetch_add(1, Ordering::Relaxed);
+        }
+        if !self.write_time.is_zero() {
+            std::thread::sleep(self.write_time);
+        }
         if buf.is_empty() {
             return Ok(());
         }

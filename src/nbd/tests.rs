@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::handshake::HandshakeConfig;
 use super::mem::{fuzz_session, run_connection, MemDisk, MemExports, Standalone};
@@ -385,6 +386,56 @@ fn reads_from_the_page_cache_and_from_workers_answer_the_same() {
     // the other one never could, so its workers served everything.
     assert_eq!(cached.cached_reads(), 10);
     assert_eq!(uncached.cached_reads(), 0);
+}
+
+#[test]
+fn writes_are_served_here_only_after_everything_before_them() {
+    // Reads need "the disk", so they go to the one worker; a write behind a read must not
+    // overtake it, and writes with nothing before them are served without the worker.
+    let disk = Arc::new(MemDisk::new(1 << 20, false).uncached());
+    let mut ctx = context(vec![("d", disk.clone())]);
+    ctx.limits.workers = 1;
+    let mut script = Script::new()
+        .structured_go("d")
+        .write(1, 0, &[0xa1; 4096])
+        .request(CMD_READ, 0, 2, 0, 4096)
+        .write(3, 0, &[0xb2; 4096]);
+    for cookie in 4..20 {
+        script = script.write(cookie, cookie * 4096, &[cookie as u8; 4096]);
+    }
+    let p = run(&ctx, &script.disc(), &[]);
+    assert!(p.answers[&2].bytes() == [0xa1; 4096]);
+    assert!(disk.contents()[..4096] == [0xb2; 4096]);
+    for cookie in 4..20u64 {
+        assert_eq!(p.answers[&cookie].error, 0);
+        let at = cookie as usize * 4096;
+        assert!(disk.contents()[at..at + 4096]
+            .iter()
+            .all(|&b| b == cookie as u8));
+    }
+    // Write 3 waited for the read (on the worker); of the writes after it, only those sent
+    // while write 3 was still with the worker went there too.
+    let on_worker = disk.worker_writes();
+    assert!(
+        (1..=17).contains(&on_worker),
+        "{on_worker} writes on the worker"
+    );
+}
+
+#[test]
+fn after_a_slow_write_the_next_writes_go_to_workers() {
+    let disk = Arc::new(MemDisk::new(1 << 20, false).slow_writes(Duration::from_millis(3)));
+    let mut ctx = context(vec![("d", disk.clone())]);
+    ctx.limits.workers = 1;
+    let mut script = Script::new().structured_go("d");
+    for cookie in 0..10 {
+        script = script.write(cookie, cookie * 4096, &[1; 4096]);
+    }
+    let p = run(&ctx, &script.disc(), &[]);
+    assert!((0..10).all(|cookie| p.answers[&cookie].error == 0));
+    // The first was served by the connection's thread and took long: the other nine went to
+    // the worker.
+    assert_eq!(disk.worker_writes(), 9);
 }
 
 #[test]

@@ -3,8 +3,9 @@
 //! through the shared `Writer`, so replies go out in the order requests finish, not the order
 //! they came in. Workers are started as requests find none idle, up to `Limits::workers`, so a
 //! connection with one request at a time costs one thread and a deep queue of reads waiting on
-//! the disk gets as many in flight as the client sends. A small read whose bytes are all in the
-//! host page cache is answered by the connection's thread itself, without waking a worker.
+//! the disk gets as many in flight as the client sends. Small reads whose bytes are all in the
+//! host page cache, and small writes while no worker is busy, are served by the connection's
+//! thread itself, without waking a worker (`ServedHere`).
 //!
 //! Memory is bounded: READ and WRITE payloads are capped at `MAX_PAYLOAD`, and the payload bytes
 //! of requests in flight at `Limits::inflight_bytes` (the reader waits for workers to finish
@@ -16,6 +17,7 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use super::conn::{Channel, Writer};
 use super::handshake::Negotiated;
@@ -102,46 +104,71 @@ impl Pool {
     }
 }
 
+/// What the connection's thread and its workers share.
+struct Shared<'a> {
+    queue: Mutex<Receiver<Job>>,
+    budget: Budget,
+    pool: Pool,
+    /// Workers waiting for a request.
+    idle: AtomicUsize,
+    /// Requests handed to workers and not answered yet.
+    busy: AtomicUsize,
+    writer: Writer,
+    negotiated: &'a Negotiated,
+}
+
+impl Shared<'_> {
+    /// Takes back what a served request held, and ends the connection if its reply could not
+    /// be sent (the client is gone or stuck; the connection's thread wakes up to the closed
+    /// socket).
+    fn done(&self, job: Job, sent: io::Result<()>) {
+        self.budget.release(job.charged);
+        if job.payload.capacity() > 0 {
+            self.pool.give(job.payload);
+        }
+        if let Err(e) = sent {
+            log::debug!("sending a reply failed: {e}");
+            self.writer.close();
+        }
+    }
+}
+
 /// Serves requests until the client disconnects or breaks the protocol. Returns an error only
 /// for a protocol violation (logged by the caller); a clean or abrupt disconnect is `Ok`.
 pub fn transmit(ch: &mut Channel, negotiated: &Negotiated, limits: Limits) -> Result<()> {
     let workers = limits.workers.max(1);
-    let budget = Budget {
-        used: Mutex::new(0),
-        freed: Condvar::new(),
-        limit: limits.inflight_bytes.max(u64::from(MAX_PAYLOAD)),
-    };
-    let pool = Pool {
-        free: Mutex::new(Vec::new()),
-        keep: workers * 2,
-    };
     let (jobs, queue) = sync_channel::<Job>(workers * 2);
-    let queue = Mutex::new(queue);
-    let idle = AtomicUsize::new(0);
-    let writer = ch.writer().clone();
-    let mut scratch = Vec::new();
+    let shared = Shared {
+        queue: Mutex::new(queue),
+        budget: Budget {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            limit: limits.inflight_bytes.max(u64::from(MAX_PAYLOAD)),
+        },
+        pool: Pool {
+            free: Mutex::new(Vec::new()),
+            keep: workers * 2,
+        },
+        idle: AtomicUsize::new(0),
+        busy: AtomicUsize::new(0),
+        writer: ch.writer().clone(),
+        negotiated,
+    };
+    let mut here = ServedHere::default();
     std::thread::scope(|scope| {
         let mut started = 0;
         let mut threads = Vec::new();
-        let result = read_requests(ch, &budget, &pool, |job| {
-            if let Some(sent) = read_from_cache(&job.req, &mut scratch, &writer, negotiated) {
-                budget.release(job.charged);
-                if let Err(e) = sent {
-                    // As in `work`: the reader wakes up to a closed socket and ends.
-                    log::debug!("sending a reply failed: {e}");
-                    writer.close();
-                }
+        let result = read_requests(ch, &shared.budget, &shared.pool, |job| {
+            if let Some(sent) = here.serve(&job, &shared) {
+                shared.done(job, sent);
                 return true;
             }
             // Another worker when every one is busy: the request would wait otherwise.
-            if started < workers && idle.load(Ordering::Acquire) == 0 {
-                let (queue, budget, pool, idle) = (&queue, &budget, &pool, &idle);
-                let writer = writer.clone();
+            if started < workers && shared.idle.load(Ordering::Acquire) == 0 {
+                let shared = &shared;
                 let spawned = std::thread::Builder::new()
                     .name(format!("nbd-worker-{started}"))
-                    .spawn_scoped(scope, move || {
-                        work(queue, budget, pool, idle, &writer, negotiated)
-                    });
+                    .spawn_scoped(scope, move || work(shared));
                 match spawned {
                     Ok(thread) => {
                         threads.push(thread);
@@ -151,7 +178,12 @@ pub fn transmit(ch: &mut Channel, negotiated: &Negotiated, limits: Limits) -> Re
                     Err(e) => log::warn!("cannot start an NBD worker thread: {e}"),
                 }
             }
-            started > 0 && jobs.send(job).is_ok()
+            shared.busy.fetch_add(1, Ordering::AcqRel);
+            let handed = started > 0 && jobs.send(job).is_ok();
+            if !handed {
+                shared.busy.fetch_sub(1, Ordering::AcqRel);
+            }
+            handed
         });
         drop(jobs);
         // The scope would wait only for the workers' closures; joining waits until their
@@ -162,6 +194,56 @@ pub fn transmit(ch: &mut Channel, negotiated: &Negotiated, limits: Limits) -> Re
         }
         result
     })
+}
+
+/// Reads and writes up to this size may be served by the connection's thread itself: a larger
+/// copy would hold up the requests behind it longer than a worker takes to wake.
+const SERVED_HERE: u32 = 128 * 1024;
+
+/// An inline write slower than this (waiting for the disk, or for a lock a worker holds)
+/// sends the next `SLOW_WRITE_PAUSE` writes to workers, which overlap such waits.
+const SLOW_WRITE: Duration = Duration::from_millis(1);
+const SLOW_WRITE_PAUSE: u32 = 64;
+
+/// Which requests the connection's thread serves itself instead of waking a worker, which
+/// costs a context switch each way, more than a small copy (on two cores, imgfs's 4k random
+/// I/O over one connection fell behind qemu-nbd's that way):
+/// - a small read whose bytes are all in the host page cache (`read_from_cache`); one that
+///   needs the disk goes to a worker, so reads from the disk still overlap;
+/// - a small write without FUA while no request is with a worker, so it is ordered after
+///   everything received before it, as a single worker would order it. A write goes to the
+///   host page cache and returns; should one take long anyway, the following writes go to
+///   workers for a while.
+#[derive(Default)]
+struct ServedHere {
+    scratch: Vec<u8>,
+    writes_to_workers: u32,
+}
+
+impl ServedHere {
+    /// `None` when nothing was sent: a worker is to serve the request.
+    fn serve(&mut self, job: &Job, shared: &Shared<'_>) -> Option<io::Result<()>> {
+        let (writer, negotiated) = (&shared.writer, shared.negotiated);
+        match job.req.kind {
+            CMD_READ => read_from_cache(&job.req, &mut self.scratch, writer, negotiated),
+            CMD_WRITE if job.req.flags == 0 && job.req.len <= SERVED_HERE => {
+                if self.writes_to_workers > 0 {
+                    self.writes_to_workers -= 1;
+                    return None;
+                }
+                if shared.busy.load(Ordering::Acquire) > 0 {
+                    return None;
+                }
+                let start = Instant::now();
+                let sent = serve_one(job, &mut self.scratch, writer, negotiated);
+                if start.elapsed() > SLOW_WRITE {
+                    self.writes_to_workers = SLOW_WRITE_PAUSE;
+                }
+                Some(sent)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Reads requests and hands each to `dispatch` until the client leaves.
@@ -233,30 +315,18 @@ fn gone(e: &io::Error) -> bool {
     )
 }
 
-fn work(
-    queue: &Mutex<Receiver<Job>>,
-    budget: &Budget,
-    pool: &Pool,
-    idle: &AtomicUsize,
-    writer: &Writer,
-    negotiated: &Negotiated,
-) {
+fn work(shared: &Shared<'_>) {
     let mut scratch = Vec::new();
     loop {
-        idle.fetch_add(1, Ordering::AcqRel);
-        let job = lock(queue).recv();
-        idle.fetch_sub(1, Ordering::AcqRel);
+        shared.idle.fetch_add(1, Ordering::AcqRel);
+        let job = lock(&shared.queue).recv();
+        shared.idle.fetch_sub(1, Ordering::AcqRel);
         let Ok(job) = job else { return };
-        let sent = serve_one(&job, &mut scratch, writer, negotiated);
-        budget.release(job.charged);
-        pool.give(job.payload);
+        let sent = serve_one(&job, &mut scratch, &shared.writer, shared.negotiated);
+        shared.busy.fetch_sub(1, Ordering::AcqRel);
+        shared.done(job, sent);
         if scratch.len() > RETAIN {
             scratch = Vec::new();
-        }
-        if let Err(e) = sent {
-            // The client is gone or stuck: end the connection, the reader wakes up.
-            log::debug!("sending a reply failed: {e}");
-            writer.close();
         }
     }
 }
@@ -349,10 +419,6 @@ fn read(
     }
 }
 
-/// Reads up to this size may be answered by the receiving thread (see `read_from_cache`):
-/// a larger copy would hold up the requests behind it longer than a worker takes to wake.
-const INLINE_READ: u32 = 128 * 1024;
-
 /// Answers a small read on the thread that received it when the host page cache holds all it
 /// needs: a worker woken for it would cost a context switch each way, more than the copy.
 /// `None` when nothing was sent (the read needs the disk, or failed in any way): a worker then
@@ -363,7 +429,7 @@ fn read_from_cache(
     writer: &Writer,
     negotiated: &Negotiated,
 ) -> Option<io::Result<()>> {
-    if req.kind != CMD_READ || req.flags != 0 || req.len > INLINE_READ {
+    if req.kind != CMD_READ || req.flags != 0 || req.len > SERVED_HERE {
         return None;
     }
     serve::check_read(&negotiated.export, req).ok()?;
