@@ -17,7 +17,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image::Image;
 
 use super::glob::Glob;
-use super::proto::{MAX_PAYLOAD, MAX_STRING};
+use super::proto::MAX_STRING;
 
 /// An export as `NBD_OPT_LIST` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub struct Export {
     pub description: String,
     /// Whether clients may write (else NBD_FLAG_READ_ONLY is set and writes fail with EPERM).
     pub writable: bool,
-    /// The preferred block size: the image's cluster size, within what NBD allows.
+    /// The preferred block size: the image's cluster size, within 512 bytes and 256 KiB.
     pub preferred_block: u32,
     holder: Box<dyn Holder>,
     /// The catalog entry, told when a writer closes (so our own writes are not taken for
@@ -144,10 +144,17 @@ impl Image for ClosedImage {
     }
 }
 
-/// A cluster size as NBD's preferred block size: a power of two from 512 to the maximum
-/// payload.
+/// The largest preferred block size offered. Clients take it as their request size (nbdcopy
+/// does, 256 KiB where the server prefers less), and much larger requests are slower to
+/// serve than several of that size: a payload no longer stays in the CPU cache between the
+/// copy from the socket and the copy into the host page cache. nbdcopy wrote a 1 GiB VHDX
+/// (8 MiB blocks) at 0.55-0.8 of qemu-nbd's rate in 8 MiB or 1 MiB requests, and at
+/// 1.2-1.4x in 256 KiB ones.
+const PREFERRED_MAX: u64 = 256 << 10;
+
+/// A cluster size as NBD's preferred block size: a power of two from 512 bytes to 256 KiB.
 pub fn preferred_block(cluster: u64) -> u32 {
-    let clamped = cluster.clamp(512, u64::from(MAX_PAYLOAD));
+    let clamped = cluster.clamp(512, PREFERRED_MAX);
     let pow2 = if clamped.is_power_of_two() {
         clamped
     } else {
@@ -378,7 +385,9 @@ mod tests {
     fn preferred_blocks_are_powers_of_two_within_nbd_limits() {
         assert_eq!(preferred_block(65536), 65536);
         assert_eq!(preferred_block(1), 512);
-        assert_eq!(preferred_block(256 << 20), MAX_PAYLOAD);
+        assert_eq!(preferred_block(256 << 10), 256 << 10);
+        assert_eq!(preferred_block(1 << 20), 256 << 10);
+        assert_eq!(preferred_block(256 << 20), 256 << 10);
         assert_eq!(preferred_block(3000), 2048);
     }
 }
