@@ -6,7 +6,7 @@
 //! the server's handshake, option parsers, request parser and command handlers run on it
 //! exactly as for a network client (with one worker thread, so runs are reproducible).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::conn::{MemSocket, Socket};
@@ -26,7 +26,7 @@ pub struct MemDisk {
     read_only: bool,
     /// Reads act as if their bytes were not in the host page cache: inside
     /// `host::from_cache_only` they fail, so a worker thread serves them.
-    uncached: AtomicBool,
+    uncached: bool,
     /// Reads answered inside `host::from_cache_only`.
     cached_reads: AtomicUsize,
     /// Writes made on a connection's worker threads (not on the connection's own thread).
@@ -41,7 +41,7 @@ impl MemDisk {
         MemDisk {
             data: RwLock::new((vec![0; size], vec![false; blocks])),
             read_only,
-            uncached: AtomicBool::new(false),
+            uncached: false,
             cached_reads: AtomicUsize::new(0),
             worker_writes: AtomicUsize::new(0),
             write_time: std::time::Duration::ZERO,
@@ -61,8 +61,8 @@ impl MemDisk {
 
     /// Makes every read need "the disk", so that worker threads serve reads in the order
     /// they serve writes (tests whose requests depend on each other's effects).
-    pub fn uncached(self) -> Self {
-        self.uncached.store(true, Ordering::Relaxed);
+    pub fn uncached(mut self) -> Self {
+        self.uncached = true;
         self
     }
 
@@ -85,7 +85,7 @@ impl Image for MemDisk {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.size(), offset, buf.len())?;
         if crate::host::cache_only() {
-            if self.uncached.load(Ordering::Relaxed) {
+            if self.uncached {
                 return Err(Error::io("read", std::io::ErrorKind::WouldBlock.into()));
             }
             self.cached_reads.fetch_add(1, Ordering::Relaxed);

@@ -429,7 +429,7 @@ fn read_from_cache(
     writer: &Writer,
     negotiated: &Negotiated,
 ) -> Option<io::Result<()>> {
-    if req.kind != CMD_READ || req.flags != 0 || req.len > SERVED_HERE {
+    if req.flags != 0 || req.len > SERVED_HERE {
         return None;
     }
     serve::check_read(&negotiated.export, req).ok()?;
