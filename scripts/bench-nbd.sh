@@ -5,7 +5,8 @@
 #   scripts/bench.sh --nbd [--format vdi|qcow2|qcow|vhdx|vmdk] [--size 1G] [--quick]
 #
 # Each server serves its own copy of the image on a loopback TCP port:
-#   - imgfs nbd (page cache, 4 worker threads per connection);
+#   - imgfs nbd (page cache; up to 16 worker threads per connection, small requests served on
+#     the connection's own thread);
 #   - qemu-nbd -f FORMAT --cache=writeback --aio=io_uring (aio=threads where io_uring fails),
 #     --shared=16;
 #   - nbdkit's file plugin on a raw copy of the image: the ceiling for a server with no format
@@ -44,7 +45,7 @@ while (($#)); do
         --size) SIZE=${2:?--size needs a value}; shift 2 ;;
         --size=*) SIZE=${1#*=}; shift ;;
         --quick) QUICK=1; shift ;;
-        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
 done
