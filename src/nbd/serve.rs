@@ -118,8 +118,9 @@ pub struct Segment {
 /// Holes shorter than this are sent as data: a chunk header costs more than a few zeros.
 const MIN_HOLE: usize = 4096;
 
-/// How a read of `len` bytes at `offset` splits into data and holes, from the block status;
-/// all data when the status is unavailable or does not cover the range exactly.
+/// How a read of `len` bytes at `offset` splits into data and holes, from the block status of
+/// the format (holes the host file has inside allocated clusters count as data); all data when
+/// the status is unavailable or does not cover the range exactly.
 pub fn plan_read(image: &dyn Image, offset: u64, len: usize) -> Vec<Segment> {
     let whole = vec![Segment {
         start: 0,
@@ -129,7 +130,8 @@ pub fn plan_read(image: &dyn Image, offset: u64, len: usize) -> Vec<Segment> {
     if len == 0 {
         return Vec::new();
     }
-    let Ok(extents) = image.block_status(offset, len as u64) else {
+    let status = crate::host::with_holes_as_data(|| image.block_status(offset, len as u64));
+    let Ok(extents) = status else {
         return whole;
     };
     let mut segments: Vec<Segment> = Vec::new();
