@@ -227,6 +227,11 @@ impl Channel {
         self.writer.tls.is_some()
     }
 
+    /// Received bytes not read yet, which `read_exact` returns without waiting.
+    pub fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
     /// Fills `dst` completely; EOF before that is `UnexpectedEof`.
     pub fn read_exact(&mut self, dst: &mut [u8]) -> io::Result<()> {
         let mut filled = 0;
@@ -357,6 +362,8 @@ impl Channel {
 pub struct MemSocket {
     input: Mutex<(Vec<u8>, usize)>,
     output: Mutex<Vec<u8>>,
+    /// Calls to `write_vectored`.
+    writes: std::sync::atomic::AtomicUsize,
     /// At most this many bytes per read, so parsers see data arrive in pieces.
     piece: usize,
 }
@@ -366,6 +373,7 @@ impl MemSocket {
         MemSocket {
             input: Mutex::new((input, 0)),
             output: Mutex::new(Vec::new()),
+            writes: Default::default(),
             piece: piece.max(1),
         }
     }
@@ -373,6 +381,11 @@ impl MemSocket {
     /// Everything the server wrote so far.
     pub fn output(&self) -> Vec<u8> {
         lock(&self.output).clone()
+    }
+
+    /// How many writes the server made so far.
+    pub fn writes(&self) -> usize {
+        self.writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -386,6 +399,8 @@ impl Socket for MemSocket {
         Ok(n)
     }
     fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut out = lock(&self.output);
         let mut n = 0;
         for b in bufs {

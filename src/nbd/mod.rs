@@ -5,7 +5,8 @@
 //! - `proto`: the wire format, pure parsers and encoders (fuzzed through `mem::fuzz_session`).
 //! - `conn`: a connection's reading and writing halves, plain or TLS.
 //! - `handshake`: fixed newstyle option haggling up to the chosen export.
-//! - `transmit` and `serve`: the request loop with parallel workers, and what each command does.
+//! - `transmit` and `serve`: the request loop with parallel workers, and what each command does;
+//!   `replies`: sending replies, one by one or in batches.
 //! - `exports`: export names over the catalog's namespace; `glob`: `--allow` patterns.
 //! - `server`: listeners, connection threads and limits, orderly stop; `tls`: rustls setup.
 //! - `mem`: in-memory exports and a whole connection over an in-memory socket.
@@ -19,6 +20,7 @@ pub mod glob;
 pub mod handshake;
 pub mod mem;
 pub mod proto;
+pub mod replies;
 pub mod serve;
 pub mod server;
 pub mod tls;

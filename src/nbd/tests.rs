@@ -6,9 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::conn::{MemSocket, Socket};
 use super::handshake::HandshakeConfig;
 use super::mem::{fuzz_session, run_connection, MemDisk, MemExports, Standalone};
 use super::proto::*;
+use super::server::serve_connection;
 use super::transmit::Limits;
 use crate::image::Image;
 
@@ -386,6 +388,37 @@ fn reads_from_the_page_cache_and_from_workers_answer_the_same() {
     // the other one never could, so its workers served everything.
     assert_eq!(cached.cached_reads(), 10);
     assert_eq!(uncached.cached_reads(), 0);
+}
+
+#[test]
+fn replies_to_a_burst_of_cached_reads_go_out_in_one_write() {
+    let disk = Arc::new(MemDisk::new(1 << 20, false));
+    let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    disk.write_at(&pattern, 0).unwrap();
+    let ctx = context(vec![("d", Arc::clone(&disk))]);
+    // The whole script arrives at once, so the reads are all received before the first reply
+    // is due: a connection with one read and one with sixteen make as many writes.
+    let writes_and_output = |reads: u64| {
+        let mut script = Script::new().structured_go("d");
+        for cookie in 1..=reads {
+            script = script.request(CMD_READ, 0, cookie, cookie * 5000, 1024);
+        }
+        let sock = Arc::new(MemSocket::new(script.disc().0, 1 << 20));
+        serve_connection(&ctx, Arc::clone(&sock) as Arc<dyn Socket>, "memory");
+        (sock.writes(), sock.output())
+    };
+    let (one, _) = writes_and_output(1);
+    let (writes, out) = writes_and_output(16);
+    assert_eq!(writes, one);
+    let p = parse(&out, &(1..=16).map(|c| (c, 1024)).collect());
+    for cookie in 1..=16u64 {
+        let at = cookie as usize * 5000;
+        assert!(
+            p.answers[&cookie].bytes() == pattern[at..at + 1024],
+            "read {cookie}"
+        );
+    }
+    assert_eq!(disk.cached_reads(), 17);
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! connection with one request at a time costs one thread and a deep queue of reads waiting on
 //! the disk gets as many in flight as the client sends. Small reads whose bytes are all in the
 //! host page cache, and small writes while no worker is busy, are served by the connection's
-//! thread itself, without waking a worker (`ServedHere`).
+//! thread itself, without waking a worker (`ServedHere`); their replies wait in a batch until
+//! the thread has no complete request left to read, then go out in one write.
 //!
 //! Memory is bounded: READ and WRITE payloads are capped at `MAX_PAYLOAD`, and the payload bytes
 //! of requests in flight at `Limits::inflight_bytes` (the reader waits for workers to finish
@@ -13,6 +14,7 @@
 //! connection; every other mistake is answered with an NBD error and the connection goes on.
 //! A write whose payload did not arrive in full is never applied.
 
+use std::cell::RefCell;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 use super::conn::{Channel, Writer};
 use super::handshake::Negotiated;
 use super::proto::*;
+use super::replies::{send_chunks, send_failure, send_read, Batch, Replies, HEAD};
 use super::serve::{self, Failure, Segment};
 use crate::error::{Error, Result};
 
@@ -49,28 +52,50 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Payload bytes in flight, waited on when the next request would exceed the limit.
 struct Budget {
-    used: Mutex<u64>,
+    state: Mutex<BudgetState>,
     freed: Condvar,
     limit: u64,
 }
 
+#[derive(Default)]
+struct BudgetState {
+    used: u64,
+    /// Threads waiting in `acquire`: a release wakes the condition only when there are any,
+    /// since each wake is a system call and on most releases nobody waits.
+    waiting: usize,
+}
+
 impl Budget {
-    fn acquire(&self, n: u64) {
-        let mut used = lock(&self.used);
+    /// Takes `n` bytes of the budget if that needs no waiting.
+    fn try_acquire(&self, n: u64) -> bool {
+        let mut state = lock(&self.state);
         // One request always goes, whatever its size (it is capped on its own).
-        while *used > 0 && used.saturating_add(n) > self.limit {
-            used = self
-                .freed
-                .wait(used)
-                .unwrap_or_else(PoisonError::into_inner);
+        if state.used > 0 && state.used.saturating_add(n) > self.limit {
+            return false;
         }
-        *used = used.saturating_add(n);
+        state.used = state.used.saturating_add(n);
+        true
+    }
+
+    fn acquire(&self, n: u64) {
+        let mut state = lock(&self.state);
+        while state.used > 0 && state.used.saturating_add(n) > self.limit {
+            state.waiting += 1;
+            state = self
+                .freed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.waiting -= 1;
+        }
+        state.used = state.used.saturating_add(n);
     }
 
     fn release(&self, n: u64) {
-        let mut used = lock(&self.used);
-        *used = used.saturating_sub(n);
-        self.freed.notify_all();
+        let mut state = lock(&self.state);
+        state.used = state.used.saturating_sub(n);
+        if state.waiting > 0 {
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -141,7 +166,7 @@ pub fn transmit(ch: &mut Channel, negotiated: &Negotiated, limits: Limits) -> Re
     let shared = Shared {
         queue: Mutex::new(queue),
         budget: Budget {
-            used: Mutex::new(0),
+            state: Mutex::default(),
             freed: Condvar::new(),
             limit: limits.inflight_bytes.max(u64::from(MAX_PAYLOAD)),
         },
@@ -154,15 +179,19 @@ pub fn transmit(ch: &mut Channel, negotiated: &Negotiated, limits: Limits) -> Re
         writer: ch.writer().clone(),
         negotiated,
     };
-    let mut here = ServedHere::default();
+    let here = RefCell::new(ServedHere::default());
     std::thread::scope(|scope| {
         let mut started = 0;
         let mut threads = Vec::new();
-        let result = read_requests(ch, &shared.budget, &shared.pool, |job| {
+        let dispatch = |job| {
+            let mut here = here.borrow_mut();
             if let Some(sent) = here.serve(&job, &shared) {
                 shared.done(job, sent);
                 return true;
             }
+            // Sending to a worker may wait for room in the queue.
+            here.flush(&shared);
+            drop(here);
             // Another worker when every one is busy: the request would wait otherwise.
             if started < workers && shared.idle.load(Ordering::Acquire) == 0 {
                 let shared = &shared;
@@ -184,7 +213,10 @@ pub fn transmit(ch: &mut Channel, negotiated: &Negotiated, limits: Limits) -> Re
                 shared.busy.fetch_sub(1, Ordering::AcqRel);
             }
             handed
-        });
+        };
+        let before_wait = || here.borrow_mut().flush(&shared);
+        let result = read_requests(ch, &shared.budget, &shared.pool, dispatch, before_wait);
+        here.borrow_mut().flush(&shared);
         drop(jobs);
         // The scope would wait only for the workers' closures; joining waits until their
         // threads are gone too, thread-local destructors included, so a connection leaves
@@ -214,18 +246,23 @@ const SLOW_WRITE_PAUSE: u32 = 64;
 ///   everything received before it, as a single worker would order it. A write goes to the
 ///   host page cache and returns; should one take long anyway, the following writes go to
 ///   workers for a while.
+///
+/// Their replies are kept back in a `Batch` until the thread is about to wait (`flush`).
 #[derive(Default)]
 struct ServedHere {
     scratch: Vec<u8>,
     writes_to_workers: u32,
+    /// Replies kept back.
+    kept: Vec<u8>,
 }
 
 impl ServedHere {
-    /// `None` when nothing was sent: a worker is to serve the request.
+    /// `None` when nothing was done: a worker is to serve the request.
     fn serve(&mut self, job: &Job, shared: &Shared<'_>) -> Option<io::Result<()>> {
-        let (writer, negotiated) = (&shared.writer, shared.negotiated);
+        let negotiated = shared.negotiated;
+        let out = &mut Batch::new(&shared.writer, &mut self.kept);
         match job.req.kind {
-            CMD_READ => read_from_cache(&job.req, &mut self.scratch, writer, negotiated),
+            CMD_READ => read_from_cache(&job.req, &mut self.scratch, out, negotiated),
             CMD_WRITE if job.req.flags == 0 && job.req.len <= SERVED_HERE => {
                 if self.writes_to_workers > 0 {
                     self.writes_to_workers -= 1;
@@ -235,7 +272,7 @@ impl ServedHere {
                     return None;
                 }
                 let start = Instant::now();
-                let sent = serve_one(job, &mut self.scratch, writer, negotiated);
+                let sent = serve_one(job, &mut self.scratch, out, negotiated);
                 if start.elapsed() > SLOW_WRITE {
                     self.writes_to_workers = SLOW_WRITE_PAUSE;
                 }
@@ -244,16 +281,35 @@ impl ServedHere {
             _ => None,
         }
     }
+
+    /// Sends the replies kept back; when that fails, the connection ends as in `Shared::done`.
+    fn flush(&mut self, shared: &Shared<'_>) {
+        if let Err(e) = Batch::new(&shared.writer, &mut self.kept).flush() {
+            log::debug!("sending replies failed: {e}");
+            shared.writer.close();
+        }
+    }
 }
 
-/// Reads requests and hands each to `dispatch` until the client leaves.
+/// Reads requests and hands each to `dispatch` until the client leaves. `before_wait` is called
+/// whenever the thread may have to wait: for the client's next bytes or for room in `budget`.
 fn read_requests(
     ch: &mut Channel,
     budget: &Budget,
     pool: &Pool,
     mut dispatch: impl FnMut(Job) -> bool,
+    mut before_wait: impl FnMut(),
 ) -> Result<()> {
+    let acquire = |n: u64, before_wait: &mut dyn FnMut()| {
+        if !budget.try_acquire(n) {
+            before_wait();
+            budget.acquire(n);
+        }
+    };
     loop {
+        if ch.buffered() < REQUEST_LEN {
+            before_wait();
+        }
         let mut header = [0u8; REQUEST_LEN];
         match ch.read_exact(&mut header) {
             Ok(()) => {}
@@ -271,7 +327,10 @@ fn read_requests(
                         req.len
                     )));
                 }
-                budget.acquire(u64::from(req.len));
+                acquire(u64::from(req.len), &mut before_wait);
+                if ch.buffered() < req.len as usize {
+                    before_wait();
+                }
                 payload = pool.take(req.len as usize);
                 if let Err(e) = ch.read_exact(&mut payload) {
                     budget.release(u64::from(req.len));
@@ -285,7 +344,7 @@ fn read_requests(
             }
             CMD_READ => {
                 let charged = u64::from(req.len.min(MAX_PAYLOAD));
-                budget.acquire(charged);
+                acquire(charged, &mut before_wait);
                 charged
             }
             _ => 0,
@@ -322,7 +381,7 @@ fn work(shared: &Shared<'_>) {
         let job = lock(&shared.queue).recv();
         shared.idle.fetch_sub(1, Ordering::AcqRel);
         let Ok(job) = job else { return };
-        let sent = serve_one(&job, &mut scratch, &shared.writer, shared.negotiated);
+        let sent = serve_one(&job, &mut scratch, &mut &shared.writer, shared.negotiated);
         shared.busy.fetch_sub(1, Ordering::AcqRel);
         shared.done(job, sent);
         if scratch.len() > RETAIN {
@@ -331,27 +390,23 @@ fn work(shared: &Shared<'_>) {
     }
 }
 
-/// Room kept in front of a read buffer for the reply header, so header and data go out in one
-/// write without copying the data.
-const HEAD: usize = 32;
-
 /// Serves one request and sends its reply.
 fn serve_one(
     job: &Job,
     scratch: &mut Vec<u8>,
-    writer: &Writer,
+    out: &mut dyn Replies,
     negotiated: &Negotiated,
 ) -> io::Result<()> {
     let req = &job.req;
     let export = &negotiated.export;
     if req.flags & !allowed_flags(req.kind) != 0 {
         let failure = Failure::new(EINVAL, format!("flags {:#x} not valid here", req.flags));
-        return send_failure(writer, negotiated.structured, req.cookie, &failure);
+        return send_failure(out, negotiated.structured, req.cookie, &failure);
     }
     let result = match req.kind {
-        CMD_READ => return read(req, scratch, writer, negotiated),
+        CMD_READ => return read(req, scratch, out, negotiated),
         CMD_BLOCK_STATUS => match serve::block_status(export, req, negotiated.contexts) {
-            Ok(chunks) => return send_chunks(writer, req.cookie, &chunks),
+            Ok(chunks) => return send_chunks(out, req.cookie, &chunks),
             Err(failure) => Err(failure),
         },
         CMD_WRITE => serve::write(export, req, &job.payload),
@@ -365,38 +420,12 @@ fn serve_one(
         )),
     };
     match result {
-        Ok(()) => writer.send(&[&simple_reply(0, req.cookie)]),
+        Ok(()) => out.send(&[&simple_reply(0, req.cookie)]),
         Err(failure) => {
             failure.log(&export.name, req);
-            send_failure(writer, negotiated.structured, req.cookie, &failure)
+            send_failure(out, negotiated.structured, req.cookie, &failure)
         }
     }
-}
-
-fn send_failure(writer: &Writer, structured: bool, cookie: u64, f: &Failure) -> io::Result<()> {
-    match structured {
-        true => writer.send(&[&error_chunk(f.errno, cookie, &f.message)]),
-        false => writer.send(&[&simple_reply(f.errno, cookie)]),
-    }
-}
-
-/// Sends finished structured chunks (header and payload each) as one message.
-fn send_chunks(writer: &Writer, cookie: u64, chunks: &[(u16, Vec<u8>)]) -> io::Result<()> {
-    let mut heads = Vec::with_capacity(chunks.len());
-    for (i, (kind, payload)) in chunks.iter().enumerate() {
-        let flags = if i + 1 == chunks.len() {
-            REPLY_FLAG_DONE
-        } else {
-            0
-        };
-        heads.push(chunk_header(flags, *kind, cookie, payload.len() as u32));
-    }
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(chunks.len() * 2);
-    for (head, (_, payload)) in heads.iter().zip(chunks) {
-        parts.push(head);
-        parts.push(payload);
-    }
-    writer.send(&parts)
 }
 
 /// NBD_CMD_READ: data read into `scratch` behind room for the header; with structured replies,
@@ -404,17 +433,17 @@ fn send_chunks(writer: &Writer, cookie: u64, chunks: &[(u16, Vec<u8>)]) -> io::R
 fn read(
     req: &Request,
     scratch: &mut Vec<u8>,
-    writer: &Writer,
+    out: &mut dyn Replies,
     negotiated: &Negotiated,
 ) -> io::Result<()> {
     let export = &negotiated.export;
     let structured = negotiated.structured;
     let filled = serve::check_read(export, req).and_then(|()| fill_read(req, scratch, negotiated));
     match filled {
-        Ok(segments) => send_read(req, scratch, &segments, writer, structured),
+        Ok(segments) => send_read(req, scratch, &segments, out, structured),
         Err(failure) => {
             failure.log(&export.name, req);
-            send_failure(writer, structured, req.cookie, &failure)
+            send_failure(out, structured, req.cookie, &failure)
         }
     }
 }
@@ -426,7 +455,7 @@ fn read(
 fn read_from_cache(
     req: &Request,
     scratch: &mut Vec<u8>,
-    writer: &Writer,
+    out: &mut dyn Replies,
     negotiated: &Negotiated,
 ) -> Option<io::Result<()>> {
     if req.flags != 0 || req.len > SERVED_HERE {
@@ -438,7 +467,7 @@ fn read_from_cache(
         req,
         scratch,
         &segments,
-        writer,
+        out,
         negotiated.structured,
     ))
 }
@@ -465,78 +494,4 @@ fn fill_read(
     };
     serve::fill(image, req.offset, &segments, &mut scratch[HEAD..])?;
     Ok(segments)
-}
-
-/// Sends a filled read's reply: the data behind its header in one write where it is one piece.
-fn send_read(
-    req: &Request,
-    scratch: &mut [u8],
-    segments: &[Segment],
-    writer: &Writer,
-    structured: bool,
-) -> io::Result<()> {
-    let len = req.len as usize;
-    if !structured {
-        scratch[HEAD - 16..HEAD].copy_from_slice(&simple_reply(0, req.cookie));
-        return writer.send(&[&scratch[HEAD - 16..HEAD + len]]);
-    }
-    if len == 0 {
-        return writer.send(&[&chunk_header(
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_NONE,
-            req.cookie,
-            0,
-        )]);
-    }
-    if let [only] = segments {
-        if !only.hole {
-            let head = &mut scratch[HEAD - 28..HEAD];
-            head[..20].copy_from_slice(&chunk_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_OFFSET_DATA,
-                req.cookie,
-                8 + req.len,
-            ));
-            head[20..].copy_from_slice(&req.offset.to_be_bytes());
-            return writer.send(&[&scratch[HEAD - 28..HEAD + len]]);
-        }
-    }
-    let data = &scratch[HEAD..HEAD + len];
-    let mut heads = Vec::with_capacity(segments.len());
-    for (i, s) in segments.iter().enumerate() {
-        let flags = if i + 1 == segments.len() {
-            REPLY_FLAG_DONE
-        } else {
-            0
-        };
-        // Inside the request, so below 2^32 and the sum cannot overflow.
-        let offset = req.offset + s.start as u64;
-        let mut head = Vec::with_capacity(32);
-        match s.hole {
-            true => {
-                head.extend_from_slice(&chunk_header(
-                    flags,
-                    REPLY_TYPE_OFFSET_HOLE,
-                    req.cookie,
-                    12,
-                ));
-                head.extend_from_slice(&offset.to_be_bytes());
-                head.extend_from_slice(&(s.len as u32).to_be_bytes());
-            }
-            false => {
-                let kind = REPLY_TYPE_OFFSET_DATA;
-                head.extend_from_slice(&chunk_header(flags, kind, req.cookie, 8 + s.len as u32));
-                head.extend_from_slice(&offset.to_be_bytes());
-            }
-        }
-        heads.push(head);
-    }
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(segments.len() * 2);
-    for (head, s) in heads.iter().zip(segments) {
-        parts.push(head);
-        if !s.hole {
-            parts.push(data.get(s.start..s.start + s.len).unwrap_or_default());
-        }
-    }
-    writer.send(&parts)
 }
