@@ -22,7 +22,7 @@
 #     not advertise multi-conn (qemu-nbd on a writable export);
 #   - random 4k read and write: fio's nbd engine, iodepth 8 per connection, 1 and 4 connections
 #     (numjobs), time based (IOPS).
-# Sequential rows are the median of 3 runs, the servers taking turns.
+# Every row is the median of 3 runs (1 with --quick), the servers taking turns.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
@@ -56,7 +56,8 @@ else
     SIZE=${SIZE:-1G}
     RUNTIME=10
 fi
-SEQ_REPS=3
+REPS=3
+((QUICK)) && REPS=1
 
 case $FORMAT in
     vdi) CREATE_OPTS=(-f vdi -o static=off); EXT=vdi ;;
@@ -246,8 +247,7 @@ median() {
 TESTS=(seqread1 seqread4 randread1 randread4 seqwrite1 seqwrite4 randwrite1 randwrite4)
 declare -A RESULT VALUES
 for test in "${TESTS[@]}"; do
-    reps=1
-    [[ $test == seq* ]] && reps=$SEQ_REPS
+    reps=$REPS
     for side in "${SIDES[@]}"; do VALUES[$side]=; done
     for ((rep = 1; rep <= reps; rep++)); do
         for side in "${SIDES[@]}"; do
@@ -278,7 +278,7 @@ fi
 
 echo
 echo "machine: nproc $(nproc), $(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r), $(qemu-nbd --version | head -n 1), nbdkit $("$NBDKIT" --version | awk '{ print $2 }'), $(fio --version)"
-echo "run: $FORMAT $SIZE image, sequential rows median of $SEQ_REPS, fio ${RUNTIME}s, qemu-nbd aio=$QEMU_AIO, imgfs $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null)"
+echo "run: $FORMAT $SIZE image, median of $REPS runs per row, fio ${RUNTIME}s, qemu-nbd aio=$QEMU_AIO, imgfs $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null)"
 echo
 ratio() {
     if [[ $1 =~ ^[0-9.]+$ && $2 =~ ^[0-9.]+$ ]]; then
