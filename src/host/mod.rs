@@ -22,7 +22,7 @@ use activity::WriteActivity;
 /// host file system read the rest.
 const HOST_PAGE: u64 = 4096;
 
-/// Writes this large or larger have their partial pages read by the host inside the write
+/// Writes this large or larger have their partial pages asked for without the host's readahead
 /// (see `warm_partial_pages`): two pages of sixteen or more.
 const WARM_LIMIT: u64 = 64 * 1024;
 
@@ -220,16 +220,28 @@ impl HostFile {
     /// data area is not page aligned (qemu-img's VDI puts it at 0x1200) make every 4 KiB guest
     /// write such a write. Purely a hint: a failed read changes nothing.
     ///
-    /// Large writes are left alone: they cover mostly whole pages, and a read here starts the
-    /// host's readahead over the pages they are about to overwrite. With a layout whose
-    /// partial pages fall just so (a VHD's blocks, 2 MiB + 512 bytes apart) the readahead
-    /// window kept growing until a 1 GiB sequential overwrite read the whole file first.
+    /// For large writes the page is first asked for with `POSIX_FADV_WILLNEED`, which reads
+    /// just that page: a plain read of a page not in the cache starts the host's readahead
+    /// over the pages the write is about to overwrite, and with a layout whose partial pages
+    /// fall just so (a VHD's blocks, 2 MiB + 512 bytes apart) the readahead window kept
+    /// growing until a 1 GiB sequential overwrite read the whole file first. The read after
+    /// it then finds the page and only waits for it. Without this, sixty-four NBD workers
+    /// overwriting a VDI in 256 KiB requests queued behind one another's disk reads, at 0.9
+    /// of qemu-nbd's single writer.
     fn warm_partial_pages(&self, offset: u64, len: u64) {
-        if len >= WARM_LIMIT {
-            return;
-        }
         let mut byte = [0u8; 1];
         for page in partial_pages(offset, len).into_iter().flatten() {
+            if len >= WARM_LIMIT {
+                // SAFETY: posix_fadvise on a descriptor we own; it takes no pointers.
+                unsafe {
+                    libc::posix_fadvise(
+                        self.file.as_raw_fd(),
+                        page as libc::off_t,
+                        HOST_PAGE as libc::off_t,
+                        libc::POSIX_FADV_WILLNEED,
+                    );
+                }
+            }
             let _ = self.file.read_at(&mut byte, page);
         }
     }
