@@ -446,13 +446,11 @@ fn writes_are_served_here_only_after_everything_before_them() {
             .iter()
             .all(|&b| b == cookie as u8));
     }
-    // Write 3 waited for the read (on the worker); of the writes after it, only those sent
-    // while write 3 was still with the worker went there too.
+    // Write 1 had nothing before it, so the connection's thread served it. Write 3 went to the
+    // worker if the read was still there when it arrived (the usual case, but the worker may
+    // be done by then, so its count is not asserted; the bytes above show the order held).
     let on_worker = disk.worker_writes();
-    assert!(
-        (1..=17).contains(&on_worker),
-        "{on_worker} writes on the worker"
-    );
+    assert!(on_worker <= 17, "{on_worker} writes on the worker");
 }
 
 #[test]
