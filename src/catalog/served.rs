@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,9 @@ pub struct Served {
     /// The instance that took this one's place; its handles count there too, so that it is
     /// not closed while they read through it.
     successor: Mutex<Option<Arc<Served>>>,
+    /// Moves on after every write, discard or resize, and when the instance is retired or
+    /// replaced, so data read before can be known to be stale (`generation`).
+    changes: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -64,7 +67,24 @@ impl Served {
             last_used: Mutex::new(Instant::now()),
             snapshots: Mutex::new(HashMap::new()),
             successor: Mutex::new(None),
+            changes: AtomicU64::new(0),
         }
+    }
+
+    /// A number that changes whenever what a read through this instance returns may have
+    /// changed: after a write, discard or resize through it or through its successor, and when
+    /// it is retired or replaced. Data read while it had one value is current as long as it
+    /// keeps that value (a change in flight moves it once it is done).
+    pub fn generation(&self) -> u64 {
+        let own = self.changes.load(Ordering::Acquire);
+        match self.successor() {
+            Some(next) => own.wrapping_add(next.generation()),
+            None => own,
+        }
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// `next` takes this instance's place: reads of the handles still on this one go there
@@ -73,6 +93,7 @@ impl Served {
         let mut successor = lock(&self.successor);
         next.handles.fetch_add(self.handles(), Ordering::AcqRel);
         *successor = Some(Arc::clone(next));
+        self.changed();
     }
 
     fn successor(&self) -> Option<Arc<Served>> {
@@ -155,6 +176,7 @@ impl Served {
     pub fn retire(&self, reason: String) {
         *lock(&self.reason) = reason;
         self.mode.store(RETIRED, Ordering::Release);
+        self.changed();
     }
 
     fn refused(&self) -> Option<Error> {
@@ -226,7 +248,9 @@ impl Image for Served {
         if let Some(e) = self.refused() {
             return Err(e);
         }
-        self.image.write_at(buf, offset)
+        let written = self.image.write_at(buf, offset);
+        self.changed();
+        written
     }
 
     fn flush(&self) -> Result<()> {
@@ -254,14 +278,18 @@ impl Image for Served {
         if let Some(e) = self.refused() {
             return Err(e);
         }
-        self.image.discard(offset, len)
+        let discarded = self.image.discard(offset, len);
+        self.changed();
+        discarded
     }
 
     fn resize(&self, new_size: u64) -> Result<()> {
         if let Some(e) = self.refused() {
             return Err(e);
         }
-        self.image.resize(new_size)
+        let resized = self.image.resize(new_size);
+        self.changed();
+        resized
     }
 
     fn snapshot_names(&self) -> Vec<String> {
@@ -312,6 +340,14 @@ impl ImageHandle {
 
     pub fn served(&self) -> &Arc<Served> {
         &self.served
+    }
+
+    /// `image()` as a reference of its own, for work that may outlive the borrow.
+    pub fn shared_image(&self) -> Arc<dyn Image> {
+        match &self.view {
+            Some(view) => Arc::clone(view),
+            None => Arc::clone(&self.served) as Arc<dyn Image>,
+        }
     }
 
     pub fn is_writable(&self) -> bool {
@@ -439,5 +475,32 @@ mod tests {
         assert!(!s.is_dirty());
         s.thaw();
         assert!(s.is_retired(), "a retired instance never comes back");
+    }
+
+    #[test]
+    fn the_generation_moves_on_with_every_change_and_with_the_successor() {
+        let s = served();
+        let mut seen = vec![s.generation()];
+        let mut moved = |g: u64| {
+            assert!(!seen.contains(&g), "generation {g} seen before");
+            seen.push(g);
+        };
+        let mut buf = [0u8; 8];
+        s.read_at(&mut buf, 0).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.generation(), 0, "reads and flushes change nothing");
+        s.write_at(b"abc", 0).unwrap();
+        moved(s.generation());
+        let _ = s.discard(0, 4096);
+        moved(s.generation());
+        let _ = s.resize(4096);
+        moved(s.generation());
+        let next = served();
+        s.succeed_by(&next);
+        moved(s.generation());
+        next.write_at(b"x", 0).unwrap();
+        moved(s.generation());
+        s.retire("the image file was overwritten".into());
+        moved(s.generation());
     }
 }

@@ -136,6 +136,8 @@ struct Handle {
     source: Arc<Path>,
     /// A flush through this handle has reported the image's failed write-back.
     write_back_reported: std::sync::atomic::AtomicBool,
+    /// Where this handle's reader is going, and what was read ahead for it.
+    stream: readahead::Stream,
 }
 
 /// One directory entry as readdir reports it.
@@ -150,6 +152,7 @@ pub struct FsCore {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     listings: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_handle: AtomicU64,
+    fetcher: readahead::Fetcher,
 }
 
 /// Whether `e` says the daemon ran out of descriptors (its limit, not an image's fault).
@@ -195,6 +198,7 @@ impl FsCore {
             handles: RwLock::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            fetcher: readahead::Fetcher::default(),
         }
     }
 
@@ -476,6 +480,7 @@ impl FsCore {
                 file,
                 source,
                 write_back_reported: Default::default(),
+                stream: Default::default(),
             }),
         );
         Ok(fh)
@@ -492,19 +497,35 @@ impl FsCore {
     /// bytes, as many as returned. A caller keeps one buffer for all its reads, so a read
     /// costs no allocation and no zeroing (every driver sets every byte it is asked for: the
     /// fuzz targets read into poisoned buffers to hold them to it).
+    /// A sequential reader's next request is read ahead (`readahead`).
     pub fn read_into(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> FsResult<usize> {
         let handle = self.handle(fh)?;
         let image = handle.image.image();
-        let len = image.size().saturating_sub(offset).min(u64::from(size)) as usize;
-        if buf.len() < len {
-            buf.resize(len, 0);
+        let generation = handle.image.served().generation();
+        let disk_size = image.size();
+        let len = disk_size.saturating_sub(offset).min(u64::from(size)) as usize;
+        if handle.stream.take(offset, len, generation, buf) {
+            self.fetcher.count_hit();
+        } else {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            if let Some(part) = buf.get_mut(..len).filter(|part| !part.is_empty()) {
+                image
+                    .read_at(part, offset)
+                    .map_err(|e| log_error("read", &handle.source, e))?;
+            }
         }
-        if let Some(part) = buf.get_mut(..len).filter(|part| !part.is_empty()) {
-            image
-                .read_at(part, offset)
-                .map_err(|e| log_error("read", &handle.source, e))?;
-        }
+        self.fetcher
+            .follow(&handle.stream, offset, len, disk_size, generation, || {
+                handle.image.shared_image()
+            });
         Ok(len)
+    }
+
+    /// Reads answered from read-ahead so far.
+    pub fn read_ahead_hits(&self) -> u64 {
+        self.fetcher.hits()
     }
 
     /// Writes `data` at `offset`; a write reaching past the end of the disk is cut short there,
@@ -712,6 +733,7 @@ fn host_statfs(path: &Path) -> FsResult<StatFs> {
     })
 }
 
+mod readahead;
 mod space;
 #[cfg(test)]
 mod tests;

@@ -429,3 +429,49 @@ fn the_flush_xattr_succeeds_and_lists_no_loss_when_every_write_back_worked() {
     let lost = core.getxattr(ROOT_INO, OsStr::new(XATTR_LOST_WRITE_BACKS));
     assert_eq!(lost, Ok(Vec::new()));
 }
+
+#[test]
+fn sequential_reads_are_read_ahead_and_never_stale() {
+    let dir = TempDir::new();
+    let size = 4 << 20;
+    std::fs::write(dir.path().join("big.img"), format!("FAKEIMG {size}")).unwrap();
+    let catalog = Catalog::new(dir.path(), Box::new(FakeOpener::default()), false).unwrap();
+    let core = FsCore::new(catalog);
+    let ino = core
+        .lookup(ROOT_INO, OsStr::new("big.img.raw"))
+        .unwrap()
+        .ino;
+    let writer = core.open(ino, true).unwrap();
+    let reader = core.open(ino, false).unwrap();
+    let mut expected: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    assert_eq!(core.write(writer, 0, &expected).unwrap() as usize, size);
+    let chunk = 256 << 10;
+    let mut buf = Vec::new();
+    for (i, offset) in (0..size).step_by(chunk).enumerate() {
+        let n = core
+            .read_into(reader, offset as u64, chunk as u32, &mut buf)
+            .unwrap();
+        assert_eq!(n, chunk);
+        assert!(buf[..n] == expected[offset..offset + n], "chunk {i}");
+        if i == 5 {
+            // The next chunk is being read ahead: a write into it must still be seen.
+            let at = offset + chunk + 100;
+            core.write(writer, at as u64, b"fresh").unwrap();
+            expected[at..at + 5].copy_from_slice(b"fresh");
+        }
+    }
+    // Read ahead from the third chunk on (the second read makes a stream), but not the one
+    // written into after it was read ahead.
+    assert_eq!(core.read_ahead_hits(), 16 - 2 - 1);
+    // A reader that jumps around gets nothing read ahead.
+    let hits = core.read_ahead_hits();
+    for offset in [3 << 20, 0, 2 << 20, 1 << 20, 3 << 20] {
+        let n = core
+            .read_into(reader, offset, chunk as u32, &mut buf)
+            .unwrap();
+        assert!(buf[..n] == expected[offset as usize..offset as usize + n]);
+    }
+    assert_eq!(core.read_ahead_hits(), hits);
+    core.release(reader).unwrap();
+    core.release(writer).unwrap();
+}
