@@ -264,5 +264,32 @@ fn read_through_core(core: &FsCore, fh: u64, image: &dyn Image, offset: u64, len
         extents_cover(&extents, offset, want, size)?;
         holes_read_as_zeros(&extents, &got, offset)?;
     }
+    read_on(core, fh, image, offset + want, want)
+}
+
+/// Reads of `len` bytes from `offset` on, one after the other, as `dd` or `cp` read: from the
+/// third on the core reads ahead (for reads of 64 KiB and more), and what it hands over must
+/// be what the image holds, whatever the ops before wrote.
+fn read_on(core: &FsCore, fh: u64, image: &dyn Image, mut offset: u64, len: u64) -> Checked {
+    const STREAM_READS: usize = 3;
+    if len < 64 * 1024 {
+        return Ok(());
+    }
+    for _ in 0..STREAM_READS {
+        let Ok(got) = core.read(fh, offset, len as u32) else {
+            return Ok(());
+        };
+        if got.is_empty() {
+            return Ok(());
+        }
+        let mut direct = vec![POISON; got.len()];
+        if image.read_at(&mut direct, offset).is_ok() && direct != got {
+            return Err(violation(format!(
+                "a read at {offset} following the one before it (read ahead) differs from \
+                 the image"
+            )));
+        }
+        offset += got.len() as u64;
+    }
     Ok(())
 }
