@@ -501,7 +501,7 @@ impl FsCore {
     pub fn read_into(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> FsResult<usize> {
         let handle = self.handle(fh)?;
         let image = handle.image.image();
-        let generation = handle.image.served().generation();
+        let generation = || handle.image.served().generation();
         let disk_size = image.size();
         let len = disk_size.saturating_sub(offset).min(u64::from(size)) as usize;
         if handle.stream.take(offset, len, generation, buf) {

@@ -117,9 +117,16 @@ struct StreamState {
 
 impl Stream {
     /// Puts the data read ahead for exactly `[offset, offset + len)` into `buf` (swapping
-    /// buffers, not copying), if it is there and the image is still at `generation`. Waits for
+    /// buffers, not copying), if it is there and the image is still at the `generation` it was
+    /// read at (asked only then: most reads find nothing read ahead). Waits for
     /// a fetch still running: it is as far along as a read started now would be.
-    pub fn take(&self, offset: u64, len: usize, generation: u64, buf: &mut Vec<u8>) -> bool {
+    pub fn take(
+        &self,
+        offset: u64,
+        len: usize,
+        generation: impl FnOnce() -> u64,
+        buf: &mut Vec<u8>,
+    ) -> bool {
         let fetch = {
             let mut state = lock(&self.state);
             // Any other read makes it useless: it was planned for the read after the last.
@@ -132,7 +139,7 @@ impl Stream {
         let Some(mut data) = fetch.wait() else {
             return false;
         };
-        let fresh = fetch.generation == generation;
+        let fresh = fetch.generation == generation();
         if fresh {
             std::mem::swap(buf, &mut data);
         }
@@ -140,15 +147,15 @@ impl Stream {
         fresh
     }
 
-    /// Notes a read of `[offset, offset + len)` of a disk of `size` bytes, now at `generation`;
-    /// when it followed the one before, plans reading the next range of the same size, and
-    /// returns the fetch for a `Fetcher` to run.
+    /// Notes a read of `[offset, offset + len)` of a disk of `size` bytes; when it followed the
+    /// one before, plans reading the next range of the same size (at the image's `generation`,
+    /// asked only then), and returns the fetch for a `Fetcher` to run.
     fn follow(
         &self,
         offset: u64,
         len: usize,
         size: u64,
-        generation: u64,
+        generation: impl FnOnce() -> u64,
         image: impl FnOnce() -> Arc<dyn Image>,
     ) -> Option<Arc<Fetch>> {
         let mut state = lock(&self.state);
@@ -170,7 +177,7 @@ impl Stream {
         let fetch = Arc::new(Fetch {
             offset: end,
             len: fetch_len,
-            generation,
+            generation: generation(),
             image: image(),
             state: Mutex::new(FetchState::Waiting(std::mem::take(&mut state.spare))),
             done: Condvar::new(),
@@ -197,7 +204,7 @@ impl Fetcher {
         offset: u64,
         len: usize,
         size: u64,
-        generation: u64,
+        generation: impl FnOnce() -> u64,
         image: impl FnOnce() -> Arc<dyn Image>,
     ) {
         let Some(fetch) = stream.follow(offset, len, size, generation, image) else {
