@@ -66,20 +66,19 @@ struct BudgetState {
 }
 
 impl Budget {
-    /// Takes `n` bytes of the budget if that needs no waiting.
-    fn try_acquire(&self, n: u64) -> bool {
+    /// Takes `n` bytes of the budget, waiting for releases while it is spent; `before_wait` is
+    /// called (without the budget's lock) once before the first wait.
+    fn acquire(&self, n: u64, before_wait: &mut dyn FnMut()) {
         let mut state = lock(&self.state);
         // One request always goes, whatever its size (it is capped on its own).
-        if state.used > 0 && state.used.saturating_add(n) > self.limit {
-            return false;
+        let spent =
+            |state: &BudgetState| state.used > 0 && state.used.saturating_add(n) > self.limit;
+        if spent(&state) {
+            drop(state);
+            before_wait();
+            state = lock(&self.state);
         }
-        state.used = state.used.saturating_add(n);
-        true
-    }
-
-    fn acquire(&self, n: u64) {
-        let mut state = lock(&self.state);
-        while state.used > 0 && state.used.saturating_add(n) > self.limit {
+        while spent(&state) {
             state.waiting += 1;
             state = self
                 .freed
@@ -300,12 +299,6 @@ fn read_requests(
     mut dispatch: impl FnMut(Job) -> bool,
     mut before_wait: impl FnMut(),
 ) -> Result<()> {
-    let acquire = |n: u64, before_wait: &mut dyn FnMut()| {
-        if !budget.try_acquire(n) {
-            before_wait();
-            budget.acquire(n);
-        }
-    };
     loop {
         if ch.buffered() < REQUEST_LEN {
             before_wait();
@@ -327,7 +320,7 @@ fn read_requests(
                         req.len
                     )));
                 }
-                acquire(u64::from(req.len), &mut before_wait);
+                budget.acquire(u64::from(req.len), &mut before_wait);
                 if ch.buffered() < req.len as usize {
                     before_wait();
                 }
@@ -344,7 +337,7 @@ fn read_requests(
             }
             CMD_READ => {
                 let charged = u64::from(req.len.min(MAX_PAYLOAD));
-                acquire(charged, &mut before_wait);
+                budget.acquire(charged, &mut before_wait);
                 charged
             }
             _ => 0,
