@@ -6,6 +6,7 @@ pub mod activity;
 #[cfg(test)]
 pub mod fault;
 mod own_locks;
+mod writeback;
 
 use std::cell::Cell;
 use std::fs::{File, OpenOptions};
@@ -13,6 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
@@ -98,7 +100,8 @@ fn read_cached_at(
 /// An open host file that knows its own path for error messages.
 #[derive(Debug)]
 pub struct HostFile {
-    file: File,
+    /// Shared with the write-back thread while it starts a write-back of the file.
+    file: Arc<File>,
     path: PathBuf,
     writable: bool,
     /// The lock bytes `lock_bytes` took, released on drop.
@@ -109,6 +112,11 @@ pub struct HostFile {
     key: activity::FileKey,
     /// The file system refused a read limited to the page cache (`from_cache_only`).
     nowait_refused: AtomicBool,
+    /// The runs of sequential writes whose write-back this file starts as they grow.
+    sequential_writes: writeback::SequentialRuns,
+    /// Write-backs started, for tests.
+    #[cfg(test)]
+    writebacks_started: std::sync::atomic::AtomicU64,
     /// The test's watch on this file and the file's index in it, if the test set one before
     /// the file was opened.
     #[cfg(test)]
@@ -131,13 +139,16 @@ impl HostFile {
         };
         let activity = writable.then(|| activity::activity_of(key));
         Ok(HostFile {
-            file,
+            file: Arc::new(file),
             path: path.to_path_buf(),
             writable,
             locked: std::sync::Mutex::new(Vec::new()),
             activity,
             key,
             nowait_refused: AtomicBool::new(false),
+            sequential_writes: writeback::SequentialRuns::default(),
+            #[cfg(test)]
+            writebacks_started: Default::default(),
             #[cfg(test)]
             watch: fault::watch_of(path),
         })
@@ -210,7 +221,13 @@ impl HostFile {
             Error::io("write", e)
                 .at_offset(offset)
                 .with_path(&self.path)
-        })
+        })?;
+        if let Some((start, len)) = self.sequential_writes.record(offset, buf.len() as u64) {
+            #[cfg(test)]
+            self.writebacks_started.fetch_add(1, Ordering::Relaxed);
+            writeback::start_writeback(&self.file, start, len);
+        }
+        Ok(())
     }
 
     /// Brings the host pages that a write covers only partly into the page cache first. The
@@ -595,6 +612,28 @@ mod tests {
         let mut buf = [0xffu8; 6];
         f.read_exact_at(&mut buf, 1).unwrap();
         assert_eq!(&buf, b"bc\0\0\0\0");
+    }
+
+    #[test]
+    fn long_sequential_writes_start_their_write_back_and_small_ones_do_not() {
+        let dir = crate::testutil::TempDir::new();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"").unwrap();
+        let f = HostFile::open(&path, true).unwrap();
+        let mib = 1usize << 20;
+        for i in 0..20u8 {
+            f.write_all_at(&vec![i; mib], u64::from(i) * mib as u64)
+                .unwrap();
+        }
+        assert_eq!(f.writebacks_started.load(Ordering::Relaxed), 2);
+        for i in 0..256u64 {
+            f.write_all_at(&[7; 4096], (i * 7919 % 1024) * 4096)
+                .unwrap();
+        }
+        assert_eq!(f.writebacks_started.load(Ordering::Relaxed), 2);
+        let mut buf = vec![0u8; mib];
+        f.read_exact_at(&mut buf, 19 * mib as u64).unwrap();
+        assert!(buf.iter().all(|&b| b == 19));
     }
 
     #[test]
