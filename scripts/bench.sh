@@ -7,7 +7,7 @@
 #     read-only, so they take part in the read rows only; vdi and vhdx have none;
 #   - "file": the same operation on a plain raw file with no FUSE in between, the limit.
 #
-#   scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N]
+#   scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N] [--rows LIST]
 #   scripts/bench.sh --nbd [--format F] [--size S] [--quick]   (NBD: imgfs, qemu-nbd, nbdkit;
 #                                                                 see scripts/bench-nbd.sh)
 #
@@ -17,7 +17,8 @@
 # again, even on error or ctrl-c.
 #
 # What is measured (each row on imgfs, qemu-storage-daemon, the libyal mounter and the file,
-# taking turns in that order within each repetition; page cache dropped before every run):
+# taking turns within each repetition, each repetition starting one side later: a host disk
+# that is faster after a pause favours no side; page cache dropped before every run):
 #   - sequential read: dd if=RAW of=/dev/null bs=1M, buffered and with iflag=direct; and
 #     buffered again after an untimed pass, so the image is in the host page cache and the
 #     row measures each server's own path, not the disk
@@ -60,7 +61,7 @@ done
 
 usage() {
     cat <<'EOF'
-Usage: scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N]
+Usage: scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N] [--rows LIST]
 
 Compares imgfs with qemu-storage-daemon's FUSE export, the libyal mounter for the format
 (qcowmount, vhdimount, vmdkmount; read rows only) and the plain raw file without FUSE, on a
@@ -73,6 +74,9 @@ as root.
   --size S           virtual disk size, e.g. 256M, 1G (default 1G; 256M with --quick)
   --quick            smaller image and 3 s fio runs instead of 10 s
   --imgfs-threads N  pass --threads N to imgfs mount (default: imgfs's own default)
+  --rows LIST        only these rows, comma-separated, in the table's order: seqread,
+                     seqreaddirect, seqreadwarm, randread1, randread4, seqwrite, seqwritedirect,
+                     randwrite1, randwrite4, holeread4, allocwrite, allocfio (default: all)
 EOF
 }
 
@@ -88,6 +92,7 @@ FORMAT=vdi
 SIZE=
 QUICK=0
 IMGFS_THREADS=
+ROWS=
 while (($#)); do
     case $1 in
         --format) FORMAT=${2:?--format needs a value}; shift 2 ;;
@@ -97,8 +102,17 @@ while (($#)); do
         --quick) QUICK=1; shift ;;
         --imgfs-threads) IMGFS_THREADS=${2:?--imgfs-threads needs a value}; shift 2 ;;
         --imgfs-threads=*) IMGFS_THREADS=${1#*=}; shift ;;
+        --rows) ROWS=${2:?--rows needs a value}; shift 2 ;;
+        --rows=*) ROWS=${1#*=}; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
+    esac
+done
+
+for row in ${ROWS//,/ }; do
+    case $row in
+        seqread | seqreaddirect | seqreadwarm | randread1 | randread4 | seqwrite | seqwritedirect | randwrite1 | randwrite4 | holeread4 | allocwrite | allocfio) ;;
+        *) usage >&2; die "unknown row '$row'" ;;
     esac
 done
 
@@ -626,6 +640,13 @@ is_read_test() {
 # rows use the separate empty images. holeread4 reads unallocated blocks, so neither daemon touches
 # the host file: it measures what the FUSE round trip itself costs, the ceiling for randread4.
 TESTS=(seqread seqreaddirect seqreadwarm randread1 randread4 seqwrite seqwritedirect randwrite1 randwrite4 holeread4 allocwrite allocfio)
+if [[ -n $ROWS ]]; then
+    chosen=()
+    for test in "${TESTS[@]}"; do
+        [[ ",$ROWS," == *",$test,"* ]] && chosen+=("$test")
+    done
+    TESTS=("${chosen[@]}")
+fi
 label() {
     case $1 in
         seqread) echo "sequential read, buffered, dd bs=1M (MB/s)" ;;
@@ -668,7 +689,8 @@ for test in "${TESTS[@]}"; do
         CPUS[$side]=
     done
     for ((rep = 1; rep <= reps; rep++)); do
-        for side in "${SIDES[@]}"; do
+        first=$(((rep - 1) % ${#SIDES[@]}))
+        for side in "${SIDES[@]:first}" "${SIDES[@]:0:first}"; do
             image=bench
             [[ $test == allocwrite ]] && image=alloc$rep
             [[ $test == allocfio ]] && image=fioalloc$rep
@@ -747,7 +769,7 @@ fi
 
 echo
 echo "machine: nproc $(nproc), ${cpu:-unknown CPU}, ${mem_gib} GiB RAM, kernel $(uname -r), QEMU $qemu_version, $(fio --version), images on $fs_type"
-echo "run: $FORMAT $SIZE image ($SIZE_BYTES bytes), sequential rows: median of $SEQ_REPS, fio ${RUNTIME}s (+${RAMP}s ramp) psync direct=1 bs=4k, page cache drop: $DROP_CACHES, imgfs $imgfs_rev threads=${IMGFS_THREADS:-default}"
+echo "run: $FORMAT $SIZE image ($SIZE_BYTES bytes), sequential rows: median of $SEQ_REPS, fio ${RUNTIME}s (+${RAMP}s ramp) psync direct=1 bs=4k, page cache drop: $DROP_CACHES, imgfs $imgfs_rev threads=${IMGFS_THREADS:-default}, rows: ${ROWS:-all}"
 echo "qsd: $QSD_OPTS"
 if [[ -n $LIBYAL ]]; then
     echo "libyal: ${LIBYAL_VERSION:-$LIBYAL}, \`$LIBYAL IMAGE MOUNTPOINT\` (libfuse 2, daemonizes, one thread), read rows only"
