@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 /// Writes shorter than this are not part of a stream: metadata, random guest writes.
 const STREAM_WRITE_MIN: u64 = 64 * 1024;
 /// How far past a run's end a write may start and still continue the run: a table or a block
-/// header written between data, or a request that arrived before the one before it.
+/// header written between data, or a request that overtook the one before it.
 const RUN_GAP: u64 = 1 << 20;
 /// How far a run grows before the write-back of what it wrote is started.
 const KICK_BYTES: u64 = 8 << 20;
@@ -27,7 +27,8 @@ const RUNS: usize = 4;
 /// Write-backs waiting for the thread that starts them; more are dropped (a hint).
 const QUEUE: usize = 32;
 
-/// One run of sequential writes: `[start, end)` written, `[start, kicked)` handed on.
+/// One run of sequential writes: everything before `kicked` was handed on, `kicked..end` is
+/// written and not yet.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Run {
     kicked: u64,
