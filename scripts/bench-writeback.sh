@@ -24,6 +24,7 @@ while (($#)); do
         --size) SIZE=${2:?}; shift 2 ;;
         --runs) RUNS=${2:?}; shift 2 ;;
         --other) OTHER=${2:?}; shift 2 ;;
+        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-writeback.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
