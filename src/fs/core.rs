@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::catalog::{Catalog, FileStat, ImageFile, ImageHandle, Target};
 use crate::error::{Error, ErrorKind};
+use crate::host::{bypassing_page_cache, AlignedBuffer};
 use crate::image::Image;
 
 /// An errno to reply with.
@@ -487,18 +488,26 @@ impl FsCore {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let mut buf = Vec::new();
-        let len = self.read_into(fh, offset, size, &mut buf)?;
-        buf.truncate(len);
-        Ok(buf)
+        let mut buf = AlignedBuffer::default();
+        let len = self.read_into(fh, offset, size, false, &mut buf)?;
+        Ok(buf.filled(len).to_vec())
     }
 
     /// `read` into `buf`, which is grown as needed and never cleared: the reply is its first
-    /// bytes, as many as returned. A caller keeps one buffer for all its reads, so a read
-    /// costs no allocation and no zeroing (every driver sets every byte it is asked for: the
-    /// fuzz targets read into poisoned buffers to hold them to it).
-    /// A sequential reader's next request is read ahead (`readahead`).
-    pub fn read_into(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> FsResult<usize> {
+    /// bytes (`AlignedBuffer::filled`), as many as returned. A caller keeps one buffer for all
+    /// its reads, so a read costs no allocation and no zeroing (every driver sets every byte it
+    /// is asked for: the fuzz targets read into poisoned buffers to hold them to it).
+    /// A sequential reader's next request is read ahead (`readahead`). `direct`: the reader
+    /// opened the file with `O_DIRECT`, so large reads bypass the host page cache as its own
+    /// direct reads of a file would (`host::bypassing_page_cache`).
+    pub fn read_into(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        direct: bool,
+        buf: &mut AlignedBuffer,
+    ) -> FsResult<usize> {
         let handle = self.handle(fh)?;
         let image = handle.image.image();
         let generation = || handle.image.served().generation();
@@ -507,19 +516,24 @@ impl FsCore {
         if handle.stream.take(offset, len, generation, buf) {
             self.fetcher.count_hit();
         } else {
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            if let Some(part) = buf.get_mut(..len).filter(|part| !part.is_empty()) {
-                image
-                    .read_at(part, offset)
-                    .map_err(|e| log_error("read", &handle.source, e))?;
+            let part = buf.prepare(len);
+            if !part.is_empty() {
+                match direct {
+                    true => bypassing_page_cache(|| image.read_at(part, offset)),
+                    false => image.read_at(part, offset),
+                }
+                .map_err(|e| log_error("read", &handle.source, e))?;
             }
         }
-        self.fetcher
-            .follow(&handle.stream, offset, len, disk_size, generation, || {
-                handle.image.shared_image()
-            });
+        self.fetcher.follow(
+            &handle.stream,
+            offset,
+            len,
+            disk_size,
+            direct,
+            generation,
+            || handle.image.shared_image(),
+        );
         Ok(len)
     }
 

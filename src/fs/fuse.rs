@@ -14,6 +14,7 @@ use fuser::{
 };
 
 use super::core::{Attr, Errno, FsCore, NodeKind};
+use crate::host::AlignedBuffer;
 
 /// How long the kernel may cache attributes and names; short, because the source tree can
 /// change under us.
@@ -22,7 +23,7 @@ const TTL: Duration = Duration::from_secs(1);
 thread_local! {
     /// Each request thread reads into one buffer, kept from request to request (at most the
     /// largest read, 1 MiB): no allocation and no zeroing per read.
-    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static READ_BUFFER: std::cell::RefCell<AlignedBuffer> = std::cell::RefCell::new(AlignedBuffer::default());
 }
 /// The largest read or write the kernel sends in one request.
 pub const MAX_REQUEST: u32 = 1 << 20;
@@ -176,13 +177,17 @@ impl Filesystem for FuseAdapter {
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        READ_BUFFER.with_borrow_mut(|buf| match self.core.read_into(fh.0, offset, size, buf) {
-            Ok(len) => reply.data(buf.get(..len).unwrap_or_default()),
-            Err(e) => reply.error(errno(e)),
+        // The file's flags as they are now: `fcntl(F_SETFL)` may have changed O_DIRECT.
+        let direct = flags.0 & libc::O_DIRECT != 0;
+        READ_BUFFER.with_borrow_mut(|buf| {
+            match self.core.read_into(fh.0, offset, size, direct, buf) {
+                Ok(len) => reply.data(buf.filled(len)),
+                Err(e) => reply.error(errno(e)),
+            }
         });
     }
 

@@ -12,6 +12,7 @@ use super::tree::Tree;
 use crate::catalog::{Catalog, FormatOpener, ImageHandle, Target};
 use crate::fs::core::ROOT_INO;
 use crate::fs::{FsCore, NodeKind};
+use crate::host::AlignedBuffer;
 use crate::image::Image;
 
 /// At most this many raw files (including snapshots) are exercised per input.
@@ -252,9 +253,11 @@ fn read_through_core(core: &FsCore, fh: u64, image: &dyn Image, offset: u64, len
              differ"
         )));
     }
-    let mut reused = vec![POISON; got.len() + 7];
-    if let Ok(n) = core.read_into(fh, offset, len as u32, &mut reused) {
-        if reused.get(..n) != Some(&got[..]) {
+    let mut reused = AlignedBuffer::default();
+    reused.prepare(got.len() + 7).fill(POISON);
+    // Direct: large aligned parts of it bypass the host page cache, and must read the same.
+    if let Ok(n) = core.read_into(fh, offset, len as u32, true, &mut reused) {
+        if reused.filled(n) != &got[..] {
             return Err(violation(format!(
                 "a read at {offset} into a used buffer differs from one into a fresh buffer"
             )));

@@ -3,6 +3,7 @@
 //! In tests, `fault` sits under every read, write and sync of a watched file.
 
 pub mod activity;
+mod direct;
 #[cfg(test)]
 pub mod fault;
 mod own_locks;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 
 use activity::WriteActivity;
+pub use direct::{bypassing_page_cache, AlignedBuffer, DIRECT_READ_MIN};
 
 /// The page size the host page cache works in; a write that covers only part of one makes the
 /// host file system read the rest.
@@ -114,6 +116,8 @@ pub struct HostFile {
     nowait_refused: AtomicBool,
     /// The runs of sequential writes whose write-back this file starts as they grow.
     sequential_writes: writeback::SequentialRuns,
+    /// Reads inside `bypassing_page_cache`.
+    direct_reads: direct::DirectReads,
     /// Write-backs started, for tests.
     #[cfg(test)]
     writebacks_started: std::sync::atomic::AtomicU64,
@@ -147,6 +151,7 @@ impl HostFile {
             key,
             nowait_refused: AtomicBool::new(false),
             sequential_writes: writeback::SequentialRuns::default(),
+            direct_reads: direct::DirectReads::default(),
             #[cfg(test)]
             writebacks_started: Default::default(),
             #[cfg(test)]
@@ -183,12 +188,18 @@ impl HostFile {
             len: buf.len(),
         })?;
         let cache_only = CACHE_ONLY.get();
+        let direct = !cache_only && direct::wanted(buf.len());
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done as u64;
+            let rest = &mut buf[done..];
             let read = match cache_only {
-                true => read_cached_at(&self.file, &self.nowait_refused, &mut buf[done..], at),
-                false => self.file.read_at(&mut buf[done..], at),
+                true => read_cached_at(&self.file, &self.nowait_refused, rest, at),
+                false => match direct {
+                    true => self.direct_reads.read_at(&self.file, self.key, rest, at),
+                    false => None,
+                }
+                .unwrap_or_else(|| self.file.read_at(rest, at)),
             };
             match read {
                 Ok(0) => {
@@ -601,6 +612,51 @@ mod tests {
         );
         assert_eq!(with_holes_as_data(|| f.data_runs(5, 0)), []);
         assert_eq!(f.data_runs(0, 1 << 20), runs);
+    }
+
+    #[test]
+    fn reads_bypassing_the_page_cache_see_every_write_and_every_byte() {
+        let dir = crate::testutil::TempDir::new();
+        let path = dir.path().join("f");
+        // Ends mid-sector, so the last direct read comes up short.
+        let size = (1 << 20) + 4096 * 3 + 100;
+        let mut expected: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &expected).unwrap();
+        let f = HostFile::open(&path, true).unwrap();
+        // Still dirty in the page cache when read.
+        f.write_all_at(b"fresh", 300_000).unwrap();
+        expected[300_000..300_005].copy_from_slice(b"fresh");
+        let mut buf = AlignedBuffer::default();
+        // Aligned, unaligned offset, unaligned buffer, past the end, too small to bypass.
+        for (offset, len, shift) in [
+            (0, 1 << 20, 0),
+            (512, 600_000, 0),
+            (4096, 500_000, 1),
+            (1 << 20, 200_000, 0),
+            (0, 4096, 0),
+        ] {
+            let part = &mut buf.prepare(len + shift)[shift..];
+            part.fill(0xee);
+            bypassing_page_cache(|| f.read_exact_at(part, offset as u64)).unwrap();
+            let mut want = vec![0u8; len];
+            let known = expected.len().saturating_sub(offset).min(len);
+            want[..known].copy_from_slice(&expected[offset..offset + known]);
+            assert!(
+                part == &want[..],
+                "read of {len} at {offset} (shift {shift})"
+            );
+        }
+        let done = f.direct_reads.done.load(Ordering::Relaxed);
+        match direct::dio_alignment(&f.file) {
+            // The aligned read, the one past the end and, where 512 is aligned enough, the
+            // aligned part of the one at 512; not the one into an unaligned buffer, nor the
+            // 4 KiB one.
+            Some((offset_align, _)) => assert_eq!(done, 2 + u64::from(512 % offset_align == 0)),
+            None => assert_eq!(done, 0),
+        }
+        // Outside the scope, nothing bypasses the cache.
+        f.read_exact_at(buf.prepare(1 << 20), 0).unwrap();
+        assert_eq!(f.direct_reads.done.load(Ordering::Relaxed), done);
     }
 
     #[test]

@@ -1,19 +1,21 @@
 //! Read-ahead for sequential readers of a raw file. Raw files are served with direct I/O, so the
 //! kernel reads ahead for nobody: `dd bs=1M` or `cp` sends one request at a time, and each one
 //! waited while imgfs copied its bytes out of the host page cache, then again while the reply
-//! was copied to the reader. Once a read starts where the one before it ended, the next range
-//! of the same size is read on a read-ahead thread while the reader takes the current one, and
-//! the read that asks for exactly that range gets its buffer without a copy.
+//! was copied to the reader. Once a read starts where the one before it ended, the next ranges
+//! of the same size (`DEPTH` of them) are read on read-ahead threads while the reader takes the
+//! current one, and the read that asks for exactly such a range gets its buffer without a copy.
 //!
 //! Read-ahead data is used only if nothing changed the image since the read-ahead began: every
 //! write, discard, resize or retirement of a served instance moves its generation on
 //! (`Served::generation`), and data read under an older generation is dropped and read again.
 //! A read that overlaps a write in flight may see either, as any read racing a write may.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
+use crate::host::{bypassing_page_cache, AlignedBuffer};
 use crate::image::Image;
 
 /// Reads smaller than this are not read ahead: their stream costs more to follow than their
@@ -23,6 +25,17 @@ const MIN_READ_AHEAD: usize = 64 * 1024;
 /// Sequential reads in a row before the next one is read ahead (the first read of a handle
 /// counts when it starts at 0).
 const STREAK: u32 = 2;
+
+/// Ranges read ahead of a sequential reader, each on its own thread: the host has several
+/// reads in flight while the reader takes the current one. With one, a direct reader's disk
+/// waited between reads; through the host page cache, filling it costs the host CPU time (page
+/// allocation) that one thread could not overlap with the copies. Four kept up with the image
+/// file's own reads in both cases (`scripts/bench.sh`, README); two did not for buffered ones.
+pub(super) const DEPTH: usize = 4;
+
+/// Threads that run fetches, for all handles of a mount: enough for `DEPTH` of one reader in
+/// flight at once.
+const FETCH_THREADS: usize = DEPTH;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -34,6 +47,8 @@ struct Fetch {
     len: usize,
     /// The image's generation when the fetch was planned.
     generation: u64,
+    /// Read bypassing the host page cache, like the read it follows.
+    direct: bool,
     image: Arc<dyn Image>,
     state: Mutex<FetchState>,
     done: Condvar,
@@ -41,9 +56,9 @@ struct Fetch {
 
 enum FetchState {
     /// Not read yet; holds the buffer to read into.
-    Waiting(Vec<u8>),
+    Waiting(AlignedBuffer),
     Running,
-    Ready(Vec<u8>),
+    Ready(AlignedBuffer),
     /// The read failed or never ran: the reader reads for itself (and reports any error).
     Failed,
 }
@@ -68,11 +83,12 @@ impl Fetch {
             FetchState::Waiting(buf) => buf,
             _ => return,
         };
-        if buf.len() < self.len {
-            buf.resize(self.len, 0);
-        }
-        buf.truncate(self.len);
-        if self.image.read_at(&mut buf, self.offset).is_ok() {
+        let read = |buf: &mut AlignedBuffer| self.image.read_at(buf.prepare(self.len), self.offset);
+        let read = match self.direct {
+            true => bypassing_page_cache(|| read(&mut buf)),
+            false => read(&mut buf),
+        };
+        if read.is_ok() {
             *lock(&self.state) = FetchState::Ready(buf);
         }
     }
@@ -83,7 +99,7 @@ impl Fetch {
     }
 
     /// Waits until the fetch ran; its data, if it has any.
-    fn wait(&self) -> Option<Vec<u8>> {
+    fn wait(&self) -> Option<AlignedBuffer> {
         let mut state = lock(&self.state);
         while let FetchState::Waiting(_) | FetchState::Running = *state {
             state = self
@@ -98,7 +114,7 @@ impl Fetch {
     }
 }
 
-/// What one open handle reads next, and the range read ahead for it.
+/// What one open handle reads next, and the ranges read ahead for it.
 #[derive(Default)]
 pub struct Stream {
     state: Mutex<StreamState>,
@@ -110,9 +126,10 @@ struct StreamState {
     next: u64,
     /// Reads in a row that each started where the one before ended.
     streak: u32,
-    pending: Option<Arc<Fetch>>,
-    /// A buffer for the next fetch: the one the last hit replaced.
-    spare: Vec<u8>,
+    /// The ranges read ahead, in order, each starting where the one before ends.
+    pending: VecDeque<Arc<Fetch>>,
+    /// Buffers for the next fetches: the ones hits replaced.
+    spare: Vec<AlignedBuffer>,
 }
 
 impl Stream {
@@ -125,14 +142,18 @@ impl Stream {
         offset: u64,
         len: usize,
         generation: impl FnOnce() -> u64,
-        buf: &mut Vec<u8>,
+        buf: &mut AlignedBuffer,
     ) -> bool {
         let fetch = {
             let mut state = lock(&self.state);
-            // Any other read makes it useless: it was planned for the read after the last.
-            match state.pending.take() {
-                Some(f) if f.offset == offset && f.len == len => Some(f),
-                _ => None,
+            match state.pending.front() {
+                Some(f) if f.offset == offset && f.len == len => state.pending.pop_front(),
+                // Any other read makes them useless: they were planned for the reads after
+                // the last.
+                _ => {
+                    state.pending.clear();
+                    None
+                }
             }
         };
         let Some(fetch) = fetch else { return false };
@@ -143,52 +164,69 @@ impl Stream {
         if fresh {
             std::mem::swap(buf, &mut data);
         }
-        lock(&self.state).spare = data;
+        let mut state = lock(&self.state);
+        if state.spare.len() < DEPTH {
+            state.spare.push(data);
+        }
         fresh
     }
 
     /// Notes a read of `[offset, offset + len)` of a disk of `size` bytes; when it followed the
-    /// one before, plans reading the next range of the same size (at the image's `generation`,
-    /// asked only then), and returns the fetch for a `Fetcher` to run.
+    /// one before, plans reading the next `DEPTH` ranges of the same size that are not planned
+    /// yet (at the image's `generation`, asked only then; `direct` like the read), and returns
+    /// the fetches for a `Fetcher` to run.
     fn follow(
         &self,
         offset: u64,
         len: usize,
         size: u64,
+        direct: bool,
         generation: impl FnOnce() -> u64,
         image: impl FnOnce() -> Arc<dyn Image>,
-    ) -> Option<Arc<Fetch>> {
+    ) -> Vec<Arc<Fetch>> {
         let mut state = lock(&self.state);
         let end = offset.saturating_add(len as u64);
         let sequential = offset == state.next && len >= MIN_READ_AHEAD;
         state.next = end;
         if !sequential {
             state.streak = 0;
-            state.pending = None;
-            state.spare = Vec::new();
-            return None;
+            state.pending.clear();
+            state.spare.clear();
+            return Vec::new();
         }
         state.streak = state.streak.saturating_add(1);
         // Two in a row, so a reader that jumps around does not pay for fetches it never uses.
-        if state.streak < STREAK || state.pending.is_some() || end >= size {
-            return None;
+        let mut at = state
+            .pending
+            .back()
+            .map_or(end, |f| f.offset + f.len as u64);
+        if state.streak < STREAK || state.pending.len() >= DEPTH || at >= size {
+            return Vec::new();
         }
-        let fetch_len = (len as u64).min(size - end) as usize;
-        let fetch = Arc::new(Fetch {
-            offset: end,
-            len: fetch_len,
-            generation: generation(),
-            image: image(),
-            state: Mutex::new(FetchState::Waiting(std::mem::take(&mut state.spare))),
-            done: Condvar::new(),
-        });
-        state.pending = Some(Arc::clone(&fetch));
-        Some(fetch)
+        let (generation, image) = (generation(), image());
+        let mut planned = Vec::new();
+        while state.pending.len() < DEPTH && at < size {
+            let fetch_len = (len as u64).min(size - at) as usize;
+            let buf = state.spare.pop().unwrap_or_default();
+            let fetch = Arc::new(Fetch {
+                offset: at,
+                len: fetch_len,
+                generation,
+                direct,
+                image: Arc::clone(&image),
+                state: Mutex::new(FetchState::Waiting(buf)),
+                done: Condvar::new(),
+            });
+            state.pending.push_back(Arc::clone(&fetch));
+            planned.push(fetch);
+            at += fetch_len as u64;
+        }
+        planned
     }
 }
 
-/// Runs the fetches of every handle of a mount on one thread, started on first use; it ends
-/// when the mount's state is dropped.
+/// Runs the fetches of every handle of a mount on `FETCH_THREADS` threads, started on first
+/// use; they end when the mount's state is dropped.
 #[derive(Default)]
 pub struct Fetcher {
     jobs: Mutex<Option<Sender<Arc<Fetch>>>>,
@@ -196,38 +234,32 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    /// After a read of `[offset, offset + len)` through `stream`: starts reading ahead if the
-    /// stream is sequential.
+    /// After a read of `[offset, offset + len)` through `stream` (`direct`: bypassing the host
+    /// page cache): starts reading ahead if the stream is sequential.
+    #[allow(clippy::too_many_arguments)]
     pub fn follow(
         &self,
         stream: &Stream,
         offset: u64,
         len: usize,
         size: u64,
+        direct: bool,
         generation: impl FnOnce() -> u64,
         image: impl FnOnce() -> Arc<dyn Image>,
     ) {
-        let Some(fetch) = stream.follow(offset, len, size, generation, image) else {
+        let planned = stream.follow(offset, len, size, direct, generation, image);
+        if planned.is_empty() {
             return;
-        };
+        }
         let mut jobs = lock(&self.jobs);
         if jobs.is_none() {
-            let (send, receive) = channel::<Arc<Fetch>>();
-            let spawned = std::thread::Builder::new()
-                .name("imgfs-readahead".into())
-                .spawn(move || {
-                    for fetch in receive {
-                        fetch.run();
-                    }
-                });
-            match spawned {
-                Ok(_) => *jobs = Some(send),
-                Err(e) => log::debug!("no read-ahead thread: {e}"),
-            }
+            *jobs = start_fetch_threads();
         }
-        let sent = jobs.as_ref().map(|jobs| jobs.send(Arc::clone(&fetch)));
-        if !matches!(sent, Some(Ok(()))) {
-            fetch.fail();
+        for fetch in planned {
+            let sent = jobs.as_ref().map(|jobs| jobs.send(Arc::clone(&fetch)));
+            if !matches!(sent, Some(Ok(()))) {
+                fetch.fail();
+            }
         }
     }
 
@@ -239,4 +271,31 @@ impl Fetcher {
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
     }
+}
+
+/// Starts the threads that run fetches; `None` if not even one could start (then nothing is
+/// read ahead).
+fn start_fetch_threads() -> Option<Sender<Arc<Fetch>>> {
+    let (send, receive) = channel::<Arc<Fetch>>();
+    let receive = Arc::new(Mutex::new(receive));
+    let mut started = 0;
+    for _ in 0..FETCH_THREADS {
+        let receive = Arc::clone(&receive);
+        let spawned = std::thread::Builder::new()
+            .name("imgfs-readahead".into())
+            .spawn(move || loop {
+                let Ok(fetch) = lock(&receive).recv() else {
+                    break;
+                };
+                // Only the queue holds it: its stream dropped it (the reader went elsewhere).
+                if Arc::strong_count(&fetch) > 1 {
+                    fetch.run();
+                }
+            });
+        match spawned {
+            Ok(_) => started += 1,
+            Err(e) => log::debug!("no read-ahead thread: {e}"),
+        }
+    }
+    (started > 0).then_some(send)
 }
