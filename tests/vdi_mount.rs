@@ -202,6 +202,52 @@ fn direct_readers_see_what_buffered_readers_see() {
     assert_compare_equal("vdi", &image, &buffered, &dir);
 }
 
+/// A writer that opened the raw file with `O_DIRECT` has the whole host pages of its large
+/// writes written bypassing the host page cache and the partly covered ones through it (VDI
+/// blocks start mid-page): the image must end up as written, in allocated blocks and new ones.
+#[test]
+fn direct_writers_leave_the_image_as_written() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src, image) = source_with_image("directw", "vdi", "disk.vdi", "24M", &[]);
+    qemu_io(
+        "vdi",
+        &image,
+        &["write -P 0x11 0 5M", "write -P 0x22 9M 2M"],
+    );
+    let mut expected = qemu_raw("vdi", &image, &dir);
+    let payload = Rng::new(11).bytes(12 * MIB as usize);
+    let input = dir.join("payload");
+    std::fs::write(&input, &payload).unwrap();
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    let raw = mount.path("disk.vdi.raw");
+    // 1 MiB writes from 3 MiB on, over allocated and new blocks; then writes of 300,000
+    // bytes (not even sector multiples) from 15,000,000 on.
+    for (bs, seek, count) in [(MIB as usize, 3, 6), (300_000, 50, 20)] {
+        run(Command::new("dd")
+            .arg(format!("if={}", input.display()))
+            .arg(format!("of={}", raw.display()))
+            .args([
+                format!("bs={bs}"),
+                format!("seek={seek}"),
+                format!("count={count}"),
+                "oflag=direct".into(),
+                "conv=notrunc".into(),
+                "status=none".into(),
+            ]));
+        let at = bs * seek;
+        expected[at..at + bs * count].copy_from_slice(&payload[..bs * count]);
+    }
+    assert!(
+        std::fs::read(&raw).unwrap() == expected,
+        "read back through the mount"
+    );
+    mount.unmount();
+    assert_check_clean("vdi", &image);
+    assert_compare_equal("vdi", &image, &expected, &dir);
+}
+
 #[test]
 fn static_vdi_is_written_in_place_and_refuses_resizing() {
     if !can_mount() {

@@ -545,6 +545,12 @@ impl FsCore {
     /// Writes `data` at `offset`; a write reaching past the end of the disk is cut short there,
     /// and one starting at or past the end fails with ENOSPC, as on a block device.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_with(fh, offset, data, false)
+    }
+
+    /// `write`; `direct`: the writer opened the file with `O_DIRECT`, so large writes bypass the
+    /// host page cache as its own direct writes to a file would (`host::bypassing_page_cache`).
+    pub fn write_with(&self, fh: u64, offset: u64, data: &[u8], direct: bool) -> FsResult<u32> {
         let handle = self.handle(fh)?;
         if !handle.image.is_writable() {
             return Err(Errno(libc::EBADF));
@@ -558,9 +564,12 @@ impl FsCore {
             return Err(Errno(libc::ENOSPC));
         }
         let len = (data.len() as u64).min(room) as usize;
-        image
-            .write_at(&data[..len], offset)
-            .map_err(|e| log_error("write", &handle.source, e))?;
+        let data = &data[..len];
+        match direct {
+            true => bypassing_page_cache(|| image.write_at(data, offset)),
+            false => image.write_at(data, offset),
+        }
+        .map_err(|e| log_error("write", &handle.source, e))?;
         u32::try_from(len).map_err(|_| Errno(libc::EINVAL))
     }
 

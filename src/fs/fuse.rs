@@ -199,11 +199,12 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.core.write(fh.0, offset, data) {
+        let direct = flags.0 & libc::O_DIRECT != 0;
+        match self.core.write_with(fh.0, offset, data, direct) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }

@@ -176,7 +176,9 @@ fn exercise_file(
                 };
                 let data = vec![(n % 250) as u8 + 1; len as usize];
                 let room = size.saturating_sub(offset);
-                match core.write(fh, offset, &data) {
+                // Every other one as from an O_DIRECT writer: its whole host pages, if it
+                // covers enough of them, bypass the host page cache.
+                match core.write_with(fh, offset, &data, offset % 2 == 0) {
                     Ok(done) if !writable => {
                         return Err(violation(format!(
                             "a write of {done} bytes through a read-only handle succeeded"

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 
 use activity::WriteActivity;
-pub use direct::{bypassing_page_cache, AlignedBuffer, DIRECT_READ_MIN};
+pub use direct::{bypassing_page_cache, AlignedBuffer};
 
 /// The page size the host page cache works in; a write that covers only part of one makes the
 /// host file system read the rest.
@@ -116,8 +116,8 @@ pub struct HostFile {
     nowait_refused: AtomicBool,
     /// The runs of sequential writes whose write-back this file starts as they grow.
     sequential_writes: writeback::SequentialRuns,
-    /// Reads inside `bypassing_page_cache`.
-    direct_reads: direct::DirectReads,
+    /// Large reads and writes inside `bypassing_page_cache`.
+    direct: direct::DirectIo,
     /// Write-backs started, for tests.
     #[cfg(test)]
     writebacks_started: std::sync::atomic::AtomicU64,
@@ -151,7 +151,7 @@ impl HostFile {
             key,
             nowait_refused: AtomicBool::new(false),
             sequential_writes: writeback::SequentialRuns::default(),
-            direct_reads: direct::DirectReads::default(),
+            direct: direct::DirectIo::new(writable),
             #[cfg(test)]
             writebacks_started: Default::default(),
             #[cfg(test)]
@@ -196,7 +196,7 @@ impl HostFile {
             let read = match cache_only {
                 true => read_cached_at(&self.file, &self.nowait_refused, rest, at),
                 false => match direct {
-                    true => self.direct_reads.read_at(&self.file, self.key, rest, at),
+                    true => self.direct.read_at(&self.file, self.key, rest, at),
                     false => None,
                 }
                 .unwrap_or_else(|| self.file.read_at(rest, at)),
@@ -218,7 +218,16 @@ impl HostFile {
         #[cfg(test)]
         self.before(fault::Request::Write { offset, data: buf })?;
         self.warm_partial_pages(offset, buf.len() as u64);
-        let write = || self.file.write_all_at(buf, offset);
+        let direct = direct::wanted(buf.len())
+            .then(|| {
+                self.direct
+                    .write_range(&self.file, self.key, offset, buf.len())
+            })
+            .flatten();
+        let write = || match &direct {
+            Some(pages) => self.write_around_cache(buf, offset, pages.clone()),
+            None => self.file.write_all_at(buf, offset),
+        };
         let written = match &self.activity {
             Some(activity) => activity.around(write, || {
                 self.file
@@ -233,12 +242,45 @@ impl HostFile {
                 .at_offset(offset)
                 .with_path(&self.path)
         })?;
-        if let Some((start, len)) = self.sequential_writes.record(offset, buf.len() as u64) {
+        // Only the page cache needs its write-back started.
+        let recorded = match direct {
+            None => self.sequential_writes.record(offset, buf.len() as u64),
+            Some(_) => None,
+        };
+        if let Some((start, len)) = recorded {
             #[cfg(test)]
             self.writebacks_started.fetch_add(1, Ordering::Relaxed);
             writeback::start_writeback(&self.file, start, len);
         }
         Ok(())
+    }
+
+    /// Writes `buf` at `offset` with `pages` (whole host pages, `DirectIo::write_range`)
+    /// bypassing the page cache and the partly covered pages at either end through it; all of
+    /// it through the cache where a direct write is refused.
+    fn write_around_cache(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        pages: std::ops::Range<usize>,
+    ) -> std::io::Result<()> {
+        let (Some(head), Some(middle), Some(tail)) = (
+            buf.get(..pages.start),
+            buf.get(pages.clone()),
+            buf.get(pages.end..),
+        ) else {
+            return self.file.write_all_at(buf, offset);
+        };
+        self.file.write_all_at(head, offset)?;
+        let middle_at = offset + pages.start as u64;
+        match self
+            .direct
+            .write_all_at(&self.file, self.key, middle, middle_at)
+        {
+            Some(written) => written?,
+            None => self.file.write_all_at(middle, middle_at)?,
+        }
+        self.file.write_all_at(tail, offset + pages.end as u64)
     }
 
     /// Brings the host pages that a write covers only partly into the page cache first. The
@@ -612,51 +654,6 @@ mod tests {
         );
         assert_eq!(with_holes_as_data(|| f.data_runs(5, 0)), []);
         assert_eq!(f.data_runs(0, 1 << 20), runs);
-    }
-
-    #[test]
-    fn reads_bypassing_the_page_cache_see_every_write_and_every_byte() {
-        let dir = crate::testutil::TempDir::new();
-        let path = dir.path().join("f");
-        // Ends mid-sector, so the last direct read comes up short.
-        let size = (1 << 20) + 4096 * 3 + 100;
-        let mut expected: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
-        std::fs::write(&path, &expected).unwrap();
-        let f = HostFile::open(&path, true).unwrap();
-        // Still dirty in the page cache when read.
-        f.write_all_at(b"fresh", 300_000).unwrap();
-        expected[300_000..300_005].copy_from_slice(b"fresh");
-        let mut buf = AlignedBuffer::default();
-        // Aligned, unaligned offset, unaligned buffer, past the end, too small to bypass.
-        for (offset, len, shift) in [
-            (0, 1 << 20, 0),
-            (512, 600_000, 0),
-            (4096, 500_000, 1),
-            (1 << 20, 200_000, 0),
-            (0, 4096, 0),
-        ] {
-            let part = &mut buf.prepare(len + shift)[shift..];
-            part.fill(0xee);
-            bypassing_page_cache(|| f.read_exact_at(part, offset as u64)).unwrap();
-            let mut want = vec![0u8; len];
-            let known = expected.len().saturating_sub(offset).min(len);
-            want[..known].copy_from_slice(&expected[offset..offset + known]);
-            assert!(
-                part == &want[..],
-                "read of {len} at {offset} (shift {shift})"
-            );
-        }
-        let done = f.direct_reads.done.load(Ordering::Relaxed);
-        match direct::dio_alignment(&f.file) {
-            // The aligned read, the one past the end and, where 512 is aligned enough, the
-            // aligned part of the one at 512; not the one into an unaligned buffer, nor the
-            // 4 KiB one.
-            Some((offset_align, _)) => assert_eq!(done, 2 + u64::from(512 % offset_align == 0)),
-            None => assert_eq!(done, 0),
-        }
-        // Outside the scope, nothing bypasses the cache.
-        f.read_exact_at(buf.prepare(1 << 20), 0).unwrap();
-        assert_eq!(f.direct_reads.done.load(Ordering::Relaxed), done);
     }
 
     #[test]
