@@ -235,8 +235,11 @@ fn write_and_kill(
                 .filter(|(i, _)| i % threads == t)
                 .collect();
             let every = 1 + rng.below(4) as usize;
+            // The second writer opens with O_DIRECT: the whole host pages of its large writes
+            // bypass the host page cache.
+            let direct = t == 1;
             let (raw, durable, syncing) = (raw.clone(), durable.clone(), syncing.clone());
-            std::thread::spawn(move || write_slots(&raw, &mine, every, &durable, &syncing))
+            std::thread::spawn(move || write_slots(&raw, &mine, every, direct, &durable, &syncing))
         })
         .collect();
     drop(syncing);
@@ -297,16 +300,23 @@ fn write_and_kill(
     (durable, growth)
 }
 
-/// One writer: its slots in order, an fsync after every `every` writes, marking them durable
-/// once it returned; stops at the first error (the daemon is gone).
+/// One writer (`direct`: with O_DIRECT): its slots in order, an fsync after every `every`
+/// writes, marking them durable once it returned; stops at the first error (the daemon is gone).
 fn write_slots(
     raw: &Path,
     slots: &[(usize, Slot)],
     every: usize,
+    direct: bool,
     durable: &[AtomicBool],
     syncing: &mpsc::Sender<()>,
 ) {
-    let Ok(file) = std::fs::OpenOptions::new().write(true).open(raw) else {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = if direct { libc::O_DIRECT } else { 0 };
+    let Ok(file) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(flags)
+        .open(raw)
+    else {
         return;
     };
     for chunk in slots.chunks(every) {
