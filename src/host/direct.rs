@@ -72,7 +72,9 @@ impl AlignedBuffer {
             self.start = self.bytes.as_ptr().align_offset(PAGE).min(PAGE);
         }
         let start = self.start;
-        self.bytes.get_mut(start..start + len).unwrap_or_default()
+        self.bytes
+            .get_mut(start..start.saturating_add(len))
+            .unwrap_or_default()
     }
 
     /// The first `len` bytes as last filled (empty if the buffer never grew that far).

@@ -30,7 +30,7 @@ const STREAK: u32 = 2;
 /// reads in flight while the reader takes the current one. With one, a direct reader's disk
 /// waited between reads; through the host page cache, filling it costs the host CPU time (page
 /// allocation) that one thread could not overlap with the copies. Four kept up with the image
-/// file's own reads in both cases (`scripts/bench.sh`, README); two did not for buffered ones.
+/// file's own reads in both cases (`scripts/bench.sh`, README); two gained less in most runs.
 pub(super) const DEPTH: usize = 4;
 
 /// Threads that run fetches, for all handles of a mount: enough for `DEPTH` of one reader in
