@@ -518,11 +518,8 @@ impl FsCore {
         } else {
             let part = buf.prepare(len);
             if !part.is_empty() {
-                match direct {
-                    true => bypassing_page_cache(|| image.read_at(part, offset)),
-                    false => image.read_at(part, offset),
-                }
-                .map_err(|e| log_error("read", &handle.source, e))?;
+                bypassing_page_cache(direct, || image.read_at(part, offset))
+                    .map_err(|e| log_error("read", &handle.source, e))?;
             }
         }
         self.fetcher.follow(
@@ -565,11 +562,8 @@ impl FsCore {
         }
         let len = (data.len() as u64).min(room) as usize;
         let data = &data[..len];
-        match direct {
-            true => bypassing_page_cache(|| image.write_at(data, offset)),
-            false => image.write_at(data, offset),
-        }
-        .map_err(|e| log_error("write", &handle.source, e))?;
+        bypassing_page_cache(direct, || image.write_at(data, offset))
+            .map_err(|e| log_error("write", &handle.source, e))?;
         u32::try_from(len).map_err(|_| Errno(libc::EINVAL))
     }
 

@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// Requests shorter than this keep going through the page cache even for a direct client:
 /// random 4 KiB readers gain more from the host's cache than a page allocation costs them.
@@ -37,10 +37,13 @@ thread_local! {
     static WRITE_BUFFER: RefCell<AlignedBuffer> = RefCell::new(AlignedBuffer::default());
 }
 
-/// Runs `f` with this thread's host reads and writes of `DIRECT_MIN` or more bypassing the
-/// host page cache where the file system allows it (nothing else changes: small requests,
-/// syncs, requests on other threads).
-pub fn bypassing_page_cache<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `f`, if `bypass` with this thread's host reads and writes of `DIRECT_MIN` or more
+/// bypassing the host page cache where the file system allows it (nothing else changes: small
+/// requests, syncs, requests on other threads).
+pub fn bypassing_page_cache<T>(bypass: bool, f: impl FnOnce() -> T) -> T {
+    if !bypass {
+        return f();
+    }
     let before = BYPASS.replace(true);
     let result = f();
     BYPASS.set(before);
@@ -94,8 +97,12 @@ struct DirectFile {
 }
 
 /// The direct side of one host file, opened on first use (for writing if the file is).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct DirectIo {
+    /// The host file's own descriptor, which the direct one is opened through.
+    cached: Arc<File>,
+    /// Its device and inode.
+    key: (u64, u64),
     writable: bool,
     file: OnceLock<Option<DirectFile>>,
     /// A direct request failed with EINVAL (the alignment reported was not the one enforced):
@@ -109,39 +116,56 @@ pub(super) struct DirectIo {
 }
 
 impl DirectIo {
-    pub(super) fn new(writable: bool) -> Self {
+    pub(super) fn new(cached: Arc<File>, key: (u64, u64), writable: bool) -> Self {
         DirectIo {
+            cached,
+            key,
             writable,
-            ..Default::default()
+            file: OnceLock::new(),
+            refused: AtomicBool::new(false),
+            #[cfg(test)]
+            reads: Default::default(),
+            #[cfg(test)]
+            writes: Default::default(),
         }
     }
 
-    fn file(&self, cached: &File, key: (u64, u64)) -> Option<&DirectFile> {
+    fn file(&self) -> Option<&DirectFile> {
         if self.refused.load(Ordering::Relaxed) {
             return None;
         }
         self.file
-            .get_or_init(|| open_direct(cached, key, self.writable))
+            .get_or_init(|| open_direct(&self.cached, self.key, self.writable))
             .as_ref()
     }
 
-    /// Notes an EINVAL (then the caller goes through the cache, and so do later requests).
-    fn refuse(&self, e: &std::io::Error) {
-        log::debug!("direct I/O refused ({e}); going through the page cache");
-        self.refused.store(true, Ordering::Relaxed);
+    /// What a direct request's `result` means for the caller: `None` for an EINVAL (the
+    /// caller then goes through the cache, and so do later requests), else the result, counted
+    /// in `done` (for tests).
+    fn outcome<T>(
+        &self,
+        result: std::io::Result<T>,
+        #[cfg(test)] done: &std::sync::atomic::AtomicU64,
+    ) -> Option<std::io::Result<T>> {
+        match result {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                log::debug!("direct I/O refused ({e}); going through the page cache");
+                self.refused.store(true, Ordering::Relaxed);
+                None
+            }
+            result => {
+                #[cfg(test)]
+                done.fetch_add(1, Ordering::Relaxed);
+                Some(result)
+            }
+        }
     }
 
     /// Reads a prefix of `buf` from `offset` bypassing the page cache, if the file system
     /// allows direct I/O and the alignment is met: `None` when the caller must read through
     /// the cache instead (then nothing was read).
-    pub(super) fn read_at(
-        &self,
-        cached: &File,
-        key: (u64, u64),
-        buf: &mut [u8],
-        offset: u64,
-    ) -> Option<std::io::Result<usize>> {
-        let direct = self.file(cached, key)?;
+    pub(super) fn read_at(&self, buf: &mut [u8], offset: u64) -> Option<std::io::Result<usize>> {
+        let direct = self.file()?;
         let len = (buf.len() as u64 / direct.offset_align * direct.offset_align) as usize;
         let aligned = len > 0
             && offset % direct.offset_align == 0
@@ -149,32 +173,21 @@ impl DirectIo {
         if !aligned {
             return None;
         }
-        match direct.file.read_at(buf.get_mut(..len)?, offset) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                self.refuse(&e);
-                None
-            }
-            read => {
-                #[cfg(test)]
-                self.reads.fetch_add(1, Ordering::Relaxed);
-                Some(read)
-            }
-        }
+        let read = direct.file.read_at(buf.get_mut(..len)?, offset);
+        self.outcome(
+            read,
+            #[cfg(test)]
+            &self.reads,
+        )
     }
 
     /// The whole host pages inside `[offset, offset + len)`, as the range of `0..len` that
     /// covers them, if the file system allows direct writes there and they are worth one.
-    pub(super) fn write_range(
-        &self,
-        cached: &File,
-        key: (u64, u64),
-        offset: u64,
-        len: usize,
-    ) -> Option<std::ops::Range<usize>> {
+    pub(super) fn write_range(&self, offset: u64, len: usize) -> Option<std::ops::Range<usize>> {
         if !self.writable {
             return None;
         }
-        let direct = self.file(cached, key)?;
+        let direct = self.file()?;
         let align = direct.offset_align.max(PAGE as u64);
         let end = offset.checked_add(len as u64)?;
         let first = offset.checked_next_multiple_of(align)?;
@@ -186,14 +199,8 @@ impl DirectIo {
     /// Writes `data`, a `write_range` of the request, at `offset` bypassing the page cache;
     /// `None` when it could not (the caller then writes it through the cache; part of it may
     /// have been written either way).
-    pub(super) fn write_all_at(
-        &self,
-        cached: &File,
-        key: (u64, u64),
-        data: &[u8],
-        offset: u64,
-    ) -> Option<std::io::Result<()>> {
-        let direct = self.file(cached, key)?;
+    pub(super) fn write_all_at(&self, data: &[u8], offset: u64) -> Option<std::io::Result<()>> {
+        let direct = self.file()?;
         let written = if (data.as_ptr() as usize) % direct.mem_align == 0 {
             direct.file.write_all_at(data, offset)
         } else {
@@ -203,17 +210,11 @@ impl DirectIo {
                 direct.file.write_all_at(copy, offset)
             })
         };
-        match written {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                self.refuse(&e);
-                None
-            }
-            written => {
-                #[cfg(test)]
-                self.writes.fetch_add(1, Ordering::Relaxed);
-                Some(written)
-            }
-        }
+        self.outcome(
+            written,
+            #[cfg(test)]
+            &self.writes,
+        )
     }
 }
 
@@ -294,7 +295,7 @@ mod tests {
         ] {
             let part = &mut buf.prepare(len + shift)[shift..];
             part.fill(0xee);
-            bypassing_page_cache(|| f.read_exact_at(part, offset as u64)).unwrap();
+            bypassing_page_cache(true, || f.read_exact_at(part, offset as u64)).unwrap();
             let mut want = vec![0u8; len];
             let known = expected.len().saturating_sub(offset).min(len);
             want[..known].copy_from_slice(&expected[offset..offset + known]);
@@ -324,11 +325,7 @@ mod tests {
         std::fs::write(&path, &expected).unwrap();
         let f = HostFile::open(&path, true).unwrap();
         let write = |expected: &mut Vec<u8>, data: &[u8], offset: usize, direct: bool| {
-            match direct {
-                true => bypassing_page_cache(|| f.write_all_at(data, offset as u64)),
-                false => f.write_all_at(data, offset as u64),
-            }
-            .unwrap();
+            bypassing_page_cache(direct, || f.write_all_at(data, offset as u64)).unwrap();
             let end = offset + data.len();
             expected.resize(expected.len().max(end), 0);
             expected[offset..end].copy_from_slice(data);
@@ -361,7 +358,7 @@ mod tests {
         }
         // A read-only file never writes, directly or not.
         let ro = HostFile::open(&path, false).unwrap();
-        assert!(bypassing_page_cache(|| ro.write_all_at(&data, 0)).is_err());
+        assert!(bypassing_page_cache(true, || ro.write_all_at(&data, 0)).is_err());
         assert_eq!(ro.direct.writes.load(Ordering::Relaxed), 0);
     }
 }

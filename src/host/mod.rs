@@ -142,8 +142,10 @@ impl HostFile {
             (meta.dev(), meta.ino())
         };
         let activity = writable.then(|| activity::activity_of(key));
+        let file = Arc::new(file);
         Ok(HostFile {
-            file: Arc::new(file),
+            direct: direct::DirectIo::new(Arc::clone(&file), key, writable),
+            file,
             path: path.to_path_buf(),
             writable,
             locked: std::sync::Mutex::new(Vec::new()),
@@ -151,7 +153,6 @@ impl HostFile {
             key,
             nowait_refused: AtomicBool::new(false),
             sequential_writes: writeback::SequentialRuns::default(),
-            direct: direct::DirectIo::new(writable),
             #[cfg(test)]
             writebacks_started: Default::default(),
             #[cfg(test)]
@@ -196,7 +197,7 @@ impl HostFile {
             let read = match cache_only {
                 true => read_cached_at(&self.file, &self.nowait_refused, rest, at),
                 false => match direct {
-                    true => self.direct.read_at(&self.file, self.key, rest, at),
+                    true => self.direct.read_at(rest, at),
                     false => None,
                 }
                 .unwrap_or_else(|| self.file.read_at(rest, at)),
@@ -219,10 +220,7 @@ impl HostFile {
         self.before(fault::Request::Write { offset, data: buf })?;
         self.warm_partial_pages(offset, buf.len() as u64);
         let direct = direct::wanted(buf.len())
-            .then(|| {
-                self.direct
-                    .write_range(&self.file, self.key, offset, buf.len())
-            })
+            .then(|| self.direct.write_range(offset, buf.len()))
             .flatten();
         let write = || match &direct {
             Some(pages) => self.write_around_cache(buf, offset, pages.clone()),
@@ -273,10 +271,7 @@ impl HostFile {
         };
         self.file.write_all_at(head, offset)?;
         let middle_at = offset + pages.start as u64;
-        match self
-            .direct
-            .write_all_at(&self.file, self.key, middle, middle_at)
-        {
+        match self.direct.write_all_at(middle, middle_at) {
             Some(written) => written?,
             None => self.file.write_all_at(middle, middle_at)?,
         }

@@ -83,11 +83,9 @@ impl Fetch {
             FetchState::Waiting(buf) => buf,
             _ => return,
         };
-        let read = |buf: &mut AlignedBuffer| self.image.read_at(buf.prepare(self.len), self.offset);
-        let read = match self.direct {
-            true => bypassing_page_cache(|| read(&mut buf)),
-            false => read(&mut buf),
-        };
+        let read = bypassing_page_cache(self.direct, || {
+            self.image.read_at(buf.prepare(self.len), self.offset)
+        });
         if read.is_ok() {
             *lock(&self.state) = FetchState::Ready(buf);
         }
