@@ -513,9 +513,9 @@ impl FsCore {
         let generation = || handle.image.served().generation();
         let disk_size = image.size();
         let len = disk_size.saturating_sub(offset).min(u64::from(size)) as usize;
-        if handle.stream.take(offset, len, generation, buf) {
-            self.fetcher.count_hit();
-        } else {
+        let taken = handle.stream.take(offset, len, generation, buf);
+        self.fetcher.count(&taken);
+        if taken != readahead::Taken::Hit {
             let part = buf.prepare(len);
             if !part.is_empty() {
                 bypassing_page_cache(direct, || image.read_at(part, offset))
@@ -537,6 +537,11 @@ impl FsCore {
     /// Reads answered from read-ahead so far.
     pub fn read_ahead_hits(&self) -> u64 {
         self.fetcher.hits()
+    }
+
+    /// Reads that found their read-ahead planned but not started, and read for themselves.
+    pub fn read_ahead_unstarted(&self) -> u64 {
+        self.fetcher.unstarted()
     }
 
     /// Writes `data` at `offset`; a write reaching past the end of the disk is cut short there,

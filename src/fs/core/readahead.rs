@@ -96,20 +96,45 @@ impl Fetch {
         self.done.notify_all();
     }
 
-    /// Waits until the fetch ran; its data, if it has any.
-    fn wait(&self) -> Option<AlignedBuffer> {
+    /// Its data, once it ran; a fetch that has not started yet is called off instead, and its
+    /// buffer returned: its threads are busy with other fetches (maybe of other images, maybe
+    /// a host read that hangs), and the reader can read as fast as they would.
+    fn claim(&self) -> Claimed {
         let mut state = lock(&self.state);
-        while let FetchState::Waiting(_) | FetchState::Running = *state {
+        if let FetchState::Waiting(_) = *state {
+            if let FetchState::Waiting(buf) = std::mem::replace(&mut *state, FetchState::Failed) {
+                return Claimed::Unstarted(buf);
+            }
+        }
+        while let FetchState::Running = *state {
             state = self
                 .done
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
         match std::mem::replace(&mut *state, FetchState::Failed) {
-            FetchState::Ready(data) => Some(data),
-            _ => None,
+            FetchState::Ready(data) => Claimed::Data(data),
+            _ => Claimed::Nothing,
         }
     }
+}
+
+/// What a reader finds of a fetch it asks for.
+enum Claimed {
+    Data(AlignedBuffer),
+    Unstarted(AlignedBuffer),
+    Nothing,
+}
+
+/// Whether a read was answered from read-ahead.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Its data was read ahead, and is in the reader's buffer.
+    Hit,
+    /// It was planned but not started yet: the reader reads for itself.
+    Unstarted,
+    /// Nothing read ahead for it, or stale, or the fetch failed.
+    Miss,
 }
 
 /// What one open handle reads next, and the ranges read ahead for it.
@@ -133,15 +158,15 @@ struct StreamState {
 impl Stream {
     /// Puts the data read ahead for exactly `[offset, offset + len)` into `buf` (swapping
     /// buffers, not copying), if it is there and the image is still at the `generation` it was
-    /// read at (asked only then: most reads find nothing read ahead). Waits for
-    /// a fetch still running: it is as far along as a read started now would be.
+    /// read at (asked only then: most reads find nothing read ahead). Waits for a fetch still
+    /// running: it is as far along as a read started now would be.
     pub fn take(
         &self,
         offset: u64,
         len: usize,
         generation: impl FnOnce() -> u64,
         buf: &mut AlignedBuffer,
-    ) -> bool {
+    ) -> Taken {
         let fetch = {
             let mut state = lock(&self.state);
             match state.pending.front() {
@@ -154,19 +179,23 @@ impl Stream {
                 }
             }
         };
-        let Some(fetch) = fetch else { return false };
-        let Some(mut data) = fetch.wait() else {
-            return false;
+        let Some(fetch) = fetch else {
+            return Taken::Miss;
         };
-        let fresh = fetch.generation == generation();
-        if fresh {
-            std::mem::swap(buf, &mut data);
-        }
+        let (taken, data) = match fetch.claim() {
+            Claimed::Data(mut data) if fetch.generation == generation() => {
+                std::mem::swap(buf, &mut data);
+                (Taken::Hit, data)
+            }
+            Claimed::Data(data) => (Taken::Miss, data),
+            Claimed::Unstarted(data) => (Taken::Unstarted, data),
+            Claimed::Nothing => return Taken::Miss,
+        };
         let mut state = lock(&self.state);
         if state.spare.len() < DEPTH {
             state.spare.push(data);
         }
-        fresh
+        taken
     }
 
     /// Notes a read of `[offset, offset + len)` of a disk of `size` bytes; when it followed the
@@ -229,6 +258,7 @@ impl Stream {
 pub struct Fetcher {
     jobs: Mutex<Option<Sender<Arc<Fetch>>>>,
     hits: AtomicU64,
+    unstarted: AtomicU64,
 }
 
 impl Fetcher {
@@ -261,13 +291,24 @@ impl Fetcher {
         }
     }
 
-    pub fn count_hit(&self) {
-        self.hits.fetch_add(1, Ordering::Relaxed);
+    /// Counts what `Stream::take` found.
+    pub fn count(&self, taken: &Taken) {
+        let counter = match taken {
+            Taken::Hit => &self.hits,
+            Taken::Unstarted => &self.unstarted,
+            Taken::Miss => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Reads answered from read-ahead so far.
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Reads whose fetch had not started when they came, so they read for themselves.
+    pub fn unstarted(&self) -> u64 {
+        self.unstarted.load(Ordering::Relaxed)
     }
 }
 
@@ -296,4 +337,75 @@ fn start_fetch_threads() -> Option<Sender<Arc<Fetch>>> {
         }
     }
     (started > 0).then_some(send)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::MemImage;
+
+    const CHUNK: usize = 64 << 10;
+
+    /// A stream that has followed two sequential reads of `CHUNK` over a 1 MiB image filled
+    /// with a pattern, and the fetches it planned (not run: no fetch threads here).
+    fn sequential_stream() -> (Stream, Arc<dyn Image>, Vec<Arc<Fetch>>) {
+        let image: Arc<dyn Image> = Arc::new(MemImage::new(1 << 20, None));
+        let pattern: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
+        image.write_at(&pattern, 0).unwrap();
+        let stream = Stream::default();
+        let size = image.size();
+        let mut planned = Vec::new();
+        for offset in [0, CHUNK as u64] {
+            planned = stream.follow(offset, CHUNK, size, false, || 7, || Arc::clone(&image));
+        }
+        (stream, image, planned)
+    }
+
+    #[test]
+    fn a_read_takes_the_range_read_ahead_for_it() {
+        let (stream, image, planned) = sequential_stream();
+        assert_eq!(planned.len(), DEPTH);
+        assert_eq!(planned[0].offset, 2 * CHUNK as u64);
+        planned[0].run();
+        let mut buf = AlignedBuffer::default();
+        assert_eq!(
+            stream.take(2 * CHUNK as u64, CHUNK, || 7, &mut buf),
+            Taken::Hit
+        );
+        let mut expected = vec![0; CHUNK];
+        image.read_at(&mut expected, 2 * CHUNK as u64).unwrap();
+        assert!(buf.filled(CHUNK) == &expected[..]);
+    }
+
+    #[test]
+    fn data_read_under_an_older_generation_is_not_used() {
+        let (stream, _image, planned) = sequential_stream();
+        planned[0].run();
+        let mut buf = AlignedBuffer::default();
+        assert_eq!(
+            stream.take(2 * CHUNK as u64, CHUNK, || 8, &mut buf),
+            Taken::Miss
+        );
+    }
+
+    #[test]
+    fn a_read_does_not_wait_for_a_fetch_that_has_not_started() {
+        let (stream, _image, planned) = sequential_stream();
+        // The fetch threads could be busy elsewhere for as long as they like: the reader must
+        // not wait for them. Bounded, so that a regression fails instead of hanging.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = AlignedBuffer::default();
+            let taken = stream.take(2 * CHUNK as u64, CHUNK, || 7, &mut buf);
+            let _ = done.send((taken, lock(&stream.state).spare.len()));
+        });
+        let (taken, spare) = finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the read waited for a fetch nobody ran");
+        assert_eq!(taken, Taken::Unstarted);
+        // Its buffer is kept for the next fetch, and the fetch, called off, does nothing.
+        assert_eq!(spare, 1);
+        planned[0].run();
+        assert!(matches!(*lock(&planned[0].state), FetchState::Failed));
+    }
 }
