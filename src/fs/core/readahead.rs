@@ -131,7 +131,7 @@ enum Claimed {
 pub enum Taken {
     /// Its data was read ahead, and is in the reader's buffer.
     Hit,
-    /// It was planned but not started yet: the reader reads for itself.
+    /// It was planned, is not stale, but was not started yet: the reader reads for itself.
     Unstarted,
     /// Nothing read ahead for it, or stale, or the fetch failed.
     Miss,
@@ -182,13 +182,15 @@ impl Stream {
         let Some(fetch) = fetch else {
             return Taken::Miss;
         };
-        let (taken, data) = match fetch.claim() {
-            Claimed::Data(mut data) if fetch.generation == generation() => {
+        let claimed = fetch.claim();
+        let fresh = !matches!(claimed, Claimed::Nothing) && fetch.generation == generation();
+        let (taken, data) = match claimed {
+            Claimed::Data(mut data) if fresh => {
                 std::mem::swap(buf, &mut data);
                 (Taken::Hit, data)
             }
-            Claimed::Data(data) => (Taken::Miss, data),
-            Claimed::Unstarted(data) => (Taken::Unstarted, data),
+            Claimed::Unstarted(data) if fresh => (Taken::Unstarted, data),
+            Claimed::Data(data) | Claimed::Unstarted(data) => (Taken::Miss, data),
             Claimed::Nothing => return Taken::Miss,
         };
         let mut state = lock(&self.state);
