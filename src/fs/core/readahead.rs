@@ -3,7 +3,8 @@
 //! waited while imgfs copied its bytes out of the host page cache, then again while the reply
 //! was copied to the reader. Once a read starts where the one before it ended, the next ranges
 //! of the same size (`DEPTH` of them) are read on read-ahead threads while the reader takes the
-//! current one, and the read that asks for exactly such a range gets its buffer without a copy.
+//! current one, and the read that asks for exactly such a range gets its buffer without a copy
+//! (or, if no thread has started on it yet, reads it for itself rather than wait).
 //!
 //! Read-ahead data is used only if nothing changed the image since the read-ahead began: every
 //! write, discard, resize or retirement of a served instance moves its generation on
@@ -101,10 +102,9 @@ impl Fetch {
     /// a host read that hangs), and the reader can read as fast as they would.
     fn claim(&self) -> Claimed {
         let mut state = lock(&self.state);
-        if let FetchState::Waiting(_) = *state {
-            if let FetchState::Waiting(buf) = std::mem::replace(&mut *state, FetchState::Failed) {
-                return Claimed::Unstarted(buf);
-            }
+        match std::mem::replace(&mut *state, FetchState::Failed) {
+            FetchState::Waiting(buf) => return Claimed::Unstarted(buf),
+            other => *state = other,
         }
         while let FetchState::Running = *state {
             state = self
