@@ -138,6 +138,39 @@ impl Qcow2Image {
         }
     }
 
+    /// `count` new consecutive clusters, their refcounts set to 1; returns the first one's
+    /// byte offset. Clusters taken on the way that do not start a long enough run are queued
+    /// to be freed by the next flush. `count` must be below the clusters one refcount block
+    /// covers, or no fresh run exists.
+    pub(super) fn alloc_cluster_run(&self, alloc: &mut AllocState, count: u64) -> Result<u64> {
+        let bits = self.cluster_bits();
+        let file_clusters = self.shared.file.len()?.div_ceil(1 << bits);
+        let per_block = 1u64 << alloc.refcounts.block_bits();
+        // Every free cluster inside the file, then at most one refcount block per range past
+        // its end, can cut a run short once.
+        let mut budget = file_clusters
+            .saturating_add(count.saturating_add(per_block).saturating_mul(4))
+            .saturating_add(64);
+        let (mut first, mut len) = (0u64, 0u64);
+        while len < count {
+            if budget == 0 {
+                alloc.defer_free(first << bits, len << bits, Referrer::Metadata);
+                return Err(Error::unsupported(format!(
+                    "no run of {count} free clusters found for a table"
+                )));
+            }
+            budget -= 1;
+            let cluster = self.alloc_cluster(alloc)? >> bits;
+            if len > 0 && first + len == cluster {
+                len += 1;
+            } else {
+                alloc.defer_free(first << bits, len << bits, Referrer::Metadata);
+                (first, len) = (cluster, 1);
+            }
+        }
+        Ok(first << bits)
+    }
+
     /// The byte offset of host cluster `cluster`, refused where an L2 entry cannot hold it.
     fn cluster_offset(&self, cluster: u64) -> Result<u64> {
         cluster
@@ -357,7 +390,7 @@ impl Qcow2Image {
                             .iter()
                             .flat_map(|e| e.to_be_bytes())
                             .collect();
-                        (self.l1_table_offset + r.start as u64, bytes)
+                        (self.l1_offset() + r.start as u64, bytes)
                     })
                     .collect()
             };

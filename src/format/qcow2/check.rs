@@ -108,7 +108,7 @@ impl Qcow2Image {
         let mut done = 0u64;
 
         counts.add(0, cluster_size)?;
-        counts.add(self.l1_table_offset, l1.len() as u64 * 8)?;
+        counts.add(self.l1_offset(), l1.len() as u64 * 8)?;
         let mut stats = Stats::default();
         let mut copied_errors = Vec::new();
         self.count_l1(&mut counts, &l1, &mut |seen| {

@@ -143,12 +143,7 @@ impl Qcow2Image {
         let mut guard = MetadataGuard::default();
         guard.add_bytes(0, cluster_size, bits, "the header");
         let l1 = self.l1.read().unwrap_or_else(|p| p.into_inner()).clone();
-        guard.add_bytes(
-            self.l1_table_offset,
-            l1.len() as u64 * 8,
-            bits,
-            "the L1 table",
-        );
+        guard.add_bytes(self.l1_offset(), l1.len() as u64 * 8, bits, "the L1 table");
         let (table_offset, table_clusters) = alloc.refcounts.table_location();
         guard.add_bytes(
             table_offset,

@@ -187,7 +187,8 @@ struct OpenParts {
 pub struct Qcow2Image {
     shared: Arc<Shared>,
     l1: RwLock<Vec<u64>>,
-    l1_table_offset: u64,
+    /// Where the L1 table is; moves when a resize needs a larger one (resize.rs).
+    l1_table_offset: AtomicU64,
     /// The virtual size; grows with `resize` (resize.rs).
     size: AtomicU64,
     /// The snapshot this view shows, `None` for the active disk.
@@ -322,7 +323,7 @@ impl Qcow2Image {
         };
         Ok(Qcow2Image {
             l1: RwLock::new(l1),
-            l1_table_offset: shared.header.l1_table_offset,
+            l1_table_offset: AtomicU64::new(shared.header.l1_table_offset),
             size: AtomicU64::new(shared.header.size),
             snapshot: None,
             read_only_reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
@@ -333,6 +334,11 @@ impl Qcow2Image {
     /// The virtual size now (it grows with `resize`).
     fn virtual_size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
+    }
+
+    /// Where the active L1 table is now (a resize may move it).
+    fn l1_offset(&self) -> u64 {
+        self.l1_table_offset.load(Ordering::Acquire)
     }
 
     pub fn header(&self) -> &Qcow2Header {
@@ -385,9 +391,7 @@ impl Qcow2Image {
         if offset == 0 {
             return Ok(None);
         }
-        let entry_at = self
-            .l1_table_offset
-            .saturating_add(l1_index.saturating_mul(8));
+        let entry_at = self.l1_offset().saturating_add(l1_index.saturating_mul(8));
         if offset % self.shared.geometry.cluster_size() != 0 {
             return Err(Error::corrupt(format!(
                 "L1 entry {l1_index} points to an L2 table at {offset:#x}, not cluster aligned"

@@ -86,7 +86,7 @@ impl Qcow2Image {
         let mut counts = Counts::new(shared.geometry.cluster_bits, file_clusters, false);
         counts.add(0, cluster_size)?;
         let l1 = self.l1.read().map(|l1| l1.clone()).unwrap_or_default();
-        counts.add(self.l1_table_offset, l1.len() as u64 * 8)?;
+        counts.add(self.l1_offset(), l1.len() as u64 * 8)?;
         self.count_l1(&mut counts, &l1, &mut |_| {})?;
         for snapshot in &shared.snapshots {
             let l1 = read_l1(file, snapshot.l1_table_offset, snapshot.l1_size)?;

@@ -223,7 +223,7 @@ impl Qcow2Image {
         Ok(Qcow2Image {
             shared: Arc::clone(shared),
             l1: RwLock::new(l1),
-            l1_table_offset: snapshot.l1_table_offset,
+            l1_table_offset: AtomicU64::new(snapshot.l1_table_offset),
             size: AtomicU64::new(snapshot.disk_size),
             snapshot: Some(index),
             read_only_reason: Some(reasons.join("; ")),

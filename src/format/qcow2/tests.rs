@@ -608,4 +608,5 @@ mod discard;
 mod faults;
 mod hostile;
 mod races;
+mod resize;
 mod write;

@@ -198,7 +198,7 @@ impl Qcow2Image {
         let l1_bytes = u64::from(h.l1_size) * 8;
         let (table, clusters) = self.refcount_table_location();
         if host < cluster_size
-            || overlaps(self.l1_table_offset, l1_bytes)
+            || overlaps(self.l1_offset(), l1_bytes)
             || overlaps(table, clusters * cluster_size)
             || !self.inside_file(host)?
         {

@@ -1,6 +1,6 @@
 //! Discard through `Qcow2Image`: whole clusters become unallocated (or zero over a backing
 //! file), partial ones zeros; refcounts drop and the file's space is given back; snapshots
-//! keep their data. Growing the image (resize.rs) inside its L1 table, and refusing the rest.
+//! keep their data.
 
 use super::*;
 use crate::testutil::discard::{allocated, exercise_discard, qemu_create, DiscardCase};
@@ -138,82 +138,4 @@ fn discard_of_a_snapshot_view_is_refused() {
         view.discard(0, 4096).unwrap_err().kind(),
         ErrorKind::ReadOnly
     );
-}
-
-#[test]
-fn resize_grows_inside_the_l1_table_and_refuses_the_rest() {
-    let dir = TempDir::new();
-    let path = dir.path().join("r.qcow2");
-    if qemu_create("qcow2", "", &path, 16 * MIB).is_none() {
-        return;
-    }
-    qemu_io(&path, &["write -P 0x44 15M 1M"]).unwrap();
-    let img = open_rw(&path, None).unwrap();
-    assert_eq!(
-        img.resize(8 * MIB).unwrap_err().kind(),
-        ErrorKind::Unsupported,
-        "shrinking"
-    );
-    assert_eq!(
-        img.resize(MIB * 20 + 1).unwrap_err().kind(),
-        ErrorKind::OutOfRange
-    );
-    img.resize(3 << 30).unwrap();
-    assert_eq!(img.size(), 3 << 30);
-    let mut buf = vec![0u8; 2 * MIB as usize];
-    img.read_at(&mut buf, 15 * MIB).unwrap();
-    assert!(buf[..MIB as usize].iter().all(|&b| b == 0x44));
-    assert!(buf[MIB as usize..].iter().all(|&b| b == 0));
-    img.write_at(&[0x55; 4096], (3 << 30) - 4096).unwrap();
-    img.flush().unwrap();
-    drop(img);
-    let img = open_rw(&path, None).unwrap();
-    assert_eq!(img.size(), 3 << 30);
-    drop(img);
-    assert_qemu_check_clean("qcow2", &path);
-    qemu_io(
-        &path,
-        &[
-            "read -P 0x55 3145724k 4k",
-            "read -P 0 16M 1M",
-            "read -P 0x44 15M 1M",
-        ],
-    )
-    .unwrap();
-
-    // 512-byte clusters: one L1 cluster maps 2 MiB.
-    let small = dir.path().join("s.qcow2");
-    qemu_create("qcow2", "cluster_size=512", &small, MIB).unwrap();
-    let img = open_rw(&small, None).unwrap();
-    img.resize(2 * MIB).unwrap();
-    assert_eq!(
-        img.resize(4 * MIB).unwrap_err().kind(),
-        ErrorKind::Unsupported
-    );
-    drop(img);
-    assert_qemu_check_clean("qcow2", &small);
-}
-
-#[test]
-fn every_host_fault_during_a_resize_leaves_the_old_or_the_new_image() {
-    use crate::testutil::resize::{Oracle, ResizeWalk};
-    let dir = TempDir::in_memory();
-    // 4 KiB clusters: an L2 table covers 2 MiB, so growing from 16 to 64 MiB takes 24 new L1
-    // entries in the table's cluster.
-    let path = dir.path().join("f.qcow2");
-    if qemu_create("qcow2", "cluster_size=4096", &path, 16 * MIB).is_none() {
-        return;
-    }
-    qemu_io(&path, &["write -P 0x44 15M 1M"]).unwrap();
-    let open =
-        |p: &Path| -> std::sync::Arc<dyn Image> { std::sync::Arc::new(open_rw(p, None).unwrap()) };
-    ResizeWalk {
-        format: "qcow2",
-        path,
-        parents: Vec::new(),
-        open: &open,
-        new_size: 64 * MIB,
-        oracle: Oracle::Check,
-    }
-    .all();
 }
