@@ -5,10 +5,11 @@
 //! closed after a while, so idle images hold no descriptor and no lock.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::roles::ImagesAbove;
 use super::served::{BackingUse, ImageHandle, Served};
 use super::{lock, Catalog, ImageFile};
 use crate::error::{Error, ErrorKind, Result};
@@ -48,8 +49,8 @@ fn stale(image: &ImageFile) -> Error {
 }
 
 /// Why an image is read-only while `above` (relative to the root) stands on it.
-fn backing_reason(above: &Path) -> String {
-    format!("it is the backing file of {}", above.display())
+fn backing_reason(above: impl std::fmt::Display) -> String {
+    format!("it is the backing file of {above}")
 }
 
 impl Catalog {
@@ -80,25 +81,29 @@ impl Catalog {
         self.reason_from(image, live, above)
     }
 
-    /// `image`'s open instance, its overlay view, and the image above it, under one lock.
+    /// `image`'s open instance, its overlay view, and the images above it, under one lock.
     fn standing(
         &self,
         image: &ImageFile,
-    ) -> (Option<Arc<Served>>, Option<Arc<Served>>, Option<PathBuf>) {
+    ) -> (
+        Option<Arc<Served>>,
+        Option<Arc<Served>>,
+        Option<ImagesAbove>,
+    ) {
         let state = self.state();
         (
             state.live.get(&image.id).cloned(),
             state.overlays.get(&image.id).cloned(),
-            state.roles.image_above(image.id).map(Path::to_path_buf),
+            state.roles.images_above(image.id),
         )
     }
 
-    /// Why `image` is read-only, given its open instance and the image above it.
+    /// Why `image` is read-only, given its open instance and the images above it.
     fn reason_from(
         &self,
         image: &ImageFile,
         live: Option<Arc<Served>>,
-        above: Option<PathBuf>,
+        above: Option<ImagesAbove>,
     ) -> Option<String> {
         if image.has_ended() {
             return Some("the image file changed or went away".to_string());
@@ -107,7 +112,7 @@ impl Catalog {
             // Everything is written into overlays: the original's role and state do not matter.
             return None;
         }
-        if let Some(role) = self.role_reason(above.as_deref()) {
+        if let Some(role) = self.role_reason(above) {
             return Some(role);
         }
         if let Some(reason) = &image.summary.inherent_read_only {
@@ -131,7 +136,7 @@ impl Catalog {
     }
 
     /// Why an image with `above` over it (if any) is served read-only whatever its state.
-    fn role_reason(&self, above: Option<&Path>) -> Option<String> {
+    fn role_reason(&self, above: Option<ImagesAbove>) -> Option<String> {
         match self.read_only {
             true => Some("served read-only by request".to_string()),
             false => above.map(backing_reason),
@@ -184,7 +189,7 @@ impl Catalog {
         state.live.insert(image.id, Arc::clone(&served));
         if write {
             // An image above it may have appeared while it was being opened.
-            if let Some(above) = state.roles.image_above(image.id) {
+            if let Some(above) = state.roles.images_above(image.id) {
                 return Err(Error::read_only(backing_reason(above)).with_path(&image.source));
             }
             if let Some(reason) = served.read_only_reason() {
@@ -198,7 +203,7 @@ impl Catalog {
     /// reason it is read-only, if it is), or must wait. The caller holds the opening lock.
     fn plan_open(&self, image: &ImageFile, write: bool) -> Result<Plan> {
         let mut state = self.state();
-        let role = self.role_reason(state.roles.image_above(image.id));
+        let role = self.role_reason(state.roles.images_above(image.id));
         if let (true, Some(reason)) = (write, &role) {
             return Err(Error::read_only(reason.clone()).with_path(&image.source));
         }
@@ -451,7 +456,7 @@ impl Links for ServingLinks<'_> {
                     )));
                 }
                 live.flush().map_err(|e| e.with_path(path))?;
-                live.freeze(backing_reason(above));
+                live.freeze(backing_reason(above.display()));
                 log::info!(
                     "{} is a backing file: served read-only from now on",
                     path.display()

@@ -4,7 +4,7 @@
 //! open instances, so what the catalog holds open never changes a file's role.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::record::{FileId, ImageFile};
 
@@ -37,13 +37,33 @@ impl Roles {
         }
     }
 
-    /// An image (relative path) whose chain holds file `id`, if any: then `id` is a backing
-    /// file and must not be written.
-    pub fn image_above(&self, id: FileId) -> Option<&Path> {
-        self.above
-            .get(&id)
-            .and_then(|users| users.first())
-            .map(|(_, rel)| rel.as_path())
+    /// The images (relative paths) whose chains hold file `id`, if any: then `id` is a
+    /// backing file and must not be written.
+    pub fn images_above(&self, id: FileId) -> Option<ImagesAbove> {
+        let users = self.above.get(&id)?;
+        let (_, first) = users.first()?;
+        Some(ImagesAbove {
+            first: first.clone(),
+            others: users.len() - 1,
+        })
+    }
+}
+
+/// The images above a backing file: the first recorded and how many more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImagesAbove {
+    pub first: PathBuf,
+    pub others: usize,
+}
+
+impl std::fmt::Display for ImagesAbove {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.first.display())?;
+        match self.others {
+            0 => Ok(()),
+            1 => write!(f, " and 1 other image"),
+            n => write!(f, " and {n} other images"),
+        }
     }
 }
 
@@ -71,6 +91,10 @@ mod tests {
         ImageFile::new(rel.into(), path, version, summary, &meta, 0)
     }
 
+    fn roles_label(roles: &Roles, id: FileId) -> Option<String> {
+        roles.images_above(id).map(|above| above.to_string())
+    }
+
     #[test]
     fn a_file_is_a_backing_file_while_any_image_above_it_is_recorded() {
         let base = (1, 10);
@@ -80,12 +104,15 @@ mod tests {
         let other = image(2, "other.qcow2", vec![base]);
         roles.add(&top);
         roles.add(&other);
-        assert_eq!(roles.image_above(mid), Some(Path::new("top.qcow2")));
-        assert!(roles.image_above(base).is_some());
+        assert_eq!(roles_label(&roles, mid).as_deref(), Some("top.qcow2"));
+        assert_eq!(
+            roles_label(&roles, base).as_deref(),
+            Some("top.qcow2 and 1 other image")
+        );
         roles.remove(&top);
-        assert_eq!(roles.image_above(mid), None);
-        assert_eq!(roles.image_above(base), Some(Path::new("other.qcow2")));
+        assert_eq!(roles.images_above(mid), None);
+        assert_eq!(roles_label(&roles, base).as_deref(), Some("other.qcow2"));
         roles.remove(&other);
-        assert_eq!(roles.image_above(base), None, "writable again");
+        assert_eq!(roles.images_above(base), None, "writable again");
     }
 }

@@ -51,6 +51,21 @@ fn a_backing_file_is_read_only_from_the_first_look_whatever_is_looked_at_first()
 }
 
 #[test]
+fn a_backing_file_of_several_images_says_how_many_use_it() {
+    let (dir, catalog, _) = chain_tree();
+    for name in ["second.img", "third.img"] {
+        std::fs::write(dir.path().join(name), "FAKEIMG 4096\nbacking base.img").unwrap();
+    }
+    assert_eq!(catalog.refresh(), 4);
+    let base = image(&catalog, "base.img.raw").unwrap();
+    let err = catalog.open(&base, true).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ReadOnly);
+    assert!(err.to_string().contains(" and 2 other images"), "{err}");
+    let reason = catalog.read_only_reason(&base).unwrap();
+    assert!(reason.ends_with(" and 2 other images"), "{reason}");
+}
+
+#[test]
 fn a_backing_file_is_shared_with_the_image_above() {
     let (_dir, catalog, counters) = chain_tree();
     let top_handle = catalog.open(&top(&catalog), true).unwrap();
