@@ -124,6 +124,15 @@ fn writes_land_in_overlays_and_the_originals_never_change() {
         assert!(std::fs::read(&raw).unwrap() == bytes, "{name}: read back");
         expected.push(bytes);
     }
+    // `imgfs info` on a raw file of the mount shows what its overlay keeps.
+    let info = run(Command::new(IMGFS)
+        .arg("info")
+        .arg(mount.path("disk.vdi.raw")));
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        text.contains("disk.vdi.qcow2, 4194304 bytes changed"),
+        "{text}"
+    );
     mount.unmount();
     assert!(snapshot(&src) == before, "the originals changed");
     let info = run(Command::new(IMGFS)

@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::daemon;
-use crate::fs::core::{XATTR_PID, XATTR_READ_ONLY_REASON, XATTR_SOURCE};
+use crate::fs::core::{XATTR_OVERLAY, XATTR_PID, XATTR_READ_ONLY_REASON, XATTR_SOURCE};
 
 use crate::format::links::PlainLinks;
 use crate::format::{self, OpenOptions};
@@ -45,11 +45,16 @@ pub fn run(
     json: bool,
 ) -> Result<(), String> {
     // A raw file of an imgfs mount stands for its image: show that one, with the daemon's
-    // reason it is read-only now (a failed write-back, a backing file's role) if it is.
+    // reason it is read-only now (a failed write-back, a backing file's role) if it is, and
+    // what the mount's overlay keeps for it.
     let served = served_image(path);
-    let (path, root) = match &served {
-        Some(served) => (served.source.as_path(), root.or(served.root.as_deref())),
-        None => (path, root),
+    let (path, root, overlay) = match &served {
+        Some(served) => (
+            served.source.as_path(),
+            root.or(served.root.as_deref()),
+            overlay.or(served.overlay.as_deref()),
+        ),
+        None => (path, root, overlay),
     };
     let root = root_for(path, root);
     let image = open_for_inspection(path, root)?;
@@ -88,6 +93,8 @@ struct ServedImage {
     source: PathBuf,
     /// The source tree of the mount, where the image's backing files must lie.
     root: Option<PathBuf>,
+    /// The mount's overlay directory (`--overlay`).
+    overlay: Option<PathBuf>,
     read_only_reason: Option<String>,
 }
 
@@ -107,14 +114,14 @@ fn served_image(path: &Path) -> Option<ServedImage> {
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
     // The mount's root is the directory that answers with the daemon's pid.
     let absolute = std::fs::canonicalize(path).ok()?;
-    let root = absolute
+    let mount = absolute
         .ancestors()
         .skip(1)
-        .find(|dir| daemon::getxattr(dir, XATTR_PID).is_ok())
-        .and_then(|mnt| xattr_path(mnt, XATTR_SOURCE));
+        .find(|dir| daemon::getxattr(dir, XATTR_PID).is_ok());
     Some(ServedImage {
         source,
-        root,
+        root: mount.and_then(|mnt| xattr_path(mnt, XATTR_SOURCE)),
+        overlay: mount.and_then(|mnt| xattr_path(mnt, XATTR_OVERLAY)),
         read_only_reason,
     })
 }

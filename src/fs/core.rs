@@ -35,8 +35,8 @@ pub type FsResult<T> = Result<T, Errno>;
 pub const ROOT_INO: u64 = 1;
 
 pub use xattr::{
-    XATTR_FLUSH, XATTR_LOST_WRITE_BACKS, XATTR_OPEN_FILES, XATTR_PARTITION_NAME, XATTR_PID,
-    XATTR_READ_ONLY_REASON, XATTR_SOURCE,
+    XATTR_FLUSH, XATTR_LOST_WRITE_BACKS, XATTR_OPEN_FILES, XATTR_OVERLAY, XATTR_PARTITION_NAME,
+    XATTR_PID, XATTR_READ_ONLY_REASON, XATTR_SOURCE,
 };
 
 /// How long an instance nobody has open stays open (its descriptors and locks held) in case it

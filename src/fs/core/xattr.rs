@@ -1,6 +1,6 @@
 //! Extended attributes: how `imgfs umount` and `imgfs info` talk to a running daemon (its pid,
-//! a flush of everything, lost write-backs, open files; an image's source file and why it is
-//! read-only), and a GPT partition's name.
+//! a flush of everything, lost write-backs, open files, the overlay directory; an image's
+//! source file and why it is read-only), and a GPT partition's name.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -27,6 +27,9 @@ pub const XATTR_OPEN_FILES: &str = "user.imgfs.open-files";
 /// Extended attribute of an image's raw file, and of a directory, holding the path of the
 /// file or directory of the source tree it shows.
 pub const XATTR_SOURCE: &str = "user.imgfs.source";
+/// Extended attribute of the root directory holding the overlay directory of a mount with
+/// `--overlay` (absent otherwise).
+pub const XATTR_OVERLAY: &str = "user.imgfs.overlay";
 /// Extended attribute of an image's raw file saying why it cannot be opened for writing now
 /// (absent while it can): a role, the host, the image itself, or a failed write-back.
 pub const XATTR_READ_ONLY_REASON: &str = "user.imgfs.read-only-reason";
@@ -42,7 +45,11 @@ impl FsCore {
                     true => root.to_path_buf(),
                     false => root.join(rel),
                 };
-                vec![(XATTR_SOURCE, source.as_os_str().as_bytes().to_vec())]
+                let mut attrs = vec![(XATTR_SOURCE, source.as_os_str().as_bytes().to_vec())];
+                if let (true, Some(dir)) = (ino == ROOT_INO, self.catalog.overlay_dir()) {
+                    attrs.push((XATTR_OVERLAY, dir.as_os_str().as_bytes().to_vec()));
+                }
+                attrs
             }
             Ok(Target::Image(image)) => {
                 let mut attrs = vec![(XATTR_SOURCE, image.source.as_os_str().as_bytes().to_vec())];
