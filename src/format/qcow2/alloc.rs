@@ -138,25 +138,37 @@ impl Qcow2Image {
         }
     }
 
-    /// `count` new consecutive clusters, their refcounts set to 1; returns the first one's
-    /// byte offset. Clusters taken on the way that do not start a long enough run are queued
-    /// to be freed by the next flush. `count` must be below the clusters one refcount block
-    /// covers, or no fresh run exists.
+    /// `count` new consecutive clusters past the end of the image file, their refcounts set
+    /// to 1; returns the first one's byte offset. Past the end every cluster is free but for
+    /// the refcount blocks (and tables) placed there on the way, one at the start of each
+    /// range a block covers, so a run of fewer clusters than a block covers is found within
+    /// about two ranges; clusters taken that do not start a long enough run are queued to be
+    /// freed by the next flush. Free clusters inside the file stay for later allocations.
     pub(super) fn alloc_cluster_run(&self, alloc: &mut AllocState, count: u64) -> Result<u64> {
         let bits = self.cluster_bits();
-        let file_clusters = self.shared.file.len()?.div_ceil(1 << bits);
         let per_block = 1u64 << alloc.refcounts.block_bits();
-        // Every free cluster inside the file, then at most one refcount block per range past
-        // its end, can cut a run short once.
-        let mut budget = file_clusters
-            .saturating_add(count.saturating_add(per_block).saturating_mul(4))
-            .saturating_add(64);
+        let file_clusters = self.shared.file.len()?.div_ceil(1 << bits);
+        let saved_cursor = alloc.cursor;
+        alloc.cursor = saved_cursor.max(file_clusters);
+        let found = self.take_run(
+            alloc,
+            count,
+            count.saturating_add(per_block).saturating_mul(3),
+        );
+        alloc.cursor = saved_cursor;
+        found
+    }
+
+    /// The first run of `count` consecutive clusters `alloc_cluster` hands out, within
+    /// `budget` clusters taken.
+    fn take_run(&self, alloc: &mut AllocState, count: u64, mut budget: u64) -> Result<u64> {
+        let bits = self.cluster_bits();
         let (mut first, mut len) = (0u64, 0u64);
         while len < count {
             if budget == 0 {
                 alloc.defer_free(first << bits, len << bits, Referrer::Metadata);
                 return Err(Error::unsupported(format!(
-                    "no run of {count} free clusters found for a table"
+                    "no run of {count} free clusters found past the end of the file"
                 )));
             }
             budget -= 1;

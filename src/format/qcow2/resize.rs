@@ -13,8 +13,8 @@
 //! growth) moves the table, as QEMU's `qcow2_grow_l1_table` does:
 //!
 //! 1. flushes;
-//! 2. allocates a run of free clusters for the larger table and writes the current entries
-//!    and zeros there;
+//! 2. allocates a run of clusters past the end of the file for the larger table, writes the
+//!    current entries and zeros there;
 //! 3. flushes: the new table and the refcounts that count it are durable;
 //! 4. writes the header's `l1_size` and `l1_table_offset` in one 12-byte write, sync;
 //! 5. writes the header's `size`, sync;

@@ -91,14 +91,22 @@ fn resize_moves_an_l1_table_that_is_too_small() {
     let old_l1 = img.header().l1_table_offset;
     img.resize(2 * MIB).unwrap();
     assert_eq!(img.l1_offset(), old_l1, "2 MiB fits in the table's cluster");
+    // A hole inside the file: the moved table goes past the end, the hole stays for data.
+    img.discard(0, 64 * KIB).unwrap();
+    img.flush().unwrap();
+    let file_len = std::fs::metadata(&path).unwrap().len();
     img.resize(64 * MIB).unwrap();
+    assert!(img.l1_offset() >= file_len, "the table went past the end");
     assert_eq!(img.size(), 64 * MIB);
     let new_l1 = img.l1_offset();
     assert_ne!(new_l1, old_l1, "the table moved");
     assert_eq!(img.refcount(new_l1).unwrap(), 1);
     let mut buf = vec![0u8; 2 * MIB as usize];
     img.read_at(&mut buf, 0).unwrap();
-    assert!(buf[..MIB as usize].iter().all(|&b| b == 0x44));
+    assert!(buf[..64 * KIB as usize].iter().all(|&b| b == 0));
+    assert!(buf[64 * KIB as usize..MIB as usize]
+        .iter()
+        .all(|&b| b == 0x44));
     assert!(buf[MIB as usize..].iter().all(|&b| b == 0));
     // New L2 tables past the old end, entered in the moved table.
     img.write_at(&[0x55; 4096], 64 * MIB - 4096).unwrap();
@@ -120,7 +128,8 @@ fn resize_moves_an_l1_table_that_is_too_small() {
     qemu_io(
         &path,
         &[
-            "read -P 0x44 0 1M",
+            "read -P 0 0 64k",
+            "read -P 0x44 64k 960k",
             "read -P 0 1M 39M",
             "read -P 0x66 41943340 1000",
             "read -P 0x55 65532k 4k",
