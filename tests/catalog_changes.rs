@@ -266,3 +266,19 @@ fn mount_log_mentions_qemu(dir: &TempDir) -> bool {
         .unwrap_or_default()
         .contains("QEMU")
 }
+
+#[test]
+fn a_mount_whose_source_directory_went_away_still_unmounts() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src) = empty_source("gone");
+    vdi(&src.join("disk.vdi"), "8M");
+    let mount = Mount::new(&src, &dir.join("mnt"), &[]);
+    // Before anything in the mount is looked at, so no attributes are cached.
+    std::fs::remove_dir_all(&src).unwrap();
+    // The root shows the source's attributes from the start, so the mount stays reachable.
+    let root = std::fs::metadata(mount.path("")).unwrap();
+    assert!(root.is_dir());
+    mount.unmount();
+}

@@ -141,6 +141,9 @@ impl State {
 /// The source tree and the images served from it.
 pub struct Catalog {
     root: PathBuf,
+    /// The source directory's attributes at start: the mount's root shows them if the
+    /// directory goes away, so that the mount stays reachable (and `imgfs umount` works).
+    root_stat: FileStat,
     opener: Box<dyn Opener>,
     read_only: bool,
     /// Where changes go instead of into the originals (`--overlay DIR`), if anywhere.
@@ -185,6 +188,7 @@ impl Catalog {
             .map_err(|e| Error::io("resolve", e).with_path(root))?;
         Ok(Catalog {
             root,
+            root_stat: FileStat::of(&meta),
             opener,
             read_only,
             overlay_dir: None,
@@ -247,9 +251,11 @@ impl Catalog {
     /// The attributes of directory `rel` of the source tree.
     pub fn dir_stat(&self, rel: &Path) -> Result<FileStat> {
         let path = self.source_path(rel)?;
-        let meta =
-            std::fs::symlink_metadata(&path).map_err(|e| Error::io("stat", e).with_path(&path))?;
-        Ok(FileStat::of(&meta))
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) => Ok(FileStat::of(&meta)),
+            Err(_) if rel.as_os_str().is_empty() => Ok(self.root_stat.clone()),
+            Err(e) => Err(Error::io("stat", e).with_path(&path)),
+        }
     }
 
     /// The visible entries of a directory of the raw namespace, sorted by name.
