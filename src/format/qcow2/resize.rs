@@ -69,23 +69,24 @@ impl Qcow2Image {
             )));
         }
         let cluster = geo.cluster_size();
-        let room = (have * 8).div_ceil(cluster) * cluster / 8;
+        let table_clusters = (needed * 8).div_ceil(cluster);
+        let moves = table_clusters > (have * 8).div_ceil(cluster);
         let l1_size =
             u32::try_from(needed).map_err(|_| Error::out_of_range("l1_size overflows"))?;
         let per_block = 1u64 << alloc.refcounts.block_bits();
-        if needed > room && (needed * 8).div_ceil(cluster) >= per_block {
+        if moves && table_clusters >= per_block {
             // A fresh run of clusters is cut by a refcount block every `per_block` clusters.
             return Err(Error::unsupported(format!(
-                "{new_size} bytes need an L1 table of {} clusters, which does not fit between \
-                 two refcount blocks ({per_block} clusters apart); qemu-img resize can place it",
-                (needed * 8).div_ceil(cluster)
+                "{new_size} bytes need an L1 table of {table_clusters} clusters, which does not \
+                 fit between two refcount blocks ({per_block} clusters apart); qemu-img resize \
+                 can place it"
             )));
         }
         let file = &self.shared.file;
         self.shared.write_back.run(file.path(), || {
             self.flush_locked(&mut alloc)?;
-            if needed > room {
-                self.move_l1_table(&mut alloc, l1_size)?;
+            if moves {
+                self.move_l1_table(&mut alloc, l1_size, table_clusters)?;
             } else if needed > have {
                 let zeros = vec![0u8; ((needed - have) * 8) as usize];
                 file.write_all_at(&zeros, self.l1_offset() + have * 8)?;
@@ -105,13 +106,12 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Steps 2-4 and 6 of the move in the module doc, to a table of `l1_size` entries that
-    /// fits between two refcount blocks; the caller has flushed and holds the allocation
+    /// Steps 2-4 and 6 of the move in the module doc, to a table of `l1_size` entries in
+    /// `clusters` clusters, fewer than one refcount block covers; the caller has flushed and holds the allocation
     /// mutex, so the in-memory table is what is on disk.
-    fn move_l1_table(&self, alloc: &mut AllocState, l1_size: u32) -> Result<()> {
+    fn move_l1_table(&self, alloc: &mut AllocState, l1_size: u32, clusters: u64) -> Result<()> {
         let file = &self.shared.file;
         let cluster = self.shared.geometry.cluster_size();
-        let clusters = (u64::from(l1_size) * 8).div_ceil(cluster);
         let new_offset = self.alloc_cluster_run(alloc, clusters)?;
         self.guard_mut().hold(
             new_offset >> self.shared.geometry.cluster_bits,

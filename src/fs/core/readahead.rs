@@ -183,7 +183,7 @@ impl Stream {
             return Taken::Miss;
         };
         let claimed = fetch.claim();
-        let fresh = !matches!(claimed, Claimed::Nothing) && fetch.generation == generation();
+        let fresh = fetch.generation == generation();
         let (taken, data) = match claimed {
             Claimed::Data(mut data) if fresh => {
                 std::mem::swap(buf, &mut data);
