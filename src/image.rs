@@ -139,6 +139,13 @@ pub trait Image: Send + Sync {
     /// Why writes are refused, or `None` when the image is writable.
     fn read_only_reason(&self) -> Option<String>;
 
+    /// The host file that holds the disk's bytes at the disk's own offsets and is exactly as
+    /// long as the disk, when reading the disk is nothing but reading that file (a VMDK with
+    /// one flat extent at offset 0): the kernel may then read it without the daemon.
+    fn raw_file(&self) -> Option<std::sync::Arc<crate::host::HostFile>> {
+        None
+    }
+
     fn info(&self) -> ImageInfo;
 }
 

@@ -296,6 +296,13 @@ impl Image for Served {
         self.image.snapshot_names()
     }
 
+    fn raw_file(&self) -> Option<Arc<crate::host::HostFile>> {
+        if self.successor().is_some() || self.check_live().is_err() {
+            return None;
+        }
+        self.image.raw_file()
+    }
+
     fn snapshot(&self, name: &str) -> Result<Arc<dyn Image>> {
         self.snapshot_view(name)
     }

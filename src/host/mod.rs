@@ -525,6 +525,14 @@ impl HostFile {
     }
 }
 
+/// The descriptor, for handing the file to the kernel (FUSE passthrough); reads and writes
+/// go through the methods above.
+impl std::os::fd::AsFd for HostFile {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 impl Drop for HostFile {
     /// Releases the lock bytes before the descriptor closes. Closing alone releases them only
     /// with the last reference to the open file description, and a child process between fork

@@ -713,6 +713,20 @@ impl Image for VmdkImage {
         self.write_back.reason_after(&self.read_only_reason)
     }
 
+    fn raw_file(&self) -> Option<Arc<HostFile>> {
+        let [extent] = self.extents.as_slice() else {
+            return None;
+        };
+        let Storage::Flat { file, offset: 0 } = &extent.storage else {
+            return None;
+        };
+        // Bytes past a shorter file read as zeros here, and past a longer one's end the
+        // kernel would read on: only a file of exactly the disk's length is the disk.
+        let exact = file.len().is_ok_and(|len| len == self.size);
+        (self.parent.is_none() && extent.access != descriptor::Access::NoAccess && exact)
+            .then(|| Arc::clone(file))
+    }
+
     fn info(&self) -> ImageInfo {
         let d = &self.descriptor;
         let mut details = vec![("CID", format!("{:08x}", self.cid()))];

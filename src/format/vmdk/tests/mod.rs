@@ -7,6 +7,7 @@ mod crash;
 mod esx;
 mod faults;
 mod hostile;
+mod passthrough;
 mod races;
 mod write;
 
