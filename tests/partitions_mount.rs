@@ -139,23 +139,6 @@ fn extract(image: &Path, dir: &TempDir) -> std::path::PathBuf {
     part
 }
 
-fn xattr(path: &Path, name: &str) -> Option<String> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let c_name = std::ffi::CString::new(name).unwrap();
-    let mut buf = [0u8; 256];
-    // SAFETY: valid NUL-terminated strings and a buffer of the size passed.
-    let n = unsafe {
-        libc::getxattr(
-            c_path.as_ptr(),
-            c_name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    (n >= 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
-}
-
 #[test]
 fn a_hostile_table_is_refused_and_the_disk_still_served() {
     if !can_mount() {

@@ -32,6 +32,10 @@ pub struct MountArgs {
     /// /etc/fuse.conf when not root).
     #[arg(long)]
     allow_other: bool,
+    /// Read every raw file through the daemon, even where the kernel could read a read-only
+    /// flat image's file itself (FUSE passthrough).
+    #[arg(long)]
+    no_passthrough: bool,
     /// FUSE request threads.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
@@ -219,7 +223,8 @@ fn serve(
     config.n_threads = Some(usize::from(args.threads));
     config.clone_fd = true;
 
-    let mut session = match fuser::Session::new(FuseAdapter::new(core.clone()), mnt, &config) {
+    let adapter = FuseAdapter::new(core.clone()).with_passthrough(!args.no_passthrough);
+    let mut session = match fuser::Session::new(adapter, mnt, &config) {
         Ok(session) => session,
         Err(e) => return fail(pipe, format!("cannot mount on {}: {e}", mnt.display())),
     };

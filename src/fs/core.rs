@@ -36,7 +36,7 @@ pub const ROOT_INO: u64 = 1;
 
 pub use xattr::{
     XATTR_FLUSH, XATTR_LOST_WRITE_BACKS, XATTR_OPEN_FILES, XATTR_OVERLAY, XATTR_PARTITION_NAME,
-    XATTR_PID, XATTR_READ_ONLY_REASON, XATTR_SOURCE,
+    XATTR_PASSTHROUGH_OPENS, XATTR_PID, XATTR_READ_ONLY_REASON, XATTR_SOURCE,
 };
 
 /// How long an instance nobody has open stays open (its descriptors and locks held) in case it
@@ -154,6 +154,8 @@ pub struct FsCore {
     listings: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_handle: AtomicU64,
     fetcher: readahead::Fetcher,
+    /// Opens the kernel serves by passthrough (`passthrough`).
+    passthrough_opens: AtomicU64,
 }
 
 /// Whether `e` says the daemon ran out of descriptors (its limit, not an image's fault).
@@ -200,6 +202,7 @@ impl FsCore {
             listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             fetcher: readahead::Fetcher::default(),
+            passthrough_opens: AtomicU64::new(0),
         }
     }
 
@@ -755,6 +758,7 @@ fn host_statfs(path: &Path) -> FsResult<StatFs> {
     })
 }
 
+mod passthrough;
 mod readahead;
 mod space;
 #[cfg(test)]

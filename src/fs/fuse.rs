@@ -1,6 +1,6 @@
 //! The thin adapter between fuser and `FsCore`: converts fuser's types to plain ones and back,
-//! configures the kernel connection (1 MiB requests, direct I/O, parallel direct writes), and
-//! does nothing else.
+//! configures the kernel connection (1 MiB requests, direct I/O, parallel direct writes,
+//! passthrough for raw files that are plain host files), and does nothing else.
 
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use super::backing::Backings;
 use super::core::{Attr, Errno, FsCore, NodeKind};
 use crate::host::AlignedBuffer;
 
@@ -30,11 +31,25 @@ pub const MAX_REQUEST: u32 = 1 << 20;
 
 pub struct FuseAdapter {
     core: Arc<FsCore>,
+    /// Ask the kernel for passthrough at FUSE_INIT.
+    passthrough: bool,
+    backings: Backings,
 }
 
 impl FuseAdapter {
     pub fn new(core: Arc<FsCore>) -> Self {
-        FuseAdapter { core }
+        FuseAdapter {
+            core,
+            passthrough: true,
+            backings: Backings::default(),
+        }
+    }
+
+    /// Whether read-only opens of flat images may be served by FUSE passthrough (the kernel
+    /// reading the image file itself); on by default.
+    pub fn with_passthrough(mut self, passthrough: bool) -> Self {
+        self.passthrough = passthrough;
+        self
     }
 }
 
@@ -101,6 +116,14 @@ impl Filesystem for FuseAdapter {
         {
             log::info!("this kernel cannot mmap direct-I/O files: mmap of raw files is refused");
         }
+        // Stack depth 1: the image files may not lie on a stacked file system (overlayfs;
+        // those opens go through the daemon), and the mount may still be one's lower layer.
+        if self.passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.backings.enable();
+        }
         Ok(())
     }
 
@@ -160,12 +183,9 @@ impl Filesystem for FuseAdapter {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         match self.core.open(ino.0, write) {
-            // Direct I/O gives 1 MiB requests and no double caching of image data; parallel
-            // direct writes let several writers reach the image at once.
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-            ),
+            Ok(fh) => self
+                .backings
+                .reply_open(&self.core, ino.0, fh, write, reply),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -224,13 +244,14 @@ impl Filesystem for FuseAdapter {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.backings.release(ino.0, fh.0);
         reply_empty(reply, self.core.release(fh.0));
     }
 

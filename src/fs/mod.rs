@@ -1,6 +1,7 @@
 //! The filesystem served under the mount point: `core` implements every operation on plain
 //! types and is tested without FUSE; `fuse` is the thin adapter that speaks fuser's API.
 
+mod backing;
 pub mod core;
 pub mod fuse;
 

@@ -459,6 +459,42 @@ pub fn daemon_pid(mnt: &Path) -> i32 {
         .unwrap()
 }
 
+/// The value of extended attribute `name` of `path`, if it has one.
+pub fn xattr(path: &Path, name: &str) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let c_name = std::ffi::CString::new(name).unwrap();
+    let mut buf = [0u8; 256];
+    // SAFETY: valid NUL-terminated strings and a buffer of the size passed.
+    let n = unsafe {
+        libc::getxattr(
+            c_path.as_ptr(),
+            c_name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    (n >= 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+}
+
+/// Asks the daemon serving `mnt` to write everything back and close the images nobody has
+/// open (`user.imgfs.flush`), without waiting for files the kernel has yet to release.
+pub fn flush_mount(mnt: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(mnt.as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid NUL-terminated strings and a value of the length passed.
+    let rc = unsafe {
+        libc::setxattr(
+            c_path.as_ptr(),
+            c"user.imgfs.flush".as_ptr(),
+            b"1".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
 /// Asks the daemon serving `mnt` to write everything back and close the images nobody has
 /// open (what `imgfs umount` does first, and the daemon does by itself after a few seconds),
 /// once the kernel has released every file the test closed: it does so after `close` returns,
@@ -479,18 +515,7 @@ pub fn release_idle(mnt: &Path) {
         };
         assert!(n > 0, "getxattr: {}", std::io::Error::last_os_error());
         if &buf[..n as usize] == b"0" {
-            // SAFETY: valid NUL-terminated strings and a value of the length passed.
-            let rc = unsafe {
-                libc::setxattr(
-                    c_path.as_ptr(),
-                    c"user.imgfs.flush".as_ptr(),
-                    b"1".as_ptr().cast(),
-                    1,
-                    0,
-                )
-            };
-            assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
-            return;
+            return flush_mount(mnt);
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }

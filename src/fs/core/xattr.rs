@@ -24,6 +24,9 @@ pub const XATTR_PARTITION_NAME: &str = "user.imgfs.name";
 /// Extended attribute of the root directory that reports how many files are open through the
 /// mount (the kernel releases closed files asynchronously: this says when it has).
 pub const XATTR_OPEN_FILES: &str = "user.imgfs.open-files";
+/// Extended attribute of the root directory that reports how many files were opened since the
+/// mount with the kernel reading the image file itself (FUSE passthrough).
+pub const XATTR_PASSTHROUGH_OPENS: &str = "user.imgfs.passthrough-opens";
 /// Extended attribute of an image's raw file, and of a directory, holding the path of the
 /// file or directory of the source tree it shows.
 pub const XATTR_SOURCE: &str = "user.imgfs.source";
@@ -87,6 +90,9 @@ impl FsCore {
         }
         if ino == ROOT_INO && name == XATTR_LOST_WRITE_BACKS {
             return Ok(lost_write_backs_value(&self.lost_write_backs()));
+        }
+        if ino == ROOT_INO && name == XATTR_PASSTHROUGH_OPENS {
+            return Ok(self.passthrough_opens().to_string().into_bytes());
         }
         if ino == ROOT_INO && name == XATTR_OPEN_FILES {
             let handles = self.handles.read().unwrap_or_else(|p| p.into_inner());

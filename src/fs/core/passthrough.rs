@@ -1,0 +1,34 @@
+//! FUSE passthrough, the core's part: which open files the kernel may read from the image
+//! file itself, with no request to the daemon per read, and how many were opened that way.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::host::HostFile;
+
+use super::FsCore;
+
+impl FsCore {
+    /// The host file that open file `fh` may be read from directly: `fh` is read-only and
+    /// shows a whole image that nobody can open for writing now (so every write still comes
+    /// to the daemon, which cuts writes at the disk's end and renews a VMDK's CID), and the
+    /// image's bytes are that file's (`Image::raw_file`).
+    pub fn passthrough_file(&self, fh: u64) -> Option<Arc<HostFile>> {
+        let handle = self.handle(fh).ok()?;
+        let file = handle.file.as_ref()?;
+        if handle.image.is_writable() || self.catalog.read_only_reason(file).is_none() {
+            return None;
+        }
+        handle.image.image().raw_file()
+    }
+
+    /// Counts an open the kernel serves by passthrough.
+    pub fn note_passthrough_open(&self) {
+        self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Opens served by passthrough since the mount.
+    pub fn passthrough_opens(&self) -> u64 {
+        self.passthrough_opens.load(Ordering::Relaxed)
+    }
+}
