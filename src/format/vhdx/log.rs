@@ -359,7 +359,17 @@ impl Sequence {
                 self.flushed_file_offset
             )));
         }
-        let limit = file_len.max(self.last_file_offset).next_multiple_of(MIB);
+        // QEMU refuses to grow the file past i64::MAX bytes, as the host would.
+        let limit = file_len
+            .max(self.last_file_offset)
+            .checked_next_multiple_of(MIB)
+            .filter(|&limit| i64::try_from(limit).is_ok())
+            .ok_or_else(|| {
+                Error::corrupt(format!(
+                    "the log says the file was {} bytes long, more than any file can be",
+                    self.last_file_offset
+                ))
+            })?;
         let protected = 0..REGION_TABLE_SLOTS[0];
         let mut zeros = 0u64;
         for entry in &self.entries {
@@ -719,5 +729,14 @@ mod tests {
         }
         let truncated = seq(vec![]).check_targets(&log, MIB - 1).unwrap_err();
         assert!(truncated.to_string().contains("truncated"), "{truncated}");
+        // Found by fuzzing: rounding a last file offset near u64::MAX up to 1 MiB overflowed.
+        for last_file_offset in [u64::MAX, u64::MAX - MIB, 1 << 63] {
+            let huge = Sequence {
+                last_file_offset,
+                ..seq(vec![])
+            };
+            let e = huge.check_targets(&log, 4 * MIB).unwrap_err();
+            assert!(e.to_string().contains("more than any file"), "{e}");
+        }
     }
 }
