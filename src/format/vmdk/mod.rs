@@ -469,6 +469,9 @@ impl VmdkImage {
         let cid = new_cid(old);
         let new_text = descriptor::with_cid(&text, cid)?;
         let area = match self.text_at {
+            // The text ends at the file's end or at a NUL; a new CID may be longer than the old
+            // one, so a NUL goes after it again, or what followed it would become text.
+            TextAt::File if text.contains(&0) => ([new_text.as_slice(), &[0]].concat(), 0),
             TextAt::File => (new_text.clone(), 0),
             TextAt::Embedded { at, room } => {
                 if new_text.len() as u64 > room {

@@ -489,3 +489,32 @@ fn a_descriptor_room_over_a_directory_is_refused_and_the_cid_rewrites_only_the_t
         assert!(back.iter().all(|&b| b == fill), "the write at {at}");
     }
 }
+
+/// Found by fuzzing: in a descriptor file with a NUL after its text, the first write's longer
+/// CID went over the NUL, and the lines after it became part of the descriptor: the disk had
+/// grown by the next open.
+#[test]
+fn a_new_cid_keeps_the_nul_that_ends_a_descriptor_file() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("inside.raw"), vec![7u8; 4096]).unwrap();
+    let path = dir.path().join("d.vmdk");
+    let text = b"# Disk DescriptorFile\nversion=1\nCID=fe\nparentCID=ffffffff\n\
+                 createType=\"monolithicFlat\"\nRW 8 FLAT \"inside.raw\" 0\n\0\0\
+                 RW 8 FLAT \"inside.raw\" 0\n";
+    std::fs::write(&path, text).unwrap();
+    let img = try_open(&path, false).unwrap();
+    assert_eq!(img.size(), 4096);
+    img.write_at(&[1u8; 512], 0).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let img = try_open(&path, true).unwrap();
+    assert_eq!(img.size(), 4096);
+    let info = img.info();
+    let cid = info.details.iter().find(|(k, _)| *k == "CID").unwrap();
+    assert_ne!(cid.1, "000000fe");
+    let bytes = std::fs::read(&path).unwrap();
+    let end = bytes.iter().position(|&b| b == 0).unwrap();
+    assert!(std::str::from_utf8(&bytes[..end])
+        .unwrap()
+        .contains(&format!("CID={}", cid.1)));
+}
