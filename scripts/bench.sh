@@ -7,7 +7,7 @@
 #     read-only, so they take part in the read rows only; vdi and vhdx have none;
 #   - "file": the same operation on a plain raw file with no FUSE in between, the limit.
 #
-#   scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N] [--rows LIST]
+#   scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N] [--imgfs-args ARGS] [--rows LIST]
 #   scripts/bench.sh --nbd [--format F] [--size S] [--quick]   (NBD: imgfs, qemu-nbd, nbdkit;
 #                                                                 see scripts/bench-nbd.sh)
 #
@@ -61,7 +61,7 @@ done
 
 usage() {
     cat <<'EOF'
-Usage: scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N] [--rows LIST]
+Usage: scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N] [--imgfs-args ARGS] [--rows LIST]
 
 Compares imgfs with qemu-storage-daemon's FUSE export, the libyal mounter for the format
 (qcowmount, vhdimount, vmdkmount; read rows only) and the plain raw file without FUSE, on a
@@ -74,6 +74,8 @@ as root.
   --size S           virtual disk size, e.g. 256M, 1G (default 1G; 256M with --quick)
   --quick            smaller image and 3 s fio runs instead of 10 s
   --imgfs-threads N  pass --threads N to imgfs mount (default: imgfs's own default)
+  --imgfs-args ARGS  more arguments for imgfs mount, split at spaces (e.g. "--read-only
+                     --no-passthrough" with read rows only)
   --rows LIST        only these rows, comma-separated, in the table's order: seqread,
                      seqreaddirect, seqreadwarm, randread1, randread4, seqwrite, seqwritedirect,
                      randwrite1, randwrite4, holeread4, allocwrite, allocfio (default: all)
@@ -92,6 +94,7 @@ FORMAT=vdi
 SIZE=
 QUICK=0
 IMGFS_THREADS=
+IMGFS_ARGS=
 ROWS=
 while (($#)); do
     case $1 in
@@ -102,6 +105,8 @@ while (($#)); do
         --quick) QUICK=1; shift ;;
         --imgfs-threads) IMGFS_THREADS=${2:?--imgfs-threads needs a value}; shift 2 ;;
         --imgfs-threads=*) IMGFS_THREADS=${1#*=}; shift ;;
+        --imgfs-args) IMGFS_ARGS=${2:?--imgfs-args needs a value}; shift 2 ;;
+        --imgfs-args=*) IMGFS_ARGS=${1#*=}; shift ;;
         --rows) ROWS=${2:?--rows needs a value}; shift 2 ;;
         --rows=*) ROWS=${1#*=}; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -383,6 +388,8 @@ truncate -s "$SIZE_BYTES" "$FILES/hole.raw"
 IMGFS_STATUS=ok
 imgfs_args=(mount --log-file "$IMGFS_LOG")
 [[ -n $IMGFS_THREADS ]] && imgfs_args+=(--threads "$IMGFS_THREADS")
+read -r -a extra_args <<<"$IMGFS_ARGS"
+imgfs_args+=("${extra_args[@]}")
 log "mounting imgfs"
 if ! imgfs_err=$("$IMGFS" "${imgfs_args[@]}" "$SRC" "$MNT" 2>&1); then
     IMGFS_STATUS="imgfs mount failed: $imgfs_err"
@@ -769,7 +776,7 @@ fi
 
 echo
 echo "machine: nproc $(nproc), ${cpu:-unknown CPU}, ${mem_gib} GiB RAM, kernel $(uname -r), QEMU $qemu_version, $(fio --version), images on $fs_type"
-echo "run: $FORMAT $SIZE image ($SIZE_BYTES bytes), sequential rows: median of $SEQ_REPS, fio ${RUNTIME}s (+${RAMP}s ramp) psync direct=1 bs=4k, page cache drop: $DROP_CACHES, imgfs $imgfs_rev threads=${IMGFS_THREADS:-default}, rows: ${ROWS:-all}"
+echo "run: $FORMAT $SIZE image ($SIZE_BYTES bytes), sequential rows: median of $SEQ_REPS, fio ${RUNTIME}s (+${RAMP}s ramp) psync direct=1 bs=4k, page cache drop: $DROP_CACHES, imgfs $imgfs_rev threads=${IMGFS_THREADS:-default}${IMGFS_ARGS:+ args: $IMGFS_ARGS}, rows: ${ROWS:-all}"
 echo "qsd: $QSD_OPTS"
 if [[ -n $LIBYAL ]]; then
     echo "libyal: ${LIBYAL_VERSION:-$LIBYAL}, \`$LIBYAL IMAGE MOUNTPOINT\` (libfuse 2, daemonizes, one thread), read rows only"
