@@ -47,9 +47,9 @@ pub struct MountArgs {
     /// (DIR/<path of the image>.qcow2, backed by the original; see `imgfs overlay`).
     #[arg(long, value_name = "DIR")]
     overlay: Option<PathBuf>,
-    /// Mount options, comma-separated, as in fstab: ro, allow_other, threads=N, log_file=F,
-    /// uid=N, gid=N, umask=OCTAL (owner and mode bits the raw files show), and the standard
-    /// ones mount(8) passes (rw, nodev, nosuid, noatime, nofail, ...).
+    /// Mount options, comma-separated, as in fstab: ro, allow_other, no_passthrough,
+    /// threads=N, log_file=F, uid=N, gid=N, umask=OCTAL (owner and mode bits the raw files
+    /// show), and the standard ones mount(8) passes (rw, nodev, nosuid, noatime, nofail, ...).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// What mount(8) passes to a mount helper (`-t fuse.imgfs -n -s -v`): nothing to do here.
@@ -117,6 +117,7 @@ fn with_options(mut args: MountArgs) -> Result<(MountArgs, Ownership), String> {
     let options = options::parse(&args.options)?;
     args.read_only |= options.read_only;
     args.allow_other |= options.allow_other;
+    args.no_passthrough |= options.no_passthrough;
     args.threads = options.threads.unwrap_or(args.threads);
     args.log_file = options.log_file.or(args.log_file);
     args.overlay = options.overlay.or(args.overlay);

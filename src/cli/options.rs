@@ -9,6 +9,7 @@ use std::path::PathBuf;
 pub struct MountOptions {
     pub read_only: bool,
     pub allow_other: bool,
+    pub no_passthrough: bool,
     pub threads: Option<u16>,
     pub log_file: Option<PathBuf>,
     pub overlay: Option<PathBuf>,
@@ -65,6 +66,7 @@ pub fn parse(lists: &[String]) -> Result<MountOptions, String> {
             ("", None) => {}
             ("ro", None) => out.read_only = true,
             ("allow_other", None) => out.allow_other = true,
+            ("no_passthrough", None) => out.no_passthrough = true,
             ("threads", Some(v)) => {
                 let n: u16 = number(key, v)?;
                 if !(1..=64).contains(&n) {
@@ -131,7 +133,8 @@ mod tests {
     #[test]
     fn mount_options_set_what_the_flags_set() {
         let o = parsed("ro,allow_other,threads=8,uid=1000,gid=100,umask=027,log_file=/x").unwrap();
-        assert!(o.read_only && o.allow_other);
+        assert!(o.read_only && o.allow_other && !o.no_passthrough);
+        assert!(parsed("no_passthrough").unwrap().no_passthrough);
         assert_eq!(
             (o.threads, o.uid, o.gid, o.umask),
             (Some(8), Some(1000), Some(100), Some(0o27))
