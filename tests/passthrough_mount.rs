@@ -168,6 +168,9 @@ fn writable_flat_vmdks_go_through_the_daemon_and_a_flat_backing_file_by_passthro
     let opened = std::fs::OpenOptions::new().write(true).open(&base);
     if passthrough_offered() {
         assert_eq!(opened.unwrap_err().raw_os_error(), Some(libc::EBUSY));
+        let log = mount.log_text();
+        let why = "base.vmdk for writing while it is open for reading by passthrough";
+        assert!(log.contains(why), "{log}");
     } else {
         drop(opened.unwrap());
     }

@@ -47,11 +47,7 @@ impl Backings {
         if let Some(backing) = by_ino.get_mut(&ino) {
             if write {
                 drop(by_ino);
-                let _ = core.release(fh);
-                log::info!(
-                    "refusing to open inode {ino} for writing while it is open for reading by \
-                     passthrough; close those files first"
-                );
+                core.refuse_writer_beside_passthrough(fh);
                 return reply.error(FuseErrno::EBUSY);
             }
             backing.handles.insert(fh);

@@ -22,6 +22,19 @@ impl FsCore {
         handle.image.image().raw_file()
     }
 
+    /// Takes back write open `fh`, which the adapter refuses because files on the same image
+    /// are open for reading by passthrough.
+    pub fn refuse_writer_beside_passthrough(&self, fh: u64) {
+        if let Ok(handle) = self.handle(fh) {
+            log::info!(
+                "refusing to open {} for writing while it is open for reading by passthrough; \
+                 close those files first",
+                handle.source.display()
+            );
+        }
+        let _ = self.release(fh);
+    }
+
     /// Counts an open the kernel serves by passthrough.
     pub fn note_passthrough_open(&self) {
         self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
