@@ -199,3 +199,68 @@ fn no_passthrough_reads_every_file_through_the_daemon() {
     assert_eq!(passthrough_opens(&mount), 0);
     mount.unmount();
 }
+
+#[test]
+fn a_read_only_qcow2_with_a_raw_data_file_is_read_by_passthrough() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src) = empty_source("passthrough-qcow2");
+    // QEMU opens a relative data file name from its working directory, imgfs next to the
+    // image: both find it when they run in the image's directory.
+    let in_src = |program: &str, args: &[&str]| {
+        let out = std::process::Command::new(program)
+            .current_dir(&src)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let data = "data_file=disk.data,data_file_raw=on";
+    in_src(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            data,
+            "disk.qcow2",
+            "8M",
+        ],
+    );
+    in_src(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 0 1M",
+            "-c",
+            "write -z 1M 64k",
+            "-c",
+            "write -P 0xa5 5M 64k",
+            "disk.qcow2",
+        ],
+    );
+    let expected = dir.join("expected.raw");
+    in_src(
+        "qemu-img",
+        &["convert", "-O", "raw", "disk.qcow2", path_str(&expected)],
+    );
+    let mount = Mount::new(&src, &dir.join("mnt"), &["--read-only"]);
+    assert_eq!(ls(&mount.mnt), ["disk.qcow2.raw"]);
+    let raw = std::fs::read(mount.path("disk.qcow2.raw")).unwrap();
+    assert!(
+        raw == std::fs::read(&expected).unwrap(),
+        "reads like qemu-img convert"
+    );
+    let opens = if passthrough_offered() { 1 } else { 0 };
+    assert_eq!(passthrough_opens(&mount), opens);
+    mount.unmount();
+}

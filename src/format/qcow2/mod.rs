@@ -138,7 +138,8 @@ struct L2Slice {
 /// What the active image and its snapshot views share.
 struct Shared {
     file: HostFile,
-    data_file: Option<HostFile>,
+    /// Shared with the kernel when it reads the raw data file itself (`raw_file`).
+    data_file: Option<Arc<HostFile>>,
     header: Qcow2Header,
     geometry: Geometry,
     slice_bytes: u64,
@@ -303,7 +304,7 @@ impl Qcow2Image {
                 AtomicU64::new(u64::from(header.refcount_table_clusters)),
             ),
             snapshot_table_len,
-            data_file,
+            data_file: data_file.map(Arc::new),
             geometry,
             slice_bytes,
             l2_cache: TableCache::new((l2_cache_bytes / slice_bytes) as usize),
@@ -532,7 +533,10 @@ impl Qcow2Image {
 
     /// The file guest data clusters live in.
     fn data_file(&self) -> &HostFile {
-        self.shared.data_file.as_ref().unwrap_or(&self.shared.file)
+        self.shared
+            .data_file
+            .as_deref()
+            .unwrap_or(&self.shared.file)
     }
 
     /// Fills `part` from `in_cluster` on of the compressed cluster at `host_offset`.
@@ -682,6 +686,19 @@ impl Image for Qcow2Image {
 
     fn read_only_reason(&self) -> Option<String> {
         self.shared.write_back.reason_after(&self.read_only_reason)
+    }
+
+    /// A raw external data file ("can be read as a consistent standalone raw image without
+    /// looking at the qcow2 metadata", as the spec says; imgfs keeps it so by writing guest
+    /// data at guest offsets) of exactly the disk's length, for the active disk when no
+    /// backing file supplies what it has not allocated.
+    fn raw_file(&self) -> Option<Arc<HostFile>> {
+        let data = self.shared.data_file.as_ref()?;
+        let whole = self.snapshot.is_none()
+            && self.shared.backing.is_none()
+            && self.shared.header.data_file_raw()
+            && data.len().is_ok_and(|len| len == self.virtual_size());
+        whole.then(|| Arc::clone(data))
     }
 
     /// Snapshots are listed from the active disk only; a snapshot view has none of its own.

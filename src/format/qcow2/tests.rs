@@ -607,6 +607,7 @@ mod crash;
 mod discard;
 mod faults;
 mod hostile;
+mod passthrough;
 mod races;
 mod resize;
 mod write;
