@@ -96,9 +96,24 @@ fn a_read_only_flat_vmdk_is_read_by_passthrough_and_a_sparse_one_is_not() {
     } else {
         assert_eq!(opens, 0);
     }
+    // Files open at once share the inode's one backing file, which the kernel requires.
+    let raw = mount.path("flat.vmdk.raw");
+    let (first, second) = (
+        std::fs::File::open(&raw).unwrap(),
+        std::fs::File::open(&raw).unwrap(),
+    );
+    let mut bytes = [0u8; 4];
+    first.read_exact_at(&mut bytes, 0).unwrap();
+    assert_eq!(bytes, [0x5a; 4]);
+    drop(first);
+    second.read_exact_at(&mut bytes, 5 << 20).unwrap();
+    assert_eq!(bytes, [0xa5; 4]);
+    drop(second);
+    let more = if passthrough_offered() { 2 } else { 0 };
+    assert_eq!(passthrough_opens(&mount), opens + more);
     let err = std::fs::OpenOptions::new()
         .write(true)
-        .open(mount.path("flat.vmdk.raw"))
+        .open(&raw)
         .unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
     mount.unmount();
