@@ -32,8 +32,8 @@ pub struct MountArgs {
     /// /etc/fuse.conf when not root).
     #[arg(long)]
     allow_other: bool,
-    /// Read every raw file through the daemon, even where the kernel could read a read-only
-    /// flat image's file itself (FUSE passthrough).
+    /// Read every raw file through the daemon, even where the kernel could read the host file
+    /// of a read-only image itself (a flat VMDK, a qcow2 raw data file: FUSE passthrough).
     #[arg(long)]
     no_passthrough: bool,
     /// FUSE request threads.

@@ -74,7 +74,7 @@ impl Backings {
                 if e.raw_os_error() == Some(libc::EPERM) {
                     self.enabled.store(false, Ordering::Release);
                     log::info!(
-                        "FUSE passthrough refused ({e}): flat images are read through the daemon"
+                        "FUSE passthrough refused ({e}): every image is read through the daemon"
                     );
                 } else {
                     log::debug!("no passthrough for {}: {e}", file.path().display());

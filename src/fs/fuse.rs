@@ -45,8 +45,8 @@ impl FuseAdapter {
         }
     }
 
-    /// Whether read-only opens of flat images may be served by FUSE passthrough (the kernel
-    /// reading the image file itself); on by default.
+    /// Whether read-only opens of images that are one host file may be served by FUSE
+    /// passthrough (the kernel reading that file itself); on by default.
     pub fn with_passthrough(mut self, passthrough: bool) -> Self {
         self.passthrough = passthrough;
         self
