@@ -26,7 +26,9 @@
 //! of the header, backing name and L1 table, so appended space never overlaps anything
 //! referenced. Two L1 entries naming overlapping L2 tables would make writes through one undo
 //! the other: such an image is served read-only. Clusters shared between L2 entries cannot be
-//! found without reading every table and are not looked for (QEMU does not either).
+//! found without reading every table and are not looked for (QEMU does not either); a data
+//! cluster lying on an L2 table can, since L1 names every table: writes and punches through
+//! it are refused (spans.rs), so nothing changes a table behind its copy in memory.
 //!
 //! # Metadata write order
 //!
@@ -71,6 +73,7 @@
 //!    clone or replace it.
 //! 4. `layout` (RwLock): held only to copy the layout, or for a resize to lengthen its L1
 //!    table.
+//! 5. `spans` (RwLock): held only to look up or add where an L2 table lies.
 //!
 //! Reads and in-place writes take the read lock just for the lookup and do their I/O with no
 //! lock held, so they run in parallel with each other and with allocations.
@@ -78,6 +81,7 @@
 mod check;
 mod header;
 mod resize;
+mod spans;
 mod tables;
 
 #[cfg(test)]
@@ -104,6 +108,7 @@ pub use header::QcowHeader;
 /// from the bounded table memory) before giving up.
 const MAX_RELOADS: u32 = 8;
 use header::{Geometry, Layout};
+use spans::TableSpans;
 use tables::{push_run, Run, RunKind, TableState, Tables};
 
 /// The pause point between reading a missing L2 table and keeping it.
@@ -129,6 +134,8 @@ pub struct QcowImage {
     backing: Option<Backing>,
     alloc: Mutex<AllocState>,
     tables: RwLock<Tables>,
+    /// Where the L2 tables lie, for refusing writes through a data cluster placed on one.
+    spans: RwLock<TableSpans>,
     /// The last compressed cluster inflated, by its file offset. Compressed bytes are never
     /// rewritten (a write moves the cluster), so an entry never goes stale.
     inflated: LastInflated,
@@ -203,6 +210,7 @@ impl QcowImage {
             layout: RwLock::new(layout),
             backing,
             alloc: Mutex::new(AllocState { next_free }),
+            spans: RwLock::new(TableSpans::new(tables.l1(), geometry.l2_table_len())),
             tables: RwLock::new(tables),
             inflated: LastInflated::default(),
             data_bytes: AtomicU64::new(data_bytes),
@@ -379,7 +387,10 @@ impl QcowImage {
         for run in self.lookup(offset, buf.len() as u64)? {
             let part = request_part(buf, offset, run.offset, run.len)?;
             match run.kind {
-                RunKind::Data { host_offset } => self.file.write_all_at(part, host_offset)?,
+                RunKind::Data { host_offset } => {
+                    self.check_off_tables(run.offset, host_offset, run.len)?;
+                    self.file.write_all_at(part, host_offset)?
+                }
                 RunKind::Unallocated | RunKind::Compressed { .. } => {
                     self.write_allocating(part, run.offset)?
                 }
@@ -397,8 +408,15 @@ impl QcowImage {
         }
         self.write_back.refuse_writes()?;
         check_span(self.virtual_size(), offset, len)?;
+        let runs = self.lookup(offset, len)?;
+        // All or nothing: every cluster is checked before any is punched.
+        for run in &runs {
+            if let RunKind::Data { host_offset } = run.kind {
+                self.check_off_tables(run.offset, host_offset, run.len)?;
+            }
+        }
         let mut rest = Vec::new();
-        for run in self.lookup(offset, len)? {
+        for run in runs {
             match run.kind {
                 RunKind::Data { host_offset } => self.file.punch_hole(host_offset, run.len)?,
                 RunKind::Unallocated if self.backing.is_none() => {}
@@ -409,6 +427,19 @@ impl QcowImage {
             zero_fill(self, run.offset, run.len)?;
         }
         Ok(())
+    }
+
+    /// Refuses a write or punch of `len` bytes of guest `offset` at `host_offset` when that
+    /// lies on an L2 table (spans.rs).
+    fn check_off_tables(&self, offset: u64, host_offset: u64, len: u64) -> Result<()> {
+        let spans = self.spans.read().unwrap_or_else(PoisonError::into_inner);
+        match spans.under(host_offset, len) {
+            None => Ok(()),
+            Some(table) => Err(Error::corrupt(format!(
+                "the qcow cluster of disk offset {offset:#x} lies at {host_offset:#x}, on the \
+                 L2 table at {table:#x}: writing it would change the table"
+            ))),
+        }
     }
 
     /// Writes `payload` at guest `offset`, a range that needed allocation at lookup time.
@@ -527,6 +558,10 @@ impl QcowImage {
                         .unwrap_or(u64::MAX);
                     let next_free = reserve(host, space)?;
                     self.write_tables().add_l2(l1_index, host)?;
+                    self.spans
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .add(host);
                     alloc.next_free = next_free;
                     self.end_of_data.fetch_max(next_free, Ordering::Release);
                 }

@@ -144,6 +144,39 @@ fn corrupt_l2_entries_fail_reads_of_their_table_only() {
     }
 }
 
+/// Found by fuzzing: a discard punched a data cluster that was the L2 table itself, so the
+/// table read back as zeros after a reopen while the cached copy had shown the old mapping.
+#[test]
+fn writes_and_discards_through_a_cluster_on_an_l2_table_are_refused() {
+    let dir = TempDir::new();
+    let Some(path) = one_cluster_image(&dir) else {
+        return;
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Guest cluster 1 names the L2 table (at 4 KiB) as its data.
+    patch_u64(&mut bytes, 4096 + 8, 4096);
+    std::fs::write(&path, &bytes).unwrap();
+    let img = open_rw(&path, None);
+    for result in [
+        img.write_at(&[1; 512], 4096 + 512),
+        img.discard(4096, 4096),
+        img.discard(0, 3 * 4096),
+    ] {
+        let e = result.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("on the L2 table at 0x1000"), "{e}");
+    }
+    // Elsewhere the image is written as usual, and nothing reached the table.
+    img.write_at(&[7; 4096], 2 * 4096).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let img = open_rw(&path, None);
+    let mut buf = vec![0u8; 3 * 4096];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 0x5a), "cluster 0 kept");
+    assert!(buf[2 * 4096..].iter().all(|&b| b == 7), "cluster 2 written");
+}
+
 #[test]
 fn shared_l2_tables_serve_read_only() {
     let dir = TempDir::new();
