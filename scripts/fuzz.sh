@@ -42,6 +42,8 @@ trap 'rm -rf "$scratch"' EXIT
 export IMGFS_FUZZ_DIR=$scratch
 # A small quarantine keeps AddressSanitizer's own memory from counting against the limit.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-quarantine_size_mb=16}
+# The host write-back thread lives as long as the process (fuzz/lsan.supp says why).
+export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$root/fuzz/lsan.supp}
 
 printf '%-7s %10s %8s %7s %7s %12s %8s %8s %5s\n' target runs exec/s cov ft corpus rss_mb crashes slow
 failed=0
