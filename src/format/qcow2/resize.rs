@@ -107,8 +107,8 @@ impl Qcow2Image {
     }
 
     /// Steps 2-4 and 6 of the move in the module doc, to a table of `l1_size` entries in
-    /// `clusters` clusters, fewer than one refcount block covers; the caller has flushed and holds the allocation
-    /// mutex, so the in-memory table is what is on disk.
+    /// `clusters` clusters, fewer than one refcount block covers; the caller has flushed and
+    /// holds the allocation mutex, so the in-memory table is what is on disk.
     fn move_l1_table(&self, alloc: &mut AllocState, l1_size: u32, clusters: u64) -> Result<()> {
         let file = &self.shared.file;
         let cluster = self.shared.geometry.cluster_size();
