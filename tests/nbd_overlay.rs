@@ -1,6 +1,7 @@
 //! `imgfs mount --nbd ... --overlay DIR`: NBD writes land in the overlays like the mount's,
-//! and the originals never change. (Its own test binary: a test that holds files open on a
-//! mount must not share its process with tests that fork while it unmounts.)
+//! and the originals never change; `imgfs nbd --snapshot` throws them away at the end. (Its own
+//! test binary: a test that holds files open on a mount must not share its process with tests
+//! that fork while it unmounts.)
 
 mod common;
 mod nbd_support;
@@ -39,4 +40,34 @@ fn nbd_writes_into_overlays_like_the_mount_does() {
         &overlay,
         &["read -P 0x42 512k 64k", "read -P 0x41 0 512k"],
     );
+}
+
+#[test]
+fn nbd_snapshot_throws_the_changes_away() {
+    let (dir, src) = empty_source("nbd-snapshot");
+    create_filled(
+        &src,
+        "qcow2",
+        "disk.qcow2",
+        &[],
+        "8M",
+        &["write -P 0x41 0 1M"],
+    );
+    let original = std::fs::read(src.join("disk.qcow2")).unwrap();
+    let server = NbdServer::unix(&src, dir.path(), &["--snapshot"]);
+    let uri = server.uri("disk.qcow2");
+    qemu_io_nbd(&uri, &["write -P 0x42 512k 64k", "flush"]);
+    qemu_io_nbd(&uri, &["read -P 0x42 512k 64k", "read -P 0x41 0 512k"]);
+    let log = server.stop();
+    let scratch = log
+        .lines()
+        .find_map(|l| {
+            l.split("--snapshot: writes go to ")
+                .nth(1)?
+                .split(", ")
+                .next()
+        })
+        .expect("the daemon names its scratch directory");
+    assert!(!std::path::Path::new(scratch).exists(), "{scratch} is left");
+    assert!(std::fs::read(src.join("disk.qcow2")).unwrap() == original);
 }

@@ -285,3 +285,78 @@ fn overlays_and_read_only_contradict() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("contradict"));
 }
+
+#[test]
+fn snapshot_mounts_throw_the_changes_away() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src) = empty_source("snapshot");
+    let images = originals(&src);
+    let before = snapshot(&src);
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mount = Mount::with(&src, &dir.join("mnt"), &["--snapshot"], |cmd| {
+        cmd.env("TMPDIR", &tmp);
+    });
+    for (name, _, _) in &images {
+        let raw = mount.path(&format!("{name}.raw"));
+        let mut bytes = std::fs::read(&raw).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+        for (offset, len, value) in WRITES {
+            file.write_all_at(&vec![value; len], offset).unwrap();
+            bytes[offset as usize..offset as usize + len].fill(value);
+        }
+        file.sync_all().unwrap();
+        assert!(std::fs::read(&raw).unwrap() == bytes, "{name}: read back");
+    }
+    // The overlays are in one private directory below TMPDIR, which the mount names.
+    let scratch: Vec<PathBuf> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(scratch.len(), 1, "{scratch:?}");
+    assert!(scratch[0].join("disk.vdi.qcow2").exists());
+    let shown = xattr(&mount.mnt, "user.imgfs.overlay").unwrap_or_default();
+    assert_eq!(Path::new(&shown), scratch[0].canonicalize().unwrap());
+    mount.unmount();
+    assert!(snapshot(&src) == before, "the originals changed");
+    assert!(
+        std::fs::read_dir(&tmp).unwrap().next().is_none(),
+        "the scratch directory is removed at unmount"
+    );
+
+    // Mounted again, the images read as they were.
+    let mount = Mount::new(&src, &dir.join("mnt2"), &["-o", "ro"]);
+    for (name, format, _) in &images {
+        if *name == "child.vhdx" {
+            continue; // QEMU cannot open differencing VHDX images
+        }
+        let served = std::fs::read(mount.path(&format!("{name}.raw"))).unwrap();
+        assert!(served == qemu_raw(format, &src.join(name), &dir), "{name}");
+    }
+    mount.unmount();
+}
+
+#[test]
+fn snapshot_contradicts_overlay_and_read_only() {
+    let (dir, src) = empty_source("snapshot-contradict");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    for extra in [
+        &["--snapshot", "--read-only"][..],
+        &["-o", "snapshot,ro"],
+        &["--snapshot", "--overlay", "/nonexistent"],
+    ] {
+        let out = Command::new(IMGFS)
+            .arg("mount")
+            .args(extra)
+            .arg(&src)
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{extra:?}");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("contradict"), "{extra:?}: {text}");
+    }
+}

@@ -12,6 +12,7 @@ mod nbd;
 mod notify;
 mod options;
 mod overlay;
+mod scratch;
 mod umount;
 
 use std::io::Write;

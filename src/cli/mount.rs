@@ -12,7 +12,7 @@ use fuser::{Config, MountOption, SessionACL};
 use super::daemon::{self, Forked, ReadyPipe};
 use super::notify::notify;
 use super::options;
-use crate::catalog::{Catalog, FormatOpener};
+use super::scratch::{open_catalog, Changes};
 use crate::fs::core::Ownership;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::FsCore;
@@ -47,9 +47,15 @@ pub struct MountArgs {
     /// (DIR/<path of the image>.qcow2, backed by the original; see `imgfs overlay`).
     #[arg(long, value_name = "DIR")]
     overlay: Option<PathBuf>,
+    /// Never write an original, and throw the changes away: writes go into qcow2 overlays in
+    /// a scratch directory (below $TMPDIR, else /var/tmp) removed when the daemon stops, as
+    /// with qemu-nbd --snapshot.
+    #[arg(long)]
+    snapshot: bool,
     /// Mount options, comma-separated, as in fstab: ro, allow_other, no_passthrough,
-    /// threads=N, log_file=F, uid=N, gid=N, umask=OCTAL (owner and mode bits the raw files
-    /// show), and the standard ones mount(8) passes (rw, nodev, nosuid, noatime, nofail, ...).
+    /// snapshot, threads=N, log_file=F, overlay=DIR, uid=N, gid=N, umask=OCTAL (owner and mode
+    /// bits the raw files show), and the standard ones mount(8) passes (rw, nodev, nosuid,
+    /// noatime, nofail, ...).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// What mount(8) passes to a mount helper (`-t fuse.imgfs -n -s -v`): nothing to do here.
@@ -121,11 +127,8 @@ fn with_options(mut args: MountArgs) -> Result<(MountArgs, Ownership), String> {
     args.threads = options.threads.unwrap_or(args.threads);
     args.log_file = options.log_file.or(args.log_file);
     args.overlay = options.overlay.or(args.overlay);
-    if args.overlay.is_some() && args.read_only {
-        return Err(
-            "--overlay and --read-only contradict each other: overlays take the writes".into(),
-        );
-    }
+    args.snapshot |= options.snapshot;
+    Changes::from_flags(args.overlay.as_deref(), args.snapshot, args.read_only)?;
     let ownership = Ownership {
         uid: options.uid,
         gid: options.gid,
@@ -187,16 +190,15 @@ fn serve(
         Ok(limit) => log::debug!("descriptor limit {limit}"),
         Err(e) => log::warn!("cannot raise the descriptor limit: {e}"),
     }
-    let catalog =
-        Catalog::new(src, Box::new(FormatOpener), args.read_only).and_then(|c| {
-            match &args.overlay {
-                Some(dir) => c.with_overlays(dir),
-                None => Ok(c),
-            }
-        });
-    let catalog = match catalog {
-        Ok(catalog) => catalog,
-        Err(e) => return fail(pipe, e.to_string()),
+    let changes = match Changes::from_flags(args.overlay.as_deref(), args.snapshot, args.read_only)
+    {
+        Ok(changes) => changes,
+        Err(e) => return fail(pipe, e),
+    };
+    // Dropped last, once the session and every image are closed.
+    let (catalog, _scratch) = match open_catalog(src, args.read_only, &changes) {
+        Ok(opened) => opened,
+        Err(e) => return fail(pipe, e),
     };
     let core = Arc::new(FsCore::new(catalog).with_ownership(ownership));
     let served = core.catalog().refresh();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::daemon::{self, Forked, ReadyPipe};
 use super::mount::{default_log_file, spawn_writeback};
 use super::notify::notify;
-use crate::catalog::{Catalog, FormatOpener};
+use super::scratch::{open_catalog, Changes};
 use crate::fs::FsCore;
 use crate::nbd::{CatalogExports, Limits, Listen, Server, ServerConfig};
 
@@ -52,6 +52,11 @@ pub struct NbdArgs {
     /// `imgfs mount --overlay` does (the two share the overlays).
     #[arg(long, value_name = "DIR", conflicts_with = "read_only")]
     overlay: Option<PathBuf>,
+    /// Never write an original, and throw the changes away: writes go into qcow2 overlays in
+    /// a scratch directory (below $TMPDIR, else /var/tmp) removed when the daemon stops, as
+    /// with qemu-nbd --snapshot.
+    #[arg(long, conflicts_with_all = ["read_only", "overlay"])]
+    snapshot: bool,
     /// TCP address to listen on, HOST:PORT or HOST (port 10809); may be repeated
     /// [default: 127.0.0.1:10809 unless --socket is given].
     #[arg(long, value_name = "ADDR")]
@@ -212,16 +217,15 @@ fn serve(
         Ok(limit) => log::debug!("descriptor limit {limit}"),
         Err(e) => log::warn!("cannot raise the descriptor limit: {e}"),
     }
-    let catalog =
-        Catalog::new(src, Box::new(FormatOpener), args.read_only).and_then(|c| {
-            match &args.overlay {
-                Some(dir) => c.with_overlays(dir),
-                None => Ok(c),
-            }
-        });
-    let catalog = match catalog {
-        Ok(catalog) => catalog,
-        Err(e) => return fail(pipe, e.to_string()),
+    let changes = match Changes::from_flags(args.overlay.as_deref(), args.snapshot, args.read_only)
+    {
+        Ok(changes) => changes,
+        Err(e) => return fail(pipe, e),
+    };
+    // Dropped last, once the server and every image are closed.
+    let (catalog, _scratch) = match open_catalog(src, args.read_only, &changes) {
+        Ok(opened) => opened,
+        Err(e) => return fail(pipe, e),
     };
     // No mount: the core only keeps the catalog's housekeeping and write-back in one place.
     let core = Arc::new(FsCore::new(catalog));

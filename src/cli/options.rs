@@ -13,6 +13,7 @@ pub struct MountOptions {
     pub threads: Option<u16>,
     pub log_file: Option<PathBuf>,
     pub overlay: Option<PathBuf>,
+    pub snapshot: bool,
     /// Owner, group and umask shown for the raw files and directories (the image files'
     /// own by default).
     pub uid: Option<u32>,
@@ -67,6 +68,7 @@ pub fn parse(lists: &[String]) -> Result<MountOptions, String> {
             ("ro", None) => out.read_only = true,
             ("allow_other", None) => out.allow_other = true,
             ("no_passthrough", None) => out.no_passthrough = true,
+            ("snapshot", None) => out.snapshot = true,
             ("threads", Some(v)) => {
                 let n: u16 = number(key, v)?;
                 if !(1..=64).contains(&n) {
@@ -135,6 +137,7 @@ mod tests {
         let o = parsed("ro,allow_other,threads=8,uid=1000,gid=100,umask=027,log_file=/x").unwrap();
         assert!(o.read_only && o.allow_other && !o.no_passthrough);
         assert!(parsed("no_passthrough").unwrap().no_passthrough);
+        assert!(parsed("snapshot").unwrap().snapshot && !o.snapshot);
         assert_eq!(
             (o.threads, o.uid, o.gid, o.umask),
             (Some(8), Some(1000), Some(100), Some(0o27))
@@ -153,6 +156,7 @@ mod tests {
         assert!(parsed("threads=x").unwrap_err().contains("threads=x"));
         assert!(parsed("umask=9").unwrap_err().contains("umask=9"));
         assert!(parsed("ro=1").unwrap_err().contains("ro=1"));
+        assert!(parsed("snapshot=1").unwrap_err().contains("snapshot=1"));
     }
 
     #[test]
