@@ -89,10 +89,16 @@ impl UserTree {
 
     /// `imgfs mount src mnt` as `USER`; checks the kernel records them as the mount's owner.
     fn mount(&self) {
-        let log = self.dir.join("mnt.log");
+        self.mount_with(&[]);
+    }
+
+    /// `mount`, with `extra` arguments.
+    fn mount_with(&self, extra: &[&str]) {
+        let log = self.log();
         run(as_user(
             Command::new(&self.imgfs)
                 .arg("mount")
+                .args(extra)
                 .arg("--log-file")
                 .arg(&log)
                 .arg(&self.src)
@@ -104,6 +110,10 @@ impl UserTree {
             .find(|l| l.split(' ').nth(1) == Some(path_str(&self.mnt)))
             .unwrap_or_else(|| panic!("{} is not mounted:\n{mounts}", self.mnt.display()));
         assert!(line.contains(&format!("user_id={USER}")), "{line}");
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("mnt.log")
     }
 
     /// The raw file `name` of the mount, read whole by `USER` (only the user who mounted may
@@ -202,4 +212,50 @@ fn a_user_without_root_mounts_writes_and_unmounts_through_fusermount3() {
     ));
     exit.wait();
     tree.assert_written_back(&[("qcow2", "a.qcow2", &qcow2), ("vdi", "b.vdi", &vdi)]);
+}
+
+#[test]
+fn without_root_passthrough_is_refused_and_reads_go_through_the_daemon() {
+    if !can_mount() {
+        return;
+    }
+    let _dev = OpenDevFuse::new();
+    let tree = UserTree::new();
+    let flat = ["-o", "subformat=monolithicFlat"];
+    create_filled(
+        &tree.src,
+        "vmdk",
+        "f.vmdk",
+        &flat,
+        "8M",
+        &["write -P 0x66 1M 3M"],
+    );
+    run(Command::new("chown")
+        .arg("-R")
+        .arg(format!("{USER}:{USER}"))
+        .arg(&tree.src));
+    let expected = qemu_raw("vmdk", &tree.src.join("f.vmdk"), &tree.dir);
+
+    // Registering a backing file needs CAP_SYS_ADMIN: the first open turns passthrough off for
+    // the mount and is served by the daemon, as is every open after it.
+    tree.mount_with(&["--read-only"]);
+    assert_eq!(tree.read_raw("f.vmdk.raw"), expected);
+    assert_eq!(tree.read_raw("f.vmdk.raw"), expected);
+    let opens = as_user(
+        Command::new("getfattr")
+            .args(["-n", "user.imgfs.passthrough-opens", "--only-values"])
+            .arg(&tree.mnt),
+    )
+    .output()
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&opens.stdout), "0");
+    run(as_user(
+        Command::new(&tree.imgfs).arg("umount").arg(&tree.mnt),
+    ));
+    let log = std::fs::read_to_string(tree.log()).unwrap();
+    assert_eq!(
+        log.matches("FUSE passthrough refused").count(),
+        1,
+        "said once:\n{log}"
+    );
 }
