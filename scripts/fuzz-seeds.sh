@@ -178,5 +178,24 @@ for s in vdi/dynamic qcow/backing qcow2/snapshots qcow2/backing-qcow2 qcow2/exte
     cp "fuzz/seeds/$s" "fuzz/seeds/status/${s%%/*}-${s##*/}"
 done
 
+# Disks with partition tables (an MBR with two logical partitions in an EBR chain, a GPT), so
+# that the fuzzer reaches the partitions' raw files and the table parser.
+fresh
+truncate -s 4M mbr.raw
+printf 'label: dos\nstart=64, size=960, type=83\nstart=1024, size=6144, type=5\nstart=1088, size=1024, type=83\nstart=2176, size=2048, type=7\n' |
+    sfdisk -q mbr.raw
+printf 'first partition' | dd of=mbr.raw bs=1 seek=$((64 * 512)) conv=notrunc status=none
+printf 'logical five' | dd of=mbr.raw bs=1 seek=$((1088 * 512)) conv=notrunc status=none
+qemu-img convert -O vdi mbr.raw a
+"$seed_tool" "$root/fuzz/seeds/status/vdi-mbr-logical" a
+truncate -s 4M gpt.raw
+printf 'label: gpt\nstart=2048, size=2048, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name="root"\nstart=4096, size=2048, type=EBD0A0A2-B9E5-4433-87C0-68B6B7299A7A\n' |
+    sfdisk -q gpt.raw
+printf 'gpt root' | dd of=gpt.raw bs=1 seek=$((2048 * 512)) conv=notrunc status=none
+rm a
+qemu-img convert -O qcow2 gpt.raw a
+"$seed_tool" "$root/fuzz/seeds/status/qcow2-gpt" a
+cd "$root"
+
 du -sh fuzz/seeds
 for t in fuzz/seeds/*/; do echo "$(basename "$t"): $(ls "$t" | wc -l) seeds"; done

@@ -38,6 +38,8 @@ pub struct Outcome {
     pub wrote: bool,
     /// The image was flushed, dropped and opened again at least once.
     pub reopened: bool,
+    /// Raw files of partitions exercised (`status`).
+    pub partitions: usize,
 }
 
 /// The operations run when an input brings none: writes at the start, middle and end of the

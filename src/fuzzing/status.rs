@@ -143,6 +143,9 @@ fn exercise_file(
         },
     };
     outcome.opened = true;
+    if rel.parent().and_then(Path::extension) == Some("parts".as_ref()) {
+        outcome.partitions += 1;
+    }
     for (n, op) in ops.iter().enumerate() {
         match op.kind {
             OpKind::Seek => {

@@ -68,6 +68,17 @@ fn replay_vmdk() {
     replay("vmdk");
 }
 
+/// The seeds with partition tables lead the fuzzer to the partitions' raw files: an MBR with
+/// an extended partition's chain of EBRs, and a GPT.
+#[test]
+fn status_seeds_reach_partitions() {
+    for (seed, expected) in [("vdi-mbr-logical", 3), ("qcow2-gpt", 2)] {
+        let data = std::fs::read(format!("fuzz/seeds/status/{seed}")).unwrap();
+        let outcome = run_seed("status", &data).unwrap();
+        assert_eq!(outcome.partitions, expected, "{seed}");
+    }
+}
+
 #[test]
 fn replay_status() {
     replay("status");
