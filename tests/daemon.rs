@@ -576,3 +576,68 @@ fn umount_fails_and_names_the_image_whose_write_back_failed() {
     }
     panic!("the periodic write-back came first in every attempt");
 }
+
+/// The background daemon works from /, so relative paths it uses after the fork (overlay
+/// directory, NBD socket, pid file) are taken against the caller's directory before it.
+#[test]
+fn relative_paths_mean_the_callers_directory_and_the_pid_file_is_kept() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src) = empty_source("relative");
+    vdi(&src.join("a.vdi"), "4M");
+    let cwd = dir.join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let args = [
+        "--overlay",
+        "changes",
+        "--pid-file",
+        "imgfs.pid",
+        "--nbd",
+        "unix:nbd.sock",
+    ];
+    let mount = Mount::with(&src, &dir.join("mnt"), &args, |cmd| {
+        cmd.current_dir(&cwd);
+    });
+    let cwd = cwd.canonicalize().unwrap();
+    let overlay = xattr(&mount.mnt, "user.imgfs.overlay").unwrap_or_default();
+    assert_eq!(Path::new(&overlay), cwd.join("changes"));
+    let pid = daemon_pid(&mount.mnt);
+    let pid_file = cwd.join("imgfs.pid");
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap(),
+        format!("{pid}\n")
+    );
+    use std::os::unix::fs::FileTypeExt;
+    let socket = std::fs::metadata(cwd.join("nbd.sock")).unwrap();
+    assert!(socket.file_type().is_socket());
+    let raw = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mount.path("a.vdi.raw"))
+        .unwrap();
+    raw.write_all_at(&[0x5a; 4096], 0).unwrap();
+    raw.sync_all().unwrap();
+    drop(raw);
+    assert!(cwd.join("changes/a.vdi.qcow2").exists());
+
+    // A second daemon given the same pid file is refused, and the file stays the first's.
+    let other = dir.join("mnt2");
+    std::fs::create_dir_all(&other).unwrap();
+    let out = Command::new(IMGFS)
+        .args(["mount", "--pid-file"])
+        .arg(&pid_file)
+        .arg(&src)
+        .arg(&other)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(text.contains("held by a running daemon"), "{text}");
+    assert!(!is_mount_point(&other));
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap(),
+        format!("{pid}\n")
+    );
+    mount.unmount();
+    assert!(!pid_file.exists(), "removed when the daemon stops");
+}

@@ -71,3 +71,46 @@ fn nbd_snapshot_throws_the_changes_away() {
     assert!(!std::path::Path::new(scratch).exists(), "{scratch} is left");
     assert!(std::fs::read(src.join("disk.qcow2")).unwrap() == original);
 }
+
+#[test]
+fn background_nbd_takes_relative_paths_against_the_callers_directory() {
+    let (dir, src) = empty_source("nbd-relative");
+    create_filled(&src, "vdi", "disk.vdi", &[], "8M", &[]);
+    let cwd = dir.join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let out = std::process::Command::new(IMGFS)
+        .args(["nbd", "--socket", "nbd.sock", "--pid-file", "imgfs.pid"])
+        .args(["--overlay", "changes", "--log-file"])
+        .arg(dir.join("nbd.log"))
+        .arg(&src)
+        .current_dir(&cwd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid_file = cwd.join("imgfs.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let exit = ExitWatch::new(pid);
+    let uri = format!(
+        "nbd+unix:///disk.vdi?socket={}",
+        cwd.join("nbd.sock").display()
+    );
+    qemu_io_nbd(&uri, &["write -P 0x42 0 64k", "flush"]);
+    assert!(cwd.join("changes/disk.vdi.qcow2").exists());
+    // SAFETY: kill with a pid read from the daemon's own pid file, checked alive above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    exit.wait();
+    assert!(!pid_file.exists(), "removed when the daemon stops");
+    qemu_io(
+        "qcow2",
+        &cwd.join("changes/disk.vdi.qcow2"),
+        &["read -P 0x42 0 64k"],
+    );
+}

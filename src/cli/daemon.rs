@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What `fork_daemon` returns in each process.
 pub enum Forked {
@@ -89,6 +89,13 @@ pub fn fork_daemon(log: File) -> Result<Forked, String> {
         return Err(last_error("chdir /"));
     }
     Ok(Forked::Child(ReadyPipe(File::from(write_end))))
+}
+
+/// `path` made absolute against the current directory: paths the daemon uses after
+/// `fork_daemon` (overlay directory, sockets, pid file) must not change meaning when it
+/// changes to /. `what` names the argument in the error.
+pub fn absolute(path: &Path, what: &str) -> Result<PathBuf, String> {
+    std::path::absolute(path).map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
 /// Closes every descriptor above stderr except `keep`.

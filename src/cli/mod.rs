@@ -12,6 +12,7 @@ mod nbd;
 mod notify;
 mod options;
 mod overlay;
+mod pidfile;
 mod scratch;
 mod umount;
 

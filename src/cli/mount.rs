@@ -12,6 +12,7 @@ use fuser::{Config, MountOption, SessionACL};
 use super::daemon::{self, Forked, ReadyPipe};
 use super::notify::notify;
 use super::options;
+use super::pidfile::PidFile;
 use super::scratch::{open_catalog, Changes};
 use crate::fs::core::Ownership;
 use crate::fs::fuse::FuseAdapter;
@@ -39,6 +40,10 @@ pub struct MountArgs {
     /// FUSE request threads.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
+    /// Write the daemon's pid into FILE once it serves, and remove it when it has stopped
+    /// (the file is locked meanwhile, so no second daemon takes it).
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
     /// Where the background daemon logs [default: $XDG_RUNTIME_DIR/imgfs.log, else
     /// /tmp/imgfs-UID.log].
     #[arg(long)]
@@ -129,6 +134,10 @@ fn with_options(mut args: MountArgs) -> Result<(MountArgs, Ownership), String> {
     args.overlay = options.overlay.or(args.overlay);
     args.snapshot |= options.snapshot;
     Changes::from_flags(args.overlay.as_deref(), args.snapshot, args.read_only)?;
+    let absolute =
+        |path: Option<PathBuf>, what| path.map(|p| daemon::absolute(&p, what)).transpose();
+    args.overlay = absolute(args.overlay, "overlay directory")?;
+    args.pid_file = absolute(args.pid_file, "pid file")?;
     let ownership = Ownership {
         uid: options.uid,
         gid: options.gid,
@@ -243,6 +252,10 @@ fn serve(
         Err(e) => return fail(pipe, format!("cannot start the write-back thread: {e}")),
     };
 
+    let _pid_file = match args.pid_file.as_deref().map(PidFile::create).transpose() {
+        Ok(pid_file) => pid_file,
+        Err(e) => return fail(pipe, e),
+    };
     log::info!("serving {} on {}", src.display(), mnt.display());
     match pipe {
         Some(pipe) => pipe.ready(),

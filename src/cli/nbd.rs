@@ -12,6 +12,7 @@ use std::sync::Arc;
 use super::daemon::{self, Forked, ReadyPipe};
 use super::mount::{default_log_file, spawn_writeback};
 use super::notify::notify;
+use super::pidfile::PidFile;
 use super::scratch::{open_catalog, Changes};
 use crate::fs::FsCore;
 use crate::nbd::{CatalogExports, Limits, Listen, Server, ServerConfig};
@@ -67,6 +68,10 @@ pub struct NbdArgs {
     /// The most threads serving the requests of one connection in parallel.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
+    /// Write the daemon's pid into FILE once it serves, and remove it when it has stopped
+    /// (the file is locked meanwhile, so no second daemon takes it).
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
     /// Where the background daemon logs [default: $XDG_RUNTIME_DIR/imgfs.log, else
     /// /tmp/imgfs-UID.log].
     #[arg(long)]
@@ -102,11 +107,12 @@ fn tcp_addresses(text: &str) -> Result<Vec<SocketAddr>, String> {
 
 /// An `--nbd` value of `imgfs mount`: `unix:PATH`, a path (with a `/`), or a TCP address.
 pub fn parse_listen(text: &str) -> Result<Vec<Listen>, String> {
+    let socket = |path: &str| daemon::absolute(Path::new(path), "socket").map(Listen::Unix);
     if let Some(path) = text.strip_prefix("unix:") {
-        return Ok(vec![Listen::Unix(PathBuf::from(path))]);
+        return Ok(vec![socket(path)?]);
     }
     if text.starts_with('/') || text.starts_with("./") {
-        return Ok(vec![Listen::Unix(PathBuf::from(text))]);
+        return Ok(vec![socket(text)?]);
     }
     Ok(tcp_addresses(text)?.into_iter().map(Listen::Tcp).collect())
 }
@@ -158,7 +164,7 @@ pub fn start_server(
     Server::start(Arc::new(exports), config)
 }
 
-pub fn run(args: NbdArgs) -> Result<(), String> {
+pub fn run(mut args: NbdArgs) -> Result<(), String> {
     let src = args
         .src
         .canonicalize()
@@ -170,12 +176,20 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
     for text in &args.listen {
         listen.extend(tcp_addresses(text)?.into_iter().map(Listen::Tcp));
     }
-    listen.extend(args.socket.iter().cloned().map(Listen::Unix));
+    for path in &args.socket {
+        listen.push(Listen::Unix(daemon::absolute(path, "socket")?));
+    }
     if listen.is_empty() {
         listen.push(Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], NBD_PORT))));
     }
     // Checked (and the certificate read) before forking, so mistakes reach the terminal.
     let config = server_config(listen, &args.serve, usize::from(args.workers))?;
+    if let Some(dir) = &args.overlay {
+        args.overlay = Some(daemon::absolute(dir, "overlay directory")?);
+    }
+    if let Some(file) = &args.pid_file {
+        args.pid_file = Some(daemon::absolute(file, "pid file")?);
+    }
     let pipe = if args.foreground {
         None
     } else {
@@ -238,6 +252,10 @@ fn serve(
     let (stop_writeback, writeback) = match spawn_writeback(core.clone()) {
         Ok(started) => started,
         Err(e) => return fail(pipe, format!("cannot start the write-back thread: {e}")),
+    };
+    let _pid_file = match args.pid_file.as_deref().map(PidFile::create).transpose() {
+        Ok(pid_file) => pid_file,
+        Err(e) => return fail(pipe, e),
     };
     log::info!("serving {} over NBD", src.display());
     match pipe {
