@@ -40,8 +40,8 @@ pub struct MountArgs {
     /// FUSE request threads.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
-    /// Write the daemon's pid into FILE once it serves, and remove it when it has stopped
-    /// (the file is locked meanwhile, so no second daemon takes it).
+    /// Write the daemon's pid into FILE, and remove it when the daemon has stopped (the file
+    /// is locked meanwhile, so no second daemon takes it).
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
     /// Where the background daemon logs [default: $XDG_RUNTIME_DIR/imgfs.log, else
@@ -199,6 +199,11 @@ fn serve(
         Ok(limit) => log::debug!("descriptor limit {limit}"),
         Err(e) => log::warn!("cannot raise the descriptor limit: {e}"),
     }
+    // First, so that a daemon refused its pid file touches nothing; removed last.
+    let _pid_file = match args.pid_file.as_deref().map(PidFile::create).transpose() {
+        Ok(pid_file) => pid_file,
+        Err(e) => return fail(pipe, e),
+    };
     let changes = match Changes::from_flags(args.overlay.as_deref(), args.snapshot, args.read_only)
     {
         Ok(changes) => changes,
@@ -252,10 +257,6 @@ fn serve(
         Err(e) => return fail(pipe, format!("cannot start the write-back thread: {e}")),
     };
 
-    let _pid_file = match args.pid_file.as_deref().map(PidFile::create).transpose() {
-        Ok(pid_file) => pid_file,
-        Err(e) => return fail(pipe, e),
-    };
     log::info!("serving {} on {}", src.display(), mnt.display());
     match pipe {
         Some(pipe) => pipe.ready(),

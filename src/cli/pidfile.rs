@@ -1,7 +1,8 @@
 //! `--pid-file` of `mount` and `nbd` (qemu-nbd's `--pid-file`, qemu-storage-daemon's
-//! `--pidfile`): the daemon's pid, written once it serves and removed when it has stopped,
-//! so that scripts and service managers can signal the right daemon. The file is locked while
-//! the daemon runs, so a second daemon given the same file is refused instead of taking it.
+//! `--pidfile`): the daemon's pid, written when it starts and removed when it has stopped
+//! (after the final write-back), so that scripts and service managers can signal the right
+//! daemon. The file is locked while the daemon runs, so a second daemon given the same file
+//! is refused instead of taking it.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
