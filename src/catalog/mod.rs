@@ -148,6 +148,9 @@ pub struct Catalog {
     read_only: bool,
     /// Where changes go instead of into the originals (`--overlay DIR`), if anywhere.
     overlay_dir: Option<PathBuf>,
+    /// The one image file of `root` served when the source is a file (`with_only`): nothing
+    /// else of the directory is listed, looked up or scanned.
+    only: Option<OsString>,
     state: Mutex<State>,
     /// Serialises the opening and closing of instances (file I/O), never held by lookups.
     opening: Mutex<()>,
@@ -192,6 +195,7 @@ impl Catalog {
             opener,
             read_only,
             overlay_dir: None,
+            only: None,
             state: Mutex::new(State::default()),
             opening: Mutex::new(()),
         })
@@ -213,7 +217,9 @@ impl Catalog {
         let dir = dir
             .canonicalize()
             .map_err(|e| Error::io("resolve", e).with_path(dir))?;
-        if dir.starts_with(&self.root) {
+        // Only what the catalog scans must stay clear of overlays: a catalog of one image
+        // looks at nothing below its directory.
+        if dir.starts_with(&self.root) && (self.only.is_none() || dir == self.root) {
             return Err(Error::out_of_range(format!(
                 "the overlay directory {} lies inside the source tree",
                 dir.display()
@@ -221,6 +227,23 @@ impl Catalog {
         }
         self.overlay_dir = Some(dir);
         Ok(self)
+    }
+
+    /// Serves only the image file `name` of the root directory (a source given as one image
+    /// file), with its snapshots and partitions: the rest of the directory is neither listed
+    /// nor looked at. Backing files and extents it names are opened all the same.
+    pub fn with_only(mut self, name: &OsStr) -> Self {
+        self.only = Some(name.to_os_string());
+        self
+    }
+
+    /// Whether `name` of directory `rel` may be shown: everything, unless only one image of
+    /// the root is served.
+    fn shown(&self, rel: &Path, name: &OsStr) -> bool {
+        match &self.only {
+            Some(only) => rel.as_os_str().is_empty() && name == only,
+            None => true,
+        }
     }
 
     pub fn overlay_dir(&self) -> Option<&Path> {
@@ -287,7 +310,8 @@ impl Catalog {
     fn lookup_in_dir(&self, rel: &Path, name: &OsStr) -> Result<Option<Entry>> {
         let dir = self.source_path(rel)?;
         // A real directory wins over an image's raw file or snapshots directory.
-        if std::fs::symlink_metadata(dir.join(name)).is_ok_and(|m| m.is_dir()) {
+        let is_dir = std::fs::symlink_metadata(dir.join(name)).is_ok_and(|m| m.is_dir());
+        if is_dir && self.only.is_none() {
             return Ok(Some(Entry {
                 name: name.to_os_string(),
                 target: Target::Dir(rel.join(name)),
@@ -316,7 +340,7 @@ impl Catalog {
     /// The image file `name` of directory `rel` (source path `dir`), if it is one; a file that
     /// is gone is forgotten.
     fn image_named(&self, rel: &Path, dir: &Path, name: &OsStr) -> Result<Option<Arc<ImageFile>>> {
-        if name.is_empty() {
+        if name.is_empty() || !self.shown(rel, name) {
             return Ok(None);
         }
         let path = dir.join(name);
@@ -345,7 +369,11 @@ impl Catalog {
             let item = item.map_err(|e| Error::io("read directory", e).with_path(&dir))?;
             // Not followed: symbolic links could lead out of the source tree.
             let Ok(meta) = item.metadata() else { continue };
-            if meta.is_dir() {
+            if self.only.is_some() {
+                if meta.is_file() && self.shown(rel, &item.file_name()) {
+                    files.push((item.file_name(), meta));
+                }
+            } else if meta.is_dir() {
                 entries.push(Entry {
                     target: Target::Dir(rel.join(item.file_name())),
                     name: item.file_name(),

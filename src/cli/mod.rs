@@ -14,6 +14,7 @@ mod options;
 mod overlay;
 mod pidfile;
 mod scratch;
+mod source;
 mod umount;
 
 use std::io::Write;

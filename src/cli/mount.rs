@@ -13,7 +13,7 @@ use super::daemon::{self, Forked, ReadyPipe};
 use super::notify::notify;
 use super::options;
 use super::pidfile::PidFile;
-use super::scratch::{open_catalog, Changes};
+use super::source::{open_catalog, Changes, Source};
 use crate::fs::core::Ownership;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::FsCore;
@@ -78,7 +78,7 @@ pub struct MountArgs {
     nbd: Vec<String>,
     #[command(flatten)]
     nbd_serve: super::nbd::NbdServeArgs,
-    /// The directory holding the images.
+    /// The directory holding the images, or one image file.
     src: PathBuf,
     /// The (empty) directory to mount on.
     mnt: PathBuf,
@@ -92,14 +92,8 @@ pub(super) fn default_log_file() -> PathBuf {
     }
 }
 
-fn check_dirs(args: &MountArgs) -> Result<(PathBuf, PathBuf), String> {
-    let src = args
-        .src
-        .canonicalize()
-        .map_err(|e| format!("source {}: {e}", args.src.display()))?;
-    if !src.is_dir() {
-        return Err(format!("source {} is not a directory", args.src.display()));
-    }
+fn check_dirs(args: &MountArgs) -> Result<(Source, PathBuf), String> {
+    let src = Source::resolve(&args.src)?;
     let mnt = args
         .mnt
         .canonicalize()
@@ -109,7 +103,7 @@ fn check_dirs(args: &MountArgs) -> Result<(PathBuf, PathBuf), String> {
     if entries.next().is_some() {
         return Err(format!("mount point {} is not empty", mnt.display()));
     }
-    if mnt.starts_with(&src) {
+    if src.covers(&mnt) {
         return Err(format!(
             "mount point {} lies inside the source tree",
             mnt.display()
@@ -187,7 +181,7 @@ pub fn run(args: MountArgs) -> Result<(), String> {
 fn serve(
     args: &MountArgs,
     ownership: Ownership,
-    src: &Path,
+    src: &Source,
     mnt: &Path,
     nbd: Option<crate::nbd::ServerConfig>,
     pipe: Option<ReadyPipe>,
@@ -216,11 +210,14 @@ fn serve(
     };
     let core = Arc::new(FsCore::new(catalog).with_ownership(ownership));
     let served = core.catalog().refresh();
-    log::info!("{served} image(s) below {}", src.display());
+    log::info!("{served} image(s) below {}", src.path().display());
+    if let Err(e) = src.check_served(served) {
+        return fail(pipe, e);
+    }
 
     let mut config = Config::default();
     config.mount_options = vec![
-        MountOption::FSName(format!("imgfs:{}", src.display())),
+        MountOption::FSName(format!("imgfs:{}", src.path().display())),
         MountOption::Subtype("imgfs".into()),
         MountOption::DefaultPermissions,
         MountOption::NoDev,
@@ -257,7 +254,7 @@ fn serve(
         Err(e) => return fail(pipe, format!("cannot start the write-back thread: {e}")),
     };
 
-    log::info!("serving {} on {}", src.display(), mnt.display());
+    log::info!("serving {} on {}", src.path().display(), mnt.display());
     match pipe {
         Some(pipe) => pipe.ready(),
         None => notify("READY=1"),

@@ -13,7 +13,7 @@ use super::daemon::{self, Forked, ReadyPipe};
 use super::mount::{default_log_file, spawn_writeback};
 use super::notify::notify;
 use super::pidfile::PidFile;
-use super::scratch::{open_catalog, Changes};
+use super::source::{open_catalog, Changes, Source};
 use crate::fs::FsCore;
 use crate::nbd::{CatalogExports, Limits, Listen, Server, ServerConfig};
 
@@ -78,7 +78,7 @@ pub struct NbdArgs {
     log_file: Option<PathBuf>,
     #[command(flatten)]
     serve: NbdServeArgs,
-    /// The directory holding the images.
+    /// The directory holding the images, or one image file.
     src: PathBuf,
 }
 
@@ -165,13 +165,7 @@ pub fn start_server(
 }
 
 pub fn run(mut args: NbdArgs) -> Result<(), String> {
-    let src = args
-        .src
-        .canonicalize()
-        .map_err(|e| format!("source {}: {e}", args.src.display()))?;
-    if !src.is_dir() {
-        return Err(format!("source {} is not a directory", args.src.display()));
-    }
+    let src = Source::resolve(&args.src)?;
     let mut listen = Vec::new();
     for text in &args.listen {
         listen.extend(tcp_addresses(text)?.into_iter().map(Listen::Tcp));
@@ -222,7 +216,7 @@ fn fail(pipe: Option<ReadyPipe>, message: String) -> Result<(), String> {
 
 fn serve(
     args: &NbdArgs,
-    src: &Path,
+    src: &Source,
     config: ServerConfig,
     pipe: Option<ReadyPipe>,
 ) -> Result<(), String> {
@@ -249,7 +243,10 @@ fn serve(
     // No mount: the core only keeps the catalog's housekeeping and write-back in one place.
     let core = Arc::new(FsCore::new(catalog));
     let served = core.catalog().refresh();
-    log::info!("{served} image(s) below {}", src.display());
+    log::info!("{served} image(s) below {}", src.path().display());
+    if let Err(e) = src.check_served(served) {
+        return fail(pipe, e);
+    }
     let server = match start_server(&core, config, &args.serve, args.read_only) {
         Ok(server) => server,
         Err(e) => return fail(pipe, e),
@@ -258,7 +255,7 @@ fn serve(
         Ok(started) => started,
         Err(e) => return fail(pipe, format!("cannot start the write-back thread: {e}")),
     };
-    log::info!("serving {} over NBD", src.display());
+    log::info!("serving {} over NBD", src.path().display());
     match pipe {
         Some(pipe) => pipe.ready(),
         None => notify("READY=1"),

@@ -1,13 +1,11 @@
-//! `--snapshot` for `mount` and `nbd`: writes go into qcow2 overlays in a private scratch
-//! directory that is removed when the daemon stops, so the originals are never written and
-//! the changes are thrown away (qemu-nbd's `--snapshot`, xmount's write cache). It is the
-//! `--overlay DIR` machinery with a directory nobody else knows of.
+//! The scratch directory of `--snapshot` (`mount` and `nbd`): writes go into qcow2 overlays
+//! in a private directory that is removed when the daemon stops, so the originals are never
+//! written and the changes are thrown away (qemu-nbd's `--snapshot`, xmount's write cache). It
+//! is the `--overlay DIR` machinery with a directory nobody else knows of (`source.rs`).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
-
-use crate::catalog::{Catalog, FormatOpener};
 
 /// Where the scratch directory goes when `TMPDIR` is not set: on disk rather than in memory
 /// (/tmp may be a tmpfs), as qemu-nbd's temporary overlays do.
@@ -78,88 +76,9 @@ impl Drop for ScratchDir {
     }
 }
 
-/// Where writes go: into the originals, into overlays in a directory the user keeps
-/// (`--overlay`), or into overlays that are thrown away (`--snapshot`).
-pub enum Changes<'a> {
-    InPlace,
-    Overlays(&'a Path),
-    Scratch,
-}
-
-impl<'a> Changes<'a> {
-    /// From the `--overlay` and `--snapshot` flags, which contradict each other and
-    /// `--read-only`.
-    pub fn from_flags(
-        overlay: Option<&'a Path>,
-        snapshot: bool,
-        read_only: bool,
-    ) -> Result<Self, String> {
-        match (overlay, snapshot) {
-            (Some(_), true) => Err("--overlay and --snapshot contradict each other: one keeps \
-                                    the changes, the other throws them away"
-                .into()),
-            (Some(_), false) if read_only => Err(
-                "--overlay and --read-only contradict each other: overlays take the writes".into(),
-            ),
-            (None, true) if read_only => Err("--snapshot and --read-only contradict each \
-                                              other: the snapshot takes the writes"
-                .into()),
-            (Some(dir), false) => Ok(Changes::Overlays(dir)),
-            (None, true) => Ok(Changes::Scratch),
-            (None, false) => Ok(Changes::InPlace),
-        }
-    }
-}
-
-/// The catalog of `src` writing as `changes` says, and the scratch directory it writes into
-/// (kept alive by the caller until the daemon stops).
-pub fn open_catalog(
-    src: &Path,
-    read_only: bool,
-    changes: &Changes,
-) -> Result<(Catalog, Option<ScratchDir>), String> {
-    let catalog =
-        Catalog::new(src, Box::new(FormatOpener), read_only).map_err(|e| e.to_string())?;
-    match changes {
-        Changes::InPlace => Ok((catalog, None)),
-        Changes::Overlays(dir) => catalog
-            .with_overlays(dir)
-            .map(|c| (c, None))
-            .map_err(|e| e.to_string()),
-        Changes::Scratch => {
-            let scratch = ScratchDir::create()?;
-            let catalog = catalog
-                .with_overlays(scratch.path())
-                .map_err(|e| format!("--snapshot: {e}"))?;
-            log::info!(
-                "--snapshot: writes go to {}, removed when the daemon stops",
-                scratch.path().display()
-            );
-            Ok((catalog, Some(scratch)))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn flags_that_contradict_are_refused_by_name() {
-        let dir = Path::new("/x");
-        let err = |o, s, r| Changes::from_flags(o, s, r).err().unwrap_or_default();
-        assert!(err(Some(dir), true, false).contains("--overlay and --snapshot"));
-        assert!(err(None, true, true).contains("--snapshot and --read-only"));
-        assert!(err(Some(dir), false, true).contains("--overlay and --read-only"));
-        assert!(matches!(
-            Changes::from_flags(None, true, false),
-            Ok(Changes::Scratch)
-        ));
-        assert!(matches!(
-            Changes::from_flags(None, false, true),
-            Ok(Changes::InPlace)
-        ));
-    }
 
     #[test]
     fn scratch_directories_are_private_distinct_and_removed() {

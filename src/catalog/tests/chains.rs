@@ -201,3 +201,40 @@ fn a_file_under_two_names_is_served_under_both_with_one_instance() {
     assert!(Arc::ptr_eq(through_a.served(), through_b.served()));
     assert_eq!(counters.opens.load(Ordering::Relaxed), 1);
 }
+
+/// A source given as one image file: nothing else of its directory is listed, looked up or
+/// even looked at; the image still opens over its backing file.
+#[test]
+fn a_catalog_of_one_image_serves_it_alone_over_its_backing_file() {
+    let dir = TempDir::new();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("sub/other.img"), "FAKEIMG 4096").unwrap();
+    std::fs::write(dir.path().join("base.img"), "FAKEIMG 4096\nsnapshot s").unwrap();
+    std::fs::write(dir.path().join("else.img"), "FAKEIMG 4096").unwrap();
+    std::fs::write(
+        dir.path().join("top.img"),
+        "FAKEIMG 4096\nbacking base.img\nsnapshot t",
+    )
+    .unwrap();
+    let (catalog, counters) = catalog_of(dir.path(), false);
+    let catalog = catalog.with_only(OsStr::new("top.img"));
+    assert_eq!(catalog.refresh(), 1);
+    assert_eq!(ls(&catalog, ""), ["top.img.raw", "top.img.snapshots"]);
+    for hidden in [
+        "base.img.raw",
+        "else.img.raw",
+        "base.img.snapshots",
+        "sub",
+        "top.img",
+    ] {
+        let found = catalog.lookup(&root(), OsStr::new(hidden)).unwrap();
+        assert!(found.is_none(), "{hidden}");
+    }
+    assert!(ls(&catalog, "sub").is_empty());
+    let top = image(&catalog, "top.img.raw").unwrap();
+    assert!(catalog.attributes(&top).writable);
+    let handle = catalog.open(&top, true).unwrap();
+    assert!(handle.is_writable());
+    // The backing file was opened for the chain; the other files were never probed.
+    assert_eq!(counters.probes.load(Ordering::Relaxed), 2);
+}
