@@ -1,6 +1,6 @@
 //! A source given as one image file, as qemu-nbd, xmount and the libyal mounters take one:
 //! `imgfs mount disk.qcow2 MNT` and `imgfs nbd disk.qcow2` serve that image alone (over its
-//! backing file beside it), look at nothing else of its directory, and refuse a file that is
+//! backing file beside it), show nothing else of its directory, and refuse a file that is
 //! no image.
 
 mod common;

@@ -149,7 +149,7 @@ pub struct Catalog {
     /// Where changes go instead of into the originals (`--overlay DIR`), if anywhere.
     overlay_dir: Option<PathBuf>,
     /// The one image file of `root` served when the source is a file (`with_only`): nothing
-    /// else of the directory is listed, looked up or scanned.
+    /// else of the directory is listed or looked up, and nothing below it is looked at.
     only: Option<OsString>,
     state: Mutex<State>,
     /// Serialises the opening and closing of instances (file I/O), never held by lookups.
@@ -168,6 +168,11 @@ fn is_transient(e: &Error) -> bool {
             e.errno(),
             libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::EINTR
         )
+}
+
+/// The names an image file `name` may show in the raw namespace.
+fn image_entries_of(name: &OsStr) -> [OsString; 3] {
+    [RAW_SUFFIX, SNAPSHOTS_SUFFIX, PARTS_SUFFIX].map(|suffix| with_suffix(name, suffix))
 }
 
 fn with_suffix(name: &OsStr, suffix: &str) -> OsString {
@@ -218,7 +223,7 @@ impl Catalog {
             .canonicalize()
             .map_err(|e| Error::io("resolve", e).with_path(dir))?;
         // Only what the catalog scans must stay clear of overlays: a catalog of one image
-        // looks at nothing below its directory.
+        // looks at nothing below its directory (the files in it are not below).
         if dir.starts_with(&self.root) && (self.only.is_none() || dir == self.root) {
             return Err(Error::out_of_range(format!(
                 "the overlay directory {} lies inside the source tree",
@@ -230,15 +235,17 @@ impl Catalog {
     }
 
     /// Serves only the image file `name` of the root directory (a source given as one image
-    /// file), with its snapshots and partitions: the rest of the directory is neither listed
-    /// nor looked at. Backing files and extents it names are opened all the same.
+    /// file), with its snapshots and partitions: the rest of the directory is not listed and
+    /// its sub-directories are not looked at. The files beside it are looked at as ever, so
+    /// that one using it as a backing file still makes it read-only; backing files and
+    /// extents it names are opened all the same.
     pub fn with_only(mut self, name: &OsStr) -> Self {
         self.only = Some(name.to_os_string());
         self
     }
 
-    /// Whether `name` of directory `rel` may be shown: everything, unless only one image of
-    /// the root is served.
+    /// Whether image file `name` of directory `rel` may be shown: every one, unless only one
+    /// image of the root is served.
     fn shown(&self, rel: &Path, name: &OsStr) -> bool {
         match &self.only {
             Some(only) => rel.as_os_str().is_empty() && name == only,
@@ -369,11 +376,7 @@ impl Catalog {
             let item = item.map_err(|e| Error::io("read directory", e).with_path(&dir))?;
             // Not followed: symbolic links could lead out of the source tree.
             let Ok(meta) = item.metadata() else { continue };
-            if self.only.is_some() {
-                if meta.is_file() && self.shown(rel, &item.file_name()) {
-                    files.push((item.file_name(), meta));
-                }
-            } else if meta.is_dir() {
+            if meta.is_dir() && self.only.is_none() {
                 entries.push(Entry {
                     target: Target::Dir(rel.join(item.file_name())),
                     name: item.file_name(),
@@ -397,6 +400,12 @@ impl Catalog {
                 name: raw,
                 target: Target::Image(image),
             });
+        }
+        // A catalog of one image still looks at the files beside it, so that one using it as
+        // a backing file makes it read-only, but shows none of them.
+        if let Some(only) = &self.only {
+            let image = image_entries_of(only);
+            entries.retain(|e| rel.as_os_str().is_empty() && image.contains(&e.name));
         }
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(entries)

@@ -202,8 +202,8 @@ fn a_file_under_two_names_is_served_under_both_with_one_instance() {
     assert_eq!(counters.opens.load(Ordering::Relaxed), 1);
 }
 
-/// A source given as one image file: nothing else of its directory is listed, looked up or
-/// even looked at; the image still opens over its backing file.
+/// A source given as one image file: nothing else of its directory is listed or looked up,
+/// and nothing below it is looked at; the image still opens over its backing file.
 #[test]
 fn a_catalog_of_one_image_serves_it_alone_over_its_backing_file() {
     let dir = TempDir::new();
@@ -235,6 +235,32 @@ fn a_catalog_of_one_image_serves_it_alone_over_its_backing_file() {
     assert!(catalog.attributes(&top).writable);
     let handle = catalog.open(&top, true).unwrap();
     assert!(handle.is_writable());
-    // The backing file was opened for the chain; the other files were never probed.
-    assert_eq!(counters.probes.load(Ordering::Relaxed), 2);
+
+    // New files below the directory are never looked at; new files beside the image are.
+    let probes = counters.probes.load(Ordering::Relaxed);
+    for i in 0..10 {
+        std::fs::write(dir.path().join(format!("sub/new{i}.img")), "FAKEIMG 4096").unwrap();
+    }
+    assert_eq!(catalog.refresh(), 1);
+    assert_eq!(counters.probes.load(Ordering::Relaxed), probes);
+    std::fs::write(dir.path().join("beside.img"), "FAKEIMG 4096").unwrap();
+    assert_eq!(catalog.refresh(), 1);
+    assert_eq!(counters.probes.load(Ordering::Relaxed), probes + 1);
+}
+
+/// The one image served may be the backing file of an image beside it, which writing it would
+/// change: it is read-only, as in a tree.
+#[test]
+fn a_catalog_of_one_backing_file_serves_it_read_only() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("base.img"), "FAKEIMG 4096").unwrap();
+    std::fs::write(dir.path().join("top.img"), "FAKEIMG 4096\nbacking base.img").unwrap();
+    let (catalog, _) = catalog_of(dir.path(), false);
+    let catalog = catalog.with_only(OsStr::new("base.img"));
+    assert_eq!(catalog.refresh(), 1);
+    assert_eq!(ls(&catalog, ""), ["base.img.raw"]);
+    let base = image(&catalog, "base.img.raw").unwrap();
+    let err = catalog.open(&base, true).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ReadOnly);
+    assert!(err.to_string().contains("backing file of top.img"), "{err}");
 }
