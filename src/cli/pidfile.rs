@@ -41,8 +41,14 @@ impl PidFile {
             .create(true)
             .truncate(false)
             .mode(0o644)
+            // A symbolic link planted in a shared directory must not make the daemon truncate
+            // the file it points at.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(what)?;
+        if !file.metadata().map_err(what)?.is_file() {
+            return Err(format!("pid file {}: not a regular file", path.display()));
+        }
         if let Err(e) = lock(&file) {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
@@ -99,6 +105,15 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), pid);
         drop(held);
         assert!(!path.exists());
+
+        // A symbolic link is not followed, nor is anything but a regular file written.
+        let target = dir.path().join("target");
+        std::fs::write(&target, "keep\n").unwrap();
+        let link = dir.path().join("link.pid");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(PidFile::create(&link).is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep\n");
+        assert!(PidFile::create(Path::new("/dev/null")).is_err());
 
         // A file put in its place is not removed.
         let held = PidFile::create(&path).unwrap();
