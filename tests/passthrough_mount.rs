@@ -279,3 +279,20 @@ fn a_read_only_qcow2_with_a_raw_data_file_is_read_by_passthrough() {
     assert_eq!(passthrough_opens(&mount), opens);
     mount.unmount();
 }
+
+/// A raw disk named as the source and served read-only is read by passthrough.
+#[test]
+fn a_raw_disk_named_as_the_source_is_read_by_passthrough() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src) = empty_source("passthrough-raw");
+    let disk = src.join("disk.img");
+    let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&disk, &bytes).unwrap();
+    let mount = Mount::new(&disk, &dir.join("mnt"), &["--read-only"]);
+    assert!(std::fs::read(mount.path("disk.img.raw")).unwrap() == bytes);
+    let expected = u64::from(passthrough_offered());
+    assert_eq!(passthrough_opens(&mount), expected);
+    mount.unmount();
+}

@@ -1,7 +1,7 @@
 //! A source given as one image file, as qemu-nbd, xmount and the libyal mounters take one:
 //! `imgfs mount disk.qcow2 MNT` and `imgfs nbd disk.qcow2` serve that image alone (over its
-//! backing file beside it), show nothing else of its directory, and refuse a file that is
-//! no image.
+//! backing file beside it), show nothing else of its directory, and refuse a damaged image;
+//! a file of no format (a `dd` image) is served as a raw disk.
 
 mod common;
 mod nbd_support;
@@ -67,26 +67,33 @@ fn a_mount_of_one_image_serves_it_alone_over_its_backing_file() {
 }
 
 #[test]
-fn a_file_that_is_no_image_is_refused_by_name() {
+fn a_damaged_image_is_refused_by_name() {
     if !can_mount() {
         return;
     }
     let (dir, src) = source("single-refused");
-    let notes = src.join("notes.txt");
-    std::fs::write(&notes, "not an image").unwrap();
+    // qcow2's magic and a version no driver knows.
+    let broken = src.join("broken.qcow2");
+    std::fs::write(&broken, b"QFI\xfb\x00\x00\x00\x63 and nothing after").unwrap();
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
+    let log = dir.join("mnt.log");
     let out = Command::new(IMGFS)
         .arg("mount")
         .arg("--log-file")
-        .arg(dir.join("mnt.log"))
-        .arg(&notes)
+        .arg(&log)
+        .arg(&broken)
         .arg(&mnt)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(text.contains("notes.txt is not an image"), "{text}");
+    assert!(text.contains("broken.qcow2 cannot be served"), "{text}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("not serving") && log.contains("broken.qcow2"),
+        "{log}"
+    );
     assert!(!is_mount_point(&mnt));
 }
 
@@ -108,4 +115,81 @@ fn nbd_of_one_image_is_its_only_and_default_export() {
     );
     assert!(read_nbd(&server.uri(""), &dir.join("default.raw")) == expected);
     server.stop();
+}
+
+/// A `dd` image (a raw disk with an MBR) named as the source: served read-write with its
+/// partitions as files, no root needed; with `--snapshot` the image stays as it was.
+#[test]
+fn a_raw_disk_named_as_the_source_is_served_with_its_partitions() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src) = empty_source("single-raw");
+    let disk = src.join("evidence.dd");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mut child = Command::new("sfdisk")
+        .args(["-q", "--no-reread"])
+        .arg(&disk)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\nstart=2048, size=8192, type=83\nstart=10240, size=8192, type=7\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    file.write_all_at(&[0x61; 4096], 2048 * 512).unwrap();
+    drop(file);
+    let mut expected = std::fs::read(&disk).unwrap();
+
+    let mount = Mount::new(&disk, &dir.join("mnt"), &[]);
+    assert_eq!(ls(&mount.mnt), ["evidence.dd.parts", "evidence.dd.raw"]);
+    assert!(std::fs::read(mount.path("evidence.dd.raw")).unwrap() == expected);
+    let p2 = mount.path("evidence.dd.parts/p2.raw");
+    let file = std::fs::OpenOptions::new().write(true).open(&p2).unwrap();
+    file.write_all_at(&[0x62; 70_000], 300).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    let at = 10240 * 512 + 300;
+    expected[at..at + 70_000].fill(0x62);
+    mount.unmount();
+    assert!(std::fs::read(&disk).unwrap() == expected);
+
+    let mount = Mount::new(&disk, &dir.join("mnt2"), &["--snapshot"]);
+    let p1 = mount.path("evidence.dd.parts/p1.raw");
+    let file = std::fs::OpenOptions::new().write(true).open(&p1).unwrap();
+    file.write_all_at(&[0x63; 5000], 100).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    assert_eq!(
+        read_range(&p1, 0, 104),
+        [&[0x61; 100][..], &[0x63; 4]].concat()
+    );
+    mount.unmount();
+    assert!(std::fs::read(&disk).unwrap() == expected);
+
+    // Kept in an overlay, then committed into the raw file.
+    let changes = dir.join("changes");
+    let mount = Mount::new(&disk, &dir.join("mnt3"), &["--overlay", path_str(&changes)]);
+    let raw = mount.path("evidence.dd.raw");
+    let file = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    file.write_all_at(&[0x64; 3000], (1 << 20) - 1000).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    mount.unmount();
+    assert!(std::fs::read(&disk).unwrap() == expected);
+    run(Command::new(IMGFS)
+        .args(["overlay", "commit"])
+        .arg(&changes)
+        .arg("evidence.dd"));
+    expected[(1 << 20) - 1000..(1 << 20) + 2000].fill(0x64);
+    assert!(std::fs::read(&disk).unwrap() == expected);
 }

@@ -508,7 +508,9 @@ impl Catalog {
             .ok()
             .filter(|m| m.is_file())?;
         let identity = FileIdentity::of(&meta);
-        let mut outcome = summarize(self.opener.as_ref(), &self.root, &path);
+        // A file named as the source is served even without a format's magic: as a raw disk.
+        let named = self.only.as_deref() == Some(name) && rel.as_os_str().is_empty();
+        let mut outcome = summarize(self.opener.as_ref(), &self.root, &path, named);
         if let Outcome::Image(_) = outcome {
             if with_suffix(name, RAW_SUFFIX).len() > NAME_MAX {
                 outcome = Outcome::Refused(Error::unsupported(format!(

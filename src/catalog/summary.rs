@@ -159,10 +159,12 @@ pub fn partitions_of(image: &dyn Image, path: &Path) -> Partitions {
 }
 
 /// Looks at the file at `path`: whether it is an image, and if so what it is and which files
-/// it stands on. Opens it (and its chain) for inspection only and closes it again.
-pub fn summarize(opener: &dyn Opener, root: &Path, path: &Path) -> Outcome {
+/// it stands on. Opens it (and its chain) for inspection only and closes it again. With
+/// `raw_fallback` (the file was named as the source), a file of no format is a raw disk.
+pub fn summarize(opener: &dyn Opener, root: &Path, path: &Path, raw_fallback: bool) -> Outcome {
     let format = match opener.probe(path) {
         Ok(Some(format)) => format,
+        Ok(None) if raw_fallback => Format::Raw,
         Ok(None) => return Outcome::NotImage,
         Err(e) => return Outcome::Refused(e),
     };

@@ -25,6 +25,8 @@ pub(super) fn root_for<'a>(path: &'a Path, root: Option<&'a Path>) -> &'a Path {
 }
 
 /// Opens the image at `path` (and its chain, inside `root`) for inspection: no locks, no writes.
+/// A file of no format is a raw disk, as for qemu-img (and as imgfs serves one named as the
+/// source of a mount).
 pub(super) fn open_for_inspection(
     path: &Path,
     root: &Path,
@@ -35,7 +37,10 @@ pub(super) fn open_for_inspection(
         inspect: true,
         reason: None,
     };
-    format::open(path, &options, &mut links).map_err(|e| e.to_string())
+    let format = format::probe_file(path)
+        .map_err(|e| e.with_path(path).to_string())?
+        .unwrap_or(format::Format::Raw);
+    format::open_probed(path, format, &options, &mut links).map_err(|e| e.to_string())
 }
 
 pub fn run(

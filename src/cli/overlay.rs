@@ -232,7 +232,9 @@ fn commit(dir: &Path, image: &Path) -> Result<(), String> {
     let changes = format::open_alone(&overlay).map_err(|e| e.to_string())?;
     let mut links = PlainLinks::new(&origin.root, false).map_err(|e| e.to_string())?;
     let options = OpenOptions::default();
-    let target = format::open(&origin.original, &options, &mut links).map_err(|e| e.to_string())?;
+    let target_format = commit_format(&origin.original, &origin.format)?;
+    let target = format::open_probed(&origin.original, target_format, &options, &mut links)
+        .map_err(|e| e.to_string())?;
     if let Some(reason) = target.read_only_reason() {
         return Err(format!(
             "{} cannot be written: {reason}",
@@ -265,9 +267,41 @@ fn commit(dir: &Path, image: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The format to write the original at `path` in: what it is, which must be what was recorded
+/// when the overlay was made (`recorded`); raw, which has no magic to find, only if recorded so.
+fn commit_format(path: &Path, recorded: &str) -> Result<format::Format, String> {
+    let probed = format::probe_file(path).map_err(|e| e.to_string())?;
+    match (probed, format::Format::from_name(recorded)) {
+        (Some(found), Some(want)) if found == want => Ok(found),
+        (None, Some(format::Format::Raw)) => Ok(format::Format::Raw),
+        (found, _) => Err(format!(
+            "not committed: {} is {}, but the overlay was made over a {recorded} image",
+            path.display(),
+            found.map_or("no image imgfs recognises", |f| f.name())
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_commit_writes_the_original_only_in_the_format_recorded() {
+        let dir = crate::testutil::TempDir::new();
+        let raw = dir.path().join("disk.dd");
+        std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+        let mut qcow2 = b"QFI\xfb\x00\x00\x00\x03".to_vec();
+        qcow2.resize(4096, 0);
+        let fake = dir.path().join("disk.qcow2");
+        std::fs::write(&fake, qcow2).unwrap();
+        assert_eq!(commit_format(&raw, "raw"), Ok(format::Format::Raw));
+        assert_eq!(commit_format(&fake, "qcow2"), Ok(format::Format::Qcow2));
+        for (path, recorded) in [(&raw, "qcow2"), (&fake, "raw"), (&raw, "bogus")] {
+            let err = commit_format(path, recorded).unwrap_err();
+            assert!(err.contains("not committed"), "{err}");
+        }
+    }
 
     #[test]
     fn dates_are_civil_utc() {

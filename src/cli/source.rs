@@ -56,12 +56,12 @@ impl Source {
         self.only.is_none() && path.starts_with(&self.root)
     }
 
-    /// After the first scan: a single file that is not served is an error, not an empty
-    /// mount. `served` is the scan's count of images.
+    /// After the first scan: a single file that is not served (a damaged image, one QEMU
+    /// holds for writing) is an error, not an empty mount. `served` is the scan's count.
     pub fn check_served(&self, served: usize) -> Result<(), String> {
         match (&self.only, served) {
             (Some(_), 0) => Err(format!(
-                "{} is not an image imgfs can serve; the log line before says why",
+                "{} cannot be served; the log line before says why",
                 self.path().display()
             )),
             _ => Ok(()),

@@ -34,7 +34,8 @@ pub enum Format {
     /// VHD (QEMU calls the format and its driver "vpc").
     Vhd,
     Vmdk,
-    /// Only as a backing file: raw files carry no magic, so they are never served on their own.
+    /// A backing file, or a file named as the source: raw files carry no magic, so they are
+    /// not recognised in a tree.
     Raw,
 }
 
@@ -49,6 +50,21 @@ impl Format {
             Format::Vmdk => "vmdk",
             Format::Raw => "raw",
         }
+    }
+
+    /// The format QEMU calls `name` (what `name` gives), if imgfs has it.
+    pub fn from_name(name: &str) -> Option<Format> {
+        [
+            Format::Vdi,
+            Format::Qcow,
+            Format::Qcow2,
+            Format::Vhdx,
+            Format::Vhd,
+            Format::Vmdk,
+            Format::Raw,
+        ]
+        .into_iter()
+        .find(|f| f.name() == name)
     }
 }
 
@@ -346,10 +362,7 @@ fn open_as(
                 host_reason,
             )?)
         }
-        Format::Raw => Arc::new(raw::RawImage::open(
-            file,
-            host_reason.unwrap_or_else(|| "raw files are only read".to_string()),
-        )?),
+        Format::Raw => Arc::new(raw::RawImage::open(file, host_reason)?),
     };
     Ok(image)
 }

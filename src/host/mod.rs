@@ -391,6 +391,13 @@ impl HostFile {
             .map_err(|e| Error::io("stat", e).with_path(&self.path))
     }
 
+    /// Sets the file's length (a raw disk growing); what it adds reads as zeros.
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io("truncate", e).with_path(&self.path))
+    }
+
     /// Bytes the host file system holds for the file (`st_blocks`), or 0 when it cannot say.
     pub fn allocated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
