@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the seed corpora under fuzz/seeds/<target>/ from small images made with qemu-img
 # and qemu-io (every sub-format they write), plus the hand-built ones QEMU cannot make (a VHDX
-# with a dirty log, VMDK COWD and seSparse extents), written by an ignored unit test.
+# with a dirty log, VMDK COWD and seSparse extents), written by an ignored unit test, and disks
+# partitioned with sfdisk (util-linux) for the status target.
 # Virtual sizes are tiny and files stored sparse, so the whole corpus stays in the tens of KiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
