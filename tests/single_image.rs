@@ -67,7 +67,7 @@ fn a_mount_of_one_image_serves_it_alone_over_its_backing_file() {
 }
 
 #[test]
-fn a_damaged_image_is_refused_by_name() {
+fn a_damaged_image_or_a_part_of_one_is_refused_by_name() {
     if !can_mount() {
         return;
     }
@@ -75,26 +75,30 @@ fn a_damaged_image_is_refused_by_name() {
     // qcow2's magic and a version no driver knows.
     let broken = src.join("broken.qcow2");
     std::fs::write(&broken, b"QFI\xfb\x00\x00\x00\x63 and nothing after").unwrap();
-    let mnt = dir.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let log = dir.join("mnt.log");
-    let out = Command::new(IMGFS)
-        .arg("mount")
-        .arg("--log-file")
-        .arg(&log)
-        .arg(&broken)
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(text.contains("broken.qcow2 cannot be served"), "{text}");
-    let log = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        log.contains("not serving") && log.contains("broken.qcow2"),
-        "{log}"
-    );
-    assert!(!is_mount_point(&mnt));
+    let split = ["-o", "subformat=twoGbMaxExtentSparse"];
+    create_filled(&src, "vmdk", "split.vmdk", &split, "8M", &[]);
+    for (file, why) in [
+        ("broken.qcow2", "shorter than a qcow2 header"),
+        ("split-s001.vmdk", "name the image's descriptor"),
+    ] {
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let log = dir.join(&format!("{file}.log"));
+        let out = Command::new(IMGFS)
+            .arg("mount")
+            .arg("--log-file")
+            .arg(&log)
+            .arg(src.join(file))
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{file}");
+        assert!(text.contains(&format!("{file} cannot be served")), "{text}");
+        let log = std::fs::read_to_string(&log).unwrap();
+        assert!(log.contains("not serving") && log.contains(why), "{log}");
+        assert!(!is_mount_point(&mnt));
+    }
 }
 
 #[test]

@@ -511,6 +511,11 @@ impl Catalog {
         // A file named as the source is served even without a format's magic: as a raw disk.
         let named = self.only.as_deref() == Some(name) && rel.as_os_str().is_empty();
         let mut outcome = summarize(self.opener.as_ref(), &self.root, &path, named);
+        if named && matches!(outcome, Outcome::NotImage) {
+            outcome = Outcome::Refused(Error::unsupported(
+                "it is only a part of an image (a VMDK extent): name the image's descriptor",
+            ));
+        }
         if let Outcome::Image(_) = outcome {
             if with_suffix(name, RAW_SUFFIX).len() > NAME_MAX {
                 outcome = Outcome::Refused(Error::unsupported(format!(
@@ -551,9 +556,10 @@ impl Catalog {
                     retry: is_transient(&e),
                 };
                 if previous.as_ref().map(|p| &p.message) != Some(&problem.message) {
-                    match problem.retry {
-                        true => log::warn!("not serving {} (retried)", problem.message),
-                        false => log::error!("not serving {}", problem.message),
+                    match (self.shown(rel, name), problem.retry) {
+                        (false, _) => log::debug!("not looking at {}", problem.message),
+                        (true, true) => log::warn!("not serving {} (retried)", problem.message),
+                        (true, false) => log::error!("not serving {}", problem.message),
                     }
                 }
                 Record::Hidden {
@@ -599,7 +605,11 @@ impl Catalog {
                         writes,
                     ));
                     state.roles.add(&image);
-                    log::info!("serving {}", path.display());
+                    match self.shown(rel, name) {
+                        true => log::info!("serving {}", path.display()),
+                        // Beside the one image served: looked at for its roles only.
+                        false => log::debug!("found {} beside the image served", path.display()),
+                    }
                     Record::Image(image)
                 }
             }
