@@ -39,6 +39,23 @@ fn source(tag: &str) -> (TempDir, std::path::PathBuf) {
     (dir, src)
 }
 
+/// A raw file of `len` bytes at `path`, partitioned by sfdisk with `table`.
+fn partitioned_raw_disk(path: &std::path::Path, len: u64, table: &str) {
+    use std::io::Write;
+    std::fs::File::create(path).unwrap().set_len(len).unwrap();
+    let mut child = Command::new("sfdisk")
+        .args(["-q", "--no-reread"])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(table.as_bytes()).unwrap();
+    drop(stdin);
+    assert!(child.wait().unwrap().success(), "sfdisk {}", path.display());
+}
+
 #[test]
 fn a_mount_of_one_image_serves_it_alone_over_its_backing_file() {
     if !can_mount() {
@@ -130,25 +147,8 @@ fn a_raw_disk_named_as_the_source_is_served_with_its_partitions() {
     }
     let (dir, src) = empty_source("single-raw");
     let disk = src.join("evidence.dd");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    let mut child = Command::new("sfdisk")
-        .args(["-q", "--no-reread"])
-        .arg(&disk)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"label: dos\nstart=2048, size=8192, type=83\nstart=10240, size=8192, type=7\n")
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    let table = "label: dos\nstart=2048, size=8192, type=83\nstart=10240, size=8192, type=7\n";
+    partitioned_raw_disk(&disk, 16 << 20, table);
     let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
     file.write_all_at(&[0x61; 4096], 2048 * 512).unwrap();
     drop(file);
@@ -196,4 +196,26 @@ fn a_raw_disk_named_as_the_source_is_served_with_its_partitions() {
         .arg("evidence.dd"));
     expected[(1 << 20) - 1000..(1 << 20) + 2000].fill(0x64);
     assert!(std::fs::read(&disk).unwrap() == expected);
+}
+
+/// The default export is the one image even when its partitions are exports too.
+#[test]
+fn the_default_export_is_the_one_image_beside_its_partitions() {
+    if !have_libnbd_tools() {
+        return;
+    }
+    let (dir, src) = empty_source("single-nbd-parts");
+    let disk = src.join("disk.dd");
+    partitioned_raw_disk(
+        &disk,
+        8 << 20,
+        "label: dos\nstart=2048, size=4096, type=83\n",
+    );
+    let bytes = std::fs::read(&disk).unwrap();
+    let server = NbdServer::unix(&disk, dir.path(), &[]);
+    let listed = client("nbdinfo", &["--list", &server.uri("")]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(text.contains("export=\"disk.dd.parts/p1\""), "{text}");
+    assert!(read_nbd(&server.uri(""), &dir.join("default.raw")) == bytes);
+    server.stop();
 }

@@ -206,12 +206,7 @@ impl CatalogExports {
     /// The target export `name` stands for, walking the catalog from its root.
     fn resolve(&self, name: &str) -> Result<Option<Target>> {
         if name.is_empty() {
-            // The default export: the only one, if there is exactly one.
-            let all = self.list();
-            return match all.as_slice() {
-                [only] => self.resolve(&only.name),
-                _ => Ok(None),
-            };
+            return Ok(self.default_export()?.map(|(_, target)| target));
         }
         if name.len() > MAX_STRING || !self.allowed(name) {
             return Ok(None);
@@ -242,6 +237,21 @@ impl CatalogExports {
             .lookup(&dir, &file)?
             .map(|e| e.target)
             .filter(|t| !is_dir(t)))
+    }
+
+    /// The default export (the empty name): the one image of the tree, if there is exactly
+    /// one, whatever partitions and snapshots it shows besides.
+    fn default_export(&self) -> Result<Option<(String, Target)>> {
+        let mut images = Vec::new();
+        for entry in self.list() {
+            if let Some(target @ Target::Image(_)) = self.resolve(&entry.name)? {
+                images.push((entry.name, target));
+            }
+        }
+        Ok(match images.len() {
+            1 => images.pop(),
+            _ => None,
+        })
     }
 
     fn describe(&self, target: &Target) -> String {
@@ -354,10 +364,8 @@ impl Exports for CatalogExports {
         };
         let canonical = match name.is_empty() {
             true => self
-                .list()
-                .into_iter()
-                .next()
-                .map(|e| e.name)
+                .default_export()?
+                .map(|(name, _)| name)
                 .unwrap_or_default(),
             false => name.to_string(),
         };
