@@ -4,6 +4,8 @@
 //! - Directories are mirrored; every image (recognised by its magic through an `Opener`)
 //!   appears as `<name>.raw`, its internal snapshots under `<name>.snapshots/`; other files do
 //!   not appear. A name that would exceed NAME_MAX with the suffix is left out and logged.
+//! - A source given as one file (`with_only`) shows that image alone, read as raw if it has no
+//!   format's magic; the files beside it are looked at for their roles only, nothing below.
 //! - Each image file is known as a version (`ImageFile`): its identity (device, inode, size,
 //!   mtime, ctime, header bytes) and a summary read once with an inspecting open. Every look
 //!   (listing, lookup, open, the periodic refresh) compares the file with its version; changes
