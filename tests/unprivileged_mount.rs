@@ -15,21 +15,32 @@ use common::*;
 const USER: u32 = 65534;
 
 /// Makes /dev/fuse readable and writable by everyone while it lives, as the udev rule of
-/// every distribution that ships FUSE does (some containers leave it 0600).
+/// every distribution that ships FUSE does (some containers leave it 0600). The tests that
+/// need it take turns: one restoring the mode would pull it from under another's mount.
 struct OpenDevFuse {
     restore: Option<u32>,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+static DEV_FUSE_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl OpenDevFuse {
     fn new() -> Self {
+        let turn = DEV_FUSE_TURN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let dev = Path::new("/dev/fuse");
         let mode = std::fs::metadata(dev).unwrap().permissions().mode() & 0o7777;
         if mode & 0o666 == 0o666 {
-            return OpenDevFuse { restore: None };
+            return OpenDevFuse {
+                restore: None,
+                _turn: turn,
+            };
         }
         std::fs::set_permissions(dev, std::fs::Permissions::from_mode(0o666)).unwrap();
         OpenDevFuse {
             restore: Some(mode),
+            _turn: turn,
         }
     }
 }
