@@ -33,14 +33,20 @@ fn mount_t_fuse_takes_mount_options() {
     create_filled(&src, "vdi", "a.vdi", &[], "8M", &["write -P 0x42 0 4k"]);
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
+    let pid_file = dir.join("imgfs.pid");
     run(Command::new("mount")
         .args(["-t", "fuse"])
         .arg(helper_source(&src))
         .arg(&mnt)
-        .args([
-            "-o",
-            "ro,threads=2,uid=1234,gid=4321,umask=077,nosuid,nodev",
-        ]));
+        .arg("-o")
+        .arg(format!(
+            "ro,threads=2,uid=1234,gid=4321,umask=077,nosuid,nodev,pid_file={}",
+            pid_file.display()
+        )));
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap(),
+        format!("{}\n", daemon_pid(&mnt))
+    );
     let raw = mnt.join("a.vdi.raw");
     let meta = std::fs::metadata(&raw).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (1234, 4321));
@@ -52,6 +58,7 @@ fn mount_t_fuse_takes_mount_options() {
         .unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
     unmount_and_wait(&mnt, Command::new("umount").arg(&mnt));
+    assert!(!pid_file.exists());
 }
 
 #[test]

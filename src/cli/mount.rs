@@ -58,9 +58,9 @@ pub struct MountArgs {
     #[arg(long)]
     snapshot: bool,
     /// Mount options, comma-separated, as in fstab: ro, allow_other, no_passthrough,
-    /// snapshot, threads=N, log_file=F, overlay=DIR, uid=N, gid=N, umask=OCTAL (owner and mode
-    /// bits the raw files show), and the standard ones mount(8) passes (rw, nodev, nosuid,
-    /// noatime, nofail, ...).
+    /// snapshot, threads=N, log_file=F, pid_file=F, overlay=DIR, uid=N, gid=N, umask=OCTAL
+    /// (owner and mode bits the raw files show), and the standard ones mount(8) passes (rw,
+    /// nodev, nosuid, noatime, nofail, ...).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// What mount(8) passes to a mount helper (`-t fuse.imgfs -n -s -v`): nothing to do here.
@@ -125,6 +125,7 @@ fn with_options(mut args: MountArgs) -> Result<(MountArgs, Ownership), String> {
     args.no_passthrough |= options.no_passthrough;
     args.threads = options.threads.unwrap_or(args.threads);
     args.log_file = options.log_file.or(args.log_file);
+    args.pid_file = options.pid_file.or(args.pid_file);
     args.overlay = options.overlay.or(args.overlay);
     args.snapshot |= options.snapshot;
     Changes::from_flags(args.overlay.as_deref(), args.snapshot, args.read_only)?;

@@ -12,6 +12,7 @@ pub struct MountOptions {
     pub no_passthrough: bool,
     pub threads: Option<u16>,
     pub log_file: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
     pub overlay: Option<PathBuf>,
     pub snapshot: bool,
     /// Owner, group and umask shown for the raw files and directories (the image files'
@@ -78,6 +79,7 @@ pub fn parse(lists: &[String]) -> Result<MountOptions, String> {
             }
             ("log_file", Some(v)) if !v.is_empty() => out.log_file = Some(PathBuf::from(v)),
             ("overlay", Some(v)) if !v.is_empty() => out.overlay = Some(PathBuf::from(v)),
+            ("pid_file", Some(v)) if !v.is_empty() => out.pid_file = Some(PathBuf::from(v)),
             ("uid", Some(v)) => out.uid = Some(number(key, v)?),
             ("gid", Some(v)) => out.gid = Some(number(key, v)?),
             ("umask", Some(v)) => {
@@ -91,7 +93,10 @@ pub fn parse(lists: &[String]) -> Result<MountOptions, String> {
             // systemd's and mount(8)'s own (x-systemd.automount, comment=...).
             (k, _) if k.starts_with("x-") || k == "comment" => {}
             (k, Some(_))
-                if ["threads", "log_file", "overlay", "uid", "gid", "umask"].contains(&k) =>
+                if [
+                    "threads", "log_file", "pid_file", "overlay", "uid", "gid", "umask",
+                ]
+                .contains(&k) =>
             {
                 return Err(format!("mount option {option}: bad value"))
             }
@@ -143,6 +148,9 @@ mod tests {
             (Some(8), Some(1000), Some(100), Some(0o27))
         );
         assert_eq!(o.log_file, Some(PathBuf::from("/x")));
+        let pid = parsed("pid_file=/run/imgfs.pid").unwrap().pid_file;
+        assert_eq!(pid, Some(PathBuf::from("/run/imgfs.pid")));
+        assert!(parsed("pid_file=").unwrap_err().contains("pid_file="));
         let standard =
             parsed("rw,nosuid,nodev,noatime,default_permissions,nofail,_netdev").unwrap();
         assert_eq!(standard, MountOptions::default());
