@@ -91,6 +91,15 @@ pub fn fork_daemon(log: File) -> Result<Forked, String> {
     Ok(Forked::Child(ReadyPipe(File::from(write_end))))
 }
 
+/// Reports `message` to the parent waiting on `pipe` (when the daemon forked) and returns it
+/// as the error the daemon ends with.
+pub fn fail(pipe: Option<ReadyPipe>, message: String) -> Result<(), String> {
+    if let Some(pipe) = pipe {
+        pipe.failed(&message);
+    }
+    Err(message)
+}
+
 /// `path` made absolute against the current directory: paths the daemon uses after
 /// `fork_daemon` (overlay directory, sockets, pid file) must not change meaning when it
 /// changes to /. `what` names the argument in the error.

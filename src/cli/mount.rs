@@ -12,8 +12,7 @@ use fuser::{Config, MountOption, SessionACL};
 use super::daemon::{self, Forked, ReadyPipe};
 use super::notify::notify;
 use super::options;
-use super::pidfile::PidFile;
-use super::source::{open_catalog, Changes, Source};
+use super::source::{start_catalog, Changes, Serving, Source};
 use crate::fs::core::Ownership;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::FsCore;
@@ -194,27 +193,18 @@ fn serve(
         Ok(limit) => log::debug!("descriptor limit {limit}"),
         Err(e) => log::warn!("cannot raise the descriptor limit: {e}"),
     }
-    // First, so that a daemon refused its pid file touches nothing; removed last.
-    let _pid_file = match args.pid_file.as_deref().map(PidFile::create).transpose() {
-        Ok(pid_file) => pid_file,
-        Err(e) => return fail(pipe, e),
+    let serving = Serving {
+        read_only: args.read_only,
+        overlay: args.overlay.as_deref(),
+        snapshot: args.snapshot,
+        pid_file: args.pid_file.as_deref(),
     };
-    let changes = match Changes::from_flags(args.overlay.as_deref(), args.snapshot, args.read_only)
-    {
-        Ok(changes) => changes,
-        Err(e) => return fail(pipe, e),
-    };
-    // Dropped last, once the session and every image are closed.
-    let (catalog, _scratch) = match open_catalog(src, args.read_only, &changes) {
-        Ok(opened) => opened,
-        Err(e) => return fail(pipe, e),
+    // Held until the session and every image are closed.
+    let (catalog, _held) = match start_catalog(src, &serving) {
+        Ok(started) => started,
+        Err(e) => return daemon::fail(pipe, e),
     };
     let core = Arc::new(FsCore::new(catalog).with_ownership(ownership));
-    let served = core.catalog().refresh();
-    log::info!("{served} image(s) below {}", src.path().display());
-    if let Err(e) = src.check_served(served) {
-        return fail(pipe, e);
-    }
 
     let mut config = Config::default();
     config.mount_options = vec![
@@ -241,18 +231,18 @@ fn serve(
     let adapter = FuseAdapter::new(core.clone()).with_passthrough(!args.no_passthrough);
     let mut session = match fuser::Session::new(adapter, mnt, &config) {
         Ok(session) => session,
-        Err(e) => return fail(pipe, format!("cannot mount on {}: {e}", mnt.display())),
+        Err(e) => return daemon::fail(pipe, format!("cannot mount on {}: {e}", mnt.display())),
     };
     let nbd = match nbd.map(|c| super::nbd::start_server(&core, c, &args.nbd_serve, args.read_only))
     {
-        Some(Err(e)) => return fail(pipe, e),
+        Some(Err(e)) => return daemon::fail(pipe, e),
         started => started.and_then(Result::ok),
     };
     let unmounter = session.unmount_callable();
     spawn_signal_handler(core.clone(), mnt.to_path_buf(), unmounter);
     let (stop_writeback, writeback) = match spawn_writeback(core.clone()) {
         Ok(started) => started,
-        Err(e) => return fail(pipe, format!("cannot start the write-back thread: {e}")),
+        Err(e) => return daemon::fail(pipe, format!("cannot start the write-back thread: {e}")),
     };
 
     log::info!("serving {} on {}", src.path().display(), mnt.display());
@@ -296,13 +286,6 @@ fn nbd_config(args: &MountArgs) -> Result<Option<crate::nbd::ServerConfig>, Stri
     }
     let workers = crate::nbd::Limits::default().workers;
     super::nbd::server_config(listen, &args.nbd_serve, workers).map(Some)
-}
-
-fn fail(pipe: Option<ReadyPipe>, message: String) -> Result<(), String> {
-    if let Some(pipe) = pipe {
-        pipe.failed(&message);
-    }
-    Err(message)
 }
 
 /// On SIGTERM or SIGINT: flush everything, then unmount (lazily if files are still open, so

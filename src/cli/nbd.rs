@@ -12,8 +12,7 @@ use std::sync::Arc;
 use super::daemon::{self, Forked, ReadyPipe};
 use super::mount::{default_log_file, spawn_writeback};
 use super::notify::notify;
-use super::pidfile::PidFile;
-use super::source::{open_catalog, Changes, Source};
+use super::source::{start_catalog, Serving, Source};
 use crate::fs::FsCore;
 use crate::nbd::{CatalogExports, Limits, Listen, Server, ServerConfig};
 
@@ -207,13 +206,6 @@ pub fn run(mut args: NbdArgs) -> Result<(), String> {
     }
 }
 
-fn fail(pipe: Option<ReadyPipe>, message: String) -> Result<(), String> {
-    if let Some(pipe) = pipe {
-        pipe.failed(&message);
-    }
-    Err(message)
-}
-
 fn serve(
     args: &NbdArgs,
     src: &Source,
@@ -225,35 +217,26 @@ fn serve(
         Ok(limit) => log::debug!("descriptor limit {limit}"),
         Err(e) => log::warn!("cannot raise the descriptor limit: {e}"),
     }
-    // First, so that a daemon refused its pid file touches nothing; removed last.
-    let _pid_file = match args.pid_file.as_deref().map(PidFile::create).transpose() {
-        Ok(pid_file) => pid_file,
-        Err(e) => return fail(pipe, e),
+    let serving = Serving {
+        read_only: args.read_only,
+        overlay: args.overlay.as_deref(),
+        snapshot: args.snapshot,
+        pid_file: args.pid_file.as_deref(),
     };
-    let changes = match Changes::from_flags(args.overlay.as_deref(), args.snapshot, args.read_only)
-    {
-        Ok(changes) => changes,
-        Err(e) => return fail(pipe, e),
-    };
-    // Dropped last, once the server and every image are closed.
-    let (catalog, _scratch) = match open_catalog(src, args.read_only, &changes) {
-        Ok(opened) => opened,
-        Err(e) => return fail(pipe, e),
+    // Held until the server and every image are closed.
+    let (catalog, _held) = match start_catalog(src, &serving) {
+        Ok(started) => started,
+        Err(e) => return daemon::fail(pipe, e),
     };
     // No mount: the core only keeps the catalog's housekeeping and write-back in one place.
     let core = Arc::new(FsCore::new(catalog));
-    let served = core.catalog().refresh();
-    log::info!("{served} image(s) below {}", src.path().display());
-    if let Err(e) = src.check_served(served) {
-        return fail(pipe, e);
-    }
     let server = match start_server(&core, config, &args.serve, args.read_only) {
         Ok(server) => server,
-        Err(e) => return fail(pipe, e),
+        Err(e) => return daemon::fail(pipe, e),
     };
     let (stop_writeback, writeback) = match spawn_writeback(core.clone()) {
         Ok(started) => started,
-        Err(e) => return fail(pipe, format!("cannot start the write-back thread: {e}")),
+        Err(e) => return daemon::fail(pipe, format!("cannot start the write-back thread: {e}")),
     };
     log::info!("serving {} over NBD", src.path().display());
     match pipe {

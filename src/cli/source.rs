@@ -5,6 +5,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use super::pidfile::PidFile;
 use super::scratch::ScratchDir;
 use crate::catalog::{Catalog, FormatOpener};
 
@@ -104,7 +105,7 @@ impl<'a> Changes<'a> {
 
 /// The catalog of `source` writing as `changes` says, and the scratch directory it writes into
 /// (kept alive by the caller until the daemon stops).
-pub fn open_catalog(
+fn open_catalog(
     source: &Source,
     read_only: bool,
     changes: &Changes,
@@ -133,6 +134,39 @@ pub fn open_catalog(
             Ok((catalog, Some(scratch)))
         }
     }
+}
+
+/// What a daemon holds until it stops and drops last: its pid file and its scratch directory.
+pub struct Held {
+    _scratch: Option<ScratchDir>,
+    _pid_file: Option<PidFile>,
+}
+
+/// How a daemon (`mount`, `nbd`) serves its source.
+pub struct Serving<'a> {
+    pub read_only: bool,
+    pub overlay: Option<&'a Path>,
+    pub snapshot: bool,
+    pub pid_file: Option<&'a Path>,
+}
+
+/// The start-up `mount` and `nbd` share after the fork: the pid file (first, so that a daemon
+/// refused it touches nothing), the catalog of `source` writing where `serving` says, and its
+/// first look at the tree, which a one-file source must pass.
+pub fn start_catalog(source: &Source, serving: &Serving) -> Result<(Catalog, Held), String> {
+    let pid_file = serving.pid_file.map(PidFile::create).transpose()?;
+    let changes = Changes::from_flags(serving.overlay, serving.snapshot, serving.read_only)?;
+    let (catalog, scratch) = open_catalog(source, serving.read_only, &changes)?;
+    let served = catalog.refresh();
+    log::info!("{served} image(s) below {}", source.path().display());
+    source.check_served(served)?;
+    Ok((
+        catalog,
+        Held {
+            _scratch: scratch,
+            _pid_file: pid_file,
+        },
+    ))
 }
 
 #[cfg(test)]
