@@ -100,6 +100,22 @@ const WRITES: [(u64, usize, u8); 4] = [
     ((8 << 20) - 513, 513, 0x54),
 ];
 
+/// Makes `WRITES` on the raw file of image `name` with an fsync, checks they read back, and
+/// returns the disk's bytes now.
+fn write_and_read_back(mount: &Mount, name: &str) -> Vec<u8> {
+    let raw = mount.path(&format!("{name}.raw"));
+    let mut bytes = std::fs::read(&raw).unwrap();
+    assert_eq!(bytes.len() as u64, SIZE, "{name}");
+    let file = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    for (offset, len, value) in WRITES {
+        file.write_all_at(&vec![value; len], offset).unwrap();
+        bytes[offset as usize..offset as usize + len].fill(value);
+    }
+    file.sync_all().unwrap();
+    assert!(std::fs::read(&raw).unwrap() == bytes, "{name}: read back");
+    bytes
+}
+
 #[test]
 fn writes_land_in_overlays_and_the_originals_never_change() {
     if !can_mount() {
@@ -112,17 +128,7 @@ fn writes_land_in_overlays_and_the_originals_never_change() {
     let mut expected = Vec::new();
     let mount = Mount::new(&src, &dir.join("mnt"), &["--overlay", path_str(&changes)]);
     for (name, _, _) in &images {
-        let raw = mount.path(&format!("{name}.raw"));
-        let mut bytes = std::fs::read(&raw).unwrap();
-        assert_eq!(bytes.len() as u64, SIZE, "{name}");
-        let file = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
-        for (offset, len, value) in WRITES {
-            file.write_all_at(&vec![value; len], offset).unwrap();
-            bytes[offset as usize..offset as usize + len].fill(value);
-        }
-        file.sync_all().unwrap();
-        assert!(std::fs::read(&raw).unwrap() == bytes, "{name}: read back");
-        expected.push(bytes);
+        expected.push(write_and_read_back(&mount, name));
     }
     // `imgfs info` on a raw file of the mount shows what its overlay keeps.
     let info = run(Command::new(IMGFS)
@@ -300,15 +306,7 @@ fn snapshot_mounts_throw_the_changes_away() {
         cmd.env("TMPDIR", &tmp);
     });
     for (name, _, _) in &images {
-        let raw = mount.path(&format!("{name}.raw"));
-        let mut bytes = std::fs::read(&raw).unwrap();
-        let file = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
-        for (offset, len, value) in WRITES {
-            file.write_all_at(&vec![value; len], offset).unwrap();
-            bytes[offset as usize..offset as usize + len].fill(value);
-        }
-        file.sync_all().unwrap();
-        assert!(std::fs::read(&raw).unwrap() == bytes, "{name}: read back");
+        write_and_read_back(&mount, name);
     }
     // The overlays are in one private directory below TMPDIR, which the mount names.
     let scratch: Vec<PathBuf> = std::fs::read_dir(&tmp)
