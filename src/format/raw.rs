@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::format::host_holes::push_stored;
 use crate::host::HostFile;
-use crate::image::{check_range, check_resize, Extent, Image, ImageInfo};
+use crate::image::{check_range, check_resize, check_span, Extent, Image, ImageInfo};
 
 /// A raw file; writable unless opened with a reason not to be.
 pub struct RawImage {
@@ -75,11 +75,7 @@ impl Image for RawImage {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.refuse_writes()?;
-        check_range(
-            self.size(),
-            offset,
-            usize::try_from(len).unwrap_or(usize::MAX),
-        )?;
+        check_span(self.size(), offset, len)?;
         self.file.punch_hole(offset, len)?;
         // As for every format: what was punched is durable before the next write lands.
         self.file.sync_data()

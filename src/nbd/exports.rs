@@ -359,15 +359,12 @@ impl Exports for CatalogExports {
     }
 
     fn open(&self, name: &str) -> Result<Option<Export>> {
-        let Some(target) = self.resolve(name)? else {
-            return Ok(None);
+        let found = match name.is_empty() {
+            true => self.default_export()?,
+            false => self.resolve(name)?.map(|target| (name.to_string(), target)),
         };
-        let canonical = match name.is_empty() {
-            true => self
-                .default_export()?
-                .map(|(name, _)| name)
-                .unwrap_or_default(),
-            false => name.to_string(),
+        let Some((canonical, target)) = found else {
+            return Ok(None);
         };
         let description = self.describe(&target);
         let (handle, writable) = self.open_target(&target)?;
