@@ -107,6 +107,11 @@ pub fn absolute(path: &Path, what: &str) -> Result<PathBuf, String> {
     std::path::absolute(path).map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
+/// `absolute` for an optional argument.
+pub fn absolute_if(path: Option<PathBuf>, what: &str) -> Result<Option<PathBuf>, String> {
+    path.map(|p| absolute(&p, what)).transpose()
+}
+
 /// Closes every descriptor above stderr except `keep`.
 fn close_inherited_fds(keep: libc::c_int) {
     let fds: Vec<libc::c_int> = match std::fs::read_dir("/proc/self/fd") {

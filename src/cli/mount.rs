@@ -128,10 +128,8 @@ fn with_options(mut args: MountArgs) -> Result<(MountArgs, Ownership), String> {
     args.overlay = options.overlay.or(args.overlay);
     args.snapshot |= options.snapshot;
     Changes::from_flags(args.overlay.as_deref(), args.snapshot, args.read_only)?;
-    let absolute =
-        |path: Option<PathBuf>, what| path.map(|p| daemon::absolute(&p, what)).transpose();
-    args.overlay = absolute(args.overlay, "overlay directory")?;
-    args.pid_file = absolute(args.pid_file, "pid file")?;
+    args.overlay = daemon::absolute_if(args.overlay, "overlay directory")?;
+    args.pid_file = daemon::absolute_if(args.pid_file, "pid file")?;
     let ownership = Ownership {
         uid: options.uid,
         gid: options.gid,

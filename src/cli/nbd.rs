@@ -177,12 +177,8 @@ pub fn run(mut args: NbdArgs) -> Result<(), String> {
     }
     // Checked (and the certificate read) before forking, so mistakes reach the terminal.
     let config = server_config(listen, &args.serve, usize::from(args.workers))?;
-    if let Some(dir) = &args.overlay {
-        args.overlay = Some(daemon::absolute(dir, "overlay directory")?);
-    }
-    if let Some(file) = &args.pid_file {
-        args.pid_file = Some(daemon::absolute(file, "pid file")?);
-    }
+    args.overlay = daemon::absolute_if(args.overlay.take(), "overlay directory")?;
+    args.pid_file = daemon::absolute_if(args.pid_file.take(), "pid file")?;
     let pipe = if args.foreground {
         None
     } else {
