@@ -204,5 +204,64 @@ fn init_logging() {
             writeln!(out, "<{priority}>{}", record.args())
         });
     }
-    let _ = builder.try_init();
+    let logger = builder.build();
+    let max = logger.filter();
+    if log::set_boxed_logger(Box::new(GoneRepliesQuiet(logger))).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+/// Whether a log record is fuser's report that a reply found its request gone: writing it to
+/// /dev/fuse fails with ENOENT when the kernel no longer waits for it (the request was
+/// interrupted, its sender gone: udev's probe of a loop device being detached, a killed
+/// reader). Nothing is lost, so it is no error of the daemon's.
+fn is_reply_to_gone_request(target: &str, level: log::Level, message: &str) -> bool {
+    target == "fuser::reply"
+        && level == log::Level::Error
+        && message.starts_with("Failed to send FUSE reply")
+        && message.ends_with("(os error 2)")
+}
+
+/// The logger, with fuser's reports of replies to gone requests told at debug level.
+struct GoneRepliesQuiet(env_logger::Logger);
+
+impl log::Log for GoneRepliesQuiet {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if record.target() == "fuser::reply" {
+            let message = record.args().to_string();
+            if is_reply_to_gone_request(record.target(), record.level(), &message) {
+                log::debug!("{message} (the request was interrupted; nothing lost)");
+                return;
+            }
+        }
+        self.0.log(record)
+    }
+
+    fn flush(&self) {
+        self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_replies_to_gone_requests_are_told_quietly() {
+        let gone = "Failed to send FUSE reply: No such file or directory (os error 2)";
+        let error = log::Level::Error;
+        assert!(is_reply_to_gone_request("fuser::reply", error, gone));
+        let bad = "Failed to send FUSE reply: Invalid argument (os error 22)";
+        assert!(!is_reply_to_gone_request("fuser::reply", error, bad));
+        assert!(!is_reply_to_gone_request("imgfs::fs", error, gone));
+        assert!(!is_reply_to_gone_request(
+            "fuser::reply",
+            log::Level::Warn,
+            gone
+        ));
+    }
 }
