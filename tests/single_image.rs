@@ -219,3 +219,89 @@ fn the_default_export_is_the_one_image_beside_its_partitions() {
     assert!(read_nbd(&server.uri(""), &dir.join("default.raw")) == bytes);
     server.stop();
 }
+
+/// One image mounted on a regular file, as qemu-storage-daemon's FUSE export mounts one:
+/// the file shows the image's raw content, read-write, and goes back to what it was after.
+#[test]
+fn one_image_mounted_on_a_file_is_that_file() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src) = source("single-on-file");
+    let top = src.join("top.qcow2");
+    let mut expected = qemu_raw("qcow2", &top, &dir);
+    // Beside the image, so in the directory the catalog looks at for backing roles.
+    let view = src.join("top.raw");
+    std::fs::write(&view, b"").unwrap();
+    let mount = Mount::new(&top, &view, &[]);
+    let meta = std::fs::metadata(&view).unwrap();
+    assert!(meta.is_file());
+    assert_eq!(meta.len(), expected.len() as u64);
+    assert!(std::fs::read(&view).unwrap() == expected);
+    assert_eq!(
+        xattr(&view, "user.imgfs.source").as_deref(),
+        Some(path_str(&top))
+    );
+    let file = std::fs::OpenOptions::new().write(true).open(&view).unwrap();
+    for (at, len, byte) in [(65_530, 20, 0x41), ((5 << 20) - 3, 130_000, 0x42)] {
+        file.write_all_at(&vec![byte; len], at as u64).unwrap();
+        expected[at..at + len].fill(byte);
+    }
+    file.sync_all().unwrap();
+    drop(file);
+    assert!(std::fs::read(&view).unwrap() == expected);
+    mount.unmount();
+    assert_eq!(std::fs::metadata(&view).unwrap().len(), 0);
+    assert_check_clean("qcow2", &top);
+    assert_compare_equal("qcow2", &top, &expected, &dir);
+}
+
+/// The file follows its image: an image renamed over it is what the next open reads, while a
+/// descriptor opened before keeps the image it was opened on.
+#[test]
+fn a_file_mount_follows_its_image_replaced_under_it() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src) = empty_source("single-on-file-replaced");
+    create_filled(&src, "vdi", "disk.vdi", &[], "4M", &["write -P 0x31 0 1M"]);
+    create_filled(&src, "vdi", "new.vdi", &[], "4M", &["write -P 0x32 0 1M"]);
+    let view = dir.join("disk.view");
+    std::fs::write(&view, b"").unwrap();
+    let mount = Mount::new(&src.join("disk.vdi"), &view, &[]);
+    let before = std::fs::File::open(&view).unwrap();
+    assert_eq!(read_range(&view, 0, 4), [0x31; 4]);
+    std::fs::rename(src.join("new.vdi"), src.join("disk.vdi")).unwrap();
+    assert_eq!(read_range(&view, 4096, 4), [0x32; 4]);
+    let mut old = [0u8; 4];
+    before.read_exact_at(&mut old, 4096).unwrap();
+    assert_eq!(old, [0x31; 4]);
+    drop(before);
+    mount.unmount();
+}
+
+/// A file takes one image, never the image itself nor a directory of them.
+#[test]
+fn a_file_mount_point_is_refused_for_a_tree_and_for_the_image_itself() {
+    let (dir, src) = source("single-on-file-refused");
+    let view = dir.join("view.raw");
+    std::fs::write(&view, b"").unwrap();
+    let top = src.join("top.qcow2");
+    let link = src.join("link.qcow2");
+    std::fs::hard_link(&top, &link).unwrap();
+    for (source, target, why) in [
+        (&src, &view, "a directory of images needs a directory"),
+        (&top, &top, "is the image itself"),
+        (&top, &link, "is the image itself"),
+    ] {
+        let out = Command::new(IMGFS)
+            .arg("mount")
+            .arg(source)
+            .arg(target)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && text.contains(why), "{text}");
+        assert!(!is_mount_point(target));
+    }
+}

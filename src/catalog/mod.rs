@@ -6,6 +6,8 @@
 //!   not appear. A name that would exceed NAME_MAX with the suffix is left out and logged.
 //! - A source given as one file (`with_only`) shows that image alone, read as raw if it has no
 //!   format's magic; the files beside it are looked at for their roles only, nothing below.
+//!   A file of the root the mount covers (`without`: a mount point beside the image) is never
+//!   looked at, since reading it would be a request to this daemon.
 //! - Each image file is known as a version (`ImageFile`): its identity (device, inode, size,
 //!   mtime, ctime, header bytes) and a summary read once with an inspecting open. Every look
 //!   (listing, lookup, open, the periodic refresh) compares the file with its version; changes
@@ -153,6 +155,8 @@ pub struct Catalog {
     /// The one image file of `root` served when the source is a file (`with_only`): nothing
     /// else of the directory is listed or looked up, and nothing below it is looked at.
     only: Option<OsString>,
+    /// A file of `root` never looked at (`without`).
+    unseen: Option<OsString>,
     state: Mutex<State>,
     /// Serialises the opening and closing of instances (file I/O), never held by lookups.
     opening: Mutex<()>,
@@ -203,6 +207,7 @@ impl Catalog {
             read_only,
             overlay_dir: None,
             only: None,
+            unseen: None,
             state: Mutex::new(State::default()),
             opening: Mutex::new(()),
         })
@@ -244,6 +249,18 @@ impl Catalog {
     pub fn with_only(mut self, name: &OsStr) -> Self {
         self.only = Some(name.to_os_string());
         self
+    }
+
+    /// Never looks at file `name` of the root directory: a file the daemon mounts on (one
+    /// image served on a file beside it), whose reads would come back to the daemon itself.
+    pub fn without(mut self, name: &OsStr) -> Self {
+        self.unseen = Some(name.to_os_string());
+        self
+    }
+
+    /// Whether file `name` of directory `rel` is the one never looked at.
+    fn unseen(&self, rel: &Path, name: &OsStr) -> bool {
+        rel.as_os_str().is_empty() && self.unseen.as_deref() == Some(name)
     }
 
     /// Whether image file `name` of directory `rel` may be shown: every one, unless only one
@@ -319,8 +336,10 @@ impl Catalog {
     fn lookup_in_dir(&self, rel: &Path, name: &OsStr) -> Result<Option<Entry>> {
         let dir = self.source_path(rel)?;
         // A real directory wins over an image's raw file or snapshots directory.
-        let is_dir = std::fs::symlink_metadata(dir.join(name)).is_ok_and(|m| m.is_dir());
-        if is_dir && self.only.is_none() {
+        let is_dir = self.only.is_none()
+            && !self.unseen(rel, name)
+            && std::fs::symlink_metadata(dir.join(name)).is_ok_and(|m| m.is_dir());
+        if is_dir {
             return Ok(Some(Entry {
                 name: name.to_os_string(),
                 target: Target::Dir(rel.join(name)),
@@ -349,7 +368,7 @@ impl Catalog {
     /// The image file `name` of directory `rel` (source path `dir`), if it is one; a file that
     /// is gone is forgotten.
     fn image_named(&self, rel: &Path, dir: &Path, name: &OsStr) -> Result<Option<Arc<ImageFile>>> {
-        if name.is_empty() || !self.shown(rel, name) {
+        if name.is_empty() || !self.shown(rel, name) || self.unseen(rel, name) {
             return Ok(None);
         }
         let path = dir.join(name);
@@ -376,6 +395,9 @@ impl Catalog {
         let mut files = Vec::new();
         for item in reader {
             let item = item.map_err(|e| Error::io("read directory", e).with_path(&dir))?;
+            if self.unseen(rel, &item.file_name()) {
+                continue;
+            }
             // Not followed: symbolic links could lead out of the source tree.
             let Ok(meta) = item.metadata() else { continue };
             if meta.is_dir() && self.only.is_none() {

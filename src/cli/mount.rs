@@ -79,7 +79,8 @@ pub struct MountArgs {
     nbd_serve: super::nbd::NbdServeArgs,
     /// The directory holding the images, or one image file.
     src: PathBuf,
-    /// The (empty) directory to mount on.
+    /// The (empty) directory to mount on; or, for one image, a regular file, which then
+    /// shows the image's raw content (as qemu-storage-daemon's FUSE export).
     mnt: PathBuf,
 }
 
@@ -91,29 +92,84 @@ pub(super) fn default_log_file() -> PathBuf {
     }
 }
 
-fn check_dirs(args: &MountArgs) -> Result<(Source, PathBuf), String> {
+/// What the mount point is: an empty directory, or a regular file that one image is mounted
+/// on (as qemu-storage-daemon's FUSE export is), showing the image's raw file itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MountPoint {
+    Dir,
+    File,
+}
+
+fn check_dirs(args: &MountArgs) -> Result<(Source, PathBuf, MountPoint), String> {
     let src = Source::resolve(&args.src)?;
     let mnt = args
         .mnt
         .canonicalize()
         .map_err(|e| format!("mount point {}: {e}", args.mnt.display()))?;
-    let mut entries =
-        std::fs::read_dir(&mnt).map_err(|e| format!("mount point {}: {e}", mnt.display()))?;
-    if entries.next().is_some() {
-        return Err(format!("mount point {} is not empty", mnt.display()));
-    }
-    if src.covers(&mnt) {
+    let meta =
+        std::fs::metadata(&mnt).map_err(|e| format!("mount point {}: {e}", mnt.display()))?;
+    let kind = if meta.is_dir() {
+        check_dir_mount_point(&src, &mnt)?;
+        MountPoint::Dir
+    } else if meta.is_file() {
+        check_file_mount_point(&src, &mnt, &meta)?;
+        MountPoint::File
+    } else {
         return Err(format!(
-            "mount point {} lies inside the source tree",
+            "mount point {} is neither a directory nor a regular file",
             mnt.display()
         ));
-    }
+    };
     if !Path::new("/dev/fuse").exists() {
         return Err(
             "/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3".into(),
         );
     }
-    Ok((src, mnt))
+    Ok((src, mnt, kind))
+}
+
+fn check_dir_mount_point(src: &Source, mnt: &Path) -> Result<(), String> {
+    let mut entries =
+        std::fs::read_dir(mnt).map_err(|e| format!("mount point {}: {e}", mnt.display()))?;
+    if entries.next().is_some() {
+        return Err(format!("mount point {} is not empty", mnt.display()));
+    }
+    if src.covers(mnt) {
+        return Err(format!(
+            "mount point {} lies inside the source tree",
+            mnt.display()
+        ));
+    }
+    Ok(())
+}
+
+/// A file is a mount point for one image only, and not for the image itself: imgfs opens its
+/// images by name while it serves them.
+fn check_file_mount_point(
+    src: &Source,
+    mnt: &Path,
+    meta: &std::fs::Metadata,
+) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if src.only.is_none() {
+        return Err(format!(
+            "mount point {} is a file: a directory of images needs a directory to mount on \
+             (a file takes one image, named as the source)",
+            mnt.display()
+        ));
+    }
+    let image = src.path();
+    let same =
+        std::fs::metadata(&image).is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()));
+    if same {
+        return Err(format!(
+            "mount point {} is the image itself: mount it on another file (an empty one \
+             beside it, say {}.raw)",
+            mnt.display(),
+            image.display()
+        ));
+    }
+    Ok(())
 }
 
 /// The long flags with the `-o` options applied on top, and the ownership the raw files show.
@@ -140,7 +196,7 @@ fn with_options(mut args: MountArgs) -> Result<(MountArgs, Ownership), String> {
 
 pub fn run(args: MountArgs) -> Result<(), String> {
     let (args, ownership) = with_options(args)?;
-    let (src, mnt) = check_dirs(&args)?;
+    let (src, mnt, mount_point) = check_dirs(&args)?;
     let nbd = nbd_config(&args)?;
     let pipe = if args.foreground {
         None
@@ -167,7 +223,7 @@ pub fn run(args: MountArgs) -> Result<(), String> {
             Forked::Child(pipe) => Some(pipe),
         }
     };
-    match serve(&args, ownership, &src, &mnt, nbd, pipe) {
+    match serve(&args, ownership, &src, (&mnt, mount_point), nbd, pipe) {
         Ok(()) => Ok(()),
         Err(message) => {
             log::error!("{message}");
@@ -180,7 +236,7 @@ fn serve(
     args: &MountArgs,
     ownership: Ownership,
     src: &Source,
-    mnt: &Path,
+    (mnt, mount_point): (&Path, MountPoint),
     nbd: Option<crate::nbd::ServerConfig>,
     pipe: Option<ReadyPipe>,
 ) -> Result<(), String> {
@@ -196,13 +252,20 @@ fn serve(
         overlay: args.overlay.as_deref(),
         snapshot: args.snapshot,
         pid_file: args.pid_file.as_deref(),
+        mount_file: (mount_point == MountPoint::File).then_some(mnt),
     };
     // Held until the session and every image are closed.
     let (catalog, _held) = match start_catalog(src, &serving) {
         Ok(started) => started,
         Err(e) => return daemon::fail(pipe, e),
     };
-    let core = Arc::new(FsCore::new(catalog).with_ownership(ownership));
+    let mut core = FsCore::new(catalog).with_ownership(ownership);
+    if let (MountPoint::File, Some(name)) = (mount_point, &src.only) {
+        let mut raw = name.clone();
+        raw.push(crate::catalog::RAW_SUFFIX);
+        core = core.with_file_root(&raw);
+    }
+    let core = Arc::new(core);
 
     let mut config = Config::default();
     config.mount_options = vec![

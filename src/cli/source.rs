@@ -107,14 +107,22 @@ impl<'a> Changes<'a> {
 /// (kept alive by the caller until the daemon stops).
 fn open_catalog(
     source: &Source,
-    read_only: bool,
+    serving: &Serving,
     changes: &Changes,
 ) -> Result<(Catalog, Option<ScratchDir>), String> {
-    let catalog =
-        Catalog::new(&source.root, Box::new(FormatOpener), read_only).map_err(|e| e.to_string())?;
+    let catalog = Catalog::new(&source.root, Box::new(FormatOpener), serving.read_only)
+        .map_err(|e| e.to_string())?;
     let catalog = match &source.only {
         Some(name) => catalog.with_only(name),
         None => catalog,
+    };
+    // Reading the mount point would be a request to this daemon.
+    let catalog = match serving.mount_file {
+        Some(file) if file.parent() == Some(source.root.as_path()) => match file.file_name() {
+            Some(name) => catalog.without(name),
+            None => catalog,
+        },
+        _ => catalog,
     };
     match changes {
         Changes::InPlace => Ok((catalog, None)),
@@ -148,6 +156,8 @@ pub struct Serving<'a> {
     pub overlay: Option<&'a Path>,
     pub snapshot: bool,
     pub pid_file: Option<&'a Path>,
+    /// The regular file the daemon mounts on, if it does: never looked at by the catalog.
+    pub mount_file: Option<&'a Path>,
 }
 
 /// The start-up `mount` and `nbd` share after the fork: the pid file (first, so that a daemon
@@ -156,7 +166,7 @@ pub struct Serving<'a> {
 pub fn start_catalog(source: &Source, serving: &Serving) -> Result<(Catalog, Held), String> {
     let pid_file = serving.pid_file.map(PidFile::create).transpose()?;
     let changes = Changes::from_flags(serving.overlay, serving.snapshot, serving.read_only)?;
-    let (catalog, scratch) = open_catalog(source, serving.read_only, &changes)?;
+    let (catalog, scratch) = open_catalog(source, serving, &changes)?;
     let served = catalog.refresh();
     log::info!("{served} image(s) below {}", source.path().display());
     source.check_served(served)?;

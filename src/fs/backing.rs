@@ -19,6 +19,8 @@ const DAEMON_OPEN: FopenFlags =
 
 struct Backing {
     id: BackingId,
+    /// The image file version it was registered for (`FsCore::handle_version`).
+    version: Option<u64>,
     /// The open files on the inode served by passthrough.
     handles: HashSet<u64>,
 }
@@ -50,6 +52,11 @@ impl Backings {
                 core.refuse_writer_beside_passthrough(fh);
                 return reply.error(FuseErrno::EBUSY);
             }
+            // The root of a mount on a file whose image was replaced: the kernel takes one
+            // backing file per inode, so the new version is read through the daemon.
+            if backing.version != core.handle_version(fh) {
+                return reply.opened(FileHandle(fh), DAEMON_OPEN);
+            }
             backing.handles.insert(fh);
             core.note_passthrough_open();
             return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing.id);
@@ -65,6 +72,7 @@ impl Backings {
                     ino,
                     Backing {
                         id,
+                        version: core.handle_version(fh),
                         handles: HashSet::from([fh]),
                     },
                 );

@@ -156,6 +156,8 @@ pub struct FsCore {
     fetcher: readahead::Fetcher,
     /// Opens the kernel serves by passthrough (`passthrough`).
     passthrough_opens: AtomicU64,
+    /// The raw file the root shows when the mount point is a file (`file_root`).
+    file_root: Option<file_root::FileRoot>,
 }
 
 /// Whether `e` says the daemon ran out of descriptors (its limit, not an image's fault).
@@ -203,6 +205,7 @@ impl FsCore {
             next_handle: AtomicU64::new(1),
             fetcher: readahead::Fetcher::default(),
             passthrough_opens: AtomicU64::new(0),
+            file_root: None,
         }
     }
 
@@ -223,6 +226,9 @@ impl FsCore {
     }
 
     fn target(&self, ino: u64) -> FsResult<Target> {
+        if let (ROOT_INO, Some(root)) = (ino, &self.file_root) {
+            return self.file_root_target(root);
+        }
         let inodes = self.inodes.read().unwrap_or_else(|p| p.into_inner());
         inodes
             .nodes
@@ -758,6 +764,7 @@ fn host_statfs(path: &Path) -> FsResult<StatFs> {
     })
 }
 
+mod file_root;
 mod passthrough;
 mod readahead;
 mod space;

@@ -358,7 +358,10 @@ impl Mount {
         extra: &[&str],
         configure: impl FnOnce(&mut Command),
     ) -> Self {
-        std::fs::create_dir_all(mnt).unwrap();
+        // A file stays one: one image may be mounted on it.
+        if !mnt.exists() {
+            std::fs::create_dir_all(mnt).unwrap();
+        }
         let log = mnt.with_extension("log");
         let mut cmd = Command::new(IMGFS);
         cmd.arg("mount")

@@ -264,3 +264,25 @@ fn a_catalog_of_one_backing_file_serves_it_read_only() {
     assert_eq!(err.kind(), ErrorKind::ReadOnly);
     assert!(err.to_string().contains("backing file of top.img"), "{err}");
 }
+
+/// The file a single image is mounted on may lie beside it: it is never read (its reads would
+/// be requests to the daemon itself), so even an image there naming the one served as its
+/// backing file neither is probed nor makes it read-only.
+#[test]
+fn a_catalog_never_looks_at_the_file_it_is_mounted_on() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("base.img"), "FAKEIMG 4096").unwrap();
+    std::fs::write(dir.path().join("mnt.img"), "FAKEIMG 4096\nbacking base.img").unwrap();
+    let (catalog, counters) = catalog_of(dir.path(), false);
+    let catalog = catalog
+        .with_only(OsStr::new("base.img"))
+        .without(OsStr::new("mnt.img"));
+    assert_eq!(catalog.refresh(), 1);
+    assert_eq!(counters.probes.load(Ordering::Relaxed), 1);
+    let base = image(&catalog, "base.img.raw").unwrap();
+    assert!(catalog.open(&base, true).unwrap().is_writable());
+    for name in ["mnt.img", "mnt.img.raw"] {
+        assert!(catalog.lookup(&root(), OsStr::new(name)).unwrap().is_none());
+    }
+    assert_eq!(counters.probes.load(Ordering::Relaxed), 1);
+}

@@ -35,6 +35,13 @@ impl FsCore {
         let _ = self.release(fh);
     }
 
+    /// The version of the image file open file `fh` shows (none for a snapshot): one inode
+    /// shows one version, except the root of a mount on a file, which follows its file.
+    pub fn handle_version(&self, fh: u64) -> Option<u64> {
+        let handle = self.handle(fh).ok()?;
+        handle.file.as_ref().map(|file| file.version)
+    }
+
     /// Counts an open the kernel serves by passthrough.
     pub fn note_passthrough_open(&self) {
         self.passthrough_opens.fetch_add(1, Ordering::Relaxed);

@@ -59,6 +59,10 @@ impl FsCore {
                 if let Some(reason) = self.catalog.read_only_reason(&image) {
                     attrs.push((XATTR_READ_ONLY_REASON, reason.into_bytes()));
                 }
+                // The root of a mount on a file (`with_file_root`).
+                if let (true, Some(dir)) = (ino == ROOT_INO, self.catalog.overlay_dir()) {
+                    attrs.push((XATTR_OVERLAY, dir.as_os_str().as_bytes().to_vec()));
+                }
                 attrs
             }
             Ok(Target::Partition(image, number)) => self
