@@ -138,6 +138,18 @@ pub struct Descriptor {
 impl Descriptor {
     /// Parses descriptor text; an embedded descriptor ends at its first NUL byte.
     pub fn parse(text: &[u8]) -> Result<Descriptor> {
+        Self::parse_lines(text, false)
+    }
+
+    /// Parses the descriptor embedded in a sparse extent that is itself the disk, whose
+    /// extent lines nothing reads: lines that are neither a key = value pair nor an extent
+    /// are skipped, as QEMU skips them (qemu-img writes a file name holding a newline into
+    /// the extent line as it is, cut in two).
+    pub fn parse_embedded(text: &[u8]) -> Result<Descriptor> {
+        Self::parse_lines(text, true)
+    }
+
+    fn parse_lines(text: &[u8], skip_bad_lines: bool) -> Result<Descriptor> {
         let text = text.split(|&b| b == 0).next().unwrap_or_default();
         if text.len() as u64 > MAX_DESCRIPTOR_LEN {
             return Err(Error::unsupported(format!(
@@ -162,7 +174,14 @@ impl Descriptor {
             }
             let bad =
                 |what: String| Error::corrupt(format!("VMDK descriptor line {line_no}: {what}"));
-            if let Some(extent) = parse_extent(line, line_no).map_err(bad)? {
+            let extent = match parse_extent(line, line_no) {
+                Err(what) if skip_bad_lines => {
+                    log::debug!("skipping VMDK descriptor line {line_no}: {what}");
+                    continue;
+                }
+                parsed => parsed.map_err(bad)?,
+            };
+            if let Some(extent) = extent {
                 total = total
                     .checked_add(extent.sectors)
                     .filter(|&t| t <= MAX_DISK_SECTORS)
@@ -178,6 +197,9 @@ impl Descriptor {
                 continue;
             }
             let Some(eq) = line.iter().position(|&b| b == b'=') else {
+                if skip_bad_lines {
+                    continue;
+                }
                 return Err(bad(format!(
                     "{:?} is neither a key = value pair nor an extent",
                     shown(line)
@@ -552,5 +574,18 @@ mod tests {
         assert_eq!(Descriptor::parse(&out).unwrap().cid, 5);
         assert_eq!(Descriptor::parse(&out).unwrap().parent_cid, NO_PARENT_CID);
         assert!(with_cid(b"parentCID=1\n", 5).is_err());
+    }
+
+    #[test]
+    fn an_embedded_descriptor_skips_the_lines_it_cannot_parse() {
+        let text = b"# Disk DescriptorFile\nversion=1\nCID=0000002a\nparentCID=ffffffff\n\
+            createType=\"monolithicSparse\"\nRW 8192 SPARSE \"cut\nname.vmdk\"\n\
+            ddb.adapterType = \"ide\"\n";
+        let err = Descriptor::parse(text).unwrap_err();
+        assert!(err.to_string().contains("no closing quote"), "{err}");
+        let parsed = Descriptor::parse_embedded(text).unwrap();
+        assert_eq!(parsed.cid, 0x2a);
+        assert!(parsed.extents.is_empty());
+        assert_eq!(parsed.ddb_value("adapterType"), Some("ide"));
     }
 }

@@ -164,9 +164,14 @@ impl VmdkTop {
         };
         let mut text = vec![0u8; room as usize];
         file.read_exact_at(&mut text, at)?;
-        let descriptor = Descriptor::parse(&text).map_err(|e| e.at_offset(at))?;
+        // A sparse file of capacity 0 only carries a descriptor for other extents (QEMU);
+        // any other is the disk's one extent, whatever its extent lines say.
+        let descriptor = match header.capacity {
+            0 => Descriptor::parse(&text),
+            _ => Descriptor::parse_embedded(&text),
+        }
+        .map_err(|e| e.at_offset(at))?;
         let text_at = TextAt::Embedded { at, room };
-        // A sparse file of capacity 0 only carries a descriptor for other extents (QEMU).
         if header.capacity == 0 {
             descriptor.check_servable()?;
             return Ok(VmdkTop {

@@ -237,3 +237,41 @@ fn assert_check_clean(path: &Path) {
 fn assert_compare_equal(path: &Path, expected: &[u8]) {
     crate::testutil::assert_qemu_compare_equal("vmdk", path, expected);
 }
+
+/// qemu-img writes a file name holding a newline into the embedded descriptor's extent line
+/// as it is, cutting the line in two; QEMU skips what it cannot parse there, since a
+/// monolithic disk is its own extent. imgfs opens, writes and renews the CID of such a disk.
+#[test]
+fn an_embedded_descriptor_cut_by_a_newline_in_the_name_still_serves() {
+    let dir = TempDir::new();
+    let path = dir.path().join("cut\nname.vmdk");
+    let created = crate::testutil::qemu(
+        "qemu-img",
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "vmdk".as_ref(),
+            path.as_os_str(),
+            "4M".as_ref(),
+        ],
+    );
+    let Some(created) = created else { return };
+    assert!(created.status.success());
+    let img = try_open(&path, false).unwrap();
+    let mut expected = vec![0u8; 4 * MIB as usize];
+    img.write_at(&[0x6e; 70_000], 65_000).unwrap();
+    expected[65_000..135_000].fill(0x6e);
+    img.flush().unwrap();
+    drop(img);
+    let qemu_img = |args: &[&std::ffi::OsStr]| {
+        crate::testutil::qemu("qemu-img", args).is_some_and(|out| out.status.success())
+    };
+    assert!(qemu_img(&["check".as_ref(), path.as_os_str()]));
+    let raw = dir.path().join("expected.raw");
+    let convert = ["convert", "-f", "vmdk", "-O", "raw"].map(std::ffi::OsStr::new);
+    assert!(qemu_img(
+        &[&convert[..], &[path.as_os_str(), raw.as_os_str()]].concat()
+    ));
+    assert!(std::fs::read(&raw).unwrap() == expected);
+}
