@@ -6,6 +6,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Command;
 
 use common::*;
 
@@ -286,8 +287,21 @@ fn internal_snapshots_are_served_read_only_beside_the_image() {
     mount.unmount();
 }
 
+/// The `--object` and `--image-opts` arguments QEMU needs for LUKS image `image`.
+fn luks_args(image: &Path) -> [String; 4] {
+    [
+        "--object".into(),
+        "secret,id=sec0,data=123456".into(),
+        "--image-opts".into(),
+        format!(
+            "driver=qcow2,encrypt.key-secret=sec0,file.filename={}",
+            path_str(image)
+        ),
+    ]
+}
+
 #[test]
-fn encrypted_images_are_refused_with_a_clear_message() {
+fn encrypted_images_are_served_read_only_with_their_passphrase() {
     if !can_mount() {
         return;
     }
@@ -301,18 +315,59 @@ fn encrypted_images_are_refused_with_a_clear_message() {
         "--object",
         "secret,id=sec0,data=123456",
         "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
         path_str(&image),
-        "1M",
+        "4M",
     ]);
+    let [object, secret, opts, image_opts] = luks_args(&image);
+    run(Command::new("qemu-io").args([
+        &object,
+        &secret,
+        &opts,
+        &image_opts,
+        "-c",
+        "write -P 0x5e 3000 1M",
+    ]));
+    let expected = dir.join("expected.raw");
+    run(Command::new("qemu-img").args([
+        "convert",
+        &object,
+        &secret,
+        &opts,
+        &image_opts,
+        "-O",
+        "raw",
+        path_str(&expected),
+    ]));
+    let expected = std::fs::read(&expected).unwrap();
+
     let mount = Mount::new(&src, &dir.join("mnt"), &[]);
     assert!(!mount.path("secret.qcow2.raw").exists());
     let log = mount.log_text();
     assert!(
-        log.contains("secret.qcow2") && log.contains("encrypted"),
+        log.contains("secret.qcow2") && log.contains("give its passphrase with --key-file"),
         "{log}"
     );
     mount.unmount();
+
+    // As a mount option (fstab), the passphrase file ending in a newline as `echo` writes it.
+    let key = dir.join("key");
+    std::fs::write(&key, "123456\n").unwrap();
+    let option = format!("key_file={}", path_str(&key));
+    let mount = Mount::new(&src, &dir.join("mnt2"), &["-o", &option]);
+    let raw = mount.path("secret.qcow2.raw");
+    assert!(std::fs::read(&raw).unwrap() == expected);
+    assert!(expected[3000..3000 + (1 << 20)].iter().all(|&b| b == 0x5e));
+    let refused = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .unwrap_err();
+    assert_eq!(refused.raw_os_error(), Some(libc::EROFS));
+    mount.unmount();
+    assert!(std::fs::read(&image)
+        .unwrap()
+        .windows(512)
+        .all(|w| w != [0x5e; 512]));
 }
 
 /// The content of internal snapshot `name` of `image`, as qemu-img reads it.

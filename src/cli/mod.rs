@@ -45,8 +45,18 @@ Examples:
     after_help = EXAMPLES
 )]
 pub struct Cli {
+    /// A file holding the passphrase of encrypted qcow2 images (LUKS or the legacy AES), as
+    /// QEMU's `--object secret,file=FILE` (a final newline is not needed); may be repeated,
+    /// each encrypted image opening with the first that unlocks it.
+    #[arg(long, value_name = "FILE", global = true)]
+    key_file: Vec<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Adds the passphrase in `file` for encrypted images (`--key-file`, `-o key_file=`).
+fn add_key_file(file: &std::path::Path) -> Result<(), String> {
+    crate::meta::keyring::add_passphrase_file(file).map_err(|e| format!("--key-file: {e}"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -158,6 +168,11 @@ enum Command {
 pub fn main() -> i32 {
     let cli = Cli::parse_from(options::mount_helper_form(std::env::args_os().collect()));
     init_logging();
+    // Read before a daemon forks and changes to `/`, so relative names mean what they say.
+    if let Err(message) = cli.key_file.iter().try_for_each(|f| add_key_file(f)) {
+        eprintln!("imgfs: {message}");
+        return 1;
+    }
     let result = match cli.command {
         Command::Mount(args) => mount::run(args),
         Command::Nbd(args) => nbd::run(args),

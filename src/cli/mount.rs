@@ -57,7 +57,8 @@ pub struct MountArgs {
     #[arg(long)]
     snapshot: bool,
     /// Mount options, comma-separated, as in fstab: ro, allow_other, no_passthrough,
-    /// snapshot, threads=N, log_file=F, pid_file=F, overlay=DIR, uid=N, gid=N, umask=OCTAL
+    /// snapshot, threads=N, log_file=F, pid_file=F, overlay=DIR, key_file=F, uid=N, gid=N,
+    /// umask=OCTAL
     /// (owner and mode bits the raw files show), and the standard ones mount(8) passes (rw,
     /// nodev, nosuid, noatime, nofail, ...).
     #[arg(short = 'o', value_name = "OPTIONS")]
@@ -183,6 +184,9 @@ fn with_options(mut args: MountArgs) -> Result<(MountArgs, Ownership), String> {
     args.pid_file = options.pid_file.or(args.pid_file);
     args.overlay = options.overlay.or(args.overlay);
     args.snapshot |= options.snapshot;
+    for file in &options.key_files {
+        super::add_key_file(file)?;
+    }
     Changes::from_flags(args.overlay.as_deref(), args.snapshot, args.read_only)?;
     args.overlay = daemon::absolute_if(args.overlay, "overlay directory")?;
     args.pid_file = daemon::absolute_if(args.pid_file, "pid file")?;

@@ -15,6 +15,8 @@ pub struct MountOptions {
     pub pid_file: Option<PathBuf>,
     pub overlay: Option<PathBuf>,
     pub snapshot: bool,
+    /// Passphrase files for encrypted images.
+    pub key_files: Vec<PathBuf>,
     /// Owner, group and umask shown for the raw files and directories (the image files'
     /// own by default).
     pub uid: Option<u32>,
@@ -80,6 +82,7 @@ pub fn parse(lists: &[String]) -> Result<MountOptions, String> {
             ("log_file", Some(v)) if !v.is_empty() => out.log_file = Some(PathBuf::from(v)),
             ("overlay", Some(v)) if !v.is_empty() => out.overlay = Some(PathBuf::from(v)),
             ("pid_file", Some(v)) if !v.is_empty() => out.pid_file = Some(PathBuf::from(v)),
+            ("key_file", Some(v)) if !v.is_empty() => out.key_files.push(PathBuf::from(v)),
             ("uid", Some(v)) => out.uid = Some(number(key, v)?),
             ("gid", Some(v)) => out.gid = Some(number(key, v)?),
             ("umask", Some(v)) => {
@@ -94,7 +97,7 @@ pub fn parse(lists: &[String]) -> Result<MountOptions, String> {
             (k, _) if k.starts_with("x-") || k == "comment" => {}
             (k, Some(_))
                 if [
-                    "threads", "log_file", "pid_file", "overlay", "uid", "gid", "umask",
+                    "threads", "log_file", "pid_file", "overlay", "key_file", "uid", "gid", "umask",
                 ]
                 .contains(&k) =>
             {

@@ -3,6 +3,7 @@
 
 pub mod backing;
 pub mod check;
+pub mod encrypted;
 pub mod host_holes;
 pub mod links;
 pub mod qcow;

@@ -7,6 +7,7 @@
 
 pub mod crash;
 pub mod discard;
+pub mod encrypted;
 pub mod faults;
 pub mod pause;
 pub mod resize;

@@ -55,6 +55,8 @@ pub struct QcowHeader {
     pub l1_entries: u64,
     pub backing_file_offset: u64,
     backing_name: Vec<u8>,
+    /// Data clusters are encrypted with the legacy AES method (crypt_method 1).
+    pub encrypted: bool,
 }
 
 impl QcowHeader {
@@ -108,21 +110,16 @@ impl QcowHeader {
             .at_offset(OFF_VERSION as u64));
         }
         let crypt_method = u32_at(OFF_CRYPT_METHOD, "crypt_method")?;
-        match crypt_method {
-            CRYPT_NONE => {}
-            CRYPT_AES => {
-                return Err(Error::unsupported(
-                    "the image is encrypted (qcow AES, crypt_method 1); decrypt it with \
-                     qemu-img convert first",
-                ))
-            }
+        let encrypted = match crypt_method {
+            CRYPT_NONE => false,
+            CRYPT_AES => true,
             other => {
                 return Err(
                     Error::corrupt(format!("qcow crypt_method {other} is not 0 or 1"))
                         .at_offset(OFF_CRYPT_METHOD as u64),
                 )
             }
-        }
+        };
 
         let size = u64_at(OFF_SIZE, "size")?;
         if size < 2 {
@@ -173,6 +170,7 @@ impl QcowHeader {
             l1_entries,
             backing_file_offset: u64_at(OFF_BACKING_FILE_OFFSET, "backing_file_offset")?,
             backing_name: Vec::new(),
+            encrypted,
         };
         header.with_backing_len(u32_at(OFF_BACKING_FILE_SIZE, "backing_file_size")?)
     }
@@ -512,7 +510,7 @@ mod tests {
         assert_err(QcowHeader::parse(&b), ErrorKind::Unsupported, "version 2");
         let mut b = good();
         patch_u32(&mut b, CRYPT_FIELD, 1);
-        assert_err(QcowHeader::parse(&b), ErrorKind::Unsupported, "encrypted");
+        assert!(QcowHeader::parse(&b).is_ok_and(|h| h.encrypted));
         patch_u32(&mut b, CRYPT_FIELD, 7);
         assert_err(QcowHeader::parse(&b), ErrorKind::Corrupt, "crypt_method 7");
         assert_err(QcowHeader::parse(&b[..20]), ErrorKind::Corrupt, "outside");

@@ -92,6 +92,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 
 use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
+use crate::format::encrypted::{DataCipher, ENCRYPTED_REASON};
 use crate::format::host_holes::push_stored;
 use crate::host::HostFile;
 use crate::image::{
@@ -146,6 +147,8 @@ pub struct QcowImage {
     end_of_data: AtomicU64,
     read_only_reason: Option<String>,
     write_back: WriteBack,
+    /// The cipher of an encrypted image's data clusters.
+    cipher: Option<DataCipher>,
 }
 
 impl QcowImage {
@@ -191,7 +194,11 @@ impl QcowImage {
         let data_bytes = file_len
             .saturating_sub(first_cluster)
             .saturating_sub(l2_bytes);
+        let cipher = header.encrypted.then(DataCipher::legacy_aes).transpose()?;
         let mut reasons = Vec::new();
+        if cipher.is_some() {
+            reasons.push(ENCRYPTED_REASON.to_string());
+        }
         if let Some(overlap) = tables.overlapping_tables() {
             log::warn!("{}: {overlap}; serving it read-only", file.path().display());
             reasons.push(overlap);
@@ -217,6 +224,7 @@ impl QcowImage {
             end_of_data: AtomicU64::new(file_len),
             read_only_reason,
             write_back: WriteBack::new(),
+            cipher,
             header,
             file,
         })
@@ -368,7 +376,10 @@ impl QcowImage {
         for run in self.lookup(offset, buf.len() as u64)? {
             let part = request_part_mut(buf, offset, run.offset, run.len)?;
             match run.kind {
-                RunKind::Data { host_offset } => self.file.read_exact_at(part, host_offset)?,
+                RunKind::Data { host_offset } => match &self.cipher {
+                    Some(cipher) => cipher.read(&self.file, part, host_offset, run.offset)?,
+                    None => self.file.read_exact_at(part, host_offset)?,
+                },
                 RunKind::Unallocated => read_below(self.backing.as_ref(), part, run.offset)?,
                 RunKind::Compressed { host_offset, len } => {
                     self.read_compressed(part, run.offset, host_offset, len)?

@@ -21,6 +21,9 @@ impl Qcow2Image {
                 details.push(("snapshot", format!("{} (id {})", s.name, s.id)));
             }
         }
+        if let Some(cipher) = &self.shared.cipher {
+            details.push(("encryption", cipher.describe()));
+        }
         if let Some(name) = h.data_file() {
             details.push(("data file", name.to_string_lossy().into_owned()));
         }

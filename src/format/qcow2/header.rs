@@ -62,6 +62,7 @@ const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 const EXT_BITMAPS: u32 = 0x2385_2875;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+const EXT_CRYPTO_HEADER: u32 = 0x0537_be77;
 const FEATURE_ENTRY_LEN: usize = 48;
 const BITMAPS_EXT_LEN: usize = 24;
 
@@ -88,6 +89,16 @@ pub enum FeatureKind {
     Incompatible,
     Compatible,
     Autoclear,
+}
+
+/// How the image's data clusters are encrypted (`crypt_method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encryption {
+    None,
+    /// QEMU's legacy AES-128-CBC with the passphrase as key (crypt_method 1).
+    Aes,
+    /// LUKS, its header in the image file (crypt_method 2).
+    Luks,
 }
 
 /// One entry of the feature name table extension.
@@ -125,6 +136,9 @@ pub struct Qcow2Header {
     pub refcount_order: u32,
     pub header_length: u32,
     pub compression_type: CompressionType,
+    pub encryption: Encryption,
+    /// The LUKS header's (offset, length) in the image file (crypto header extension).
+    pub crypto_header: Option<(u64, u64)>,
     backing_file_offset: u64,
     backing_file: Option<Vec<u8>>,
     backing_format: Option<String>,
@@ -213,17 +227,16 @@ impl Qcow2Header {
             )));
         }
 
-        let crypt_method = u32_be(head, 32, "crypt_method")?;
-        match crypt_method {
-            0 => {}
-            1 => return Err(Error::unsupported("the image is encrypted (AES)")),
-            2 => return Err(Error::unsupported("the image is encrypted (LUKS)")),
+        let encryption = match u32_be(head, 32, "crypt_method")? {
+            0 => Encryption::None,
+            1 => Encryption::Aes,
+            2 => Encryption::Luks,
             other => {
                 return Err(Error::unsupported(format!(
                     "the image is encrypted with unknown crypt_method {other}"
                 )))
             }
-        }
+        };
 
         let backing_file_offset = u64_be(head, 8, "backing_file_offset")?;
         let backing_file_size = u32_be(head, 16, "backing_file_size")?;
@@ -259,6 +272,8 @@ impl Qcow2Header {
             refcount_order,
             header_length,
             compression_type: CompressionType::Zlib,
+            encryption,
+            crypto_header: None,
             backing_file_offset,
             backing_file,
             backing_format: None,
@@ -338,8 +353,20 @@ impl Qcow2Header {
                 self.other_extensions.push((kind, data.to_vec()));
             }
             EXT_DATA_FILE => self.data_file = Some(data.to_vec()),
-            // The crypto header pointer only matters to encrypted images, which are refused;
-            // like unknown extensions it is kept for rewriting the header.
+            EXT_CRYPTO_HEADER => {
+                if data.len() != 16 {
+                    return Err(corrupt(
+                        format!("the crypto header extension at {at:#x} is not 16 bytes long"),
+                        at,
+                    ));
+                }
+                self.crypto_header = Some((
+                    u64_be(data, 0, "crypto header offset")?,
+                    u64_be(data, 8, "crypto header length")?,
+                ));
+                // Kept for rewriting the header, like the extensions imgfs does not interpret.
+                self.other_extensions.push((kind, data.to_vec()));
+            }
             _ => self.other_extensions.push((kind, data.to_vec())),
         }
         Ok(())

@@ -85,6 +85,7 @@ mod check;
 mod cluster;
 mod counts;
 pub mod create;
+mod crypt;
 mod details;
 mod discard;
 mod guard;
@@ -173,6 +174,8 @@ struct Shared {
     last_compressed: LastInflated,
     /// Stopped by a failed write-back (the active image's writes, flushes and reason).
     write_back: WriteBack,
+    /// The cipher of an encrypted image's data clusters (crypt.rs).
+    cipher: Option<crate::format::encrypted::DataCipher>,
 }
 
 /// What `Qcow2Image::open` is given.
@@ -243,6 +246,7 @@ impl Qcow2Image {
             _ => {}
         }
         let file_len = file.len()?;
+        let cipher = crypt::data_cipher(&file, &header)?;
         let l1 = read_l1(&file, header.l1_table_offset, header.l1_size)?;
         let (snapshots, snapshot_table_len) = snapshot::read_table(
             &file,
@@ -276,6 +280,9 @@ impl Qcow2Image {
                 reasons.push("the image file is opened read-only".to_string())
             }
             None => {}
+        }
+        if cipher.is_some() {
+            reasons.push(crate::format::encrypted::ENCRYPTED_REASON.to_string());
         }
         if data_file.as_ref().is_some_and(|f| !f.is_writable()) && reasons.is_empty() {
             reasons.push("the external data file is opened read-only".to_string());
@@ -319,6 +326,7 @@ impl Qcow2Image {
             file_len: AtomicU64::new(file_len),
             last_compressed: LastInflated::default(),
             write_back: WriteBack::new(),
+            cipher,
             file,
             header,
         };
@@ -518,9 +526,10 @@ impl Qcow2Image {
             match run.mapping {
                 Mapping::Unallocated => read_below(self.shared.backing.as_ref(), part, run.offset)?,
                 Mapping::Zero => part.fill(0),
-                Mapping::Data { host_offset } => {
-                    self.data_file().read_exact_at(part, host_offset)?
-                }
+                Mapping::Data { host_offset } => match &self.shared.cipher {
+                    Some(cipher) => cipher.read(self.data_file(), part, host_offset, run.offset)?,
+                    None => self.data_file().read_exact_at(part, host_offset)?,
+                },
                 Mapping::Compressed {
                     host_offset,
                     len,

@@ -605,6 +605,7 @@ fn opening_a_huge_sparse_image_reads_only_its_tables() {
 
 mod crash;
 mod discard;
+mod encrypted;
 mod faults;
 mod hostile;
 mod passthrough;

@@ -22,6 +22,8 @@ fn one_cluster_image(dir: &TempDir) -> Option<PathBuf> {
 
 #[test]
 fn corrupt_headers_are_refused_cleanly() {
+    // An encrypted header is refused for want of a passphrase.
+    crate::meta::keyring::testing::use_passphrases(&[]);
     let dir = TempDir::new();
     let Some(good_path) = one_cluster_image(&dir) else {
         return;
@@ -65,7 +67,7 @@ fn corrupt_headers_are_refused_cleanly() {
     check(
         &with(&|b| patch_u32(b, CRYPT_FIELD, 1)),
         ErrorKind::Unsupported,
-        "encrypted",
+        "encrypted (AES): give its passphrase",
     );
     check(
         &with(&|b| patch_u64(b, SIZE_FIELD, u64::MAX - 5)),
@@ -282,4 +284,30 @@ fn mutated_images_never_panic() {
         exercise_image(&img, true);
         true
     });
+}
+
+/// An image encrypted with the legacy AES method reads as qemu-img decrypts it, read-only.
+#[test]
+fn legacy_aes_images_read_like_qemu_with_the_passphrase() {
+    use crate::testutil::encrypted::{create_encrypted, qemu_plain};
+    let dir = TempDir::new();
+    let path = dir.path().join("aes.qcow");
+    let writes = ["write -P 0x5a 1000 70000", "write -P 0x33 3M 4096"];
+    if create_encrypted("qcow", &path, "aes", "abc", "4M", &writes).is_none() {
+        return;
+    }
+    let Some(expected) = qemu_plain("qcow", &path, "abc", &dir.path().join("plain.raw")) else {
+        return;
+    };
+    assert!(expected[1000..71_000].iter().all(|&b| b == 0x5a));
+    crate::meta::keyring::testing::use_passphrases(&[b"abc"]);
+    let img = try_open(&path, None).unwrap();
+    let mut got = vec![0u8; expected.len()];
+    img.read_at(&mut got, 0).unwrap();
+    assert!(got == expected);
+    let mut part = vec![0u8; 333];
+    img.read_at(&mut part, 1000 - 7).unwrap();
+    assert_eq!(&part[..], &expected[993..1326]);
+    let reason = img.read_only_reason().unwrap_or_default();
+    assert!(reason.contains("encrypted"), "{reason}");
 }

@@ -86,14 +86,26 @@ fn unknown_incompatible_bits_are_named() {
 }
 
 #[test]
-fn encryption_is_refused() {
-    for (method, word) in [(1, "AES"), (2, "LUKS")] {
+fn encryption_methods_and_the_crypto_header_pointer_are_read() {
+    for (method, expected) in [(1, Encryption::Aes), (2, Encryption::Luks)] {
         let (mut h, len) = v3_head();
         put_u32(&mut h, 32, method);
-        let e = err(&h, len);
-        assert_eq!(e.kind(), ErrorKind::Unsupported);
-        assert!(e.to_string().contains("encrypted") && e.to_string().contains(word));
+        let mut at = 112;
+        let mut pointer = [0u8; 16];
+        pointer[..8].copy_from_slice(&(3u64 << 16).to_be_bytes());
+        pointer[8..].copy_from_slice(&(1u64 << 16).to_be_bytes());
+        push_ext(&mut h, &mut at, EXT_CRYPTO_HEADER, &pointer);
+        let parsed = Qcow2Header::parse(&h, len).unwrap();
+        assert_eq!(parsed.encryption, expected);
+        assert_eq!(parsed.crypto_header, Some((3 << 16, 1 << 16)));
     }
+    let (mut h, len) = v3_head();
+    put_u32(&mut h, 32, 9);
+    assert!(err(&h, len).to_string().contains("unknown crypt_method 9"));
+    let mut at = 112;
+    push_ext(&mut h, &mut at, EXT_CRYPTO_HEADER, &[0; 8]);
+    put_u32(&mut h, 32, 2);
+    assert!(err(&h, len).to_string().contains("not 16 bytes"));
 }
 
 #[test]

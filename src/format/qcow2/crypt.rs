@@ -1,0 +1,52 @@
+//! The key of an encrypted qcow2 image: for LUKS, from the LUKS header in the image file that
+//! the crypto header extension names; for the legacy AES method, the passphrase itself.
+
+use crate::error::{Error, Result};
+use crate::format::encrypted::DataCipher;
+use crate::host::HostFile;
+use crate::meta::crypt::LuksHeader;
+use crate::meta::keyring;
+
+use super::header::{Encryption, Qcow2Header};
+
+/// The cipher of the image in `file` with `header`, `None` for an image that is not encrypted.
+pub(super) fn data_cipher(file: &HostFile, header: &Qcow2Header) -> Result<Option<DataCipher>> {
+    match header.encryption {
+        Encryption::None => Ok(None),
+        _ if header.has_data_file() => Err(Error::unsupported(
+            "an encrypted image with an external data file",
+        )),
+        Encryption::Aes => DataCipher::legacy_aes().map(Some),
+        Encryption::Luks => open_luks(file, header).map(Some),
+    }
+}
+
+fn open_luks(file: &HostFile, header: &Qcow2Header) -> Result<DataCipher> {
+    let Some((offset, length)) = header.crypto_header else {
+        return Err(Error::corrupt(
+            "the image is encrypted with LUKS but has no crypto header extension",
+        ));
+    };
+    let file_len = file.len()?;
+    let end = offset.checked_add(length).filter(|&end| end <= file_len);
+    if offset % header.cluster_size() != 0 || end.is_none() || length < LuksHeader::LEN as u64 {
+        return Err(Error::corrupt(format!(
+            "the LUKS header area ({length} bytes at {offset:#x}) is misplaced or too small"
+        )));
+    }
+    let mut bytes = vec![0u8; LuksHeader::LEN];
+    file.read_exact_at(&mut bytes, offset)?;
+    let luks = LuksHeader::parse(&bytes).map_err(|e| e.at_offset(offset))?;
+    if luks.span()? > length {
+        return Err(Error::corrupt(format!(
+            "the LUKS key slots reach past the {length}-byte header area at {offset:#x}"
+        )));
+    }
+    let key = keyring::luks_key(&bytes, "LUKS", &mut |passphrase| {
+        luks.unlock(passphrase, &mut |at, buf| {
+            // `span` was checked against the area, so `at` stays inside it.
+            file.read_exact_at(buf, offset.saturating_add(at))
+        })
+    })?;
+    Ok(DataCipher::luks(key))
+}

@@ -1,0 +1,78 @@
+//! Encrypted qcow and qcow2 images made by qemu-img and written by qemu-io, and what qemu-img
+//! decrypts from them: the oracle of the encrypted-image tests.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use super::qemu;
+
+/// `--object secret,...` and the `--image-opts` string QEMU needs for `path` as `format`.
+fn secret_args(format: &str, passphrase: &str, path: &Path) -> [OsString; 4] {
+    let mut opts = OsString::from(format!(
+        "driver={format},encrypt.key-secret=sec0,file.filename="
+    ));
+    opts.push(path);
+    [
+        "--object".into(),
+        format!("secret,id=sec0,data={passphrase}").into(),
+        "--image-opts".into(),
+        opts,
+    ]
+}
+
+/// Creates `path` as an encrypted `format` image (`method`: luks or aes) of `size` with
+/// `passphrase`, and writes `writes` (qemu-io commands) into it; `None` when QEMU is missing.
+pub fn create_encrypted(
+    format: &str,
+    path: &Path,
+    method: &str,
+    passphrase: &str,
+    size: &str,
+    writes: &[&str],
+) -> Option<()> {
+    let mut options = format!("encrypt.format={method},encrypt.key-secret=sec0");
+    if method == "luks" {
+        // Fast key derivation: debug builds run it in the tests.
+        options.push_str(",encrypt.iter-time=10");
+    }
+    let secret = secret_args(format, passphrase, path);
+    let mut create: Vec<OsString> = ["create", "-q", "-f", format].map(OsString::from).to_vec();
+    create.extend(secret[..2].iter().cloned());
+    create.extend([
+        OsString::from("-o"),
+        options.into(),
+        path.into(),
+        size.into(),
+    ]);
+    let out = qemu("qemu-img", &create)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut io = secret.to_vec();
+    for w in writes {
+        io.extend([OsString::from("-c"), OsString::from(*w)]);
+    }
+    let out = qemu("qemu-io", &io)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(())
+}
+
+/// What qemu-img reads from the encrypted `format` image at `path`, converted into `raw`.
+pub fn qemu_plain(format: &str, path: &Path, passphrase: &str, raw: &Path) -> Option<Vec<u8>> {
+    let mut args: Vec<OsString> = vec!["convert".into()];
+    args.extend(secret_args(format, passphrase, path));
+    args.extend(["-O".into(), "raw".into(), raw.into()]);
+    let out = qemu("qemu-img", &args)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(raw).ok()
+}
