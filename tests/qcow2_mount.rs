@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
@@ -301,7 +301,7 @@ fn luks_args(image: &Path) -> [String; 4] {
 }
 
 #[test]
-fn encrypted_images_are_served_read_only_with_their_passphrase() {
+fn encrypted_images_are_served_with_their_passphrase() {
     if !can_mount() {
         return;
     }
@@ -358,16 +358,33 @@ fn encrypted_images_are_served_read_only_with_their_passphrase() {
     let raw = mount.path("secret.qcow2.raw");
     assert!(std::fs::read(&raw).unwrap() == expected);
     assert!(expected[3000..3000 + (1 << 20)].iter().all(|&b| b == 0x5e));
-    let refused = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&raw)
-        .unwrap_err();
-    assert_eq!(refused.raw_os_error(), Some(libc::EROFS));
+    // Writes are encrypted as QEMU encrypts: qemu-img checks the image and reads them back.
+    let mut expected = expected;
+    let file = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    for (at, len, byte) in [(100, 300, 0x61), ((2 << 20) - 7, 70_000, 0x62)] {
+        file.write_all_at(&vec![byte; len], at as u64).unwrap();
+        expected[at..at + len].fill(byte);
+    }
+    file.sync_all().unwrap();
+    drop(file);
     mount.unmount();
-    assert!(std::fs::read(&image)
-        .unwrap()
+    let file = std::fs::read(&image).unwrap();
+    assert!(file
         .windows(512)
-        .all(|w| w != [0x5e; 512]));
+        .all(|w| w != [0x5e; 512] && w != [0x62; 512]));
+    run(Command::new("qemu-img").args(["check", &object, &secret, &opts, &image_opts]));
+    let after = dir.join("after.raw");
+    run(Command::new("qemu-img").args([
+        "convert",
+        &object,
+        &secret,
+        &opts,
+        &image_opts,
+        "-O",
+        "raw",
+        path_str(&after),
+    ]));
+    assert!(std::fs::read(&after).unwrap() == expected);
 }
 
 /// The content of internal snapshot `name` of `image`, as qemu-img reads it.

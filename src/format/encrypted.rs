@@ -3,7 +3,7 @@
 //! passphrase is the key, the IV is the guest offset). Metadata is never encrypted. Keys come
 //! from the passphrases given to the daemon (`meta::keyring`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::error::{Error, Result};
 use crate::host::HostFile;
@@ -11,15 +11,20 @@ use crate::meta::crypt::{qcow_aes, SectorCipher};
 use crate::meta::keyring;
 
 const SECTOR: u64 = 512;
+/// Locks for the sectors that writes cover partly (`DataCipher::write`), by sector number.
+const SECTOR_LOCKS: usize = 64;
 
-/// Why an encrypted image is served read-only.
-pub const ENCRYPTED_REASON: &str = "encrypted images are served read-only";
+/// Why an encrypted qcow (version 1) image is served read-only: only qcow2's writes encrypt.
+pub const ENCRYPTED_REASON: &str = "qcow version 1 images encrypted with AES are served read-only";
 
 /// The cipher of an encrypted image's data clusters.
 pub struct DataCipher {
     cipher: Arc<SectorCipher>,
     /// The IV is the sector's offset in the image file (LUKS), not on the guest disk (AES).
     physical: bool,
+    /// A write that covers a sector partly reads, decrypts, merges, encrypts and writes it
+    /// back; two such writes of one sector must not lose each other's bytes.
+    sector_locks: [Mutex<()>; SECTOR_LOCKS],
 }
 
 impl DataCipher {
@@ -28,6 +33,7 @@ impl DataCipher {
         DataCipher {
             cipher,
             physical: true,
+            sector_locks: std::array::from_fn(|_| Mutex::new(())),
         }
     }
 
@@ -42,6 +48,7 @@ impl DataCipher {
         Ok(DataCipher {
             cipher: Arc::new(qcow_aes(&passphrase)?),
             physical: false,
+            sector_locks: std::array::from_fn(|_| Mutex::new(())),
         })
     }
 
@@ -62,6 +69,91 @@ impl DataCipher {
         host_offset: u64,
         guest_offset: u64,
     ) -> Result<()> {
+        let span = Span::of(host_offset, guest_offset, part.len())?;
+        let mut sectors = vec![0u8; span.len];
+        file.read_exact_at(&mut sectors, span.start)?;
+        self.cipher
+            .decrypt(self.first_sector(&span), &mut sectors)?;
+        part.copy_from_slice(&sectors[span.lead..span.lead + part.len()]);
+        Ok(())
+    }
+
+    /// Writes `data`, the guest bytes at `guest_offset`, encrypted at `host_offset` of
+    /// `file`. Sectors it covers partly are read and decrypted first, under their locks.
+    pub fn write(
+        &self,
+        file: &HostFile,
+        data: &[u8],
+        host_offset: u64,
+        guest_offset: u64,
+    ) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let span = Span::of(host_offset, guest_offset, data.len())?;
+        let mut sectors = vec![0u8; span.len];
+        let first = self.first_sector(&span);
+        let head_partial = span.lead != 0;
+        let tail_partial = (span.lead + data.len()) % SECTOR as usize != 0;
+        let last = span.start + span.len as u64 - SECTOR;
+        let _held = self.lock_sectors(span.start, last, head_partial || tail_partial);
+        if head_partial {
+            self.read_sector(file, &mut sectors[..SECTOR as usize], span.start, first)?;
+        }
+        if tail_partial && (last != span.start || !head_partial) {
+            let tail_first = first + (last - span.start) / SECTOR;
+            let at = span.len - SECTOR as usize;
+            self.read_sector(file, &mut sectors[at..], last, tail_first)?;
+        }
+        sectors[span.lead..span.lead + data.len()].copy_from_slice(data);
+        self.cipher.encrypt(first, &mut sectors)?;
+        file.write_all_at(&sectors, span.start)
+    }
+
+    fn read_sector(&self, file: &HostFile, out: &mut [u8], at: u64, sector: u64) -> Result<()> {
+        file.read_exact_at(out, at)?;
+        self.cipher.decrypt(sector, out)
+    }
+
+    /// The IV sector number of the span's first sector.
+    fn first_sector(&self, span: &Span) -> u64 {
+        match self.physical {
+            true => span.start / SECTOR,
+            false => span.guest_start / SECTOR,
+        }
+    }
+
+    /// Holds the locks of the sectors at host offsets `first` and `last` (a write's partly
+    /// covered ones; whole sectors need none), in a fixed order.
+    fn lock_sectors(&self, first: u64, last: u64, partial: bool) -> Vec<MutexGuard<'_, ()>> {
+        if !partial {
+            return Vec::new();
+        }
+        let index = |at: u64| (at / SECTOR) as usize % SECTOR_LOCKS;
+        let (a, b) = (index(first).min(index(last)), index(first).max(index(last)));
+        let lock = |i: usize| {
+            self.sector_locks[i]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        match a == b {
+            true => vec![lock(a)],
+            false => vec![lock(a), lock(b)],
+        }
+    }
+}
+
+/// The whole sectors around a request: host offset and length, where the request starts in
+/// them, and the guest offset of their start.
+struct Span {
+    start: u64,
+    len: usize,
+    lead: usize,
+    guest_start: u64,
+}
+
+impl Span {
+    fn of(host_offset: u64, guest_offset: u64, len: usize) -> Result<Span> {
         let lead = host_offset % SECTOR;
         if guest_offset % SECTOR != lead {
             return Err(Error::out_of_range(format!(
@@ -69,17 +161,12 @@ impl DataCipher {
                  lie differently in their sectors"
             )));
         }
-        let start = host_offset - lead;
-        let len = (lead + part.len() as u64).div_ceil(SECTOR) * SECTOR;
-        let mut sectors = vec![0u8; len as usize];
-        file.read_exact_at(&mut sectors, start)?;
-        let first = match self.physical {
-            true => start / SECTOR,
-            false => (guest_offset - lead) / SECTOR,
-        };
-        self.cipher.decrypt(first, &mut sectors)?;
-        let lead = lead as usize;
-        part.copy_from_slice(&sectors[lead..lead + part.len()]);
-        Ok(())
+        let whole = (lead + len as u64).div_ceil(SECTOR) * SECTOR;
+        Ok(Span {
+            start: host_offset - lead,
+            len: whole as usize,
+            lead: lead as usize,
+            guest_start: guest_offset - lead,
+        })
     }
 }

@@ -76,3 +76,19 @@ pub fn qemu_plain(format: &str, path: &Path, passphrase: &str, raw: &Path) -> Op
     );
     std::fs::read(raw).ok()
 }
+
+/// Asserts that `qemu-img check` finds the encrypted `format` image at `path` clean.
+pub fn assert_qemu_check_clean(format: &str, path: &Path, passphrase: &str) {
+    let mut args: Vec<OsString> = vec!["check".into()];
+    args.extend(secret_args(format, passphrase, path));
+    let Some(out) = qemu("qemu-img", &args) else {
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

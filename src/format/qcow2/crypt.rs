@@ -50,3 +50,23 @@ fn open_luks(file: &HostFile, header: &Qcow2Header) -> Result<DataCipher> {
     })?;
     Ok(DataCipher::luks(key))
 }
+
+impl super::Qcow2Image {
+    /// Reads guest bytes at `guest` from host offset `host` of the data clusters' file,
+    /// decrypting them in an encrypted image.
+    pub(super) fn read_data(&self, buf: &mut [u8], host: u64, guest: u64) -> Result<()> {
+        match &self.shared.cipher {
+            Some(cipher) => cipher.read(self.data_file(), buf, host, guest),
+            None => self.data_file().read_exact_at(buf, host),
+        }
+    }
+
+    /// Writes guest bytes at `guest` to host offset `host` of the data clusters' file,
+    /// encrypting them in an encrypted image.
+    pub(super) fn write_data(&self, data: &[u8], host: u64, guest: u64) -> Result<()> {
+        match &self.shared.cipher {
+            Some(cipher) => cipher.write(self.data_file(), data, host, guest),
+            None => self.data_file().write_all_at(data, host),
+        }
+    }
+}

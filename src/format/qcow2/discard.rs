@@ -129,8 +129,10 @@ impl Qcow2Image {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for run in self.lookup(start, len)? {
                 match run.mapping {
+                    // A hole in an encrypted image's data would decrypt to noise.
                     Mapping::Data { host_offset }
-                        if self.owns_cluster_data(run.offset, run.len)? =>
+                        if self.shared.cipher.is_none()
+                            && self.owns_cluster_data(run.offset, run.len)? =>
                     {
                         self.data_file().punch_hole(host_offset, run.len)?
                     }

@@ -281,9 +281,6 @@ impl Qcow2Image {
             }
             None => {}
         }
-        if cipher.is_some() {
-            reasons.push(crate::format::encrypted::ENCRYPTED_REASON.to_string());
-        }
         if data_file.as_ref().is_some_and(|f| !f.is_writable()) && reasons.is_empty() {
             reasons.push("the external data file is opened read-only".to_string());
         }
@@ -526,10 +523,7 @@ impl Qcow2Image {
             match run.mapping {
                 Mapping::Unallocated => read_below(self.shared.backing.as_ref(), part, run.offset)?,
                 Mapping::Zero => part.fill(0),
-                Mapping::Data { host_offset } => match &self.shared.cipher {
-                    Some(cipher) => cipher.read(self.data_file(), part, host_offset, run.offset)?,
-                    None => self.data_file().read_exact_at(part, host_offset)?,
-                },
+                Mapping::Data { host_offset } => self.read_data(part, host_offset, run.offset)?,
                 Mapping::Compressed {
                     host_offset,
                     len,

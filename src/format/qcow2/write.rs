@@ -40,6 +40,8 @@ const MAX_RUN_CLUSTERS: usize = 512;
 #[derive(Default)]
 struct FreshRun {
     host: u64,
+    /// The guest offset of the first cluster.
+    guest: u64,
     clusters: Vec<(Entry, u64)>,
 }
 
@@ -102,8 +104,7 @@ impl Qcow2Image {
                 pos += len;
             }
             for (guest, host, len) in in_place {
-                self.data_file()
-                    .write_all_at(request_part(buf, offset, guest, len)?, host)?;
+                self.write_data(request_part(buf, offset, guest, len)?, host, guest)?;
             }
         }
         for (guest, len) in allocating {
@@ -294,6 +295,7 @@ impl Qcow2Image {
             }
             if run.clusters.is_empty() {
                 run.host = next.1;
+                run.guest = guest;
             }
             run.clusters.push(next);
         }
@@ -338,7 +340,7 @@ impl Qcow2Image {
         let data = payload
             .get(..bytes)
             .ok_or_else(|| Error::out_of_range("internal: cluster run past its payload"))?;
-        self.data_file().write_all_at(data, run.host)?;
+        self.write_data(data, run.host, run.guest)?;
         let updates: Vec<(EntrySlot, u64)> = run
             .clusters
             .iter()
@@ -370,9 +372,7 @@ impl Qcow2Image {
             } => {
                 // Allocated by another writer since our lookup.
                 self.check_data_target(host_cluster)?;
-                return self
-                    .data_file()
-                    .write_all_at(payload, host_cluster + at.in_cluster);
+                return self.write_data(payload, host_cluster + at.in_cluster, pos);
             }
             ClusterDescriptor::Zero {
                 preallocated: Some(host_cluster),
@@ -381,7 +381,7 @@ impl Qcow2Image {
                 self.check_data_target(host_cluster)?;
                 let mut cluster = vec![0u8; cluster_size];
                 merge(&mut cluster, payload, in_cluster)?;
-                self.data_file().write_all_at(&cluster, host_cluster)?;
+                self.write_data(&cluster, host_cluster, guest_cluster)?;
                 return self.publish(entry.slot, host_cluster | COPIED, None);
             }
             _ => {}
@@ -393,7 +393,7 @@ impl Qcow2Image {
         };
         merge(&mut cluster, payload, in_cluster)?;
         let host = self.alloc_data_cluster(alloc, guest_cluster)?;
-        self.data_file().write_all_at(&cluster, host)?;
+        self.write_data(&cluster, host, guest_cluster)?;
         // A compressed cluster of an extended L2 image becomes a wholly allocated one.
         let bitmap = geo.extended_l2.then_some(u64::from(u32::MAX));
         self.publish(entry.slot, host | COPIED, bitmap)?;
@@ -411,7 +411,7 @@ impl Qcow2Image {
             }
             ClusterDescriptor::Zero { .. } => {}
             ClusterDescriptor::Normal { host_cluster, .. } => {
-                self.data_file().read_exact_at(&mut cluster, host_cluster)?
+                self.read_data(&mut cluster, host_cluster, guest_cluster)?
             }
             ClusterDescriptor::Compressed { host_offset, len } => {
                 cluster.copy_from_slice(&self.decompressed(host_offset, len)?)
@@ -602,7 +602,7 @@ impl Qcow2Image {
                 let part = buf
                     .get((lo - span_start) as usize..(hi - span_start) as usize)
                     .ok_or_else(|| Error::out_of_range("internal: subcluster span"))?;
-                self.data_file().write_all_at(part, host + lo)?;
+                self.write_data(part, host + lo, guest_cluster + lo)?;
                 self.publish(entry.slot, host | COPIED, Some(bitmap(new_alloc, new_zero)))
             }
             _ => {
@@ -616,12 +616,12 @@ impl Qcow2Image {
                 };
                 let mut buf = vec![0u8; (hi - lo) as usize];
                 if let Some(old) = host_cluster {
-                    self.data_file().read_exact_at(&mut buf, old + lo)?;
+                    self.read_data(&mut buf, old + lo, guest_cluster + lo)?;
                 }
                 self.fill_subclusters(&mut buf, lo, guest_cluster, allocated | !touched, zero)?;
                 merge(&mut buf, payload, (start - lo) as usize)?;
                 let host = self.alloc_data_cluster(alloc, guest_cluster)?;
-                self.data_file().write_all_at(&buf, host + lo)?;
+                self.write_data(&buf, host + lo, guest_cluster + lo)?;
                 self.publish(entry.slot, host | COPIED, Some(bitmap(new_alloc, new_zero)))?;
                 self.drop_reference(alloc, &entry.desc);
                 Ok(())
