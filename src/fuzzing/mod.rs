@@ -23,6 +23,13 @@ pub use exercise::{Outcome, Trust};
 
 use crate::format::Format;
 
+/// The passphrase every fuzzed process is given: the encrypted seeds are made with it, so
+/// mutated images reach key-slot unlocking, decryption and encrypted writes.
+pub const PASSPHRASE: &[u8] = b"fuzz";
+/// PBKDF2 iterations accepted by the fuzz targets (the seeds use fewer): a mutated count must
+/// not make one input take seconds.
+const FUZZ_ITERATIONS: u32 = 1 << 14;
+
 /// The fuzz targets, by the name of their directory under `fuzz/fuzz_targets` and the seeds.
 pub const TARGETS: [&str; 7] = ["vdi", "qcow", "qcow2", "vhdx", "vhd", "vmdk", "status"];
 
@@ -38,6 +45,7 @@ pub fn run_seed(name: &str, data: &[u8]) -> Result<Outcome, Violation> {
 }
 
 fn run_trusting(name: &str, data: &[u8], trust: Trust) -> Result<Outcome, Violation> {
+    crate::meta::keyring::add_passphrase(PASSPHRASE);
     let format = match name {
         "vdi" => Format::Vdi,
         "qcow" => Format::Qcow,
@@ -53,6 +61,8 @@ fn run_trusting(name: &str, data: &[u8], trust: Trust) -> Result<Outcome, Violat
 
 /// Runs a target and panics on a broken invariant: the panic is the report a fuzzer sees.
 fn report(name: &str, data: &[u8]) -> Outcome {
+    // Only in the fuzzer's own process: the replay tests share theirs with other tests.
+    crate::meta::crypt::limit_iterations(FUZZ_ITERATIONS);
     match run(name, data) {
         Ok(outcome) => outcome,
         Err(v) => panic!("imgfs {name} invariant broken: {v}"),

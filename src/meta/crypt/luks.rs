@@ -11,6 +11,7 @@ use super::cipher::{IvGen, Mode, SectorCipher, Spec};
 use super::passphrase_bytes;
 use crate::error::{Error, Result};
 use crate::meta::bytes::{u16_be, u32_be};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 const SLOT_ENABLED: u32 = 0x00AC_71F3;
@@ -50,6 +51,15 @@ const MAX_STRIPES: u32 = 65536;
 /// million for SHA-256 on today's CPUs. An unbounded count (up to 2^32) would let a hostile
 /// header hold the daemon's thread for an hour per slot; 2^24 bounds it to seconds.
 const MAX_ITERATIONS: u32 = 1 << 24;
+/// The limit in force: `MAX_ITERATIONS`, lowered by the fuzzing harness (`limit_iterations`)
+/// so that every input stays fast.
+static ITERATION_LIMIT: AtomicU32 = AtomicU32::new(MAX_ITERATIONS);
+
+/// Lowers the PBKDF2 iterations accepted to `limit` (the fuzzing harness: a mutated count
+/// must not make one input take seconds).
+pub fn limit_iterations(limit: u32) {
+    ITERATION_LIMIT.store(limit.min(MAX_ITERATIONS), Ordering::Relaxed);
+}
 
 /// One of the 8 key slots: a copy of the master key, split into stripes and encrypted with a
 /// key derived from a passphrase.
@@ -149,10 +159,11 @@ impl LuksHeader {
         if mk_iterations == 0 {
             return Err(Error::corrupt("LUKS header mk_digest_iter is 0"));
         }
-        if mk_iterations > MAX_ITERATIONS {
+        let limit = ITERATION_LIMIT.load(Ordering::Relaxed);
+        if mk_iterations > limit {
             return Err(Error::unsupported(format!(
-                "LUKS header mk_digest_iter is {mk_iterations}, more than the \
-                 {MAX_ITERATIONS} imgfs derives"
+                "LUKS header mk_digest_iter is {mk_iterations}, more than the {limit} imgfs \
+                 derives"
             )));
         }
         let mut slots = Vec::with_capacity(SLOTS);
@@ -200,9 +211,10 @@ impl LuksHeader {
         if slot.iterations == 0 {
             return Err(Error::corrupt(format!("{} is 0", field("iterations"))));
         }
-        if slot.iterations > MAX_ITERATIONS {
+        let limit = ITERATION_LIMIT.load(Ordering::Relaxed);
+        if slot.iterations > limit {
             return Err(Error::unsupported(format!(
-                "{} is {}, more than the {MAX_ITERATIONS} imgfs derives",
+                "{} is {}, more than the {limit} imgfs derives",
                 field("iterations"),
                 slot.iterations
             )));

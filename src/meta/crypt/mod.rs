@@ -14,7 +14,7 @@ mod luks;
 mod tests;
 
 pub use cipher::SectorCipher;
-pub use luks::LuksHeader;
+pub use luks::{limit_iterations, LuksHeader};
 
 use crate::error::{Error, Result};
 use cipher::{IvGen, Mode, Spec};
