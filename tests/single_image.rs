@@ -305,3 +305,50 @@ fn a_file_mount_point_is_refused_for_a_tree_and_for_the_image_itself() {
         assert!(!is_mount_point(target));
     }
 }
+
+/// A LUKS1 container named as the source, with its passphrase: its payload is the disk,
+/// read-write; QEMU reads back what was written.
+#[test]
+fn a_luks_container_is_served_decrypted_with_its_passphrase() {
+    if !can_mount() {
+        return;
+    }
+    let (dir, src) = empty_source("single-luks");
+    let disk = src.join("disk.luks");
+    let secret = ["--object", "secret,id=s,data=hunter2"];
+    let opts = format!("driver=luks,key-secret=s,file.filename={}", path_str(&disk));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "luks"])
+        .args(secret)
+        .args(["-o", "key-secret=s,iter-time=10", path_str(&disk), "4M"]));
+    run(Command::new("qemu-io").args(secret).args([
+        "--image-opts",
+        &opts,
+        "-c",
+        "write -P 0x4c 4000 70000",
+    ]));
+    let plain = |name: &str| {
+        let out = dir.join(name);
+        run(Command::new("qemu-img").arg("convert").args(secret).args([
+            "--image-opts",
+            &opts,
+            "-O",
+            "raw",
+            path_str(&out),
+        ]));
+        std::fs::read(&out).unwrap()
+    };
+    let mut expected = plain("before.raw");
+    let key = dir.join("key");
+    std::fs::write(&key, "hunter2\n").unwrap();
+    let mount = Mount::new(&disk, &dir.join("mnt"), &["--key-file", path_str(&key)]);
+    let raw = mount.path("disk.luks.raw");
+    assert!(std::fs::read(&raw).unwrap() == expected);
+    let file = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    file.write_all_at(&[0x4d; 1000], 70_123).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    expected[70_123..71_123].fill(0x4d);
+    mount.unmount();
+    assert!(plain("after.raw") == expected);
+}

@@ -45,9 +45,10 @@ Examples:
     after_help = EXAMPLES
 )]
 pub struct Cli {
-    /// A file holding the passphrase of encrypted qcow2 images (LUKS or the legacy AES), as
-    /// QEMU's `--object secret,file=FILE` (a final newline is not needed); may be repeated,
-    /// each encrypted image opening with the first that unlocks it.
+    /// A file holding the passphrase of encrypted images (qcow2 with LUKS or the legacy AES,
+    /// qcow with AES, LUKS1 containers), as QEMU's `--object secret,file=FILE` (a final
+    /// newline is not needed); may be repeated, each encrypted image opening with the first
+    /// that unlocks it.
     #[arg(long, value_name = "FILE", global = true)]
     key_file: Vec<PathBuf>,
     #[command(subcommand)]

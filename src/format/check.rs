@@ -164,6 +164,9 @@ pub fn check(
         }
         Format::Qcow => super::qcow::check(&file, repair, progress),
         Format::Raw => Err(Error::unsupported("raw files have no metadata to check")),
+        Format::Luks => Err(Error::unsupported(
+            "LUKS containers have no metadata to check beyond their header",
+        )),
     };
     report.map_err(|e| e.with_path(path))
 }

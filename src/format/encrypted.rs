@@ -1,6 +1,7 @@
-//! The data of encrypted qcow and qcow2 images: 512-byte sectors encrypted as QEMU does, with
-//! LUKS (each sector's IV is its offset in the image file) or the legacy AES method (the
-//! passphrase is the key, the IV is the guest offset). Metadata is never encrypted. Keys come
+//! The data of encrypted images: 512-byte sectors encrypted as QEMU does, in qcow2 with LUKS
+//! (each sector's IV is its offset in the image file), in qcow and qcow2 with the legacy AES
+//! method (the passphrase is the key, the IV is the guest offset) and in LUKS containers (the
+//! IV is the offset from the payload's start). Metadata is never encrypted. Keys come
 //! from the passphrases given to the daemon (`meta::keyring`).
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -20,19 +21,32 @@ pub const ENCRYPTED_REASON: &str = "qcow version 1 images encrypted with AES are
 /// The cipher of an encrypted image's data clusters.
 pub struct DataCipher {
     cipher: Arc<SectorCipher>,
-    /// The IV is the sector's offset in the image file (LUKS), not on the guest disk (AES).
+    /// The IV is the sector's offset in the image file (qcow2 LUKS), not on the guest disk
+    /// (the legacy AES method, a LUKS container's payload).
     physical: bool,
+    /// What `describe` names the method.
+    method: &'static str,
     /// A write that covers a sector partly reads, decrypts, merges, encrypts and writes it
     /// back; two such writes of one sector must not lose each other's bytes.
     sector_locks: [Mutex<()>; SECTOR_LOCKS],
 }
 
 impl DataCipher {
-    /// The cipher of a LUKS image, whose key the LUKS header gave.
+    /// The cipher of a qcow2 LUKS image, whose key the LUKS header gave.
     pub fn luks(cipher: Arc<SectorCipher>) -> Self {
+        Self::new(cipher, true, "LUKS")
+    }
+
+    /// The cipher of a LUKS container's payload: sectors numbered from the payload's start.
+    pub fn luks_payload(cipher: Arc<SectorCipher>) -> Self {
+        Self::new(cipher, false, "LUKS")
+    }
+
+    fn new(cipher: Arc<SectorCipher>, physical: bool, method: &'static str) -> Self {
         DataCipher {
             cipher,
-            physical: true,
+            physical,
+            method,
             sector_locks: std::array::from_fn(|_| Mutex::new(())),
         }
     }
@@ -45,19 +59,16 @@ impl DataCipher {
                 "the image is encrypted (AES): give its passphrase with --key-file",
             ));
         };
-        Ok(DataCipher {
-            cipher: Arc::new(qcow_aes(&passphrase)?),
-            physical: false,
-            sector_locks: std::array::from_fn(|_| Mutex::new(())),
-        })
+        Ok(Self::new(
+            Arc::new(qcow_aes(&passphrase)?),
+            false,
+            "AES (legacy)",
+        ))
     }
 
     /// e.g. "LUKS, aes-256-xts-plain64", for `imgfs info`.
     pub fn describe(&self) -> String {
-        match self.physical {
-            true => format!("LUKS, {}", self.cipher.describe()),
-            false => format!("AES (legacy), {}", self.cipher.describe()),
-        }
+        format!("{}, {}", self.method, self.cipher.describe())
     }
 
     /// Reads `part`, the guest bytes at `guest_offset`, from `host_offset` of `file`, where

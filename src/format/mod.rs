@@ -6,6 +6,7 @@ pub mod check;
 pub mod encrypted;
 pub mod host_holes;
 pub mod links;
+pub mod luks;
 pub mod qcow;
 pub mod qcow2;
 pub mod raw;
@@ -35,6 +36,8 @@ pub enum Format {
     /// VHD (QEMU calls the format and its driver "vpc").
     Vhd,
     Vmdk,
+    /// A LUKS1 container (QEMU's `luks`).
+    Luks,
     /// A backing file, or a file named as the source: raw files carry no magic, so they are
     /// not recognised in a tree.
     Raw,
@@ -49,6 +52,7 @@ impl Format {
             Format::Vhdx => "vhdx",
             Format::Vhd => "vpc",
             Format::Vmdk => "vmdk",
+            Format::Luks => "luks",
             Format::Raw => "raw",
         }
     }
@@ -62,6 +66,7 @@ impl Format {
             Format::Vhdx,
             Format::Vhd,
             Format::Vmdk,
+            Format::Luks,
             Format::Raw,
         ]
         .into_iter()
@@ -93,6 +98,8 @@ pub fn probe(head: &[u8]) -> Option<Format> {
         // A dynamic or differencing VHD's footer copy.
         _ if head.starts_with(b"conectix") => Some(Format::Vhd),
         _ if head.starts_with(b"# Disk DescriptorFile") => Some(Format::Vmdk),
+        // Version 2 too, so that it is refused by name rather than taken for raw.
+        _ if head.starts_with(b"LUKS\xba\xbe") => Some(Format::Luks),
         _ => None,
     }
 }
@@ -363,6 +370,7 @@ fn open_as(
                 host_reason,
             )?)
         }
+        Format::Luks => Arc::new(luks::LuksImage::open(file, host_reason)?),
         Format::Raw => Arc::new(raw::RawImage::open(file, host_reason)?),
     };
     Ok(image)

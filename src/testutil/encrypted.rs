@@ -1,4 +1,4 @@
-//! Encrypted qcow and qcow2 images made by qemu-img and written by qemu-io, and what qemu-img
+//! Encrypted qcow and qcow2 images and LUKS containers made by qemu-img and written by qemu-io, and what qemu-img
 //! decrypts from them: the oracle of the encrypted-image tests.
 
 use std::ffi::OsString;
@@ -6,11 +6,19 @@ use std::path::Path;
 
 use super::qemu;
 
+/// How QEMU's options name the encryption's own: `encrypt.` in qcow and qcow2, bare in a
+/// LUKS container.
+fn prefix(format: &str) -> &'static str {
+    match format {
+        "luks" => "",
+        _ => "encrypt.",
+    }
+}
+
 /// `--object secret,...` and the `--image-opts` string QEMU needs for `path` as `format`.
 fn secret_args(format: &str, passphrase: &str, path: &Path) -> [OsString; 4] {
-    let mut opts = OsString::from(format!(
-        "driver={format},encrypt.key-secret=sec0,file.filename="
-    ));
+    let p = prefix(format);
+    let mut opts = OsString::from(format!("driver={format},{p}key-secret=sec0,file.filename="));
     opts.push(path);
     [
         "--object".into(),
@@ -20,7 +28,8 @@ fn secret_args(format: &str, passphrase: &str, path: &Path) -> [OsString; 4] {
     ]
 }
 
-/// Creates `path` as an encrypted `format` image (`method`: luks or aes) of `size` with
+/// Creates `path` as an encrypted `format` image (`method`: luks or aes; a `luks` container
+/// is always luks) of `size` with
 /// `passphrase`, and writes `writes` (qemu-io commands) into it; `None` when QEMU is missing.
 pub fn create_encrypted(
     format: &str,
@@ -30,10 +39,14 @@ pub fn create_encrypted(
     size: &str,
     writes: &[&str],
 ) -> Option<()> {
-    let mut options = format!("encrypt.format={method},encrypt.key-secret=sec0");
+    let p = prefix(format);
+    let mut options = match format {
+        "luks" => "key-secret=sec0".to_string(),
+        _ => format!("encrypt.format={method},encrypt.key-secret=sec0"),
+    };
     if method == "luks" {
         // Fast key derivation: debug builds run it in the tests.
-        options.push_str(",encrypt.iter-time=10");
+        options.push_str(&format!(",{p}iter-time=10"));
     }
     let secret = secret_args(format, passphrase, path);
     let mut create: Vec<OsString> = ["create", "-q", "-f", format].map(OsString::from).to_vec();

@@ -110,7 +110,15 @@ impl FsCore {
             if offset < end {
                 image
                     .discard(offset, end - offset)
-                    .map_err(|e| log_error("discard", &handle.source, e))?;
+                    .map_err(|e| match e.kind() {
+                        // A format without discard (a LUKS container): mkfs and fstrim ask for
+                        // it on every run and take the refusal in their stride.
+                        ErrorKind::Unsupported => {
+                            log::debug!("discard: {}: {e}", handle.source.display());
+                            Errno(libc::EOPNOTSUPP)
+                        }
+                        _ => log_error("discard", &handle.source, e),
+                    })?;
             }
         }
         Ok(())
