@@ -15,9 +15,6 @@ const SECTOR: u64 = 512;
 /// Locks for the sectors that writes cover partly (`DataCipher::write`), by sector number.
 const SECTOR_LOCKS: usize = 64;
 
-/// Why an encrypted qcow (version 1) image is served read-only: only qcow2's writes encrypt.
-pub const ENCRYPTED_REASON: &str = "qcow version 1 images encrypted with AES are served read-only";
-
 /// The cipher of an encrypted image's data clusters.
 pub struct DataCipher {
     cipher: Arc<SectorCipher>,

@@ -79,6 +79,7 @@
 //! lock held, so they run in parallel with each other and with allocations.
 
 mod check;
+mod crypt;
 mod header;
 mod resize;
 mod spans;
@@ -92,7 +93,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 
 use crate::error::{Error, Result};
 use crate::format::backing::{read_below, status_below, Backing};
-use crate::format::encrypted::{DataCipher, ENCRYPTED_REASON};
+use crate::format::encrypted::DataCipher;
 use crate::format::host_holes::push_stored;
 use crate::host::HostFile;
 use crate::image::{
@@ -196,9 +197,6 @@ impl QcowImage {
             .saturating_sub(l2_bytes);
         let cipher = header.encrypted.then(DataCipher::legacy_aes).transpose()?;
         let mut reasons = Vec::new();
-        if cipher.is_some() {
-            reasons.push(ENCRYPTED_REASON.to_string());
-        }
         if let Some(overlap) = tables.overlapping_tables() {
             log::warn!("{}: {overlap}; serving it read-only", file.path().display());
             reasons.push(overlap);
@@ -376,10 +374,7 @@ impl QcowImage {
         for run in self.lookup(offset, buf.len() as u64)? {
             let part = request_part_mut(buf, offset, run.offset, run.len)?;
             match run.kind {
-                RunKind::Data { host_offset } => match &self.cipher {
-                    Some(cipher) => cipher.read(&self.file, part, host_offset, run.offset)?,
-                    None => self.file.read_exact_at(part, host_offset)?,
-                },
+                RunKind::Data { host_offset } => self.read_data(part, host_offset, run.offset)?,
                 RunKind::Unallocated => read_below(self.backing.as_ref(), part, run.offset)?,
                 RunKind::Compressed { host_offset, len } => {
                     self.read_compressed(part, run.offset, host_offset, len)?
@@ -400,7 +395,7 @@ impl QcowImage {
             match run.kind {
                 RunKind::Data { host_offset } => {
                     self.check_off_tables(run.offset, host_offset, run.len)?;
-                    self.file.write_all_at(part, host_offset)?
+                    self.write_data(part, host_offset, run.offset)?
                 }
                 RunKind::Unallocated | RunKind::Compressed { .. } => {
                     self.write_allocating(part, run.offset)?
@@ -429,7 +424,10 @@ impl QcowImage {
         let mut rest = Vec::new();
         for run in runs {
             match run.kind {
-                RunKind::Data { host_offset } => self.file.punch_hole(host_offset, run.len)?,
+                RunKind::Data { host_offset } if self.may_punch() => {
+                    self.file.punch_hole(host_offset, run.len)?
+                }
+                RunKind::Data { .. } => rest.push(run),
                 RunKind::Unallocated if self.backing.is_none() => {}
                 RunKind::Unallocated | RunKind::Compressed { .. } => rest.push(run),
             }
@@ -463,7 +461,7 @@ impl QcowImage {
             match run.kind {
                 // Its allocating write finished before it was published, so this write lands
                 // after it. Rare, so done under the mutex rather than re-queued.
-                RunKind::Data { host_offset } => self.file.write_all_at(part, host_offset)?,
+                RunKind::Data { host_offset } => self.write_data(part, host_offset, run.offset)?,
                 RunKind::Unallocated => self.allocate(&mut alloc, part, run.offset)?,
                 RunKind::Compressed { host_offset, len } => {
                     self.rewrite_compressed(&mut alloc, part, run.offset, host_offset, len)?
@@ -517,7 +515,7 @@ impl QcowImage {
         self.ensure_tables(alloc, first, first + 1)?;
         let host = alloc.next_free;
         let next_free = reserve(host, cluster_len)?;
-        self.file.write_all_at(&cluster, host)?;
+        self.write_data(&cluster, host, first)?;
         self.write_tables().publish(first, host, 1)?;
         alloc.next_free = next_free;
         self.end_of_data.fetch_max(next_free, Ordering::Release);
@@ -599,7 +597,7 @@ impl QcowImage {
         }
         let (full, tail) = split_request(rest, rest.len() / cluster * cluster)?;
         if !full.is_empty() {
-            self.file.write_all_at(full, host)?;
+            self.write_data(full, host, guest)?;
             host += full.len() as u64;
             guest += full.len() as u64;
         }
@@ -624,7 +622,7 @@ impl QcowImage {
             guest,
         )?;
         merge(&mut cluster, part, head)?;
-        self.file.write_all_at(&cluster, host)
+        self.write_data(&cluster, host, guest)
     }
 
     fn flush_inner(&self) -> Result<()> {
