@@ -6,6 +6,25 @@ use std::path::Path;
 
 use super::qemu;
 
+thread_local! {
+    /// The passphrase `qemu_raw_of` and `qemu_check` give QEMU on this thread
+    /// (`qemu_uses_passphrase`): the fault walks read and check encrypted images through them.
+    static QEMU_PASSPHRASE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// From now on `qemu_raw_of` and `qemu_check` on this thread open images with `passphrase`.
+pub fn qemu_uses_passphrase(passphrase: &str) {
+    QEMU_PASSPHRASE.with(|p| *p.borrow_mut() = Some(passphrase.to_string()));
+}
+
+/// The arguments that open `path` with the thread's passphrase, if it has one, for the format
+/// that `extra` (`-f FORMAT`) names.
+pub(super) fn opened_with_secret(extra: &str, path: &Path) -> Option<[OsString; 4]> {
+    let passphrase = QEMU_PASSPHRASE.with(|p| p.borrow().clone())?;
+    let format = extra.strip_prefix("-f ")?.trim();
+    Some(secret_args(format, &passphrase, path))
+}
+
 /// How QEMU's options name the encryption's own: `encrypt.` in qcow and qcow2, bare in a
 /// LUKS container.
 fn prefix(format: &str) -> &'static str {

@@ -441,6 +441,20 @@ pub fn qemu_io_on(format: &str, path: &Path, commands: &[&str]) -> Option<()> {
 /// `-f vmdk` or `-l snapshot.name=s1`).
 pub fn qemu_raw_of(path: &Path, extra: &str) -> Option<Vec<u8>> {
     let out = path.with_extension("expected.raw");
+    if let Some(args) = encrypted::opened_with_secret(extra, path) {
+        let mut convert: Vec<std::ffi::OsString> = vec!["convert".into(), "-U".into()];
+        convert.extend(args);
+        convert.extend(["-O".into(), "raw".into(), out.clone().into()]);
+        let done = qemu("qemu-img", &convert)?;
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        let bytes = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        return Some(bytes);
+    }
     qemu_run(
         "qemu-img",
         &format!(
@@ -457,7 +471,14 @@ pub fn qemu_raw_of(path: &Path, extra: &str) -> Option<Vec<u8>> {
 /// `qemu-img check` of the `format` image at `path`: its exit status (2 for corruptions, 3
 /// for leaked clusters only, 63 for a format it cannot check) and everything it printed.
 pub fn qemu_check(format: &str, path: &Path) -> Option<(Option<i32>, String)> {
-    let out = qemu("qemu-img", &["check", "-f", format, path_str(path)])?;
+    let out = match encrypted::opened_with_secret(&format!("-f {format}"), path) {
+        Some(args) => {
+            let mut check: Vec<std::ffi::OsString> = vec!["check".into()];
+            check.extend(args);
+            qemu("qemu-img", &check)?
+        }
+        None => qemu("qemu-img", &["check", "-f", format, path_str(path)])?,
+    };
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

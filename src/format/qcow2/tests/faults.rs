@@ -139,3 +139,40 @@ const DISCARD_STEPS: &[Step] = &[
 fn every_host_fault_during_a_discard_keeps_refcounts_and_data() {
     walk_with_snapshot(DISCARD_STEPS);
 }
+
+/// The host faults again on a LUKS-encrypted image, whose writes of partial sectors read,
+/// decrypt, merge and encrypt them again: what a flush acknowledged must survive, decrypted
+/// by QEMU, and the image must stay valid.
+#[test]
+fn every_host_fault_leaves_an_encrypted_image_valid_with_what_was_flushed() {
+    use crate::meta::keyring::testing::use_passphrases;
+    use crate::testutil::encrypted::{create_encrypted, qemu_uses_passphrase};
+    let dir = TempDir::in_memory();
+    let path = dir.path().join("e.qcow2");
+    let fill = ["write -P 0x11 0 300k"];
+    if create_encrypted("qcow2", &path, "luks", "faults", "1M", &fill).is_none() {
+        return;
+    }
+    use_passphrases(&[b"faults"]);
+    qemu_uses_passphrase("faults");
+    let steps = [
+        Step::Write(1000, 200, 0x21),
+        Step::Write(512 * KIB + 100, 70_000, 0x22),
+        Step::Flush,
+        Step::Read(0, 4096),
+        Step::Write(512 * KIB + 70_050, 10, 0x23),
+        Step::Discard(64 * KIB, 64 * KIB),
+        Step::Flush,
+        Step::Read(512 * KIB, 80_000),
+    ];
+    let open = |p: &Path| open_rw(p);
+    Walk {
+        format: "qcow2",
+        files: vec![path],
+        parents: Vec::new(),
+        open: &open,
+        steps: &steps,
+        oracle: Oracle::Check,
+    }
+    .all();
+}
