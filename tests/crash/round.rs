@@ -134,7 +134,7 @@ fn run_in(variant: &Variant, seed: u64, dir: &TempDir) -> Result<Report, String>
                     return Err(context("imgfs and qemu-img read different bytes".into()));
                 }
                 if let Some(growth) = growth {
-                    let theirs = qemu_virtual_size(&image, format).map_err(context)?;
+                    let theirs = qemu_virtual_size(variant, &image, format).map_err(context)?;
                     // VHD: QEMU reads the footer copy at the start, imgfs the one at the end,
                     // and a crash between their writes leaves them apart until imgfs's next
                     // write; each must still be the old size or the new one.
@@ -186,11 +186,29 @@ fn check_growth(growth: Growth, size: u64) -> Result<bool, String> {
     }
 }
 
+/// The arguments that open `image` as `format` in qemu-img: with the variant's passphrase
+/// when it is the variant's encrypted image.
+fn qemu_image(variant: &Variant, image: &Path, format: &str) -> Vec<std::ffi::OsString> {
+    match variant.passphrase {
+        Some(passphrase) if format == variant.format => vec![
+            "--object".into(),
+            format!("secret,id=s,data={passphrase}").into(),
+            "--image-opts".into(),
+            format!(
+                "driver={format},encrypt.key-secret=s,file.filename={}",
+                image.display()
+            )
+            .into(),
+        ],
+        _ => vec!["-f".into(), format.into(), image.into()],
+    }
+}
+
 /// The virtual size `qemu-img info` reports for `image`.
-fn qemu_virtual_size(image: &Path, format: &str) -> Result<u64, String> {
+fn qemu_virtual_size(variant: &Variant, image: &Path, format: &str) -> Result<u64, String> {
     let out = Command::new("qemu-img")
-        .args(["info", "-U", "--output=json", "-f", format])
-        .arg(image)
+        .args(["info", "-U", "--output=json"])
+        .args(qemu_image(variant, image, format))
         .output()
         .unwrap();
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
@@ -359,13 +377,19 @@ fn punch(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
 
 /// The options a variant is mounted with: overlays go next to the source tree.
 fn mount_args(variant: &Variant, src: &Path) -> Vec<String> {
-    match variant.overlay {
+    let mut args = match variant.overlay {
         true => vec![
             "--overlay".into(),
             src.with_file_name("changes").display().to_string(),
         ],
         false => Vec::new(),
+    };
+    if let Some(passphrase) = variant.passphrase {
+        let key = src.with_file_name("key");
+        std::fs::write(&key, passphrase).unwrap();
+        args.extend(["--key-file".into(), key.display().to_string()]);
     }
+    args
 }
 
 /// The windows of the image and the size of its disk, as a fresh imgfs mount of `src` reads
@@ -427,13 +451,13 @@ fn qemu_check_and_read(
     if variant.qemu_checks {
         // Only qcow2 and VHDX take repairs; the others are checked as they are.
         if matches!(format, "qcow2" | "vhdx") {
-            let repair = qemu_check(format, &copy, true);
+            let repair = qemu_check(variant, format, &copy, true);
             leaks = leaked_clusters(&repair.1);
             if !matches!(repair.0, Some(0) | Some(3)) {
                 return Err(format!("qemu-img check -r leaks: {}", repair.1));
             }
         }
-        let check = qemu_check(format, &copy, false);
+        let check = qemu_check(variant, format, &copy, false);
         if check.0 != Some(0) {
             return Err(format!("qemu-img check: {}", check.1));
         }
@@ -443,13 +467,21 @@ fn qemu_check_and_read(
     Ok((windows, leaks))
 }
 
-fn qemu_check(format: &str, image: &Path, repair: bool) -> (Option<i32>, String) {
+fn qemu_check(
+    variant: &Variant,
+    format: &str,
+    image: &Path,
+    repair: bool,
+) -> (Option<i32>, String) {
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["check", "-f", format]);
+    cmd.arg("check");
     if repair {
         cmd.args(["-r", "leaks"]);
     }
-    let out = cmd.arg(image).output().unwrap();
+    let out = cmd
+        .args(qemu_image(variant, image, format))
+        .output()
+        .unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -476,8 +508,9 @@ fn qemu_windows(
 ) -> Result<WindowBytes, String> {
     let out = dir.join("qemu-read.raw");
     let status = Command::new("qemu-img")
-        .args(["convert", "-U", "-f", format, "-O", "raw"])
-        .arg(image)
+        .args(["convert", "-U"])
+        .args(qemu_image(variant, image, format))
+        .args(["-O", "raw"])
         .arg(&out)
         .output()
         .unwrap();

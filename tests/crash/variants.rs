@@ -37,7 +37,12 @@ pub struct Variant {
     /// The disk can grow: in some rounds a thread grows the raw file (`truncate`) while the
     /// writers write, and the size after the crash must be the old one or the new one.
     pub grows: bool,
+    /// The image is encrypted with this passphrase (given to imgfs and QEMU).
+    pub passphrase: Option<&'static str>,
 }
+
+/// The passphrase of the encrypted variants.
+pub const PASSPHRASE: &str = "crash-pw";
 
 fn whole(size: u64) -> Vec<Window> {
     vec![Window {
@@ -59,6 +64,7 @@ pub fn all() -> Vec<Variant> {
         replaced: false,
         overlay: false,
         grows: false,
+        passphrase: None,
     };
     // The variants whose format grows (a qcow2 L1 table of 512-byte clusters has no room for
     // the growth, so it moves).
@@ -197,7 +203,52 @@ pub fn all() -> Vec<Variant> {
                 create(src, "vdi", "disk.vdi", &[])
             })
         },
+        Variant {
+            passphrase: Some(PASSPHRASE),
+            ..plain("qcow2-luks", "qcow2", "disk.qcow2", make_luks_qcow2)
+        },
     ]
+}
+
+/// A LUKS-encrypted qcow2 image (4 KiB clusters: many allocations), pre-filled like the
+/// others through QEMU with the passphrase.
+fn make_luks_qcow2(src: &Path) {
+    let image = src.join("disk.qcow2");
+    let secret = format!("secret,id=s,data={PASSPHRASE}");
+    let options = "cluster_size=4096,encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10";
+    let size = SIZE.to_string();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        &secret,
+        "-o",
+        options,
+        path_str(&image),
+        &size,
+    ]);
+    let pattern = src.with_file_name("disk.qcow2.pattern");
+    pattern_file(&pattern, SIZE, &windows_for(SIZE));
+    let target = format!(
+        "driver=qcow2,encrypt.key-secret=s,file.filename={}",
+        path_str(&image)
+    );
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-n",
+        "--target-is-zero",
+        "--object",
+        &secret,
+        "-f",
+        "raw",
+        "--target-image-opts",
+        path_str(&pattern),
+        &target,
+    ]);
+    std::fs::remove_file(&pattern).unwrap();
 }
 
 /// The pattern a variant's windows start with: their first halves, the rest zeros.
