@@ -13,7 +13,7 @@ trap 'rm -rf "$work"' EXIT
 cargo build --quiet --example fuzz-seed
 seed_tool="$root/target/debug/examples/fuzz-seed"
 rm -rf fuzz/seeds
-mkdir -p fuzz/seeds/{vdi,qcow,qcow2,vhdx,vhd,vmdk,status}
+mkdir -p fuzz/seeds/{vdi,qcow,qcow2,vhdx,vhd,vmdk,luks,status}
 
 # seed TARGET NAME IMAGE [FILE...]: one input from the image (and the files it names b and c).
 seed() {
@@ -168,7 +168,7 @@ RW 128 VMFS "b"
 EOF
 seed vmdk vmfs a b
 
-# --- Hand-built images QEMU cannot make ---
+# --- Hand-built images QEMU cannot make (LUKS containers small enough to fuzz among them) ---
 cd "$root"
 IMGFS_FUZZ_SEEDS="$root/fuzz/seeds" cargo test --quiet --lib \
     fuzz_seed -- --ignored >/dev/null

@@ -19,7 +19,7 @@ root=$PWD
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(vdi qcow qcow2 vhdx vhd vmdk status nbd)
+[ ${#targets[@]} -gt 0 ] || targets=(vdi qcow qcow2 vhdx vhd vmdk luks status nbd)
 rss_mb=${IMGFS_FUZZ_RSS_MB:-512}
 timeout=${IMGFS_FUZZ_TIMEOUT:-25}
 

@@ -108,7 +108,10 @@ pub fn run(format: Format, data: &[u8], trust: Trust) -> Checked<Outcome> {
         },
         writes: 0,
         strict: trust == Trust::Consistent
-            || matches!(format, Format::Vdi | Format::Vhdx | Format::Vhd),
+            || matches!(
+                format,
+                Format::Vdi | Format::Vhdx | Format::Vhd | Format::Luks
+            ),
     };
     session.basics()?;
     session.sweep()?;

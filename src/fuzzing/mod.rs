@@ -31,7 +31,9 @@ pub const PASSPHRASE: &[u8] = b"fuzz";
 const FUZZ_ITERATIONS: u32 = 1 << 14;
 
 /// The fuzz targets, by the name of their directory under `fuzz/fuzz_targets` and the seeds.
-pub const TARGETS: [&str; 7] = ["vdi", "qcow", "qcow2", "vhdx", "vhd", "vmdk", "status"];
+pub const TARGETS: [&str; 8] = [
+    "vdi", "qcow", "qcow2", "vhdx", "vhd", "vmdk", "luks", "status",
+];
 
 /// Runs the target called `name` on `data`; `Err` for a broken invariant, or an unknown name.
 pub fn run(name: &str, data: &[u8]) -> Result<Outcome, Violation> {
@@ -53,6 +55,7 @@ fn run_trusting(name: &str, data: &[u8], trust: Trust) -> Result<Outcome, Violat
         "vhdx" => Format::Vhdx,
         "vhd" => Format::Vhd,
         "vmdk" => Format::Vmdk,
+        "luks" => Format::Luks,
         "status" => return status::run(data, trust),
         other => return Err(Violation(format!("no fuzz target called {other:?}"))),
     };
@@ -97,6 +100,11 @@ pub fn exercise_vhd(data: &[u8]) -> Outcome {
 /// Opens `data` as a VMDK image (descriptor or sparse extent) and exercises it.
 pub fn exercise_vmdk(data: &[u8]) -> Outcome {
     report("vmdk", data)
+}
+
+/// Opens `data` as a LUKS1 container (with the passphrase `PASSPHRASE`) and exercises it.
+pub fn exercise_luks(data: &[u8]) -> Outcome {
+    report("luks", data)
 }
 
 /// Serves `data`'s tree through the catalog and filesystem core and checks lseek and reads.

@@ -64,6 +64,11 @@ fn replay_vhd() {
 }
 
 #[test]
+fn replay_luks() {
+    replay("luks");
+}
+
+#[test]
 fn replay_vmdk() {
     replay("vmdk");
 }
@@ -88,7 +93,7 @@ fn replay_status() {
 fn every_target_has_a_replay_test() {
     assert_eq!(
         TARGETS,
-        ["vdi", "qcow", "qcow2", "vhdx", "vhd", "vmdk", "status"]
+        ["vdi", "qcow", "qcow2", "vhdx", "vhd", "vmdk", "luks", "status"]
     );
 }
 

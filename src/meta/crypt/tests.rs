@@ -715,3 +715,29 @@ fn qemu_qcow2_aes_numbers_sectors_by_guest_offset_and_truncates_the_passphrase()
     let read_back = qemu_plain(secret, &opts, dir.path()).unwrap();
     assert!(read_back[524288..532480] == mine[..]);
 }
+
+/// Small LUKS containers for the fuzzer: one stripe per key slot (QEMU writes 4000, imgfs
+/// reads any count), unlocked by the fuzzing harness's passphrase.
+#[test]
+#[ignore = "writes fuzz seeds; run by scripts/fuzz-seeds.sh"]
+fn fuzz_seed_luks() {
+    let passphrase: &[u8] = crate::fuzzing::PASSPHRASE;
+    let cases = [
+        (
+            "xts-plain64",
+            ("aes", "xts-plain64", "sha256"),
+            Spec::new(64, Mode::Xts, IvGen::Plain64).unwrap(),
+            Hash::Sha256,
+        ),
+        (
+            "cbc-plain-sha1",
+            ("aes", "cbc-plain", "sha1"),
+            Spec::new(16, Mode::Cbc, IvGen::Plain).unwrap(),
+            Hash::Sha1,
+        ),
+    ];
+    for (name, cipher, spec, hash) in cases {
+        let built = build(cipher, spec, hash, 1, &[None, Some(passphrase)]);
+        crate::fuzzing::tests::write_seed("luks", name, &[built.bytes]);
+    }
+}
