@@ -306,6 +306,15 @@ impl OverlayView {
             self.origin.original.display(),
             self.path.display()
         );
+        let info = self.original.info();
+        if info.details.iter().any(|(key, _)| *key == "encryption") {
+            log::warn!(
+                "{} is encrypted, but its overlay {} is not: what is written through the \
+                 mount lies there in plain text",
+                self.origin.original.display(),
+                self.path.display()
+            );
+        }
         let opened = self.open_overlay()?;
         Ok(self.overlay.get_or_init(|| opened))
     }
