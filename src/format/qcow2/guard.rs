@@ -6,7 +6,7 @@
 //! knows about (its "cached" overlap check); this is the same protection, computed at the
 //! first write from what is in memory then (the header cluster, the active L1 table and the L2
 //! tables it names, the refcount table and its blocks, the snapshot table and the snapshots'
-//! L1 tables) and kept up to date with the L2 tables and refcount structures imgfs writes
+//! L1 tables, an encrypted image's LUKS header) and kept up to date with the L2 tables and refcount structures imgfs writes
 //! later. Without it, data or a new table written over, say, the L1 table corrupts the image
 //! further and reads back as something else; data written in place over an L2 table changes it
 //! on disk behind its cached copy. A structure imgfs itself frees (an L2 table replaced on
@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 
 use super::alloc::AllocState;
 use super::cluster::OFFSET_MASK;
+use super::header::Encryption;
 use super::Qcow2Image;
 
 /// Disjoint ranges of host cluster numbers, `start -> (end, what they hold)`.
@@ -151,6 +152,12 @@ impl Qcow2Image {
             bits,
             "the refcount table",
         );
+        // An encrypted image's key slots: data written over them would lock the image.
+        if let (Encryption::Luks, Some((offset, length))) =
+            (shared.header.encryption, shared.header.crypto_header)
+        {
+            guard.add_bytes(offset, length, bits, "the LUKS header");
+        }
         if shared.header.nb_snapshots > 0 {
             guard.add_bytes(
                 shared.header.snapshots_offset,

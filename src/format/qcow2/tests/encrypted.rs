@@ -160,3 +160,26 @@ fn writes_into_encrypted_images_read_back_in_qemu() {
         assert_same(&after.unwrap(), &expected, method);
     }
 }
+
+/// A hostile L2 entry naming a cluster of the LUKS header: data written there would destroy
+/// the key slots, so the write is refused, as writes over any other metadata are.
+#[test]
+fn writes_over_the_luks_header_are_refused() {
+    let dir = TempDir::new();
+    let path = dir.path().join("hostile.qcow2");
+    if create_encrypted("qcow2", &path, "luks", "hunter2", "1M", &["write 0 64k"]).is_none() {
+        return;
+    }
+    let header = Qcow2Header::read(&HostFile::open(&path, false).unwrap()).unwrap();
+    let (luks_at, _) = header.crypto_header.unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let l1 = header.l1_table_offset as usize;
+    let l2 = (u64::from_be_bytes(bytes[l1..l1 + 8].try_into().unwrap()) & OFFSET_MASK) as usize;
+    let entry = u64::from_be_bytes(bytes[l2..l2 + 8].try_into().unwrap());
+    put_u64(&mut bytes, l2, (entry & !OFFSET_MASK) | (luks_at + 65536));
+    std::fs::write(&path, &bytes).unwrap();
+    use_passphrases(&[b"hunter2"]);
+    let img = open_writable(&path);
+    let e = img.write_at(&[1; 512], 0).unwrap_err();
+    assert!(e.to_string().contains("the LUKS header"), "{e}");
+}
