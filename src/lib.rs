@@ -1,5 +1,5 @@
-//! imgfs: serves virtual-disk images (VDI, VHD, VHDX, VMDK, QCOW and QCOW2, with backing chains,
-//! internal snapshots and partitions) as flat raw files through FUSE. Layers, top to bottom:
+//! imgfs: serves virtual-disk images (VDI, VHD, VHDX, VMDK, QCOW, QCOW2 and LUKS1, with backing
+//! chains, internal snapshots and partitions) as flat raw files through FUSE. Layers, top to bottom:
 //! `cli`, `fs`, `catalog`, `views`, `format`, `meta`, `host`.
 
 pub mod catalog;

@@ -37,8 +37,8 @@ Examples:
 #[command(
     name = "imgfs",
     version,
-    about = "Serve VDI, VHD, VHDX, VMDK, QCOW and QCOW2 images as raw files through FUSE",
-    long_about = "Serve every VDI, VHD, VHDX, VMDK, QCOW and QCOW2 image below a directory as a flat \
+    about = "Serve VDI, VHD, VHDX, VMDK, QCOW, QCOW2 and LUKS images as raw files through FUSE",
+    long_about = "Serve every VDI, VHD, VHDX, VMDK, QCOW, QCOW2 and LUKS1 image below a directory as a flat \
         raw file, readable and writable, through FUSE: `dd`, `losetup`, `fdisk`, `mount -o \
         loop` and `qemu-img convert` work on a guest disk without a VM. Backing chains, \
         internal snapshots (read-only) and partitions (as files) are served too.",
