@@ -46,8 +46,8 @@ Examples:
 )]
 pub struct Cli {
     /// A file holding the passphrase of encrypted images (qcow2 with LUKS or the legacy AES,
-    /// qcow with AES, LUKS1 containers), as QEMU's `--object secret,file=FILE` (a final
-    /// newline is not needed); may be repeated, each encrypted image opening with the first
+    /// qcow with AES, LUKS1 containers), as QEMU's `--object secret,file=FILE` (also tried
+    /// without a final newline); may be repeated, each encrypted image opening with the first
     /// that unlocks it.
     #[arg(long, value_name = "FILE", global = true)]
     key_file: Vec<PathBuf>,

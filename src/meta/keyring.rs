@@ -16,9 +16,9 @@ static PASSPHRASES: RwLock<Vec<Arc<[u8]>>> = RwLock::new(Vec::new());
 /// Unlocked keys by the SHA-256 of the LUKS header that led to them.
 static UNLOCKED: Mutex<Option<HashMap<[u8; 32], Arc<SectorCipher>>>> = Mutex::new(None);
 
-/// Adds a passphrase to try on encrypted images. One that ends in a newline (`echo pw >
-/// file`) is tried without it first, then as it is (QEMU's `secret,file=` reads the file
-/// verbatim).
+/// Adds a passphrase to try on encrypted images: as it is (QEMU's `secret,file=` and
+/// cryptsetup's `--key-file` read a file verbatim), then, if it ends in a newline (`echo pw >
+/// file`), without it.
 pub fn add_passphrase(passphrase: &[u8]) {
     let mut all = PASSPHRASES.write().unwrap_or_else(PoisonError::into_inner);
     let mut add = |p: &[u8]| {
@@ -26,10 +26,10 @@ pub fn add_passphrase(passphrase: &[u8]) {
             all.push(Arc::from(p));
         }
     };
+    add(passphrase);
     if let Some(stripped) = passphrase.strip_suffix(b"\n") {
         add(stripped.strip_suffix(b"\r").unwrap_or(stripped));
     }
-    add(passphrase);
 }
 
 /// Reads a passphrase file (`--key-file`) and adds what it holds.
