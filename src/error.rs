@@ -124,6 +124,11 @@ impl Error {
         self
     }
 
+    /// What went wrong, without the kind, file and offset `Display` adds.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }

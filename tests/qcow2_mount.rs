@@ -341,6 +341,12 @@ fn encrypted_images_are_served_with_their_passphrase() {
     ]));
     let expected = std::fs::read(&expected).unwrap();
 
+    // Without the passphrase, `imgfs info` and `imgfs check` still read the metadata, as
+    // qemu-img info does; a mount does not serve the image.
+    let info = run(Command::new(IMGFS).arg("info").arg(&image));
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(text.contains("encryption: LUKS, locked"), "{text}");
+    run(Command::new(IMGFS).arg("check").arg(&image));
     let mount = Mount::new(&src, &dir.join("mnt"), &[]);
     assert!(!mount.path("secret.qcow2.raw").exists());
     let log = mount.log_text();

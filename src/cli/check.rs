@@ -59,6 +59,8 @@ fn is_zero(n: &u64) -> bool {
 
 /// Runs the check and returns the process exit code.
 pub fn run(path: &Path, root: Option<&Path>, repair: Option<RepairArg>, json: bool) -> i32 {
+    // Metadata only: an encrypted image needs no key for it.
+    crate::meta::keyring::inspect_only();
     let repair = repair.map(|r| match r {
         RepairArg::Leaks => Repair::Leaks,
         RepairArg::All => Repair::All,

@@ -49,6 +49,8 @@ pub fn run(
     overlay: Option<&Path>,
     json: bool,
 ) -> Result<(), String> {
+    // As `qemu-img info` does: an encrypted image whose key is not given shows its metadata.
+    crate::meta::keyring::inspect_only();
     // A raw file of an imgfs mount stands for its image: show that one, with the daemon's
     // reason it is read-only now (a failed write-back, a backing file's role) if it is, and
     // what the mount's overlay keeps for it.

@@ -37,6 +37,8 @@ impl MapEntry {
 }
 
 pub fn run(path: &Path, root: Option<&Path>, json: bool) -> Result<(), String> {
+    // As `qemu-img info` does: an encrypted image whose key is not given shows its metadata.
+    crate::meta::keyring::inspect_only();
     let image = open_for_inspection(path, root_for(path, root))?;
     let size = image.size();
     let mut extents = Vec::new();

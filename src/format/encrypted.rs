@@ -17,7 +17,8 @@ const SECTOR_LOCKS: usize = 64;
 
 /// The cipher of an encrypted image's data clusters.
 pub struct DataCipher {
-    cipher: Arc<SectorCipher>,
+    /// `Err`: the image was opened without its key (`keyring::inspect_only`), and why.
+    cipher: std::result::Result<Arc<SectorCipher>, String>,
     /// The IV is the sector's offset in the image file (qcow2 LUKS), not on the guest disk
     /// (the legacy AES method, a LUKS container's payload).
     physical: bool,
@@ -39,9 +40,33 @@ impl DataCipher {
         Self::new(cipher, false, "LUKS")
     }
 
+    /// The cipher of an image whose key was not given, opened for inspection only
+    /// (`keyring::opens_locked`): every read and write of its data fails with `why`.
+    pub fn locked(method: &'static str, why: String) -> Self {
+        DataCipher {
+            cipher: Err(why),
+            physical: false,
+            method,
+            sector_locks: std::array::from_fn(|_| Mutex::new(())),
+        }
+    }
+
+    /// `opened`, or a locked cipher where an inspecting process opens an image whose key
+    /// was not given (`keyring::opens_locked`).
+    pub fn or_locked(opened: Result<Self>, method: &'static str) -> Result<Self> {
+        match opened {
+            Err(e)
+                if e.kind() == crate::error::ErrorKind::Unsupported && keyring::opens_locked() =>
+            {
+                Ok(Self::locked(method, e.message().to_string()))
+            }
+            other => other,
+        }
+    }
+
     fn new(cipher: Arc<SectorCipher>, physical: bool, method: &'static str) -> Self {
         DataCipher {
-            cipher,
+            cipher: Ok(cipher),
             physical,
             method,
             sector_locks: std::array::from_fn(|_| Mutex::new(())),
@@ -65,7 +90,16 @@ impl DataCipher {
 
     /// e.g. "LUKS, aes-256-xts-plain64", for `imgfs info`.
     pub fn describe(&self) -> String {
-        format!("{}, {}", self.method, self.cipher.describe())
+        match &self.cipher {
+            Ok(cipher) => format!("{}, {}", self.method, cipher.describe()),
+            Err(why) => format!("{}, locked: {why}", self.method),
+        }
+    }
+
+    fn cipher(&self) -> Result<&SectorCipher> {
+        self.cipher
+            .as_deref()
+            .map_err(|why| Error::unsupported(why.clone()))
     }
 
     /// Reads `part`, the guest bytes at `guest_offset`, from `host_offset` of `file`, where
@@ -77,11 +111,11 @@ impl DataCipher {
         host_offset: u64,
         guest_offset: u64,
     ) -> Result<()> {
+        let cipher = self.cipher()?;
         let span = Span::of(host_offset, guest_offset, part.len())?;
         let mut sectors = vec![0u8; span.len];
         file.read_exact_at(&mut sectors, span.start)?;
-        self.cipher
-            .decrypt(self.first_sector(&span), &mut sectors)?;
+        cipher.decrypt(self.first_sector(&span), &mut sectors)?;
         part.copy_from_slice(&sectors[span.lead..span.lead + part.len()]);
         Ok(())
     }
@@ -98,6 +132,7 @@ impl DataCipher {
         if data.is_empty() {
             return Ok(());
         }
+        let cipher = self.cipher()?;
         let span = Span::of(host_offset, guest_offset, data.len())?;
         let mut sectors = vec![0u8; span.len];
         let first = self.first_sector(&span);
@@ -114,13 +149,13 @@ impl DataCipher {
             self.read_sector(file, &mut sectors[at..], last, tail_first)?;
         }
         sectors[span.lead..span.lead + data.len()].copy_from_slice(data);
-        self.cipher.encrypt(first, &mut sectors)?;
+        cipher.encrypt(first, &mut sectors)?;
         file.write_all_at(&sectors, span.start)
     }
 
     fn read_sector(&self, file: &HostFile, out: &mut [u8], at: u64, sector: u64) -> Result<()> {
         file.read_exact_at(out, at)?;
-        self.cipher.decrypt(sector, out)
+        self.cipher()?.decrypt(sector, out)
     }
 
     /// The IV sector number of the span's first sector.

@@ -52,10 +52,10 @@ impl LuksImage {
         }
         let key = keyring::luks_key(&head, "LUKS", &mut |passphrase| {
             luks.unlock(passphrase, &mut |at, buf| file.read_exact_at(buf, at))
-        })?;
+        });
         Ok(LuksImage {
             size: (len - payload) / SECTOR * SECTOR,
-            cipher: DataCipher::luks_payload(key),
+            cipher: DataCipher::or_locked(key.map(DataCipher::luks_payload), "LUKS")?,
             payload,
             header: luks.describe(),
             file,

@@ -13,6 +13,9 @@ use crate::meta::crypt::SectorCipher;
 /// The passphrases given, in the order given.
 static PASSPHRASES: RwLock<Vec<Arc<[u8]>>> = RwLock::new(Vec::new());
 
+/// This process only inspects images (`imgfs info`, `map`, `check`): see `inspect_only`.
+static INSPECT_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Unlocked keys by the SHA-256 of the LUKS header that led to them.
 static UNLOCKED: Mutex<Option<HashMap<[u8; 32], Arc<SectorCipher>>>> = Mutex::new(None);
 
@@ -30,6 +33,18 @@ pub fn add_passphrase(passphrase: &[u8]) {
     if let Some(stripped) = passphrase.strip_suffix(b"\n") {
         add(stripped.strip_suffix(b"\r").unwrap_or(stripped));
     }
+}
+
+/// Declares that this process only inspects images (`imgfs info`, `map`, `check`, as
+/// `qemu-img info` does without a key): an encrypted image whose passphrase was not given
+/// opens all the same, its metadata readable and reads of its data failing with the reason.
+pub fn inspect_only() {
+    INSPECT_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether an image may open without its key (`inspect_only`).
+pub fn opens_locked() -> bool {
+    INSPECT_ONLY.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Reads a passphrase file (`--key-file`) and adds what it holds.

@@ -3,8 +3,18 @@
 //! does, with each sector's IV its guest offset.
 
 use crate::error::Result;
+use crate::format::encrypted::DataCipher;
 
+use super::header::QcowHeader;
 use super::QcowImage;
+
+/// The cipher of the image with `header`, `None` for one that is not encrypted.
+pub(super) fn data_cipher(header: &QcowHeader) -> Result<Option<DataCipher>> {
+    header
+        .encrypted
+        .then(|| DataCipher::or_locked(DataCipher::legacy_aes(), "AES (legacy)"))
+        .transpose()
+}
 
 impl QcowImage {
     /// Reads guest bytes at `guest` from host offset `host`, decrypting them if need be.

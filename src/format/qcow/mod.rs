@@ -195,7 +195,7 @@ impl QcowImage {
         let data_bytes = file_len
             .saturating_sub(first_cluster)
             .saturating_sub(l2_bytes);
-        let cipher = header.encrypted.then(DataCipher::legacy_aes).transpose()?;
+        let cipher = crypt::data_cipher(&header)?;
         let mut reasons = Vec::new();
         if let Some(overlap) = tables.overlapping_tables() {
             log::warn!("{}: {overlap}; serving it read-only", file.path().display());

@@ -161,6 +161,9 @@ impl Qcow2Image {
         if header.nb_snapshots > 0 {
             counts.add(header.snapshots_offset, shared.snapshot_table_len)?;
         }
+        if let Some((offset, length)) = header.luks_area() {
+            counts.add(offset, length)?;
+        }
         if let Some(bitmaps) = &header.bitmaps {
             self.count_bitmaps(&mut counts, bitmaps, file_len)?;
         }

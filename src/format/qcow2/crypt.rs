@@ -16,8 +16,10 @@ pub(super) fn data_cipher(file: &HostFile, header: &Qcow2Header) -> Result<Optio
         _ if header.has_data_file() => Err(Error::unsupported(
             "an encrypted image with an external data file",
         )),
-        Encryption::Aes => DataCipher::legacy_aes().map(Some),
-        Encryption::Luks => open_luks(file, header).map(Some),
+        Encryption::Aes => {
+            DataCipher::or_locked(DataCipher::legacy_aes(), "AES (legacy)").map(Some)
+        }
+        Encryption::Luks => DataCipher::or_locked(open_luks(file, header), "LUKS").map(Some),
     }
 }
 

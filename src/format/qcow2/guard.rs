@@ -21,7 +21,6 @@ use crate::error::{Error, Result};
 
 use super::alloc::AllocState;
 use super::cluster::OFFSET_MASK;
-use super::header::Encryption;
 use super::Qcow2Image;
 
 /// Disjoint ranges of host cluster numbers, `start -> (end, what they hold)`.
@@ -153,9 +152,7 @@ impl Qcow2Image {
             "the refcount table",
         );
         // An encrypted image's key slots: data written over them would lock the image.
-        if let (Encryption::Luks, Some((offset, length))) =
-            (shared.header.encryption, shared.header.crypto_header)
-        {
+        if let Some((offset, length)) = shared.header.luks_area() {
             guard.add_bytes(offset, length, bits, "the LUKS header");
         }
         if shared.header.nb_snapshots > 0 {

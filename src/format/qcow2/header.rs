@@ -601,6 +601,15 @@ impl Qcow2Header {
     }
 
     /// Whether the external data file is also a consistent raw image on its own.
+    /// The (offset, length) of the LUKS header area of a LUKS-encrypted image: clusters the
+    /// image uses like its other metadata (counted by check and rebuild, guarded from data).
+    pub fn luks_area(&self) -> Option<(u64, u64)> {
+        match self.encryption {
+            Encryption::Luks => self.crypto_header,
+            _ => None,
+        }
+    }
+
     pub fn data_file_raw(&self) -> bool {
         self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
     }

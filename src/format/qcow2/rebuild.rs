@@ -7,8 +7,9 @@
 //! The rebuild counts one reference per use, as `qemu-img check` does: the header cluster, the
 //! active and every snapshot's L1 table, every L2 table each of them reaches (a table shared by
 //! two L1 tables counts twice) and every data or compressed cluster those entries name, the
-//! refcount table and its blocks, and the snapshot table. Blocks that are missing for counted
-//! clusters (and a larger table when needed) go to fresh clusters after everything counted.
+//! refcount table and its blocks, the snapshot table, and an encrypted image's LUKS header.
+//! Blocks that are missing for counted clusters (and a larger table when needed) go to fresh
+//! clusters after everything counted.
 //! The new refcounts are written by a full flush while the dirty bit is still set; only then is
 //! the bit cleared, so a crash in between leaves an image QEMU rebuilds again.
 //!
@@ -95,6 +96,9 @@ impl Qcow2Image {
         }
         if shared.header.nb_snapshots > 0 {
             counts.add(shared.header.snapshots_offset, shared.snapshot_table_len)?;
+        }
+        if let Some((offset, length)) = shared.header.luks_area() {
+            counts.add(offset, length)?;
         }
         let (table_offset, table_clusters) = alloc.refcounts.table_location();
         counts.add(table_offset, table_clusters * cluster_size)?;
