@@ -287,19 +287,6 @@ fn internal_snapshots_are_served_read_only_beside_the_image() {
     mount.unmount();
 }
 
-/// The `--object` and `--image-opts` arguments QEMU needs for LUKS image `image`.
-fn luks_args(image: &Path) -> [String; 4] {
-    [
-        "--object".into(),
-        "secret,id=sec0,data=123456".into(),
-        "--image-opts".into(),
-        format!(
-            "driver=qcow2,encrypt.key-secret=sec0,file.filename={}",
-            path_str(image)
-        ),
-    ]
-}
-
 #[test]
 fn encrypted_images_are_served_with_their_passphrase() {
     if !can_mount() {
@@ -319,7 +306,7 @@ fn encrypted_images_are_served_with_their_passphrase() {
         path_str(&image),
         "4M",
     ]);
-    let [object, secret, opts, image_opts] = luks_args(&image);
+    let [object, secret, opts, image_opts] = qemu_encrypted_qcow2(&image, "123456");
     run(Command::new("qemu-io").args([
         &object,
         &secret,
@@ -328,18 +315,14 @@ fn encrypted_images_are_served_with_their_passphrase() {
         "-c",
         "write -P 0x5e 3000 1M",
     ]));
-    let expected = dir.join("expected.raw");
-    run(Command::new("qemu-img").args([
-        "convert",
-        &object,
-        &secret,
-        &opts,
-        &image_opts,
-        "-O",
-        "raw",
-        path_str(&expected),
-    ]));
-    let expected = std::fs::read(&expected).unwrap();
+    // What QEMU decrypts, converted into `name`.
+    let plain = |name: &str| {
+        let out = dir.join(name);
+        let convert = ["convert", &object, &secret, &opts, &image_opts, "-O", "raw"];
+        run(Command::new("qemu-img").args(convert).arg(&out));
+        std::fs::read(&out).unwrap()
+    };
+    let expected = plain("expected.raw");
 
     // Without the passphrase, `imgfs info` and `imgfs check` still read the metadata, as
     // qemu-img info does; a mount does not serve the image.
@@ -379,18 +362,7 @@ fn encrypted_images_are_served_with_their_passphrase() {
         .windows(512)
         .all(|w| w != [0x5e; 512] && w != [0x62; 512]));
     run(Command::new("qemu-img").args(["check", &object, &secret, &opts, &image_opts]));
-    let after = dir.join("after.raw");
-    run(Command::new("qemu-img").args([
-        "convert",
-        &object,
-        &secret,
-        &opts,
-        &image_opts,
-        "-O",
-        "raw",
-        path_str(&after),
-    ]));
-    assert!(std::fs::read(&after).unwrap() == expected);
+    assert!(plain("after.raw") == expected);
 }
 
 /// The content of internal snapshot `name` of `image`, as qemu-img reads it.

@@ -50,9 +50,7 @@ impl LuksImage {
                  end of the {len}-byte file"
             )));
         }
-        let key = keyring::luks_key(&head, "LUKS", &mut |passphrase| {
-            luks.unlock(passphrase, &mut |at, buf| file.read_exact_at(buf, at))
-        });
+        let key = keyring::luks_key(&head, &luks, &mut |at, buf| file.read_exact_at(buf, at));
         Ok(LuksImage {
             size: (len - payload) / SECTOR * SECTOR,
             cipher: DataCipher::or_locked(key.map(DataCipher::luks_payload), "LUKS")?,

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crate::error::{Error, Result};
-use crate::meta::crypt::SectorCipher;
+use crate::meta::crypt::{LuksHeader, SectorCipher};
 
 /// The passphrases given, in the order given.
 static PASSPHRASES: RwLock<Vec<Arc<[u8]>>> = RwLock::new(Vec::new());
@@ -69,12 +69,13 @@ pub fn passphrases() -> Vec<Arc<[u8]>> {
         .clone()
 }
 
-/// The key of the LUKS header `header`: the one unlocked before, else the first the
-/// passphrases given unlock through `unlock`. `what` names the encryption for the error.
+/// The key of the LUKS header `luks` (whose bytes are `header`): the one unlocked before,
+/// else the first one the passphrases given unlock; `read_at` reads the key slots' material
+/// at offsets from the header's start.
 pub fn luks_key(
     header: &[u8],
-    what: &str,
-    unlock: &mut dyn FnMut(&[u8]) -> Result<Option<SectorCipher>>,
+    luks: &LuksHeader,
+    read_at: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
 ) -> Result<Arc<SectorCipher>> {
     let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, header)
         .as_ref()
@@ -85,12 +86,12 @@ pub fn luks_key(
     }
     let given = passphrases();
     if given.is_empty() {
-        return Err(Error::unsupported(format!(
-            "the image is encrypted ({what}): give its passphrase with --key-file"
-        )));
+        return Err(Error::unsupported(
+            "the image is encrypted (LUKS): give its passphrase with --key-file",
+        ));
     }
     for passphrase in &given {
-        if let Some(cipher) = unlock(passphrase)? {
+        if let Some(cipher) = luks.unlock(passphrase, read_at)? {
             let cipher = Arc::new(cipher);
             lock_unlocked()
                 .get_or_insert_with(HashMap::new)
@@ -99,7 +100,7 @@ pub fn luks_key(
         }
     }
     Err(Error::unsupported(format!(
-        "the image is encrypted ({what}) and none of the {} passphrase(s) given with \
+        "the image is encrypted (LUKS) and none of the {} passphrase(s) given with \
          --key-file opens it",
         given.len()
     )))

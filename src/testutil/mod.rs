@@ -542,3 +542,11 @@ pub fn assert_qemu_compare_equal(format: &str, path: &Path, expected: &[u8]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The bytes a string of hex digits spells (test vectors).
+pub fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}

@@ -565,3 +565,17 @@ pub fn is_mount_point(path: &Path) -> bool {
         .unwrap()
         .success()
 }
+
+/// The `--object secret` and `--image-opts` arguments that open the encrypted qcow2 image at
+/// `image` with `passphrase` in qemu-img and qemu-io.
+pub fn qemu_encrypted_qcow2(image: &Path, passphrase: &str) -> [String; 4] {
+    [
+        "--object".into(),
+        format!("secret,id=sec0,data={passphrase}"),
+        "--image-opts".into(),
+        format!(
+            "driver=qcow2,encrypt.key-secret=sec0,file.filename={}",
+            path_str(image)
+        ),
+    ]
+}

@@ -187,19 +187,13 @@ fn check_growth(growth: Growth, size: u64) -> Result<bool, String> {
 }
 
 /// The arguments that open `image` as `format` in qemu-img: with the variant's passphrase
-/// when it is the variant's encrypted image.
+/// when it is the variant's encrypted image (the encrypted variants are qcow2).
 fn qemu_image(variant: &Variant, image: &Path, format: &str) -> Vec<std::ffi::OsString> {
     match variant.passphrase {
-        Some(passphrase) if format == variant.format => vec![
-            "--object".into(),
-            format!("secret,id=s,data={passphrase}").into(),
-            "--image-opts".into(),
-            format!(
-                "driver={format},encrypt.key-secret=s,file.filename={}",
-                image.display()
-            )
-            .into(),
-        ],
+        Some(passphrase) if format == variant.format => qemu_encrypted_qcow2(image, passphrase)
+            .into_iter()
+            .map(Into::into)
+            .collect(),
         _ => vec!["-f".into(), format.into(), image.into()],
     }
 }

@@ -44,11 +44,9 @@ fn open_luks(file: &HostFile, header: &Qcow2Header) -> Result<DataCipher> {
             "the LUKS key slots reach past the {length}-byte header area at {offset:#x}"
         )));
     }
-    let key = keyring::luks_key(&bytes, "LUKS", &mut |passphrase| {
-        luks.unlock(passphrase, &mut |at, buf| {
-            // `span` was checked against the area, so `at` stays inside it.
-            file.read_exact_at(buf, offset.saturating_add(at))
-        })
+    // `span` was checked against the area, so `at` stays inside it.
+    let key = keyring::luks_key(&bytes, &luks, &mut |at, buf| {
+        file.read_exact_at(buf, offset.saturating_add(at))
     })?;
     Ok(DataCipher::luks(key))
 }

@@ -180,13 +180,7 @@ pub(crate) fn wipe(buf: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::testutil::hex;
 
     #[test]
     fn pbkdf2_matches_rfc6070_and_rfc7914() {

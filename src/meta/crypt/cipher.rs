@@ -366,13 +366,7 @@ fn cbc_decrypt(c: &Aes, iv: [u8; BLOCK], blocks: &mut [Block]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::testutil::hex;
 
     fn run(cipher: &SectorCipher, iv: [u8; 16], data: &[u8], encrypt: bool) -> Vec<u8> {
         let mut blocks: Vec<Block> = data.chunks(16).map(Block::clone_from_slice).collect();

@@ -7,20 +7,6 @@ use super::*;
 use crate::meta::keyring::testing::use_passphrases;
 use crate::testutil::encrypted::{assert_qemu_check_clean, create_encrypted, qemu_plain};
 
-/// Reads all of `img` in pieces of growing odd sizes and compares with `expected`.
-fn assert_reads(img: &dyn Image, expected: &[u8], what: &str) {
-    assert_same(&read_all(img), expected, what);
-    let (mut at, mut len) = (0u64, 1usize);
-    while at < img.size() {
-        let n = len.min((img.size() - at) as usize);
-        let mut buf = vec![0u8; n];
-        img.read_at(&mut buf, at).unwrap();
-        assert_same(&buf, &expected[at as usize..at as usize + n], what);
-        at += n as u64;
-        len = len * 3 + 777;
-    }
-}
-
 const WRITES: &[&str] = &[
     "write -P 0x5a 1000 1M",
     "write -P 0x11 3M 64k",

@@ -48,12 +48,8 @@ fn open_rw(path: &Path) -> Arc<dyn Image> {
     Arc::new(Qcow2Image::open(file, header, None, None, None).unwrap())
 }
 
-/// Walks every host fault over `steps` on an image with an internal snapshot.
-fn walk_with_snapshot(steps: &[Step]) {
-    let dir = TempDir::in_memory();
-    let Some(path) = image_with_snapshot(&dir) else {
-        return;
-    };
+/// Walks every host fault over `steps` on the image at `path`.
+fn walk(path: PathBuf, steps: &[Step]) {
     let open = |p: &Path| open_rw(p);
     Walk {
         format: "qcow2",
@@ -64,6 +60,14 @@ fn walk_with_snapshot(steps: &[Step]) {
         oracle: Oracle::Check,
     }
     .all();
+}
+
+/// Walks every host fault over `steps` on an image with an internal snapshot.
+fn walk_with_snapshot(steps: &[Step]) {
+    let dir = TempDir::in_memory();
+    if let Some(path) = image_with_snapshot(&dir) {
+        walk(path, steps);
+    }
 }
 
 #[test]
@@ -78,16 +82,7 @@ fn every_host_fault_leaves_a_valid_image_with_what_was_flushed() {
     run_steps(open_rw(&copy).as_ref(), STEPS);
     let header = Qcow2Header::read(&HostFile::open(&copy, false).unwrap()).unwrap();
     assert_eq!(header.refcount_table_clusters, 2);
-    let open = |p: &Path| open_rw(p);
-    Walk {
-        format: "qcow2",
-        files: vec![path],
-        parents: Vec::new(),
-        open: &open,
-        steps: STEPS,
-        oracle: Oracle::Check,
-    }
-    .all();
+    walk(path, STEPS);
 }
 
 /// 1 MiB of 4 KiB clusters whose data QEMU wrote before taking an internal snapshot, so the
@@ -165,14 +160,5 @@ fn every_host_fault_leaves_an_encrypted_image_valid_with_what_was_flushed() {
         Step::Flush,
         Step::Read(512 * KIB, 80_000),
     ];
-    let open = |p: &Path| open_rw(p);
-    Walk {
-        format: "qcow2",
-        files: vec![path],
-        parents: Vec::new(),
-        open: &open,
-        steps: &steps,
-        oracle: Oracle::Check,
-    }
-    .all();
+    walk(path, &steps);
 }
