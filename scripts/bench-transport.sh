@@ -44,6 +44,7 @@ while [[ $# -gt 0 ]]; do
         --threads) THREADS=$2; shift 2 ;;
         --depth) DEPTH=$2; shift 2 ;;
         --no-pin|--defer-taskrun) URING_ARGS+=("$1"); shift ;;
+        --shared-rings) URING_ARGS+=("$1" "$2"); shift 2 ;;
         -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac

@@ -61,6 +61,10 @@ struct Args {
     /// Do not pin each queue thread to its CPU.
     #[arg(long)]
     no_pin: bool,
+    /// Serve every queue from each of this many unpinned rings (threads) instead of one pinned
+    /// ring per queue (0).
+    #[arg(long, default_value_t = 0)]
+    shared_rings: usize,
     /// Set up the rings with IORING_SETUP_SINGLE_ISSUER and IORING_SETUP_DEFER_TASKRUN.
     #[arg(long)]
     defer_taskrun: bool,
@@ -145,19 +149,31 @@ fn start_uring(fs: &Arc<ZeroFs>, fuse: &File, args: &Args) -> io::Result<Vec<Wor
     let queues = uring::possible_cpus()?;
     let (tx, rx) = mpsc::channel();
     let mut workers = Vec::new();
-    for qid in 0..queues {
-        let qid = u16::try_from(qid).map_err(io::Error::other)?;
+    let all: Vec<u16> = (0..queues)
+        .map(|q| u16::try_from(q).map_err(io::Error::other))
+        .collect::<io::Result<_>>()?;
+    let rings: Vec<(Vec<u16>, Option<usize>)> = if args.shared_rings > 0 {
+        (0..args.shared_rings)
+            .map(|_| (all.clone(), None))
+            .collect()
+    } else {
+        all.iter()
+            .map(|&q| (vec![q], (!args.no_pin).then_some(usize::from(q))))
+            .collect()
+    };
+    let nrings = rings.len();
+    for (i, (qids, pin)) in rings.into_iter().enumerate() {
         let (fs, fuse, tx) = (fs.clone(), fuse.try_clone()?, tx.clone());
-        let (depth, pin, defer) = (args.depth, !args.no_pin, args.defer_taskrun);
-        let name = format!("ring queue {qid}");
+        let (depth, defer) = (args.depth, args.defer_taskrun);
+        let name = format!("ring {i}");
         let handle = thread::Builder::new()
-            .name(format!("fuse-q{qid}"))
-            .spawn(move || uring::serve_queue(fs, fuse, qid, depth, pin, defer, tx))?;
+            .name(format!("fuse-r{i}"))
+            .spawn(move || uring::serve_queue(fs, fuse, qids, depth, pin, defer, tx))?;
         workers.push((name, handle));
     }
     drop(tx);
     let mut failed = Vec::new();
-    for _ in 0..queues {
+    for _ in 0..nrings {
         match rx.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => failed.push(e),

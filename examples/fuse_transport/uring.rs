@@ -81,6 +81,7 @@ impl Drop for SharedBuf {
 /// One ring entry: its two buffers, the iovec pair the REGISTER SQE points at, and how many
 /// leading bytes of the payload may be non-zero.
 struct Entry {
+    qid: u16,
     header: SharedBuf,
     payload: SharedBuf,
     iov: Box<[libc::iovec; 2]>,
@@ -154,29 +155,34 @@ pub fn possible_cpus() -> io::Result<usize> {
 /// What a queue thread reports once its first CQE says whether the registration held.
 pub type Registered = Result<u16, String>;
 
-/// Serves queue `qid` with `depth` entries until the connection goes away; returns how many
-/// requests it answered. Sends the outcome of the registration on `registered` as soon as it
-/// is known (the first CQE, or an error).
+/// Serves queues `qids` with `depth` entries each on one ring until the connection goes away;
+/// returns how many requests it answered. Sends the outcome of the registration on
+/// `registered` as soon as it is known (the first CQE, or an error). `pin` names the CPU the
+/// thread is kept on, if any.
 pub fn serve_queue(
     fs: Arc<ZeroFs>,
     fuse: File,
-    qid: u16,
+    qids: Vec<u16>,
     depth: usize,
-    pin: bool,
+    pin: Option<usize>,
     defer_taskrun: bool,
     registered: Sender<Registered>,
 ) -> io::Result<u64> {
-    let mut entries = Vec::with_capacity(depth);
-    for _ in 0..depth {
-        let header = SharedBuf::new(HEADER_LEN)?;
-        let payload = SharedBuf::new(PAYLOAD_LEN)?;
-        let iov = Box::new([header.iovec(), payload.iovec()]);
-        entries.push(Entry {
-            header,
-            payload,
-            iov,
-            dirty: 0,
-        });
+    let qid = qids.first().copied().unwrap_or(0);
+    let mut entries = Vec::with_capacity(depth * qids.len());
+    for &q in &qids {
+        for _ in 0..depth {
+            let header = SharedBuf::new(HEADER_LEN)?;
+            let payload = SharedBuf::new(PAYLOAD_LEN)?;
+            let iov = Box::new([header.iovec(), payload.iovec()]);
+            entries.push(Entry {
+                qid: q,
+                header,
+                payload,
+                iov,
+                dirty: 0,
+            });
+        }
     }
     // Declared after the entries, so dropped before them: the kernel lets go of the buffers
     // when the ring closes.
@@ -186,14 +192,14 @@ pub fn serve_queue(
         // when it waits for completions, not as an interruption.
         builder.setup_single_issuer().setup_defer_taskrun();
     }
-    let mut ring = builder.build((depth * 2) as u32)?;
+    let mut ring = builder.build((entries.len() * 2).next_power_of_two() as u32)?;
     ring.submitter().register_files(&[fuse.as_raw_fd()])?;
-    if pin {
-        pin_to_cpu(usize::from(qid))?;
+    if let Some(cpu) = pin {
+        pin_to_cpu(cpu)?;
     }
 
     for (idx, ent) in entries.iter().enumerate() {
-        let sqe = register_sqe(&ent.iov, qid, idx);
+        let sqe = register_sqe(&ent.iov, ent.qid, idx);
         // SAFETY: the SQE names the entry's iovec pair and buffers, which live in `entries`
         // until after the ring is dropped.
         unsafe { ring.submission().push(&sqe) }
@@ -212,7 +218,7 @@ pub fn serve_queue(
         }
         // A request already; put it back for the loop below.
         let _ = registered.send(Ok(qid));
-        handle_cqe(&fs, &mut ring, &mut entries, qid, cqe)?;
+        handle_cqe(&fs, &mut ring, &mut entries, cqe)?;
         count += 1;
     } else {
         let _ = registered.send(Ok(qid));
@@ -228,7 +234,7 @@ pub fn serve_queue(
         for cqe in cqes {
             match -cqe.result() {
                 0 => {
-                    handle_cqe(&fs, &mut ring, &mut entries, qid, cqe)?;
+                    handle_cqe(&fs, &mut ring, &mut entries, cqe)?;
                     count += 1;
                 }
                 // The connection is going away (unmount, abort).
@@ -244,7 +250,6 @@ fn handle_cqe(
     fs: &ZeroFs,
     ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
     entries: &mut [Entry],
-    qid: u16,
     cqe: cqueue::Entry,
 ) -> io::Result<()> {
     let idx = cqe.user_data() as usize;
@@ -282,7 +287,7 @@ fn handle_cqe(
     header[..OUT_HEADER_LEN].copy_from_slice(&out_header(h.unique, error, body));
     header[ENT_IN_OUT + 16..ENT_IN_OUT + 20].copy_from_slice(&(body as u32).to_le_bytes());
 
-    let sqe = commit_sqe(commit_id, qid, idx);
+    let sqe = commit_sqe(commit_id, ent.qid, idx);
     // SAFETY: the SQE names entry `idx`, whose buffers live until after the ring is dropped;
     // the slices taken above are not used past this point.
     unsafe { ring.submission().push(&sqe) }.map_err(|_| io::Error::other("submission queue full"))

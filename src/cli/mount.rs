@@ -3,6 +3,7 @@
 //! on a timer and on SIGTERM/SIGINT, and unmounts cleanly.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,8 @@ use super::notify::notify;
 use super::options;
 use super::source::{start_catalog, Changes, Serving, Source};
 use crate::fs::core::Ownership;
-use crate::fs::fuse::FuseAdapter;
+use crate::fs::fuse::{Agreed, FuseAdapter};
+use crate::fs::ring::RingTransport;
 use crate::fs::FsCore;
 
 /// How often dirty metadata is written back without being asked (and the tree looked at).
@@ -39,6 +41,11 @@ pub struct MountArgs {
     /// FUSE request threads.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
+    /// How requests reach the daemon: `uring` (FUSE over io_uring, Linux 6.14+ with the fuse
+    /// module's enable_uring set), `dev` (/dev/fuse), or `auto`: io_uring where the kernel
+    /// offers it, else /dev/fuse.
+    #[arg(long, value_enum, default_value_t = Transport::Auto)]
+    transport: Transport,
     /// Write the daemon's pid into FILE, and remove it when the daemon has stopped (the file
     /// is locked meanwhile, so no second daemon takes it).
     #[arg(long, value_name = "FILE")]
@@ -57,10 +64,9 @@ pub struct MountArgs {
     #[arg(long)]
     snapshot: bool,
     /// Mount options, comma-separated, as in fstab: ro, allow_other, no_passthrough,
-    /// snapshot, threads=N, log_file=F, pid_file=F, overlay=DIR, key_file=F, uid=N, gid=N,
-    /// umask=OCTAL
-    /// (owner and mode bits the raw files show), and the standard ones mount(8) passes (rw,
-    /// nodev, nosuid, noatime, nofail, ...).
+    /// snapshot, threads=N, transport=T, log_file=F, pid_file=F, overlay=DIR, key_file=F,
+    /// uid=N, gid=N, umask=OCTAL (owner and mode bits the raw files show), and the standard
+    /// ones mount(8) passes (rw, nodev, nosuid, noatime, nofail, ...).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// What mount(8) passes to a mount helper (`-t fuse.imgfs -n -s -v`): nothing to do here.
@@ -85,12 +91,57 @@ pub struct MountArgs {
     mnt: PathBuf,
 }
 
+/// Starts FUSE over io_uring on the session's descriptor when `transport` and FUSE_INIT allow
+/// it. `auto` falls back to /dev/fuse (where the kernel then keeps sending every request) when
+/// the kernel did not offer it or a queue could not register; `uring` fails instead.
+fn start_ring(
+    transport: Transport,
+    agreed: &Agreed,
+    core: &Arc<FsCore>,
+    dev: impl std::os::fd::AsFd,
+) -> Result<Option<RingTransport>, String> {
+    if transport == Transport::Dev {
+        return Ok(None);
+    }
+    if !agreed.io_uring.load(Ordering::Acquire) {
+        if transport == Transport::Uring {
+            return Err(
+                "--transport uring: the kernel does not offer FUSE over io_uring \
+                        (Linux 6.14 or later, with /sys/module/fuse/parameters/enable_uring \
+                        set to Y)"
+                    .into(),
+            );
+        }
+        log::debug!("FUSE requests over /dev/fuse: the kernel offers no io_uring");
+        return Ok(None);
+    }
+    let passthrough = agreed.passthrough.load(Ordering::Acquire);
+    match RingTransport::start(core.clone(), dev, passthrough) {
+        Ok(ring) => Ok(Some(ring)),
+        Err(e) if transport == Transport::Uring => Err(format!(
+            "--transport uring: cannot set up FUSE over io_uring: {e}"
+        )),
+        Err(e) => {
+            log::warn!("FUSE over io_uring failed ({e}): requests go over /dev/fuse");
+            Ok(None)
+        }
+    }
+}
+
 pub(super) fn default_log_file() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) => Path::new(&dir).join("imgfs.log"),
         // SAFETY: getuid has no preconditions.
         None => PathBuf::from(format!("/tmp/imgfs-{}.log", unsafe { libc::getuid() })),
     }
+}
+
+/// How FUSE requests reach the daemon.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Auto,
+    Uring,
+    Dev,
 }
 
 /// What the mount point is: an empty directory, or a regular file that one image is mounted
@@ -180,6 +231,7 @@ fn with_options(mut args: MountArgs) -> Result<(MountArgs, Ownership), String> {
     args.allow_other |= options.allow_other;
     args.no_passthrough |= options.no_passthrough;
     args.threads = options.threads.unwrap_or(args.threads);
+    args.transport = options.transport.unwrap_or(args.transport);
     args.log_file = options.log_file.or(args.log_file);
     args.pid_file = options.pid_file.or(args.pid_file);
     args.overlay = options.overlay.or(args.overlay);
@@ -256,7 +308,7 @@ fn serve(
         overlay: args.overlay.as_deref(),
         snapshot: args.snapshot,
         pid_file: args.pid_file.as_deref(),
-        mount_file: (mount_point == MountPoint::File).then_some(mnt),
+        mount_point: Some(mnt),
     };
     // Held until the session and every image are closed.
     let (catalog, _held) = match start_catalog(src, &serving) {
@@ -293,10 +345,17 @@ fn serve(
     config.n_threads = Some(usize::from(args.threads));
     config.clone_fd = true;
 
-    let adapter = FuseAdapter::new(core.clone()).with_passthrough(!args.no_passthrough);
+    let adapter = FuseAdapter::new(core.clone())
+        .with_passthrough(!args.no_passthrough)
+        .with_io_uring(args.transport != Transport::Dev);
+    let agreed = adapter.agreed();
     let mut session = match fuser::Session::new(adapter, mnt, &config) {
         Ok(session) => session,
         Err(e) => return daemon::fail(pipe, format!("cannot mount on {}: {e}", mnt.display())),
+    };
+    let ring = match start_ring(args.transport, &agreed, &core, &session) {
+        Ok(ring) => ring,
+        Err(e) => return daemon::fail(pipe, e),
     };
     let nbd = match nbd.map(|c| super::nbd::start_server(&core, c, &args.nbd_serve, args.read_only))
     {
@@ -317,6 +376,9 @@ fn serve(
     }
     let result = session.run();
     notify("STOPPING=1");
+    if let Some(ring) = ring {
+        ring.join();
+    }
     if let Some(server) = nbd {
         server.stop();
     }

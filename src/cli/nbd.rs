@@ -218,7 +218,7 @@ fn serve(
         overlay: args.overlay.as_deref(),
         snapshot: args.snapshot,
         pid_file: args.pid_file.as_deref(),
-        mount_file: None,
+        mount_point: None,
     };
     // Held until the server and every image are closed.
     let (catalog, _held) = match start_catalog(src, &serving) {

@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+pub use super::mount::Transport;
+
 /// What `-o` may set, on top of the long flags.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MountOptions {
@@ -11,6 +13,7 @@ pub struct MountOptions {
     pub allow_other: bool,
     pub no_passthrough: bool,
     pub threads: Option<u16>,
+    pub transport: Option<Transport>,
     pub log_file: Option<PathBuf>,
     pub pid_file: Option<PathBuf>,
     pub overlay: Option<PathBuf>,
@@ -78,6 +81,14 @@ pub fn parse(lists: &[String]) -> Result<MountOptions, String> {
                     return Err(format!("mount option threads={v}: must be 1 to 64"));
                 }
                 out.threads = Some(n);
+            }
+            ("transport", Some(v)) => {
+                out.transport = Some(match v {
+                    "auto" => Transport::Auto,
+                    "uring" => Transport::Uring,
+                    "dev" => Transport::Dev,
+                    _ => return Err(format!("mount option transport={v}: auto, uring or dev")),
+                });
             }
             ("log_file", Some(v)) if !v.is_empty() => out.log_file = Some(PathBuf::from(v)),
             ("overlay", Some(v)) if !v.is_empty() => out.overlay = Some(PathBuf::from(v)),
@@ -158,6 +169,11 @@ mod tests {
             parsed("rw,nosuid,nodev,noatime,default_permissions,nofail,_netdev").unwrap();
         assert_eq!(standard, MountOptions::default());
         assert!(parsed("x-systemd.automount,comment=vms").is_ok());
+        let transport = |v: &str| parsed(&format!("transport={v}")).unwrap().transport;
+        assert_eq!(transport("uring"), Some(Transport::Uring));
+        assert_eq!(transport("dev"), Some(Transport::Dev));
+        assert_eq!(transport("auto"), Some(Transport::Auto));
+        assert_eq!(parsed("ro").unwrap().transport, None);
     }
 
     #[test]
@@ -168,6 +184,9 @@ mod tests {
         assert!(parsed("umask=9").unwrap_err().contains("umask=9"));
         assert!(parsed("ro=1").unwrap_err().contains("ro=1"));
         assert!(parsed("snapshot=1").unwrap_err().contains("snapshot=1"));
+        assert!(parsed("transport=ring")
+            .unwrap_err()
+            .contains("transport=ring"));
     }
 
     #[test]

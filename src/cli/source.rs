@@ -116,8 +116,9 @@ fn open_catalog(
         Some(name) => catalog.with_only(name),
         None => catalog,
     };
-    // Reading the mount point would be a request to this daemon.
-    let catalog = match serving.mount_file {
+    // Looking at the mount point would be a request to this daemon, made while serving one
+    // (over io_uring, on the very queue it is serving).
+    let catalog = match serving.mount_point {
         Some(file) if file.parent() == Some(source.root.as_path()) => match file.file_name() {
             Some(name) => catalog.without(name),
             None => catalog,
@@ -156,8 +157,9 @@ pub struct Serving<'a> {
     pub overlay: Option<&'a Path>,
     pub snapshot: bool,
     pub pid_file: Option<&'a Path>,
-    /// The regular file the daemon mounts on, if it does: never looked at by the catalog.
-    pub mount_file: Option<&'a Path>,
+    /// Where the daemon mounts, if it does: never looked at by the catalog (a file mount
+    /// point or a directory beside a one-image source can lie in the directory it lists).
+    pub mount_point: Option<&'a Path>,
 }
 
 /// The start-up `mount` and `nbd` share after the fork: the pid file (first, so that a daemon

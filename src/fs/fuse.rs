@@ -3,9 +3,11 @@
 //! passthrough for raw files that are plain host files), and does nothing else.
 
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use fuser::BackingId;
 use fuser::{
     AccessFlags, Errno as FuseErrno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr,
@@ -13,13 +15,13 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use super::backing::Backings;
+use super::backing::{Backings, OpenAnswer};
 use super::core::{Attr, Errno, FsCore, NodeKind};
 use crate::host::AlignedBuffer;
 
 /// How long the kernel may cache attributes and names; short, because the source tree can
 /// change under us.
-const TTL: Duration = Duration::from_secs(1);
+pub(crate) const TTL: Duration = Duration::from_secs(1);
 
 thread_local! {
     /// Each request thread reads into one buffer, kept from request to request (at most the
@@ -29,20 +31,49 @@ thread_local! {
 /// The largest read or write the kernel sends in one request.
 pub const MAX_REQUEST: u32 = 1 << 20;
 
+/// What FUSE_INIT agreed on, for the transport started after it.
+#[derive(Default)]
+pub struct Agreed {
+    pub passthrough: AtomicBool,
+    pub io_uring: AtomicBool,
+}
+
 pub struct FuseAdapter {
     core: Arc<FsCore>,
     /// Ask the kernel for passthrough at FUSE_INIT.
     passthrough: bool,
-    backings: Backings,
+    /// Ask the kernel for FUSE over io_uring at FUSE_INIT, if it offers it.
+    io_uring: bool,
+    agreed: Arc<Agreed>,
+    backings: Backings<BackingId>,
 }
+
+/// How a raw file opened without passthrough is served: direct I/O gives 1 MiB requests and
+/// no double caching of image data; parallel direct writes let several writers reach the
+/// image at once.
+const DAEMON_OPEN: FopenFlags =
+    FopenFlags::FOPEN_DIRECT_IO.union(FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
 
 impl FuseAdapter {
     pub fn new(core: Arc<FsCore>) -> Self {
         FuseAdapter {
             core,
             passthrough: true,
+            io_uring: false,
+            agreed: Arc::default(),
             backings: Backings::default(),
         }
+    }
+
+    /// Whether to ask for FUSE over io_uring (where the kernel offers it); off by default.
+    pub fn with_io_uring(mut self, io_uring: bool) -> Self {
+        self.io_uring = io_uring;
+        self
+    }
+
+    /// What FUSE_INIT agreed on, once the session is made.
+    pub fn agreed(&self) -> Arc<Agreed> {
+        self.agreed.clone()
     }
 
     /// Whether read-only opens of images that are one host file may be served by FUSE
@@ -123,6 +154,14 @@ impl Filesystem for FuseAdapter {
             && config.set_max_stack_depth(1).is_ok()
         {
             self.backings.enable();
+            self.agreed.passthrough.store(true, Ordering::Release);
+        }
+        if self.io_uring
+            && config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok()
+        {
+            self.agreed.io_uring.store(true, Ordering::Release);
         }
         Ok(())
     }
@@ -183,9 +222,19 @@ impl Filesystem for FuseAdapter {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         match self.core.open(ino.0, write) {
-            Ok(fh) => self
-                .backings
-                .reply_open(&self.core, ino.0, fh, write, reply),
+            Ok(fh) => self.backings.answer_open(
+                &self.core,
+                (ino.0, fh, write),
+                reply,
+                |reply, file| reply.open_backing(file),
+                |reply, answer| match answer {
+                    OpenAnswer::Daemon => reply.opened(FileHandle(fh), DAEMON_OPEN),
+                    OpenAnswer::Busy => reply.error(FuseErrno::EBUSY),
+                    OpenAnswer::Passthrough(id) => {
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id)
+                    }
+                },
+            ),
             Err(e) => reply.error(errno(e)),
         }
     }

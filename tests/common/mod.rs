@@ -364,12 +364,14 @@ impl Mount {
         }
         let log = mnt.with_extension("log");
         let mut cmd = Command::new(IMGFS);
-        cmd.arg("mount")
-            .args(extra)
-            .arg("--log-file")
-            .arg(&log)
-            .arg(src)
-            .arg(mnt);
+        cmd.arg("mount").args(extra);
+        // The whole mount suite runs once more over FUSE over io_uring (scripts/test.sh).
+        if let Ok(transport) = std::env::var("IMGFS_TEST_TRANSPORT") {
+            if !extra.iter().any(|a| a.starts_with("--transport")) {
+                cmd.arg("--transport").arg(transport);
+            }
+        }
+        cmd.arg("--log-file").arg(&log).arg(src).arg(mnt);
         configure(&mut cmd);
         let out = cmd.output().unwrap();
         assert!(
@@ -414,6 +416,16 @@ impl Mount {
             .lines()
             .filter(|l| l.contains("ERROR") && !l.contains("not serving"));
         assert_eq!(unexpected.count(), 0, "daemon logged errors:\n{log}");
+        if std::env::var("IMGFS_TEST_TRANSPORT").as_deref() == Ok("uring") {
+            let served = log
+                .lines()
+                .find_map(|l| l.split("FUSE over io_uring served ").nth(1))
+                .and_then(|rest| rest.split(' ').next()?.parse::<u64>().ok());
+            assert!(
+                served.is_some_and(|n| n > 0),
+                "no requests over io_uring:\n{log}"
+            );
+        }
     }
 }
 
