@@ -6,12 +6,14 @@
 #
 #   scripts/bench-transport.sh [--quick] [--size 1G] [--runtime 10] [--reps 3]
 #                              [--threads 4] [--depth 8] [--no-pin] [--defer-taskrun]
+#                              [--shared-rings N]
 #
 # --threads: request threads of the /dev/fuse side (imgfs's default is 4); --depth: ring
 # entries per CPU queue of the io_uring side; --no-pin: leave the io_uring queue threads
 # unpinned (by default each runs on its queue's CPU, as in libfuse); --defer-taskrun: set the
-# rings up with IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN. --quick: 256 MiB file,
-# 3 s fio runs.
+# rings up with IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN; --shared-rings N: N
+# unpinned rings (threads) that each hold entries of every queue, instead of one pinned ring
+# per queue. --quick: 256 MiB file, 3 s fio runs.
 #
 # Needs root (mount(2) and /sys/module/fuse/parameters/enable_uring, which it sets to Y for the
 # run and restores afterwards, even on error or ctrl-c) and a kernel with FUSE over io_uring
@@ -45,7 +47,7 @@ while [[ $# -gt 0 ]]; do
         --depth) DEPTH=$2; shift 2 ;;
         --no-pin|--defer-taskrun) URING_ARGS+=("$1"); shift ;;
         --shared-rings) URING_ARGS+=("$1" "$2"); shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done

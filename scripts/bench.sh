@@ -7,7 +7,7 @@
 #     read-only, so they take part in the read rows only; vdi and vhdx have none;
 #   - "file": the same operation on a plain raw file with no FUSE in between, the limit.
 #
-#   scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N] [--imgfs-args ARGS] [--rows LIST]
+#   scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N] [--transport auto|uring|dev] [--imgfs-args ARGS] [--rows LIST]
 #   scripts/bench.sh --nbd [--format F] [--size S] [--quick]   (NBD: imgfs, qemu-nbd, nbdkit;
 #                                                                 see scripts/bench-nbd.sh)
 #
@@ -61,7 +61,7 @@ done
 
 usage() {
     cat <<'EOF'
-Usage: scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N] [--imgfs-args ARGS] [--rows LIST]
+Usage: scripts/bench.sh [--format vdi|qcow2|qcow|vhdx|vhd|vmdk|vmdk-flat] [--size 1G] [--quick] [--imgfs-threads N] [--transport auto|uring|dev] [--imgfs-args ARGS] [--rows LIST]
 
 Compares imgfs with qemu-storage-daemon's FUSE export, the libyal mounter for the format
 (qcowmount, vhdimount, vmdkmount; read rows only) and the plain raw file without FUSE, on a
@@ -74,6 +74,9 @@ as root.
   --size S           virtual disk size, e.g. 256M, 1G (default 1G; 256M with --quick)
   --quick            smaller image and 3 s fio runs instead of 10 s
   --imgfs-threads N  pass --threads N to imgfs mount (default: imgfs's own default)
+  --transport T      pass --transport T to imgfs mount; with uring the fuse module's
+                     enable_uring is set to Y for the run and put back after (default:
+                     imgfs's own, auto: io_uring only where enable_uring is already Y)
   --imgfs-args ARGS  more arguments for imgfs mount, split at spaces (e.g. "--read-only
                      --no-passthrough" with read rows only)
   --rows LIST        only these rows, comma-separated, in the table's order: seqread,
@@ -95,6 +98,7 @@ SIZE=
 QUICK=0
 IMGFS_THREADS=
 IMGFS_ARGS=
+TRANSPORT=
 ROWS=
 while (($#)); do
     case $1 in
@@ -107,6 +111,8 @@ while (($#)); do
         --imgfs-threads=*) IMGFS_THREADS=${1#*=}; shift ;;
         --imgfs-args) IMGFS_ARGS=${2:?--imgfs-args needs a value}; shift 2 ;;
         --imgfs-args=*) IMGFS_ARGS=${1#*=}; shift ;;
+        --transport) TRANSPORT=${2:?--transport needs a value}; shift 2 ;;
+        --transport=*) TRANSPORT=${1#*=}; shift ;;
         --rows) ROWS=${2:?--rows needs a value}; shift 2 ;;
         --rows=*) ROWS=${1#*=}; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -327,6 +333,9 @@ cleanup() {
     stop_imgfs
     stop_qsd
     stop_libyal
+    if [[ -n ${URING_BEFORE:-} ]]; then
+        echo "$URING_BEFORE" >"$URING_PARAM"
+    fi
     if ((rc != 0)) && [[ -s $IMGFS_LOG ]]; then
         warn "last lines of the imgfs log:"
         tail -n 20 "$IMGFS_LOG" >&2
@@ -388,6 +397,15 @@ truncate -s "$SIZE_BYTES" "$FILES/hole.raw"
 IMGFS_STATUS=ok
 imgfs_args=(mount --log-file "$IMGFS_LOG")
 [[ -n $IMGFS_THREADS ]] && imgfs_args+=(--threads "$IMGFS_THREADS")
+URING_PARAM=/sys/module/fuse/parameters/enable_uring
+if [[ -n $TRANSPORT ]]; then
+    imgfs_args+=(--transport "$TRANSPORT")
+    if [[ $TRANSPORT == uring ]]; then
+        [[ -w $URING_PARAM ]] || die "--transport uring: $URING_PARAM missing (Linux 6.14+)"
+        URING_BEFORE=$(cat "$URING_PARAM")
+        echo Y >"$URING_PARAM"
+    fi
+fi
 read -r -a extra_args <<<"$IMGFS_ARGS"
 imgfs_args+=("${extra_args[@]}")
 log "mounting imgfs"
@@ -776,7 +794,9 @@ fi
 
 echo
 echo "machine: nproc $(nproc), ${cpu:-unknown CPU}, ${mem_gib} GiB RAM, kernel $(uname -r), QEMU $qemu_version, $(fio --version), images on $fs_type"
-echo "run: $FORMAT $SIZE image ($SIZE_BYTES bytes), sequential rows: median of $SEQ_REPS, fio ${RUNTIME}s (+${RAMP}s ramp) psync direct=1 bs=4k, page cache drop: $DROP_CACHES, imgfs $imgfs_rev threads=${IMGFS_THREADS:-default}${IMGFS_ARGS:+ args: $IMGFS_ARGS}, rows: ${ROWS:-all}"
+imgfs_transport="/dev/fuse"
+grep -q "FUSE over io_uring: " "$IMGFS_LOG" 2>/dev/null && imgfs_transport="io_uring ($(grep -o '[0-9]* queue(s) of [0-9]* entries' "$IMGFS_LOG" | head -1))"
+echo "run: $FORMAT $SIZE image ($SIZE_BYTES bytes), sequential rows: median of $SEQ_REPS, fio ${RUNTIME}s (+${RAMP}s ramp) psync direct=1 bs=4k, page cache drop: $DROP_CACHES, imgfs $imgfs_rev threads=${IMGFS_THREADS:-default} transport: $imgfs_transport${IMGFS_ARGS:+ args: $IMGFS_ARGS}, rows: ${ROWS:-all}"
 echo "qsd: $QSD_OPTS"
 if [[ -n $LIBYAL ]]; then
     echo "libyal: ${LIBYAL_VERSION:-$LIBYAL}, \`$LIBYAL IMAGE MOUNTPOINT\` (libfuse 2, daemonizes, one thread), read rows only"
