@@ -795,7 +795,7 @@ fi
 echo
 echo "machine: nproc $(nproc), ${cpu:-unknown CPU}, ${mem_gib} GiB RAM, kernel $(uname -r), QEMU $qemu_version, $(fio --version), images on $fs_type"
 imgfs_transport="/dev/fuse"
-grep -q "FUSE over io_uring: " "$IMGFS_LOG" 2>/dev/null && imgfs_transport="io_uring ($(grep -o '[0-9]* queue(s) of [0-9]* entries' "$IMGFS_LOG" | head -1))"
+grep -q "FUSE over io_uring: " "$IMGFS_LOG" 2>/dev/null && imgfs_transport="io_uring ($(grep -o "[0-9]* queue(s) of [0-9]* entries on [0-9]* threads" "$IMGFS_LOG" | head -1))"
 echo "run: $FORMAT $SIZE image ($SIZE_BYTES bytes), sequential rows: median of $SEQ_REPS, fio ${RUNTIME}s (+${RAMP}s ramp) psync direct=1 bs=4k, page cache drop: $DROP_CACHES, imgfs $imgfs_rev threads=${IMGFS_THREADS:-default} transport: $imgfs_transport${IMGFS_ARGS:+ args: $IMGFS_ARGS}, rows: ${ROWS:-all}"
 echo "qsd: $QSD_OPTS"
 if [[ -n $LIBYAL ]]; then

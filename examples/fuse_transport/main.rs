@@ -146,7 +146,7 @@ fn init(fuse: &File, uring: bool) -> io::Result<bool> {
 /// Starts one queue thread per possible CPU and waits until each has registered its entries
 /// (or one failed). A failure is reported, not fatal: the kernel then falls back to /dev/fuse.
 fn start_uring(fs: &Arc<ZeroFs>, fuse: &File, args: &Args) -> io::Result<Vec<Worker>> {
-    let queues = uring::possible_cpus()?;
+    let queues = imgfs::fs::ring::cmd::possible_cpus()?;
     let (tx, rx) = mpsc::channel();
     let mut workers = Vec::new();
     let all: Vec<u16> = (0..queues)

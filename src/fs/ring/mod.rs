@@ -1,8 +1,8 @@
 //! FUSE over io_uring (Linux 6.14+, `fs/fuse/dev_uring.c`), the transport `--transport
 //! uring|auto` gives: once FUSE_INIT agreed on `FUSE_OVER_IO_URING`, the daemon registers ring
 //! entries on its /dev/fuse descriptor with `IORING_OP_URING_CMD` SQEs (128 bytes each), one
-//! queue per possible CPU, each served by its own thread on its own ring, pinned to that CPU
-//! as libfuse does. The kernel hands a request to the queue of the CPU its sender runs on; a
+//! queue per possible CPU, each served by two threads with a ring each, pinned to that CPU as
+//! libfuse pins its one. The kernel hands a request to the queue of the CPU its sender runs on; a
 //! CQE says an entry holds one, and the answer goes back with `COMMIT_AND_FETCH`, which also
 //! gives the entry back for the next request. FORGET and INTERRUPT still come on /dev/fuse,
 //! which fuser's threads keep reading; until every queue has an entry, and for good if a
@@ -13,35 +13,39 @@
 //! `fuse_out_header` of its answer; `op_in`, the opcode's argument struct; `ring_ent_in_out`:
 //! flags, commit id, payload size) and a payload buffer of the largest request (1 MiB).
 
+pub mod cmd;
 mod protocol;
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
-use std::ptr::NonNull;
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring::{cqueue, squeue, IoUring};
+
+use self::cmd::{
+    commit_sqe, pin_to_cpu, possible_cpus, register_sqe, SharedBuf, ENT_IN_OUT, HEADER_LEN, OP_IN,
+};
 
 use super::backing::Backings;
 use super::core::FsCore;
 use super::fuse::MAX_REQUEST;
 use crate::host::HostFile;
 
-const FUSE_IO_URING_CMD_REGISTER: u32 = 1;
-const FUSE_IO_URING_CMD_COMMIT_AND_FETCH: u32 = 2;
-/// `sizeof(struct fuse_uring_req_header)` and its parts' offsets.
-const HEADER_LEN: usize = 288;
-const OP_IN: usize = 128;
-const ENT_IN_OUT: usize = 256;
 const OUT_HEADER_LEN: usize = 16;
 const PAYLOAD_LEN: usize = MAX_REQUEST as usize;
-/// Entries per queue: libfuse's default. More requests of one CPU wait in the kernel.
-const QUEUE_DEPTH: usize = 8;
+/// Threads per queue, each with its own ring holding `THREAD_DEPTH` of the queue's entries
+/// and pinned to the queue's CPU. libfuse has one: then a request that waits for the disk
+/// holds up every other request of that CPU, where /dev/fuse's four threads would serve three
+/// more. The kernel hands a request to the entry answered last, so one thread keeps serving
+/// while nothing blocks.
+const QUEUE_THREADS: usize = 2;
+/// Entries per thread: 8 per queue, libfuse's default. More requests of one CPU wait in the
+/// kernel.
+const THREAD_DEPTH: usize = 4;
 
 /// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, uint32_t)`.
 const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = 0x4004_e502;
@@ -73,120 +77,11 @@ impl Drop for RawBacking {
     }
 }
 
-/// A zeroed, page-aligned buffer that the kernel reads and writes while an SQE naming it is in
-/// flight; the queue's thread touches it only between that SQE's CQE and the next submission.
-struct SharedBuf {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-// SAFETY: the buffer is plain memory owned by one queue thread at a time.
-unsafe impl Send for SharedBuf {}
-
-impl SharedBuf {
-    fn new(len: usize) -> io::Result<SharedBuf> {
-        let layout = Layout::from_size_align(len, 4096).map_err(io::Error::other)?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        Ok(SharedBuf { ptr, layout })
-    }
-
-    fn iovec(&self) -> libc::iovec {
-        libc::iovec {
-            iov_base: self.ptr.as_ptr().cast(),
-            iov_len: self.layout.size(),
-        }
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: the allocation is live and `layout.size()` bytes long; the kernel writes it
-        // only while an SQE naming this entry is in flight, and callers take this slice only
-        // after that SQE's CQE and drop it before submitting the next one.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl Drop for SharedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout, freed once.
-        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
-    }
-}
-
 /// One ring entry: its buffers and the iovec pair its REGISTER SQE points at.
 struct Entry {
     header: SharedBuf,
     payload: SharedBuf,
     iov: Box<[libc::iovec; 2]>,
-}
-
-/// The 80-byte command area of a FUSE ring SQE (`struct fuse_uring_cmd_req`).
-fn cmd_req(commit_id: u64, qid: u16) -> [u8; 80] {
-    let mut cmd = [0u8; 80];
-    cmd[8..16].copy_from_slice(&commit_id.to_le_bytes());
-    cmd[16..18].copy_from_slice(&qid.to_le_bytes());
-    cmd
-}
-
-fn register_sqe(iov: &[libc::iovec; 2], qid: u16, idx: usize) -> squeue::Entry128 {
-    let sqe = opcode::UringCmd80::new(types::Fixed(0), FUSE_IO_URING_CMD_REGISTER)
-        .cmd(cmd_req(0, qid))
-        .addr(Some(iov.as_ptr() as u64))
-        .build()
-        .user_data(idx as u64);
-    // The io-uring crate has no setter for `len` on a URING_CMD, which FUSE reads as the
-    // iovec count; it is the u32 at byte 24 of `struct io_uring_sqe`.
-    // SAFETY: `Entry128` is `#[repr(C)]`, a 64-byte `io_uring_sqe` followed by 64 bytes of
-    // command data, 128 bytes with no padding and no invalid bit patterns.
-    let mut raw: [u8; 128] = unsafe { std::mem::transmute(sqe) };
-    raw[24..28].copy_from_slice(&2u32.to_le_bytes());
-    // SAFETY: as above; only the `len` field changed.
-    unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
-}
-
-fn commit_sqe(commit_id: u64, qid: u16, idx: usize) -> squeue::Entry128 {
-    opcode::UringCmd80::new(types::Fixed(0), FUSE_IO_URING_CMD_COMMIT_AND_FETCH)
-        .cmd(cmd_req(commit_id, qid))
-        .build()
-        .user_data(idx as u64)
-}
-
-fn pin_to_cpu(cpu: usize) -> io::Result<()> {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write inside it; sched_setaffinity
-    // reads `size_of::<cpu_set_t>()` bytes of it.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Queues the kernel expects: one per possible CPU (`num_possible_cpus()`).
-fn possible_cpus() -> io::Result<usize> {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
-    let bad = || {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("cpu/possible: {text:?}"),
-        )
-    };
-    let mut count = 0usize;
-    for part in text.trim().split(',') {
-        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
-        let lo: usize = lo.parse().map_err(|_| bad())?;
-        let hi: usize = hi.parse().map_err(|_| bad())?;
-        count = hi
-            .checked_sub(lo)
-            .and_then(|n| count.checked_add(n + 1))
-            .ok_or_else(bad)?;
-    }
-    Ok(count)
 }
 
 /// The queue threads of a running ring transport.
@@ -207,7 +102,7 @@ impl RingTransport {
         let queues = possible_cpus()?;
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::new();
-        for qid in 0..queues {
+        for (qid, n) in (0..queues).flat_map(|q| (0..QUEUE_THREADS).map(move |n| (q, n))) {
             let qid = u16::try_from(qid).map_err(io::Error::other)?;
             let queue = Queue {
                 core: core.clone(),
@@ -217,19 +112,22 @@ impl RingTransport {
             };
             let tx = tx.clone();
             let thread = thread::Builder::new()
-                .name(format!("fuse-ring-{qid}"))
+                .name(format!("fuse-ring-{qid}.{n}"))
                 .spawn(move || queue.run(tx))?;
             threads.push(thread);
         }
         drop(tx);
-        for _ in 0..queues {
+        for _ in 0..queues * QUEUE_THREADS {
             match rx.recv_timeout(Duration::from_secs(10)) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),
                 Err(e) => return Err(io::Error::other(format!("a queue did not start: {e}"))),
             }
         }
-        log::info!("FUSE over io_uring: {queues} queue(s) of {QUEUE_DEPTH} entries");
+        log::info!(
+            "FUSE over io_uring: {queues} queue(s) of {} entries on {QUEUE_THREADS} threads",
+            QUEUE_THREADS * THREAD_DEPTH
+        );
         Ok(RingTransport { threads })
     }
 
@@ -276,7 +174,7 @@ impl Queue {
     /// Sets up the ring and registers its entries; a failing REGISTER completes at once with
     /// an error, a good one stays pending until the first request.
     fn register(&self, entries: &mut Vec<Entry>, served: &mut u64) -> io::Result<Ring> {
-        for _ in 0..QUEUE_DEPTH {
+        for _ in 0..THREAD_DEPTH {
             let header = SharedBuf::new(HEADER_LEN)?;
             let payload = SharedBuf::new(PAYLOAD_LEN)?;
             let iov = Box::new([header.iovec(), payload.iovec()]);
@@ -287,7 +185,7 @@ impl Queue {
             });
         }
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
-            .build((QUEUE_DEPTH * 2) as u32)?;
+            .build((THREAD_DEPTH * 2) as u32)?;
         ring.submitter().register_files(&[self.dev.as_raw_fd()])?;
         // On its CPU, a request, the thread and the answer's wake-up stay together; a CPU
         // outside the daemon's allowed set is served from wherever the scheduler puts it.
@@ -320,7 +218,7 @@ impl Queue {
     }
 
     fn serve(&self, ring: &mut Ring, entries: &mut [Entry], served: &mut u64) -> io::Result<()> {
-        let mut cqes = Vec::with_capacity(QUEUE_DEPTH);
+        let mut cqes = Vec::with_capacity(THREAD_DEPTH);
         loop {
             match ring.submit_and_wait(1) {
                 Ok(_) => {}
@@ -356,7 +254,9 @@ impl Queue {
         let ent = entries
             .get_mut(idx)
             .ok_or_else(|| io::Error::other("CQE for an unknown ring entry"))?;
-        let header = ent.header.bytes();
+        // SAFETY: the CQE says the kernel is done with this entry until its next SQE, which is
+        // pushed below, after the last use of these slices.
+        let header = unsafe { ent.header.bytes() };
         let opcode = u32::from_le_bytes(field(header, 4));
         let unique = u64::from_le_bytes(field(header, 8));
         let nodeid = u64::from_le_bytes(field(header, 16));
@@ -376,13 +276,15 @@ impl Queue {
                 dev: self.dev.clone(),
             })
         };
-        let payload = ent.payload.bytes();
+        // SAFETY: as for the header.
+        let payload = unsafe { ent.payload.bytes() };
         let (error, body) =
             match protocol::serve(&self.core, &self.backings, &register, &request, payload) {
                 Ok(len) => (0, len),
                 Err(e) => (-e.0, 0),
             };
-        let header = ent.header.bytes();
+        // SAFETY: as above.
+        let header = unsafe { ent.header.bytes() };
         let total = (OUT_HEADER_LEN + body) as u32;
         header[..4].copy_from_slice(&total.to_le_bytes());
         header[4..8].copy_from_slice(&error.to_le_bytes());
