@@ -181,7 +181,7 @@ measure() {
         seq-write)
             # Overwrites the allocated image (imgfs only): 1 MiB writes, fsync included.
             t0=$(date +%s.%N)
-            dd if=/dev/zero of="$file" bs=1M conv=notrunc,fsync status=none
+            dd if=/dev/zero of="$file" bs=1M count=$((BYTES >> 20)) conv=notrunc,fsync status=none
             t1=$(date +%s.%N)
             value=$(echo "$BYTES / 1000000 / ($t1 - $t0)" | bc -l)
             bytes=$BYTES
