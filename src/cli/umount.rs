@@ -15,19 +15,27 @@ pub fn run(mnt: &Path) -> Result<(), String> {
     let shown = mnt.display();
     let answer = daemon::getxattr(mnt, XATTR_PID);
     if let Err(e) = &answer {
-        if e.raw_os_error() == Some(libc::ENOTCONN) {
-            // The daemon is gone and left a stale mount ("Transport endpoint is not
-            // connected"): there is nothing left to flush, so just remove the mount.
+        // The daemon is gone and left a stale mount ("Transport endpoint is not connected";
+        // just after its death, over io_uring, a request the kernel had queued for its rings
+        // ends with ECONNABORTED when the connection is torn down): there is nothing left to
+        // flush, so just remove the mount.
+        if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) {
             daemon::unmount(mnt, true).map_err(|e| format!("unmount {shown}: {e}"))?;
             log::warn!("{shown}: its daemon had died; removed the stale mount");
             return Ok(());
         }
     }
+    let why = match &answer {
+        Err(e) => format!(": {e}"),
+        Ok(_) => String::new(),
+    };
     let pid = answer
         .ok()
         .and_then(|v| String::from_utf8(v).ok())
         .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
-        .ok_or_else(|| format!("{shown} is not an imgfs mount (or its daemon does not answer)"))?;
+        .ok_or_else(|| {
+            format!("{shown} is not an imgfs mount (or its daemon does not answer{why})")
+        })?;
     let watch = ProcessWatch::new(pid).map_err(|e| format!("cannot watch daemon {pid}: {e}"))?;
     // A failed write-back stops its image for good (no later flush can make what it held
     // durable), so staying mounted would not help: unmount, and say what may be lost.
