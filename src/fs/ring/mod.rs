@@ -30,6 +30,7 @@ use self::cmd::{
     commit_sqe, pin_to_cpu, possible_cpus, register_sqe, SharedBuf, ENT_IN_OUT, HEADER_LEN, OP_IN,
 };
 
+use self::protocol::{u32_at, u64_at};
 use super::backing::Backings;
 use super::core::FsCore;
 use super::fuse::MAX_REQUEST;
@@ -257,11 +258,11 @@ impl Queue {
         // SAFETY: the CQE says the kernel is done with this entry until its next SQE, which is
         // pushed below, after the last use of these slices.
         let header = unsafe { ent.header.bytes() };
-        let opcode = u32::from_le_bytes(field(header, 4));
-        let unique = u64::from_le_bytes(field(header, 8));
-        let nodeid = u64::from_le_bytes(field(header, 16));
-        let commit_id = u64::from_le_bytes(field(header, ENT_IN_OUT + 8));
-        let data_len = u32::from_le_bytes(field(header, ENT_IN_OUT + 16)) as usize;
+        let opcode = u32_at(header, 4);
+        let unique = u64_at(header, 8);
+        let nodeid = u64_at(header, 16);
+        let commit_id = u64_at(header, ENT_IN_OUT + 8);
+        let data_len = u32_at(header, ENT_IN_OUT + 16) as usize;
         let mut arg = [0u8; 128];
         arg.copy_from_slice(&header[OP_IN..OP_IN + 128]);
         let request = protocol::Request {
@@ -296,12 +297,4 @@ impl Queue {
         unsafe { ring.submission().push(&sqe) }
             .map_err(|_| io::Error::other("submission queue full"))
     }
-}
-
-fn field<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
-    let mut a = [0u8; N];
-    if let Some(s) = b.get(at..at + N) {
-        a.copy_from_slice(s);
-    }
-    a
 }

@@ -69,7 +69,9 @@ thread_local! {
         std::cell::RefCell::new(AlignedBuffer::default());
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
+/// The little-endian field at `at`, 0 where `b` is too short (never for the kernel's fixed
+/// layouts read here).
+pub(super) fn u32_at(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
     if let Some(s) = b.get(at..at + 4) {
         a.copy_from_slice(s);
@@ -77,7 +79,7 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(a)
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(super) fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     if let Some(s) = b.get(at..at + 8) {
         a.copy_from_slice(s);
